@@ -1,0 +1,290 @@
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    process::ExitCode,
+};
+
+use egress_common::{RULE_MODE, Verdict};
+
+use super::{Global, runtime};
+use crate::{
+    policy::{self, Decision, Plan, Severity, schema::Transport},
+    resolve::Resolver,
+};
+
+/// A destination as given: an address or a name, with a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dest {
+    Ip(IpAddr, u16),
+    Name(String, u16),
+}
+
+/// `DEST[:PORT]`: `1.2.3.4`, `1.2.3.4:80`, `[2001:db8::1]:443`, `2001:db8::1`, `host`, `host:80`.
+pub fn parse_dest(s: &str, default_port: u16) -> Result<Dest, String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(Dest::Ip(sa.ip(), sa.port()));
+    }
+    if let Ok(ip) = s
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        return Ok(Dest::Ip(ip, default_port));
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("`{p}` is not a port (1-65535)"))?,
+        ),
+        None => (s, default_port),
+    };
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.trim_end_matches('.').split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !valid {
+        return Err(format!("`{host}` is not a host name or IP address"));
+    }
+    Ok(Dest::Name(
+        host.trim_end_matches('.').to_ascii_lowercase(),
+        port,
+    ))
+}
+
+fn host_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => name.ends_with(&format!(".{suffix}")),
+        None => pattern == "*" || pattern == name,
+    }
+}
+
+pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
+    let dest = match parse_dest(dest, 443) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("egress check: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (pol, mut diags) = policy::load(&global.policy_paths());
+    let plan = (!policy::has_errors(&diags)).then(|| {
+        let (plan, more) = policy::compile(&pol, global.mode);
+        diags.extend(more);
+        plan
+    });
+    for d in diags.iter().filter(|d| d.severity == Severity::Error) {
+        eprintln!("{d}");
+    }
+    let Some(plan) = plan.filter(|_| !policy::has_errors(&diags)) else {
+        return ExitCode::from(2);
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("egress check: starting the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (decision, shown, notes) = rt.block_on(decide(global, &plan, &dest, transport));
+    let verdict = match decision.verdict {
+        Verdict::Allow => "allow",
+        Verdict::Deny => "deny",
+        Verdict::Steer => "steer",
+    };
+    println!(
+        "{verdict} {transport} {shown} {}",
+        plan.rule_label(decision.rule_id)
+    );
+    if decision.verdict == Verdict::Steer
+        && let Some(reason) = plan
+            .rule(decision.rule_id)
+            .and_then(|r| r.steer_reason.as_ref())
+    {
+        println!("  why: {reason}");
+    }
+    for n in notes {
+        println!("  note: {n}");
+    }
+    if decision.verdict.permits() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn decide(
+    global: &Global,
+    plan: &Plan,
+    dest: &Dest,
+    transport: Transport,
+) -> (Decision, String, Vec<String>) {
+    let mut notes = Vec::new();
+    let resolver = match Resolver::new(global.dns) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            notes.push(format!(
+                "no DNS ({e}): names are judged by the policy alone"
+            ));
+            None
+        }
+    };
+    let servers = resolver
+        .as_ref()
+        .map(|r| r.servers().to_vec())
+        .unwrap_or_default();
+    match dest {
+        Dest::Name(name, port) => {
+            // A registered name is judged by its ServiceEntry, as the kernel judges its addresses.
+            if let Some((id, rule)) = plan
+                .rules
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.hosts.iter().any(|h| host_matches(h, name)))
+            {
+                let rule_id = egress_common::RULE_FIRST_POLICY + id as u32;
+                let decision = if rule.ports.contains(&(*port, transport)) {
+                    Decision {
+                        verdict: if rule.steer_reason.is_some() {
+                            Verdict::Steer
+                        } else {
+                            Verdict::Allow
+                        },
+                        rule_id,
+                    }
+                } else {
+                    notes.push(format!(
+                        "{} declares {} only",
+                        rule.label,
+                        rule.ports
+                            .iter()
+                            .map(|(p, t)| format!("{p}/{t}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                    Decision {
+                        verdict: plan.mode.kernel().fallback(),
+                        rule_id: RULE_MODE,
+                    }
+                };
+                return (decision, format!("{name}:{port}"), notes);
+            }
+            let Some(resolver) = &resolver else {
+                return (
+                    Decision {
+                        verdict: plan.mode.kernel().fallback(),
+                        rule_id: RULE_MODE,
+                    },
+                    format!("{name}:{port}"),
+                    notes,
+                );
+            };
+            match resolver.lookup(name).await {
+                Ok((ips, _)) if !ips.is_empty() => {
+                    let entries =
+                        plan.entries(&resolve_all(resolver, plan, &mut notes).await, &servers);
+                    // The strictest verdict over the name's addresses is what a client can rely on.
+                    let worst = ips
+                        .iter()
+                        .map(|ip| (plan.decide(&entries, *ip, *port, transport), *ip))
+                        .max_by_key(|(d, _)| {
+                            (d.verdict == Verdict::Deny, d.verdict == Verdict::Steer)
+                        })
+                        .expect("non-empty");
+                    notes.push(format!("{name} resolves to {ips:?}"));
+                    (worst.0, format!("{name}:{port}"), notes)
+                }
+                Ok(_) | Err(_) => {
+                    notes.push(format!("{name} is not registered and does not resolve"));
+                    (
+                        Decision {
+                            verdict: plan.mode.kernel().fallback(),
+                            rule_id: RULE_MODE,
+                        },
+                        format!("{name}:{port}"),
+                        notes,
+                    )
+                }
+            }
+        }
+        Dest::Ip(ip, port) => {
+            let resolved = match &resolver {
+                Some(r) => resolve_all(r, plan, &mut notes).await,
+                None => HashMap::new(),
+            };
+            let entries = plan.entries(&resolved, &servers);
+            (
+                plan.decide(&entries, *ip, *port, transport),
+                SocketAddr::new(*ip, *port).to_string(),
+                notes,
+            )
+        }
+    }
+}
+
+/// Addresses of every name in the plan, so an IP can be matched to its host.
+async fn resolve_all(
+    resolver: &Resolver,
+    plan: &Plan,
+    notes: &mut Vec<String>,
+) -> HashMap<String, Vec<IpAddr>> {
+    let mut out = HashMap::new();
+    for h in &plan.hosts {
+        if out.contains_key(&h.name) {
+            continue;
+        }
+        match resolver.lookup(&h.name).await {
+            Ok((ips, _)) => {
+                out.insert(h.name.clone(), ips);
+            }
+            Err(e) => notes.push(format!("could not resolve {}: {e}", h.name)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(parse_dest("1.2.3.4", 443), Ok(Dest::Ip(ip("1.2.3.4"), 443)));
+        assert_eq!(
+            parse_dest("1.2.3.4:80", 443),
+            Ok(Dest::Ip(ip("1.2.3.4"), 80))
+        );
+        assert_eq!(
+            parse_dest("[2001:db8::1]:53", 443),
+            Ok(Dest::Ip(ip("2001:db8::1"), 53))
+        );
+        assert_eq!(
+            parse_dest("2001:db8::1", 443),
+            Ok(Dest::Ip(ip("2001:db8::1"), 443))
+        );
+        assert_eq!(
+            parse_dest("API.Example.com.", 443),
+            Ok(Dest::Name("api.example.com".into(), 443))
+        );
+        assert_eq!(
+            parse_dest("a.example:8080", 443),
+            Ok(Dest::Name("a.example".into(), 8080))
+        );
+        assert!(parse_dest("a.example:0", 443).is_err());
+        assert!(parse_dest("a b", 443).is_err());
+        assert!(parse_dest("", 443).is_err());
+    }
+
+    #[test]
+    fn wildcards() {
+        assert!(host_matches("*.example.com", "a.example.com"));
+        assert!(!host_matches("*.example.com", "example.com"));
+        assert!(host_matches("a.example.com", "a.example.com"));
+    }
+}

@@ -1,0 +1,9 @@
+//! egress: Istio egress policy enforced in the Linux kernel. The data walks through the modules
+//! in this order: `policy` (YAML → Plan, pure), `resolve` (hostnames → addresses), `maps` (Plan →
+//! kernel maps), `datapath` (programs loaded and attached), `agent` (keeps them in step), `cli`.
+pub mod agent;
+pub mod cli;
+pub mod datapath;
+pub mod maps;
+pub mod policy;
+pub mod resolve;

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    egress_agent::cli::main()
+}

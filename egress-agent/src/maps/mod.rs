@@ -1,0 +1,138 @@
+//! The only module that touches `aya::maps`: applies desired entries to the kernel's policy map.
+use std::collections::BTreeMap;
+
+use aya::{
+    Ebpf,
+    maps::{
+        Array, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
+};
+use egress_common::{
+    CONFIG_MAP, COUNTER_SLOTS, COUNTERS_MAP, Config, Mode, POLICY_MAP, PolicyKey, PolicyValue,
+    Verdict,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("the eBPF object has no map `{0}`")]
+    Missing(&'static str),
+    #[error("opening map `{name}`")]
+    Open {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("writing map `{name}`")]
+    Write {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Desired policy map content: (prefix length, key) → value.
+pub type Entries = BTreeMap<(u32, PolicyKey), PolicyValue>;
+
+pub struct KernelMaps {
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    config: Array<MapData, Config>,
+    counters: PerCpuArray<MapData, u64>,
+    /// What the kernel map holds, as far as this process wrote it.
+    current: Entries,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncStats {
+    pub written: usize,
+    pub removed: usize,
+    pub total: usize,
+}
+
+impl KernelMaps {
+    pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        fn open<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
+        where
+            T: TryFrom<aya::maps::Map, Error = MapError>,
+        {
+            let map = ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
+            T::try_from(map).map_err(|source| MapsError::Open { name, source })
+        }
+        Ok(Self {
+            policy: open(ebpf, POLICY_MAP)?,
+            config: open(ebpf, CONFIG_MAP)?,
+            counters: open(ebpf, COUNTERS_MAP)?,
+            current: Entries::new(),
+        })
+    }
+
+    /// Makes the kernel map equal `desired`: new and changed entries first, stale ones after, so
+    /// an address that stays allowed is never briefly denied. `current` tracks each write that
+    /// succeeded, so a failed sync can simply be retried.
+    pub fn sync(&mut self, desired: &Entries) -> Result<SyncStats, MapsError> {
+        let write_err = |source| MapsError::Write {
+            name: POLICY_MAP,
+            source,
+        };
+        let mut stats = SyncStats::default();
+        for (&(bits, key), value) in desired {
+            if self.current.get(&(bits, key)) == Some(value) {
+                continue;
+            }
+            self.policy
+                .insert(&Key::new(bits, key), value, 0)
+                .map_err(write_err)?;
+            self.current.insert((bits, key), *value);
+            stats.written += 1;
+        }
+        let stale: Vec<(u32, PolicyKey)> = self
+            .current
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect();
+        for (bits, key) in stale {
+            self.policy
+                .remove(&Key::new(bits, key))
+                .map_err(write_err)?;
+            self.current.remove(&(bits, key));
+            stats.removed += 1;
+        }
+        stats.total = self.current.len();
+        Ok(stats)
+    }
+
+    pub fn set_mode(&mut self, mode: Mode) -> Result<(), MapsError> {
+        self.config
+            .set(
+                0,
+                Config {
+                    mode: mode as u32,
+                    pad: 0,
+                },
+                0,
+            )
+            .map_err(|source| MapsError::Write {
+                name: CONFIG_MAP,
+                source,
+            })
+    }
+
+    /// Decisions taken so far, summed over CPUs.
+    pub fn decisions(&self, verdict: Verdict) -> Result<u64, MapsError> {
+        let slot = verdict as u32;
+        debug_assert!(slot < COUNTER_SLOTS);
+        let values = self
+            .counters
+            .get(&slot, 0)
+            .map_err(|source| MapsError::Open {
+                name: COUNTERS_MAP,
+                source,
+            })?;
+        Ok(values.iter().sum())
+    }
+
+    pub fn entries(&self) -> usize {
+        self.current.len()
+    }
+}

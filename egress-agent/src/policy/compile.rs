@@ -1,0 +1,541 @@
+//! Policy → Plan, Istio's semantics as data. Under REGISTRY_ONLY a destination is allowed only on
+//! the ports its ServiceEntry declares, over the transport the port's protocol implies. A Plan is
+//! pure: hostnames stay names until `entries` is given their resolved addresses.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+};
+
+use egress_common::{
+    KEY_FIXED_BITS, PolicyKey, PolicyValue, RULE_FIRST_POLICY, RULE_LOOPBACK, RULE_MODE,
+    RULE_RESOLVER, Verdict, is_local,
+};
+use ipnet::IpNet;
+
+use super::{
+    Diagnostic, Mode, Policy, Resource, Severity, Source,
+    schema::{Protocol, Resolution, ServiceEntrySpec, TlsMode, Transport},
+};
+
+/// An address-based map entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub net: IpNet,
+    pub port: u16,
+    pub transport: Transport,
+    pub verdict: Verdict,
+    pub rule_id: u32,
+}
+
+/// A hostname whose addresses become entries once resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRule {
+    /// Lower-case, no trailing dot.
+    pub name: String,
+    pub ports: Vec<(u16, Transport)>,
+    pub verdict: Verdict,
+    pub rule_id: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    /// `ServiceEntry/namespace/name`.
+    pub label: String,
+    pub hosts: Vec<String>,
+    /// Declared ports with their transports, endpoint port mappings included.
+    pub ports: Vec<(u16, Transport)>,
+    /// Why this rule's destinations are steered to the gateway, if they are.
+    pub steer_reason: Option<String>,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub mode: Mode,
+    /// What set the mode: the flag, a Sidecar, or Istio's default.
+    pub mode_source: String,
+    /// Indexed by `rule_id - RULE_FIRST_POLICY`.
+    pub rules: Vec<RuleInfo>,
+    pub fixed: Vec<Entry>,
+    pub hosts: Vec<HostRule>,
+}
+
+/// One decision, as the kernel would make it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub rule_id: u32,
+}
+
+type Diags = Vec<Diagnostic>;
+
+fn diag(diags: &mut Diags, severity: Severity, src: &Source, message: String) {
+    diags.push(Diagnostic {
+        severity,
+        file: src.file.clone(),
+        pos: src.pos,
+        message,
+    });
+}
+
+/// Compiles a policy. `mode_flag` overrides every Sidecar. Errors are in the diagnostics; the Plan
+/// is only to be used when there are none.
+pub fn compile(policy: &Policy, mode_flag: Option<Mode>) -> (Plan, Diags) {
+    // Sidecars set the mode; Gateways, VirtualServices and DestinationRules decide steering.
+    let Policy {
+        service_entries,
+        sidecars: _,
+        gateways: _,
+        virtual_services: _,
+        destination_rules: _,
+    } = policy;
+    let mut diags = Vec::new();
+    let (mode, mode_source) = resolve_mode(policy, mode_flag, &mut diags);
+    let mut plan = Plan {
+        mode,
+        mode_source,
+        rules: Vec::new(),
+        fixed: Vec::new(),
+        hosts: Vec::new(),
+    };
+    for se in service_entries {
+        compile_service_entry(policy, se, &mut plan, &mut diags);
+    }
+    (plan, diags)
+}
+
+fn resolve_mode(policy: &Policy, flag: Option<Mode>, diags: &mut Diags) -> (Mode, String) {
+    if let Some(mode) = flag {
+        return (mode, "--mode".to_owned());
+    }
+    let mut found: Option<(Mode, String)> = None;
+    for sc in &policy.sidecars {
+        let Some(m) = sc
+            .spec
+            .outbound_traffic_policy
+            .as_ref()
+            .and_then(|o| o.mode)
+        else {
+            continue;
+        };
+        let m = match m {
+            super::schema::OutboundMode::AllowAny => Mode::AllowAny,
+            super::schema::OutboundMode::RegistryOnly => Mode::RegistryOnly,
+        };
+        match &found {
+            Some((prev, by)) if *prev != m => {
+                diag(
+                    diags,
+                    Severity::Warning,
+                    &sc.source,
+                    format!(
+                        "{} sets outboundTrafficPolicy {m}, {by} sets {prev}; registry-only applies",
+                        sc.label()
+                    ),
+                );
+                found = Some((Mode::RegistryOnly, "conflicting Sidecars".to_owned()));
+            }
+            Some(_) => {}
+            None => found = Some((m, sc.label())),
+        }
+    }
+    found.unwrap_or((Mode::AllowAny, "Istio's default (ALLOW_ANY)".to_owned()))
+}
+
+fn normalize_host(h: &str) -> String {
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn compile_service_entry(
+    policy: &Policy,
+    se: &Resource<ServiceEntrySpec>,
+    plan: &mut Plan,
+    diags: &mut Diags,
+) {
+    let label = se.label();
+    let spec = &se.spec;
+    let src = &se.source;
+    let mut ok = true;
+    let mut err = |diags: &mut Diags, msg: String| {
+        diag(diags, Severity::Error, src, format!("{label}: {msg}"));
+        ok = false;
+    };
+    if spec.hosts.is_empty() {
+        err(diags, "spec.hosts must name at least one host".to_owned());
+    }
+    if spec.ports.is_empty() {
+        err(
+            diags,
+            "spec.ports must declare at least one port".to_owned(),
+        );
+    }
+    let resolution = spec.resolution.unwrap_or(Resolution::None);
+    let dns = matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin);
+    for h in &spec.hosts {
+        if h.contains('*') && dns {
+            err(
+                diags,
+                format!("host `{h}`: a wildcard host cannot use resolution {resolution:?}"),
+            );
+        }
+    }
+    if resolution == Resolution::Static && spec.endpoints.is_empty() {
+        err(diags, "resolution STATIC needs spec.endpoints".to_owned());
+    }
+    let mut endpoint_ips = Vec::new();
+    let mut endpoint_names = Vec::new();
+    for (i, ep) in spec.endpoints.iter().enumerate() {
+        let Some(addr) = ep.address.as_deref() else {
+            err(diags, format!("spec.endpoints[{i}] has no address"));
+            continue;
+        };
+        if addr.starts_with("unix://") {
+            continue;
+        }
+        match addr.parse::<IpAddr>() {
+            Ok(ip) => endpoint_ips.push((i, ip)),
+            Err(_) if dns => endpoint_names.push(normalize_host(addr)),
+            Err(_) => err(
+                diags,
+                format!(
+                    "spec.endpoints[{i}].address `{addr}` must be an IP address with resolution {resolution:?}"
+                ),
+            ),
+        }
+        for name in ep.ports.keys() {
+            if !spec.ports.iter().any(|p| p.name.as_deref() == Some(name)) {
+                err(
+                    diags,
+                    format!(
+                        "spec.endpoints[{i}].ports names `{name}`, which no spec.ports entry declares"
+                    ),
+                );
+            }
+        }
+    }
+    if !ok {
+        return;
+    }
+
+    let rule_id = RULE_FIRST_POLICY + plan.rules.len() as u32;
+    let hosts: Vec<String> = spec.hosts.iter().map(|h| normalize_host(h)).collect();
+    let steer_reason = steer_reason(policy, &hosts);
+    let verdict = if steer_reason.is_some() {
+        Verdict::Steer
+    } else {
+        Verdict::Allow
+    };
+    let ports: Vec<(u16, Transport)> = spec
+        .ports
+        .iter()
+        .map(|p| {
+            (
+                p.number.0,
+                p.protocol.map_or(Transport::Tcp, Protocol::transport),
+            )
+        })
+        .collect();
+    let mut all_ports = ports.clone();
+    for ep in &spec.endpoints {
+        for (name, number) in &ep.ports {
+            if let Some(p) = spec.ports.iter().find(|p| p.name.as_deref() == Some(name)) {
+                all_ports.push((
+                    number.0,
+                    p.protocol.map_or(Transport::Tcp, Protocol::transport),
+                ));
+            }
+        }
+    }
+    all_ports.sort();
+    all_ports.dedup();
+    plan.rules.push(RuleInfo {
+        label: label.clone(),
+        hosts: hosts.clone(),
+        ports: all_ports,
+        steer_reason,
+        source: src.clone(),
+    });
+    let push_fixed = |plan: &mut Plan, net: IpNet, ports: &[(u16, Transport)]| {
+        for &(port, transport) in ports {
+            plan.fixed.push(Entry {
+                net,
+                port,
+                transport,
+                verdict,
+                rule_id,
+            });
+        }
+    };
+    for a in &spec.addresses {
+        push_fixed(plan, a.0, &ports);
+    }
+    // Hosts that are IP literals stand for themselves, whatever the resolution.
+    let mut names = Vec::new();
+    for h in &hosts {
+        match h.parse::<IpAddr>() {
+            Ok(ip) => push_fixed(plan, IpNet::from(ip), &ports),
+            Err(_) => names.push(h.clone()),
+        }
+    }
+    match resolution {
+        Resolution::None => {
+            if spec.addresses.is_empty() && !hosts.iter().any(|h| h.parse::<IpAddr>().is_ok()) {
+                diag(
+                    diags,
+                    Severity::Warning,
+                    src,
+                    format!(
+                        "{label}: resolution NONE without addresses opens port(s) {} to every IP address, as in Istio; add spec.addresses or use resolution DNS",
+                        ports
+                            .iter()
+                            .map(|(p, t)| format!("{p}/{t}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+                push_fixed(plan, IpNet::V6("::/0".parse().expect("valid")), &ports);
+            }
+        }
+        Resolution::Static => {
+            for (i, ip) in &endpoint_ips {
+                // An endpoint may take a port on another number (`ports: {https: 8443}`).
+                let mut ep_ports = ports.clone();
+                for (name, number) in &spec.endpoints[*i].ports {
+                    if let Some(p) = spec.ports.iter().find(|p| p.name.as_deref() == Some(name)) {
+                        ep_ports.push((
+                            number.0,
+                            p.protocol.map_or(Transport::Tcp, Protocol::transport),
+                        ));
+                    }
+                }
+                push_fixed(plan, IpNet::from(*ip), &ep_ports);
+            }
+        }
+        Resolution::Dns | Resolution::DnsRoundRobin => {
+            for (_, ip) in &endpoint_ips {
+                push_fixed(plan, IpNet::from(*ip), &ports);
+            }
+            // With endpoints, Istio connects to the endpoints, not to the hosts.
+            let targets = if spec.endpoints.is_empty() {
+                names
+            } else {
+                endpoint_names
+            };
+            for name in targets {
+                plan.hosts.push(HostRule {
+                    name,
+                    ports: ports.clone(),
+                    verdict,
+                    rule_id,
+                });
+            }
+        }
+    }
+}
+
+/// Whether Istio would send this ServiceEntry's traffic through an egress gateway (or have the
+/// sidecar originate TLS, retry or time out, which egress does in its relay), and why.
+fn steer_reason(policy: &Policy, hosts: &[String]) -> Option<String> {
+    let names_host = |list: &[String]| list.iter().any(|h| hosts.contains(&normalize_host(h)));
+    let gateway_services: Vec<String> = policy
+        .gateways
+        .iter()
+        .flat_map(|g| g.spec.selector.values().cloned())
+        .collect();
+    let is_gateway = |dest: &str| {
+        let first = dest.split('.').next().unwrap_or(dest);
+        first == "istio-egressgateway"
+            || gateway_services
+                .iter()
+                .any(|s| first == s || first == format!("istio-{s}"))
+    };
+    for vs in &policy.virtual_services {
+        if !names_host(&vs.spec.hosts) {
+            continue;
+        }
+        // No gateways field means the mesh.
+        let bound_to_mesh =
+            vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
+        if !bound_to_mesh {
+            continue;
+        }
+        let routes = vs
+            .spec
+            .tls
+            .iter()
+            .flat_map(|r| &r.route)
+            .chain(vs.spec.tcp.iter().flat_map(|r| &r.route))
+            .chain(vs.spec.http.iter().flat_map(|r| &r.route));
+        for r in routes {
+            if is_gateway(&r.destination.host) {
+                return Some(format!(
+                    "{} routes it to the egress gateway {}",
+                    vs.label(),
+                    r.destination.host
+                ));
+            }
+        }
+        if vs
+            .spec
+            .http
+            .iter()
+            .any(|r| r.retries.is_some() || r.timeout.is_some())
+        {
+            return Some(format!("{} gives it retries or a timeout", vs.label()));
+        }
+    }
+    for dr in &policy.destination_rules {
+        if !hosts.contains(&normalize_host(&dr.spec.host)) {
+            continue;
+        }
+        let Some(tp) = &dr.spec.traffic_policy else {
+            continue;
+        };
+        let originates = tp
+            .tls
+            .iter()
+            .chain(tp.port_level_settings.iter().filter_map(|p| p.tls.as_ref()))
+            .any(|t| matches!(t.mode, Some(TlsMode::Simple | TlsMode::Mutual)));
+        if originates {
+            return Some(format!("{} originates TLS", dr.label()));
+        }
+    }
+    None
+}
+
+impl Plan {
+    pub fn rule(&self, rule_id: u32) -> Option<&RuleInfo> {
+        self.rules
+            .get(rule_id.checked_sub(RULE_FIRST_POLICY)? as usize)
+    }
+
+    /// Human label for a rule id, built-in ones included.
+    pub fn rule_label(&self, rule_id: u32) -> String {
+        match rule_id {
+            RULE_MODE => format!("mode {} ({})", self.mode, self.mode_source),
+            RULE_LOOPBACK => "loopback (not egress)".to_owned(),
+            RULE_RESOLVER => "configured DNS resolver".to_owned(),
+            id => self
+                .rule(id)
+                .map_or_else(|| format!("rule #{id}"), |r| r.label.clone()),
+        }
+    }
+
+    /// The kernel map's content: fixed entries, resolved hosts and the resolvers. Where two rules
+    /// claim one key, steer wins over allow, so a shared address is never a way around the relay.
+    pub fn entries(
+        &self,
+        resolved: &HashMap<String, Vec<IpAddr>>,
+        resolvers: &[SocketAddr],
+    ) -> BTreeMap<(u32, PolicyKey), PolicyValue> {
+        let mut out = BTreeMap::new();
+        let mut put = |net: IpNet, port: u16, transport: Transport, verdict: Verdict, rule_id| {
+            let key = lpm_key(net, port, transport);
+            let value = PolicyValue {
+                verdict: verdict as u32,
+                rule_id,
+            };
+            out.entry(key)
+                .and_modify(|v: &mut PolicyValue| {
+                    if verdict == Verdict::Steer && v.verdict != Verdict::Steer as u32 {
+                        *v = value;
+                    }
+                })
+                .or_insert(value);
+        };
+        for e in &self.fixed {
+            put(e.net, e.port, e.transport, e.verdict, e.rule_id);
+        }
+        for h in &self.hosts {
+            for ip in resolved.get(&h.name).into_iter().flatten() {
+                for &(port, transport) in &h.ports {
+                    put(IpNet::from(*ip), port, transport, h.verdict, h.rule_id);
+                }
+            }
+        }
+        for r in resolvers {
+            for t in [Transport::Udp, Transport::Tcp] {
+                put(
+                    IpNet::from(r.ip()),
+                    r.port(),
+                    t,
+                    Verdict::Allow,
+                    RULE_RESOLVER,
+                );
+            }
+        }
+        out
+    }
+
+    /// The kernel's decision, made in userspace over `entries`: loopback, longest prefix among
+    /// entries of the same protocol and port, then the mode.
+    pub fn decide(
+        &self,
+        entries: &BTreeMap<(u32, PolicyKey), PolicyValue>,
+        ip: IpAddr,
+        port: u16,
+        transport: Transport,
+    ) -> Decision {
+        let addr = mapped(ip);
+        if is_local(&addr) {
+            return Decision {
+                verdict: Verdict::Allow,
+                rule_id: RULE_LOOPBACK,
+            };
+        }
+        let best = entries
+            .iter()
+            .filter(|((_, k), _)| k.proto == transport as u8 && k.port_be == port.to_be())
+            .filter(|((bits, k), _)| prefix_contains(&k.addr, bits - KEY_FIXED_BITS, &addr))
+            .max_by_key(|((bits, _), _)| *bits);
+        match best {
+            Some((_, v)) => Decision {
+                verdict: Verdict::from_u32(v.verdict).unwrap_or(Verdict::Deny),
+                rule_id: v.rule_id,
+            },
+            None => Decision {
+                verdict: self.mode.kernel().fallback(),
+                rule_id: RULE_MODE,
+            },
+        }
+    }
+}
+
+/// An address in the kernel's form: IPv4 mapped into IPv6.
+pub fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The LPM key (prefix length in bits, data) for a network, port and transport.
+pub fn lpm_key(net: IpNet, port: u16, transport: Transport) -> (u32, PolicyKey) {
+    let (addr, bits) = match net {
+        IpNet::V4(n) => (
+            n.network().to_ipv6_mapped().octets(),
+            96 + u32::from(n.prefix_len()),
+        ),
+        IpNet::V6(n) => (n.network().octets(), u32::from(n.prefix_len())),
+    };
+    (
+        KEY_FIXED_BITS + bits,
+        PolicyKey {
+            proto: transport as u8,
+            pad: 0,
+            port_be: port.to_be(),
+            addr,
+        },
+    )
+}
+
+fn prefix_contains(net: &[u8; 16], bits: u32, addr: &[u8; 16]) -> bool {
+    let a = u128::from_be_bytes(*net);
+    let b = u128::from_be_bytes(*addr);
+    let mask = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits)
+    };
+    a & mask == b & mask
+}

@@ -1,0 +1,515 @@
+//! The Istio resources egress reads, as Istio documents them (networking.istio.io v1alpha3,
+//! v1beta1 and v1 share these shapes). Fields egress does not act on are still declared, as
+//! `IgnoredAny`, so that only truly unknown fields produce warnings.
+use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr, time::Duration};
+
+use ipnet::IpNet;
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, IgnoredAny},
+};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<Cidr>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    pub location: Option<MeshLocation>,
+    pub resolution: Option<Resolution>,
+    #[serde(default)]
+    pub endpoints: Vec<WorkloadEntry>,
+    pub workload_selector: Option<IgnoredAny>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub number: PortNumber,
+    pub protocol: Option<Protocol>,
+    pub name: Option<String>,
+    pub target_port: Option<PortNumber>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MeshLocation {
+    MeshExternal,
+    MeshInternal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    None,
+    Static,
+    Dns,
+    DnsRoundRobin,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntry {
+    pub address: Option<String>,
+    #[serde(default)]
+    pub ports: BTreeMap<String, PortNumber>,
+    pub labels: Option<IgnoredAny>,
+    pub network: Option<IgnoredAny>,
+    pub locality: Option<IgnoredAny>,
+    pub weight: Option<IgnoredAny>,
+    pub service_account: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    pub workload_selector: Option<IgnoredAny>,
+    pub ingress: Option<IgnoredAny>,
+    pub egress: Option<IgnoredAny>,
+    pub inbound_connection_pool: Option<IgnoredAny>,
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundTrafficPolicy {
+    pub mode: Option<OutboundMode>,
+    pub egress_proxy: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundMode {
+    AllowAny,
+    RegistryOnly,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub servers: Vec<GatewayServer>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayServer {
+    pub port: GatewayPort,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub tls: Option<IgnoredAny>,
+    pub bind: Option<IgnoredAny>,
+    pub name: Option<String>,
+    pub default_endpoint: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPort {
+    pub number: PortNumber,
+    pub name: Option<String>,
+    pub protocol: Option<Protocol>,
+    pub target_port: Option<PortNumber>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+    #[serde(default)]
+    pub tls: Vec<TlsRoute>,
+    #[serde(default)]
+    pub tcp: Vec<TcpRoute>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRoute {
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatch>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+    pub retries: Option<Retries>,
+    pub timeout: Option<IstioDuration>,
+    pub redirect: Option<IgnoredAny>,
+    pub direct_response: Option<IgnoredAny>,
+    pub delegate: Option<IgnoredAny>,
+    pub rewrite: Option<IgnoredAny>,
+    pub fault: Option<IgnoredAny>,
+    pub mirror: Option<IgnoredAny>,
+    pub mirrors: Option<IgnoredAny>,
+    pub mirror_percentage: Option<IgnoredAny>,
+    pub cors_policy: Option<IgnoredAny>,
+    pub headers: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMatch {
+    pub name: Option<String>,
+    pub port: Option<PortNumber>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    pub uri: Option<IgnoredAny>,
+    pub scheme: Option<IgnoredAny>,
+    pub method: Option<IgnoredAny>,
+    pub authority: Option<IgnoredAny>,
+    pub headers: Option<IgnoredAny>,
+    pub query_params: Option<IgnoredAny>,
+    pub ignore_uri_case: Option<IgnoredAny>,
+    pub without_headers: Option<IgnoredAny>,
+    pub source_labels: Option<IgnoredAny>,
+    pub source_namespace: Option<IgnoredAny>,
+    pub stat_prefix: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    pub attempts: Option<u32>,
+    pub per_try_timeout: Option<IstioDuration>,
+    pub retry_on: Option<String>,
+    pub retry_remote_localities: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<TlsMatch>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsMatch {
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    pub port: Option<PortNumber>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub destination_subnets: Vec<Cidr>,
+    pub source_labels: Option<IgnoredAny>,
+    pub source_namespace: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<L4Match>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct L4Match {
+    pub port: Option<PortNumber>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub destination_subnets: Vec<Cidr>,
+    pub source_labels: Option<IgnoredAny>,
+    pub source_namespace: Option<IgnoredAny>,
+    pub source_subnet: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteDestination {
+    pub destination: Destination,
+    pub weight: Option<i32>,
+    pub headers: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Destination {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortSelector {
+    pub number: Option<PortNumber>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    pub traffic_policy: Option<TrafficPolicy>,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    pub workload_selector: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    pub tls: Option<ClientTls>,
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+    pub load_balancer: Option<IgnoredAny>,
+    pub connection_pool: Option<IgnoredAny>,
+    pub outlier_detection: Option<IgnoredAny>,
+    pub tunnel: Option<IgnoredAny>,
+    pub proxy_protocol: Option<IgnoredAny>,
+    pub retry_budget: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    pub port: Option<PortSelector>,
+    pub tls: Option<ClientTls>,
+    pub load_balancer: Option<IgnoredAny>,
+    pub connection_pool: Option<IgnoredAny>,
+    pub outlier_detection: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subset {
+    pub name: String,
+    pub labels: Option<IgnoredAny>,
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTls {
+    pub mode: Option<TlsMode>,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    pub sni: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TlsMode {
+    Disable,
+    Simple,
+    Mutual,
+    IstioMutual,
+}
+
+/// A TCP/UDP port, 1 to 65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortNumber(pub u16);
+
+impl<'de> Deserialize<'de> for PortNumber {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        match u16::try_from(n) {
+            Ok(p) if p != 0 => Ok(PortNumber(p)),
+            _ => Err(de::Error::custom(format!(
+                "port {n} is out of range (1-65535)"
+            ))),
+        }
+    }
+}
+
+/// A port's application protocol, as Istio names them (case-insensitive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Https,
+    Http2,
+    Grpc,
+    GrpcWeb,
+    Tls,
+    Tcp,
+    Mongo,
+    Redis,
+    Mysql,
+    Udp,
+}
+
+/// Transport protocol, with its IP protocol number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    Tcp = 6,
+    Udp = 17,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        })
+    }
+}
+
+impl Protocol {
+    /// Every protocol Istio names runs over TCP, except UDP.
+    pub fn transport(self) -> Transport {
+        match self {
+            Protocol::Udp => Transport::Udp,
+            _ => Transport::Tcp,
+        }
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_uppercase().as_str() {
+            "HTTP" => Protocol::Http,
+            "HTTPS" => Protocol::Https,
+            "HTTP2" => Protocol::Http2,
+            "GRPC" => Protocol::Grpc,
+            "GRPC-WEB" => Protocol::GrpcWeb,
+            "TLS" => Protocol::Tls,
+            "TCP" => Protocol::Tcp,
+            "MONGO" => Protocol::Mongo,
+            "REDIS" => Protocol::Redis,
+            "MYSQL" => Protocol::Mysql,
+            "UDP" => Protocol::Udp,
+            _ => {
+                return Err(format!(
+                    "unknown protocol `{s}` (expected HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, TLS, TCP, MONGO, REDIS, MYSQL or UDP)"
+                ));
+            }
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// An IP address or CIDR block; a bare address is a host prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr(pub IpNet);
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Cidr(IpNet::from(ip)));
+        }
+        match s.parse::<IpNet>() {
+            // Host bits set (10.0.0.1/8) are almost always a typo for something else.
+            Ok(net) if net.trunc() != net => Err(format!(
+                "`{s}` has host bits set; did you mean {}?",
+                net.trunc()
+            )),
+            Ok(net) => Ok(Cidr(net)),
+            Err(_) => Err(format!("`{s}` is not an IP address or CIDR block")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// A duration as Istio writes them: `5s`, `250ms`, `1.5s`, `2m`, `1h`, `100us`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IstioDuration(pub Duration);
+
+impl FromStr for IstioDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("duration `{s}` has no unit (use ms, s, m or h)"))?;
+        let (num, unit) = s.split_at(split);
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration"))?;
+        let secs = match unit {
+            "h" => value * 3600.0,
+            "m" => value * 60.0,
+            "s" => value,
+            "ms" => value / 1e3,
+            "us" | "µs" => value / 1e6,
+            "ns" => value / 1e9,
+            _ => return Err(format!("duration `{s}` has unknown unit `{unit}`")),
+        };
+        Duration::try_from_secs_f64(secs)
+            .map(IstioDuration)
+            .map_err(|_| format!("duration `{s}` is out of range"))
+    }
+}
+
+impl<'de> Deserialize<'de> for IstioDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!("2s".parse(), Ok(IstioDuration(Duration::from_secs(2))));
+        assert_eq!(
+            "250ms".parse(),
+            Ok(IstioDuration(Duration::from_millis(250)))
+        );
+        assert_eq!("1m".parse(), Ok(IstioDuration(Duration::from_secs(60))));
+        assert!("5".parse::<IstioDuration>().is_err());
+        assert!("5x".parse::<IstioDuration>().is_err());
+    }
+
+    #[test]
+    fn cidrs() {
+        assert!("10.0.0.0/8".parse::<Cidr>().is_ok());
+        assert!("2001:db8::1".parse::<Cidr>().is_ok());
+        assert!("10.0.0.1/8".parse::<Cidr>().is_err());
+        assert!("example.com".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn protocols_map_to_transports() {
+        for p in ["HTTP", "https", "TLS", "TCP", "GRPC", "HTTP2", "MONGO"] {
+            assert_eq!(
+                p.parse::<Protocol>().map(Protocol::transport),
+                Ok(Transport::Tcp)
+            );
+        }
+        assert_eq!(
+            "UDP".parse::<Protocol>().map(Protocol::transport),
+            Ok(Transport::Udp)
+        );
+        assert!("QUIC".parse::<Protocol>().is_err());
+    }
+}
