@@ -1,1 +1,376 @@
+//! Fixtures for the root-only tests: a simulated outside world in a network namespace (reached
+//! over a veth pair, with its own IPv4 and IPv6 ULA addresses, a real DNS server and TCP/UDP
+//! servers), test cgroups, and a client run inside them. Everything is removed on drop.
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
+use egress_agent::datapath::cgroup;
+
+static NEXT: AtomicU32 = AtomicU32::new(1);
+/// World 0 (198.18.0.0/24) is the demo's; tests take 1 and up.
+static NEXT_WORLD: AtomicU32 = AtomicU32::new(1);
+
+/// Panics unless running as root: these tests load programs and make namespaces.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "kernel tests need root (run `sudo -E cargo xtask test`)"
+    );
+}
+
+/// Polls `cond` until it holds, panicking with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace standing for the outside world: `198.18.N.0/24` and `fd00:e9e5:N::/64`,
+/// the host side `.1`/`::1`, the world `.2`/`::2` (its DNS server) and whatever [`World::host`]
+/// adds. These addresses exist only inside the namespace the test made.
+pub struct World {
+    pub name: String,
+    pub index: u32,
+    veth_host: String,
+    veth_world: String,
+    dns: Option<Child>,
+    dir: PathBuf,
+}
+
+impl World {
+    pub fn new() -> World {
+        require_root();
+        let index = NEXT_WORLD.fetch_add(1, Ordering::Relaxed);
+        assert!(index < 250, "too many worlds in one test process");
+        let name = format!("egress-w{}-{index}", std::process::id());
+        let veth_host = format!("egh{}x{index}", std::process::id() % 100_000);
+        let veth_world = format!("egw{}x{index}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(&name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("world temp dir");
+        sh(&["ip", "netns", "add", &name]);
+        let w = World {
+            name,
+            index,
+            veth_host,
+            veth_world,
+            dns: None,
+            dir,
+        };
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &w.veth_host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &w.veth_world,
+        ]);
+        sh(&["ip", "link", "set", &w.veth_world, "netns", &w.name]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("198.18.{index}.1/24"),
+            "dev",
+            &w.veth_host,
+        ]);
+        sh(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:e9e5:{index}::1/64"),
+            "dev",
+            &w.veth_host,
+            "nodad",
+        ]);
+        sh(&["ip", "link", "set", &w.veth_host, "up"]);
+        w.exec(&["ip", "link", "set", "lo", "up"]);
+        w.exec(&["ip", "link", "set", &w.veth_world, "up"]);
+        w.host(2);
+        w
+    }
+
+    /// Runs a command inside the world.
+    pub fn exec(&self, args: &[&str]) {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full);
+    }
+
+    pub fn v4(&self, host: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(198, 18, self.index as u8, host))
+    }
+
+    pub fn v6(&self, host: u8) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0xe9e5,
+            self.index as u16,
+            0,
+            0,
+            0,
+            0,
+            host as u16,
+        ))
+    }
+
+    /// Adds host number `host` (both families) to the world.
+    pub fn host(&self, host: u8) {
+        self.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", self.v4(host)),
+            "dev",
+            &self.veth_world,
+        ]);
+        self.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", self.v6(host)),
+            "dev",
+            &self.veth_world,
+            "nodad",
+        ]);
+    }
+
+    /// Runs `f` on a thread that lives in the world's network namespace, so the sockets it makes
+    /// belong there.
+    fn in_world<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = fs::File::open(&path).expect("open netns");
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// A TCP server at `addr` in the world that greets every connection with "hello".
+    pub fn tcp_server(&self, addr: SocketAddr) {
+        let l = self.in_world(move || TcpListener::bind(addr).expect("bind tcp in world"));
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let _ = s.write_all(b"hello\n");
+            }
+        });
+    }
+
+    /// A UDP echo server at `addr` in the world.
+    pub fn udp_echo(&self, addr: SocketAddr) {
+        let s = self.in_world(move || UdpSocket::bind(addr).expect("bind udp in world"));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..n], from);
+            }
+        });
+    }
+
+    /// The world's DNS server address.
+    pub fn dns_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.v4(2), 53)
+    }
+
+    fn hosts_file(&self) -> PathBuf {
+        self.dir.join("hosts")
+    }
+
+    /// Starts (or restarts) dnsmasq answering `records` (name, address) with the given TTL.
+    pub fn start_dns(&mut self, records: &[(&str, IpAddr)], ttl: u32) {
+        self.stop_dns();
+        self.set_records(records);
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--user=root",
+                "--group=root",
+                "--pid-file",
+            ])
+            .arg(format!("--addn-hosts={}", self.hosts_file().display()))
+            .arg(format!("--listen-address={},{}", self.v4(2), self.v6(2)))
+            .arg(format!("--local-ttl={ttl}"))
+            .arg("--port=53")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (Debian package dnsmasq-base; `cargo xtask setup` installs it)");
+        self.dns = Some(child);
+        let addr = self.dns_addr();
+        wait_for("dnsmasq to listen", Duration::from_secs(10), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        });
+    }
+
+    /// Replaces the DNS records and makes dnsmasq re-read them.
+    pub fn set_records(&self, records: &[(&str, IpAddr)]) {
+        let text: String = records
+            .iter()
+            .map(|(n, ip)| format!("{ip} {n}\n"))
+            .collect();
+        fs::write(self.hosts_file(), text).expect("write hosts");
+        if let Some(c) = &self.dns {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGHUP,
+            )
+            .expect("SIGHUP dnsmasq");
+        }
+    }
+
+    pub fn stop_dns(&mut self) {
+        if let Some(mut c) = self.dns.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop_dns();
+        // Deleting the host end removes the pair, even while world sockets keep the netns alive.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth_host])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A child cgroup for one test, removed (with anything left in it) on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(tag: &str) -> TestCgroup {
+        require_root();
+        let mount = cgroup::cgroup2_mount().expect("cgroup2 mount");
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = mount.join(format!("egress-test-{}-{n}-{tag}", std::process::id()));
+        fs::create_dir(&path).expect("create test cgroup");
+        TestCgroup { path }
+    }
+
+    /// Runs `egress-probe ARGS` inside this cgroup and returns its one-word answer.
+    pub fn probe(&self, args: &[&str]) -> String {
+        probe_in(Some(&self.path), args)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = cgroup::kill_and_remove(&self.path) {
+            eprintln!("removing {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Runs `egress-probe ARGS`, inside `cgroup` if given (only the child joins it).
+pub fn probe_in(cgroup: Option<&Path>, args: &[&str]) -> String {
+    let mut cmd = Command::new(target_bin("egress-probe"));
+    cmd.args(args);
+    if let Some(cg) = cgroup {
+        let procs = cg.join("cgroup.procs");
+        // SAFETY: the closure only opens and writes a file before exec.
+        unsafe {
+            cmd.pre_exec(move || fs::write(&procs, "0"));
+        }
+    }
+    let out = cmd.output().expect("run egress-probe");
+    assert!(
+        out.status.success(),
+        "egress-probe {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A TCP listener on loopback that greets like the world's servers.
+pub fn loopback_server(addr: &str) -> SocketAddr {
+    let l = TcpListener::bind(addr).expect("bind loopback");
+    let a = l.local_addr().expect("local addr");
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = s.write_all(b"hello\n");
+            let mut b = [0u8; 1];
+            let _ = s.read(&mut b);
+        }
+    });
+    a
+}
+
+/// Writes policy YAML into a fresh directory and returns it.
+pub fn policy_dir(yaml: &str) -> PathBuf {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("egress-policy-{}-{n}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("policy dir");
+    fs::write(dir.join("policy.yaml"), yaml).expect("write policy");
+    dir
+}
+
+/// A workspace binary built beside this test (`cargo xtask test` builds them first).
+pub fn target_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join(name))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --bins` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}

@@ -68,8 +68,9 @@ impl Datapath {
         Ok((Self { ebpf }, maps))
     }
 
-    /// Attaches every program to the cgroup. Programs attached with ALLOW_MULTI also run for the
-    /// cgroup's descendants, which cannot override them.
+    /// Attaches every program to the cgroup as a bpf_link. The kernel attaches links in multi mode
+    /// (and rejects an explicit BPF_F_ALLOW_MULTI, hence `Single`): they run for the cgroup's
+    /// descendants too, which cannot override them, beside other tools' programs.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
         let path = cgroup.display().to_string();
         let file = File::open(cgroup).map_err(|source| DatapathError::OpenCgroup {
@@ -83,7 +84,7 @@ impl Datapath {
                 .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.attach(&file, CgroupAttachMode::AllowMultiple)
+            prog.attach(&file, CgroupAttachMode::Single)
                 .map_err(|source| DatapathError::Attach {
                     name,
                     path: path.clone(),

@@ -1,0 +1,161 @@
+//! A client the tests run inside an enforced cgroup. Prints one word for what the socket saw:
+//! `ok`, `denied` (EPERM from the hooks), `refused`, `timeout`, or `error:<detail>`.
+//!
+//!   egress-probe tcp ADDR:PORT            connect, read the server's greeting
+//!   egress-probe udp ADDR:PORT            connect, send, wait for the echo
+//!   egress-probe udp-sendto ADDR:PORT     unconnected sendto, wait for the echo
+//!   egress-probe dns SERVER NAME          A/AAAA lookup through SERVER (port 53)
+//!   egress-probe bench-connect ADDR:PORT N   N UDP connect() calls; prints ns per call
+use std::{
+    io::{self, Read as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn word(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => "denied".into(),
+        Some(libc::ECONNREFUSED) => "refused".into(),
+        Some(libc::EAGAIN) | Some(libc::ETIMEDOUT) => "timeout".into(),
+        _ if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock => {
+            "timeout".into()
+        }
+        _ => format!("error:{e}"),
+    }
+}
+
+fn tcp(addr: SocketAddr) -> String {
+    match TcpStream::connect_timeout(&addr, TIMEOUT) {
+        Ok(mut s) => {
+            let _ = s.set_read_timeout(Some(TIMEOUT));
+            let mut buf = [0u8; 64];
+            match s.read(&mut buf) {
+                Ok(_) => "ok".into(),
+                Err(e) => word(&e),
+            }
+        }
+        Err(e) => word(&e),
+    }
+}
+
+fn bind_for(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = if addr.is_ipv4() {
+        UdpSocket::bind("0.0.0.0:0")?
+    } else {
+        UdpSocket::bind("[::]:0")?
+    };
+    s.set_read_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
+fn udp(addr: SocketAddr, connected: bool) -> String {
+    let run = || -> io::Result<()> {
+        let s = bind_for(addr)?;
+        if connected {
+            s.connect(addr)?;
+            s.send(b"ping")?;
+            let mut buf = [0u8; 16];
+            s.recv(&mut buf)?;
+        } else {
+            s.send_to(b"ping", addr)?;
+            let mut buf = [0u8; 16];
+            s.recv_from(&mut buf)?;
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => "ok".into(),
+        Err(e) => word(&e),
+    }
+}
+
+fn dns(server: SocketAddr, name: &str) -> String {
+    use hickory_resolver::{
+        TokioResolver,
+        config::{NameServerConfig, ResolverConfig, ResolverOpts},
+        net::runtime::TokioRuntimeProvider,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return format!("error:{e}"),
+    };
+    rt.block_on(async {
+        let mut ns = NameServerConfig::udp(server.ip());
+        for c in &mut ns.connections {
+            c.port = server.port();
+        }
+        let mut b = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(vec![ns]),
+            TokioRuntimeProvider::default(),
+        );
+        let mut opts = ResolverOpts::default();
+        opts.timeout = TIMEOUT;
+        opts.attempts = 1;
+        *b.options_mut() = opts;
+        let r = match b.build() {
+            Ok(r) => r,
+            Err(e) => return format!("error:{e}"),
+        };
+        match r.lookup_ip(format!("{name}.")).await {
+            Ok(l) => {
+                let mut ips: Vec<_> = l.iter().collect();
+                ips.sort();
+                format!(
+                    "ok:{}",
+                    ips.iter()
+                        .map(|ip| ip.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            }
+            Err(e) if e.to_string().contains("Operation not permitted") => "denied".into(),
+            Err(e) => format!("error:{e}"),
+        }
+    })
+}
+
+fn bench_connect(addr: SocketAddr, n: u64) -> String {
+    let run = || -> io::Result<f64> {
+        let s = bind_for(addr)?;
+        let start = Instant::now();
+        for _ in 0..n {
+            s.connect(addr)?;
+        }
+        Ok(start.elapsed().as_nanos() as f64 / n as f64)
+    };
+    match run() {
+        Ok(ns) => format!("{ns:.1}"),
+        Err(e) => word(&e),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addr = |i: usize| -> Option<SocketAddr> { args.get(i)?.parse().ok() };
+    let out = match (args.first().map(String::as_str), addr(1)) {
+        (Some("tcp"), Some(a)) => tcp(a),
+        (Some("udp"), Some(a)) => udp(a, true),
+        (Some("udp-sendto"), Some(a)) => udp(a, false),
+        (Some("dns"), Some(a)) if args.len() == 3 => dns(a, &args[2]),
+        (Some("bench-connect"), Some(a)) if args.len() == 3 => match args[2].parse() {
+            Ok(n) => bench_connect(a, n),
+            Err(_) => return usage(),
+        },
+        _ => return usage(),
+    };
+    println!("{out}");
+    ExitCode::SUCCESS
+}
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: egress-probe tcp|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | bench-connect ADDR:PORT N"
+    );
+    ExitCode::from(2)
+}
