@@ -64,9 +64,14 @@ pub struct World {
 
 impl World {
     pub fn new() -> World {
-        require_root();
         let index = NEXT_WORLD.fetch_add(1, Ordering::Relaxed);
         assert!(index < 250, "too many worlds in one test process");
+        World::with_index(index)
+    }
+
+    /// World number `index` (0 is the demo's, whose addresses the shipped policies use).
+    pub fn with_index(index: u32) -> World {
+        require_root();
         let name = format!("egress-w{}-{index}", std::process::id());
         let veth_host = format!("egh{}x{index}", std::process::id() % 100_000);
         let veth_world = format!("egw{}x{index}", std::process::id() % 100_000);
@@ -361,12 +366,12 @@ pub fn policy_dir(yaml: &str) -> PathBuf {
 /// A workspace binary built beside this test (`cargo xtask test` builds them first).
 pub fn target_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join(name))
-        .expect("target dir");
+    // target/<profile>/deps/<test> or target/<profile>/<bin> → target/<profile>/<name>
+    let mut dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("profile dir");
+    }
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} not built: run `cargo build --bins` (cargo xtask test does)",

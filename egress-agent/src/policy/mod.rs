@@ -74,3 +74,6 @@ impl std::fmt::Display for Mode {
 pub fn has_errors(diags: &[Diagnostic]) -> bool {
     diags.iter().any(|d| d.severity == Severity::Error)
 }
+
+#[cfg(test)]
+mod tests;

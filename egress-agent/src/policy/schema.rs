@@ -327,16 +327,43 @@ pub enum TlsMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortNumber(pub u16);
 
+// Checks run inside the visitor, so an error is raised while the value's own node is being read
+// and carries that node's position, not its parent's.
 impl<'de> Deserialize<'de> for PortNumber {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let n = i64::deserialize(d)?;
-        match u16::try_from(n) {
-            Ok(p) if p != 0 => Ok(PortNumber(p)),
-            _ => Err(de::Error::custom(format!(
-                "port {n} is out of range (1-65535)"
-            ))),
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = PortNumber;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port number (1-65535)")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<PortNumber, E> {
+                match u16::try_from(n) {
+                    Ok(p) if p != 0 => Ok(PortNumber(p)),
+                    _ => Err(E::custom(format!("port {n} is out of range (1-65535)"))),
+                }
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<PortNumber, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+            }
+        }
+        d.deserialize_i64(V)
+    }
+}
+
+/// Reads a string and parses it with `FromStr`, inside the visitor (see above).
+fn parse_str<'de, D: Deserializer<'de>, T: FromStr<Err = String>>(d: D) -> Result<T, D::Error> {
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<T: FromStr<Err = String>> de::Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+            s.parse().map_err(E::custom)
         }
     }
+    d.deserialize_str(V(std::marker::PhantomData))
 }
 
 /// A port's application protocol, as Istio names them (case-insensitive).
@@ -407,7 +434,7 @@ impl FromStr for Protocol {
 
 impl<'de> Deserialize<'de> for Protocol {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(de::Error::custom)
+        parse_str(d)
     }
 }
 
@@ -435,7 +462,7 @@ impl FromStr for Cidr {
 
 impl<'de> Deserialize<'de> for Cidr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(de::Error::custom)
+        parse_str(d)
     }
 }
 
@@ -470,7 +497,7 @@ impl FromStr for IstioDuration {
 
 impl<'de> Deserialize<'de> for IstioDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(de::Error::custom)
+        parse_str(d)
     }
 }
 

@@ -32,7 +32,9 @@ fn tcp(addr: SocketAddr) -> String {
         Ok(mut s) => {
             let _ = s.set_read_timeout(Some(TIMEOUT));
             let mut buf = [0u8; 64];
+            // Ok only once the server's greeting arrived: the connection really reached it.
             match s.read(&mut buf) {
+                Ok(0) => "error:closed before the greeting".into(),
                 Ok(_) => "ok".into(),
                 Err(e) => word(&e),
             }

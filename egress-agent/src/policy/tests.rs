@@ -1,0 +1,379 @@
+//! Parsing and compiling: the seeds, every shipped policy, and malformed input of many kinds.
+use std::{collections::HashMap, net::IpAddr, path::Path};
+
+use egress_common::Verdict;
+
+use super::{Mode, Severity, compile, load, load_str, schema::Transport};
+
+fn diags_of(yaml: &str) -> Vec<String> {
+    let (pol, mut d) = load_str(yaml, Path::new("p.yaml"));
+    if !super::has_errors(&d) {
+        d.extend(compile(&pol, None).1);
+    }
+    d.iter().map(ToString::to_string).collect()
+}
+
+fn errors_of(yaml: &str) -> Vec<String> {
+    let (pol, mut d) = load_str(yaml, Path::new("p.yaml"));
+    if !super::has_errors(&d) {
+        d.extend(compile(&pol, None).1);
+    }
+    d.iter()
+        .filter(|d| d.severity == Severity::Error)
+        .map(ToString::to_string)
+        .collect()
+}
+
+const SE: &str =
+    "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\nmetadata:\n  name: x\nspec:\n";
+
+#[test]
+fn every_shipped_policy_compiles_cleanly() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let (pol, d) = load(&[dir]);
+    let (plan, more) = compile(&pol, None);
+    let all: Vec<_> = d.iter().chain(&more).map(ToString::to_string).collect();
+    assert!(all.is_empty(), "{all:#?}");
+    assert_eq!(
+        plan.mode,
+        Mode::RegistryOnly,
+        "the shipped Sidecar sets REGISTRY_ONLY"
+    );
+    let labels: Vec<_> = plan.rules.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "ServiceEntry/default/external-api",
+            "ServiceEntry/default/legacy-db",
+            "ServiceEntry/default/external-weather-api"
+        ]
+    );
+}
+
+#[test]
+fn seeds_steer_through_the_gateway_and_for_retries() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let (pol, _) = load(&[dir.join("external-api.yaml"), dir.join("weather-api.yaml")]);
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(
+        plan.mode,
+        Mode::AllowAny,
+        "Istio's default without a Sidecar"
+    );
+    let reasons: Vec<_> = plan
+        .rules
+        .iter()
+        .map(|r| r.steer_reason.clone().unwrap_or_default())
+        .collect();
+    assert!(
+        reasons[0]
+            .contains("VirtualService/default/route-external routes it to the egress gateway"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("VirtualService/default/weather-api-vs gives it retries"),
+        "{reasons:?}"
+    );
+    let api: IpAddr = "192.0.2.10".parse().expect("ip");
+    let resolved = HashMap::from([("api.thirdparty.com".to_owned(), vec![api])]);
+    let entries = plan.entries(&resolved, &[]);
+    assert_eq!(
+        plan.decide(&entries, api, 443, Transport::Tcp).verdict,
+        Verdict::Steer
+    );
+    // Allow-any: an undeclared port or an unknown address passes.
+    assert_eq!(
+        plan.decide(&entries, api, 80, Transport::Tcp).verdict,
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn registry_only_semantics() {
+    let yaml = format!(
+        "{SE}  hosts: [db.example, 192.0.2.7]\n  addresses: [198.51.100.0/24, 2001:db8::/64]\n  ports:\n  - {{number: 5432, name: pg, protocol: TCP}}\n  - {{number: 53, name: dns, protocol: UDP}}\n  resolution: NONE\n"
+    );
+    let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, Some(Mode::RegistryOnly));
+    assert!(d.is_empty(), "{d:?}");
+    let e = plan.entries(&HashMap::new(), &["203.0.113.53:53".parse().expect("sa")]);
+    let v = |ip: &str, port, t| plan.decide(&e, ip.parse().expect("ip"), port, t).verdict;
+    assert_eq!(v("198.51.100.9", 5432, Transport::Tcp), Verdict::Allow);
+    assert_eq!(
+        v("::ffff:198.51.100.9", 5432, Transport::Tcp),
+        Verdict::Allow,
+        "mapped v4 is v4"
+    );
+    assert_eq!(v("198.51.101.9", 5432, Transport::Tcp), Verdict::Deny);
+    assert_eq!(
+        v("198.51.100.9", 5433, Transport::Tcp),
+        Verdict::Deny,
+        "undeclared port"
+    );
+    assert_eq!(
+        v("198.51.100.9", 5432, Transport::Udp),
+        Verdict::Deny,
+        "TCP port over UDP"
+    );
+    assert_eq!(v("198.51.100.9", 53, Transport::Udp), Verdict::Allow);
+    assert_eq!(v("2001:db8::5", 53, Transport::Udp), Verdict::Allow);
+    assert_eq!(
+        v("192.0.2.7", 5432, Transport::Tcp),
+        Verdict::Allow,
+        "IP-literal host"
+    );
+    assert_eq!(
+        v("127.0.0.1", 9, Transport::Tcp),
+        Verdict::Allow,
+        "loopback"
+    );
+    assert_eq!(v("::1", 9, Transport::Udp), Verdict::Allow, "loopback");
+    assert_eq!(
+        v("::ffff:127.0.0.2", 9, Transport::Udp),
+        Verdict::Allow,
+        "mapped loopback"
+    );
+    assert_eq!(
+        v("203.0.113.53", 53, Transport::Udp),
+        Verdict::Allow,
+        "resolver"
+    );
+    assert_eq!(
+        v("203.0.113.53", 53, Transport::Tcp),
+        Verdict::Allow,
+        "resolver over TCP"
+    );
+    assert_eq!(
+        v("203.0.113.53", 80, Transport::Tcp),
+        Verdict::Deny,
+        "resolver, other port"
+    );
+}
+
+#[test]
+fn resolution_none_without_addresses_warns_and_opens_the_port() {
+    let yaml = format!(
+        "{SE}  hosts: ['*.example.com']\n  ports: [{{number: 443, name: https, protocol: TLS}}]\n"
+    );
+    let d = diags_of(&yaml);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(d[0].starts_with("p.yaml:1:1: warning: ServiceEntry/default/x: resolution NONE without addresses opens port(s) 443/tcp to every IP"), "{d:?}");
+    let (pol, _) = load_str(&yaml, Path::new("p.yaml"));
+    let (plan, _) = compile(&pol, Some(Mode::RegistryOnly));
+    let e = plan.entries(&HashMap::new(), &[]);
+    assert_eq!(
+        plan.decide(&e, "203.0.113.1".parse().expect("ip"), 443, Transport::Tcp)
+            .verdict,
+        Verdict::Allow
+    );
+    assert_eq!(
+        plan.decide(&e, "2001:db8::1".parse().expect("ip"), 443, Transport::Tcp)
+            .verdict,
+        Verdict::Allow
+    );
+    assert_eq!(
+        plan.decide(&e, "203.0.113.1".parse().expect("ip"), 80, Transport::Tcp)
+            .verdict,
+        Verdict::Deny
+    );
+}
+
+#[test]
+fn multi_document_lists_and_api_versions() {
+    let yaml = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: networking.istio.io/v1beta1\n  kind: ServiceEntry\n  metadata: {name: a, namespace: ns1}\n  spec: {hosts: [a.example], ports: [{number: 443, name: h, protocol: HTTPS}], resolution: DNS}\n---\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: b}\nspec: {hosts: [b.example], ports: [{number: 80, name: h, protocol: HTTP}], resolution: DNS_ROUND_ROBIN}\n";
+    let (pol, d) = load_str(yaml, Path::new("p.yaml"));
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(pol.service_entries.len(), 2);
+    assert_eq!(pol.service_entries[0].label(), "ServiceEntry/ns1/a");
+    let (plan, _) = compile(&pol, None);
+    let names: Vec<_> = plan.hosts.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["a.example", "b.example"]);
+}
+
+#[test]
+fn static_endpoints_with_port_mapping() {
+    let yaml = format!(
+        "{SE}  hosts: [db.internal]\n  ports: [{{number: 5432, name: pg, protocol: TCP}}]\n  resolution: STATIC\n  endpoints:\n  - address: 192.0.2.40\n    ports: {{pg: 6432}}\n"
+    );
+    let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, Some(Mode::RegistryOnly));
+    assert!(d.is_empty(), "{d:?}");
+    let e = plan.entries(&HashMap::new(), &[]);
+    let ip: IpAddr = "192.0.2.40".parse().expect("ip");
+    assert_eq!(
+        plan.decide(&e, ip, 5432, Transport::Tcp).verdict,
+        Verdict::Allow
+    );
+    assert_eq!(
+        plan.decide(&e, ip, 6432, Transport::Tcp).verdict,
+        Verdict::Allow
+    );
+    assert_eq!(
+        plan.decide(&e, "192.0.2.41".parse().expect("ip"), 5432, Transport::Tcp)
+            .verdict,
+        Verdict::Deny
+    );
+}
+
+#[test]
+fn unknown_fields_and_kinds_are_warnings_with_positions() {
+    let yaml = format!(
+        "{SE}  hosts: [a.example]\n  ports:\n  - number: 443\n    nmae: https\n  resolution: DNS\n  colour: blue\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec: {{}}\n"
+    );
+    let d = diags_of(&yaml);
+    assert_eq!(
+        d,
+        [
+            "p.yaml:9:5: warning: unknown field `spec.ports[0].nmae`; ignored",
+            "p.yaml:11:3: warning: unknown field `spec.colour`; ignored",
+            "p.yaml:13:1: warning: kind `AuthorizationPolicy` (security.istio.io/v1) is not enforced by egress; ignored",
+        ]
+    );
+}
+
+#[test]
+fn malformed_input_names_file_line_and_field() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "a: [1, 2\n",
+            "p.yaml:1:4: error: invalid YAML: unclosed bracket",
+        ),
+        (
+            &format!("{SE}  hosts: [a]\n  ports: [{{number: 70000}}]\n"),
+            "p.yaml:7:20: error: spec.ports[0].number: port 70000 is out of range",
+        ),
+        (
+            &format!("{SE}  hosts: [a]\n  ports: [{{number: 0}}]\n"),
+            "p.yaml:7:20: error: spec.ports[0].number: port 0 is out of range",
+        ),
+        (
+            &format!("{SE}  hosts: [a]\n  ports: [{{number: 443, protocol: QUIC}}]\n"),
+            "p.yaml:7:35: error: spec.ports[0].protocol: unknown protocol `QUIC`",
+        ),
+        (
+            &format!("{SE}  hosts: [a]\n  ports: [{{number: 443}}]\n  resolution: MAGIC\n"),
+            "p.yaml:8:15: error: spec.resolution: unknown variant `MAGIC`",
+        ),
+        (
+            &format!("{SE}  hosts: [a]\n  addresses: [10.0.0.1/8]\n  ports: [{{number: 443}}]\n"),
+            "p.yaml:7:15: error: spec.addresses[0]: `10.0.0.1/8` has host bits set",
+        ),
+        (
+            &format!("{SE}  hosts: [a]\n  addresses: [not-an-ip]\n  ports: [{{number: 443}}]\n"),
+            "p.yaml:7:15: error: spec.addresses[0]: `not-an-ip` is not an IP address",
+        ),
+        (
+            &format!("{SE}  hosts: a.example\n  ports: [{{number: 443}}]\n"),
+            "p.yaml:6:10: error: spec.hosts: expected a list, found a string",
+        ),
+        (
+            &format!("{SE}  hosts: [a]\n  ports: [{{name: https}}]\n"),
+            "p.yaml:7:11: error: spec.ports[0]: missing field `number`",
+        ),
+        (
+            &format!("{SE}  hosts: [a]\n"),
+            "p.yaml:1:1: error: ServiceEntry/default/x: spec.ports must declare at least one port",
+        ),
+        (
+            &format!("{SE}  ports: [{{number: 443}}]\n"),
+            "p.yaml:1:1: error: ServiceEntry/default/x: spec.hosts must name at least one host",
+        ),
+        (
+            &format!("{SE}  hosts: ['*.a.com']\n  ports: [{{number: 443}}]\n  resolution: DNS\n"),
+            "error: ServiceEntry/default/x: host `*.a.com`: a wildcard host cannot use resolution Dns",
+        ),
+        (
+            &format!("{SE}  hosts: [a]\n  ports: [{{number: 443}}]\n  resolution: STATIC\n"),
+            "error: ServiceEntry/default/x: resolution STATIC needs spec.endpoints",
+        ),
+        (
+            &format!(
+                "{SE}  hosts: [a]\n  ports: [{{number: 443}}]\n  resolution: STATIC\n  endpoints: [{{address: db.example}}]\n"
+            ),
+            "must be an IP address with resolution Static",
+        ),
+        (
+            "apiVersion: networking.istio.io/v2\nkind: Sidecar\nmetadata: {name: s}\nspec: {}\n",
+            "p.yaml:1:13: error: Sidecar needs apiVersion",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec: {}\n",
+            "p.yaml:1:1: error: ServiceEntry has no metadata.name",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nmetadata: {name: a}\n",
+            "p.yaml:1:1: error: missing `kind`",
+        ),
+        (
+            "- just\n- a list\n",
+            "p.yaml:1:1: error: expected a Kubernetes object",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\nspec:\n  outboundTrafficPolicy: {mode: BLOCK}\n",
+            "p.yaml:5:33: error: spec.outboundTrafficPolicy.mode: unknown variant `BLOCK`",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  http: [{timeout: 5}]\n",
+            "p.yaml:5:20: error: spec.http[0].timeout: duration `5` has no unit",
+        ),
+        ("a: 1\na: 2\n", "error: invalid YAML"),
+        ("a: &x [*x]\n", "error: invalid YAML"),
+    ];
+    let mut wrong = Vec::new();
+    for (yaml, want) in cases {
+        let errs = errors_of(yaml);
+        if !errs.iter().any(|e| e.contains(want)) {
+            wrong.push(format!("for {yaml:?}\n want {want:?}\n got {errs:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn alias_bombs_are_refused() {
+    let mut y = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 0..12 {
+        let p = if i == 0 {
+            "a".to_owned()
+        } else {
+            format!("b{}", i - 1)
+        };
+        y.push_str(&format!(
+            "b{i}: &b{i} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        ));
+    }
+    let errs = errors_of(&y);
+    assert!(errs.iter().any(|e| e.contains("invalid YAML")), "{errs:?}");
+}
+
+#[test]
+fn a_missing_path_is_an_error() {
+    let (_, d) = load(&[Path::new("/nonexistent/egress-policies").to_owned()]);
+    assert!(
+        d[0].to_string()
+            .starts_with("/nonexistent/egress-policies: error: cannot read policy path"),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn conflicting_sidecars_fail_closed() {
+    let s = |name: &str, mode: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: {name}}}\nspec:\n  outboundTrafficPolicy: {{mode: {mode}}}\n"
+        )
+    };
+    let yaml = format!("{}---\n{}", s("a", "ALLOW_ANY"), s("b", "REGISTRY_ONLY"));
+    let (pol, _) = load_str(&yaml, Path::new("p.yaml"));
+    let (plan, d) = compile(&pol, None);
+    assert_eq!(plan.mode, Mode::RegistryOnly);
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        compile(&pol, Some(Mode::AllowAny)).0.mode,
+        Mode::AllowAny,
+        "the flag wins"
+    );
+}

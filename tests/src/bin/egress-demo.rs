@@ -1,0 +1,203 @@
+//! `cargo xtask demo`: the shipped policies (policies/) enforced by `egress run` on a cgroup, with
+//! a simulated outside world in a network namespace, and live calls from inside the cgroup.
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, SocketAddr},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use egress_agent::datapath::cgroup;
+use egress_tests::{World, loopback_server, probe_in, target_bin};
+
+fn main() {
+    let mut w = World::with_index(0);
+    let hosts = [
+        ("api.thirdparty.com", 10u8),
+        ("api.weather.com", 20),
+        ("tracker.example", 66),
+    ];
+    let mut records = Vec::new();
+    for (name, h) in hosts {
+        w.host(h);
+        records.push((name, w.v4(h)));
+        records.push((name, w.v6(h)));
+    }
+    for h in [10, 20, 66, 40, 41] {
+        if h == 40 || h == 41 {
+            w.host(h);
+        }
+        for ip in [w.v4(h), w.v6(h)] {
+            for port in [443, 80, 5432] {
+                w.tcp_server(SocketAddr::new(ip, port));
+            }
+            w.udp_echo(SocketAddr::new(ip, 443));
+        }
+    }
+    w.start_dns(&records, 30);
+    let dns = w.dns_addr();
+
+    let cg_name = format!("egress-demo-{}", std::process::id());
+    let egress = target_bin("egress");
+    println!(
+        "== egress demo: policies/ enforced on cgroup {cg_name}; the outside world is network namespace {} ==\n",
+        w.name
+    );
+    let mut agent = Command::new(&egress)
+        .args([
+            "run",
+            "--cgroup",
+            &cg_name,
+            "--policies",
+            "policies",
+            "--dns",
+            &dns.to_string(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start egress run");
+    let (tx, rx) = mpsc::channel();
+    let stderr = agent.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            println!("  agent | {line}");
+            if line.contains("ready:") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("egress run did not become ready");
+    let cg = cgroup::cgroup2_mount().expect("cgroup2").join(&cg_name);
+
+    let resolve = |name: &str| -> Vec<IpAddr> {
+        let out = probe_in(Some(&cg), &["dns", &dns.to_string(), name]);
+        println!("  {:<44} {out}", format!("dns {name} (via {dns})"));
+        out.strip_prefix("ok:")
+            .map(|s| s.split(',').filter_map(|a| a.parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    let call = |what: &str, kind: &str, addr: String, why: &str| {
+        let out = probe_in(Some(&cg), &[kind, &addr]);
+        let shown = match out.as_str() {
+            "ok" => "ALLOWED",
+            "denied" => "DENIED (EPERM)",
+            other => other,
+        };
+        println!(
+            "  {:<44} {shown:<15} {why}",
+            format!("{kind} {what} [{addr}]")
+        );
+    };
+    println!("\n-- calls from a process inside the enforced cgroup --");
+    let api = resolve("api.thirdparty.com");
+    let weather = resolve("api.weather.com");
+    let tracker = resolve("tracker.example");
+    let at =
+        |ips: &[IpAddr], i: usize, port: u16| SocketAddr::new(ips[i % ips.len()], port).to_string();
+    call(
+        "api.thirdparty.com:443",
+        "tcp",
+        at(&api, 0, 443),
+        "ServiceEntry external-api (steered via the gateway route)",
+    );
+    call(
+        "api.thirdparty.com:443",
+        "tcp",
+        at(&api, 1, 443),
+        "same host over IPv6",
+    );
+    call(
+        "api.weather.com:443",
+        "tcp",
+        at(&weather, 0, 443),
+        "ServiceEntry external-weather-api",
+    );
+    call(
+        "api.weather.com:80",
+        "tcp",
+        at(&weather, 0, 80),
+        "port 80 is not declared",
+    );
+    call(
+        "api.weather.com:443",
+        "udp",
+        at(&weather, 0, 443),
+        "443 is declared HTTPS, i.e. TCP only",
+    );
+    call(
+        "legacy-db:5432",
+        "tcp",
+        "198.18.0.40:5432".into(),
+        "STATIC endpoint of legacy-db",
+    );
+    call(
+        "legacy-db:5432",
+        "tcp",
+        "[fd00:e9e5::40]:5432".into(),
+        "STATIC endpoint, IPv6",
+    );
+    call(
+        "198.18.0.41:5432",
+        "tcp",
+        "198.18.0.41:5432".into(),
+        "not an endpoint",
+    );
+    call(
+        "tracker.example:443",
+        "tcp",
+        at(&tracker, 0, 443),
+        "not registered: registry-only denies",
+    );
+    let mapped = format!(
+        "[::ffff:{}]:443",
+        tracker.first().map(|ip| ip.to_string()).unwrap_or_default()
+    );
+    call(
+        "tracker.example:443",
+        "tcp",
+        mapped,
+        "IPv4-mapped IPv6 is judged as IPv4",
+    );
+    call(
+        "loopback",
+        "tcp",
+        loopback_server("127.0.0.1:0").to_string(),
+        "loopback is not egress",
+    );
+
+    println!("\n-- egress check (offline) --");
+    for dest in [
+        "api.thirdparty.com",
+        "api.weather.com:80",
+        "198.18.0.40:5432",
+        "tracker.example",
+    ] {
+        let out = Command::new(&egress)
+            .args([
+                "check",
+                dest,
+                "--policies",
+                "policies",
+                "--dns",
+                &dns.to_string(),
+            ])
+            .output()
+            .expect("egress check");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("  $ egress check {dest:<20} {line}");
+        }
+    }
+    println!("\n-- stopping the agent (SIGINT) --");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("signal agent");
+    let status = agent.wait().expect("wait agent");
+    println!("  egress run exited with {status}");
+    if let Err(e) = cgroup::kill_and_remove(&cg) {
+        eprintln!("removing {}: {e}", cg.display());
+    }
+}
