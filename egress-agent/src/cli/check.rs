@@ -4,7 +4,7 @@ use std::{
     process::ExitCode,
 };
 
-use egress_common::{RULE_MODE, Verdict};
+use egress_common::Verdict;
 
 use super::{Global, runtime};
 use crate::{
@@ -167,22 +167,12 @@ async fn decide(
                             .collect::<Vec<_>>()
                             .join(", ")
                     ));
-                    Decision {
-                        verdict: plan.mode.kernel().fallback(),
-                        rule_id: RULE_MODE,
-                    }
+                    plan.fallback()
                 };
                 return (decision, format!("{name}:{port}"), notes);
             }
             let Some(resolver) = &resolver else {
-                return (
-                    Decision {
-                        verdict: plan.mode.kernel().fallback(),
-                        rule_id: RULE_MODE,
-                    },
-                    format!("{name}:{port}"),
-                    notes,
-                );
+                return (plan.fallback(), format!("{name}:{port}"), notes);
             };
             match resolver.lookup(name).await {
                 Ok((ips, _)) if !ips.is_empty() => {
@@ -201,14 +191,7 @@ async fn decide(
                 }
                 Ok(_) | Err(_) => {
                     notes.push(format!("{name} is not registered and does not resolve"));
-                    (
-                        Decision {
-                            verdict: plan.mode.kernel().fallback(),
-                            rule_id: RULE_MODE,
-                        },
-                        format!("{name}:{port}"),
-                        notes,
-                    )
+                    (plan.fallback(), format!("{name}:{port}"), notes)
                 }
             }
         }

@@ -467,6 +467,14 @@ impl Plan {
         out
     }
 
+    /// The decision for a destination no entry matches: the mode's.
+    pub fn fallback(&self) -> Decision {
+        Decision {
+            verdict: self.mode.kernel().fallback(),
+            rule_id: RULE_MODE,
+        }
+    }
+
     /// The kernel's decision, made in userspace over `entries`: loopback, longest prefix among
     /// entries of the same protocol and port, then the mode.
     pub fn decide(
@@ -493,10 +501,7 @@ impl Plan {
                 verdict: Verdict::from_u32(v.verdict).unwrap_or(Verdict::Deny),
                 rule_id: v.rule_id,
             },
-            None => Decision {
-                verdict: self.mode.kernel().fallback(),
-                rule_id: RULE_MODE,
-            },
+            None => self.fallback(),
         }
     }
 }

@@ -5,20 +5,22 @@ use egress_common::Verdict;
 
 use super::{Mode, Severity, compile, load, load_str, schema::Transport};
 
-fn diags_of(yaml: &str) -> Vec<String> {
+/// Every diagnostic for one file: loading, then compiling if loading found no error.
+fn diagnostics(yaml: &str) -> Vec<super::Diagnostic> {
     let (pol, mut d) = load_str(yaml, Path::new("p.yaml"));
     if !super::has_errors(&d) {
         d.extend(compile(&pol, None).1);
     }
-    d.iter().map(ToString::to_string).collect()
+    d
+}
+
+fn diags_of(yaml: &str) -> Vec<String> {
+    diagnostics(yaml).iter().map(ToString::to_string).collect()
 }
 
 fn errors_of(yaml: &str) -> Vec<String> {
-    let (pol, mut d) = load_str(yaml, Path::new("p.yaml"));
-    if !super::has_errors(&d) {
-        d.extend(compile(&pol, None).1);
-    }
-    d.iter()
+    diagnostics(yaml)
+        .iter()
         .filter(|d| d.severity == Severity::Error)
         .map(ToString::to_string)
         .collect()
