@@ -33,9 +33,10 @@ fn main() -> anyhow::Result<()> {
         Err(_) if nightly_has_rust_src() => "nightly".to_owned(),
         Err(_) => {
             // Debian's compiler is a stable release: aya-ebpf needs its unstable
-            // `asm_experimental_arch`, enabled for that crate only.
+            // `asm_experimental_arch` and our program (crate `egress`, the bin) the atomic intrinsic;
+            // unstable features are enabled for those two crates only.
             // SAFETY: build scripts are single-threaded; the variable is read by the child cargo.
-            unsafe { env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
+            unsafe { env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf,egress") };
             "debian-web".to_owned()
         }
     };

@@ -1,47 +1,40 @@
 //! The agent: compile the policy, resolve its hostnames, fill the maps, attach, then keep the maps
 //! in step with DNS and with policy reloads. Ready means attached with the maps filled.
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
     task::{JoinHandle, JoinSet},
     time::Instant,
 };
 
+pub use crate::metrics::Status;
 use crate::{
-    datapath::Datapath,
+    datapath::{Datapath, Loaded, cgroup, iface},
+    events::{Catalog, CgroupNames, LogWriter, Pipeline, Rotation},
     maps::KernelMaps,
+    metrics,
     policy::{self, Mode, Plan, Severity},
     resolve::{HostTable, Refresh, Resolver},
 };
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AgentConfig {
     pub policies: Vec<PathBuf>,
     pub mode: Option<Mode>,
     pub dns: Option<SocketAddr>,
     /// The cgroup v2 directory to enforce on.
     pub cgroup: PathBuf,
-}
-
-/// Counters others can watch (tests poll them; metrics will export them).
-#[derive(Debug, Default)]
-pub struct Status {
-    pub dns_refreshes: AtomicU64,
-    pub dns_failures: AtomicU64,
-    pub syncs: AtomicU64,
-    pub entries: AtomicU64,
-    pub reloads: AtomicU64,
-    pub reload_failures: AtomicU64,
+    /// Interfaces for the TC programs; `None`: every interface that is up, loopback aside.
+    pub ifaces: Option<Vec<String>>,
+    /// The flow log (JSON lines, appended); `None`: events feed the metrics only.
+    pub events: Option<PathBuf>,
+    pub rotation: Rotation,
+    /// Event ring buffer size in bytes; `None`: the programs' default (4 MiB).
+    pub ring_bytes: Option<u32>,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<SocketAddr>,
 }
 
 pub struct Agent {
@@ -50,6 +43,8 @@ pub struct Agent {
     task: JoinHandle<()>,
     pub status: Arc<Status>,
     pub summary: String,
+    /// The metrics endpoint's bound address (a port 0 request gets a real port here).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Loads and compiles the policy, logging warnings. Any error refuses the whole policy.
@@ -94,9 +89,9 @@ async fn refresh(resolver: &Arc<Resolver>, table: &mut HostTable, status: &Statu
     let mut changed = false;
     while let Some(joined) = set.join_next().await {
         let Ok((name, result)) = joined else { continue };
-        status.dns_refreshes.fetch_add(1, Ordering::Relaxed);
         match table.record(&name, result) {
             Refresh::Changed => {
+                status.dns_refreshes.inc();
                 let addrs = table
                     .get(&name)
                     .map(|s| s.addrs.clone())
@@ -104,9 +99,11 @@ async fn refresh(resolver: &Arc<Resolver>, table: &mut HostTable, status: &Statu
                 log::info!("{name} resolves to {addrs:?}");
                 changed = true;
             }
-            Refresh::Unchanged => {}
+            Refresh::Unchanged => {
+                status.dns_refreshes.inc();
+            }
             Refresh::Failed(e) => {
-                status.dns_failures.fetch_add(1, Ordering::Relaxed);
+                status.dns_failures.inc();
                 let kept = table.get(&name).map_or(0, |s| s.addrs.len());
                 log::warn!(
                     "resolving {name} failed ({e}); keeping its {kept} last good address(es)"
@@ -117,17 +114,22 @@ async fn refresh(resolver: &Arc<Resolver>, table: &mut HostTable, status: &Statu
     changed
 }
 
+/// Brings the kernel map and the event catalog in step with the plan and the addresses.
 fn sync(
     plan: &Plan,
     table: &HostTable,
     resolver: &Resolver,
     maps: &mut KernelMaps,
+    catalog: &watch::Sender<Arc<Catalog>>,
     status: &Status,
 ) -> anyhow::Result<()> {
-    let desired = plan.entries(&table.addresses(), resolver.servers());
+    let resolved = table.addresses();
+    let desired = plan.entries(&resolved, resolver.servers());
+    // The catalog first: an event about a new address may follow the map write at once.
+    catalog.send_replace(Arc::new(Catalog::new(plan, &resolved)));
     let stats = maps.sync(&desired).context("updating the policy map")?;
-    status.syncs.fetch_add(1, Ordering::Relaxed);
-    status.entries.store(stats.total as u64, Ordering::Relaxed);
+    status.syncs.inc();
+    status.entries.set(stats.total as i64);
     log::debug!("policy map: {stats:?}");
     Ok(())
 }
@@ -142,21 +144,83 @@ impl Agent {
         table.retain_names(plan.hosts.iter().map(|h| h.name.as_str()));
         refresh(&resolver, &mut table, &status).await;
 
-        let (mut datapath, mut maps) = Datapath::load().context("loading the eBPF programs")?;
-        sync(&plan, &table, &resolver, &mut maps, &status)?;
+        let Loaded {
+            mut datapath,
+            mut maps,
+            counters,
+            events,
+        } = Datapath::load(cfg.ring_bytes).context("loading the eBPF programs")?;
+        let (catalog, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
+        sync(&plan, &table, &resolver, &mut maps, &catalog, &status)?;
         maps.set_mode(plan.mode.kernel())
             .context("writing the mode")?;
+        let (cgroup_id, cgroup_level) =
+            cgroup::identity(&cfg.cgroup).context("identifying the enforced cgroup")?;
+        maps.set_cgroup(cgroup_id, cgroup_level)
+            .context("writing the enforced cgroup")?;
+
+        // The reader runs before anything is attached, so the first decision is reported.
+        let log = match &cfg.events {
+            Some(path) => Some(
+                LogWriter::open(path, cfg.rotation)
+                    .with_context(|| format!("opening the flow log {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let mount = cgroup::cgroup2_mount().context("finding the cgroup2 mount")?;
+        let pipeline = Pipeline::spawn(
+            events,
+            counters,
+            catalog_rx,
+            CgroupNames::new(mount, cfg.cgroup.clone()),
+            log,
+            Arc::clone(&status),
+        )
+        .context("watching the event ring buffer")?;
+        let (metrics_task, metrics_addr) = match cfg.metrics {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening for metrics on {addr}"))?;
+                let bound = listener.local_addr().context("metrics listener address")?;
+                (Some(metrics::serve(listener, &status)), Some(bound))
+            }
+            None => (None, None),
+        };
+
+        let ifaces = match &cfg.ifaces {
+            Some(list) => list.clone(),
+            None => iface::egress_interfaces().context("listing network interfaces")?,
+        };
         datapath
-            .attach(&cfg.cgroup)
+            .attach_cgroup(&cfg.cgroup)
             .context("attaching the eBPF programs")?;
+        for name in &ifaces {
+            match datapath.attach_iface(name) {
+                Ok(()) => {}
+                // A listed interface that vanished since is no way around the backstop.
+                Err(e)
+                    if cfg.ifaces.is_none()
+                        && nix::net::if_::if_nametoindex(name.as_str()).is_err() =>
+                {
+                    log::debug!("interface {name} went away before the TC programs: {e}");
+                }
+                Err(e) => return Err(e).context("attaching the TC backstop"),
+            }
+        }
         let summary = format!(
-            "enforcing {} ({}) on {}: {} rule(s), {} map entries, resolvers {:?}",
+            "enforcing {} ({}) on {}: {} rule(s), {} map entries, resolvers {:?}, TC on [{}], \
+             flow log {}",
             plan.mode,
             plan.mode_source,
             cfg.cgroup.display(),
             plan.rules.len(),
             maps.entries(),
-            resolver.servers()
+            resolver.servers(),
+            ifaces.join(", "),
+            cfg.events
+                .as_ref()
+                .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
         );
 
         let (shutdown, mut shutdown_rx) = oneshot::channel();
@@ -164,7 +228,7 @@ impl Agent {
         let st = Arc::clone(&status);
         let task = tokio::spawn(async move {
             // Holding the datapath keeps the programs attached until the loop ends.
-            let _datapath = datapath;
+            let datapath = datapath;
             loop {
                 let next = table
                     .next_due()
@@ -174,7 +238,7 @@ impl Agent {
                     Some(()) = reload_rx.recv() => {
                         match load_plan(&cfg.policies, cfg.mode) {
                             Ok(new) => {
-                                st.reloads.fetch_add(1, Ordering::Relaxed);
+                                st.reloads.inc();
                                 table.retain_names(new.hosts.iter().map(|h| h.name.as_str()));
                                 refresh(&resolver, &mut table, &st).await;
                                 if let Err(e) = maps.set_mode(new.mode.kernel()) {
@@ -185,7 +249,7 @@ impl Agent {
                                 true
                             }
                             Err(e) => {
-                                st.reload_failures.fetch_add(1, Ordering::Relaxed);
+                                st.reload_failures.inc();
                                 log::error!("{e:#}; the policy in force stays in force");
                                 false
                             }
@@ -193,9 +257,16 @@ impl Agent {
                     }
                     _ = tokio::time::sleep_until(next) => refresh(&resolver, &mut table, &st).await,
                 };
-                if changed && let Err(e) = sync(&plan, &table, &resolver, &mut maps, &st) {
+                if changed && let Err(e) = sync(&plan, &table, &resolver, &mut maps, &catalog, &st)
+                {
                     log::error!("{e:#}; will retry on the next change");
                 }
+            }
+            // Detach first, then drain: every decision taken is in the log before we return.
+            drop(datapath);
+            pipeline.stop().await;
+            if let Some(task) = metrics_task {
+                task.abort();
             }
         });
         Ok(Agent {
@@ -204,6 +275,7 @@ impl Agent {
             task,
             status,
             summary,
+            metrics_addr,
         })
     }
 

@@ -5,9 +5,16 @@
 /// Name of the policy LPM trie. A change to [`PolicyKey`] or [`PolicyValue`] gets a new version.
 pub const POLICY_MAP: &str = "EGRESS_POLICY_V1";
 /// Name of the single-entry [`Config`] array.
-pub const CONFIG_MAP: &str = "EGRESS_CONFIG_V1";
-/// Name of the per-CPU decision counters, indexed by [`Verdict`].
+pub const CONFIG_MAP: &str = "EGRESS_CONFIG_V2";
+/// Name of the per-CPU counters: slot 0 counts events lost, slots 1..=3 decisions by [`Verdict`].
 pub const COUNTERS_MAP: &str = "EGRESS_COUNTERS_V1";
+/// Name of the ring buffer of [`FlowEvent`]s.
+pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V1";
+/// Name of the LRU hash of open flows: socket cookie → [`FlowEvent`] (its connect event, with the
+/// byte and packet counters the TC programs add).
+pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V1";
+/// Name of the LRU hash that lets TC ingress find a flow: [`FlowTuple`] → socket cookie.
+pub const TUPLES_MAP: &str = "EGRESS_TUPLES_V1";
 
 /// Bits of [`PolicyKey`] before the address: protocol (8), pad (8) and port (16). An LPM entry
 /// always covers them completely, so protocol and port match exactly.
@@ -114,11 +121,99 @@ impl Mode {
 pub struct Config {
     /// A [`Mode`] as u32.
     pub mode: u32,
-    pub pad: u32,
+    /// Depth of the enforced cgroup below the cgroup2 root (0: the root, the whole host).
+    pub cgroup_level: u32,
+    /// Id (inode number) of the enforced cgroup. The TC programs judge only packets of sockets
+    /// whose cgroup is it or below it; 0 means nothing is enforced there.
+    pub cgroup_id: u64,
 }
 
-/// Counter slots in [`COUNTERS_MAP`]: one per verdict value, slot 0 unused.
+/// Slots in [`COUNTERS_MAP`]: [`COUNTER_LOST`], then one per verdict value.
 pub const COUNTER_SLOTS: u32 = 4;
+/// Events the programs could not write to the ring buffer (it was full).
+pub const COUNTER_LOST: u32 = 0;
+
+/// What an event reports. Stable numbers: they cross the ring buffer.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A connect() judged by the connect4/connect6 hooks.
+    Connect = 1,
+    /// An unconnected sendmsg() judged by the sendmsg4/sendmsg6 hooks.
+    Sendmsg = 2,
+    /// A packet no socket hook judged (a raw socket's, say), judged by TC egress.
+    Packet = 3,
+    /// A tracked flow ended; carries its byte and packet totals.
+    Close = 4,
+}
+
+impl EventKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Connect),
+            2 => Some(Self::Sendmsg),
+            3 => Some(Self::Packet),
+            4 => Some(Self::Close),
+            _ => None,
+        }
+    }
+}
+
+/// One decision or flow end, as the programs write it to [`EVENTS_MAP`]. Also the value of
+/// [`FLOWS_MAP`], where the counters grow while the flow lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// An [`EventKind`] as u32.
+    pub kind: u32,
+    /// A [`Verdict`] as u32.
+    pub verdict: u32,
+    /// See `RULE_*` and the agent's rule table.
+    pub rule_id: u32,
+    /// Process id (the kernel's tgid); 0 when the program cannot know it (TC).
+    pub pid: u32,
+    /// Thread id (the kernel's pid).
+    pub tid: u32,
+    /// Interface index, for events from TC; 0 otherwise.
+    pub ifindex: u32,
+    /// IP protocol number.
+    pub proto: u8,
+    /// 4 or 6: the family of the socket call (an IPv4-mapped address on an IPv6 socket is 6).
+    pub family: u8,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub pad: u16,
+    pub cgroup_id: u64,
+    /// Socket cookie; 0 when the packet had no socket.
+    pub cookie: u64,
+    /// CLOCK_BOOTTIME of the event.
+    pub time_ns: u64,
+    /// CLOCK_BOOTTIME of the flow's connect, for [`EventKind::Close`].
+    pub start_ns: u64,
+    /// L4 payload bytes and packets (GSO segments counted one by one) the TC programs saw.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub packets_in: u64,
+    /// Addresses in network order, IPv4 mapped into IPv6; the source is zero until known.
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// The task's comm, NUL padded.
+    pub comm: [u8; 16],
+}
+
+/// A flow as TC sees its packets: from the enforced host's side, so egress packets give it as is
+/// and ingress packets with source and destination swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowTuple {
+    pub proto: u8,
+    pub pad: [u8; 3],
+    pub local_port_be: u16,
+    pub remote_port_be: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
 
 /// Whether an IPv6 (or IPv4-mapped) address is loopback or unspecified, which is not egress.
 pub const fn is_local(addr: &[u8; 16]) -> bool {
@@ -161,7 +256,15 @@ const _: () = {
     assert!(core::mem::offset_of!(PolicyKey, port_be) == 2);
     assert!(core::mem::offset_of!(PolicyKey, addr) == 4);
     assert!(core::mem::size_of::<PolicyValue>() == 8);
-    assert!(core::mem::size_of::<Config>() == 8);
+    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::offset_of!(Config, cgroup_id) == 8);
+    assert!(core::mem::size_of::<FlowEvent>() == 144);
+    assert!(core::mem::offset_of!(FlowEvent, proto) == 24);
+    assert!(core::mem::offset_of!(FlowEvent, cgroup_id) == 32);
+    assert!(core::mem::offset_of!(FlowEvent, src_addr) == 96);
+    assert!(core::mem::offset_of!(FlowEvent, comm) == 128);
+    assert!(core::mem::size_of::<FlowTuple>() == 40);
+    assert!(core::mem::offset_of!(FlowTuple, local_addr) == 8);
     assert!(KEY_FIXED_BITS as usize == core::mem::offset_of!(PolicyKey, addr) * 8);
 };
 
@@ -172,4 +275,6 @@ mod user {
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::FlowTuple {}
 }

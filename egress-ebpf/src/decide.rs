@@ -1,25 +1,37 @@
 //! The decision: loopback, then one LPM lookup, then the mode. See `egress_common::PolicyKey` for
 //! the match precedence.
 use aya_ebpf::maps::lpm_trie::Key;
-use egress_common::{KEY_FIXED_BITS, Mode, PolicyKey, Verdict, is_local};
+use egress_common::{
+    KEY_FIXED_BITS, Mode, PolicyKey, PolicyValue, RULE_LOOPBACK, RULE_MODE, Verdict, is_local,
+};
 
 use crate::{CONFIG, COUNTERS, POLICY};
 
-/// Verdict for a destination, counted.
+/// A verdict with the rule that gave it.
+#[derive(Clone, Copy)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub rule_id: u32,
+}
+
+/// Decision for a destination, counted.
 #[inline(always)]
-pub fn judge(proto: u8, port_be: u16, addr: [u8; 16]) -> Verdict {
-    let verdict = lookup(proto, port_be, addr);
-    if let Some(slot) = COUNTERS.get_ptr_mut(verdict as u32) {
+pub fn judge(proto: u8, port_be: u16, addr: [u8; 16]) -> Decision {
+    let decision = lookup(proto, port_be, addr);
+    if let Some(slot) = COUNTERS.get_ptr_mut(decision.verdict as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
         unsafe { *slot += 1 };
     }
-    verdict
+    decision
 }
 
 #[inline(always)]
-fn lookup(proto: u8, port_be: u16, addr: [u8; 16]) -> Verdict {
+fn lookup(proto: u8, port_be: u16, addr: [u8; 16]) -> Decision {
     if is_local(&addr) {
-        return Verdict::Allow;
+        return Decision {
+            verdict: Verdict::Allow,
+            rule_id: RULE_LOOPBACK,
+        };
     }
     let key = Key::new(
         KEY_FIXED_BITS + 128,
@@ -30,15 +42,21 @@ fn lookup(proto: u8, port_be: u16, addr: [u8; 16]) -> Verdict {
             addr,
         },
     );
-    if let Some(value) = POLICY.get(&key) {
+    if let Some(&PolicyValue { verdict, rule_id }) = POLICY.get(&key) {
         // An unknown verdict value is a corrupt entry: deny rather than guess.
-        return Verdict::from_u32(value.verdict).unwrap_or(Verdict::Deny);
+        return Decision {
+            verdict: Verdict::from_u32(verdict).unwrap_or(Verdict::Deny),
+            rule_id,
+        };
     }
     let mode = match CONFIG.get(0) {
         Some(config) => Mode::from_u32(config.mode),
         None => Mode::Unset,
     };
-    mode.fallback()
+    Decision {
+        verdict: mode.fallback(),
+        rule_id: RULE_MODE,
+    }
 }
 
 /// What a cgroup sock_addr program returns: 1 lets the call proceed, 0 fails it with EPERM.

@@ -1,16 +1,33 @@
 //! Kernel side of egress: cgroup sock_addr programs that allow, deny or steer every outbound
-//! connect() and unconnected sendmsg() of the processes in the enforced cgroup.
+//! connect() and unconnected sendmsg() of the processes in the enforced cgroup, TC programs that
+//! back them up at the packet level and count bytes, and the flow tracking that reports each
+//! flow's end.
 #![no_std]
 #![no_main]
+#![expect(internal_features, reason = "atomic_xadd is unstable")]
+#![expect(unstable_features, reason = "atomic_xadd is unstable")]
+#![feature(core_intrinsics)]
 
 mod decide;
+mod events;
+mod tc;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, map},
-    maps::{Array, LpmTrie, PerCpuArray},
-    programs::SockAddrContext,
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
+    },
+    helpers::generated::bpf_get_socket_cookie,
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, map, sock_ops},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SockAddrContext, SockContext, SockOpsContext, TcContext},
 };
-use egress_common::{COUNTER_SLOTS, Config, PolicyKey, PolicyValue, map_v4};
+use egress_common::{
+    COUNTER_SLOTS, Config, EventKind, FlowEvent, FlowTuple, PolicyKey, PolicyValue, RULE_LOOPBACK,
+    map_v4,
+};
+
+use crate::events::{IPPROTO_TCP, IPPROTO_UDP};
 
 /// Entries are allocated on insert (LPM tries are never preallocated), so this is only a ceiling.
 const POLICY_MAX_ENTRIES: u32 = 1 << 20;
@@ -18,30 +35,121 @@ const POLICY_MAX_ENTRIES: u32 = 1 << 20;
 #[map(name = "EGRESS_POLICY_V1")]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(POLICY_MAX_ENTRIES, 0);
 
-#[map(name = "EGRESS_CONFIG_V1")]
+#[map(name = "EGRESS_CONFIG_V2")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "EGRESS_COUNTERS_V1")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
+/// The agent may size it differently at load; this is the default (a power-of-two page count).
+#[map(name = "EGRESS_EVENTS_V1")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+const FLOWS_MAX_ENTRIES: u32 = 1 << 16;
+
+#[map(name = "EGRESS_FLOWS_V1")]
+static FLOWS: LruHashMap<u64, FlowEvent> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
+#[map(name = "EGRESS_TUPLES_V1")]
+static TUPLES: LruHashMap<FlowTuple, u64> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    decide::hook_return(decide::judge(ctx.proto(), ctx.port_be(), ctx.addr4()))
+    sock_call(&ctx, EventKind::Connect, 4, ctx.addr4())
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    decide::hook_return(decide::judge(ctx.proto(), ctx.port_be(), ctx.addr6()))
+    sock_call(&ctx, EventKind::Connect, 6, ctx.addr6())
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    decide::hook_return(decide::judge(ctx.proto(), ctx.port_be(), ctx.addr4()))
+    sock_call(&ctx, EventKind::Sendmsg, 4, ctx.addr4())
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    decide::hook_return(decide::judge(ctx.proto(), ctx.port_be(), ctx.addr6()))
+    sock_call(&ctx, EventKind::Sendmsg, 6, ctx.addr6())
+}
+
+/// Judges a connect or sendmsg, reports it, and tracks a permitted connect as a flow (loopback
+/// aside: its packets never reach the TC programs). The event is built in the ring buffer itself:
+/// the 512-byte stack has no room for copies.
+#[inline(always)]
+fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16]) -> i32 {
+    let (proto, port_be) = (ctx.proto(), ctx.port_be());
+    let decision = decide::judge(proto, port_be, addr);
+    // SAFETY: the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // A full ring buffer loses the event (counted) and the flow's tracking, never the decision.
+    if let Some(mut entry) = events::reserve() {
+        let event = entry.as_mut_ptr();
+        // SAFETY: the entry is FlowEvent-sized and aligned; written whole before it is read.
+        unsafe {
+            event.write(events::from_task(
+                kind, decision, proto, family, port_be, addr, cookie,
+            ))
+        };
+        if matches!(kind, EventKind::Connect)
+            && decision.verdict.permits()
+            && decision.rule_id != RULE_LOOPBACK
+            && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+        {
+            // SAFETY: initialised just above.
+            events::open_flow(cookie, unsafe { &*event });
+        }
+        entry.submit(0);
+    }
+    decide::hook_return(decision.verdict)
+}
+
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    tc::egress(&ctx)
+}
+
+#[classifier]
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    tc::ingress(&ctx)
+}
+
+/// Asks for TCP state changes of tracked flows, and reports a flow when it reaches CLOSE: by then
+/// every byte it carried has passed the TC programs.
+#[sock_ops]
+pub fn tcp_state(ctx: SockOpsContext) -> u32 {
+    // SAFETY: the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if FLOWS.get_ptr(&cookie).is_some() {
+                let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+                // Failing leaves the flow to sock_release or to the LRU.
+                let _ = ctx.set_cb_flags(flags as i32);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => events::close_flow(cookie),
+        _ => {}
+    }
+    1
+}
+
+/// Reports UDP flows when their socket is released, and TCP ones that never left CLOSE (a connect
+/// that failed before sending anything); other TCP flows end in `tcp_state`.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the program's own context; a valid socket.
+    let (cookie, proto, state) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.sock.cast()),
+            (*ctx.sock).protocol,
+            (*ctx.sock).state,
+        )
+    };
+    if proto != IPPROTO_TCP as u32 || state == BPF_TCP_CLOSE {
+        events::close_flow(cookie);
+    }
+    1
 }
 
 /// Reads of the destination from `struct bpf_sock_addr`. Every field is read as a whole u32: the

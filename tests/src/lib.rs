@@ -124,6 +124,12 @@ impl World {
         w
     }
 
+    /// The host side of the world's veth: where traffic to the world leaves (the TC programs'
+    /// interface in tests).
+    pub fn iface(&self) -> &str {
+        &self.veth_host
+    }
+
     /// Runs a command inside the world.
     pub fn exec(&self, args: &[&str]) {
         let mut full = vec!["ip", "netns", "exec", &self.name];

@@ -1,6 +1,6 @@
 //! Root-only: the real programs in the real kernel, real sockets, a real DNS server, and outside
 //! hosts in a network namespace. Each test has its own world, cgroup and agent.
-use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use egress_agent::{
     agent::{Agent, AgentConfig},
@@ -64,6 +64,8 @@ async fn agent(w: &World, cg: &TestCgroup, mode: Mode) -> Agent {
         mode: Some(mode),
         dns: Some(w.dns_addr()),
         cgroup: cg.path.clone(),
+        ifaces: Some(vec![w.iface().to_owned()]),
+        ..AgentConfig::default()
     })
     .await
     .expect("agent starts")
@@ -188,9 +190,9 @@ async fn a_dns_server_that_goes_away_leaves_the_last_good_answer() {
     let a = agent(&w, &cg, Mode::RegistryOnly).await;
     assert_eq!(cg.probe(&["tcp", &at(w.v4(10), 443)]), "ok");
     w.stop_dns();
-    let failures = a.status.dns_failures.load(Ordering::Relaxed);
+    let failures = a.status.dns_failures.get();
     wait_for("a failed DNS refresh", Duration::from_secs(30), || {
-        a.status.dns_failures.load(Ordering::Relaxed) > failures
+        a.status.dns_failures.get() > failures
     });
     assert_eq!(cg.probe(&["tcp", &at(w.v4(10), 443)]), "ok");
     assert_eq!(cg.probe(&["tcp", &at(w.v6(10), 443)]), "ok");
@@ -208,6 +210,8 @@ async fn a_bad_reload_keeps_the_policy_in_force() {
         mode: Some(Mode::RegistryOnly),
         dns: Some(w.dns_addr()),
         cgroup: cg.path.clone(),
+        ifaces: Some(vec![w.iface().to_owned()]),
+        ..AgentConfig::default()
     })
     .await
     .expect("agent starts");
@@ -215,7 +219,7 @@ async fn a_bad_reload_keeps_the_policy_in_force() {
         .expect("write bad policy");
     a.reload().await;
     wait_for("the reload to be refused", Duration::from_secs(10), || {
-        a.status.reload_failures.load(Ordering::Relaxed) == 1
+        a.status.reload_failures.get() == 1
     });
     assert_eq!(cg.probe(&["tcp", &at(w.v4(10), 443)]), "ok");
     assert_eq!(cg.probe(&["tcp", &at(w.v4(11), 443)]), "denied");

@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::{Global, runtime};
+use super::{EnforceArgs, Global, runtime};
 use crate::{
     agent::{Agent, AgentConfig},
     datapath::cgroup,
@@ -17,7 +17,7 @@ use crate::{
 /// egress's own failure, as `env` and container runtimes report it.
 const EXIT_EGRESS_FAILED: u8 = 125;
 
-pub fn exec(global: &Global, command: &[OsString]) -> ExitCode {
+pub fn exec(global: &Global, enforce: &EnforceArgs, command: &[OsString]) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -32,7 +32,7 @@ pub fn exec(global: &Global, command: &[OsString]) -> ExitCode {
             return ExitCode::from(EXIT_EGRESS_FAILED);
         }
     };
-    let result = rt.block_on(supervise(global, &cg, command));
+    let result = rt.block_on(supervise(global, enforce, &cg, command));
     // Processes the command left behind would run unenforced once the programs go: end them.
     if cg.exists()
         && let Err(e) = cgroup::kill_and_remove(&cg)
@@ -48,15 +48,24 @@ pub fn exec(global: &Global, command: &[OsString]) -> ExitCode {
     }
 }
 
-async fn supervise(global: &Global, cg: &PathBuf, command: &[OsString]) -> anyhow::Result<u8> {
+async fn supervise(
+    global: &Global,
+    enforce: &EnforceArgs,
+    cg: &PathBuf,
+    command: &[OsString],
+) -> anyhow::Result<u8> {
     std::fs::create_dir(cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
-    let agent = Agent::start(AgentConfig {
-        policies: global.policy_paths(),
-        mode: global.mode,
-        dns: global.dns,
-        cgroup: cg.clone(),
-    })
-    .await?;
+    let cfg = enforce.apply(
+        AgentConfig {
+            policies: global.policy_paths(),
+            mode: global.mode,
+            dns: global.dns,
+            cgroup: cg.clone(),
+            ..AgentConfig::default()
+        },
+        None,
+    )?;
+    let agent = Agent::start(cfg).await?;
     log::debug!("ready: {}", agent.summary);
     let status = run_child(cg, command).await;
     agent.shutdown().await;

@@ -1,5 +1,6 @@
 //! Command line, as design.md §3 specifies.
 mod check;
+mod events;
 mod exec;
 mod run;
 mod validate;
@@ -57,9 +58,13 @@ pub enum Command {
         /// cgroup v2 path (absolute, or relative to the cgroup2 mount; `/` is the whole host).
         #[arg(long, default_value = "egress")]
         cgroup: PathBuf,
+        #[command(flatten)]
+        enforce: EnforceArgs,
     },
     /// Runs one command under enforcement in its own cgroup, then cleans up.
     Exec {
+        #[command(flatten)]
+        enforce: EnforceArgs,
         #[arg(
             required = true,
             trailing_var_arg = true,
@@ -77,6 +82,122 @@ pub enum Command {
     },
     /// Parses and compiles the policies; prints every problem as file:line:col: message.
     Validate,
+    /// Reads or follows the flow log, filtered.
+    Events(EventsArgs),
+}
+
+/// What `run` and `exec` share besides the policy options.
+#[derive(Debug, Clone, Args)]
+pub struct EnforceArgs {
+    /// Flow log, JSON lines, appended (`run` default: /var/log/egress/flows.jsonl).
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
+    /// Rotate the flow log when it reaches SIZE (bytes; K, M and G suffixes).
+    #[arg(long, value_name = "SIZE", default_value = "100M", value_parser = parse_size)]
+    pub events_max_size: u64,
+    /// Rotated flow logs to keep (FILE.1 … FILE.N).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub events_keep: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Interface for the TC backstop (repeatable; default: every interface that is up, loopback
+    /// aside).
+    #[arg(long = "iface", value_name = "NAME")]
+    pub ifaces: Vec<String>,
+    /// Event ring buffer size (a power of two, at least a page; K and M suffixes).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub ring_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EventsArgs {
+    /// The flow log to read.
+    #[arg(long, value_name = "FILE", default_value_os_t = events::default_log())]
+    pub file: PathBuf,
+    /// Keep reading as events arrive (across rotations). Starts at the end unless --since.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    #[arg(long, value_enum)]
+    pub verdict: Option<VerdictArg>,
+    /// `connect`, `sendmsg`, `packet`, `close`, `lost`, …
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Host glob (`*.example.com`).
+    #[arg(long, value_name = "GLOB")]
+    pub host: Option<String>,
+    /// Destination: ADDR, ADDR:PORT or a CIDR.
+    #[arg(long, value_name = "DEST")]
+    pub dst: Option<String>,
+    /// Events at or after TIME: RFC 3339, or a duration ago (`10m`).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Events at or before TIME.
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Print the raw JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum VerdictArg {
+    Allow,
+    Deny,
+    Steer,
+}
+
+impl VerdictArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerdictArg::Allow => "allow",
+            VerdictArg::Deny => "deny",
+            VerdictArg::Steer => "steer",
+        }
+    }
+}
+
+/// Bytes with an optional K, M or G suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.as_bytes().last().map(u8::to_ascii_uppercase) {
+        Some(b'K') => (&s[..s.len() - 1], 10),
+        Some(b'M') => (&s[..s.len() - 1], 20),
+        Some(b'G') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("`{s}` is not a size like 4096, 64K or 100M"))
+}
+
+impl EnforceArgs {
+    /// The agent's settings for these options; `default_log` applies when --events is absent.
+    fn apply(
+        &self,
+        cfg: crate::agent::AgentConfig,
+        default_log: Option<PathBuf>,
+    ) -> anyhow::Result<crate::agent::AgentConfig> {
+        let ring_bytes = match self.ring_size {
+            Some(n) => Some(
+                u32::try_from(n).map_err(|_| anyhow::anyhow!("--ring-size {n} is too large"))?,
+            ),
+            None => None,
+        };
+        Ok(crate::agent::AgentConfig {
+            ifaces: (!self.ifaces.is_empty()).then(|| self.ifaces.clone()),
+            events: self.events.clone().or(default_log),
+            rotation: crate::events::Rotation {
+                max_bytes: self.events_max_size,
+                keep: self.events_keep,
+            },
+            ring_bytes,
+            metrics: self.metrics,
+            ..cfg
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -125,10 +246,11 @@ pub fn main() -> ExitCode {
         .init();
     let Cli { global, command } = cli;
     match command {
-        Command::Run { cgroup } => run::run(&global, &cgroup),
-        Command::Exec { command } => exec::exec(&global, &command),
+        Command::Run { cgroup, enforce } => run::run(&global, &cgroup, &enforce),
+        Command::Exec { enforce, command } => exec::exec(&global, &enforce, &command),
         Command::Check { dest, proto } => check::check(&global, &dest, proto.into()),
         Command::Validate => validate::validate(&global),
+        Command::Events(args) => events::events(&args),
     }
 }
 

@@ -3,16 +3,16 @@ use std::{path::Path, process::ExitCode};
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::{Global, runtime};
+use super::{EnforceArgs, Global, events::default_log, runtime};
 use crate::{
     agent::{Agent, AgentConfig},
     datapath::cgroup,
 };
 
-pub fn run(global: &Global, cgroup_arg: &Path) -> ExitCode {
+pub fn run(global: &Global, cgroup_arg: &Path, enforce: &EnforceArgs) -> ExitCode {
     match runtime()
         .context("starting the async runtime")
-        .and_then(|rt| rt.block_on(serve(global, cgroup_arg)))
+        .and_then(|rt| rt.block_on(serve(global, cgroup_arg, enforce)))
     {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -22,15 +22,19 @@ pub fn run(global: &Global, cgroup_arg: &Path) -> ExitCode {
     }
 }
 
-async fn serve(global: &Global, cgroup_arg: &Path) -> anyhow::Result<()> {
+async fn serve(global: &Global, cgroup_arg: &Path, enforce: &EnforceArgs) -> anyhow::Result<()> {
     let cgroup = cgroup::resolve(cgroup_arg).context("preparing the cgroup")?;
-    let agent = Agent::start(AgentConfig {
-        policies: global.policy_paths(),
-        mode: global.mode,
-        dns: global.dns,
-        cgroup,
-    })
-    .await?;
+    let cfg = enforce.apply(
+        AgentConfig {
+            policies: global.policy_paths(),
+            mode: global.mode,
+            dns: global.dns,
+            cgroup,
+            ..AgentConfig::default()
+        },
+        Some(default_log()),
+    )?;
+    let agent = Agent::start(cfg).await?;
     log::info!("ready: {}", agent.summary);
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

@@ -1,17 +1,31 @@
-//! Loading the embedded eBPF object and attaching its programs to a cgroup.
+//! Loading the embedded eBPF object and attaching its programs: the cgroup hooks to the enforced
+//! cgroup, the TC programs to the interfaces traffic leaves by.
 pub mod cgroup;
+pub mod iface;
 
 use std::{fs::File, path::Path};
 
 use aya::{
-    Ebpf, EbpfError,
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{MapData, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier, SockOps,
+        TcAttachType, tc,
+    },
+    util::KernelVersion,
 };
+use egress_common::EVENTS_MAP;
 
-use crate::maps::KernelMaps;
+use crate::maps::{Counters, KernelMaps, MapsError};
 
 /// The cgroup sock_addr programs, by their function names in egress-ebpf.
-pub const PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+const SOCK_OPS_PROGRAM: &str = "tcp_state";
+const SOCK_RELEASE_PROGRAM: &str = "sock_release";
+const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("tc_egress", TcAttachType::Egress),
+    ("tc_ingress", TcAttachType::Ingress),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -19,6 +33,10 @@ pub enum DatapathError {
     Load(#[source] EbpfError),
     #[error("the eBPF object has no program `{0}`")]
     MissingProgram(&'static str),
+    #[error("the eBPF object has no map `{0}`")]
+    MissingMap(&'static str),
+    #[error("ring buffer size {0} is not a power of two multiple of the page size")]
+    RingSize(u32),
     #[error("loading program `{name}` into the kernel")]
     Program {
         name: &'static str,
@@ -31,15 +49,21 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
-    #[error("attaching `{name}` to cgroup {path}")]
+    #[error("attaching `{name}` to {target}")]
     Attach {
         name: &'static str,
-        path: String,
+        target: String,
         #[source]
         source: ProgramError,
     },
+    #[error("adding the clsact qdisc to {iface}")]
+    Clsact {
+        iface: String,
+        #[source]
+        source: tc::TcError,
+    },
     #[error(transparent)]
-    Maps(#[from] crate::maps::MapsError),
+    Maps(#[from] MapsError),
 }
 
 /// The loaded programs. Dropping it detaches every program it attached.
@@ -47,50 +71,144 @@ pub struct Datapath {
     ebpf: Ebpf,
 }
 
+/// What loading hands to the agent: the maps it writes and the event stream it reads.
+pub struct Loaded {
+    pub datapath: Datapath,
+    pub maps: KernelMaps,
+    pub counters: Counters,
+    pub events: RingBuf<MapData>,
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
 impl Datapath {
-    /// Loads and verifies every program; attaches nothing yet.
-    pub fn load() -> Result<(Self, KernelMaps), DatapathError> {
-        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
-            env!("OUT_DIR"),
-            "/egress"
-        )))
-        .map_err(DatapathError::Load)?;
-        for name in PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
+    /// Loads and verifies every program; attaches nothing yet. `ring_bytes` sizes the event ring
+    /// buffer (a power-of-two multiple of the page size); `None` keeps the object's default.
+    pub fn load(ring_bytes: Option<u32>) -> Result<Loaded, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        if let Some(size) = ring_bytes {
+            let page = page_size();
+            if !size.is_power_of_two() || size < page {
+                return Err(DatapathError::RingSize(size));
+            }
+            loader.map_max_entries(EVENTS_MAP, size);
+        }
+        let mut ebpf = loader
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/egress"
+            )))
+            .map_err(DatapathError::Load)?;
+        for name in SOCK_ADDR_PROGRAMS {
+            program::<CgroupSockAddr>(&mut ebpf, name)?
+                .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load()
+        }
+        program::<SockOps>(&mut ebpf, SOCK_OPS_PROGRAM)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: SOCK_OPS_PROGRAM,
+                source,
+            })?;
+        program::<CgroupSock>(&mut ebpf, SOCK_RELEASE_PROGRAM)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: SOCK_RELEASE_PROGRAM,
+                source,
+            })?;
+        for (name, _) in TC_PROGRAMS {
+            program::<SchedClassifier>(&mut ebpf, name)?
+                .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
         let maps = KernelMaps::take(&mut ebpf)?;
-        Ok((Self { ebpf }, maps))
+        let counters = Counters::take(&mut ebpf)?;
+        let events = ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or(DatapathError::MissingMap(EVENTS_MAP))?;
+        let events = RingBuf::try_from(events).map_err(|source| {
+            DatapathError::Maps(MapsError::Open {
+                name: EVENTS_MAP,
+                source,
+            })
+        })?;
+        Ok(Loaded {
+            datapath: Self { ebpf },
+            maps,
+            counters,
+            events,
+        })
     }
 
-    /// Attaches every program to the cgroup as a bpf_link. The kernel attaches links in multi mode
-    /// (and rejects an explicit BPF_F_ALLOW_MULTI, hence `Single`): they run for the cgroup's
+    /// Attaches the cgroup programs as bpf_links. The kernel attaches links in multi mode (and
+    /// rejects an explicit BPF_F_ALLOW_MULTI, hence `Single`): they run for the cgroup's
     /// descendants too, which cannot override them, beside other tools' programs.
-    pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
-        let path = cgroup.display().to_string();
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let target = format!("cgroup {}", cgroup.display());
         let file = File::open(cgroup).map_err(|source| DatapathError::OpenCgroup {
-            path: path.clone(),
+            path: cgroup.display().to_string(),
             source,
         })?;
-        for name in PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            prog.attach(&file, CgroupAttachMode::Single)
+        let attach_err = |name| {
+            let target = target.clone();
+            move |source| DatapathError::Attach {
+                name,
+                target,
+                source,
+            }
+        };
+        for name in SOCK_ADDR_PROGRAMS {
+            program::<CgroupSockAddr>(&mut self.ebpf, name)?
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(attach_err(name))?;
+        }
+        program::<SockOps>(&mut self.ebpf, SOCK_OPS_PROGRAM)?
+            .attach(&file, CgroupAttachMode::Single)
+            .map_err(attach_err(SOCK_OPS_PROGRAM))?;
+        program::<CgroupSock>(&mut self.ebpf, SOCK_RELEASE_PROGRAM)?
+            .attach(&file, CgroupAttachMode::Single)
+            .map_err(attach_err(SOCK_RELEASE_PROGRAM))?;
+        Ok(())
+    }
+
+    /// Attaches the TC programs to an interface: as TCX links where the kernel has them (6.6+),
+    /// else under a clsact qdisc.
+    pub fn attach_iface(&mut self, iface: &str) -> Result<(), DatapathError> {
+        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+            match tc::qdisc_add_clsact(iface) {
+                Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(source) => {
+                    return Err(DatapathError::Clsact {
+                        iface: iface.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+        for (name, direction) in TC_PROGRAMS {
+            program::<SchedClassifier>(&mut self.ebpf, name)?
+                .attach(iface, direction)
                 .map_err(|source| DatapathError::Attach {
                     name,
-                    path: path.clone(),
+                    target: format!("interface {iface}"),
                     source,
                 })?;
         }
         Ok(())
     }
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
 }

@@ -9,8 +9,8 @@ use aya::{
     },
 };
 use egress_common::{
-    CONFIG_MAP, COUNTER_SLOTS, COUNTERS_MAP, Config, Mode, POLICY_MAP, PolicyKey, PolicyValue,
-    Verdict,
+    CONFIG_MAP, COUNTER_LOST, COUNTER_SLOTS, COUNTERS_MAP, Config, Mode, POLICY_MAP, PolicyKey,
+    PolicyValue, Verdict,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -31,13 +31,57 @@ pub enum MapsError {
     },
 }
 
+fn open<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
+    T::try_from(map).map_err(|source| MapsError::Open { name, source })
+}
+
+/// The kernel's per-CPU counters: decisions by verdict and events lost.
+pub struct Counters {
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Counters {
+    pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Ok(Self {
+            counters: open(ebpf, COUNTERS_MAP)?,
+        })
+    }
+
+    /// Events the programs could not write (ring buffer full), summed over CPUs.
+    pub fn events_lost(&self) -> Result<u64, MapsError> {
+        self.counter(COUNTER_LOST)
+    }
+
+    /// Decisions taken so far, summed over CPUs.
+    pub fn decisions(&self, verdict: Verdict) -> Result<u64, MapsError> {
+        self.counter(verdict as u32)
+    }
+
+    fn counter(&self, slot: u32) -> Result<u64, MapsError> {
+        debug_assert!(slot < COUNTER_SLOTS);
+        let values = self
+            .counters
+            .get(&slot, 0)
+            .map_err(|source| MapsError::Open {
+                name: COUNTERS_MAP,
+                source,
+            })?;
+        Ok(values.iter().sum())
+    }
+}
+
 /// Desired policy map content: (prefix length, key) → value.
 pub type Entries = BTreeMap<(u32, PolicyKey), PolicyValue>;
 
 pub struct KernelMaps {
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     config: Array<MapData, Config>,
-    counters: PerCpuArray<MapData, u64>,
+    /// The config last written; mode and cgroup are set separately.
+    written: Config,
     /// What the kernel map holds, as far as this process wrote it.
     current: Entries,
 }
@@ -51,17 +95,14 @@ pub struct SyncStats {
 
 impl KernelMaps {
     pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        fn open<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
-        where
-            T: TryFrom<aya::maps::Map, Error = MapError>,
-        {
-            let map = ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
-            T::try_from(map).map_err(|source| MapsError::Open { name, source })
-        }
         Ok(Self {
             policy: open(ebpf, POLICY_MAP)?,
             config: open(ebpf, CONFIG_MAP)?,
-            counters: open(ebpf, COUNTERS_MAP)?,
+            written: Config {
+                mode: Mode::Unset as u32,
+                cgroup_level: 0,
+                cgroup_id: 0,
+            },
             current: Entries::new(),
         })
     }
@@ -103,33 +144,30 @@ impl KernelMaps {
     }
 
     pub fn set_mode(&mut self, mode: Mode) -> Result<(), MapsError> {
+        self.write_config(Config {
+            mode: mode as u32,
+            ..self.written
+        })
+    }
+
+    /// The cgroup whose sockets the TC programs judge: its id and depth below the cgroup2 mount.
+    pub fn set_cgroup(&mut self, id: u64, level: u32) -> Result<(), MapsError> {
+        self.write_config(Config {
+            cgroup_id: id,
+            cgroup_level: level,
+            ..self.written
+        })
+    }
+
+    fn write_config(&mut self, config: Config) -> Result<(), MapsError> {
         self.config
-            .set(
-                0,
-                Config {
-                    mode: mode as u32,
-                    pad: 0,
-                },
-                0,
-            )
+            .set(0, config, 0)
             .map_err(|source| MapsError::Write {
                 name: CONFIG_MAP,
                 source,
-            })
-    }
-
-    /// Decisions taken so far, summed over CPUs.
-    pub fn decisions(&self, verdict: Verdict) -> Result<u64, MapsError> {
-        let slot = verdict as u32;
-        debug_assert!(slot < COUNTER_SLOTS);
-        let values = self
-            .counters
-            .get(&slot, 0)
-            .map_err(|source| MapsError::Open {
-                name: COUNTERS_MAP,
-                source,
             })?;
-        Ok(values.iter().sum())
+        self.written = config;
+        Ok(())
     }
 
     pub fn entries(&self) -> usize {

@@ -70,12 +70,11 @@ fn main() {
                 mode: Some(Mode::RegistryOnly),
                 dns: Some(SocketAddr::new(w.v4(2), 53)),
                 cgroup: cg.path.clone(),
+                ifaces: Some(vec![w.iface().to_owned()]),
+                ..AgentConfig::default()
             }))
             .expect("agent");
-        let entries = agent
-            .status
-            .entries
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let entries = agent.status.entries.get();
         // Warm-up, and proof that the target is allowed (a denied connect would not parse).
         sample(&cg, &target);
         let (mut b, mut e) = (Vec::new(), Vec::new());

@@ -1,0 +1,299 @@
+//! `egress events`: reads or follows the flow log, filtered, as a table or as the raw lines.
+use std::{
+    io::{self, Write as _},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    str::FromStr as _,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use ipnet::IpNet;
+use jiff::{SignedDuration, Timestamp};
+
+use super::EventsArgs;
+use crate::events::{LogReader, Record, log::rotated};
+
+/// How often a follower looks for new lines and rotations.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+pub fn events(args: &EventsArgs) -> ExitCode {
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`egress events | head`) is the reader's choice, not a failure.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("egress events: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<io::Error>()
+        .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+/// Which destinations `--dst` selects.
+enum Dst {
+    Exact(SocketAddr),
+    Ip(IpAddr),
+    Net(IpNet),
+}
+
+struct Filter {
+    verdict: Option<String>,
+    kind: Option<String>,
+    host: Option<String>,
+    dst: Option<Dst>,
+    since: Option<Timestamp>,
+    until: Option<Timestamp>,
+}
+
+/// A time: RFC 3339, or a duration before now (`10m`, `1h30m`, `2 days`).
+fn parse_time(s: &str) -> anyhow::Result<Timestamp> {
+    if let Ok(t) = Timestamp::from_str(s) {
+        return Ok(t);
+    }
+    let ago = SignedDuration::from_str(s)
+        .with_context(|| format!("`{s}` is neither an RFC 3339 time nor a duration like 10m"))?;
+    Timestamp::now()
+        .checked_sub(ago)
+        .with_context(|| format!("`{s}` reaches before the representable past"))
+}
+
+impl Filter {
+    fn new(args: &EventsArgs) -> anyhow::Result<Filter> {
+        let dst = match args.dst.as_deref() {
+            None => None,
+            Some(s) => Some(if let Ok(sa) = s.parse() {
+                Dst::Exact(sa)
+            } else if let Ok(ip) = s.trim_matches(['[', ']']).parse() {
+                Dst::Ip(ip)
+            } else if let Ok(net) = s.parse() {
+                Dst::Net(net)
+            } else {
+                bail!("--dst `{s}` is not ADDR, ADDR:PORT or a CIDR");
+            }),
+        };
+        Ok(Filter {
+            verdict: args.verdict.map(|v| v.as_str().to_owned()),
+            kind: args.kind.clone(),
+            host: args.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            dst,
+            since: args.since.as_deref().map(parse_time).transpose()?,
+            until: args.until.as_deref().map(parse_time).transpose()?,
+        })
+    }
+
+    fn matches(&self, r: &Record) -> bool {
+        if self.verdict.is_some() && r.verdict != self.verdict {
+            return false;
+        }
+        if self.kind.as_ref().is_some_and(|k| *k != r.kind) {
+            return false;
+        }
+        if let Some(glob) = &self.host
+            && !r
+                .host
+                .as_deref()
+                .is_some_and(|h| glob_match(glob, &h.to_ascii_lowercase()))
+        {
+            return false;
+        }
+        if let Some(dst) = &self.dst {
+            let Some(sa) = r.dst_addr() else { return false };
+            let ok = match dst {
+                Dst::Exact(want) => *want == sa,
+                Dst::Ip(ip) => *ip == sa.ip(),
+                Dst::Net(net) => net.contains(&sa.ip()),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        self.since.is_none_or(|t| r.time >= t) && self.until.is_none_or(|t| r.time <= t)
+    }
+}
+
+/// `*` matches any run of characters, `?` any one; nothing else is special.
+fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+struct Printer {
+    json: bool,
+    header_done: bool,
+}
+
+impl Printer {
+    fn line(&mut self, raw: &str, r: &Record) -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        if self.json {
+            return writeln!(out, "{raw}");
+        }
+        if !self.header_done {
+            self.header_done = true;
+            writeln!(
+                out,
+                "{:<24} {:<7} {:<7} {:<6} {:<30} {:<24} {:<36} {:>7} {:<15} DETAIL",
+                "TIME", "KIND", "VERDICT", "PROTO", "DST", "HOST", "RULE", "PID", "COMM"
+            )?;
+        }
+        let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".to_owned());
+        let rule = r.rule.clone().or_else(|| r.reason.clone());
+        let detail = match r.kind.as_str() {
+            "close" => format!(
+                "out {} B/{} pkt, in {} B/{} pkt, {} ms",
+                r.bytes_out.unwrap_or(0),
+                r.packets_out.unwrap_or(0),
+                r.bytes_in.unwrap_or(0),
+                r.packets_in.unwrap_or(0),
+                r.duration_ms.unwrap_or(0)
+            ),
+            "lost" => format!(
+                "{} event(s) lost in the kernel ({} in all)",
+                r.lost.unwrap_or(0),
+                r.lost_total.unwrap_or(0)
+            ),
+            "packet" => format!("on {}", dash(&r.iface)),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "{:<24} {:<7} {:<7} {:<6} {:<30} {:<24} {:<36} {:>7} {:<15} {}",
+            r.time.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+            r.kind,
+            dash(&r.verdict),
+            dash(&r.proto),
+            dash(&r.dst),
+            dash(&r.host),
+            dash(&rule),
+            r.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            dash(&r.comm),
+            detail
+        )
+    }
+}
+
+/// Prints the matching lines `reader` has now. Unparseable lines are counted on stderr.
+fn print_available(
+    reader: &mut LogReader,
+    filter: &Filter,
+    printer: &mut Printer,
+    bad: &mut u64,
+) -> anyhow::Result<()> {
+    while let Some(line) = reader.next_line()? {
+        match serde_json::from_str::<Record>(&line) {
+            Ok(r) if filter.matches(&r) => printer.line(&line, &r)?,
+            Ok(_) => {}
+            Err(e) => {
+                *bad += 1;
+                if *bad == 1 {
+                    eprintln!("egress events: skipping a line that is not a flow event: {e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(args: &EventsArgs) -> anyhow::Result<()> {
+    let filter = Filter::new(args)?;
+    let mut printer = Printer {
+        json: args.json,
+        header_done: false,
+    };
+    let mut bad = 0;
+    let path: &Path = &args.file;
+    if !args.follow {
+        // Oldest first: the rotated files, then the live one.
+        for n in (1..=u32::MAX)
+            .take_while(|&n| rotated(path, n).exists())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            let mut r = LogReader::open(&rotated(path, n))?;
+            print_available(&mut r, &filter, &mut printer, &mut bad)?;
+        }
+        let mut reader = LogReader::open(path)
+            .with_context(|| format!("opening the flow log {}", path.display()))?;
+        return print_available(&mut reader, &filter, &mut printer, &mut bad);
+    }
+    let mut reader = open_when_present(path)?;
+    if filter.since.is_none() {
+        reader.seek_end()?;
+    }
+    loop {
+        print_available(&mut reader, &filter, &mut printer, &mut bad)?;
+        if !reader.reopen_if_rotated()? {
+            std::thread::sleep(FOLLOW_POLL);
+        }
+    }
+}
+
+/// Following a log that does not exist yet waits for it, as `tail -F` does.
+fn open_when_present(path: &Path) -> anyhow::Result<LogReader> {
+    let mut warned = false;
+    loop {
+        match LogReader::open(path) {
+            Ok(r) => return Ok(r),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !warned {
+                    eprintln!("egress events: waiting for {} to appear", path.display());
+                    warned = true;
+                }
+                std::thread::sleep(FOLLOW_POLL);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("opening the flow log {}", path.display()));
+            }
+        }
+    }
+}
+
+/// The default log of `egress run`.
+pub fn default_log() -> PathBuf {
+    PathBuf::from("/var/log/egress/flows.jsonl")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        for (p, t, want) in [
+            ("*.example.com", "api.example.com", true),
+            ("*.example.com", "example.com", false),
+            ("api.*", "api.example.com", true),
+            ("a?i.example.com", "api.example.com", true),
+            ("*", "", true),
+            ("api.example.com", "api.example.co", false),
+            ("*a*b*", "xxaxxbxx", true),
+            ("*a*b", "xxaxxbxxc", false),
+        ] {
+            assert_eq!(glob_match(p, t), want, "{p} vs {t}");
+        }
+    }
+}

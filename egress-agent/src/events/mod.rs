@@ -1,0 +1,11 @@
+//! Flow events: from the kernel's ring buffer, annotated with what only the agent knows, to a
+//! JSON-lines log; and reading that log back.
+mod catalog;
+pub mod log;
+mod pipeline;
+mod record;
+
+pub use catalog::{Catalog, CgroupNames};
+pub use log::{LogReader, LogWriter, Rotation};
+pub use pipeline::Pipeline;
+pub use record::Record;

@@ -1,0 +1,206 @@
+//! From the ring buffer to the log: a reader task woken by the ring buffer's epoll notification
+//! (no busy polling), and a writer thread. Between them a bounded channel: when the writer falls
+//! behind, the reader stops draining, the ring fills, and the kernel counts what it cannot write;
+//! those counts are reported as `lost` records. Nothing grows without bound, nothing is silent.
+use std::{sync::Arc, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use egress_common::FlowEvent;
+use jiff::Timestamp;
+use nix::time::{ClockId, clock_gettime};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+
+use super::{Catalog, CgroupNames, LogWriter, Record};
+use crate::{agent::Status, maps::Counters};
+
+/// Records in flight between reader and writer.
+const CHANNEL: usize = 1024;
+/// Records the reader takes from the ring buffer before handing them on.
+const BATCH: usize = 256;
+
+pub struct Pipeline {
+    stop: Option<oneshot::Sender<()>>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+struct Reader {
+    counters: Counters,
+    catalog: watch::Receiver<Arc<Catalog>>,
+    cgroups: CgroupNames,
+    status: Arc<Status>,
+    tx: mpsc::Sender<Record>,
+    lost_seen: u64,
+}
+
+impl Pipeline {
+    pub fn spawn(
+        ring: RingBuf<MapData>,
+        counters: Counters,
+        catalog: watch::Receiver<Arc<Catalog>>,
+        cgroups: CgroupNames,
+        log: Option<LogWriter>,
+        status: Arc<Status>,
+    ) -> std::io::Result<Pipeline> {
+        // SAFETY: the RingBuf owns its map fd and keeps it open, unreplaced, while AsyncFd owns it.
+        let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        let (tx, rx) = mpsc::channel(CHANNEL);
+        let (stop, stop_rx) = oneshot::channel();
+        let st = Arc::clone(&status);
+        let writer = tokio::task::spawn_blocking(move || write(rx, log, &st));
+        let lost_seen = counters.events_lost().unwrap_or(0);
+        let reader = Reader {
+            counters,
+            catalog,
+            cgroups,
+            status,
+            tx,
+            lost_seen,
+        };
+        let reader = tokio::spawn(reader.run(fd, stop_rx));
+        Ok(Pipeline {
+            stop: Some(stop),
+            reader,
+            writer,
+        })
+    }
+
+    /// Drains what the kernel wrote so far, writes it, and stops.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Err(e) = (&mut self.reader).await {
+            log::error!("event reader ended abnormally: {e}");
+        }
+        if let Err(e) = (&mut self.writer).await {
+            log::error!("event writer ended abnormally: {e}");
+        }
+    }
+}
+
+/// CLOCK_REALTIME minus CLOCK_BOOTTIME, to date the kernel's boot-time stamps. Taken per batch:
+/// the wall clock may be stepped.
+fn boot_to_wall() -> i128 {
+    let ns = |id| {
+        clock_gettime(id).map_or(0, |t| {
+            t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128
+        })
+    };
+    ns(ClockId::CLOCK_REALTIME) - ns(ClockId::CLOCK_BOOTTIME)
+}
+
+fn wall(boot_ns: u64, offset: i128) -> Timestamp {
+    Timestamp::from_nanosecond(boot_ns as i128 + offset).unwrap_or_else(|_| Timestamp::now())
+}
+
+impl Reader {
+    async fn run(mut self, mut fd: AsyncFd<RingBuf<MapData>>, mut stop: oneshot::Receiver<()>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                ready = fd.readable_mut() => match ready {
+                    Ok(mut guard) => {
+                        // Drained to empty before readiness is cleared; tokio keeps a readiness
+                        // that arrives meanwhile.
+                        while self.drain(guard.get_inner_mut()).await {}
+                        guard.clear_ready();
+                    }
+                    Err(e) => {
+                        log::error!("waiting on the event ring buffer: {e}; events stop");
+                        break;
+                    }
+                },
+                _ = tick.tick() => {
+                    while self.drain(fd.get_mut()).await {}
+                    self.report_lost().await;
+                }
+                _ = &mut stop => {
+                    while self.drain(fd.get_mut()).await {}
+                    self.report_lost().await;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Hands on up to one batch. Returns whether there may be more.
+    async fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
+        let offset = boot_to_wall();
+        let catalog = Arc::clone(&self.catalog.borrow());
+        let mut batch = Vec::new();
+        while batch.len() < BATCH {
+            let Some(item) = ring.next() else { break };
+            if item.len() < size_of::<FlowEvent>() {
+                log::warn!("short event of {} bytes ignored", item.len());
+                continue;
+            }
+            // SAFETY: the programs write whole FlowEvents; read unaligned from the ring's bytes.
+            let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            drop(item);
+            let mut record = Record::from_kernel(&ev, wall(ev.time_ns, offset));
+            catalog.annotate(&mut record);
+            record.cgroup = record.cgroup_id.and_then(|id| self.cgroups.name(id));
+            if ev.ifindex != 0 {
+                record.iface = nix::net::if_::if_indextoname(ev.ifindex)
+                    .ok()
+                    .map(|n| n.to_string_lossy().into_owned());
+            }
+            self.status.observe(&record);
+            batch.push(record);
+        }
+        let full = batch.len() == BATCH;
+        for record in batch {
+            if self.tx.send(record).await.is_err() {
+                return false;
+            }
+        }
+        full
+    }
+
+    async fn report_lost(&mut self) {
+        let total = match self.counters.events_lost() {
+            Ok(n) => n,
+            Err(e) => {
+                log::error!("reading the lost-event counter: {e}");
+                return;
+            }
+        };
+        if total > self.lost_seen {
+            let lost = total - self.lost_seen;
+            self.lost_seen = total;
+            log::warn!("{lost} flow event(s) lost in the kernel: the ring buffer was full");
+            let record = Record::lost(Timestamp::now(), lost, total);
+            self.status.observe(&record);
+            let _ = self.tx.send(record).await;
+        }
+    }
+}
+
+/// The writer thread: buffered, flushed whenever it has caught up, so a lone event is on disk at
+/// once and a burst costs one write per batch.
+fn write(mut rx: mpsc::Receiver<Record>, mut log: Option<LogWriter>, status: &Status) {
+    while let Some(record) = rx.blocking_recv() {
+        let Some(out) = log.as_mut() else { continue };
+        let mut result = out.write(&record);
+        if result.is_ok() && rx.is_empty() {
+            result = out.flush();
+        }
+        if let Err(e) = result {
+            // Counted; only the first is logged (a full disk would flood the log).
+            if status.log_errors.inc() == 0 {
+                log::error!("writing {}: {e}", out.path().display());
+            }
+        }
+    }
+    if let Some(out) = log.as_mut()
+        && let Err(e) = out.flush()
+    {
+        log::error!("writing {}: {e}", out.path().display());
+    }
+}

@@ -1,0 +1,174 @@
+//! One line of the flow log, design.md §4. Keys are never renamed; new ones may be added. Every
+//! key is always present (null when it does not apply), so a line's shape is the same for every
+//! kind.
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use egress_common::{EventKind, FlowEvent, Verdict};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub time: Timestamp,
+    /// `connect`, `sendmsg`, `packet` (judged by TC), `close` (a flow ended, with totals),
+    /// `lost` (events the kernel could not write).
+    pub kind: String,
+    #[serde(default)]
+    pub verdict: Option<String>,
+    #[serde(default)]
+    pub proto: Option<String>,
+    #[serde(default)]
+    pub src: Option<String>,
+    #[serde(default)]
+    pub dst: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub rule: Option<String>,
+    /// Why a built-in rule decided: `loopback`, `resolver`, or the mode.
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub rule_id: Option<u32>,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub tid: Option<u32>,
+    #[serde(default)]
+    pub comm: Option<String>,
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    #[serde(default)]
+    pub cgroup_id: Option<u64>,
+    #[serde(default)]
+    pub iface: Option<String>,
+    #[serde(default)]
+    pub bytes_out: Option<u64>,
+    #[serde(default)]
+    pub bytes_in: Option<u64>,
+    #[serde(default)]
+    pub packets_out: Option<u64>,
+    #[serde(default)]
+    pub packets_in: Option<u64>,
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+    /// For `lost`: events lost since the previous report, and since the agent started.
+    #[serde(default)]
+    pub lost: Option<u64>,
+    #[serde(default)]
+    pub lost_total: Option<u64>,
+}
+
+impl Record {
+    fn empty(time: Timestamp, kind: &str) -> Record {
+        Record {
+            time,
+            kind: kind.to_owned(),
+            verdict: None,
+            proto: None,
+            src: None,
+            dst: None,
+            host: None,
+            rule: None,
+            reason: None,
+            rule_id: None,
+            pid: None,
+            tid: None,
+            comm: None,
+            cgroup: None,
+            cgroup_id: None,
+            iface: None,
+            bytes_out: None,
+            bytes_in: None,
+            packets_out: None,
+            packets_in: None,
+            duration_ms: None,
+            lost: None,
+            lost_total: None,
+        }
+    }
+
+    /// The report of kernel events lost since the last one.
+    pub fn lost(time: Timestamp, lost: u64, lost_total: u64) -> Record {
+        Record {
+            lost: Some(lost),
+            lost_total: Some(lost_total),
+            ..Record::empty(time, "lost")
+        }
+    }
+
+    /// The kernel's facts; `time` is the event's wall-clock time. Host, rule and cgroup path are
+    /// the enricher's to fill.
+    pub fn from_kernel(ev: &FlowEvent, time: Timestamp) -> Record {
+        let kind = match EventKind::from_u32(ev.kind) {
+            Some(EventKind::Connect) => "connect",
+            Some(EventKind::Sendmsg) => "sendmsg",
+            Some(EventKind::Packet) => "packet",
+            Some(EventKind::Close) => "close",
+            None => "unknown",
+        };
+        let mut r = Record::empty(time, kind);
+        r.verdict = Some(verdict_name(ev.verdict).to_owned());
+        r.proto = Some(proto_name(ev.proto));
+        r.rule_id = Some(ev.rule_id);
+        r.dst = Some(endpoint(ev.dst_addr, ev.dst_port_be).to_string());
+        if ev.src_addr != [0; 16] {
+            r.src = Some(endpoint(ev.src_addr, ev.src_port_be).to_string());
+        }
+        if ev.pid != 0 {
+            r.pid = Some(ev.pid);
+            r.tid = Some(ev.tid);
+            let len = ev
+                .comm
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(ev.comm.len());
+            r.comm = Some(String::from_utf8_lossy(&ev.comm[..len]).into_owned());
+        }
+        r.cgroup_id = (ev.cgroup_id != 0).then_some(ev.cgroup_id);
+        if matches!(EventKind::from_u32(ev.kind), Some(EventKind::Close)) {
+            r.bytes_out = Some(ev.bytes_out);
+            r.bytes_in = Some(ev.bytes_in);
+            r.packets_out = Some(ev.packets_out);
+            r.packets_in = Some(ev.packets_in);
+            r.duration_ms = Some(ev.time_ns.saturating_sub(ev.start_ns) / 1_000_000);
+        }
+        r
+    }
+
+    /// The destination's address, if the record has one.
+    pub fn dst_addr(&self) -> Option<SocketAddr> {
+        self.dst.as_deref()?.parse().ok()
+    }
+}
+
+pub fn verdict_name(v: u32) -> &'static str {
+    match Verdict::from_u32(v) {
+        Some(Verdict::Allow) => "allow",
+        Some(Verdict::Deny) => "deny",
+        Some(Verdict::Steer) => "steer",
+        None => "unknown",
+    }
+}
+
+fn proto_name(proto: u8) -> String {
+    match proto {
+        6 => "tcp".to_owned(),
+        17 => "udp".to_owned(),
+        1 => "icmp".to_owned(),
+        58 => "icmpv6".to_owned(),
+        132 => "sctp".to_owned(),
+        n => format!("ip-proto-{n}"),
+    }
+}
+
+/// An address as the kernel stores it (IPv4 mapped), shown in its own family; port 0 for
+/// protocols without ports is shown too, to keep `ip:port` parseable.
+fn endpoint(addr: [u8; 16], port_be: u16) -> SocketAddr {
+    let v6 = Ipv6Addr::from(addr);
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, u16::from_be(port_be))
+}

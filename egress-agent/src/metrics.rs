@@ -1,0 +1,200 @@
+//! What the agent counts, and the Prometheus endpoint that serves it. The counters are
+//! prometheus-client's own, shared (cheap clones) between the registry and the code that counts.
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::events::Record;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub verdict: String,
+    /// Empty when the destination belongs to no registered host.
+    pub host: String,
+    /// Empty when no rule decided (the mode, loopback or a resolver did).
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub host: String,
+    /// `out` (sent) or `in` (received).
+    pub direction: String,
+}
+
+/// Counters others can watch: tests poll them, `/metrics` serves them.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub dns_refreshes: Counter,
+    pub dns_failures: Counter,
+    pub syncs: Counter,
+    pub entries: Gauge,
+    pub reloads: Counter,
+    pub reload_failures: Counter,
+    pub connections: Family<DecisionLabels, Counter>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub events: Counter,
+    pub events_lost: Counter,
+    pub log_errors: Counter,
+}
+
+impl Status {
+    /// Counts what a record reports.
+    pub fn observe(&self, r: &Record) {
+        self.events.inc();
+        let host = r.host.clone().unwrap_or_default();
+        match r.kind.as_str() {
+            "connect" | "sendmsg" | "packet" => {
+                self.connections
+                    .get_or_create(&DecisionLabels {
+                        verdict: r.verdict.clone().unwrap_or_default(),
+                        host,
+                        rule: r.rule.clone().unwrap_or_default(),
+                    })
+                    .inc();
+            }
+            "close" => {
+                for (direction, n) in [("out", r.bytes_out), ("in", r.bytes_in)] {
+                    self.bytes
+                        .get_or_create(&BytesLabels {
+                            host: host.clone(),
+                            direction: direction.to_owned(),
+                        })
+                        .inc_by(n.unwrap_or(0));
+                }
+            }
+            "lost" => {
+                self.events_lost.inc_by(r.lost.unwrap_or(0));
+            }
+            _ => {}
+        }
+    }
+
+    fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("egress");
+        r.register(
+            "connections",
+            "Decisions on connections and packets, by verdict, host and rule",
+            self.connections.clone(),
+        );
+        r.register(
+            "bytes",
+            "Payload bytes of ended flows, by host and direction",
+            self.bytes.clone(),
+        );
+        r.register(
+            "events",
+            "Flow events read from the kernel",
+            self.events.clone(),
+        );
+        r.register(
+            "events_lost",
+            "Flow events the kernel could not write (ring buffer full)",
+            self.events_lost.clone(),
+        );
+        r.register(
+            "log_write_errors",
+            "Flow events that could not be written to the log file",
+            self.log_errors.clone(),
+        );
+        r.register(
+            "policy_map_entries",
+            "Entries in the kernel policy map",
+            self.entries.clone(),
+        );
+        r.register(
+            "policy_map_syncs",
+            "Updates of the kernel policy map",
+            self.syncs.clone(),
+        );
+        r.register(
+            "dns_refresh_successes",
+            "Hostname resolutions that succeeded",
+            self.dns_refreshes.clone(),
+        );
+        r.register(
+            "dns_refresh_failures",
+            "Hostname resolutions that failed (last good addresses kept)",
+            self.dns_failures.clone(),
+        );
+        r.register(
+            "policy_reloads",
+            "Policy reloads applied",
+            self.reloads.clone(),
+        );
+        r.register(
+            "policy_reload_failures",
+            "Policy reloads refused (the policy in force stayed)",
+            self.reload_failures.clone(),
+        );
+        r
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is aborted.
+pub fn serve(listener: TcpListener, status: &Status) -> JoinHandle<()> {
+    let registry = Arc::new(status.registry());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    log::warn!("metrics: accept failed: {e}");
+                    continue;
+                }
+            };
+            let registry = Arc::clone(&registry);
+            tokio::spawn(async move {
+                let service = service_fn(move |req| respond(req, Arc::clone(&registry)));
+                if let Err(e) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    log::debug!("metrics connection: {e}");
+                }
+            });
+        }
+    })
+}
+
+async fn respond(
+    req: Request<hyper::body::Incoming>,
+    registry: Arc<Registry>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let response = |status, content_type, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        r
+    };
+    if req.uri().path() != "/metrics" {
+        return Ok(response(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "egress serves /metrics\n".to_owned(),
+        ));
+    }
+    let mut body = String::new();
+    Ok(match encode(&mut body, &registry) {
+        Ok(()) => response(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body,
+        ),
+        Err(e) => response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("encoding metrics: {e}\n"),
+        ),
+    })
+}

@@ -1,0 +1,129 @@
+//! Writing events to the ring buffer, and the flow table that turns a connect and its packets into
+//! a close event with totals.
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns,
+        generated::bpf_get_current_cgroup_id,
+    },
+    maps::ring_buf::RingBufEntry,
+};
+use egress_common::{COUNTER_LOST, EventKind, FlowEvent, FlowTuple};
+
+use crate::{COUNTERS, EVENTS, FLOWS, TUPLES, decide::Decision};
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+#[inline(always)]
+fn count_lost() {
+    if let Some(slot) = COUNTERS.get_ptr_mut(COUNTER_LOST) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Room for one event in the ring buffer; a full ring buffer is counted, never silent.
+#[inline(always)]
+pub fn reserve() -> Option<RingBufEntry<FlowEvent>> {
+    let entry = EVENTS.reserve::<FlowEvent>(0);
+    if entry.is_none() {
+        count_lost();
+    }
+    entry
+}
+
+/// Writes an event kept elsewhere (a map value); a full ring buffer is counted.
+#[inline(always)]
+fn emit(event: &FlowEvent) {
+    if EVENTS.output::<FlowEvent>(event, 0).is_err() {
+        count_lost();
+    }
+}
+
+/// An event about the current task's socket call.
+#[inline(always)]
+pub fn from_task(
+    kind: EventKind,
+    decision: Decision,
+    proto: u8,
+    family: u8,
+    dst_port_be: u16,
+    dst_addr: [u8; 16],
+    cookie: u64,
+) -> FlowEvent {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let now = now_ns();
+    FlowEvent {
+        kind: kind as u32,
+        verdict: decision.verdict as u32,
+        rule_id: decision.rule_id,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        ifindex: 0,
+        proto,
+        family,
+        src_port_be: 0,
+        dst_port_be,
+        pad: 0,
+        // SAFETY: no arguments; allowed in cgroup sock_addr programs.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cookie,
+        time_ns: now,
+        start_ns: now,
+        bytes_out: 0,
+        bytes_in: 0,
+        packets_out: 0,
+        packets_in: 0,
+        src_addr: [0; 16],
+        dst_addr,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: no arguments.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// Starts tracking a permitted connect. A socket connected again reports its previous flow first.
+/// `cookie` is the event's, passed on the stack: the verifier refuses a key and a value that both
+/// point into one ring buffer entry ("more than one arg with ref_obj_id").
+#[inline(always)]
+pub fn open_flow(cookie: u64, event: &FlowEvent) {
+    close_flow(cookie);
+    // A full table evicts its least recently used flow (LRU): that flow's close goes unreported,
+    // which is better than refusing to track the new one.
+    let _ = FLOWS.insert(&cookie, event, 0);
+}
+
+/// Reports a tracked flow's end with its totals and forgets it. The event is written from the
+/// map value itself, turned into a close event in place: no copy on the stack.
+#[inline(always)]
+pub fn close_flow(cookie: u64) {
+    let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
+        return;
+    };
+    // SAFETY: a valid map value; TC may still add to its counters, a benign race.
+    let flow = unsafe { &mut *flow };
+    flow.kind = EventKind::Close as u32;
+    flow.time_ns = now_ns();
+    emit(flow);
+    if flow.src_port_be != 0 {
+        let _ = TUPLES.remove(&tuple(flow));
+    }
+    let _ = FLOWS.remove(&cookie);
+}
+
+/// The flow's tuple from the enforced side.
+#[inline(always)]
+pub fn tuple(event: &FlowEvent) -> FlowTuple {
+    FlowTuple {
+        proto: event.proto,
+        pad: [0; 3],
+        local_port_be: event.src_port_be,
+        remote_port_be: event.dst_port_be,
+        local_addr: event.src_addr,
+        remote_addr: event.dst_addr,
+    }
+}

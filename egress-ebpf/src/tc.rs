@@ -1,0 +1,243 @@
+//! The packet-level backstop and byte accounting, on the interfaces traffic leaves by.
+//!
+//! Egress: packets of sockets in the enforced cgroup. A tracked flow's packets are counted. TCP and
+//! UDP sockets were judged by the socket hooks (or accepted an inbound connection), so the rest of
+//! their packets pass. Every other IP packet of an enforced socket (raw sockets, ping sockets, …)
+//! is judged here by the same policy map: denied ones are dropped and evented.
+//! Ingress: packets of tracked flows are counted; nothing is judged.
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_skb_load_bytes_relative,
+    },
+    programs::TcContext,
+};
+use egress_common::{EventKind, FlowEvent, FlowTuple, Verdict, map_v4};
+
+use crate::{
+    CONFIG, FLOWS, TUPLES, decide,
+    events::{self, IPPROTO_TCP, IPPROTO_UDP},
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_SCTP: u8 = 132;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+
+/// What the programs need from an IP packet.
+#[derive(Default)]
+struct Packet {
+    family: u8,
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    src_port_be: u16,
+    dst_port_be: u16,
+    /// L4 payload bytes (of all segments, for a GSO packet).
+    payload: u64,
+    segments: u64,
+}
+
+#[inline(always)]
+pub fn egress(ctx: &TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: the kernel hands a valid __sk_buff; `sk` is read whole, as the verifier requires.
+    let sk: *mut bpf_sock = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        // No socket: forwarded traffic or the kernel's own (RST, ARP, …). Not a process's egress.
+        return TC_ACT_OK as i32;
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return TC_ACT_OK as i32;
+    };
+    // SAFETY: helpers allowed in sched_cls, given the program's own context.
+    if config.cgroup_id == 0
+        || unsafe { bpf_skb_ancestor_cgroup_id(skb, config.cgroup_level as i32) }
+            != config.cgroup_id
+    {
+        return TC_ACT_OK as i32;
+    }
+    let mut pkt = Packet::default();
+    if parse(ctx, &mut pkt).is_none() {
+        // Not IP: no policy speaks of it.
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    if let Some(flow) = FLOWS.get_ptr_mut(&cookie) {
+        // SAFETY: a valid map value; counters are added atomically as every CPU may write them.
+        unsafe {
+            add(&raw mut (*flow).bytes_out, pkt.payload);
+            add(&raw mut (*flow).packets_out, pkt.segments);
+            if (*flow).src_port_be == 0 {
+                (*flow).src_port_be = pkt.src_port_be;
+                (*flow).src_addr = pkt.src;
+                let _ = TUPLES.insert(&events::tuple(&*flow), &cookie, 0);
+            }
+        }
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: `sk` is non-null and came from the context.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        // A request or time-wait socket: TCP, judged at connect or inbound.
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: a full socket the helper returned.
+    let (sock_type, sock_proto) = unsafe { ((*full).type_, (*full).protocol) };
+    if (sock_type == SOCK_STREAM && sock_proto == IPPROTO_TCP as u32)
+        || (sock_type == SOCK_DGRAM && sock_proto == IPPROTO_UDP as u32)
+    {
+        return TC_ACT_OK as i32;
+    }
+    let decision = decide::judge(pkt.proto, pkt.dst_port_be, pkt.dst);
+    if decision.verdict.permits() {
+        return TC_ACT_OK as i32;
+    }
+    if let Some(mut entry) = events::reserve() {
+        let now = events::now_ns();
+        entry.write(FlowEvent {
+            kind: EventKind::Packet as u32,
+            verdict: Verdict::Deny as u32,
+            rule_id: decision.rule_id,
+            pid: 0,
+            tid: 0,
+            // SAFETY: as above.
+            ifindex: unsafe { (*skb).ifindex },
+            proto: pkt.proto,
+            family: pkt.family,
+            src_port_be: pkt.src_port_be,
+            dst_port_be: pkt.dst_port_be,
+            pad: 0,
+            // SAFETY: as above.
+            cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+            cookie,
+            time_ns: now,
+            start_ns: now,
+            bytes_out: pkt.payload,
+            bytes_in: 0,
+            packets_out: pkt.segments,
+            packets_in: 0,
+            src_addr: pkt.src,
+            dst_addr: pkt.dst,
+            comm: [0; 16],
+        });
+        entry.submit(0);
+    }
+    TC_ACT_SHOT as i32
+}
+
+#[inline(always)]
+pub fn ingress(ctx: &TcContext) -> i32 {
+    let mut pkt = Packet::default();
+    if parse(ctx, &mut pkt).is_none() {
+        return TC_ACT_OK as i32;
+    }
+    let tuple = FlowTuple {
+        proto: pkt.proto,
+        pad: [0; 3],
+        local_port_be: pkt.dst_port_be,
+        remote_port_be: pkt.src_port_be,
+        local_addr: pkt.dst,
+        remote_addr: pkt.src,
+    };
+    // SAFETY: map values are valid while the program runs.
+    if let Some(&cookie) = unsafe { TUPLES.get(&tuple) }
+        && let Some(flow) = FLOWS.get_ptr_mut(&cookie)
+    {
+        // SAFETY: as in egress.
+        unsafe {
+            add(&raw mut (*flow).bytes_in, pkt.payload);
+            add(&raw mut (*flow).packets_in, pkt.segments);
+        }
+    }
+    TC_ACT_OK as i32
+}
+
+/// Atomic add: every CPU may count the same flow. core's AtomicU64 has no fetch_add on BPF (no
+/// compare-and-swap there), so the intrinsic it would use, as aya's own tests do.
+#[inline(always)]
+unsafe fn add(counter: *mut u64, n: u64) {
+    // SAFETY: the caller passes an aligned u64 inside a map value.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, n,
+        )
+    };
+}
+
+/// Loads `buf.len()` bytes at `offset` from the network header, whatever link header precedes.
+#[inline(always)]
+fn load(ctx: &TcContext, offset: u32, buf: &mut [u8]) -> Option<()> {
+    // SAFETY: the helper writes at most buf.len() bytes into buf.
+    let ret = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.skb.skb.cast(),
+            offset,
+            buf.as_mut_ptr().cast(),
+            buf.len() as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    (ret == 0).then_some(())
+}
+
+#[inline(always)]
+fn be16(b0: u8, b1: u8) -> u16 {
+    u16::from_be_bytes([b0, b1])
+}
+
+/// Fills `pkt` in place (addresses are loaded straight into it: the stack is small).
+#[inline(always)]
+fn parse(ctx: &TcContext, pkt: &mut Packet) -> Option<()> {
+    // SAFETY: the kernel hands a valid __sk_buff.
+    let (protocol_be, gso_segs) = unsafe { ((*ctx.skb.skb).protocol, (*ctx.skb.skb).gso_segs) };
+    pkt.segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
+    let (l4, total, first_fragment) = match u16::from_be(protocol_be as u16) {
+        ETH_P_IP => {
+            let mut h = [0u8; 20];
+            load(ctx, 0, &mut h)?;
+            pkt.family = 4;
+            pkt.proto = h[9];
+            pkt.src = map_v4([h[12], h[13], h[14], h[15]]);
+            pkt.dst = map_v4([h[16], h[17], h[18], h[19]]);
+            let frag_offset = be16(h[6], h[7]) & 0x1fff;
+            (
+                ((h[0] & 0x0f) as u32) * 4,
+                be16(h[2], h[3]) as u32,
+                frag_offset == 0,
+            )
+        }
+        ETH_P_IPV6 => {
+            let mut h = [0u8; 8];
+            load(ctx, 0, &mut h)?;
+            load(ctx, 8, &mut pkt.src)?;
+            load(ctx, 24, &mut pkt.dst)?;
+            pkt.family = 6;
+            // Extension headers are not walked: their protocol is judged as is, without ports.
+            pkt.proto = h[6];
+            (40, 40 + be16(h[4], h[5]) as u32, true)
+        }
+        _ => return None,
+    };
+    let mut l4_header = 0;
+    if first_fragment && matches!(pkt.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        let mut ports = [0u8; 4];
+        load(ctx, l4, &mut ports)?;
+        pkt.src_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
+        pkt.dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
+        l4_header = match pkt.proto {
+            IPPROTO_TCP => {
+                let mut off = [0u8; 1];
+                load(ctx, l4 + 12, &mut off)?;
+                ((off[0] >> 4) as u32) * 4
+            }
+            IPPROTO_UDP => 8,
+            _ => 12,
+        };
+    }
+    pkt.payload = total.saturating_sub(l4 + l4_header) as u64;
+    Some(())
+}
