@@ -71,9 +71,7 @@ impl Status {
                         .inc_by(n.unwrap_or(0));
                 }
             }
-            "lost" => {
-                self.events_lost.inc_by(r.lost.unwrap_or(0));
-            }
+            // `events_lost` follows the kernel's counter directly (see events::pipeline).
             _ => {}
         }
     }

@@ -199,6 +199,22 @@ impl World {
         });
     }
 
+    /// A TCP server at `addr` in the world that reads to the end of what it is sent, then sends
+    /// as many bytes back and closes.
+    pub fn tcp_sink_reply(&self, addr: SocketAddr) {
+        let l = self.in_world(move || TcpListener::bind(addr).expect("bind tcp in world"));
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    if s.read_to_end(&mut got).is_ok() {
+                        let _ = s.write_all(&got);
+                    }
+                });
+            }
+        });
+    }
+
     /// A UDP echo server at `addr` in the world.
     pub fn udp_echo(&self, addr: SocketAddr) {
         let s = self.in_world(move || UdpSocket::bind(addr).expect("bind udp in world"));
@@ -327,6 +343,11 @@ impl Drop for TestCgroup {
 
 /// Runs `egress-probe ARGS`, inside `cgroup` if given (only the child joins it).
 pub fn probe_in(cgroup: Option<&Path>, args: &[&str]) -> String {
+    probe_with_pid(cgroup, args).0
+}
+
+/// As [`probe_in`], also returning the probe's process id.
+pub fn probe_with_pid(cgroup: Option<&Path>, args: &[&str]) -> (String, u32) {
     let mut cmd = Command::new(target_bin("egress-probe"));
     cmd.args(args);
     if let Some(cg) = cgroup {
@@ -336,13 +357,19 @@ pub fn probe_in(cgroup: Option<&Path>, args: &[&str]) -> String {
             cmd.pre_exec(move || fs::write(&procs, "0"));
         }
     }
-    let out = cmd.output().expect("run egress-probe");
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run egress-probe");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for egress-probe");
     assert!(
         out.status.success(),
         "egress-probe {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    (String::from_utf8_lossy(&out.stdout).trim().to_owned(), pid)
 }
 
 /// A TCP listener on loopback that greets like the world's servers.

@@ -2,7 +2,10 @@
 //! (no busy polling), and a writer thread. Between them a bounded channel: when the writer falls
 //! behind, the reader stops draining, the ring fills, and the kernel counts what it cannot write;
 //! those counts are reported as `lost` records. Nothing grows without bound, nothing is silent.
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use egress_common::FlowEvent;
@@ -26,15 +29,41 @@ pub struct Pipeline {
     stop: Option<oneshot::Sender<()>>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
+    poller: JoinHandle<()>,
+}
+
+/// The kernel's lost-event counter, carried into the metrics. Polled on its own schedule too, so
+/// the metrics show a loss while the pipeline itself is backed up.
+struct Lost {
+    counters: Counters,
+    seen: Mutex<u64>,
+    status: Arc<Status>,
+}
+
+impl Lost {
+    /// The kernel's total; the metrics catch up with it.
+    fn poll(&self) -> u64 {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match self.counters.events_lost() {
+            Ok(total) if total > *seen => {
+                self.status.events_lost.inc_by(total - *seen);
+                *seen = total;
+            }
+            Ok(_) => {}
+            Err(e) => log::error!("reading the lost-event counter: {e}"),
+        }
+        *seen
+    }
 }
 
 struct Reader {
-    counters: Counters,
+    lost: Arc<Lost>,
     catalog: watch::Receiver<Arc<Catalog>>,
     cgroups: CgroupNames,
     status: Arc<Status>,
     tx: mpsc::Sender<Record>,
-    lost_seen: u64,
+    /// The kernel's total as of the last `lost` record.
+    lost_logged: u64,
 }
 
 impl Pipeline {
@@ -53,20 +82,34 @@ impl Pipeline {
         let (stop, stop_rx) = oneshot::channel();
         let st = Arc::clone(&status);
         let writer = tokio::task::spawn_blocking(move || write(rx, log, &st));
-        let lost_seen = counters.events_lost().unwrap_or(0);
-        let reader = Reader {
+        let start = counters.events_lost().unwrap_or(0);
+        let lost = Arc::new(Lost {
             counters,
+            seen: Mutex::new(start),
+            status: Arc::clone(&status),
+        });
+        let l = Arc::clone(&lost);
+        let poller = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                l.poll();
+            }
+        });
+        let reader = Reader {
+            lost,
             catalog,
             cgroups,
             status,
             tx,
-            lost_seen,
+            lost_logged: start,
         };
         let reader = tokio::spawn(reader.run(fd, stop_rx));
         Ok(Pipeline {
             stop: Some(stop),
             reader,
             writer,
+            poller,
         })
     }
 
@@ -81,6 +124,7 @@ impl Pipeline {
         if let Err(e) = (&mut self.writer).await {
             log::error!("event writer ended abnormally: {e}");
         }
+        self.poller.abort();
     }
 }
 
@@ -164,16 +208,10 @@ impl Reader {
     }
 
     async fn report_lost(&mut self) {
-        let total = match self.counters.events_lost() {
-            Ok(n) => n,
-            Err(e) => {
-                log::error!("reading the lost-event counter: {e}");
-                return;
-            }
-        };
-        if total > self.lost_seen {
-            let lost = total - self.lost_seen;
-            self.lost_seen = total;
+        let total = self.lost.poll();
+        if total > self.lost_logged {
+            let lost = total - self.lost_logged;
+            self.lost_logged = total;
             log::warn!("{lost} flow event(s) lost in the kernel: the ring buffer was full");
             let record = Record::lost(Timestamp::now(), lost, total);
             self.status.observe(&record);

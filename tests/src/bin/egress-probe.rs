@@ -6,9 +6,12 @@
 //!   egress-probe udp-sendto ADDR:PORT     unconnected sendto, wait for the echo
 //!   egress-probe dns SERVER NAME          A/AAAA lookup through SERVER (port 53)
 //!   egress-probe bench-connect ADDR:PORT N   N UDP connect() calls; prints ns per call
+//!   egress-probe ping ADDR                ICMP echo from a raw socket (no socket hook sees it)
+//!   egress-probe transfer ADDR:PORT N     send N bytes, half-close, expect N bytes back
 use std::{
-    io::{self, Read as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    io::{self, Read as _, Write as _},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -137,6 +140,100 @@ fn bench_connect(addr: SocketAddr, n: u64) -> String {
     }
 }
 
+/// One ICMP echo from a raw socket; `ok` once the matching reply arrives.
+fn ping(ip: IpAddr) -> String {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrStorage, recvfrom,
+        sendto, setsockopt, socket, sockopt::ReceiveTimeout,
+    };
+    let run = || -> nix::Result<bool> {
+        let (family, proto, request, reply) = match ip {
+            IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp, 8u8, 0u8),
+            IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6, 128, 129),
+        };
+        let fd = socket(family, SockType::Raw, SockFlag::SOCK_CLOEXEC, proto)?;
+        setsockopt(
+            &fd,
+            ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(0, 200_000),
+        )?;
+        let id = (std::process::id() & 0xffff) as u16;
+        let mut msg = vec![request, 0, 0, 0];
+        msg.extend_from_slice(&id.to_be_bytes());
+        msg.extend_from_slice(&1u16.to_be_bytes());
+        msg.extend_from_slice(b"egress-probe");
+        if ip.is_ipv4() {
+            // ICMPv4 checksums are the sender's to fill; the kernel does ICMPv6's.
+            let sum = checksum(&msg);
+            msg[2..4].copy_from_slice(&sum.to_be_bytes());
+        }
+        let to = SockaddrStorage::from(SocketAddr::new(ip, 0));
+        sendto(fd.as_raw_fd(), &msg, &to, MsgFlags::empty())?;
+        let deadline = Instant::now() + TIMEOUT;
+        let mut buf = [0u8; 1500];
+        while Instant::now() < deadline {
+            let (n, from) = match recvfrom::<SockaddrStorage>(fd.as_raw_fd(), &mut buf) {
+                Ok(r) => r,
+                Err(nix::errno::Errno::EAGAIN) => continue,
+                Err(e) => return Err(e),
+            };
+            let from_ip = from.and_then(|f| {
+                f.as_sockaddr_in()
+                    .map(|a| IpAddr::V4(a.ip()))
+                    .or_else(|| f.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+            });
+            // IPv4 raw sockets receive the IP header too.
+            let icmp = if ip.is_ipv4() {
+                &buf[((buf[0] & 0x0f) as usize * 4).min(n)..n]
+            } else {
+                &buf[..n]
+            };
+            if from_ip == Some(ip)
+                && icmp.len() >= 8
+                && icmp[0] == reply
+                && icmp[4..6] == id.to_be_bytes()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    match run() {
+        Ok(true) => "ok".into(),
+        Ok(false) => "timeout".into(),
+        Err(e) => word(&io::Error::from(e)),
+    }
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends `n` bytes, half-closes, and reads the reply to its end: `ok` when it is `n` bytes.
+fn transfer(addr: SocketAddr, n: usize) -> String {
+    let run = || -> io::Result<usize> {
+        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.write_all(&vec![0x5a; n])?;
+        s.shutdown(Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        Ok(back.len())
+    };
+    match run() {
+        Ok(got) if got == n => "ok".into(),
+        Ok(got) => format!("error:got {got} bytes back"),
+        Err(e) => word(&e),
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let addr = |i: usize| -> Option<SocketAddr> { args.get(i)?.parse().ok() };
@@ -149,6 +246,14 @@ fn main() -> ExitCode {
             Ok(n) => bench_connect(a, n),
             Err(_) => return usage(),
         },
+        (Some("transfer"), Some(a)) if args.len() == 3 => match args[2].parse() {
+            Ok(n) => transfer(a, n),
+            Err(_) => return usage(),
+        },
+        (Some("ping"), _) if args.len() == 2 => match args[1].parse() {
+            Ok(ip) => ping(ip),
+            Err(_) => return usage(),
+        },
         _ => return usage(),
     };
     println!("{out}");
@@ -157,7 +262,8 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: egress-probe tcp|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | bench-connect ADDR:PORT N"
+        "usage: egress-probe tcp|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | \
+         bench-connect ADDR:PORT N | ping ADDR | transfer ADDR:PORT N"
     );
     ExitCode::from(2)
 }

@@ -1,0 +1,494 @@
+//! Root-only: flow events, the TC backstop, byte accounting, event loss, `egress events` and the
+//! metrics endpoint, with the real programs, real sockets and a netns world.
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use egress_agent::{
+    agent::{Agent, AgentConfig},
+    events::Record,
+    policy::Mode,
+};
+use egress_tests::{
+    TestCgroup, World, loopback_server, policy_dir, probe_in, probe_with_pid, target_bin, wait_for,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// api.test (DNS) on 443 and 9000/TCP and 5353/UDP; steered.test (DNS) on 443, steered by a
+/// VirtualService timeout.
+fn policy() -> String {
+    r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.test]
+  ports:
+  - {number: 443, name: https, protocol: HTTPS}
+  - {number: 9000, name: bulk, protocol: TCP}
+  - {number: 5353, name: udp-svc, protocol: UDP}
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: steered, namespace: shop}
+spec:
+  hosts: [steered.test]
+  ports:
+  - {number: 443, name: https, protocol: HTTPS}
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: steered-vs, namespace: shop}
+spec:
+  hosts: [steered.test]
+  http:
+  - timeout: 3s
+    route: [{destination: {host: steered.test}}]
+"#
+    .to_owned()
+}
+
+/// api.test at host 10, steered.test at 12, unregistered 11.
+fn world() -> World {
+    let mut w = World::new();
+    for h in [10, 11, 12] {
+        w.host(h);
+        for ip in [w.v4(h), w.v6(h)] {
+            w.tcp_server(SocketAddr::new(ip, 443));
+            w.tcp_sink_reply(SocketAddr::new(ip, 9000));
+            w.udp_echo(SocketAddr::new(ip, 5353));
+        }
+    }
+    let (a4, a6, s4) = (w.v4(10), w.v6(10), w.v4(12));
+    w.start_dns(
+        &[("api.test", a4), ("api.test", a6), ("steered.test", s4)],
+        300,
+    );
+    w
+}
+
+fn log_path(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("egress-events-{}-{tag}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    dir.join("flows.jsonl")
+}
+
+fn config(w: &World, cg: &TestCgroup, mode: Mode, log: Option<&Path>) -> AgentConfig {
+    AgentConfig {
+        policies: vec![policy_dir(&policy())],
+        mode: Some(mode),
+        dns: Some(w.dns_addr()),
+        cgroup: cg.path.clone(),
+        ifaces: Some(vec![w.iface().to_owned()]),
+        events: log.map(Path::to_owned),
+        ..AgentConfig::default()
+    }
+}
+
+fn records(path: &Path) -> Vec<Record> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
+        .collect()
+}
+
+/// Polls the log until a record satisfies `pred`.
+fn wait_record(path: &Path, what: &str, pred: impl Fn(&Record) -> bool) -> Record {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(r) = records(path).into_iter().find(|r| pred(r)) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} in {} within {WAIT:?}; the log has:\n{}",
+            path.display(),
+            fs::read_to_string(path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn at(ip: IpAddr, port: u16) -> String {
+    SocketAddr::new(ip, port).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_verdict_is_logged_with_process_destination_host_and_rule() {
+    let w = world();
+    let cg = TestCgroup::new("verdicts");
+    let log = log_path("verdicts");
+    let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
+        .await
+        .expect("agent starts");
+    let cgroup_name = format!("/{}", cg.path.file_name().expect("name").to_string_lossy());
+
+    let cases = [
+        (
+            "tcp",
+            at(w.v4(10), 443),
+            "ok",
+            "connect",
+            "allow",
+            Some("api.test"),
+        ),
+        (
+            "tcp",
+            at(w.v6(10), 443),
+            "ok",
+            "connect",
+            "allow",
+            Some("api.test"),
+        ),
+        (
+            "udp-sendto",
+            at(w.v4(10), 5353),
+            "ok",
+            "sendmsg",
+            "allow",
+            Some("api.test"),
+        ),
+        ("tcp", at(w.v4(11), 443), "denied", "connect", "deny", None),
+        (
+            "udp-sendto",
+            at(w.v6(11), 5353),
+            "denied",
+            "sendmsg",
+            "deny",
+            None,
+        ),
+        (
+            "tcp",
+            at(w.v4(12), 443),
+            "ok",
+            "connect",
+            "steer",
+            Some("steered.test"),
+        ),
+    ];
+    for (mode, dst, want, kind, verdict, host) in cases {
+        let (got, pid) = probe_with_pid(Some(&cg.path), &[mode, &dst]);
+        assert_eq!(got, want, "egress-probe {mode} {dst}");
+        let r = wait_record(&log, &format!("{kind} event for {dst}"), |r| {
+            r.pid == Some(pid) && r.kind == kind && r.dst.as_deref() == Some(dst.as_str())
+        });
+        assert_eq!(r.verdict.as_deref(), Some(verdict), "{r:?}");
+        assert_eq!(r.comm.as_deref(), Some("egress-probe"), "{r:?}");
+        assert_eq!(r.host.as_deref(), host, "{r:?}");
+        assert_eq!(r.cgroup.as_deref(), Some(cgroup_name.as_str()), "{r:?}");
+        match host {
+            Some("api.test") => assert_eq!(r.rule.as_deref(), Some("ServiceEntry/shop/api")),
+            Some(_) => assert_eq!(r.rule.as_deref(), Some("ServiceEntry/shop/steered")),
+            None => {
+                assert_eq!(r.rule, None, "{r:?}");
+                assert_eq!(r.reason.as_deref(), Some("mode registry-only"), "{r:?}");
+            }
+        }
+        let proto = if mode == "tcp" { "tcp" } else { "udp" };
+        assert_eq!(r.proto.as_deref(), Some(proto), "{r:?}");
+    }
+    // Loopback is not egress, but the decision is still seen.
+    let lo = loopback_server("127.0.0.1:0");
+    let (got, pid) = probe_with_pid(Some(&cg.path), &["tcp", &lo.to_string()]);
+    assert_eq!(got, "ok");
+    let r = wait_record(&log, "loopback connect event", |r| r.pid == Some(pid));
+    assert_eq!(
+        (r.verdict.as_deref(), r.reason.as_deref()),
+        (Some("allow"), Some("loopback"))
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_icmp_from_the_cgroup_is_dropped_and_logged_outside_untouched() {
+    let w = world();
+    let cg = TestCgroup::new("icmp");
+    let log = log_path("icmp");
+    let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
+        .await
+        .expect("agent starts");
+    for ip in [w.v4(11), w.v6(11)] {
+        // No socket hook sees a raw socket's packets: only TC stands between it and the world.
+        assert_eq!(cg.probe(&["ping", &ip.to_string()]), "timeout", "ping {ip}");
+        let dst = at(ip, 0);
+        let r = wait_record(&log, &format!("packet event for {ip}"), |r| {
+            r.kind == "packet" && r.dst.as_deref() == Some(dst.as_str())
+        });
+        let proto = if ip.is_ipv4() { "icmp" } else { "icmpv6" };
+        assert_eq!(r.verdict.as_deref(), Some("deny"), "{r:?}");
+        assert_eq!(r.proto.as_deref(), Some(proto), "{r:?}");
+        assert_eq!(r.iface.as_deref(), Some(w.iface()), "{r:?}");
+        assert!(r.cgroup.is_some(), "{r:?}");
+        // The same packet from outside the enforced cgroup passes.
+        assert_eq!(
+            probe_in(None, &["ping", &ip.to_string()]),
+            "ok",
+            "ping {ip}"
+        );
+    }
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_ends_with_its_byte_totals() {
+    let w = world();
+    let cg = TestCgroup::new("bytes");
+    let log = log_path("bytes");
+    let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
+        .await
+        .expect("agent starts");
+    const N: usize = 3 << 20;
+    for ip in [w.v4(10), w.v6(10)] {
+        let dst = at(ip, 9000);
+        let (got, pid) = probe_with_pid(Some(&cg.path), &["transfer", &dst, &N.to_string()]);
+        assert_eq!(got, "ok", "transfer to {dst}");
+        let r = wait_record(&log, &format!("close event for {dst}"), |r| {
+            r.kind == "close" && r.pid == Some(pid)
+        });
+        assert_eq!(r.dst.as_deref(), Some(dst.as_str()), "{r:?}");
+        assert_eq!(r.host.as_deref(), Some("api.test"), "{r:?}");
+        assert_eq!(r.bytes_out, Some(N as u64), "{r:?}");
+        assert_eq!(r.bytes_in, Some(N as u64), "{r:?}");
+        // At most one MTU's payload per packet, plus the handshake and teardown.
+        let min_packets = (N / 1500) as u64;
+        assert!(r.packets_out.is_some_and(|p| p >= min_packets), "{r:?}");
+        assert!(r.packets_in.is_some_and(|p| p >= min_packets), "{r:?}");
+        assert!(r.src.is_some() && r.duration_ms.is_some(), "{r:?}");
+    }
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_ring_buffer_is_counted_and_reported() {
+    let w = world();
+    let cg = TestCgroup::new("lost");
+    let dir = log_path("lost");
+    fs::create_dir_all(dir.parent().expect("dir")).expect("log dir");
+    // A FIFO nobody reads yet: the writer blocks, the pipeline backs up, the ring fills.
+    let fifo = dir.with_extension("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let mut reader = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("open fifo");
+    let a = Agent::start(AgentConfig {
+        ring_bytes: Some(4096),
+        ..config(&w, &cg, Mode::RegistryOnly, Some(&fifo))
+    })
+    .await
+    .expect("agent starts");
+    let target = at(w.v4(10), 5353);
+    wait_for("events to be lost", WAIT, || {
+        cg.probe(&["bench-connect", &target, "2000"]);
+        a.status.events_lost.get() > 0
+    });
+    // Now read: the loss appears in the log as a `lost` record.
+    let deadline = Instant::now() + WAIT;
+    let mut text = String::new();
+    let mut lost_logged = 0;
+    while lost_logged == 0 || lost_logged < a.status.events_lost.get() {
+        assert!(
+            Instant::now() < deadline,
+            "no complete lost report in the log"
+        );
+        let mut buf = vec![0u8; 1 << 16];
+        match reader.read(&mut buf) {
+            Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("reading the fifo: {e}"),
+        }
+        let (complete, _) = text.rsplit_once('\n').unwrap_or(("", ""));
+        lost_logged = complete
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Record>(l).ok())
+            .filter(|r| r.kind == "lost")
+            .map(|r| r.lost.expect("lost count"))
+            .sum();
+    }
+    assert_eq!(lost_logged, a.status.events_lost.get());
+    // Keep reading until the agent has stopped and closed its end.
+    let drain = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("reading the fifo: {e}"),
+            }
+        }
+    });
+    a.shutdown().await;
+    drain.join().expect("fifo drained");
+    let _ = fs::remove_file(&fifo);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_follow_shows_new_events() {
+    let w = world();
+    let cg = TestCgroup::new("follow");
+    let log = log_path("follow");
+    let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
+        .await
+        .expect("agent starts");
+    let mut follower = Command::new(target_bin("egress"))
+        .args([
+            "events",
+            "--follow",
+            "--verdict",
+            "deny",
+            "--host",
+            "*",
+            "--file",
+        ])
+        .arg(&log)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("egress events --follow");
+    let stdout = follower.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    let denied = at(w.v4(10), 8443);
+    let mut seen = Vec::new();
+    'outer: loop {
+        assert!(
+            Instant::now() < deadline,
+            "egress events --follow showed nothing about {denied}: {seen:?}"
+        );
+        // Keep making events until the follower (which starts at the end) shows one.
+        assert_eq!(cg.probe(&["tcp", &denied]), "denied");
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            if line.contains(&denied) {
+                assert!(line.contains("deny") && line.contains("api.test"), "{line}");
+                break 'outer;
+            }
+            seen.push(line);
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    a.shutdown().await;
+}
+
+/// `egress_connections_total` samples: (verdict, host, rule) → count.
+fn scrape(addr: SocketAddr) -> (BTreeMap<(String, String, String), u64>, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: egress\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("egress_connections_total{"))
+    {
+        let (labels, value) = line.rsplit_once(' ').expect("sample");
+        let get = |k: &str| {
+            let start = labels.find(&format!("{k}=\"")).expect("label") + k.len() + 2;
+            labels[start..].split('"').next().expect("value").to_owned()
+        };
+        out.insert(
+            (get("verdict"), get("host"), get("rule")),
+            value.parse().expect("count"),
+        );
+    }
+    (out, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_agree_with_the_log() {
+    let w = world();
+    let cg = TestCgroup::new("metrics");
+    let log = log_path("metrics");
+    let a = Agent::start(AgentConfig {
+        metrics: Some("127.0.0.1:0".parse().expect("addr")),
+        ..config(&w, &cg, Mode::RegistryOnly, Some(&log))
+    })
+    .await
+    .expect("agent starts");
+    let addr = a.metrics_addr.expect("metrics address");
+    for (mode, dst) in [
+        ("tcp", at(w.v4(10), 443)),
+        ("tcp", at(w.v4(10), 443)),
+        ("tcp", at(w.v4(11), 443)),
+        ("udp-sendto", at(w.v6(10), 5353)),
+        ("transfer", at(w.v4(10), 9000)),
+    ] {
+        let mut args = vec![mode, dst.as_str()];
+        if mode == "transfer" {
+            args.push("100000");
+        }
+        cg.probe(&args);
+    }
+    wait_record(&log, "the transfer's close event", |r| r.kind == "close");
+    let from_log = || {
+        let mut m = BTreeMap::new();
+        let mut bytes = 0;
+        for r in records(&log) {
+            if matches!(r.kind.as_str(), "connect" | "sendmsg" | "packet") {
+                let key = (
+                    r.verdict.clone().unwrap_or_default(),
+                    r.host.clone().unwrap_or_default(),
+                    r.rule.clone().unwrap_or_default(),
+                );
+                *m.entry(key).or_insert(0u64) += 1;
+            }
+            if r.kind == "close" && r.host.as_deref() == Some("api.test") {
+                bytes += r.bytes_out.unwrap_or(0);
+            }
+        }
+        (m, bytes)
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (metrics, text) = scrape(addr);
+        let (logged, bytes_out) = from_log();
+        let bytes_line =
+            format!("egress_bytes_total{{host=\"api.test\",direction=\"out\"}} {bytes_out}");
+        if metrics == logged && text.contains(&bytes_line) {
+            assert!(text.contains("egress_events_lost_total 0"), "{text}");
+            assert!(
+                text.contains("egress_dns_refresh_successes_total"),
+                "{text}"
+            );
+            assert!(text.contains("egress_policy_map_entries"), "{text}");
+            let allow = (
+                "allow".to_owned(),
+                "api.test".to_owned(),
+                "ServiceEntry/shop/api".to_owned(),
+            );
+            assert!(metrics.get(&allow).is_some_and(|&n| n >= 3), "{metrics:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics {metrics:?} never agreed with the log {logged:?}\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.shutdown().await;
+}
