@@ -35,6 +35,8 @@ pub struct AgentConfig {
     pub ring_bytes: Option<u32>,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
+    /// No kernel events at all (decisions unchanged): the events benchmark's baseline only.
+    pub kernel_events_off: bool,
 }
 
 pub struct Agent {
@@ -158,6 +160,8 @@ impl Agent {
             cgroup::identity(&cfg.cgroup).context("identifying the enforced cgroup")?;
         maps.set_cgroup(cgroup_id, cgroup_level)
             .context("writing the enforced cgroup")?;
+        maps.set_events_off(cfg.kernel_events_off)
+            .context("writing the event switch")?;
 
         // The reader runs before anything is attached, so the first decision is reported.
         let log = match &cfg.events {

@@ -126,7 +126,14 @@ pub struct Config {
     /// Id (inode number) of the enforced cgroup. The TC programs judge only packets of sockets
     /// whose cgroup is it or below it; 0 means nothing is enforced there.
     pub cgroup_id: u64,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+    pub pad: u32,
 }
+
+/// [`Config::flags`]: the socket hooks write no events and track no flows (decisions are
+/// unchanged). Only the events benchmark's baseline sets it; zero, the default, reports.
+pub const CONFIG_EVENTS_OFF: u32 = 1;
 
 /// Slots in [`COUNTERS_MAP`]: [`COUNTER_LOST`], then one per verdict value.
 pub const COUNTER_SLOTS: u32 = 4;
@@ -256,7 +263,8 @@ const _: () = {
     assert!(core::mem::offset_of!(PolicyKey, port_be) == 2);
     assert!(core::mem::offset_of!(PolicyKey, addr) == 4);
     assert!(core::mem::size_of::<PolicyValue>() == 8);
-    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<Config>() == 24);
+    assert!(core::mem::offset_of!(Config, flags) == 16);
     assert!(core::mem::offset_of!(Config, cgroup_id) == 8);
     assert!(core::mem::size_of::<FlowEvent>() == 144);
     assert!(core::mem::offset_of!(FlowEvent, proto) == 24);

@@ -23,8 +23,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, SockOpsContext, TcContext},
 };
 use egress_common::{
-    COUNTER_SLOTS, Config, EventKind, FlowEvent, FlowTuple, PolicyKey, PolicyValue, RULE_LOOPBACK,
-    map_v4,
+    CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, FlowEvent, FlowTuple, PolicyKey,
+    PolicyValue, RULE_LOOPBACK, map_v4,
 };
 
 use crate::events::{IPPROTO_TCP, IPPROTO_UDP};
@@ -82,6 +82,12 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     let decision = decide::judge(proto, port_be, addr);
     // SAFETY: the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & CONFIG_EVENTS_OFF != 0)
+    {
+        return decide::hook_return(decision.verdict);
+    }
     // A full ring buffer loses the event (counted) and the flow's tracking, never the decision.
     if let Some(mut entry) = events::reserve() {
         let event = entry.as_mut_ptr();

@@ -348,6 +348,19 @@ pub fn probe_in(cgroup: Option<&Path>, args: &[&str]) -> String {
 
 /// As [`probe_in`], also returning the probe's process id.
 pub fn probe_with_pid(cgroup: Option<&Path>, args: &[&str]) -> (String, u32) {
+    let child = spawn_probe(cgroup, args);
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for egress-probe");
+    assert!(
+        out.status.success(),
+        "egress-probe {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (String::from_utf8_lossy(&out.stdout).trim().to_owned(), pid)
+}
+
+/// Starts `egress-probe ARGS` (inside `cgroup` if given) with its output piped.
+pub fn spawn_probe(cgroup: Option<&Path>, args: &[&str]) -> Child {
     let mut cmd = Command::new(target_bin("egress-probe"));
     cmd.args(args);
     if let Some(cg) = cgroup {
@@ -357,19 +370,10 @@ pub fn probe_with_pid(cgroup: Option<&Path>, args: &[&str]) -> (String, u32) {
             cmd.pre_exec(move || fs::write(&procs, "0"));
         }
     }
-    let child = cmd
-        .stdout(Stdio::piped())
+    cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run egress-probe");
-    let pid = child.id();
-    let out = child.wait_with_output().expect("wait for egress-probe");
-    assert!(
-        out.status.success(),
-        "egress-probe {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (String::from_utf8_lossy(&out.stdout).trim().to_owned(), pid)
+        .expect("run egress-probe")
 }
 
 /// A TCP listener on loopback that greets like the world's servers.

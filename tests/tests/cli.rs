@@ -157,3 +157,110 @@ fn exec_exit_statuses_and_enforcement() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// A flow log as the agent writes it (two rotations' worth: FILE.1 holds the older lines).
+fn sample_log() -> std::path::PathBuf {
+    let line = |time: &str, kind: &str, verdict: &str, dst: &str, host: Option<&str>| {
+        format!(
+            r#"{{"time":"{time}","kind":"{kind}","verdict":"{verdict}","proto":"tcp","dst":"{dst}","host":{},"rule":null,"pid":42,"comm":"curl","cgroup":"/egress"}}"#,
+            host.map_or("null".to_owned(), |h| format!("\"{h}\""))
+        )
+    };
+    let dir = policy_dir("");
+    let path = dir.join("flows.jsonl");
+    let old = [
+        line(
+            "2026-01-01T10:00:00Z",
+            "connect",
+            "allow",
+            "198.18.0.10:443",
+            Some("api.example.com"),
+        ),
+        line(
+            "2026-01-01T10:00:01Z",
+            "connect",
+            "deny",
+            "198.18.0.11:443",
+            None,
+        ),
+    ];
+    let new = [
+        line(
+            "2026-01-01T11:00:00Z",
+            "connect",
+            "allow",
+            "[fd00:e9e5::10]:443",
+            Some("api.example.com"),
+        ),
+        line(
+            "2026-01-01T11:00:01Z",
+            "sendmsg",
+            "deny",
+            "198.18.0.12:53",
+            None,
+        ),
+        "not json".to_owned(),
+        line(
+            "2026-01-01T11:00:02Z",
+            "connect",
+            "steer",
+            "198.18.0.20:443",
+            Some("weather.example.org"),
+        ),
+    ];
+    std::fs::write(path.with_extension("jsonl.1"), old.join("\n") + "\n").expect("write");
+    std::fs::write(&path, new.join("\n") + "\n").expect("write");
+    path
+}
+
+#[test]
+fn events_reads_filters_and_prints() {
+    let log = sample_log();
+    let f = log.to_str().expect("utf8");
+    let count = |args: &[&str]| {
+        let mut all = vec!["events", "--json", "--file", f];
+        all.extend_from_slice(args);
+        let (code, out) = egress(&all);
+        assert_eq!(code, 0, "{args:?}");
+        out.lines().count()
+    };
+    // Rotated lines first; the bad line skipped (and said so on stderr).
+    assert_eq!(count(&[]), 5);
+    assert_eq!(count(&["--verdict", "deny"]), 2);
+    assert_eq!(count(&["--host", "*.example.com"]), 2);
+    assert_eq!(count(&["--host", "weather.*"]), 1);
+    assert_eq!(count(&["--dst", "198.18.0.0/24"]), 4);
+    assert_eq!(count(&["--dst", "fd00:e9e5::10"]), 1);
+    assert_eq!(count(&["--dst", "198.18.0.12:53"]), 1);
+    assert_eq!(count(&["--kind", "sendmsg"]), 1);
+    assert_eq!(count(&["--since", "2026-01-01T10:30:00Z"]), 3);
+    assert_eq!(count(&["--until", "2026-01-01T10:30:00Z"]), 2);
+    assert_eq!(count(&["--since", "1h"]), 0);
+    // --json prints the lines exactly as logged.
+    let (_, out) = egress(&["events", "--json", "--kind", "sendmsg", "--file", f]);
+    assert!(
+        out.starts_with(r#"{"time":"2026-01-01T11:00:01Z","kind":"sendmsg""#),
+        "{out}"
+    );
+    // The table: a header and aligned columns.
+    let (code, out) = egress(&["events", "--file", f, "--verdict", "allow"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[0].starts_with("TIME") && lines[0].contains("VERDICT"),
+        "{out}"
+    );
+    let col = |l: &str| l.find("api.example.com");
+    assert_eq!(col(lines[1]), col(lines[2]), "host column aligned:\n{out}");
+    assert!(
+        lines[2].contains("[fd00:e9e5::10]:443") && lines[2].contains("curl"),
+        "{out}"
+    );
+    // Bad arguments are usage errors.
+    assert_eq!(egress(&["events", "--file", f, "--dst", "nowhere"]).0, 2);
+    assert_eq!(
+        egress(&["events", "--file", f, "--since", "yesterday-ish"]).0,
+        2
+    );
+}

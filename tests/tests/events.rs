@@ -258,8 +258,12 @@ async fn a_flow_ends_with_its_byte_totals() {
         });
         assert_eq!(r.dst.as_deref(), Some(dst.as_str()), "{r:?}");
         assert_eq!(r.host.as_deref(), Some("api.test"), "{r:?}");
-        assert_eq!(r.bytes_out, Some(N as u64), "{r:?}");
-        assert_eq!(r.bytes_in, Some(N as u64), "{r:?}");
+        // Payload on the wire: every byte sent once, and retransmissions (rare on a veth, but the
+        // machine may be busy) on top, counted again as TC sees them again.
+        let on_the_wire =
+            |b: Option<u64>| b.is_some_and(|b| (N as u64..=N as u64 * 21 / 20).contains(&b));
+        assert!(on_the_wire(r.bytes_out), "{r:?}");
+        assert!(on_the_wire(r.bytes_in), "{r:?}");
         // At most one MTU's payload per packet, plus the handshake and teardown.
         let min_packets = (N / 1500) as u64;
         assert!(r.packets_out.is_some_and(|p| p >= min_packets), "{r:?}");

@@ -33,7 +33,7 @@ enum Task {
     Demo,
     /// Benchmarks, printed as ratios against a baseline measured in the same run.
     Bench {
-        #[arg(value_parser = ["connect"], default_value = "connect")]
+        #[arg(value_parser = ["connect", "events"], default_value = "connect")]
         which: String,
     },
 }

@@ -51,10 +51,16 @@ struct Filter {
     until: Option<Timestamp>,
 }
 
-/// A time: RFC 3339, or a duration before now (`10m`, `1h30m`, `2 days`).
+/// A time: RFC 3339, `@` Unix seconds, or a duration before now (`10m`, `1h30m`, `2 days`).
 fn parse_time(s: &str) -> anyhow::Result<Timestamp> {
     if let Ok(t) = Timestamp::from_str(s) {
         return Ok(t);
+    }
+    if let Some(secs) = s.strip_prefix('@') {
+        let secs: i64 = secs
+            .parse()
+            .with_context(|| format!("`{s}` is not @ and Unix seconds"))?;
+        return Timestamp::from_second(secs).with_context(|| format!("`{s}` is out of range"));
     }
     let ago = SignedDuration::from_str(s)
         .with_context(|| format!("`{s}` is neither an RFC 3339 time nor a duration like 10m"))?;

@@ -129,7 +129,7 @@ pub struct EventsArgs {
     /// Destination: ADDR, ADDR:PORT or a CIDR.
     #[arg(long, value_name = "DEST")]
     pub dst: Option<String>,
-    /// Events at or after TIME: RFC 3339, or a duration ago (`10m`).
+    /// Events at or after TIME: RFC 3339, @UNIX-SECONDS, or a duration ago (`10m`).
     #[arg(long, value_name = "TIME")]
     pub since: Option<String>,
     /// Events at or before TIME.

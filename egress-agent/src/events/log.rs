@@ -177,3 +177,63 @@ impl LogReader {
         Ok(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u64) -> Record {
+        // Every line the same length, so sizes count lines.
+        let mut r = Record::lost(jiff::Timestamp::UNIX_EPOCH, 0, 0);
+        r.kind = format!("test-{n:03}");
+        r
+    }
+
+    #[test]
+    fn rotates_by_size_and_a_follower_reads_every_line_across_rotations() {
+        let dir = std::env::temp_dir().join(format!("egress-log-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("flows.jsonl");
+        let line_len = serde_json::to_vec(&record(0)).expect("json").len() as u64 + 1;
+        let rotation = Rotation {
+            max_bytes: line_len * 10,
+            keep: 2,
+        };
+        let mut w = LogWriter::open(&path, rotation).expect("open");
+        let mut follower = LogReader::open(&path).expect("follow");
+        let mut seen = Vec::new();
+        for n in 0..45 {
+            w.write(&record(n)).expect("write");
+            w.flush().expect("flush");
+            // The follower reads now and then, so rotations happen between its reads.
+            if n % 7 == 0 {
+                loop {
+                    while let Some(line) = follower.next_line().expect("read") {
+                        seen.push(serde_json::from_str::<Record>(&line).expect("parse").kind);
+                    }
+                    if !follower.reopen_if_rotated().expect("reopen") {
+                        break;
+                    }
+                }
+            }
+        }
+        loop {
+            while let Some(line) = follower.next_line().expect("read") {
+                seen.push(serde_json::from_str::<Record>(&line).expect("parse").kind);
+            }
+            if !follower.reopen_if_rotated().expect("reopen") {
+                break;
+            }
+        }
+        let want: Vec<String> = (0..45).map(|n| format!("test-{n:03}")).collect();
+        assert_eq!(seen, want, "the follower missed or repeated lines");
+        // 45 lines, 10 per file: the live file has the last 5, .1 and .2 the 20 before; older
+        // ones were dropped.
+        let lines = |p: &Path| fs::read_to_string(p).map_or(0, |t| t.lines().count());
+        assert_eq!(lines(&path), 5);
+        assert_eq!(lines(&rotated(&path, 1)), 10);
+        assert_eq!(lines(&rotated(&path, 2)), 10);
+        assert!(!rotated(&path, 3).exists());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -9,8 +9,8 @@ use aya::{
     },
 };
 use egress_common::{
-    CONFIG_MAP, COUNTER_LOST, COUNTER_SLOTS, COUNTERS_MAP, Config, Mode, POLICY_MAP, PolicyKey,
-    PolicyValue, Verdict,
+    CONFIG_EVENTS_OFF, CONFIG_MAP, COUNTER_LOST, COUNTER_SLOTS, COUNTERS_MAP, Config, Mode,
+    POLICY_MAP, PolicyKey, PolicyValue, Verdict,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +102,8 @@ impl KernelMaps {
                 mode: Mode::Unset as u32,
                 cgroup_level: 0,
                 cgroup_id: 0,
+                flags: 0,
+                pad: 0,
             },
             current: Entries::new(),
         })
@@ -155,6 +157,19 @@ impl KernelMaps {
         self.write_config(Config {
             cgroup_id: id,
             cgroup_level: level,
+            ..self.written
+        })
+    }
+
+    /// Turns the socket hooks' events and flow tracking off (the events benchmark's baseline).
+    pub fn set_events_off(&mut self, off: bool) -> Result<(), MapsError> {
+        let flags = if off {
+            self.written.flags | CONFIG_EVENTS_OFF
+        } else {
+            self.written.flags & !CONFIG_EVENTS_OFF
+        };
+        self.write_config(Config {
+            flags,
             ..self.written
         })
     }

@@ -40,6 +40,12 @@ fn main() {
 
     let cg_name = format!("egress-demo-{}", std::process::id());
     let egress = target_bin("egress");
+    let log = std::env::temp_dir().join(format!("egress-demo-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
     println!(
         "== egress demo: policies/ enforced on cgroup {cg_name}; the outside world is network namespace {} ==\n",
         w.name
@@ -53,7 +59,11 @@ fn main() {
             "policies",
             "--dns",
             &dns.to_string(),
+            "--iface",
+            w.iface(),
+            "--events",
         ])
+        .arg(&log)
         .stderr(Stdio::piped())
         .spawn()
         .expect("start egress run");
@@ -90,6 +100,20 @@ fn main() {
             format!("{kind} {what} [{addr}]")
         );
     };
+    // The live flow log, as `egress events --follow` shows it, beside the calls.
+    let mut follower = Command::new(&egress)
+        .args(["events", "--follow", "--since", &format!("@{started}")])
+        .arg("--file")
+        .arg(&log)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("egress events --follow");
+    let out = follower.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("  flows | {line}");
+        }
+    });
     println!("\n-- calls from a process inside the enforced cgroup --");
     let api = resolve("api.thirdparty.com");
     let weather = resolve("api.weather.com");
@@ -135,7 +159,7 @@ fn main() {
     call(
         "legacy-db:5432",
         "tcp",
-        "[fd00:e9e5::40]:5432".into(),
+        "[fd00:e9e5::28]:5432".into(),
         "STATIC endpoint, IPv6",
     );
     call(
@@ -165,6 +189,13 @@ fn main() {
         "tcp",
         loopback_server("127.0.0.1:0").to_string(),
         "loopback is not egress",
+    );
+
+    call(
+        "tracker.example",
+        "ping",
+        w.v4(66).to_string(),
+        "a raw socket: no socket hook sees it, TC drops it",
     );
 
     println!("\n-- egress check (offline) --");
@@ -197,6 +228,12 @@ fn main() {
     .expect("signal agent");
     let status = agent.wait().expect("wait agent");
     println!("  egress run exited with {status}");
+    let _ = follower.kill();
+    let _ = follower.wait();
+    println!(
+        "\nThe flow log is {} (JSON lines; `egress events --file` reads it).",
+        log.display()
+    );
     if let Err(e) = cgroup::kill_and_remove(&cg) {
         eprintln!("removing {}: {e}", cg.display());
     }
