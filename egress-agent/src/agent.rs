@@ -156,8 +156,9 @@ impl Agent {
         sync(&plan, &table, &resolver, &mut maps, &catalog, &status)?;
         maps.set_mode(plan.mode.kernel())
             .context("writing the mode")?;
+        let mount = cgroup::cgroup2_mount().context("finding the cgroup2 mount")?;
         let (cgroup_id, cgroup_level) =
-            cgroup::identity(&cfg.cgroup).context("identifying the enforced cgroup")?;
+            cgroup::identity(&mount, &cfg.cgroup).context("identifying the enforced cgroup")?;
         maps.set_cgroup(cgroup_id, cgroup_level)
             .context("writing the enforced cgroup")?;
         maps.set_events_off(cfg.kernel_events_off)
@@ -171,7 +172,6 @@ impl Agent {
             ),
             None => None,
         };
-        let mount = cgroup::cgroup2_mount().context("finding the cgroup2 mount")?;
         let pipeline = Pipeline::spawn(
             events,
             counters,

@@ -233,12 +233,8 @@ fn run(args: &EventsArgs) -> anyhow::Result<()> {
     let path: &Path = &args.file;
     if !args.follow {
         // Oldest first: the rotated files, then the live one.
-        for n in (1..=u32::MAX)
-            .take_while(|&n| rotated(path, n).exists())
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-        {
+        let oldest = (1..).take_while(|&n| rotated(path, n).exists()).count() as u32;
+        for n in (1..=oldest).rev() {
             let mut r = LogReader::open(&rotated(path, n))?;
             print_available(&mut r, &filter, &mut printer, &mut bad)?;
         }

@@ -113,15 +113,12 @@ pub fn kill_and_remove(path: &Path) -> Result<(), CgroupError> {
 
 /// What the TC programs need to tell an enforced socket: the cgroup's id (its inode number on
 /// cgroup2) and its depth below the mount.
-pub fn identity(path: &Path) -> Result<(u64, u32), CgroupError> {
+pub fn identity(mount: &Path, path: &Path) -> Result<(u64, u32), CgroupError> {
     use std::os::unix::fs::MetadataExt as _;
-    let mount = cgroup2_mount()?;
-    let rel = path
-        .strip_prefix(&mount)
-        .map_err(|_| CgroupError::Outside {
-            path: path.to_owned(),
-            mount: mount.clone(),
-        })?;
+    let rel = path.strip_prefix(mount).map_err(|_| CgroupError::Outside {
+        path: path.to_owned(),
+        mount: mount.to_owned(),
+    })?;
     let meta = fs::metadata(path).map_err(|source| CgroupError::Create {
         path: path.to_owned(),
         source,

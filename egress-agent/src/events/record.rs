@@ -100,7 +100,8 @@ impl Record {
     /// The kernel's facts; `time` is the event's wall-clock time. Host, rule and cgroup path are
     /// the enricher's to fill.
     pub fn from_kernel(ev: &FlowEvent, time: Timestamp) -> Record {
-        let kind = match EventKind::from_u32(ev.kind) {
+        let kernel_kind = EventKind::from_u32(ev.kind);
+        let kind = match kernel_kind {
             Some(EventKind::Connect) => "connect",
             Some(EventKind::Sendmsg) => "sendmsg",
             Some(EventKind::Packet) => "packet",
@@ -126,7 +127,7 @@ impl Record {
             r.comm = Some(String::from_utf8_lossy(&ev.comm[..len]).into_owned());
         }
         r.cgroup_id = (ev.cgroup_id != 0).then_some(ev.cgroup_id);
-        if matches!(EventKind::from_u32(ev.kind), Some(EventKind::Close)) {
+        if matches!(kernel_kind, Some(EventKind::Close)) {
             r.bytes_out = Some(ev.bytes_out);
             r.bytes_in = Some(ev.bytes_in);
             r.packets_out = Some(ev.packets_out);
