@@ -10,9 +10,8 @@ pub const CONFIG_MAP: &str = "EGRESS_CONFIG_V2";
 pub const COUNTERS_MAP: &str = "EGRESS_COUNTERS_V1";
 /// Name of the ring buffer of [`FlowEvent`]s.
 pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V1";
-/// Name of the LRU hash of open flows: socket cookie → [`FlowEvent`] (its connect event, with the
-/// byte and packet counters the TC programs add).
-pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V1";
+/// Name of the LRU hash of open flows: socket cookie → [`Flow`].
+pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V2";
 /// Name of the LRU hash that lets TC ingress find a flow: [`FlowTuple`] → socket cookie.
 pub const TUPLES_MAP: &str = "EGRESS_TUPLES_V1";
 
@@ -197,7 +196,8 @@ pub struct FlowEvent {
     pub time_ns: u64,
     /// CLOCK_BOOTTIME of the flow's connect, for [`EventKind::Close`].
     pub start_ns: u64,
-    /// L4 payload bytes and packets (GSO segments counted one by one) the TC programs saw.
+    /// L4 payload bytes (TCP: each sequence byte once, retransmissions aside) and packets (GSO
+    /// segments counted one by one, retransmitted ones too) the TC programs saw.
     pub bytes_out: u64,
     pub bytes_in: u64,
     pub packets_out: u64,
@@ -207,6 +207,24 @@ pub struct FlowEvent {
     pub dst_addr: [u8; 16],
     /// The task's comm, NUL padded.
     pub comm: [u8; 16],
+}
+
+/// A tracked flow, the value of [`FLOWS_MAP`]: its connect event, whose counters the TC programs
+/// grow, and how far each direction's TCP sequence has been counted, so that a retransmitted
+/// segment adds no bytes a second time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub event: FlowEvent,
+    /// Sequence number after the last payload byte counted out, and in (a u32 held in a u64: the
+    /// programs move it by compare-and-swap, which BPF has for 64 bits only on every CPU version).
+    pub next_seq_out: u64,
+    pub next_seq_in: u64,
+    /// Whether `next_seq_out` and `next_seq_in` hold a value yet. One byte each: the two
+    /// directions are counted on different CPUs, so they never share a word they write.
+    pub seq_out_known: u8,
+    pub seq_in_known: u8,
+    pub pad: [u8; 6],
 }
 
 /// A flow as TC sees its packets: from the enforced host's side, so egress packets give it as is
@@ -271,6 +289,7 @@ const _: () = {
     assert!(core::mem::offset_of!(FlowEvent, cgroup_id) == 32);
     assert!(core::mem::offset_of!(FlowEvent, src_addr) == 96);
     assert!(core::mem::offset_of!(FlowEvent, comm) == 128);
+    assert!(core::mem::size_of::<Flow>() == 168);
     assert!(core::mem::size_of::<FlowTuple>() == 40);
     assert!(core::mem::offset_of!(FlowTuple, local_addr) == 8);
     assert!(KEY_FIXED_BITS as usize == core::mem::offset_of!(PolicyKey, addr) * 8);
@@ -285,4 +304,5 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::FlowTuple {}
+    unsafe impl aya::Pod for super::Flow {}
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
     },
     maps::ring_buf::RingBufEntry,
 };
-use egress_common::{COUNTER_LOST, EventKind, FlowEvent, FlowTuple};
+use egress_common::{COUNTER_LOST, EventKind, Flow, FlowEvent, FlowTuple};
 
 use crate::{COUNTERS, EVENTS, FLOWS, TUPLES, decide::Decision};
 
@@ -94,7 +94,15 @@ pub fn open_flow(cookie: u64, event: &FlowEvent) {
     close_flow(cookie);
     // A full table evicts its least recently used flow (LRU): that flow's close goes unreported,
     // which is better than refusing to track the new one.
-    let _ = FLOWS.insert(&cookie, event, 0);
+    let flow = Flow {
+        event: *event,
+        next_seq_out: 0,
+        next_seq_in: 0,
+        seq_out_known: 0,
+        seq_in_known: 0,
+        pad: [0; 6],
+    };
+    let _ = FLOWS.insert(&cookie, &flow, 0);
 }
 
 /// Reports a tracked flow's end with its totals and forgets it. The event is written from the
@@ -105,7 +113,7 @@ pub fn close_flow(cookie: u64) {
         return;
     };
     // SAFETY: a valid map value; TC may still add to its counters, a benign race.
-    let flow = unsafe { &mut *flow };
+    let flow = unsafe { &mut (*flow).event };
     flow.kind = EventKind::Close as u32;
     flow.time_ns = now_ns();
     emit(flow);

@@ -23,8 +23,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, SockOpsContext, TcContext},
 };
 use egress_common::{
-    CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, FlowEvent, FlowTuple, PolicyKey,
-    PolicyValue, RULE_LOOPBACK, map_v4,
+    CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowTuple, PolicyKey, PolicyValue,
+    RULE_LOOPBACK, map_v4,
 };
 
 use crate::events::{IPPROTO_TCP, IPPROTO_UDP};
@@ -47,8 +47,8 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 const FLOWS_MAX_ENTRIES: u32 = 1 << 16;
 
-#[map(name = "EGRESS_FLOWS_V1")]
-static FLOWS: LruHashMap<u64, FlowEvent> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+#[map(name = "EGRESS_FLOWS_V2")]
+static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
 #[map(name = "EGRESS_TUPLES_V1")]
 static TUPLES: LruHashMap<FlowTuple, u64> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);

@@ -6,7 +6,7 @@
 //! is judged here by the same policy map: denied ones are dropped and evented.
 //! Ingress: packets of tracked flows are counted; nothing is judged.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock},
     helpers::generated::{
         bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
         bpf_skb_load_bytes_relative,
@@ -19,6 +19,10 @@ use crate::{
     CONFIG, FLOWS, TUPLES, decide,
     events::{self, IPPROTO_TCP, IPPROTO_UDP},
 };
+
+/// Lets the packet go on to whatever runs after us (later TCX programs or classic filters): a
+/// plain TC_ACT_OK would end their chain too.
+const PASS: i32 = TC_ACT_UNSPEC;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -38,7 +42,12 @@ struct Packet {
     /// L4 payload bytes (of all segments, for a GSO packet).
     payload: u64,
     segments: u64,
+    /// TCP only: the sequence number and the flags byte.
+    seq: u32,
+    tcp_flags: u8,
 }
+
+const TCP_SYN: u8 = 0x02;
 
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
@@ -47,54 +56,60 @@ pub fn egress(ctx: &TcContext) -> i32 {
     let sk: *mut bpf_sock = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         // No socket: forwarded traffic or the kernel's own (RST, ARP, …). Not a process's egress.
-        return TC_ACT_OK as i32;
+        return PASS;
     }
     let Some(config) = CONFIG.get(0) else {
-        return TC_ACT_OK as i32;
+        return PASS;
     };
     // SAFETY: helpers allowed in sched_cls, given the program's own context.
     if config.cgroup_id == 0
         || unsafe { bpf_skb_ancestor_cgroup_id(skb, config.cgroup_level as i32) }
             != config.cgroup_id
     {
-        return TC_ACT_OK as i32;
+        return PASS;
     }
     let mut pkt = Packet::default();
     if parse(ctx, &mut pkt).is_none() {
         // Not IP: no policy speaks of it.
-        return TC_ACT_OK as i32;
+        return PASS;
     }
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
     if let Some(flow) = FLOWS.get_ptr_mut(&cookie) {
         // SAFETY: a valid map value; counters are added atomically as every CPU may write them.
         unsafe {
-            add(&raw mut (*flow).bytes_out, pkt.payload);
-            add(&raw mut (*flow).packets_out, pkt.segments);
-            if (*flow).src_port_be == 0 {
-                (*flow).src_port_be = pkt.src_port_be;
-                (*flow).src_addr = pkt.src;
-                let _ = TUPLES.insert(&events::tuple(&*flow), &cookie, 0);
+            let fresh = fresh_bytes(
+                &pkt,
+                &raw mut (*flow).next_seq_out,
+                &raw mut (*flow).seq_out_known,
+            );
+            let event = &raw mut (*flow).event;
+            add(&raw mut (*event).bytes_out, fresh);
+            add(&raw mut (*event).packets_out, pkt.segments);
+            if (*event).src_port_be == 0 {
+                (*event).src_port_be = pkt.src_port_be;
+                (*event).src_addr = pkt.src;
+                let _ = TUPLES.insert(&events::tuple(&*event), &cookie, 0);
             }
         }
-        return TC_ACT_OK as i32;
+        return PASS;
     }
     // SAFETY: `sk` is non-null and came from the context.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
         // A request or time-wait socket: TCP, judged at connect or inbound.
-        return TC_ACT_OK as i32;
+        return PASS;
     }
     // SAFETY: a full socket the helper returned.
     let (sock_type, sock_proto) = unsafe { ((*full).type_, (*full).protocol) };
     if (sock_type == SOCK_STREAM && sock_proto == IPPROTO_TCP as u32)
         || (sock_type == SOCK_DGRAM && sock_proto == IPPROTO_UDP as u32)
     {
-        return TC_ACT_OK as i32;
+        return PASS;
     }
     let decision = decide::judge(pkt.proto, pkt.dst_port_be, pkt.dst);
     if decision.verdict.permits() {
-        return TC_ACT_OK as i32;
+        return PASS;
     }
     if let Some(mut entry) = events::reserve() {
         let now = events::now_ns();
@@ -133,7 +148,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
 pub fn ingress(ctx: &TcContext) -> i32 {
     let mut pkt = Packet::default();
     if parse(ctx, &mut pkt).is_none() {
-        return TC_ACT_OK as i32;
+        return PASS;
     }
     let tuple = FlowTuple {
         proto: pkt.proto,
@@ -149,11 +164,65 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     {
         // SAFETY: as in egress.
         unsafe {
-            add(&raw mut (*flow).bytes_in, pkt.payload);
-            add(&raw mut (*flow).packets_in, pkt.segments);
+            let fresh = fresh_bytes(
+                &pkt,
+                &raw mut (*flow).next_seq_in,
+                &raw mut (*flow).seq_in_known,
+            );
+            add(&raw mut (*flow).event.bytes_in, fresh);
+            add(&raw mut (*flow).event.packets_in, pkt.segments);
         }
     }
-    TC_ACT_OK as i32
+    PASS
+}
+
+/// The payload bytes of `pkt` its flow has not carried yet in this direction. For TCP that is how
+/// far the segment moves the highest sequence number seen so far, so retransmissions and overlaps
+/// add nothing, and a segment overtaken by a later one was counted with it (both directions may
+/// be handled on two CPUs at once, so segments can reach TC out of order). Other protocols have
+/// no such notion and count every packet.
+#[inline(always)]
+unsafe fn fresh_bytes(pkt: &Packet, next: *mut u64, known: *mut u8) -> u64 {
+    if pkt.proto != IPPROTO_TCP {
+        return pkt.payload;
+    }
+    // The SYN takes one sequence number before any data (with TCP Fast Open, data follows it).
+    let start = pkt.seq.wrapping_add((pkt.tcp_flags & TCP_SYN != 0) as u32);
+    let end = start.wrapping_add(pkt.payload as u32);
+    // SAFETY: the caller passes fields of a live map value.
+    unsafe {
+        if *known == 0 {
+            // The first segment, normally the SYN: it opens the count.
+            *next = end as u64;
+            *known = 1;
+            return pkt.payload;
+        }
+        if pkt.payload == 0 {
+            // A bare ACK or FIN: after our FIN its sequence number is one past the data.
+            return 0;
+        }
+        // Two CPUs may move the mark at once: compare-and-swap, retried a bounded number of times
+        // (the verifier wants loops bounded; losing every round costs a miscount, not safety).
+        let mut round = 0;
+        while round < 4 {
+            let current = core::ptr::read_volatile(next);
+            // Serial-number arithmetic (RFC 1982): ahead when the difference is positive.
+            let ahead = end.wrapping_sub(current as u32) as i32;
+            if ahead <= 0 {
+                return 0;
+            }
+            let (_, swapped) = core::intrinsics::atomic_cxchg::<
+                u64,
+                { core::intrinsics::AtomicOrdering::Relaxed },
+                { core::intrinsics::AtomicOrdering::Relaxed },
+            >(next, current, end as u64);
+            if swapped {
+                return ahead as u64;
+            }
+            round += 1;
+        }
+        0
+    }
 }
 
 /// Atomic add: every CPU may count the same flow. core's AtomicU64 has no fetch_add on BPF (no
@@ -230,9 +299,12 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Option<()> {
         pkt.dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
         l4_header = match pkt.proto {
             IPPROTO_TCP => {
-                let mut off = [0u8; 1];
-                load(ctx, l4 + 12, &mut off)?;
-                ((off[0] >> 4) as u32) * 4
+                // Sequence number (4), acknowledgment number (4), data offset, flags.
+                let mut h = [0u8; 10];
+                load(ctx, l4 + 4, &mut h)?;
+                pkt.seq = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+                pkt.tcp_flags = h[9];
+                ((h[8] >> 4) as u32) * 4
             }
             IPPROTO_UDP => 8,
             _ => 12,

@@ -137,6 +137,41 @@ impl World {
         sh(&full);
     }
 
+    /// Drops every `every`-th data-carrying TCP packet to and from `port` after the host's TC programs have
+    /// seen it (netfilter input, on each side of the veth), so the sender has to retransmit it.
+    /// Undone when the guard is dropped.
+    pub fn lossy(&self, port: u16, every: u32) -> Lossy {
+        let table = format!("egress_lossy_{}", self.veth_host);
+        // Only segments that carry data (a lost ACK proves nothing), and not the first ones: a
+        // lost SYN costs a second.
+        let rule = |dir: &str| {
+            format!(
+                "tcp {dir} {port} meta length > 1000 numgen inc mod {every} {} counter drop",
+                every / 2
+            )
+        };
+        let add = |prefix: &[&str], filter: String| {
+            let mut cmd: Vec<&str> = prefix.to_vec();
+            cmd.extend(["nft", "add", "table", "inet", &table]);
+            sh(&cmd);
+            cmd.truncate(prefix.len());
+            cmd.extend(["nft", "add", "chain", "inet", &table, "input"]);
+            cmd.push("{ type filter hook input priority 0; }");
+            sh(&cmd);
+            cmd.truncate(prefix.len());
+            cmd.extend(["nft", "add", "rule", "inet", &table, "input"]);
+            cmd.extend(filter.split(' '));
+            sh(&cmd);
+        };
+        // Into the world: segments the host sent. Into the host, from this world only: replies.
+        add(&["ip", "netns", "exec", &self.name], rule("dport"));
+        add(&[], format!("iifname {} {}", self.veth_host, rule("sport")));
+        Lossy {
+            netns: self.name.clone(),
+            table,
+        }
+    }
+
     pub fn v4(&self, host: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(198, 18, self.index as u8, host))
     }
@@ -309,6 +344,53 @@ impl Drop for World {
             .args(["netns", "del", &self.name])
             .output();
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Loss injected by [`World::lossy`].
+pub struct Lossy {
+    netns: String,
+    table: String,
+}
+
+impl Lossy {
+    /// Segments dropped so far into the world and into the host.
+    pub fn dropped(&self) -> (u64, u64) {
+        let count = |prefix: &[&str]| {
+            let mut cmd: Vec<&str> = prefix.to_vec();
+            cmd.extend(["nft", "list", "table", "inet", &self.table]);
+            let out = Command::new(cmd[0])
+                .args(&cmd[1..])
+                .output()
+                .expect("nft list");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.split_whitespace()
+                .skip_while(|w| *w != "packets")
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        (count(&["ip", "netns", "exec", &self.netns]), count(&[]))
+    }
+}
+
+impl Drop for Lossy {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .output();
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+            ])
+            .arg(&self.table)
+            .output();
     }
 }
 

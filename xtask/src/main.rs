@@ -50,6 +50,7 @@ const PACKAGES: &[&str] = &[
     "libzstd-dev",
     "dnsmasq-base",
     "iproute2",
+    "nftables",
 ];
 const TOOLCHAIN: &str = "debian-web";
 const BPF_LINKER_VERSION: &str = "0.13";
