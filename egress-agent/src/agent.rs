@@ -16,6 +16,7 @@ use crate::{
     maps::KernelMaps,
     metrics,
     policy::{self, Mode, Plan, Severity},
+    relay::{self, Relay, RelayConfig},
     resolve::{HostTable, Refresh, Resolver},
 };
 
@@ -37,6 +38,8 @@ pub struct AgentConfig {
     pub metrics: Option<SocketAddr>,
     /// No kernel events at all (decisions unchanged): the events benchmark's baseline only.
     pub kernel_events_off: bool,
+    /// The gateway relay steered connections go to.
+    pub relay: RelayConfig,
 }
 
 pub struct Agent {
@@ -47,6 +50,8 @@ pub struct Agent {
     pub summary: String,
     /// The metrics endpoint's bound address (a port 0 request gets a real port here).
     pub metrics_addr: Option<SocketAddr>,
+    /// The relay's port on 127.0.0.1 and ::1.
+    pub relay_port: u16,
 }
 
 /// Loads and compiles the policy, logging warnings. Any error refuses the whole policy.
@@ -151,6 +156,7 @@ impl Agent {
             mut maps,
             counters,
             events,
+            peers,
         } = Datapath::load(cfg.ring_bytes).context("loading the eBPF programs")?;
         let (catalog, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
         sync(&plan, &table, &resolver, &mut maps, &catalog, &status)?;
@@ -181,6 +187,23 @@ impl Agent {
             Arc::clone(&status),
         )
         .context("watching the event ring buffer")?;
+        // The relay listens before anything is attached: the first steered connect finds it.
+        let listeners = relay::bind(cfg.relay.port)
+            .await
+            .with_context(|| format!("listening for the relay on port {}", cfg.relay.port))?;
+        let relay = Relay::spawn(
+            listeners,
+            cfg.relay,
+            peers,
+            catalog.subscribe(),
+            pipeline.records(),
+            pipeline.cgroup_names(),
+            Arc::clone(&status),
+        )
+        .context("starting the relay")?;
+        maps.set_relay_port(relay.port)
+            .context("writing the relay port")?;
+        let relay_port = relay.port;
         let (metrics_task, metrics_addr) = match cfg.metrics {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
@@ -214,7 +237,7 @@ impl Agent {
         }
         let summary = format!(
             "enforcing {} ({}) on {}: {} rule(s), {} map entries, resolvers {:?}, TC on [{}], \
-             flow log {}",
+             relay on port {relay_port}, flow log {}",
             plan.mode,
             plan.mode_source,
             cfg.cgroup.display(),
@@ -266,8 +289,10 @@ impl Agent {
                     log::error!("{e:#}; will retry on the next change");
                 }
             }
-            // Detach first, then drain: every decision taken is in the log before we return.
+            // Detach first, then end the relay's connections, then drain: every decision taken
+            // is in the log before we return.
             drop(datapath);
+            relay.stop().await;
             pipeline.stop().await;
             if let Some(task) = metrics_task {
                 task.abort();
@@ -280,6 +305,7 @@ impl Agent {
             status,
             summary,
             metrics_addr,
+            relay_port,
         })
     }
 

@@ -9,4 +9,5 @@ pub mod events;
 pub mod maps;
 pub mod metrics;
 pub mod policy;
+pub mod relay;
 pub mod resolve;

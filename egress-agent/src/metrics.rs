@@ -30,6 +30,13 @@ pub struct BytesLabels {
     pub direction: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayLabels {
+    /// The relay record's outcome: `ok`, `refused`, `upstream-failed`, ….
+    pub outcome: String,
+    pub host: String,
+}
+
 /// Counters others can watch: tests poll them, `/metrics` serves them.
 #[derive(Debug, Default)]
 pub struct Status {
@@ -41,6 +48,7 @@ pub struct Status {
     pub reload_failures: Counter,
     pub connections: Family<DecisionLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
+    pub relayed: Family<RelayLabels, Counter>,
     pub events: Counter,
     pub events_lost: Counter,
     pub log_errors: Counter,
@@ -71,6 +79,22 @@ impl Status {
                         .inc_by(n.unwrap_or(0));
                 }
             }
+            "relay" => {
+                self.relayed
+                    .get_or_create(&RelayLabels {
+                        outcome: r.outcome.clone().unwrap_or_default(),
+                        host: host.clone(),
+                    })
+                    .inc();
+                for (direction, n) in [("out", r.bytes_up), ("in", r.bytes_down)] {
+                    self.bytes
+                        .get_or_create(&BytesLabels {
+                            host: host.clone(),
+                            direction: direction.to_owned(),
+                        })
+                        .inc_by(n.unwrap_or(0));
+                }
+            }
             // `events_lost` follows the kernel's counter directly (see events::pipeline).
             _ => {}
         }
@@ -85,12 +109,17 @@ impl Status {
         );
         r.register(
             "bytes",
-            "Payload bytes of ended flows, by host and direction",
+            "Payload bytes of ended flows and relayed connections, by host and direction",
             self.bytes.clone(),
         );
         r.register(
+            "relay_connections",
+            "Steered connections the relay handled, by outcome and host",
+            self.relayed.clone(),
+        );
+        r.register(
             "events",
-            "Flow events read from the kernel",
+            "Flow events, from the kernel and the relay",
             self.events.clone(),
         );
         r.register(

@@ -5,13 +5,26 @@
 /// Name of the policy LPM trie. A change to [`PolicyKey`] or [`PolicyValue`] gets a new version.
 pub const POLICY_MAP: &str = "EGRESS_POLICY_V1";
 /// Name of the single-entry [`Config`] array.
-pub const CONFIG_MAP: &str = "EGRESS_CONFIG_V2";
+pub const CONFIG_MAP: &str = "EGRESS_CONFIG_V3";
 /// Name of the per-CPU counters: slot 0 counts events lost, slots 1..=3 decisions by [`Verdict`].
 pub const COUNTERS_MAP: &str = "EGRESS_COUNTERS_V1";
 /// Name of the ring buffer of [`FlowEvent`]s.
 pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V1";
 /// Name of the LRU hash of open flows: socket cookie → [`Flow`].
 pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V2";
+/// Name of the LRU hash of steered connections by socket cookie → [`Steered`]: written at
+/// connect, read by getpeername, removed when the socket closes.
+pub const STEERED_MAP: &str = "EGRESS_STEERED_V1";
+/// Name of the LRU hash the relay reads: the client's end of a steered connection ([`RelayPeer`],
+/// as the relay's accept() sees it) → [`Steered`]. Written once the source port is known (sock_ops
+/// TCP_CONNECT_CB), removed when the client's socket closes: a record never outlives its
+/// connection.
+pub const RELAY_PEERS_MAP: &str = "EGRESS_RELAY_PEERS_V1";
+/// Socket mark of the relay's own upstream connections: the hooks pass them as they are, or a
+/// relay enforcing on its own cgroup would steer its upstream calls back to itself. Setting a mark
+/// takes CAP_NET_ADMIN, which could detach the programs anyway.
+pub const RELAY_MARK: u32 = 0x6567_7273;
+
 /// Name of the LRU hash that lets TC ingress find a flow: [`FlowTuple`] → socket cookie.
 pub const TUPLES_MAP: &str = "EGRESS_TUPLES_V1";
 
@@ -49,7 +62,7 @@ pub struct PolicyKey {
 pub enum Verdict {
     Allow = 1,
     Deny = 2,
-    /// Routed through the gateway relay. Until the relay exists, allowed directly.
+    /// TCP: rewritten to the agent's gateway relay, which checks the TLS SNI and connects on.
     Steer = 3,
 }
 
@@ -127,7 +140,9 @@ pub struct Config {
     pub cgroup_id: u64,
     /// `CONFIG_*` bits.
     pub flags: u32,
-    pub pad: u32,
+    /// The relay's port on 127.0.0.1 and ::1, host order; 0: no relay, so steered connections
+    /// are refused (never let through directly).
+    pub relay_port: u32,
 }
 
 /// [`Config::flags`]: the socket hooks write no events and track no flows (decisions are
@@ -227,6 +242,35 @@ pub struct Flow {
     pub pad: [u8; 6],
 }
 
+/// The original destination of a steered connection, and who made it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Steered {
+    /// Network order, IPv4 mapped into IPv6.
+    pub dst_addr: [u8; 16],
+    pub dst_port_be: u16,
+    /// 4 or 6: the family of the connect call.
+    pub family: u8,
+    pub pad: u8,
+    pub rule_id: u32,
+    /// The client socket's cookie.
+    pub cookie: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
+}
+
+/// The client's end of a steered connection: its local address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RelayPeer {
+    /// Network order, IPv4 mapped into IPv6.
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub pad: u16,
+}
+
 /// A flow as TC sees its packets: from the enforced host's side, so egress packets give it as is
 /// and ingress packets with source and destination swapped.
 #[repr(C)]
@@ -290,6 +334,9 @@ const _: () = {
     assert!(core::mem::offset_of!(FlowEvent, src_addr) == 96);
     assert!(core::mem::offset_of!(FlowEvent, comm) == 128);
     assert!(core::mem::size_of::<Flow>() == 168);
+    assert!(core::mem::size_of::<Steered>() == 64);
+    assert!(core::mem::offset_of!(Steered, cookie) == 24);
+    assert!(core::mem::size_of::<RelayPeer>() == 20);
     assert!(core::mem::size_of::<FlowTuple>() == 40);
     assert!(core::mem::offset_of!(FlowTuple, local_addr) == 8);
     assert!(KEY_FIXED_BITS as usize == core::mem::offset_of!(PolicyKey, addr) * 8);
@@ -305,4 +352,6 @@ mod user {
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::FlowTuple {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::Steered {}
+    unsafe impl aya::Pod for super::RelayPeer {}
 }

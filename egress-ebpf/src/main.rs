@@ -10,6 +10,7 @@
 
 mod decide;
 mod events;
+mod steer;
 mod tc;
 
 use aya_ebpf::{
@@ -24,7 +25,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowTuple, PolicyKey, PolicyValue,
-    RULE_LOOPBACK, map_v4,
+    RELAY_MARK, RULE_LOOPBACK, RelayPeer, Steered, Verdict, map_v4,
 };
 
 use crate::events::{IPPROTO_TCP, IPPROTO_UDP};
@@ -35,7 +36,7 @@ const POLICY_MAX_ENTRIES: u32 = 1 << 20;
 #[map(name = "EGRESS_POLICY_V1")]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(POLICY_MAX_ENTRIES, 0);
 
-#[map(name = "EGRESS_CONFIG_V2")]
+#[map(name = "EGRESS_CONFIG_V3")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "EGRESS_COUNTERS_V1")]
@@ -52,6 +53,31 @@ static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOWS_MAX_ENT
 
 #[map(name = "EGRESS_TUPLES_V1")]
 static TUPLES: LruHashMap<FlowTuple, u64> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
+#[map(name = "EGRESS_STEERED_V1")]
+static STEERED: LruHashMap<u64, Steered> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
+#[map(name = "EGRESS_RELAY_PEERS_V1")]
+static RELAY_PEERS: LruHashMap<RelayPeer, Steered> =
+    LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    peer_name(&ctx, 4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    peer_name(&ctx, 6)
+}
+
+#[inline(always)]
+fn peer_name(ctx: &SockAddrContext, family: u8) -> i32 {
+    // SAFETY: the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    steer::peer_name(ctx.sock_addr, cookie, family);
+    1
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -78,14 +104,37 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 /// the 512-byte stack has no room for copies.
 #[inline(always)]
 fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16]) -> i32 {
+    // The relay's own upstream connections were judged when their client connected.
+    // SAFETY: the program's own context; `sk` is a full socket in sock_addr programs.
+    if unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark } == RELAY_MARK {
+        return 1;
+    }
     let (proto, port_be) = (ctx.proto(), ctx.port_be());
-    let decision = decide::judge(proto, port_be, addr);
+    let mut decision = decide::judge(proto, port_be, addr);
     // SAFETY: the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    if CONFIG
-        .get(0)
-        .is_some_and(|c| c.flags & CONFIG_EVENTS_OFF != 0)
-    {
+    let config = CONFIG.get(0);
+    if matches!(decision.verdict, Verdict::Steer) {
+        // Only a TCP connect can be steered (the compiler never steers UDP). Without a relay or a
+        // record of the original destination the connection is refused, never let through.
+        let relay_port = config.map_or(0, |c| c.relay_port as u16);
+        if !(matches!(kind, EventKind::Connect)
+            && proto == IPPROTO_TCP
+            && relay_port != 0
+            && steer::redirect(
+                ctx.sock_addr,
+                cookie,
+                family,
+                addr,
+                port_be,
+                decision.rule_id,
+                relay_port,
+            ))
+        {
+            decision.verdict = Verdict::Deny;
+        }
+    }
+    if config.is_some_and(|c| c.flags & CONFIG_EVENTS_OFF != 0) {
         return decide::hook_return(decision.verdict);
     }
     // A full ring buffer loses the event (counted) and the flow's tracking, never the decision.
@@ -97,8 +146,9 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
                 kind, decision, proto, family, port_be, addr, cookie,
             ))
         };
+        // Steered connections end in a relay event, with the bytes the relay carried.
         if matches!(kind, EventKind::Connect)
-            && decision.verdict.permits()
+            && matches!(decision.verdict, Verdict::Allow)
             && decision.rule_id != RULE_LOOPBACK
             && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
         {
@@ -128,13 +178,16 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            if FLOWS.get_ptr(&cookie).is_some() {
+            if steer::connecting(ctx.ops, cookie) || FLOWS.get_ptr(&cookie).is_some() {
                 let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
                 // Failing leaves the flow to sock_release or to the LRU.
                 let _ = ctx.set_cb_flags(flags as i32);
             }
         }
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => events::close_flow(cookie),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            steer::forget(ctx.ops, cookie);
+            events::close_flow(cookie);
+        }
         _ => {}
     }
     1
@@ -154,6 +207,10 @@ pub fn sock_release(ctx: SockContext) -> i32 {
     };
     if proto != IPPROTO_TCP as u32 || state == BPF_TCP_CLOSE {
         events::close_flow(cookie);
+    }
+    if proto == IPPROTO_TCP as u32 {
+        // A steered connect that failed before TCP chose a port left only this record.
+        let _ = STEERED.remove(&cookie);
     }
     1
 }

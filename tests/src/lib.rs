@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_agent::datapath::cgroup;
+use egress_agent::{datapath::cgroup, events::Record};
+
+pub mod tls;
 
 static NEXT: AtomicU32 = AtomicU32::new(1);
 /// World 0 (198.18.0.0/24) is the demo's; tests take 1 and up.
@@ -409,6 +411,13 @@ impl TestCgroup {
         TestCgroup { path }
     }
 
+    /// `program` set up to run inside this cgroup.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        join_cgroup(&mut cmd, &self.path);
+        cmd
+    }
+
     /// Runs `egress-probe ARGS` inside this cgroup and returns its one-word answer.
     pub fn probe(&self, args: &[&str]) -> String {
         probe_in(Some(&self.path), args)
@@ -446,16 +455,61 @@ pub fn spawn_probe(cgroup: Option<&Path>, args: &[&str]) -> Child {
     let mut cmd = Command::new(target_bin("egress-probe"));
     cmd.args(args);
     if let Some(cg) = cgroup {
-        let procs = cg.join("cgroup.procs");
-        // SAFETY: the closure only opens and writes a file before exec.
-        unsafe {
-            cmd.pre_exec(move || fs::write(&procs, "0"));
-        }
+        join_cgroup(&mut cmd, cg);
     }
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run egress-probe")
+}
+
+/// How long the tests wait for a log record to appear.
+pub const LOG_WAIT: Duration = Duration::from_secs(10);
+
+/// A fresh flow-log path for one test (its directory emptied).
+pub fn log_path(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("egress-log-{}-{tag}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    dir.join("flows.jsonl")
+}
+
+/// Every record in a flow log.
+pub fn records(path: &Path) -> Vec<Record> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
+        .collect()
+}
+
+/// Polls the log until a record satisfies `pred`.
+pub fn wait_record(path: &Path, what: &str, pred: impl Fn(&Record) -> bool) -> Record {
+    let deadline = Instant::now() + LOG_WAIT;
+    loop {
+        if let Some(r) = records(path).into_iter().find(|r| pred(r)) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} in {} within {LOG_WAIT:?}; the log has:\n{}",
+            path.display(),
+            fs::read_to_string(path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ip:port`, IPv6 bracketed.
+pub fn at(ip: IpAddr, port: u16) -> String {
+    SocketAddr::new(ip, port).to_string()
+}
+
+/// Makes the child join `cgroup` before it runs its program (only the child joins it).
+fn join_cgroup(cmd: &mut Command, cgroup: &Path) {
+    let procs = cgroup.join("cgroup.procs");
+    // SAFETY: the closure only opens and writes a file before exec.
+    unsafe {
+        cmd.pre_exec(move || fs::write(&procs, "0"));
+    }
 }
 
 /// A TCP listener on loopback that greets like the world's servers.

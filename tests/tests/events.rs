@@ -4,9 +4,9 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -16,9 +16,11 @@ use egress_agent::{
     agent::{Agent, AgentConfig},
     events::Record,
     policy::Mode,
+    relay::RelayConfig,
 };
 use egress_tests::{
-    TestCgroup, World, loopback_server, policy_dir, probe_in, probe_with_pid, target_bin, wait_for,
+    TestCgroup, World, at, log_path, loopback_server, policy_dir, probe_in, probe_with_pid,
+    records, target_bin, wait_for, wait_record,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -78,12 +80,6 @@ fn world() -> World {
     w
 }
 
-fn log_path(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("egress-events-{}-{tag}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    dir.join("flows.jsonl")
-}
-
 fn config(w: &World, cg: &TestCgroup, mode: Mode, log: Option<&Path>) -> AgentConfig {
     AgentConfig {
         policies: vec![policy_dir(&policy())],
@@ -92,43 +88,20 @@ fn config(w: &World, cg: &TestCgroup, mode: Mode, log: Option<&Path>) -> AgentCo
         cgroup: cg.path.clone(),
         ifaces: Some(vec![w.iface().to_owned()]),
         events: log.map(Path::to_owned),
+        relay: RelayConfig {
+            // Plain TCP probes of the steered host reach the relay, which waits for a ClientHello.
+            hello_timeout: Duration::from_millis(300),
+            ..RelayConfig::default()
+        },
         ..AgentConfig::default()
     }
-}
-
-fn records(path: &Path) -> Vec<Record> {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
-        .collect()
-}
-
-/// Polls the log until a record satisfies `pred`.
-fn wait_record(path: &Path, what: &str, pred: impl Fn(&Record) -> bool) -> Record {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(r) = records(path).into_iter().find(|r| pred(r)) {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {what} in {} within {WAIT:?}; the log has:\n{}",
-            path.display(),
-            fs::read_to_string(path).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn at(ip: IpAddr, port: u16) -> String {
-    SocketAddr::new(ip, port).to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_verdict_is_logged_with_process_destination_host_and_rule() {
     let w = world();
     let cg = TestCgroup::new("verdicts");
-    let log = log_path("verdicts");
+    let log = log_path("events-verdicts");
     let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
         .await
         .expect("agent starts");
@@ -168,10 +141,11 @@ async fn every_verdict_is_logged_with_process_destination_host_and_rule() {
             "deny",
             None,
         ),
+        // Steered to the relay, which closes a connection that sends no ClientHello.
         (
             "tcp",
             at(w.v4(12), 443),
-            "ok",
+            "error:closed before the greeting",
             "connect",
             "steer",
             Some("steered.test"),
@@ -214,7 +188,7 @@ async fn every_verdict_is_logged_with_process_destination_host_and_rule() {
 async fn raw_icmp_from_the_cgroup_is_dropped_and_logged_outside_untouched() {
     let w = world();
     let cg = TestCgroup::new("icmp");
-    let log = log_path("icmp");
+    let log = log_path("events-icmp");
     let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
         .await
         .expect("agent starts");
@@ -244,7 +218,7 @@ async fn raw_icmp_from_the_cgroup_is_dropped_and_logged_outside_untouched() {
 async fn a_flow_ends_with_its_byte_totals() {
     let w = world();
     let cg = TestCgroup::new("bytes");
-    let log = log_path("bytes");
+    let log = log_path("events-bytes");
     let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
         .await
         .expect("agent starts");
@@ -281,7 +255,7 @@ async fn a_flow_ends_with_its_byte_totals() {
 async fn a_full_ring_buffer_is_counted_and_reported() {
     let w = world();
     let cg = TestCgroup::new("lost");
-    let dir = log_path("lost");
+    let dir = log_path("events-lost");
     fs::create_dir_all(dir.parent().expect("dir")).expect("log dir");
     // A FIFO nobody reads yet: the writer blocks, the pipeline backs up, the ring fills.
     let fifo = dir.with_extension("fifo");
@@ -351,7 +325,7 @@ async fn a_full_ring_buffer_is_counted_and_reported() {
 async fn events_follow_shows_new_events() {
     let w = world();
     let cg = TestCgroup::new("follow");
-    let log = log_path("follow");
+    let log = log_path("events-follow");
     let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
         .await
         .expect("agent starts");
@@ -431,7 +405,7 @@ fn scrape(addr: SocketAddr) -> (BTreeMap<(String, String, String), u64>, String)
 async fn metrics_agree_with_the_log() {
     let w = world();
     let cg = TestCgroup::new("metrics");
-    let log = log_path("metrics");
+    let log = log_path("events-metrics");
     let a = Agent::start(AgentConfig {
         metrics: Some("127.0.0.1:0".parse().expect("addr")),
         ..config(&w, &cg, Mode::RegistryOnly, Some(&log))

@@ -51,6 +51,9 @@ const PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "iproute2",
     "nftables",
+    // Real TLS clients for the relay tests.
+    "curl",
+    "openssl",
 ];
 const TOOLCHAIN: &str = "debian-web";
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -182,6 +182,24 @@ impl Printer {
                 r.lost_total.unwrap_or(0)
             ),
             "packet" => format!("on {}", dash(&r.iface)),
+            "relay" => {
+                let mut d = format!(
+                    "{} sni {} -> {}, up {} B, down {} B, {} ms",
+                    dash(&r.outcome),
+                    dash(&r.sni),
+                    dash(&r.upstream),
+                    r.bytes_up.unwrap_or(0),
+                    r.bytes_down.unwrap_or(0),
+                    r.duration_ms.unwrap_or(0)
+                );
+                if r.outcome.as_deref() != Some("ok")
+                    && let Some(reason) = &r.reason
+                {
+                    d.push_str(": ");
+                    d.push_str(reason);
+                }
+                d
+            }
             _ => String::new(),
         };
         writeln!(

@@ -108,6 +108,22 @@ pub struct EnforceArgs {
     /// Event ring buffer size (a power of two, at least a page; K and M suffixes).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub ring_size: Option<u64>,
+    /// Port of the gateway relay on 127.0.0.1 and ::1, where steered connections go (default: a
+    /// free port, which the kernel programs are told).
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    pub relay_port: u16,
+    /// Longest wait for a steered connection's TLS ClientHello.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub relay_hello_timeout: std::time::Duration,
+    /// Close a relayed connection after this long without a byte either way.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub relay_idle_timeout: std::time::Duration,
+}
+
+/// `500ms`, `10s`, `5m`, `1h`: as Istio writes durations.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<crate::policy::schema::IstioDuration>()
+        .map(|d| d.0)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -195,6 +211,12 @@ impl EnforceArgs {
             },
             ring_bytes,
             metrics: self.metrics,
+            relay: crate::relay::RelayConfig {
+                port: self.relay_port,
+                hello_timeout: self.relay_hello_timeout,
+                idle_timeout: self.relay_idle_timeout,
+                ..cfg.relay
+            },
             ..cfg
         })
     }

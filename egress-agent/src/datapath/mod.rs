@@ -14,12 +14,22 @@ use aya::{
     },
     util::KernelVersion,
 };
-use egress_common::EVENTS_MAP;
+use egress_common::{EVENTS_MAP, RELAY_PEERS_MAP};
 
-use crate::maps::{Counters, KernelMaps, MapsError};
+use crate::{
+    maps::{Counters, KernelMaps, MapsError},
+    relay::Peers,
+};
 
 /// The cgroup sock_addr programs, by their function names in egress-ebpf.
-pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+pub const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "getpeername4",
+    "getpeername6",
+];
 const SOCK_OPS_PROGRAM: &str = "tcp_state";
 const SOCK_RELEASE_PROGRAM: &str = "sock_release";
 const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
@@ -77,6 +87,8 @@ pub struct Loaded {
     pub maps: KernelMaps,
     pub counters: Counters,
     pub events: RingBuf<MapData>,
+    /// The relay's view of steered connections.
+    pub peers: Peers,
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
@@ -140,11 +152,21 @@ impl Datapath {
                 source,
             })
         })?;
+        let peers = ebpf
+            .take_map(RELAY_PEERS_MAP)
+            .ok_or(DatapathError::MissingMap(RELAY_PEERS_MAP))?;
+        let peers = Peers::try_from(peers).map_err(|source| {
+            DatapathError::Maps(MapsError::Open {
+                name: RELAY_PEERS_MAP,
+                source,
+            })
+        })?;
         Ok(Loaded {
             datapath: Self { ebpf },
             maps,
             counters,
             events,
+            peers,
         })
     }
 

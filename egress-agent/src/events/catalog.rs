@@ -11,16 +11,31 @@ use std::{
 use egress_common::{RULE_FIRST_POLICY, RULE_LOOPBACK, RULE_MODE, RULE_RESOLVER};
 
 use super::Record;
-use crate::policy::Plan;
+use crate::policy::{Plan, compile::RelayRoute};
 
-/// A snapshot of the plan and the resolved addresses, replaced on every map sync.
+/// A snapshot of the plan and the resolved addresses, replaced on every map sync. The relay reads
+/// it too, to judge a ClientHello and to connect on.
 #[derive(Debug, Default)]
 pub struct Catalog {
     /// By `rule_id - RULE_FIRST_POLICY`: label and hosts.
     rules: Vec<(String, Vec<String>)>,
+    /// By `rule_id - RULE_FIRST_POLICY`: how the relay connects upstream.
+    routes: Vec<RelayRoute>,
     mode: String,
     /// Resolved names of each address.
     names: HashMap<IpAddr, Vec<String>>,
+    /// Resolved addresses of each name.
+    addrs: HashMap<String, Vec<IpAddr>>,
+}
+
+/// What the relay may do with a steered connection whose ClientHello passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The registered host the server name matched (a pattern, for a wildcard host).
+    pub host: String,
+    pub route: RelayRoute,
+    /// Other addresses of the same host, for retries.
+    pub alternates: Vec<IpAddr>,
 }
 
 impl Catalog {
@@ -40,9 +55,43 @@ impl Catalog {
                 .iter()
                 .map(|r| (r.label.clone(), r.hosts.clone()))
                 .collect(),
+            routes: plan.rules.iter().map(|r| r.relay.clone()).collect(),
             mode: plan.mode.to_string(),
             names,
+            addrs: resolved.clone(),
         }
+    }
+
+    /// Whether a steered connection to `dst`, decided by `rule_id`, may go on with this TLS
+    /// server name: the name must be one of the rule's hosts, and a host resolved by DNS must
+    /// have resolved to `dst` (the kernel's record, never the client's word). Hosts with fixed
+    /// addresses and wildcard hosts match by name. The error says why not.
+    pub fn upstream(&self, rule_id: u32, sni: &str, dst: IpAddr) -> Result<Upstream, String> {
+        let i = rule_id
+            .checked_sub(RULE_FIRST_POLICY)
+            .map(|i| i as usize)
+            .filter(|&i| i < self.rules.len())
+            .ok_or_else(|| format!("rule #{rule_id} is not in the policy in force"))?;
+        let (label, hosts) = &self.rules[i];
+        let sni = sni.trim_end_matches('.').to_ascii_lowercase();
+        let host = hosts
+            .iter()
+            .find(|h| host_matches(h, &sni))
+            .ok_or_else(|| format!("server name {sni} is not a host of {label}"))?;
+        let alternates = match self.addrs.get(host) {
+            Some(addrs) if !addrs.contains(&dst) => {
+                return Err(format!(
+                    "server name {sni} does not resolve to the destination {dst}"
+                ));
+            }
+            Some(addrs) => addrs.iter().copied().filter(|a| *a != dst).collect(),
+            None => Vec::new(),
+        };
+        Ok(Upstream {
+            host: host.clone(),
+            route: self.routes[i].clone(),
+            alternates,
+        })
     }
 
     /// Fills host, rule and reason from the rule id and destination.
@@ -73,6 +122,17 @@ impl Catalog {
             (None, None) => None,
         };
         r.rule = rule.map(|(label, _)| label.clone());
+    }
+}
+
+/// Istio host matching: exact, or `*.suffix` for any name below the suffix.
+fn host_matches(host: &str, name: &str) -> bool {
+    match host.strip_prefix('*') {
+        Some(suffix) if suffix.starts_with('.') => {
+            name.len() > suffix.len() && name.ends_with(suffix)
+        }
+        Some(_) => host == "*",
+        None => host == name,
     }
 }
 

@@ -5,7 +5,7 @@ pub mod log;
 mod pipeline;
 mod record;
 
-pub use catalog::{Catalog, CgroupNames};
+pub use catalog::{Catalog, CgroupNames, Upstream};
 pub use log::{LogReader, LogWriter, Rotation};
 pub use pipeline::Pipeline;
 pub use record::Record;

@@ -27,6 +27,9 @@ const BATCH: usize = 256;
 
 pub struct Pipeline {
     stop: Option<oneshot::Sender<()>>,
+    /// For records from elsewhere (the relay); the writer ends once every sender is gone.
+    records: mpsc::Sender<Record>,
+    cgroups: Arc<Mutex<CgroupNames>>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
     poller: JoinHandle<()>,
@@ -59,7 +62,7 @@ impl Lost {
 struct Reader {
     lost: Arc<Lost>,
     catalog: watch::Receiver<Arc<Catalog>>,
-    cgroups: CgroupNames,
+    cgroups: Arc<Mutex<CgroupNames>>,
     status: Arc<Status>,
     tx: mpsc::Sender<Record>,
     /// The kernel's total as of the last `lost` record.
@@ -79,6 +82,7 @@ impl Pipeline {
         let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(std::io::Error::from)?;
         let (tx, rx) = mpsc::channel(CHANNEL);
+        let cgroups = Arc::new(Mutex::new(cgroups));
         let (stop, stop_rx) = oneshot::channel();
         let st = Arc::clone(&status);
         let writer = tokio::task::spawn_blocking(move || write(rx, log, &st));
@@ -99,25 +103,39 @@ impl Pipeline {
         let reader = Reader {
             lost,
             catalog,
-            cgroups,
+            cgroups: Arc::clone(&cgroups),
             status,
-            tx,
+            tx: tx.clone(),
             lost_logged: start,
         };
         let reader = tokio::spawn(reader.run(fd, stop_rx));
         Ok(Pipeline {
             stop: Some(stop),
+            records: tx,
+            cgroups,
             reader,
             writer,
             poller,
         })
     }
 
-    /// Drains what the kernel wrote so far, writes it, and stops.
+    /// A sender of records to the log, beside the kernel's.
+    pub fn records(&self) -> mpsc::Sender<Record> {
+        self.records.clone()
+    }
+
+    /// The cgroup names the reader uses, for records from elsewhere.
+    pub fn cgroup_names(&self) -> Arc<Mutex<CgroupNames>> {
+        Arc::clone(&self.cgroups)
+    }
+
+    /// Drains what the kernel wrote so far, writes it, and stops. Other senders must be gone.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.records, closed));
         if let Err(e) = (&mut self.reader).await {
             log::error!("event reader ended abnormally: {e}");
         }
@@ -189,7 +207,12 @@ impl Reader {
             drop(item);
             let mut record = Record::from_kernel(&ev, wall(ev.time_ns, offset));
             catalog.annotate(&mut record);
-            record.cgroup = record.cgroup_id.and_then(|id| self.cgroups.name(id));
+            record.cgroup = record.cgroup_id.and_then(|id| {
+                self.cgroups
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .name(id)
+            });
             if ev.ifindex != 0 {
                 record.iface = nix::net::if_::if_indextoname(ev.ifindex)
                     .ok()

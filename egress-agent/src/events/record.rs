@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 pub struct Record {
     pub time: Timestamp,
     /// `connect`, `sendmsg`, `packet` (judged by TC), `close` (a flow ended, with totals),
-    /// `lost` (events the kernel could not write).
+    /// `relay` (a steered connection through the relay ended), `lost` (events the kernel could
+    /// not write).
     pub kind: String,
     #[serde(default)]
     pub verdict: Option<String>,
@@ -57,6 +58,23 @@ pub struct Record {
     pub lost: Option<u64>,
     #[serde(default)]
     pub lost_total: Option<u64>,
+    /// For `relay`: the ClientHello's server name and ALPN protocols, the upstream address the
+    /// relay connected to, bytes client→upstream and back, how many connects it took, and the
+    /// outcome: `ok`, `refused` (see `reason`), `upstream-failed`, `idle-timeout`, `error`.
+    #[serde(default)]
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub bytes_up: Option<u64>,
+    #[serde(default)]
+    pub bytes_down: Option<u64>,
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub outcome: Option<String>,
 }
 
 impl Record {
@@ -85,6 +103,40 @@ impl Record {
             duration_ms: None,
             lost: None,
             lost_total: None,
+            sni: None,
+            alpn: None,
+            upstream: None,
+            bytes_up: None,
+            bytes_down: None,
+            attempts: None,
+            outcome: None,
+        }
+    }
+
+    /// A relay record: the steered connection's facts from the kernel's record; the relay fills
+    /// in the rest.
+    pub fn relay(time: Timestamp, steered: &egress_common::Steered) -> Record {
+        let mut r = Record::empty(time, "relay");
+        r.verdict = Some("steer".to_owned());
+        r.proto = Some("tcp".to_owned());
+        r.rule_id = Some(steered.rule_id);
+        r.dst = Some(endpoint(steered.dst_addr, steered.dst_port_be).to_string());
+        r.set_task(steered.pid, steered.tid, &steered.comm);
+        r.cgroup_id = (steered.cgroup_id != 0).then_some(steered.cgroup_id);
+        r
+    }
+
+    /// A relay record for a connection the kernel knows nothing of.
+    pub fn relay_unknown(time: Timestamp) -> Record {
+        Record::empty(time, "relay")
+    }
+
+    fn set_task(&mut self, pid: u32, tid: u32, comm: &[u8; 16]) {
+        if pid != 0 {
+            self.pid = Some(pid);
+            self.tid = Some(tid);
+            let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+            self.comm = Some(String::from_utf8_lossy(&comm[..len]).into_owned());
         }
     }
 
@@ -116,16 +168,7 @@ impl Record {
         if ev.src_addr != [0; 16] {
             r.src = Some(endpoint(ev.src_addr, ev.src_port_be).to_string());
         }
-        if ev.pid != 0 {
-            r.pid = Some(ev.pid);
-            r.tid = Some(ev.tid);
-            let len = ev
-                .comm
-                .iter()
-                .position(|&b| b == 0)
-                .unwrap_or(ev.comm.len());
-            r.comm = Some(String::from_utf8_lossy(&ev.comm[..len]).into_owned());
-        }
+        r.set_task(ev.pid, ev.tid, &ev.comm);
         r.cgroup_id = (ev.cgroup_id != 0).then_some(ev.cgroup_id);
         if matches!(kernel_kind, Some(EventKind::Close)) {
             r.bytes_out = Some(ev.bytes_out);

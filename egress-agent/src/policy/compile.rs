@@ -46,7 +46,20 @@ pub struct RuleInfo {
     pub ports: Vec<(u16, Transport)>,
     /// Why this rule's destinations are steered to the gateway, if they are.
     pub steer_reason: Option<String>,
+    /// How the relay connects upstream for this rule's steered connections.
+    pub relay: RelayRoute,
     pub source: Source,
+}
+
+/// The VirtualService settings the relay applies when it connects upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayRoute {
+    /// Further attempts after the first (Istio's `retries.attempts`).
+    pub retries: u32,
+    /// Limit of each attempt (`retries.perTryTimeout`).
+    pub per_try_timeout: Option<std::time::Duration>,
+    /// Limit of all attempts together (`timeout`).
+    pub timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +266,7 @@ fn compile_service_entry(
         hosts: hosts.clone(),
         ports: all_ports,
         steer_reason,
+        relay: relay_route(policy, &hosts),
         source: src.clone(),
     });
     let push_fixed = |plan: &mut Plan, net: IpNet, ports: &[(u16, Transport)]| {
@@ -403,6 +417,32 @@ fn steer_reason(policy: &Policy, hosts: &[String]) -> Option<String> {
     None
 }
 
+/// The retries and timeout of the first mesh-bound VirtualService HTTP route naming these hosts.
+fn relay_route(policy: &Policy, hosts: &[String]) -> RelayRoute {
+    policy
+        .virtual_services
+        .iter()
+        .filter(|vs| {
+            vs.spec
+                .hosts
+                .iter()
+                .any(|h| hosts.contains(&normalize_host(h)))
+        })
+        .filter(|vs| vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
+        .flat_map(|vs| &vs.spec.http)
+        .find(|r| r.retries.is_some() || r.timeout.is_some())
+        .map(|r| RelayRoute {
+            retries: r.retries.as_ref().and_then(|x| x.attempts).unwrap_or(0),
+            per_try_timeout: r
+                .retries
+                .as_ref()
+                .and_then(|x| x.per_try_timeout.as_ref())
+                .map(|d| d.0),
+            timeout: r.timeout.as_ref().map(|d| d.0),
+        })
+        .unwrap_or_default()
+}
+
 impl Plan {
     pub fn rule(&self, rule_id: u32) -> Option<&RuleInfo> {
         self.rules
@@ -430,6 +470,11 @@ impl Plan {
     ) -> BTreeMap<(u32, PolicyKey), PolicyValue> {
         let mut out = BTreeMap::new();
         let mut put = |net: IpNet, port: u16, transport: Transport, verdict: Verdict, rule_id| {
+            // The relay speaks TCP: a steered host's UDP ports are allowed directly.
+            let verdict = match (verdict, transport) {
+                (Verdict::Steer, Transport::Udp) => Verdict::Allow,
+                _ => verdict,
+            };
             let key = lpm_key(net, port, transport);
             let value = PolicyValue {
                 verdict: verdict as u32,

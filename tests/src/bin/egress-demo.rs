@@ -4,12 +4,12 @@ use std::{
     io::{BufRead as _, BufReader},
     net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
-    sync::mpsc,
+    sync::{Arc, mpsc},
     time::Duration,
 };
 
 use egress_agent::datapath::cgroup;
-use egress_tests::{World, loopback_server, probe_in, target_bin};
+use egress_tests::{World, loopback_server, probe_in, target_bin, tls::Pki};
 
 fn main() {
     let mut w = World::with_index(0);
@@ -18,6 +18,9 @@ fn main() {
         ("api.weather.com", 20),
         ("tracker.example", 66),
     ];
+    // The steered hosts serve real TLS, with certificates from a CA made for this run.
+    let pki = Pki::new(&std::env::temp_dir().join(&w.name), "demo");
+    let tls = pki.server(&["api.thirdparty.com", "api.weather.com"]);
     let mut records = Vec::new();
     for (name, h) in hosts {
         w.host(h);
@@ -30,7 +33,11 @@ fn main() {
         }
         for ip in [w.v4(h), w.v6(h)] {
             for port in [443, 80, 5432] {
-                w.tcp_server(SocketAddr::new(ip, port));
+                if port == 443 && (h == 10 || h == 20) {
+                    w.tls_server(SocketAddr::new(ip, port), Arc::clone(&tls));
+                } else {
+                    w.tcp_server(SocketAddr::new(ip, port));
+                }
             }
             w.udp_echo(SocketAddr::new(ip, 443));
         }
@@ -88,12 +95,22 @@ fn main() {
             .map(|s| s.split(',').filter_map(|a| a.parse().ok()).collect())
             .unwrap_or_default()
     };
+    let ca = pki.ca_pem.to_string_lossy().into_owned();
     let call = |what: &str, kind: &str, addr: String, why: &str| {
-        let out = probe_in(Some(&cg), &[kind, &addr]);
+        // A steered host gets a real TLS call (GET /), which the relay checks and carries.
+        let name = what.split(':').next().unwrap_or(what);
+        let out = if kind == "tls" {
+            probe_in(Some(&cg), &[kind, &addr, name, &ca])
+        } else {
+            probe_in(Some(&cg), &[kind, &addr])
+        };
         let shown = match out.as_str() {
-            "ok" => "ALLOWED",
-            "denied" => "DENIED (EPERM)",
-            other => other,
+            "ok" => "ALLOWED".to_owned(),
+            "denied" => "DENIED (EPERM)".to_owned(),
+            other if other.starts_with("ok:sni=") => {
+                format!("ALLOWED, via relay (upstream saw SNI {})", &other[7..])
+            }
+            other => other.to_owned(),
         };
         println!(
             "  {:<44} {shown:<15} {why}",
@@ -122,21 +139,21 @@ fn main() {
         |ips: &[IpAddr], i: usize, port: u16| SocketAddr::new(ips[i % ips.len()], port).to_string();
     call(
         "api.thirdparty.com:443",
-        "tcp",
+        "tls",
         at(&api, 0, 443),
-        "ServiceEntry external-api (steered via the gateway route)",
+        "ServiceEntry external-api, steered: VirtualService route-external",
     );
     call(
         "api.thirdparty.com:443",
-        "tcp",
+        "tls",
         at(&api, 1, 443),
         "same host over IPv6",
     );
     call(
         "api.weather.com:443",
-        "tcp",
+        "tls",
         at(&weather, 0, 443),
-        "ServiceEntry external-weather-api",
+        "steered: weather-api-vs gives retries and a timeout",
     );
     call(
         "api.weather.com:80",

@@ -8,6 +8,11 @@
 //!   egress-probe bench-connect ADDR:PORT N   N UDP connect() calls; prints ns per call
 //!   egress-probe ping ADDR                ICMP echo from a raw socket (no socket hook sees it)
 //!   egress-probe transfer ADDR:PORT N     send N bytes, half-close, expect N bytes back
+//!   egress-probe tls ADDR:PORT NAME CA [split]   TLS to NAME (CA: PEM file), GET /; prints
+//!                                         `ok:<body>`. `split` sends the ClientHello byte by byte
+//!   egress-probe tls-hold ADDR:PORT NAME CA N    N handshakes held open together, then a GET on
+//!                                         each; `ok` when every answer came
+//!   egress-probe peer ADDR:PORT           connect; print what getpeername() says
 use std::{
     io::{self, Read as _, Write as _},
     net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
@@ -234,6 +239,121 @@ fn transfer(addr: SocketAddr, n: usize) -> String {
     }
 }
 
+fn tls_config(ca: &str) -> io::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(io::Error::other)? {
+        roots
+            .add(cert.map_err(io::Error::other)?)
+            .map_err(io::Error::other)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Connects and completes a TLS handshake; with `split`, the ClientHello leaves one byte per
+/// segment.
+fn tls_connect(
+    addr: SocketAddr,
+    name: &str,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    split: bool,
+) -> io::Result<Tls> {
+    let mut tcp = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    tcp.set_read_timeout(Some(TIMEOUT * 3))?;
+    tcp.set_nodelay(true)?;
+    let server =
+        rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(io::Error::other)?;
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::clone(config), server)
+        .map_err(io::Error::other)?;
+    if split {
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello)?;
+        for b in hello {
+            tcp.write_all(&[b])?;
+            // Let each byte leave in its own segment.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+fn tls_get(tls: &mut Tls, name: &str) -> io::Result<String> {
+    write!(
+        tls,
+        "GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    match tls.read_to_end(&mut response) {
+        Ok(_) => {}
+        // A peer that closes without close_notify still sent its answer.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e),
+    }
+    let text = String::from_utf8_lossy(&response);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(body.trim().to_owned())
+}
+
+fn tls(addr: SocketAddr, name: &str, ca: &str, split: bool) -> String {
+    let run = || -> io::Result<String> {
+        let config = tls_config(ca)?;
+        let mut tls = tls_connect(addr, name, &config, split)?;
+        tls_get(&mut tls, name)
+    };
+    match run() {
+        Ok(body) => format!("ok:{body}"),
+        Err(e) => word(&e),
+    }
+}
+
+fn tls_hold(addr: SocketAddr, name: &str, ca: &str, n: usize) -> String {
+    let run = || -> io::Result<()> {
+        raise_nofile();
+        let config = tls_config(ca)?;
+        let mut open = Vec::with_capacity(n);
+        for _ in 0..n {
+            open.push(tls_connect(addr, name, &config, false)?);
+        }
+        for tls in &mut open {
+            let body = tls_get(tls, name)?;
+            if body != format!("sni={name}") {
+                return Err(io::Error::other(format!("answer {body:?}")));
+            }
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => "ok".into(),
+        Err(e) => word(&e),
+    }
+}
+
+/// Lifts the soft descriptor limit to the hard one.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn peer(addr: SocketAddr) -> String {
+    match TcpStream::connect_timeout(&addr, TIMEOUT).and_then(|s| s.peer_addr()) {
+        Ok(p) => format!("ok:{p}"),
+        Err(e) => word(&e),
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let addr = |i: usize| -> Option<SocketAddr> { args.get(i)?.parse().ok() };
@@ -246,6 +366,17 @@ fn main() -> ExitCode {
             Ok(n) => bench_connect(a, n),
             Err(_) => return usage(),
         },
+        (Some("tls"), Some(a)) if args.len() == 4 || args.len() == 5 => tls(
+            a,
+            &args[2],
+            &args[3],
+            args.get(4).map(String::as_str) == Some("split"),
+        ),
+        (Some("tls-hold"), Some(a)) if args.len() == 5 => match args[4].parse() {
+            Ok(n) => tls_hold(a, &args[2], &args[3], n),
+            Err(_) => return usage(),
+        },
+        (Some("peer"), Some(a)) => peer(a),
         (Some("transfer"), Some(a)) if args.len() == 3 => match args[2].parse() {
             Ok(n) => transfer(a, n),
             Err(_) => return usage(),
@@ -263,7 +394,8 @@ fn main() -> ExitCode {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: egress-probe tcp|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | \
-         bench-connect ADDR:PORT N | ping ADDR | transfer ADDR:PORT N"
+         bench-connect ADDR:PORT N | ping ADDR | transfer ADDR:PORT N | \
+         tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT"
     );
     ExitCode::from(2)
 }

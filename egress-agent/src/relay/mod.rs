@@ -1,0 +1,421 @@
+//! The gateway relay: steered TLS connections arrive here from the kernel, which kept each one's
+//! original destination. The relay reads the ClientHello, lets the connection on only when its
+//! server name is a host the policy allows for that destination, connects to that destination
+//! (never to a name the client chose, never re-resolved), and copies bytes both ways. Every
+//! connection ends in a `relay` record.
+pub mod hello;
+
+use std::{
+    io,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use egress_common::{RELAY_MARK, RelayPeer, Steered};
+use jiff::Timestamp;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{mpsc, watch},
+    task::{JoinHandle, JoinSet},
+    time::{Instant, sleep, timeout_at},
+};
+
+use crate::{
+    agent::Status,
+    events::{Catalog, CgroupNames, Record, Upstream},
+};
+
+/// Limits of the relay. The defaults suit production; tests shorten them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Port on 127.0.0.1 and ::1; 0 picks a free one.
+    pub port: u16,
+    /// Longest wait for a complete ClientHello.
+    pub hello_timeout: Duration,
+    /// Largest ClientHello accepted, with whatever came with it.
+    pub hello_limit: usize,
+    /// A connection with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Limit of one upstream connect when the route sets no perTryTimeout.
+    pub connect_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            port: 0,
+            hello_timeout: Duration::from_secs(10),
+            // A ClientHello fits in 16 KiB but for exotic extensions; a few records more.
+            hello_limit: 64 << 10,
+            // Istio's default idle timeout for TCP.
+            idle_timeout: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The kernel's records of steered connections, by the client's end.
+pub type Peers = BpfHashMap<MapData, RelayPeer, Steered>;
+
+/// The running relay. Dropping it does not stop it: call [`Relay::stop`].
+pub struct Relay {
+    pub port: u16,
+    accept: Vec<JoinHandle<()>>,
+    connections: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+}
+
+struct Shared {
+    config: RelayConfig,
+    peers: Peers,
+    catalog: watch::Receiver<Arc<Catalog>>,
+    records: mpsc::Sender<Record>,
+    cgroups: Arc<Mutex<CgroupNames>>,
+    status: Arc<Status>,
+}
+
+/// Listens on 127.0.0.1 and ::1 (the latter where the host has IPv6).
+pub async fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
+    let v4 = TcpListener::bind((IpAddr::from([127, 0, 0, 1]), port)).await?;
+    let port = v4.local_addr()?.port();
+    let mut listeners = vec![v4];
+    match bind_v6_only(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)) {
+        Ok(v6) => listeners.push(v6),
+        Err(e) => log::warn!("relay: no IPv6 loopback listener ({e}); IPv6 steering will fail"),
+    }
+    Ok(listeners)
+}
+
+fn bind_v6_only(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = TcpSocket::new_v6()?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+impl Relay {
+    pub fn spawn(
+        listeners: Vec<TcpListener>,
+        config: RelayConfig,
+        peers: Peers,
+        catalog: watch::Receiver<Arc<Catalog>>,
+        records: mpsc::Sender<Record>,
+        cgroups: Arc<Mutex<CgroupNames>>,
+        status: Arc<Status>,
+    ) -> io::Result<Relay> {
+        let port = listeners
+            .first()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .transpose()?
+            .unwrap_or(0);
+        let shared = Arc::new(Shared {
+            config,
+            peers,
+            catalog,
+            records,
+            cgroups,
+            status,
+        });
+        let connections = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+        let accept = listeners
+            .into_iter()
+            .map(|listener| {
+                let shared = Arc::clone(&shared);
+                let connections = Arc::clone(&connections);
+                tokio::spawn(accept_loop(listener, shared, connections))
+            })
+            .collect();
+        Ok(Relay {
+            port,
+            accept,
+            connections,
+        })
+    }
+
+    /// Stops accepting and ends every connection in progress.
+    pub async fn stop(self) {
+        for task in &self.accept {
+            task.abort();
+        }
+        for task in self.accept {
+            let _ = task.await;
+        }
+        self.connections.lock().await.shutdown().await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    connections: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let shared = Arc::clone(&shared);
+                let mut set = connections.lock().await;
+                // Reap the finished ones so the set does not grow with the relay's history.
+                while set.try_join_next().is_some() {}
+                set.spawn(async move {
+                    let record = handle(stream, peer, &shared).await;
+                    shared.status.observe(&record);
+                    let _ = shared.records.send(record).await;
+                });
+            }
+            Err(e) => {
+                // Out of descriptors, most likely: back off instead of spinning.
+                log::warn!("relay: accept failed: {e}");
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The kernel's key for a client end seen by accept().
+fn peer_key(peer: SocketAddr) -> RelayPeer {
+    let addr = match peer.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    RelayPeer {
+        addr,
+        port_be: peer.port().to_be(),
+        pad: 0,
+    }
+}
+
+fn dst_of(steered: &Steered) -> SocketAddr {
+    let v6 = Ipv6Addr::from(steered.dst_addr);
+    let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+    SocketAddr::new(ip, u16::from_be(steered.dst_port_be))
+}
+
+fn refuse(mut record: Record, outcome: &str, reason: String) -> Record {
+    log::info!(
+        "relay: {outcome} {} ({}): {reason}",
+        record.dst.as_deref().unwrap_or("?"),
+        record.comm.as_deref().unwrap_or("?")
+    );
+    record.outcome = Some(outcome.to_owned());
+    record.reason = Some(reason);
+    record
+}
+
+/// One steered connection, start to end. Returns its record.
+async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Record {
+    let started = Instant::now();
+    let finish = |mut r: Record| {
+        r.src = Some(peer.to_string());
+        r.duration_ms = Some(started.elapsed().as_millis() as u64);
+        r
+    };
+    let Ok(steered) = shared.peers.get(&peer_key(peer), 0) else {
+        return finish(refuse(
+            Record::relay_unknown(Timestamp::now()),
+            "refused",
+            format!("no kernel record for {peer}: not a steered connection"),
+        ));
+    };
+    let dst = dst_of(&steered);
+    let mut record = Record::relay(Timestamp::now(), &steered);
+    let catalog = Arc::clone(&shared.catalog.borrow());
+    catalog.annotate(&mut record);
+    record.cgroup = record.cgroup_id.and_then(|id| {
+        shared
+            .cgroups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .name(id)
+    });
+
+    let hello = match hello::read(
+        &mut client,
+        shared.config.hello_limit,
+        shared.config.hello_timeout,
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err(e) => return finish(refuse(record, "refused", e.to_string())),
+    };
+    record.sni = hello.sni.clone();
+    record.alpn = Some(hello.alpn.clone());
+    let Some(sni) = hello.sni.as_deref() else {
+        return finish(refuse(
+            record,
+            "refused",
+            "ClientHello without a server name".to_owned(),
+        ));
+    };
+    let upstream = match catalog.upstream(steered.rule_id, sni, dst.ip()) {
+        Ok(u) => u,
+        Err(reason) => return finish(refuse(record, "refused", reason)),
+    };
+    record.host = Some(upstream.host.clone());
+
+    let (server, connected, attempts) =
+        match connect(dst, &upstream, shared.config.connect_timeout).await {
+            Ok(ok) => ok,
+            Err((attempts, reason)) => {
+                record.attempts = Some(attempts);
+                return finish(refuse(record, "upstream-failed", reason));
+            }
+        };
+    record.upstream = Some(connected.to_string());
+    record.attempts = Some(attempts);
+
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let outcome = splice(
+        client,
+        server,
+        &hello.bytes,
+        &up,
+        &down,
+        shared.config.idle_timeout,
+    )
+    .await;
+    record.bytes_up = Some(up.load(Ordering::Relaxed));
+    record.bytes_down = Some(down.load(Ordering::Relaxed));
+    match outcome {
+        Ok(Ended::Closed) => record.outcome = Some("ok".to_owned()),
+        Ok(Ended::Idle) => record.outcome = Some("idle-timeout".to_owned()),
+        Err(e) => {
+            record.outcome = Some("error".to_owned());
+            record.reason = Some(e.to_string());
+        }
+    }
+    finish(record)
+}
+
+/// Connects to the original destination, retrying as the route says: the first attempt goes to
+/// the destination the client dialled, later ones may go to other addresses of the same host.
+/// Returns the stream, the address it reached and the number of attempts, or the attempts made
+/// and why the last failed.
+async fn connect(
+    dst: SocketAddr,
+    upstream: &Upstream,
+    default_timeout: Duration,
+) -> Result<(TcpStream, SocketAddr, u32), (u32, String)> {
+    let route = &upstream.route;
+    let tries = route.retries.saturating_add(1);
+    let deadline = route.timeout.map(|t| Instant::now() + t);
+    let per_try = route.per_try_timeout.unwrap_or(default_timeout);
+    let candidates: Vec<SocketAddr> = std::iter::once(dst)
+        .chain(
+            upstream
+                .alternates
+                .iter()
+                .filter(|ip| ip.is_ipv4() == dst.is_ipv4())
+                .map(|ip| SocketAddr::new(*ip, dst.port())),
+        )
+        .collect();
+    let mut last = String::new();
+    for attempt in 0..tries {
+        if attempt > 0 {
+            // Envoy's base retry back-off.
+            sleep(Duration::from_millis(25)).await;
+        }
+        let target = candidates[attempt as usize % candidates.len()];
+        let mut limit = Instant::now() + per_try;
+        if let Some(d) = deadline {
+            if Instant::now() >= d {
+                last = format!("route timeout reached; {last}");
+                return Err((attempt, last));
+            }
+            limit = limit.min(d);
+        }
+        match timeout_at(limit, connect_marked(target)).await {
+            Ok(Ok(stream)) => return Ok((stream, target, attempt + 1)),
+            Ok(Err(e)) => last = format!("{target}: {e}"),
+            Err(_) => last = format!("{target}: connect timed out"),
+        }
+    }
+    Err((tries, format!("{tries} attempt(s) failed; last: {last}")))
+}
+
+/// A connect the kernel hooks let through as it is: the connection it continues was judged when
+/// the client connected.
+async fn connect_marked(target: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &RELAY_MARK)?;
+    let stream = socket.connect(target).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+enum Ended {
+    Closed,
+    Idle,
+}
+
+/// Copies both ways until both sides have finished (each EOF passed on as a half-close), a side
+/// fails (both end), or nothing moves for `idle`.
+async fn splice(
+    client: TcpStream,
+    server: TcpStream,
+    hello: &[u8],
+    up: &AtomicU64,
+    down: &AtomicU64,
+    idle: Duration,
+) -> io::Result<Ended> {
+    let (client_rd, mut client_wr) = client.into_split();
+    let (server_rd, mut server_wr) = server.into_split();
+    let epoch = Instant::now();
+    let activity = AtomicU64::new(0);
+    server_wr.write_all(hello).await?;
+    up.fetch_add(hello.len() as u64, Ordering::Relaxed);
+    let copy = async {
+        tokio::try_join!(
+            pump(client_rd, &mut server_wr, up, &activity, epoch),
+            pump(server_rd, &mut client_wr, down, &activity, epoch),
+        )
+    };
+    let watch = async {
+        loop {
+            let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+            let quiet = epoch.elapsed().saturating_sub(last);
+            if quiet >= idle {
+                return;
+            }
+            sleep(idle - quiet).await;
+        }
+    };
+    tokio::select! {
+        done = copy => done.map(|_| Ended::Closed),
+        () = watch => Ok(Ended::Idle),
+    }
+}
+
+async fn pump<R, W>(
+    mut from: R,
+    to: &mut W,
+    bytes: &AtomicU64,
+    activity: &AtomicU64,
+    epoch: Instant,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            // Pass the half-close on; the other direction goes on.
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,149 @@
+//! Steering: a connect to a steered destination is rewritten to the agent's relay on loopback,
+//! and the original destination is kept in the kernel for the relay (by the client's address and
+//! port, once known) and for getpeername (by socket cookie). Both records go when the socket does.
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, bpf_sock_ops},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_current_cgroup_id,
+    },
+};
+use egress_common::{RelayPeer, Steered, map_v4};
+
+use crate::{RELAY_PEERS, STEERED};
+
+/// 127.0.0.1 as `user_ip4` holds it (network order in memory).
+const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// Records the original destination and points the connect at the relay. False when the record
+/// cannot be written: the caller refuses the connect rather than let it through unrecorded.
+#[inline(always)]
+pub fn redirect(
+    ctx: *mut bpf_sock_addr,
+    cookie: u64,
+    family: u8,
+    addr: [u8; 16],
+    port_be: u16,
+    rule_id: u32,
+    relay_port: u16,
+) -> bool {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let record = Steered {
+        dst_addr: addr,
+        dst_port_be: port_be,
+        family,
+        pad: 0,
+        rule_id,
+        cookie,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        // SAFETY: no arguments; allowed in cgroup sock_addr programs.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    if STEERED.insert(&cookie, &record, 0).is_err() {
+        return false;
+    }
+    // SAFETY: the program's own context; user_ip4, user_ip6 and user_port are writable in
+    // connect hooks, as whole u32s.
+    unsafe {
+        (*ctx).user_port = (relay_port.to_be()) as u32;
+        if family == 4 {
+            (*ctx).user_ip4 = LOOPBACK4;
+        } else if addr[..12] == map_v4([0; 4])[..12] {
+            // An IPv4-mapped destination on an IPv6 socket: the relay's IPv4 listener.
+            (*ctx).user_ip6 = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), LOOPBACK4];
+        } else {
+            (*ctx).user_ip6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+        }
+    }
+    true
+}
+
+/// Once TCP has chosen the source port (TCP_CONNECT_CB), files the record under the client's
+/// address and port, where the relay's accept() finds it. Returns whether the socket is steered.
+#[inline(always)]
+pub fn connecting(ops: *mut bpf_sock_ops, cookie: u64) -> bool {
+    let Some(record) = STEERED.get_ptr(&cookie) else {
+        return false;
+    };
+    let peer = local_end(ops);
+    // SAFETY: a valid map value. A failed insert leaves the relay without a record: it refuses.
+    let _ = RELAY_PEERS.insert(&peer, unsafe { &*record }, 0);
+    true
+}
+
+/// Forgets a steered socket's records (it is closing).
+#[inline(always)]
+pub fn forget(ops: *mut bpf_sock_ops, cookie: u64) {
+    if STEERED.get_ptr(&cookie).is_some() {
+        let _ = RELAY_PEERS.remove(&local_end(ops));
+        let _ = STEERED.remove(&cookie);
+    }
+}
+
+/// The socket's local address and port, as the relay sees its peer.
+#[inline(always)]
+fn local_end(ops: *mut bpf_sock_ops) -> RelayPeer {
+    // SAFETY: the program's own context; these fields are readable as whole u32s. Volatile, one
+    // by one: the verifier refuses a context pointer the compiler offset and kept for later.
+    let (family, ip4, ip6, port) = unsafe {
+        use core::ptr::read_volatile as rd;
+        (
+            rd(&raw const (*ops).family),
+            rd(&raw const (*ops).local_ip4),
+            [
+                rd(&raw const (*ops).local_ip6[0]),
+                rd(&raw const (*ops).local_ip6[1]),
+                rd(&raw const (*ops).local_ip6[2]),
+                rd(&raw const (*ops).local_ip6[3]),
+            ],
+            rd(&raw const (*ops).local_port),
+        )
+    };
+    let addr = if family == AF_INET {
+        map_v4(ip4.to_ne_bytes())
+    } else {
+        let (a, b, c, d) = (
+            ip6[0].to_ne_bytes(),
+            ip6[1].to_ne_bytes(),
+            ip6[2].to_ne_bytes(),
+            ip6[3].to_ne_bytes(),
+        );
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ]
+    };
+    RelayPeer {
+        addr,
+        // local_port is in host order (remote_port is not): a quirk of bpf_sock_ops.
+        port_be: (port as u16).to_be(),
+        pad: 0,
+    }
+}
+
+const AF_INET: u32 = 2;
+
+/// getpeername() on a steered socket: the original destination, not the relay.
+#[inline(always)]
+pub fn peer_name(ctx: *mut bpf_sock_addr, cookie: u64, family: u8) {
+    // SAFETY: a valid map value, copied out.
+    let Some(record) = (unsafe { STEERED.get(&cookie) }).copied() else {
+        return;
+    };
+    let a = record.dst_addr;
+    // SAFETY: the program's own context; getpeername hooks may write the address and port.
+    unsafe {
+        (*ctx).user_port = record.dst_port_be as u32;
+        if family == 4 {
+            (*ctx).user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        } else {
+            (*ctx).user_ip6 = [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ];
+        }
+    }
+}

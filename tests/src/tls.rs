@@ -1,0 +1,136 @@
+//! TLS fixtures: a certificate authority made per run (rcgen) and TLS servers in the world that
+//! record what each connection brought (the server name above all) and answer HTTP/1.1.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls::{
+    ServerConfig, ServerConnection, StreamOwned,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+};
+
+use crate::World;
+
+/// A CA for one test run; its certificate is written to `ca_pem` for clients.
+pub struct Pki {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    pub ca_pem: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path, name: &str) -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("egress test CA {name}"));
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+        fs::create_dir_all(dir).expect("pki dir");
+        let ca_pem = dir.join(format!("{name}-ca.pem"));
+        fs::write(&ca_pem, issuer.pem()).expect("write CA");
+        Pki { issuer, ca_pem }
+    }
+
+    /// A server configuration with a certificate for `names`, signed by this CA.
+    pub fn server(&self, names: &[&str]) -> Arc<ServerConfig> {
+        let key = KeyPair::generate().expect("server key");
+        let params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .expect("server params");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("server certificate");
+        let chain = vec![cert.der().clone(), self.issuer.der().clone()];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let mut config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .expect("server config");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
+    /// The CA certificate, for clients built in Rust.
+    pub fn ca_der(&self) -> CertificateDer<'static> {
+        self.issuer.der().clone()
+    }
+}
+
+/// What a TLS server in the world saw.
+#[derive(Default)]
+pub struct Seen {
+    /// TCP connections accepted, handshake or not.
+    pub accepted: AtomicUsize,
+    /// The server name of each completed handshake.
+    pub names: Mutex<Vec<Option<String>>>,
+}
+
+impl Seen {
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn names(&self) -> Vec<Option<String>> {
+        self.names.lock().expect("names").clone()
+    }
+}
+
+impl World {
+    /// A TLS server at `addr` in the world. After the handshake it reads one HTTP/1.1 request
+    /// and answers `200` with the body `sni=<server name>\n`, then closes.
+    pub fn tls_server(&self, addr: SocketAddr, config: Arc<ServerConfig>) -> Arc<Seen> {
+        let listener = self.in_world(move || TcpListener::bind(addr).expect("bind tls in world"));
+        let seen = Arc::new(Seen::default());
+        let s = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for tcp in listener.incoming().flatten() {
+                s.accepted.fetch_add(1, Ordering::SeqCst);
+                let config = Arc::clone(&config);
+                let s = Arc::clone(&s);
+                std::thread::spawn(move || {
+                    let Ok(conn) = ServerConnection::new(config) else {
+                        return;
+                    };
+                    let mut tls = StreamOwned::new(conn, tcp);
+                    while tls.conn.is_handshaking() {
+                        if tls.conn.complete_io(&mut tls.sock).is_err() {
+                            return;
+                        }
+                    }
+                    let name = tls.conn.server_name().map(str::to_owned);
+                    s.names.lock().expect("names").push(name.clone());
+                    let mut reader = BufReader::new(tls);
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        if line == "\r\n" {
+                            break;
+                        }
+                        line.clear();
+                    }
+                    let body = format!("sni={}\n", name.unwrap_or_default());
+                    let mut tls = reader.into_inner();
+                    let _ = write!(
+                        tls,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                });
+            }
+        });
+        seen
+    }
+}

@@ -1,0 +1,412 @@
+//! Root-only: steering to the gateway relay, with the real programs, real clients (curl, openssl
+//! s_client, rustls in egress-probe) and real TLS servers in a netns world, certificates made per
+//! run.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Output,
+    sync::Arc,
+    time::Duration,
+};
+
+use egress_agent::{
+    agent::{Agent, AgentConfig},
+    events::Record,
+    policy::Mode,
+    relay::RelayConfig,
+};
+use egress_tests::{
+    TestCgroup, World, at, log_path, policy_dir, probe_in, probe_with_pid, records,
+    tls::{Pki, Seen},
+    wait_for, wait_record,
+};
+
+/// Four steered hosts (a VirtualService gives them retries and a timeout):
+/// tls.test at host 20 (both families), other.test at 21, retry.test at 22 (nothing listens) and
+/// 23, fail.test at 24 (nothing listens).
+const POLICY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: tls, namespace: shop}
+spec:
+  hosts: [tls.test]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: other, namespace: shop}
+spec:
+  hosts: [other.test]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: retry, namespace: shop}
+spec:
+  hosts: [retry.test, fail.test]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: through-relay, namespace: shop}
+spec:
+  hosts: [tls.test, other.test, retry.test, fail.test]
+  http:
+  - route: [{destination: {host: tls.test}}]
+    retries: {attempts: 2, perTryTimeout: 1s}
+    timeout: 5s
+"#;
+
+struct Fixture {
+    w: World,
+    pki: Pki,
+    /// The servers at hosts 20 (v4), 20 (v6), 21 and 23.
+    tls4: Arc<Seen>,
+    tls6: Arc<Seen>,
+    other: Arc<Seen>,
+    retry: Arc<Seen>,
+}
+
+fn fixture(tag: &str) -> Fixture {
+    let w = World::new();
+    for h in 20..=24 {
+        w.host(h);
+    }
+    let pki = Pki::new(&std::env::temp_dir().join(&w.name), tag);
+    let config = pki.server(&["tls.test", "other.test", "retry.test", "fail.test"]);
+    let f = Fixture {
+        tls4: w.tls_server(SocketAddr::new(w.v4(20), 443), Arc::clone(&config)),
+        tls6: w.tls_server(SocketAddr::new(w.v6(20), 443), Arc::clone(&config)),
+        other: w.tls_server(SocketAddr::new(w.v4(21), 443), Arc::clone(&config)),
+        retry: w.tls_server(SocketAddr::new(w.v4(23), 443), config),
+        pki,
+        w,
+    };
+    let w = &f.w;
+    let records = [
+        ("tls.test", w.v4(20)),
+        ("tls.test", w.v6(20)),
+        ("other.test", w.v4(21)),
+        ("retry.test", w.v4(22)),
+        ("retry.test", w.v4(23)),
+        ("fail.test", w.v4(24)),
+    ];
+    let mut f = f;
+    f.w.start_dns(&records, 300);
+    f
+}
+
+async fn agent(f: &Fixture, cg: &TestCgroup, log: &Path) -> Agent {
+    Agent::start(AgentConfig {
+        policies: vec![policy_dir(POLICY)],
+        mode: Some(Mode::RegistryOnly),
+        dns: Some(f.w.dns_addr()),
+        cgroup: cg.path.clone(),
+        ifaces: Some(vec![f.w.iface().to_owned()]),
+        events: Some(log.to_owned()),
+        relay: RelayConfig {
+            hello_timeout: Duration::from_millis(500),
+            ..RelayConfig::default()
+        },
+        ..AgentConfig::default()
+    })
+    .await
+    .expect("agent starts")
+}
+
+/// curl in the cgroup: `https://NAME/`, NAME pinned to `ip`, trusting the run's CA.
+fn curl(cg: &TestCgroup, ca: &Path, name: &str, ip: IpAddr) -> Output {
+    let pin = match ip {
+        IpAddr::V4(v4) => format!("{name}:443:{v4}"),
+        IpAddr::V6(v6) => format!("{name}:443:[{v6}]"),
+    };
+    cg.command("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &pin, &format!("https://{name}/")])
+        .output()
+        .expect("run curl")
+}
+
+fn relay_record(log: &Path, what: &str, pred: impl Fn(&Record) -> bool) -> Record {
+    wait_record(log, what, |r| r.kind == "relay" && pred(r))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steered_tls_reaches_the_upstream_with_its_server_name() {
+    let f = fixture("steered");
+    let cg = TestCgroup::new("relay-steered");
+    let log = log_path("relay-steered");
+    let a = agent(&f, &cg, &log).await;
+
+    for (ip, seen) in [(f.w.v4(20), &f.tls4), (f.w.v6(20), &f.tls6)] {
+        let out = curl(&cg, &f.pki.ca_pem, "tls.test", ip);
+        assert!(
+            out.status.success(),
+            "curl via {ip}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=tls.test\n");
+        assert_eq!(seen.names(), [Some("tls.test".to_owned())]);
+        let dst = at(ip, 443);
+        let r = relay_record(&log, &format!("relay record for {dst}"), |r| {
+            r.dst.as_deref() == Some(dst.as_str())
+        });
+        assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+        assert_eq!(r.sni.as_deref(), Some("tls.test"), "{r:?}");
+        assert_eq!(r.upstream.as_deref(), Some(dst.as_str()), "{r:?}");
+        assert_eq!(r.host.as_deref(), Some("tls.test"), "{r:?}");
+        assert_eq!(r.rule.as_deref(), Some("ServiceEntry/shop/tls"), "{r:?}");
+        assert_eq!(r.comm.as_deref(), Some("curl"), "{r:?}");
+        assert_eq!(
+            r.cgroup,
+            Some(format!(
+                "/{}",
+                cg.path.file_name().expect("name").to_string_lossy()
+            )),
+            "{r:?}"
+        );
+        assert_eq!(r.attempts, Some(1), "{r:?}");
+        assert!(r.bytes_up.is_some_and(|b| b > 200), "{r:?}");
+        assert!(r.bytes_down.is_some_and(|b| b > 200), "{r:?}");
+        let c = wait_record(&log, "steer connect", |r| {
+            r.kind == "connect" && r.dst.as_deref() == Some(dst.as_str())
+        });
+        assert_eq!(c.verdict.as_deref(), Some("steer"), "{c:?}");
+    }
+
+    // openssl s_client verifies the chain and the name through the relay too.
+    let out = cg
+        .command("openssl")
+        .args(["s_client", "-brief", "-verify_return_error", "-connect"])
+        .arg(at(f.w.v4(20), 443))
+        .args([
+            "-servername",
+            "tls.test",
+            "-verify_hostname",
+            "tls.test",
+            "-CAfile",
+        ])
+        .arg(&f.pki.ca_pem)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("Verification: OK"),
+        "openssl s_client: {text}"
+    );
+
+    // The workload's getpeername() names the original destination, not the relay.
+    assert_eq!(
+        cg.probe(&["peer", &at(f.w.v4(20), 443)]),
+        format!("ok:{}", at(f.w.v4(20), 443))
+    );
+    assert_eq!(
+        cg.probe(&["peer", &at(f.w.v6(20), 443)]),
+        format!("ok:{}", at(f.w.v6(20), 443))
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_name_not_allowed_for_the_destination_never_reaches_upstream() {
+    let f = fixture("sni");
+    let cg = TestCgroup::new("relay-sni");
+    let log = log_path("relay-sni");
+    let a = agent(&f, &cg, &log).await;
+    let ip = f.w.v4(20);
+    // To tls.test's address (the kernel's record): other.test is registered and steered, but
+    // by another rule; evil.test is no host at all. To fail.test's address: retry.test is a host
+    // of the same rule, but resolves elsewhere.
+    for (name, ip, why) in [
+        ("other.test", ip, "is not a host of ServiceEntry/shop/tls"),
+        ("evil.test", ip, "is not a host of ServiceEntry/shop/tls"),
+        (
+            "retry.test",
+            f.w.v4(24),
+            "does not resolve to the destination",
+        ),
+    ] {
+        let dst = at(ip, 443);
+        let out = curl(&cg, &f.pki.ca_pem, name, ip);
+        assert!(!out.status.success(), "curl {name} via {ip} succeeded");
+        let r = relay_record(&log, &format!("refusal of {name}"), |r| {
+            r.sni.as_deref() == Some(name)
+        });
+        assert_eq!(r.outcome.as_deref(), Some("refused"), "{r:?}");
+        assert!(
+            r.reason.as_deref().is_some_and(|s| s.contains(why)),
+            "{r:?}"
+        );
+        assert_eq!(r.dst.as_deref(), Some(dst.as_str()), "{r:?}");
+        assert_eq!(r.upstream, None, "{r:?}");
+    }
+    assert_eq!(
+        f.tls4.accepted(),
+        0,
+        "a refused connection reached upstream"
+    );
+    assert_eq!(
+        f.other.accepted(),
+        0,
+        "a refused connection reached upstream"
+    );
+    assert_eq!(
+        f.retry.accepted(),
+        0,
+        "a refused connection reached upstream"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_dial_of_the_relay_is_refused() {
+    let f = fixture("direct");
+    let cg = TestCgroup::new("relay-direct");
+    let log = log_path("relay-direct");
+    let a = agent(&f, &cg, &log).await;
+    let relay = format!("127.0.0.1:{}", a.relay_port);
+    // From the enforced cgroup (loopback is not egress) and from outside it.
+    for cgroup in [Some(cg.path.as_path()), None] {
+        let (got, _) = probe_with_pid(cgroup, &["tcp", &relay]);
+        assert_eq!(got, "error:closed before the greeting", "dial {relay}");
+    }
+    wait_for("two refusals", Duration::from_secs(10), || {
+        records(&log)
+            .iter()
+            .filter(|r| {
+                r.kind == "relay"
+                    && r.outcome.as_deref() == Some("refused")
+                    && r.reason
+                        .as_deref()
+                        .is_some_and(|s| s.contains("no kernel record"))
+            })
+            .count()
+            == 2
+    });
+    assert_eq!(f.tls4.accepted(), 0);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_split_byte_by_byte_is_relayed() {
+    let f = fixture("split");
+    let cg = TestCgroup::new("relay-split");
+    let log = log_path("relay-split");
+    let a = agent(&f, &cg, &log).await;
+    let ca = f.pki.ca_pem.to_string_lossy().into_owned();
+    let got = cg.probe(&["tls", &at(f.w.v4(20), 443), "tls.test", &ca, "split"]);
+    assert_eq!(got, "ok:sni=tls.test");
+    let r = relay_record(&log, "relay record", |_| true);
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_no_hello_is_cut_at_the_limit() {
+    let f = fixture("silent");
+    let cg = TestCgroup::new("relay-silent");
+    let log = log_path("relay-silent");
+    let a = agent(&f, &cg, &log).await;
+    // The probe waits 2 s for a greeting; the relay's limit is 500 ms.
+    let got = cg.probe(&["tcp", &at(f.w.v4(20), 443)]);
+    assert_eq!(got, "error:closed before the greeting");
+    let r = relay_record(&log, "relay record", |_| true);
+    assert_eq!(r.outcome.as_deref(), Some("refused"), "{r:?}");
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("no complete ClientHello within 500ms"),
+        "{r:?}"
+    );
+    assert_eq!(f.tls4.accepted(), 0);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_upstream_is_retried_as_configured_then_fails_cleanly() {
+    let f = fixture("retry");
+    let cg = TestCgroup::new("relay-retry");
+    let log = log_path("relay-retry");
+    let a = agent(&f, &cg, &log).await;
+
+    // retry.test's first address refuses; the retry goes to its other address.
+    let out = curl(&cg, &f.pki.ca_pem, "retry.test", f.w.v4(22));
+    assert!(
+        out.status.success(),
+        "curl retry.test: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=retry.test\n");
+    let r = relay_record(&log, "retried relay", |r| {
+        r.sni.as_deref() == Some("retry.test")
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(r.attempts, Some(2), "{r:?}");
+    assert_eq!(r.upstream, Some(at(f.w.v4(23), 443)), "{r:?}");
+    assert_eq!(f.retry.names(), [Some("retry.test".to_owned())]);
+
+    // fail.test's only address refuses: 1 + 2 attempts, then the client's connection is closed.
+    let out = curl(&cg, &f.pki.ca_pem, "fail.test", f.w.v4(24));
+    assert!(!out.status.success(), "curl fail.test succeeded");
+    let r = relay_record(&log, "failed relay", |r| {
+        r.sni.as_deref() == Some("fail.test")
+    });
+    assert_eq!(r.outcome.as_deref(), Some("upstream-failed"), "{r:?}");
+    assert_eq!(r.attempts, Some(3), "{r:?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|s| s.contains("3 attempt(s) failed") && s.contains("refused")),
+        "{r:?}"
+    );
+    a.shutdown().await;
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_relayed_connections_leave_no_descriptor_behind() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // This process holds the agent and the world's servers: room for both ends of each.
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    let f = fixture("many");
+    let cg = TestCgroup::new("relay-many");
+    let log = log_path("relay-many");
+    let a = agent(&f, &cg, &log).await;
+    let before = open_fds();
+    const N: usize = 1000;
+    let ca = f.pki.ca_pem.to_string_lossy().into_owned();
+    let got = probe_in(
+        Some(&cg.path),
+        &[
+            "tls-hold",
+            &at(f.w.v4(20), 443),
+            "tls.test",
+            &ca,
+            &N.to_string(),
+        ],
+    );
+    assert_eq!(got, "ok");
+    assert_eq!(f.tls4.names().len(), N);
+    wait_for("every relay record", Duration::from_secs(20), || {
+        records(&log)
+            .iter()
+            .filter(|r| r.kind == "relay" && r.outcome.as_deref() == Some("ok"))
+            .count()
+            == N
+    });
+    // The world's server threads close their ends on their own schedule: poll.
+    wait_for(
+        "descriptors back to where they were",
+        Duration::from_secs(20),
+        || open_fds() <= before,
+    );
+    a.shutdown().await;
+}
