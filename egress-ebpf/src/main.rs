@@ -4,8 +4,14 @@
 //! flow's end.
 #![no_std]
 #![no_main]
-#![expect(internal_features, reason = "atomic_xadd is unstable")]
-#![expect(unstable_features, reason = "atomic_xadd is unstable")]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd and atomic_cxchg are unstable"
+)]
+#![expect(
+    unstable_features,
+    reason = "atomic_xadd and atomic_cxchg are unstable"
+)]
 #![feature(core_intrinsics)]
 
 mod decide;
@@ -170,8 +176,9 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     tc::ingress(&ctx)
 }
 
-/// Asks for TCP state changes of tracked flows, and reports a flow when it reaches CLOSE: by then
-/// every byte it carried has passed the TC programs.
+/// Files a steered connection's record for the relay once its source port is known, asks for TCP
+/// state changes of tracked and steered sockets, and at CLOSE reports the flow (by then every
+/// byte it carried has passed the TC programs) and forgets the steering records.
 #[sock_ops]
 pub fn tcp_state(ctx: SockOpsContext) -> u32 {
     // SAFETY: the program's own context.
