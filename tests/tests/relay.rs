@@ -372,10 +372,8 @@ fn open_fds() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_relayed_connections_leave_no_descriptor_behind() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
     // This process holds the agent and the world's servers: room for both ends of each.
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    egress_agent::relay::raise_nofile().expect("raise the descriptor limit");
     let f = fixture("many");
     let cg = TestCgroup::new("relay-many");
     let log = log_path("relay-many");

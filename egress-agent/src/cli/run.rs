@@ -10,7 +10,10 @@ use crate::{
 };
 
 pub fn run(global: &Global, cgroup_arg: &Path, enforce: &EnforceArgs) -> ExitCode {
-    raise_nofile();
+    // Not for `exec`, whose child would inherit the limit (select() breaks above 1024).
+    if let Err(e) = crate::relay::raise_nofile() {
+        log::warn!("raising the descriptor limit: {e}");
+    }
     match runtime()
         .context("starting the async runtime")
         .and_then(|rt| rt.block_on(serve(global, cgroup_arg, enforce)))
@@ -20,20 +23,6 @@ pub fn run(global: &Global, cgroup_arg: &Path, enforce: &EnforceArgs) -> ExitCod
             log::error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// The relay holds two descriptors per steered connection: lift the soft limit (often 1024) to
-/// the hard one. Not for `exec`, whose child would inherit it (select() breaks above 1024).
-fn raise_nofile() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                log::warn!("raising the descriptor limit from {soft} to {hard}: {e}");
-            }
-        }
-        _ => {}
     }
 }
 

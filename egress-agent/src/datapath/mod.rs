@@ -17,7 +17,7 @@ use aya::{
 use egress_common::{EVENTS_MAP, RELAY_PEERS_MAP};
 
 use crate::{
-    maps::{Counters, KernelMaps, MapsError},
+    maps::{self, Counters, KernelMaps, MapsError},
     relay::Peers,
 };
 
@@ -43,8 +43,6 @@ pub enum DatapathError {
     Load(#[source] EbpfError),
     #[error("the eBPF object has no program `{0}`")]
     MissingProgram(&'static str),
-    #[error("the eBPF object has no map `{0}`")]
-    MissingMap(&'static str),
     #[error("ring buffer size {0} is not a power of two multiple of the page size")]
     RingSize(u32),
     #[error("loading program `{name}` into the kernel")]
@@ -143,24 +141,8 @@ impl Datapath {
         }
         let maps = KernelMaps::take(&mut ebpf)?;
         let counters = Counters::take(&mut ebpf)?;
-        let events = ebpf
-            .take_map(EVENTS_MAP)
-            .ok_or(DatapathError::MissingMap(EVENTS_MAP))?;
-        let events = RingBuf::try_from(events).map_err(|source| {
-            DatapathError::Maps(MapsError::Open {
-                name: EVENTS_MAP,
-                source,
-            })
-        })?;
-        let peers = ebpf
-            .take_map(RELAY_PEERS_MAP)
-            .ok_or(DatapathError::MissingMap(RELAY_PEERS_MAP))?;
-        let peers = Peers::try_from(peers).map_err(|source| {
-            DatapathError::Maps(MapsError::Open {
-                name: RELAY_PEERS_MAP,
-                source,
-            })
-        })?;
+        let events = maps::open(&mut ebpf, EVENTS_MAP)?;
+        let peers = maps::open(&mut ebpf, RELAY_PEERS_MAP)?;
         Ok(Loaded {
             datapath: Self { ebpf },
             maps,

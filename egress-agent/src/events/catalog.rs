@@ -17,15 +17,21 @@ use crate::policy::{Plan, compile::RelayRoute};
 /// it too, to judge a ClientHello and to connect on.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    /// By `rule_id - RULE_FIRST_POLICY`: label and hosts.
-    rules: Vec<(String, Vec<String>)>,
-    /// By `rule_id - RULE_FIRST_POLICY`: how the relay connects upstream.
-    routes: Vec<RelayRoute>,
+    /// By `rule_id - RULE_FIRST_POLICY`.
+    rules: Vec<Rule>,
     mode: String,
     /// Resolved names of each address.
     names: HashMap<IpAddr, Vec<String>>,
     /// Resolved addresses of each name.
     addrs: HashMap<String, Vec<IpAddr>>,
+}
+
+#[derive(Debug)]
+struct Rule {
+    label: String,
+    hosts: Vec<String>,
+    /// How the relay connects upstream.
+    route: RelayRoute,
 }
 
 /// What the relay may do with a steered connection whose ClientHello passed.
@@ -53,9 +59,12 @@ impl Catalog {
             rules: plan
                 .rules
                 .iter()
-                .map(|r| (r.label.clone(), r.hosts.clone()))
+                .map(|r| Rule {
+                    label: r.label.clone(),
+                    hosts: r.hosts.clone(),
+                    route: r.relay.clone(),
+                })
                 .collect(),
-            routes: plan.rules.iter().map(|r| r.relay.clone()).collect(),
             mode: plan.mode.to_string(),
             names,
             addrs: resolved.clone(),
@@ -67,12 +76,13 @@ impl Catalog {
     /// have resolved to `dst` (the kernel's record, never the client's word). Hosts with fixed
     /// addresses and wildcard hosts match by name. The error says why not.
     pub fn upstream(&self, rule_id: u32, sni: &str, dst: IpAddr) -> Result<Upstream, String> {
-        let i = rule_id
-            .checked_sub(RULE_FIRST_POLICY)
-            .map(|i| i as usize)
-            .filter(|&i| i < self.rules.len())
+        let Rule {
+            label,
+            hosts,
+            route,
+        } = self
+            .rule(rule_id)
             .ok_or_else(|| format!("rule #{rule_id} is not in the policy in force"))?;
-        let (label, hosts) = &self.rules[i];
         let sni = sni.trim_end_matches('.').to_ascii_lowercase();
         let host = hosts
             .iter()
@@ -89,7 +99,7 @@ impl Catalog {
         };
         Ok(Upstream {
             host: host.clone(),
-            route: self.routes[i].clone(),
+            route: route.clone(),
             alternates,
         })
     }
@@ -105,23 +115,26 @@ impl Catalog {
             RULE_MODE => r.reason = Some(format!("mode {}", self.mode)),
             _ => {}
         }
-        let rule = rule_id
-            .checked_sub(RULE_FIRST_POLICY)
-            .and_then(|i| self.rules.get(i as usize));
+        let rule = self.rule(rule_id);
         r.host = match (rule, names) {
             // The name this address was resolved from, among the rule's hosts.
-            (Some((_, hosts)), Some(names)) => names
+            (Some(Rule { hosts, .. }), Some(names)) => names
                 .iter()
                 .find(|n| hosts.contains(n))
                 .or(hosts.first())
                 .cloned(),
             // An address the rule lists itself (STATIC endpoints, CIDRs).
-            (Some((_, hosts)), None) => hosts.first().cloned(),
+            (Some(Rule { hosts, .. }), None) => hosts.first().cloned(),
             // No rule decided, but the address belongs to a registered name.
             (None, Some(names)) => names.first().cloned(),
             (None, None) => None,
         };
-        r.rule = rule.map(|(label, _)| label.clone());
+        r.rule = rule.map(|rule| rule.label.clone());
+    }
+
+    fn rule(&self, rule_id: u32) -> Option<&Rule> {
+        self.rules
+            .get(rule_id.checked_sub(RULE_FIRST_POLICY)? as usize)
     }
 }
 

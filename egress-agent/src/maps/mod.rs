@@ -31,7 +31,8 @@ pub enum MapsError {
     },
 }
 
-fn open<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
+/// Takes map `name` out of the loaded object as a `T`.
+pub(crate) fn open<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {

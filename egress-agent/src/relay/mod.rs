@@ -79,6 +79,17 @@ struct Shared {
     status: Arc<Status>,
 }
 
+/// Lifts the soft descriptor limit (often 1024) to the hard one: the relay holds two descriptors
+/// per steered connection.
+pub fn raise_nofile() -> nix::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(())
+}
+
 /// Listens on 127.0.0.1 and ::1 (the latter where the host has IPv6).
 pub async fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
     let v4 = TcpListener::bind((IpAddr::from([127, 0, 0, 1]), port)).await?;

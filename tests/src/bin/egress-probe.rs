@@ -319,7 +319,7 @@ fn tls(addr: SocketAddr, name: &str, ca: &str, split: bool) -> String {
 
 fn tls_hold(addr: SocketAddr, name: &str, ca: &str, n: usize) -> String {
     let run = || -> io::Result<()> {
-        raise_nofile();
+        egress_agent::relay::raise_nofile().map_err(io::Error::from)?;
         let config = tls_config(ca)?;
         let mut open = Vec::with_capacity(n);
         for _ in 0..n {
@@ -336,14 +336,6 @@ fn tls_hold(addr: SocketAddr, name: &str, ca: &str, n: usize) -> String {
     match run() {
         Ok(()) => "ok".into(),
         Err(e) => word(&e),
-    }
-}
-
-/// Lifts the soft descriptor limit to the hard one.
-fn raise_nofile() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 
