@@ -11,10 +11,13 @@ use std::{
     },
 };
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+};
 use rustls::{
-    ServerConfig, ServerConnection, StreamOwned,
+    RootCertStore, ServerConfig, ServerConnection, StreamOwned,
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+    server::WebPkiClientVerifier,
 };
 
 use crate::World;
@@ -40,26 +43,59 @@ impl Pki {
         Pki { issuer, ca_pem }
     }
 
-    /// A server configuration with a certificate for `names`, signed by this CA.
-    pub fn server(&self, names: &[&str]) -> Arc<ServerConfig> {
-        let key = KeyPair::generate().expect("server key");
+    /// A certificate for `names` signed by this CA, with its chain and key.
+    fn issue(&self, names: &[&str]) -> (Certificate, KeyPair) {
+        let key = KeyPair::generate().expect("key");
         let params =
             CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
-                .expect("server params");
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .expect("server certificate");
+                .expect("certificate params");
+        let cert = params.signed_by(&key, &self.issuer).expect("certificate");
+        (cert, key)
+    }
+
+    /// A server configuration with a certificate for `names`, signed by this CA.
+    pub fn server(&self, names: &[&str]) -> Arc<ServerConfig> {
+        self.server_with(names, None)
+    }
+
+    /// As [`Pki::server`], but requiring a client certificate signed by `clients`.
+    pub fn mutual_server(&self, names: &[&str], clients: &Pki) -> Arc<ServerConfig> {
+        self.server_with(names, Some(clients))
+    }
+
+    fn server_with(&self, names: &[&str], clients: Option<&Pki>) -> Arc<ServerConfig> {
+        let (cert, key) = self.issue(names);
         let chain = vec![cert.der().clone(), self.issuer.der().clone()];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let mut config =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("protocol versions")
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .expect("server config");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions");
+        let builder = match clients {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                roots.add(ca.ca_der()).expect("client CA");
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(chain, key).expect("server config");
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(config)
+    }
+
+    /// A client certificate for `name`, written as PEM files (certificate chain, key) in `dir`.
+    pub fn client_files(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = self.issue(&[name]);
+        let cert_file = dir.join(format!("{name}-client.pem"));
+        let key_file = dir.join(format!("{name}-client.key"));
+        fs::write(&cert_file, cert.pem() + &self.issuer.pem()).expect("write client certificate");
+        fs::write(&key_file, key.serialize_pem()).expect("write client key");
+        (cert_file, key_file)
     }
 
     /// The CA certificate, for clients built in Rust.

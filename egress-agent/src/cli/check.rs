@@ -102,11 +102,27 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
         plan.rule_label(decision.rule_id)
     );
     if decision.verdict == Verdict::Steer
-        && let Some(reason) = plan
-            .rule(decision.rule_id)
-            .and_then(|r| r.steer_reason.as_ref())
+        && let Some(rule) = plan.rule(decision.rule_id)
     {
-        println!("  why: {reason}");
+        if let Some(reason) = &rule.steer_reason {
+            println!("  why: {reason}");
+        }
+        let port = match dest {
+            Dest::Ip(_, port) | Dest::Name(_, port) => port,
+        };
+        match rule.originate.iter().find(|o| o.port == port) {
+            Some(o) => println!(
+                "  relay: plain HTTP in, TLS {} out to port {}, the certificate verified for {} ({})",
+                o.mode,
+                o.target_port,
+                o.sni.as_deref().unwrap_or("the request's host"),
+                o.by
+            ),
+            None => println!(
+                "  relay: TLS passed through; the server name must be a host of {}",
+                rule.label
+            ),
+        }
     }
     for n in notes {
         println!("  note: {n}");

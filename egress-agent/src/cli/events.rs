@@ -192,6 +192,13 @@ impl Printer {
                     r.bytes_down.unwrap_or(0),
                     r.duration_ms.unwrap_or(0)
                 );
+                if let Some(mode) = &r.origination {
+                    d.push_str(&format!(
+                        ", TLS {mode} originated, {} request(s), last {}",
+                        r.requests.unwrap_or(0),
+                        r.status.map_or_else(|| "-".to_owned(), |s| s.to_string())
+                    ));
+                }
                 if r.outcome.as_deref() != Some("ok")
                     && let Some(reason) = &r.reason
                 {

@@ -11,7 +11,10 @@ use std::{
 use egress_common::{RULE_FIRST_POLICY, RULE_LOOPBACK, RULE_MODE, RULE_RESOLVER};
 
 use super::Record;
-use crate::policy::{Plan, compile::RelayRoute};
+use crate::policy::{
+    Plan,
+    compile::{Origination, RelayRoute},
+};
 
 /// A snapshot of the plan and the resolved addresses, replaced on every map sync. The relay reads
 /// it too, to judge a ClientHello and to connect on.
@@ -32,6 +35,7 @@ struct Rule {
     hosts: Vec<String>,
     /// How the relay connects upstream.
     route: RelayRoute,
+    originate: Vec<Origination>,
 }
 
 /// What the relay may do with a steered connection whose ClientHello passed.
@@ -63,6 +67,7 @@ impl Catalog {
                     label: r.label.clone(),
                     hosts: r.hosts.clone(),
                     route: r.relay.clone(),
+                    originate: r.originate.clone(),
                 })
                 .collect(),
             mode: plan.mode.to_string(),
@@ -80,6 +85,7 @@ impl Catalog {
             label,
             hosts,
             route,
+            ..
         } = self
             .rule(rule_id)
             .ok_or_else(|| format!("rule #{rule_id} is not in the policy in force"))?;
@@ -102,6 +108,14 @@ impl Catalog {
             route: route.clone(),
             alternates,
         })
+    }
+
+    /// The TLS origination a steered connection to `port`, decided by `rule_id`, gets, if any.
+    pub fn origination(&self, rule_id: u32, port: u16) -> Option<&Origination> {
+        self.rule(rule_id)?
+            .originate
+            .iter()
+            .find(|o| o.port == port)
     }
 
     /// Fills host, rule and reason from the rule id and destination.

@@ -75,6 +75,14 @@ pub struct Record {
     pub attempts: Option<u32>,
     #[serde(default)]
     pub outcome: Option<String>,
+    /// For a `relay` connection whose TLS the relay originated: `SIMPLE` or `MUTUAL`, the HTTP
+    /// requests it carried and the status of the last answer.
+    #[serde(default)]
+    pub origination: Option<String>,
+    #[serde(default)]
+    pub requests: Option<u64>,
+    #[serde(default)]
+    pub status: Option<u16>,
 }
 
 impl Record {
@@ -110,6 +118,9 @@ impl Record {
             bytes_down: None,
             attempts: None,
             outcome: None,
+            origination: None,
+            requests: None,
+            status: None,
         }
     }
 

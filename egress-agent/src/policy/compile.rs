@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{Protocol, Resolution, ServiceEntrySpec, TlsMode, Transport},
+    tls::{TlsClient, client_config},
 };
 
 /// An address-based map entry.
@@ -48,7 +49,25 @@ pub struct RuleInfo {
     pub steer_reason: Option<String>,
     /// How the relay connects upstream for this rule's steered connections.
     pub relay: RelayRoute,
+    /// Ports on which the relay originates TLS for plain-HTTP clients.
+    pub originate: Vec<Origination>,
     pub source: Source,
+}
+
+/// TLS origination on one port (Istio's "egress TLS origination"): the application speaks plain
+/// HTTP/1.1 to `port`; the relay speaks TLS to `target_port` of the same destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origination {
+    pub port: u16,
+    /// The ServiceEntry port's `targetPort`, else `port`.
+    pub target_port: u16,
+    /// `SIMPLE` or `MUTUAL`.
+    pub mode: &'static str,
+    /// The server name to send and verify; the request's host when unset.
+    pub sni: Option<String>,
+    /// The DestinationRule that asks for it.
+    pub by: String,
+    pub tls: TlsClient,
 }
 
 /// The VirtualService settings the relay applies when it connects upstream.
@@ -60,6 +79,69 @@ pub struct RelayRoute {
     pub per_try_timeout: Option<std::time::Duration>,
     /// Limit of all attempts together (`timeout`).
     pub timeout: Option<std::time::Duration>,
+    /// Which answers an originated HTTP request is retried on (`retries.retryOn`).
+    pub retry_on: RetryOn,
+}
+
+/// Envoy's retry conditions, as far as they apply to HTTP/1.1. A failed connect is always
+/// retried; this says what else is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryOn {
+    /// Response status codes that are retried.
+    pub statuses: Vec<u16>,
+    /// Every 5xx.
+    pub any_5xx: bool,
+    /// A connection reset or closed before the response headers.
+    pub reset: bool,
+}
+
+impl Default for RetryOn {
+    /// Istio's default: `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`
+    /// with 503 as the retriable status.
+    fn default() -> Self {
+        RetryOn {
+            statuses: vec![503],
+            any_5xx: false,
+            reset: false,
+        }
+    }
+}
+
+impl RetryOn {
+    /// Parses Istio's comma-separated list; the words that are not understood are returned.
+    pub fn parse(list: &str) -> (RetryOn, Vec<String>) {
+        let mut on = RetryOn {
+            statuses: Vec::new(),
+            any_5xx: false,
+            reset: false,
+        };
+        let mut unknown = Vec::new();
+        for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word {
+                "5xx" => {
+                    on.any_5xx = true;
+                    on.reset = true;
+                }
+                "gateway-error" => on.statuses.extend([502, 503, 504]),
+                "reset" | "reset-before-request" => on.reset = true,
+                "retriable-status-codes" => on.statuses.push(503),
+                // Connect failures are always retried; the rest are HTTP/2 and gRPC conditions.
+                "connect-failure" | "refused-stream" | "unavailable" | "cancelled"
+                | "deadline-exceeded" | "resource-exhausted" | "internal" => {}
+                w => match w.parse::<u16>() {
+                    Ok(code) if (100..600).contains(&code) => on.statuses.push(code),
+                    _ => unknown.push(w.to_owned()),
+                },
+            }
+        }
+        on.statuses.sort_unstable();
+        on.statuses.dedup();
+        (on, unknown)
+    }
+
+    pub fn status(&self, code: u16) -> bool {
+        (self.any_5xx && (500..600).contains(&code)) || self.statuses.contains(&code)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -266,7 +348,8 @@ fn compile_service_entry(
         hosts: hosts.clone(),
         ports: all_ports,
         steer_reason,
-        relay: relay_route(policy, &hosts),
+        relay: relay_route(policy, &hosts, diags),
+        originate: originations(policy, spec, &hosts, diags),
         source: src.clone(),
     });
     let push_fixed = |plan: &mut Plan, net: IpNet, ports: &[(u16, Transport)]| {
@@ -418,8 +501,8 @@ fn steer_reason(policy: &Policy, hosts: &[String]) -> Option<String> {
 }
 
 /// The retries and timeout of the first mesh-bound VirtualService HTTP route naming these hosts.
-fn relay_route(policy: &Policy, hosts: &[String]) -> RelayRoute {
-    policy
+fn relay_route(policy: &Policy, hosts: &[String], diags: &mut Diags) -> RelayRoute {
+    let found = policy
         .virtual_services
         .iter()
         .filter(|vs| {
@@ -429,18 +512,127 @@ fn relay_route(policy: &Policy, hosts: &[String]) -> RelayRoute {
                 .any(|h| hosts.contains(&normalize_host(h)))
         })
         .filter(|vs| vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
-        .flat_map(|vs| &vs.spec.http)
-        .find(|r| r.retries.is_some() || r.timeout.is_some())
-        .map(|r| RelayRoute {
-            retries: r.retries.as_ref().and_then(|x| x.attempts).unwrap_or(0),
-            per_try_timeout: r
-                .retries
-                .as_ref()
-                .and_then(|x| x.per_try_timeout.as_ref())
-                .map(|d| d.0),
-            timeout: r.timeout.as_ref().map(|d| d.0),
+        .flat_map(|vs| {
+            vs.spec
+                .http
+                .iter()
+                .enumerate()
+                .map(move |(i, r)| (vs, i, r))
         })
-        .unwrap_or_default()
+        .find(|(_, _, r)| r.retries.is_some() || r.timeout.is_some());
+    let Some((vs, i, r)) = found else {
+        return RelayRoute::default();
+    };
+    let retry_on = match r.retries.as_ref().and_then(|x| x.retry_on.as_deref()) {
+        Some(list) => {
+            let (on, unknown) = RetryOn::parse(list);
+            if !unknown.is_empty() {
+                diag(
+                    diags,
+                    Severity::Warning,
+                    &vs.source,
+                    format!(
+                        "{}: spec.http[{i}].retries.retryOn: `{}` not understood; ignored",
+                        vs.label(),
+                        unknown.join("`, `")
+                    ),
+                );
+            }
+            on
+        }
+        None => RetryOn::default(),
+    };
+    RelayRoute {
+        retries: r.retries.as_ref().and_then(|x| x.attempts).unwrap_or(0),
+        per_try_timeout: r
+            .retries
+            .as_ref()
+            .and_then(|x| x.per_try_timeout.as_ref())
+            .map(|d| d.0),
+        timeout: r.timeout.as_ref().map(|d| d.0),
+        retry_on,
+    }
+}
+
+/// The ports of a ServiceEntry on which the first DestinationRule for one of its hosts asks for
+/// TLS origination. A port-level `tls` overrides the rule-wide one, as in Istio.
+fn originations(
+    policy: &Policy,
+    spec: &ServiceEntrySpec,
+    hosts: &[String],
+    diags: &mut Diags,
+) -> Vec<Origination> {
+    let Some(dr) = policy
+        .destination_rules
+        .iter()
+        .find(|dr| hosts.contains(&normalize_host(&dr.spec.host)))
+    else {
+        return Vec::new();
+    };
+    let Some(tp) = &dr.spec.traffic_policy else {
+        return Vec::new();
+    };
+    let label = dr.label();
+    let mut out = Vec::new();
+    for port in &spec.ports {
+        let level = tp
+            .port_level_settings
+            .iter()
+            .enumerate()
+            .find_map(|(i, pl)| {
+                let tls = pl.tls.as_ref()?;
+                (pl.port.as_ref().and_then(|p| p.number) == Some(port.number)).then(|| {
+                    (
+                        tls,
+                        format!("spec.trafficPolicy.portLevelSettings[{i}].tls"),
+                    )
+                })
+            });
+        let Some((tls, field)) =
+            level.or_else(|| Some((tp.tls.as_ref()?, "spec.trafficPolicy.tls".to_owned())))
+        else {
+            continue;
+        };
+        let mode = match tls.mode {
+            Some(TlsMode::Simple) => "SIMPLE",
+            Some(TlsMode::Mutual) => "MUTUAL",
+            _ => continue,
+        };
+        let mut warn = |message: String| {
+            diag(
+                diags,
+                Severity::Warning,
+                &dr.source,
+                format!("{label}: {field}: {message}"),
+            );
+        };
+        let protocol = port.protocol.unwrap_or(Protocol::Tcp);
+        if protocol != Protocol::Http {
+            warn(format!(
+                "egress originates TLS for HTTP/1.1 ports only; port {} ({protocol:?}) is relayed as the client sends it",
+                port.number.0
+            ));
+            continue;
+        }
+        if tls.insecure_skip_verify == Some(true) {
+            warn(
+                "insecureSkipVerify is ignored: egress always verifies the upstream's certificate"
+                    .to_owned(),
+            );
+        }
+        match client_config(tls, &field, &dr.source.file) {
+            Ok(client) => out.push(Origination {
+                port: port.number.0,
+                target_port: port.target_port.unwrap_or(port.number).0,
+                mode,
+                sni: tls.sni.as_deref().map(normalize_host),
+                by: label.clone(),
+                tls: client,
+            }),
+            Err(e) => diag(diags, Severity::Error, &dr.source, format!("{label}: {e}")),
+        }
+    }
+    out
 }
 
 impl Plan {

@@ -4,6 +4,7 @@ pub mod compile;
 pub mod load;
 pub mod node;
 pub mod schema;
+pub mod tls;
 
 use std::path::PathBuf;
 

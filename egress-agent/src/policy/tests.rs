@@ -379,3 +379,102 @@ fn conflicting_sidecars_fail_closed() {
         "the flag wins"
     );
 }
+
+#[test]
+fn a_destination_rule_originates_tls_on_http_ports_and_its_files_are_checked() {
+    let dir = std::env::temp_dir().join(format!("egress-origination-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("cert");
+    std::fs::write(dir.join("ca.pem"), ca.cert.pem()).expect("write");
+    std::fs::write(dir.join("junk.pem"), "not a certificate").expect("write");
+    let policy = |mode: &str, ca_file: &str, extra: &str| {
+        format!(
+            "{SE}  hosts: [api.test]\n  ports:\n  - {{number: 80, name: http, protocol: HTTP, targetPort: 443}}\n  - {{number: 8443, name: tls, protocol: TLS}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api}}\nspec:\n  host: api.test\n  trafficPolicy:\n    tls: {{mode: SIMPLE}}\n    portLevelSettings:\n    - port: {{number: 80}}\n      tls: {{mode: {mode}, caCertificates: {ca_file}, sni: Origin.test{extra}}}\n"
+        )
+    };
+    // Relative to the policy file's directory.
+    let file = dir.join("p.yaml");
+    let (pol, d) = load_str(&policy("SIMPLE", "ca.pem", ""), &file);
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    let d: Vec<String> = d.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        d,
+        [format!(
+            "{}:12:1: warning: DestinationRule/default/api: spec.trafficPolicy.tls: egress originates TLS for HTTP/1.1 ports only; port 8443 (Tls) is relayed as the client sends it",
+            file.display()
+        )]
+    );
+    let rule = &plan.rules[0];
+    assert!(
+        rule.steer_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("originates TLS"))
+    );
+    let o: Vec<_> = rule
+        .originate
+        .iter()
+        .map(|o| {
+            (
+                o.port,
+                o.target_port,
+                o.mode,
+                o.sni.as_deref(),
+                o.by.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        o,
+        [(
+            80,
+            443,
+            "SIMPLE",
+            Some("origin.test"),
+            "DestinationRule/default/api"
+        )]
+    );
+
+    for (mode, ca_file, extra, want) in [
+        (
+            "SIMPLE",
+            "missing.pem",
+            "",
+            "spec.trafficPolicy.portLevelSettings[0].tls.caCertificates: cannot read certificates from",
+        ),
+        (
+            "SIMPLE",
+            "junk.pem",
+            "",
+            "spec.trafficPolicy.portLevelSettings[0].tls.caCertificates: ",
+        ),
+        (
+            "MUTUAL",
+            "ca.pem",
+            "",
+            "mode MUTUAL needs clientCertificate and privateKey",
+        ),
+        (
+            "SIMPLE",
+            "ca.pem",
+            ", subjectAltNames: ['spiffe://x/y']",
+            "subjectAltNames[0]: `spiffe://x/y` is not a DNS name",
+        ),
+    ] {
+        let (pol, d) = load_str(&policy(mode, ca_file, extra), &file);
+        assert!(!super::has_errors(&d), "{d:?}");
+        let (_, d) = compile(&pol, None);
+        let errors: Vec<String> = d
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            errors.len() == 1
+                && errors[0].contains(":12:1: error: DestinationRule/default/api: ")
+                && errors[0].contains(want),
+            "{ca_file}{extra}: {errors:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

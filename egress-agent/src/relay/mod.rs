@@ -4,6 +4,7 @@
 //! (never to a name the client chose, never re-resolved), and copies bytes both ways. Every
 //! connection ends in a `relay` record.
 pub mod hello;
+mod originate;
 
 use std::{
     io,
@@ -245,6 +246,21 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
             .name(id)
     });
 
+    if let Some(origin) = catalog.origination(steered.rule_id, dst.port()) {
+        let origin = origin.clone();
+        let record = originate::serve(
+            client,
+            dst,
+            steered.rule_id,
+            origin,
+            catalog,
+            record,
+            shared,
+        )
+        .await;
+        return finish(record);
+    }
+
     let hello = match hello::read(
         &mut client,
         shared.config.hello_limit,
@@ -369,6 +385,39 @@ enum Ended {
     Idle,
 }
 
+/// When bytes last moved on a connection, to cut it after a quiet spell.
+struct Activity {
+    epoch: Instant,
+    /// Milliseconds since `epoch`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Returns once nothing has moved for `idle`.
+    async fn quiet(&self, idle: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let quiet = self.epoch.elapsed().saturating_sub(last);
+            if quiet >= idle {
+                return;
+            }
+            sleep(idle - quiet).await;
+        }
+    }
+}
+
 /// Copies both ways until both sides have finished (each EOF passed on as a half-close), a side
 /// fails (both end), or nothing moves for `idle`.
 async fn splice(
@@ -381,29 +430,18 @@ async fn splice(
 ) -> io::Result<Ended> {
     let (client_rd, mut client_wr) = client.into_split();
     let (server_rd, mut server_wr) = server.into_split();
-    let epoch = Instant::now();
-    let activity = AtomicU64::new(0);
+    let activity = Activity::new();
     server_wr.write_all(hello).await?;
     up.fetch_add(hello.len() as u64, Ordering::Relaxed);
     let copy = async {
         tokio::try_join!(
-            pump(client_rd, &mut server_wr, up, &activity, epoch),
-            pump(server_rd, &mut client_wr, down, &activity, epoch),
+            pump(client_rd, &mut server_wr, up, &activity),
+            pump(server_rd, &mut client_wr, down, &activity),
         )
-    };
-    let watch = async {
-        loop {
-            let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-            let quiet = epoch.elapsed().saturating_sub(last);
-            if quiet >= idle {
-                return;
-            }
-            sleep(idle - quiet).await;
-        }
     };
     tokio::select! {
         done = copy => done.map(|_| Ended::Closed),
-        () = watch => Ok(Ended::Idle),
+        () = activity.quiet(idle) => Ok(Ended::Idle),
     }
 }
 
@@ -411,8 +449,7 @@ async fn pump<R, W>(
     mut from: R,
     to: &mut W,
     bytes: &AtomicU64,
-    activity: &AtomicU64,
-    epoch: Instant,
+    activity: &Activity,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -427,6 +464,6 @@ where
         }
         to.write_all(&buf[..n]).await?;
         bytes.fetch_add(n as u64, Ordering::Relaxed);
-        activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.touch();
     }
 }

@@ -1,0 +1,579 @@
+//! TLS origination (Istio's "egress TLS origination"): the application speaks plain HTTP/1.1 to
+//! the relay, which checks each request's host against the kernel's record of the connection and
+//! sends the request on over TLS it verifies, with the VirtualService's retries and timeout per
+//! request.
+use std::{
+    convert::Infallible,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::{
+    HeaderMap, HeaderValue, Request, Response, StatusCode, Uri,
+    header::{self, HeaderName},
+};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::{
+    body::{Body as _, Bytes, Incoming},
+    client::conn::http1::SendRequest,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    task::JoinSet,
+    time::{Instant, sleep, timeout, timeout_at},
+};
+use tokio_rustls::TlsConnector;
+
+use super::{Activity, Shared, connect_marked, refuse};
+use crate::{
+    events::{Catalog, Record},
+    policy::compile::Origination,
+};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Request bodies up to this size are kept so that a retry can send them again; a larger (or
+/// chunked) body is streamed and its request is tried once.
+const REPLAY_LIMIT: u64 = 1 << 20;
+
+/// Serves one steered plain-HTTP connection until the client is done, and returns its record.
+pub(super) async fn serve(
+    client: TcpStream,
+    dst: SocketAddr,
+    rule_id: u32,
+    origin: Origination,
+    catalog: Arc<Catalog>,
+    mut record: Record,
+    shared: &Shared,
+) -> Record {
+    record.origination = Some(origin.mode.to_owned());
+    let activity = Arc::new(Activity::new());
+    let up = Arc::new(AtomicU64::new(0));
+    let down = Arc::new(AtomicU64::new(0));
+    let io = Counted {
+        io: client,
+        up: Arc::clone(&up),
+        down: Arc::clone(&down),
+        activity: Arc::clone(&activity),
+    };
+    let state = Arc::new(State {
+        dst,
+        rule_id,
+        origin,
+        catalog,
+        connect_timeout: shared.config.connect_timeout,
+        stats: Mutex::new(Stats::default()),
+        upstream: Mutex::new(None),
+        connections: Mutex::new(JoinSet::new()),
+    });
+    let service = {
+        let state = Arc::clone(&state);
+        service_fn(move |req| {
+            let state = Arc::clone(&state);
+            async move { Ok::<_, Infallible>(state.request(req).await) }
+        })
+    };
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(shared.config.hello_timeout);
+    let conn = http.serve_connection(TokioIo::new(io), service);
+    let ended = tokio::select! {
+        done = conn => done.map_err(|e| e.to_string()),
+        () = activity.quiet(shared.config.idle_timeout) => Err("idle-timeout".to_owned()),
+    };
+
+    record.bytes_up = Some(up.load(Ordering::Relaxed));
+    record.bytes_down = Some(down.load(Ordering::Relaxed));
+    let stats = std::mem::take(&mut *state.stats.lock().unwrap_or_else(|e| e.into_inner()));
+    record.requests = Some(stats.requests);
+    record.status = stats.status;
+    record.attempts = Some(stats.attempts);
+    record.upstream = stats.upstream.map(|a| a.to_string());
+    record.sni = stats.sni;
+    if stats.host.is_some() {
+        record.host = stats.host;
+    }
+    match (stats.failure, ended) {
+        (Some((outcome, reason)), _) => refuse(record, outcome, reason),
+        (None, Ok(())) => {
+            record.outcome = Some("ok".to_owned());
+            record
+        }
+        (None, Err(e)) if e == "idle-timeout" => {
+            record.outcome = Some(e);
+            record
+        }
+        (None, Err(e)) if stats.requests == 0 => refuse(record, "refused", e),
+        (None, Err(e)) => {
+            record.outcome = Some("error".to_owned());
+            record.reason = Some(e);
+            record
+        }
+    }
+}
+
+/// What the connection's record reports.
+#[derive(Default)]
+struct Stats {
+    requests: u64,
+    attempts: u32,
+    /// Of the last answer to the client.
+    status: Option<u16>,
+    upstream: Option<SocketAddr>,
+    sni: Option<String>,
+    host: Option<String>,
+    /// The first request that failed: outcome and reason.
+    failure: Option<(&'static str, String)>,
+}
+
+struct State {
+    dst: SocketAddr,
+    rule_id: u32,
+    origin: Origination,
+    /// The policy as it was when the connection arrived.
+    catalog: Arc<Catalog>,
+    connect_timeout: Duration,
+    stats: Mutex<Stats>,
+    /// The upstream connection kept for the next request, with what it was opened for.
+    upstream: Mutex<Option<Kept>>,
+    /// The upstream connections' I/O tasks; they end with the client connection.
+    connections: Mutex<JoinSet<()>>,
+}
+
+struct Kept {
+    target: SocketAddr,
+    name: ServerName<'static>,
+    sender: SendRequest<Body>,
+}
+
+/// Why an attempt failed, and so whether another may follow.
+enum Failure {
+    /// TCP or TLS connect failed: always retried.
+    Connect(String),
+    /// The upstream's certificate did not verify: never retried.
+    Certificate(String),
+    /// The connection broke before the answer's headers.
+    Reset(String),
+    /// The attempt's time ran out.
+    Timeout,
+}
+
+impl State {
+    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A local answer that ends the connection, noted as the connection's failure.
+    fn fail(&self, status: StatusCode, outcome: &'static str, reason: String) -> Response<Body> {
+        let body = format!("egress: {reason}\n");
+        let mut stats = self.stats();
+        stats.status = Some(status.as_u16());
+        stats.failure.get_or_insert((outcome, reason));
+        let mut response = Response::new(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    }
+
+    async fn request(&self, req: Request<Incoming>) -> Response<Body> {
+        self.stats().requests += 1;
+        let Some(host) = request_host(&req) else {
+            return self.fail(
+                StatusCode::BAD_REQUEST,
+                "refused",
+                "request without a host".to_owned(),
+            );
+        };
+        // The host must be one the policy allows for the kernel's destination, as a ClientHello's
+        // server name must be.
+        let upstream = match self.catalog.upstream(self.rule_id, &host, self.dst.ip()) {
+            Ok(u) => u,
+            Err(reason) => return self.fail(StatusCode::FORBIDDEN, "refused", reason),
+        };
+        let sni = self.origin.sni.clone().unwrap_or_else(|| host.clone());
+        let Ok(name) = ServerName::try_from(sni.clone()) else {
+            return self.fail(
+                StatusCode::BAD_REQUEST,
+                "refused",
+                format!("{sni} is not a valid server name"),
+            );
+        };
+        {
+            let mut stats = self.stats();
+            stats.sni = Some(sni);
+            stats.host = Some(upstream.host.clone());
+        }
+
+        let (parts, body) = req.into_parts();
+        let headers = forwarded_headers(&parts.headers, &host);
+        let uri = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        let hint = body.size_hint().exact();
+        let (replay, mut streamed) = match hint {
+            Some(n) if n <= REPLAY_LIMIT => match body.collect().await {
+                Ok(b) => (Some(b.to_bytes()), None),
+                Err(e) => {
+                    return self.fail(
+                        StatusCode::BAD_REQUEST,
+                        "error",
+                        format!("reading the request body: {e}"),
+                    );
+                }
+            },
+            _ => (None, Some(body)),
+        };
+        let build = |body: Body| {
+            let mut r = Request::new(body);
+            *r.method_mut() = parts.method.clone();
+            *r.uri_mut() = uri.clone();
+            *r.headers_mut() = headers.clone();
+            r
+        };
+
+        let route = &upstream.route;
+        let targets: Vec<SocketAddr> = std::iter::once(self.dst.ip())
+            .chain(
+                upstream
+                    .alternates
+                    .iter()
+                    .copied()
+                    .filter(|ip| ip.is_ipv4() == self.dst.is_ipv4()),
+            )
+            .map(|ip| SocketAddr::new(ip, self.origin.target_port))
+            .collect();
+        let tries = if replay.is_some() {
+            route.retries.saturating_add(1)
+        } else {
+            1
+        };
+        let deadline = route.timeout.map(|t| Instant::now() + t);
+        let mut last = String::new();
+        for attempt in 0..tries {
+            if attempt > 0 {
+                // Envoy's base retry back-off.
+                sleep(Duration::from_millis(25)).await;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return self.fail(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream-failed",
+                    format!("route timeout reached after {attempt} attempt(s); {last}"),
+                );
+            }
+            let target = targets[attempt as usize % targets.len()];
+            self.stats().attempts += 1;
+            let body = match (&replay, streamed.take()) {
+                (Some(bytes), _) => Full::new(bytes.clone())
+                    .map_err(|never| match never {})
+                    .boxed(),
+                (None, Some(body)) => body.boxed(),
+                (None, None) => break,
+            };
+            let limit = route
+                .per_try_timeout
+                .map(|t| Instant::now() + t)
+                .into_iter()
+                .chain(deadline)
+                .min();
+            let result = match limit {
+                Some(limit) => timeout_at(limit, self.attempt(target, &name, build(body)))
+                    .await
+                    .unwrap_or(Err(Failure::Timeout)),
+                None => self.attempt(target, &name, build(body)).await,
+            };
+            match result {
+                Ok(response)
+                    if attempt + 1 < tries && route.retry_on.status(response.status().as_u16()) =>
+                {
+                    last = format!("{target} answered {}", response.status());
+                }
+                Ok(response) => return self.answer(target, response),
+                Err(Failure::Certificate(e)) => {
+                    return self.fail(StatusCode::SERVICE_UNAVAILABLE, "upstream-failed", e);
+                }
+                Err(Failure::Reset(e)) if !route.retry_on.reset => {
+                    return self.fail(StatusCode::SERVICE_UNAVAILABLE, "upstream-failed", e);
+                }
+                Err(Failure::Connect(e) | Failure::Reset(e)) => last = e,
+                Err(Failure::Timeout) => last = format!("{target}: no answer in time"),
+            }
+        }
+        let status = if last.ends_with("no answer in time") {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        self.fail(
+            status,
+            "upstream-failed",
+            format!("{tries} attempt(s) failed; last: {last}"),
+        )
+    }
+
+    /// One try: a kept connection to the same target and name if it is still good, else a new
+    /// one.
+    async fn attempt(
+        &self,
+        target: SocketAddr,
+        name: &ServerName<'static>,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let kept = self
+            .upstream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|k| k.target == target && &k.name == name && !k.sender.is_closed());
+        let mut reused = None;
+        if let Some(mut k) = kept
+            && timeout(Duration::from_millis(5), k.sender.ready())
+                .await
+                .is_ok_and(|r| r.is_ok())
+        {
+            reused = Some(k.sender);
+        }
+        let mut sender = match reused {
+            Some(s) => s,
+            None => self.open(target, name.clone()).await?,
+        };
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|e| Failure::Reset(format!("{target}: {e}")))?;
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(Kept {
+            target,
+            name: name.clone(),
+            sender,
+        });
+        Ok(response)
+    }
+
+    async fn open(
+        &self,
+        target: SocketAddr,
+        name: ServerName<'static>,
+    ) -> Result<SendRequest<Body>, Failure> {
+        let tcp = timeout(self.connect_timeout, connect_marked(target))
+            .await
+            .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
+            .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
+        let tls = TlsConnector::from(Arc::clone(&self.origin.tls.0))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| tls_failure(target, e))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .spawn(async move {
+                let _ = conn.await;
+            });
+        Ok(sender)
+    }
+
+    fn answer(&self, target: SocketAddr, response: Response<Incoming>) -> Response<Body> {
+        {
+            let mut stats = self.stats();
+            stats.status = Some(response.status().as_u16());
+            stats.upstream = Some(target);
+        }
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(parts, body.boxed())
+    }
+}
+
+fn tls_failure(target: SocketAddr, e: io::Error) -> Failure {
+    let text = format!("{target}: TLS: {e}");
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(_)) => Failure::Certificate(text),
+        _ => Failure::Connect(text),
+    }
+}
+
+/// The request's host without its port: from an absolute URI, else from the Host header.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let authority = match req.uri().authority() {
+        Some(a) => a.host().to_owned(),
+        None => {
+            let value = req.headers().get(header::HOST)?.to_str().ok()?;
+            value
+                .parse::<http::uri::Authority>()
+                .ok()?
+                .host()
+                .to_owned()
+        }
+    };
+    let host = authority.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| host.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// The headers to send upstream: the client's, less those meant for the hop to the relay, with
+/// a Host header.
+fn forwarded_headers(headers: &HeaderMap, host: &str) -> HeaderMap {
+    let mut out = headers.clone();
+    strip_hop_by_hop(&mut out);
+    if !out.contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        out.insert(header::HOST, v);
+    }
+    out
+}
+
+/// RFC 9110 §7.6.1: connection-specific headers, and those the Connection header names, are not
+/// forwarded. Framing is hyper's to set for each hop.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// The client's socket, counting bytes each way and noting activity for the idle limit.
+struct Counted {
+    io: TcpStream,
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.up.fetch_add(n as u64, Ordering::Relaxed);
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll
+            && n > 0
+        {
+            self.down.fetch_add(n as u64, Ordering::Relaxed);
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_comes_from_the_uri_or_the_header_without_its_port() {
+        let req = |uri: &str, host: Option<&str>| {
+            let mut b = Request::builder().uri(uri);
+            if let Some(h) = host {
+                b = b.header(header::HOST, h);
+            }
+            b.body(()).expect("request")
+        };
+        assert_eq!(
+            request_host(&req("/x", Some("API.Example.com:80"))).as_deref(),
+            Some("api.example.com")
+        );
+        assert_eq!(
+            request_host(&req("http://a.test:8080/x", Some("b.test"))).as_deref(),
+            Some("a.test")
+        );
+        assert_eq!(
+            request_host(&req("/", Some("[fd00::1]:80"))).as_deref(),
+            Some("fd00::1")
+        );
+        assert_eq!(request_host(&req("/", None)), None);
+        assert_eq!(request_host(&req("/", Some(""))), None);
+    }
+
+    #[test]
+    fn connection_headers_stay_on_their_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let out = forwarded_headers(&h, "a.test");
+        let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["host", "x-kept"]);
+        assert_eq!(out[header::HOST], "a.test");
+    }
+}

@@ -1,0 +1,300 @@
+//! Root-only: TLS origination. curl speaks plain HTTP from the enforced cgroup; the kernel steers
+//! it to the relay, which speaks verified TLS (SIMPLE and MUTUAL) to real TLS servers in a netns
+//! world, with certificates made per run.
+use std::{net::IpAddr, path::Path, process::Output, sync::Arc, time::Duration};
+
+use egress_agent::{
+    agent::{Agent, AgentConfig},
+    events::Record,
+    policy::Mode,
+    relay::RelayConfig,
+};
+use egress_tests::{
+    TestCgroup, World, at, log_path, policy_dir,
+    tls::{Pki, Seen},
+    wait_record,
+};
+
+/// Port 80 of each host is plain HTTP for the application and TLS on 443 upstream:
+/// plain.test (host 20) with the run's CA; wrong-ca.test (21) whose server has a certificate of
+/// another CA; wrong-name.test (25) whose certificate names another host; mutual.test (24) that wants
+/// a client certificate; retry.test (22, refusing, and 23) with retries.
+fn policy(ca: &Path, client: &(std::path::PathBuf, std::path::PathBuf)) -> String {
+    let ca = ca.display();
+    let (cert, key) = (client.0.display(), client.1.display());
+    let mut yaml = String::new();
+    for (name, host, tls) in [
+        (
+            "plain",
+            "plain.test",
+            format!("{{mode: SIMPLE, caCertificates: {ca}}}"),
+        ),
+        (
+            "wrong-ca",
+            "wrong-ca.test",
+            format!("{{mode: SIMPLE, caCertificates: {ca}}}"),
+        ),
+        (
+            "wrong-name",
+            "wrong-name.test",
+            format!("{{mode: SIMPLE, caCertificates: {ca}}}"),
+        ),
+        (
+            "mutual",
+            "mutual.test",
+            format!(
+                "{{mode: MUTUAL, caCertificates: {ca}, clientCertificate: {cert}, privateKey: {key}}}"
+            ),
+        ),
+        (
+            "retry",
+            "retry.test",
+            format!("{{mode: SIMPLE, caCertificates: {ca}}}"),
+        ),
+    ] {
+        yaml += &format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  hosts: [{host}]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 443}}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  host: {host}
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 80}}
+      tls: {tls}
+---
+"
+        );
+    }
+    yaml += "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: retries, namespace: shop}
+spec:
+  hosts: [retry.test]
+  http:
+  - route: [{destination: {host: retry.test}}]
+    retries: {attempts: 2, perTryTimeout: 2s}
+    timeout: 8s
+";
+    yaml
+}
+
+struct Fixture {
+    w: World,
+    plain: Arc<Seen>,
+    wrong_ca: Arc<Seen>,
+    wrong_name: Arc<Seen>,
+    mutual: Arc<Seen>,
+    retry: Arc<Seen>,
+    policy: String,
+}
+
+fn fixture() -> Fixture {
+    let mut w = World::new();
+    for h in 20..=25 {
+        w.host(h);
+    }
+    let dir = std::env::temp_dir().join(&w.name);
+    let pki = Pki::new(&dir, "trusted");
+    let other = Pki::new(&dir, "other");
+    let clients = Pki::new(&dir, "clients");
+    let client = clients.client_files(&dir, "workload.test");
+    let tls = |h: u8, config| w.tls_server(std::net::SocketAddr::new(w.v4(h), 443), config);
+    let plain = tls(20, pki.server(&["plain.test"]));
+    let wrong_ca = tls(21, other.server(&["wrong-ca.test"]));
+    let wrong_name = tls(25, pki.server(&["elsewhere.test"]));
+    let mutual = tls(24, pki.mutual_server(&["mutual.test"], &clients));
+    let retry = tls(23, pki.server(&["retry.test"]));
+    let records = [
+        ("plain.test", w.v4(20)),
+        ("wrong-ca.test", w.v4(21)),
+        ("wrong-name.test", w.v4(25)),
+        ("mutual.test", w.v4(24)),
+        ("retry.test", w.v4(22)),
+        ("retry.test", w.v4(23)),
+    ];
+    w.start_dns(&records, 300);
+    Fixture {
+        policy: policy(&pki.ca_pem, &client),
+        w,
+        plain,
+        wrong_ca,
+        wrong_name,
+        mutual,
+        retry,
+    }
+}
+
+async fn agent(f: &Fixture, cg: &TestCgroup, log: &Path) -> Agent {
+    Agent::start(AgentConfig {
+        policies: vec![policy_dir(&f.policy)],
+        mode: Some(Mode::RegistryOnly),
+        dns: Some(f.w.dns_addr()),
+        cgroup: cg.path.clone(),
+        ifaces: Some(vec![f.w.iface().to_owned()]),
+        events: Some(log.to_owned()),
+        relay: RelayConfig {
+            hello_timeout: Duration::from_millis(500),
+            ..RelayConfig::default()
+        },
+        ..AgentConfig::default()
+    })
+    .await
+    .expect("agent starts")
+}
+
+/// curl in the cgroup: plain HTTP to each URL's host, pinned to `ip`, on one connection; status
+/// codes and bodies on stdout.
+fn curl(cg: &TestCgroup, ip: IpAddr, urls: &[&str], extra: &[&str]) -> Output {
+    let mut cmd = cg.command("curl");
+    cmd.args(["-sS", "--max-time", "15", "-w", "%{http_code}\n"]);
+    for url in urls {
+        let host = url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .expect("host");
+        cmd.args(["--resolve", &format!("{host}:80:{ip}")]);
+    }
+    cmd.args(extra).args(urls).output().expect("run curl")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn relay_record(log: &Path, host: &str) -> Record {
+    wait_record(log, &format!("relay record of {host}"), |r| {
+        r.kind == "relay" && r.sni.as_deref() == Some(host)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_leaves_as_verified_tls_simple_and_mutual() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate");
+    let log = log_path("originate");
+    let a = agent(&f, &cg, &log).await;
+
+    // Two requests on one client connection: the server closes after each, so the relay opens
+    // a second TLS connection for the second.
+    let out = curl(
+        &cg,
+        f.w.v4(20),
+        &["http://plain.test/a", "http://plain.test/b"],
+        &[],
+    );
+    assert_eq!(
+        stdout(&out),
+        "sni=plain.test\n200\nsni=plain.test\n200\n",
+        "{out:?}"
+    );
+    assert_eq!(
+        f.plain.names(),
+        [Some("plain.test".to_owned()), Some("plain.test".to_owned())]
+    );
+    let r = relay_record(&log, "plain.test");
+    let dst = at(f.w.v4(20), 80);
+    assert_eq!(r.dst.as_deref(), Some(dst.as_str()), "{r:?}");
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(r.origination.as_deref(), Some("SIMPLE"), "{r:?}");
+    assert_eq!(r.requests, Some(2), "{r:?}");
+    assert_eq!(r.attempts, Some(2), "{r:?}");
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(r.upstream, Some(at(f.w.v4(20), 443)), "{r:?}");
+    assert_eq!(r.host.as_deref(), Some("plain.test"), "{r:?}");
+    assert_eq!(r.rule.as_deref(), Some("ServiceEntry/shop/plain"), "{r:?}");
+    assert_eq!(r.comm.as_deref(), Some("curl"), "{r:?}");
+    assert!(r.bytes_up.is_some_and(|b| b > 100), "{r:?}");
+    assert!(r.bytes_down.is_some_and(|b| b > 100), "{r:?}");
+
+    // MUTUAL: the server takes only clients with a certificate of its client CA.
+    let out = curl(&cg, f.w.v4(24), &["http://mutual.test/"], &[]);
+    assert_eq!(stdout(&out), "sni=mutual.test\n200\n", "{out:?}");
+    assert_eq!(f.mutual.names(), [Some("mutual.test".to_owned())]);
+    let r = relay_record(&log, "mutual.test");
+    assert_eq!(r.origination.as_deref(), Some("MUTUAL"), "{r:?}");
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+
+    // A Host header of another rule's host, to plain.test's address: refused, never sent.
+    let before = f.plain.accepted();
+    let out = curl(
+        &cg,
+        f.w.v4(20),
+        &["http://plain.test/"],
+        &["-H", "Host: mutual.test"],
+    );
+    assert!(stdout(&out).ends_with("403\n"), "{out:?}");
+    let r = wait_record(&log, "forged host refusal", |r| {
+        r.kind == "relay" && r.outcome.as_deref() == Some("refused")
+    });
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|s| s.contains("mutual.test is not a host of ServiceEntry/shop/plain")),
+        "{r:?}"
+    );
+    assert_eq!(r.upstream, None, "{r:?}");
+    assert_eq!(
+        f.plain.accepted(),
+        before,
+        "a refused request reached upstream"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_does_not_verify_fails_the_request() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-bad");
+    let log = log_path("originate-bad");
+    let a = agent(&f, &cg, &log).await;
+    for (host, ip, seen, why) in [
+        ("wrong-ca.test", f.w.v4(21), &f.wrong_ca, "UnknownIssuer"),
+        (
+            "wrong-name.test",
+            f.w.v4(25),
+            &f.wrong_name,
+            "not valid for name",
+        ),
+    ] {
+        let out = curl(&cg, ip, &[&format!("http://{host}/")], &[]);
+        assert!(stdout(&out).ends_with("503\n"), "{host}: {out:?}");
+        let r = relay_record(&log, host);
+        assert_eq!(r.outcome.as_deref(), Some("upstream-failed"), "{r:?}");
+        assert!(
+            r.reason.as_deref().is_some_and(|s| s.contains(why)),
+            "{host}: {r:?}"
+        );
+        // A certificate failure is not retried, and the server never got a request.
+        assert_eq!(r.attempts, Some(1), "{r:?}");
+        assert_eq!(seen.accepted(), 1, "{host}");
+        assert!(seen.names().is_empty(), "{host}: the handshake completed");
+    }
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_originated_request_is_retried_on_the_hosts_other_address() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-retry");
+    let log = log_path("originate-retry");
+    let a = agent(&f, &cg, &log).await;
+    // retry.test's first address refuses on 443; the retry goes to its other address.
+    let out = curl(&cg, f.w.v4(22), &["http://retry.test/"], &[]);
+    assert_eq!(stdout(&out), "sni=retry.test\n200\n", "{out:?}");
+    let r = relay_record(&log, "retry.test");
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(r.attempts, Some(2), "{r:?}");
+    assert_eq!(r.upstream, Some(at(f.w.v4(23), 443)), "{r:?}");
+    assert_eq!(f.retry.names(), [Some("retry.test".to_owned())]);
+    a.shutdown().await;
+}
