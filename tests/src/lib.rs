@@ -226,9 +226,14 @@ impl World {
         .expect("netns thread")
     }
 
+    /// A TCP listener bound at `addr` in the world, for servers of the caller's own.
+    pub fn listen(&self, addr: SocketAddr) -> TcpListener {
+        self.in_world(move || TcpListener::bind(addr).expect("bind in world"))
+    }
+
     /// A TCP server at `addr` in the world that greets every connection with "hello".
     pub fn tcp_server(&self, addr: SocketAddr) {
-        let l = self.in_world(move || TcpListener::bind(addr).expect("bind tcp in world"));
+        let l = self.listen(addr);
         std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
                 let _ = s.write_all(b"hello\n");
@@ -239,7 +244,7 @@ impl World {
     /// A TCP server at `addr` in the world that reads to the end of what it is sent, then sends
     /// as many bytes back and closes.
     pub fn tcp_sink_reply(&self, addr: SocketAddr) {
-        let l = self.in_world(move || TcpListener::bind(addr).expect("bind tcp in world"));
+        let l = self.listen(addr);
         std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
                 std::thread::spawn(move || {

@@ -3,7 +3,7 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -127,7 +127,7 @@ impl World {
     /// A TLS server at `addr` in the world. After the handshake it reads one HTTP/1.1 request
     /// and answers `200` with the body `sni=<server name>\n`, then closes.
     pub fn tls_server(&self, addr: SocketAddr, config: Arc<ServerConfig>) -> Arc<Seen> {
-        let listener = self.in_world(move || TcpListener::bind(addr).expect("bind tls in world"));
+        let listener = self.listen(addr);
         let seen = Arc::new(Seen::default());
         let s = Arc::clone(&seen);
         std::thread::spawn(move || {

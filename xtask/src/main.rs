@@ -33,7 +33,7 @@ enum Task {
     Demo,
     /// Benchmarks, printed as ratios against a baseline measured in the same run.
     Bench {
-        #[arg(value_parser = ["connect", "events"], default_value = "connect")]
+        #[arg(value_parser = ["connect", "events", "relay"], default_value = "connect")]
         which: String,
     },
 }
@@ -55,6 +55,8 @@ const PACKAGES: &[&str] = &[
     "curl",
     "openssl",
 ];
+/// The peers `bench relay` runs beside egress's relay.
+const RELAY_BENCH_PACKAGES: &[&str] = &["haproxy", "nginx", "libnginx-mod-stream"];
 const TOOLCHAIN: &str = "debian-web";
 const BPF_LINKER_VERSION: &str = "0.13";
 
@@ -83,6 +85,9 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { which } => {
             setup()?;
             require_root("the benchmark attaches eBPF programs")?;
+            if which == "relay" {
+                install(RELAY_BENCH_PACKAGES)?;
+            }
             cargo(&["build", "--release", "--bins"])?;
             run(Command::new(target_dir()?.join("release/egress-bench"))
                 .arg(which)
@@ -148,15 +153,9 @@ fn succeeds(cmd: &mut Command) -> bool {
     cmd.output().map(|o| o.status.success()).unwrap_or(false)
 }
 
-fn setup() -> anyhow::Result<()> {
-    if !Path::new("/etc/debian_version").exists() {
-        bail!(
-            "setup knows Debian only. Elsewhere install: a Rust toolchain that can build for \
-             bpfel-unknown-none (a rustup nightly with rust-src), LLVM 22, \
-             `cargo install bpf-linker`, dnsmasq and iproute2"
-        );
-    }
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+/// Installs the Debian packages of `packages` that are missing.
+fn install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
         let cmd = format!(
             "apt-get update && apt-get install -y --no-install-recommends {}",
@@ -172,6 +171,18 @@ fn setup() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+fn setup() -> anyhow::Result<()> {
+    if !Path::new("/etc/debian_version").exists() {
+        bail!(
+            "setup knows Debian only. Elsewhere install: a Rust toolchain that can build for \
+             bpfel-unknown-none (a rustup nightly with rust-src), LLVM 22, \
+             `cargo install bpf-linker`, dnsmasq and iproute2"
+        );
+    }
+    install(PACKAGES)?;
     let toolchains = Command::new("rustup")
         .args(["toolchain", "list"])
         .output()

@@ -5,6 +5,7 @@
 //! connection ends in a `relay` record.
 pub mod hello;
 mod originate;
+mod splice;
 
 use std::{
     io,
@@ -45,6 +46,9 @@ pub struct RelayConfig {
     pub idle_timeout: Duration,
     /// Limit of one upstream connect when the route sets no perTryTimeout.
     pub connect_timeout: Duration,
+    /// Move passthrough bytes with splice(2) through a pipe, never through the relay's memory;
+    /// otherwise read and write through a buffer. `cargo xtask bench relay` compares the two.
+    pub splice: bool,
 }
 
 impl Default for RelayConfig {
@@ -57,6 +61,7 @@ impl Default for RelayConfig {
             // Istio's default idle timeout for TCP.
             idle_timeout: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(10),
+            splice: true,
         }
     }
 }
@@ -227,6 +232,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
         r.duration_ms = Some(started.elapsed().as_millis() as u64);
         r
     };
+    // Small answers (a ServerHello, an HTTP response) go out at once.
+    let _ = client.set_nodelay(true);
     let Ok(steered) = shared.peers.get(&peer_key(peer), 0) else {
         return finish(refuse(
             Record::relay_unknown(Timestamp::now()),
@@ -299,15 +306,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
 
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
-    let outcome = splice(
-        client,
-        server,
-        &hello.bytes,
-        &up,
-        &down,
-        shared.config.idle_timeout,
-    )
-    .await;
+    let outcome = carry(client, server, &hello.bytes, &up, &down, &shared.config).await;
     record.bytes_up = Some(up.load(Ordering::Relaxed));
     record.bytes_down = Some(down.load(Ordering::Relaxed));
     match outcome {
@@ -418,30 +417,39 @@ impl Activity {
     }
 }
 
-/// Copies both ways until both sides have finished (each EOF passed on as a half-close), a side
-/// fails (both end), or nothing moves for `idle`.
-async fn splice(
+/// Carries bytes both ways until both sides have finished (each EOF passed on as a half-close),
+/// a side fails (both end), or nothing moves for the idle limit.
+async fn carry(
     client: TcpStream,
-    server: TcpStream,
+    mut server: TcpStream,
     hello: &[u8],
     up: &AtomicU64,
     down: &AtomicU64,
-    idle: Duration,
+    config: &RelayConfig,
 ) -> io::Result<Ended> {
-    let (client_rd, mut client_wr) = client.into_split();
-    let (server_rd, mut server_wr) = server.into_split();
     let activity = Activity::new();
-    server_wr.write_all(hello).await?;
+    server.write_all(hello).await?;
     up.fetch_add(hello.len() as u64, Ordering::Relaxed);
     let copy = async {
-        tokio::try_join!(
-            pump(client_rd, &mut server_wr, up, &activity),
-            pump(server_rd, &mut client_wr, down, &activity),
-        )
+        if config.splice {
+            tokio::try_join!(
+                splice::pump(&client, &server, up, &activity),
+                splice::pump(&server, &client, down, &activity),
+            )
+            .map(|_| ())
+        } else {
+            let (client_rd, mut client_wr) = client.into_split();
+            let (server_rd, mut server_wr) = server.into_split();
+            tokio::try_join!(
+                pump(client_rd, &mut server_wr, up, &activity),
+                pump(server_rd, &mut client_wr, down, &activity),
+            )
+            .map(|_| ())
+        }
     };
     tokio::select! {
-        done = copy => done.map(|_| Ended::Closed),
-        () = activity.quiet(idle) => Ok(Ended::Idle),
+        done = copy => done.map(|()| Ended::Closed),
+        () = activity.quiet(config.idle_timeout) => Ok(Ended::Idle),
     }
 }
 

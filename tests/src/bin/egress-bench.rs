@@ -5,6 +5,10 @@
 //! `cargo xtask bench events`: the highest connect rate the machine drives from an enforced
 //! cgroup (one client per CPU), with flow events on against off, interleaved in the same run;
 //! events lost at that rate with the default ring buffer; the agent's CPU per 10,000 events/s.
+//!
+//! `cargo xtask bench relay`: steered TLS through egress's relay against the direct path,
+//! HAProxy (SNI passthrough) and nginx stream (ssl_preread), side by side: bulk throughput,
+//! connections per second and the time to the first byte.
 use std::{
     fmt::Write as _,
     net::SocketAddr,
@@ -13,7 +17,9 @@ use std::{
 
 use egress_agent::{
     agent::{Agent, AgentConfig},
+    metrics::RelayLabels,
     policy::Mode,
+    relay::RelayConfig,
 };
 use egress_tests::{TestCgroup, World, policy_dir, spawn_probe};
 
@@ -55,7 +61,8 @@ fn main() {
     match which.as_str() {
         "connect" => connect(),
         "events" => events(),
-        _ => panic!("unknown benchmark `{which}` (known: connect, events)"),
+        "relay" => relay(),
+        _ => panic!("unknown benchmark `{which}` (known: connect, events, relay)"),
     }
 }
 
@@ -263,4 +270,442 @@ fn connect() {
     for v in verdicts {
         println!("{v}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `cargo xtask bench relay`
+
+/// Bytes the bulk upstream sends per connection.
+const BULK_BYTES: u64 = 1 << 30;
+const RATE_CONNECTIONS: usize = 8000;
+const RATE_CLIENTS: usize = 16;
+const TTFB_CONNECTIONS: usize = 2000;
+const RELAY_ROUNDS: usize = 3;
+
+/// small.test (host 10) answers 64 bytes, bulk.test (host 11) `BULK_BYTES`; both steered.
+const RELAY_POLICY: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: small}
+spec:
+  hosts: [small.test]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: STATIC
+  endpoints: [{address: HOST10}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bulk}
+spec:
+  hosts: [bulk.test]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: STATIC
+  endpoints: [{address: HOST11}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: via-gateway}
+spec:
+  hosts: [small.test, bulk.test]
+  tls:
+  - match: [{port: 443, sniHosts: [small.test, bulk.test]}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local}}]
+";
+
+/// An upstream in the world: reads one whole TLS record (the ClientHello, however the proxy in
+/// front passes it on), answers `reply` bytes, half-closes and drains.
+fn hello_server(rt: &tokio::runtime::Runtime, listener: std::net::TcpListener, reply: u64) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    listener.set_nonblocking(true).expect("nonblocking");
+    let _guard = rt.enter();
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    rt.spawn(async move {
+        static ZEROS: [u8; 256 << 10] = [0; 256 << 10];
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut head = [0u8; 5];
+                if s.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let mut record = vec![0u8; usize::from(u16::from_be_bytes([head[3], head[4]]))];
+                if s.read_exact(&mut record).await.is_err() {
+                    return;
+                }
+                let mut left = reply;
+                while left > 0 {
+                    let n = left.min(ZEROS.len() as u64) as usize;
+                    if s.write_all(&ZEROS[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+                let _ = s.shutdown().await;
+                let mut sink = [0u8; 1024];
+                while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A peer proxy run for the benchmark, killed on drop.
+struct Peer {
+    child: std::process::Child,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // SIGTERM, not SIGKILL: nginx's master then stops its workers too.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until something accepts on 127.0.0.1:`port`.
+fn wait_listening(port: u16, what: &str, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} is not listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// HAProxy in TCP mode, routing by the ClientHello's SNI, one thread per CPU.
+fn haproxy(dir: &std::path::Path, port: u16, small: SocketAddr, bulk: SocketAddr) -> Peer {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let conf = dir.join("haproxy.cfg");
+    std::fs::write(
+        &conf,
+        format!(
+            "global
+  maxconn 8000
+  nbthread {threads}
+  log stdout format raw local0 info
+defaults
+  mode tcp
+  log global
+  option tcplog
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend sni
+  bind 127.0.0.1:{port}
+  tcp-request inspect-delay 5s
+  tcp-request content accept if {{ req.ssl_hello_type 1 }}
+  use_backend small if {{ req.ssl_sni -i small.test }}
+  use_backend bulk if {{ req.ssl_sni -i bulk.test }}
+backend small
+  server s {small}
+backend bulk
+  server b {bulk}
+"
+        ),
+    )
+    .expect("haproxy config");
+    let log = std::fs::File::create(dir.join("haproxy.log")).expect("haproxy log");
+    let mut child = std::process::Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&conf)
+        .stdout(log)
+        .spawn()
+        .expect("run haproxy (Debian package haproxy)");
+    wait_listening(port, "haproxy", &mut child);
+    Peer { child }
+}
+
+/// nginx stream with ssl_preread, routing by SNI, one worker per CPU.
+fn nginx(dir: &std::path::Path, port: u16, small: SocketAddr, bulk: SocketAddr) -> Peer {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+daemon off;
+worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log;
+events {{ worker_connections 8000; }}
+stream {{
+  log_format sni '$remote_addr [$time_local] $status $bytes_sent $bytes_received '
+                 '$session_time $ssl_preread_server_name $upstream_addr';
+  access_log {dir}/nginx-access.log sni;
+  map $ssl_preread_server_name $upstream {{
+    small.test {small};
+    bulk.test {bulk};
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    ssl_preread on;
+    proxy_pass $upstream;
+  }}
+}}
+",
+            dir = dir.display()
+        ),
+    )
+    .expect("nginx config");
+    let mut child = std::process::Command::new("nginx")
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run nginx (Debian packages nginx, libnginx-mod-stream)");
+    wait_listening(port, "nginx", &mut child);
+    Peer { child }
+}
+
+/// One way to the upstreams: where the client connects for each host, and from which cgroup.
+struct Path<'a> {
+    name: &'static str,
+    cgroup: &'a TestCgroup,
+    small: SocketAddr,
+    bulk: SocketAddr,
+    /// For egress: whether its relay splices.
+    splice: Option<bool>,
+}
+
+#[derive(Default)]
+struct Figures {
+    mb_per_sec: Vec<f64>,
+    conns_per_sec: Vec<f64>,
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
+}
+
+fn measure(path: &Path, figures: &mut Figures) {
+    let probe = |args: &[&str]| {
+        let out = path.cgroup.probe(args);
+        let nums: Vec<f64> = out
+            .split_whitespace()
+            .map(|w| w.parse().unwrap_or(f64::NAN))
+            .collect();
+        assert!(
+            !nums.is_empty() && nums.iter().all(|n| n.is_finite()),
+            "{} {args:?}: {out}",
+            path.name
+        );
+        nums
+    };
+    let bulk = probe(&["hello-bulk", &path.bulk.to_string(), "bulk.test"]);
+    assert_eq!(bulk[0] as u64, BULK_BYTES, "{}: short transfer", path.name);
+    figures.mb_per_sec.push(bulk[0] / bulk[1] / 1e6);
+    let rate = probe(&[
+        "hello-rate",
+        &path.small.to_string(),
+        "small.test",
+        &RATE_CONNECTIONS.to_string(),
+        &RATE_CLIENTS.to_string(),
+    ]);
+    figures
+        .conns_per_sec
+        .push(RATE_CONNECTIONS as f64 / rate[0]);
+    let ttfb = probe(&[
+        "hello-rate",
+        &path.small.to_string(),
+        "small.test",
+        &TTFB_CONNECTIONS.to_string(),
+        "1",
+    ]);
+    figures.p50_us.push(ttfb[1]);
+    figures.p99_us.push(ttfb[2]);
+}
+
+fn relay() {
+    // The peers inherit it; each holds two descriptors per connection.
+    egress_agent::relay::raise_nofile().expect("raise the descriptor limit");
+    let mut w = World::new();
+    w.host(10);
+    w.host(11);
+    let small = SocketAddr::new(w.v4(10), 443);
+    let bulk = SocketAddr::new(w.v4(11), 443);
+    let servers = tokio::runtime::Runtime::new().expect("server runtime");
+    hello_server(&servers, w.listen(small), 64);
+    hello_server(&servers, w.listen(bulk), BULK_BYTES);
+    // The policy names no DNS host; the resolver is never asked.
+    w.start_dns(&[], 300);
+
+    let dir = std::env::temp_dir().join(format!("egress-bench-relay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let (hp, np) = (free_port(), free_port());
+    let _haproxy = haproxy(&dir, hp, small, bulk);
+    let _nginx = nginx(&dir, np, small, bulk);
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let enforced = TestCgroup::new("bench-relay");
+    let plain = TestCgroup::new("bench-relay-base");
+    let policy = policy_dir(
+        &RELAY_POLICY
+            .replace("HOST10", &w.v4(10).to_string())
+            .replace("HOST11", &w.v4(11).to_string()),
+    );
+    // An agent as `egress run` runs, flow log included, with the relay copying or splicing.
+    let start_agent = |splice: bool| {
+        rt.block_on(Agent::start(AgentConfig {
+            policies: vec![policy.clone()],
+            mode: Some(Mode::RegistryOnly),
+            dns: Some(w.dns_addr()),
+            cgroup: enforced.path.clone(),
+            ifaces: Some(vec![w.iface().to_owned()]),
+            events: Some(dir.join("flows.jsonl")),
+            relay: RelayConfig {
+                splice,
+                ..RelayConfig::default()
+            },
+            ..AgentConfig::default()
+        }))
+        .expect("agent")
+    };
+    let relayed_ok = |agent: &Agent| -> u64 {
+        ["small.test", "bulk.test"]
+            .iter()
+            .map(|host| {
+                agent
+                    .status
+                    .relayed
+                    .get_or_create(&RelayLabels {
+                        outcome: "ok".to_owned(),
+                        host: (*host).to_owned(),
+                    })
+                    .get()
+            })
+            .sum()
+    };
+    let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let egress = |name, splice| Path {
+        name,
+        cgroup: &enforced,
+        small,
+        bulk,
+        splice: Some(splice),
+    };
+    let peer = |name, port| Path {
+        name,
+        cgroup: &plain,
+        small: local(port),
+        bulk: local(port),
+        splice: None,
+    };
+    let paths = [
+        Path {
+            name: "direct",
+            cgroup: &plain,
+            small,
+            bulk,
+            splice: None,
+        },
+        egress("egress copy", false),
+        egress("egress splice", true),
+        peer("HAProxy", hp),
+        peer("nginx stream", np),
+    ];
+    println!(
+        "TLS passthrough by SNI, side by side, median of {RELAY_ROUNDS} interleaved rounds: bulk \
+         (one connection, {} MiB down), connections/s ({RATE_CONNECTIONS}, {RATE_CLIENTS} at a \
+         time), time from connect() to the first byte ({TTFB_CONNECTIONS} one after another). \
+         The upstream answers after the whole ClientHello, without TLS, so only the proxies' \
+         costs differ.\n",
+        BULK_BYTES >> 20
+    );
+    let mut figures: Vec<Figures> = paths.iter().map(|_| Figures::default()).collect();
+    let mut relayed = 0;
+    for round in 0..RELAY_ROUNDS {
+        // Rotate the order, so no path always runs first.
+        for i in 0..paths.len() {
+            let k = (i + round) % paths.len();
+            let agent = paths[k].splice.map(start_agent);
+            measure(&paths[k], &mut figures[k]);
+            if let Some(agent) = agent {
+                relayed += relayed_ok(&agent);
+                rt.block_on(agent.shutdown());
+            }
+        }
+    }
+
+    let m: Vec<[f64; 4]> = figures
+        .into_iter()
+        .map(|f| {
+            [
+                median(f.mb_per_sec),
+                median(f.conns_per_sec),
+                median(f.p50_us),
+                median(f.p99_us),
+            ]
+        })
+        .collect();
+    let direct = m[0];
+    println!(
+        "{:<13} {:>10} {:>9} {:>9} {:>9} {:>13} {:>13}",
+        "path", "bulk MB/s", "vs direct", "conn/s", "TTFB p50", "added p50 us", "added p99 us"
+    );
+    for (path, f) in paths.iter().zip(&m) {
+        println!(
+            "{:<13} {:>10.0} {:>9.2} {:>9.0} {:>7.0}us {:>13.0} {:>13.0}",
+            path.name,
+            f[0],
+            f[0] / direct[0],
+            f[1],
+            f[2],
+            f[2] - direct[2],
+            f[3] - direct[3]
+        );
+    }
+    let expected = 2 * RELAY_ROUNDS * (1 + RATE_CONNECTIONS + TTFB_CONNECTIONS);
+    println!("\nrelayed connections with outcome ok: {relayed} of {expected}");
+    assert_eq!(
+        relayed, expected as u64,
+        "the relay did not carry every connection"
+    );
+    // The relay as shipped (`RelayConfig::default()`), against the peers.
+    let shipped = if RelayConfig::default().splice { 2 } else { 1 };
+    let other = 3 - shipped;
+    let (egress, peers) = (m[shipped], [("HAProxy", m[3]), ("nginx stream", m[4])]);
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!(
+        "shipped relay: {}; {} vs {}: bulk {:.2}x, conn/s {:.2}x",
+        paths[shipped].name,
+        paths[shipped].name,
+        paths[other].name,
+        egress[0] / m[other][0],
+        egress[1] / m[other][1]
+    );
+    println!(
+        "egress bulk vs direct: {:.2} (target >= 0.80): {}",
+        egress[0] / direct[0],
+        verdict(egress[0] >= 0.8 * direct[0])
+    );
+    for (name, p) in peers {
+        println!(
+            "egress vs {name}: bulk {:.2}x, conn/s {:.2}x, added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us: {}",
+            egress[0] / p[0],
+            egress[1] / p[1],
+            egress[2] - direct[2],
+            p[2] - direct[2],
+            egress[3] - direct[3],
+            p[3] - direct[3],
+            verdict(
+                egress[0] >= p[0] && egress[1] >= p[1] && egress[2] <= p[2] && egress[3] <= p[3]
+            )
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

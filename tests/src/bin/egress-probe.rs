@@ -13,6 +13,11 @@
 //!   egress-probe tls-hold ADDR:PORT NAME CA N    N handshakes held open together, then a GET on
 //!                                         each; `ok` when every answer came
 //!   egress-probe peer ADDR:PORT           connect; print what getpeername() says
+//!   egress-probe hello-bulk ADDR:PORT NAME    send a ClientHello for NAME, read to EOF; prints
+//!                                         `BYTES SECONDS`
+//!   egress-probe hello-rate ADDR:PORT NAME N C   N connections (C at a time), each a ClientHello
+//!                                         and a read to EOF; prints `SECONDS P50_US P99_US` of
+//!                                         the time from connect() to the first byte back
 use std::{
     io::{self, Read as _, Write as _},
     net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
@@ -339,6 +344,89 @@ fn tls_hold(addr: SocketAddr, name: &str, ca: &str, n: usize) -> String {
     }
 }
 
+/// A real ClientHello for `name`, as bytes: the proxies under benchmark read no further.
+fn client_hello(name: &str) -> io::Result<Vec<u8>> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server =
+        rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(io::Error::other)?;
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server)
+        .map_err(io::Error::other)?;
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello)?;
+    Ok(hello)
+}
+
+/// Connects, sends the hello, reads to EOF. Returns the bytes read and when the first came.
+fn hello_exchange(addr: SocketAddr, hello: &[u8], buf: &mut [u8]) -> io::Result<(u64, Instant)> {
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(hello)?;
+    let mut total = 0u64;
+    let mut first = None;
+    loop {
+        let n = s.read(buf)?;
+        if n == 0 {
+            break;
+        }
+        first.get_or_insert_with(Instant::now);
+        total += n as u64;
+    }
+    let first = first.ok_or_else(|| io::Error::other("closed before the first byte"))?;
+    Ok((total, first))
+}
+
+fn hello_bulk(addr: SocketAddr, name: &str) -> String {
+    let run = || -> io::Result<String> {
+        let hello = client_hello(name)?;
+        let mut buf = vec![0u8; 256 << 10];
+        let t0 = Instant::now();
+        let (bytes, _) = hello_exchange(addr, &hello, &mut buf)?;
+        Ok(format!("{bytes} {:.6}", t0.elapsed().as_secs_f64()))
+    };
+    run().unwrap_or_else(|e| word(&e))
+}
+
+fn hello_rate(addr: SocketAddr, name: &str, n: usize, clients: usize) -> String {
+    let run = || -> io::Result<String> {
+        let hello = client_hello(name)?;
+        let t0 = Instant::now();
+        let threads: Vec<_> = (0..clients)
+            .map(|i| {
+                let hello = hello.clone();
+                let count = n / clients + usize::from(i < n % clients);
+                std::thread::spawn(move || -> io::Result<Vec<u64>> {
+                    let mut buf = vec![0u8; 4096];
+                    let mut ttfb = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        let start = Instant::now();
+                        let (_, first) = hello_exchange(addr, &hello, &mut buf)?;
+                        ttfb.push((first - start).as_micros() as u64);
+                    }
+                    Ok(ttfb)
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(n);
+        for t in threads {
+            all.extend(
+                t.join()
+                    .map_err(|_| io::Error::other("client panicked"))??,
+            );
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        all.sort_unstable();
+        let pct = |p: f64| all[((all.len() - 1) as f64 * p).round() as usize];
+        Ok(format!("{secs:.6} {} {}", pct(0.50), pct(0.99)))
+    };
+    run().unwrap_or_else(|e| word(&e))
+}
+
 fn peer(addr: SocketAddr) -> String {
     match TcpStream::connect_timeout(&addr, TIMEOUT).and_then(|s| s.peer_addr()) {
         Ok(p) => format!("ok:{p}"),
@@ -369,6 +457,13 @@ fn main() -> ExitCode {
             Err(_) => return usage(),
         },
         (Some("peer"), Some(a)) => peer(a),
+        (Some("hello-bulk"), Some(a)) if args.len() == 3 => hello_bulk(a, &args[2]),
+        (Some("hello-rate"), Some(a)) if args.len() == 5 => {
+            match (args[3].parse(), args[4].parse()) {
+                (Ok(n), Ok(c)) if c > 0 && n >= c => hello_rate(a, &args[2], n, c),
+                _ => return usage(),
+            }
+        }
         (Some("transfer"), Some(a)) if args.len() == 3 => match args[2].parse() {
             Ok(n) => transfer(a, n),
             Err(_) => return usage(),
@@ -387,7 +482,8 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: egress-probe tcp|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | \
          bench-connect ADDR:PORT N | ping ADDR | transfer ADDR:PORT N | \
-         tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT"
+         tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
+         hello-bulk ADDR:PORT NAME | hello-rate ADDR:PORT NAME N C"
     );
     ExitCode::from(2)
 }

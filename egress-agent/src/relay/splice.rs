@@ -1,0 +1,57 @@
+//! One direction of a relayed connection moved socket → pipe → socket with splice(2): the bytes
+//! stay in the kernel's pages and never cross into the relay's memory.
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use nix::{
+    fcntl::{OFlag, SpliceFFlags, splice},
+    sys::socket::{Shutdown, shutdown},
+    unistd::pipe2,
+};
+use tokio::{io::Interest, net::TcpStream};
+
+use super::Activity;
+
+/// Most bytes one splice call moves: a default pipe's capacity.
+const CHUNK: usize = 64 << 10;
+
+/// Moves bytes from `from` to `to` until `from` ends, then half-closes `to`.
+pub(super) async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &AtomicU64,
+    activity: &Activity,
+) -> io::Result<()> {
+    let (pipe_rd, pipe_wr): (OwnedFd, OwnedFd) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        // The pipe is empty here, so "would block" can only mean the socket has nothing.
+        let n = from
+            .async_io(Interest::READABLE, || {
+                splice(from.as_fd(), None, pipe_wr.as_fd(), None, CHUNK, flags)
+                    .map_err(io::Error::from)
+            })
+            .await?;
+        if n == 0 {
+            // Pass the half-close on; the other direction goes on.
+            return match shutdown(to.as_raw_fd(), Shutdown::Write) {
+                Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
+                Err(e) => Err(e.into()),
+            };
+        }
+        let mut left = n;
+        while left > 0 {
+            left -= to
+                .async_io(Interest::WRITABLE, || {
+                    splice(pipe_rd.as_fd(), None, to.as_fd(), None, left, flags)
+                        .map_err(io::Error::from)
+                })
+                .await?;
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+    }
+}
