@@ -1,7 +1,8 @@
 //! The gateway relay: steered TLS connections arrive here from the kernel, which kept each one's
 //! original destination. The relay reads the ClientHello, lets the connection on only when its
 //! server name is a host the policy allows for that destination, connects to that destination
-//! (never to a name the client chose, never re-resolved), and copies bytes both ways. Every
+//! (never to a name the client chose, never re-resolved), and carries bytes both ways. On a port
+//! with TLS origination it reads plain HTTP instead and speaks TLS upstream (`originate`). Every
 //! connection ends in a `relay` record.
 pub mod hello;
 mod originate;

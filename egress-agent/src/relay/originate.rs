@@ -89,7 +89,12 @@ pub(super) async fn serve(
         .header_read_timeout(shared.config.hello_timeout);
     let conn = http.serve_connection(TokioIo::new(io), service);
     let ended = tokio::select! {
-        done = conn => done.map_err(|e| e.to_string()),
+        done = conn => match done {
+            // The header timeout also ends a kept-alive connection that waits for its next
+            // request: after a request, that is a normal end.
+            Err(e) if e.is_timeout() && state.stats().requests > 0 => Ok(()),
+            done => done.map_err(|e| e.to_string()),
+        },
         () = activity.quiet(shared.config.idle_timeout) => Err("idle-timeout".to_owned()),
     };
 
