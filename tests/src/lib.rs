@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_agent::{datapath::cgroup, events::Record};
+use egress_agent::{agent::AgentConfig, datapath::cgroup, events::Record, policy::Mode};
 
 pub mod tls;
 
@@ -224,6 +224,26 @@ impl World {
         })
         .join()
         .expect("netns thread")
+    }
+
+    /// An agent's configuration for this world: `policy` (YAML) in a fresh directory, `mode`,
+    /// the world's resolver and interface, enforcing on `cg`, the flow log at `log` if given.
+    pub fn agent_config(
+        &self,
+        policy: &str,
+        mode: Mode,
+        cg: &TestCgroup,
+        log: Option<&Path>,
+    ) -> AgentConfig {
+        AgentConfig {
+            policies: vec![policy_dir(policy)],
+            mode: Some(mode),
+            dns: Some(self.dns_addr()),
+            cgroup: cg.path.clone(),
+            ifaces: Some(vec![self.iface().to_owned()]),
+            events: log.map(Path::to_owned),
+            ..AgentConfig::default()
+        }
     }
 
     /// A TCP listener bound at `addr` in the world, for servers of the caller's own.

@@ -19,8 +19,8 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    TestCgroup, World, at, log_path, loopback_server, policy_dir, probe_in, probe_with_pid,
-    records, target_bin, wait_for, wait_record,
+    TestCgroup, World, at, log_path, loopback_server, probe_in, probe_with_pid, records,
+    target_bin, wait_for, wait_record,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -82,18 +82,12 @@ fn world() -> World {
 
 fn config(w: &World, cg: &TestCgroup, mode: Mode, log: Option<&Path>) -> AgentConfig {
     AgentConfig {
-        policies: vec![policy_dir(&policy())],
-        mode: Some(mode),
-        dns: Some(w.dns_addr()),
-        cgroup: cg.path.clone(),
-        ifaces: Some(vec![w.iface().to_owned()]),
-        events: log.map(Path::to_owned),
         relay: RelayConfig {
             // Plain TCP probes of the steered host reach the relay, which waits for a ClientHello.
             hello_timeout: Duration::from_millis(300),
             ..RelayConfig::default()
         },
-        ..AgentConfig::default()
+        ..w.agent_config(&policy(), mode, cg, log)
     }
 }
 

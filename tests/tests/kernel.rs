@@ -6,7 +6,7 @@ use egress_agent::{
     agent::{Agent, AgentConfig},
     policy::Mode,
 };
-use egress_tests::{TestCgroup, World, loopback_server, policy_dir, wait_for};
+use egress_tests::{TestCgroup, World, at, loopback_server, policy_dir, wait_for};
 
 /// Registered: api.test (DNS) on 443/TCP and 5353/UDP; legacy-db (STATIC) on 5432/TCP.
 fn policy(w: &World) -> String {
@@ -59,20 +59,9 @@ fn world(ttl: u32) -> World {
 }
 
 async fn agent(w: &World, cg: &TestCgroup, mode: Mode) -> Agent {
-    Agent::start(AgentConfig {
-        policies: vec![policy_dir(&policy(w))],
-        mode: Some(mode),
-        dns: Some(w.dns_addr()),
-        cgroup: cg.path.clone(),
-        ifaces: Some(vec![w.iface().to_owned()]),
-        ..AgentConfig::default()
-    })
-    .await
-    .expect("agent starts")
-}
-
-fn at(ip: std::net::IpAddr, port: u16) -> String {
-    SocketAddr::new(ip, port).to_string()
+    Agent::start(w.agent_config(&policy(w), mode, cg, None))
+        .await
+        .expect("agent starts")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

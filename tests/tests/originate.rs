@@ -10,7 +10,7 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    TestCgroup, World, at, log_path, policy_dir,
+    TestCgroup, World, at, log_path,
     tls::{Pki, Seen},
     wait_record,
 };
@@ -135,17 +135,12 @@ fn fixture() -> Fixture {
 
 async fn agent(f: &Fixture, cg: &TestCgroup, log: &Path) -> Agent {
     Agent::start(AgentConfig {
-        policies: vec![policy_dir(&f.policy)],
-        mode: Some(Mode::RegistryOnly),
-        dns: Some(f.w.dns_addr()),
-        cgroup: cg.path.clone(),
-        ifaces: Some(vec![f.w.iface().to_owned()]),
-        events: Some(log.to_owned()),
         relay: RelayConfig {
             hello_timeout: Duration::from_millis(500),
             ..RelayConfig::default()
         },
-        ..AgentConfig::default()
+        ..f.w
+            .agent_config(&f.policy, Mode::RegistryOnly, cg, Some(log))
     })
     .await
     .expect("agent starts")

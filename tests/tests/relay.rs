@@ -16,7 +16,7 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    TestCgroup, World, at, log_path, policy_dir, probe_in, probe_with_pid, records,
+    TestCgroup, World, at, log_path, probe_in, probe_with_pid, records,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -101,17 +101,11 @@ fn fixture(tag: &str) -> Fixture {
 
 async fn agent(f: &Fixture, cg: &TestCgroup, log: &Path) -> Agent {
     Agent::start(AgentConfig {
-        policies: vec![policy_dir(POLICY)],
-        mode: Some(Mode::RegistryOnly),
-        dns: Some(f.w.dns_addr()),
-        cgroup: cg.path.clone(),
-        ifaces: Some(vec![f.w.iface().to_owned()]),
-        events: Some(log.to_owned()),
         relay: RelayConfig {
             hello_timeout: Duration::from_millis(500),
             ..RelayConfig::default()
         },
-        ..AgentConfig::default()
+        ..f.w.agent_config(POLICY, Mode::RegistryOnly, cg, Some(log))
     })
     .await
     .expect("agent starts")

@@ -2,7 +2,7 @@
 //! which rule that is; and which cgroup path a cgroup id is.
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -46,6 +46,21 @@ pub struct Upstream {
     pub route: RelayRoute,
     /// Other addresses of the same host, for retries.
     pub alternates: Vec<IpAddr>,
+}
+
+impl Upstream {
+    /// Where attempts go, in turn: `dst` first, then the host's other addresses of the same
+    /// family, on `dst`'s port.
+    pub fn targets(&self, dst: SocketAddr) -> Vec<SocketAddr> {
+        std::iter::once(dst)
+            .chain(
+                self.alternates
+                    .iter()
+                    .filter(|ip| ip.is_ipv4() == dst.is_ipv4())
+                    .map(|ip| SocketAddr::new(*ip, dst.port())),
+            )
+            .collect()
+    }
 }
 
 impl Catalog {

@@ -67,6 +67,9 @@ impl Default for RelayConfig {
     }
 }
 
+/// Pause before a retry: Envoy's base retry back-off.
+const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
 /// The kernel's records of steered connections, by the client's end.
 pub type Peers = BpfHashMap<MapData, RelayPeer, Steered>;
 
@@ -334,20 +337,11 @@ async fn connect(
     let tries = route.retries.saturating_add(1);
     let deadline = route.timeout.map(|t| Instant::now() + t);
     let per_try = route.per_try_timeout.unwrap_or(default_timeout);
-    let candidates: Vec<SocketAddr> = std::iter::once(dst)
-        .chain(
-            upstream
-                .alternates
-                .iter()
-                .filter(|ip| ip.is_ipv4() == dst.is_ipv4())
-                .map(|ip| SocketAddr::new(*ip, dst.port())),
-        )
-        .collect();
+    let candidates = upstream.targets(dst);
     let mut last = String::new();
     for attempt in 0..tries {
         if attempt > 0 {
-            // Envoy's base retry back-off.
-            sleep(Duration::from_millis(25)).await;
+            sleep(RETRY_BACKOFF).await;
         }
         let target = candidates[attempt as usize % candidates.len()];
         let mut limit = Instant::now() + per_try;

@@ -35,7 +35,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::{Activity, Shared, connect_marked, refuse};
+use super::{Activity, RETRY_BACKOFF, Shared, connect_marked, refuse};
 use crate::{
     events::{Catalog, Record},
     policy::compile::Origination,
@@ -259,16 +259,7 @@ impl State {
         };
 
         let route = &upstream.route;
-        let targets: Vec<SocketAddr> = std::iter::once(self.dst.ip())
-            .chain(
-                upstream
-                    .alternates
-                    .iter()
-                    .copied()
-                    .filter(|ip| ip.is_ipv4() == self.dst.is_ipv4()),
-            )
-            .map(|ip| SocketAddr::new(ip, self.origin.target_port))
-            .collect();
+        let targets = upstream.targets(SocketAddr::new(self.dst.ip(), self.origin.target_port));
         let tries = if replay.is_some() {
             route.retries.saturating_add(1)
         } else {
@@ -278,8 +269,7 @@ impl State {
         let mut last = String::new();
         for attempt in 0..tries {
             if attempt > 0 {
-                // Envoy's base retry back-off.
-                sleep(Duration::from_millis(25)).await;
+                sleep(RETRY_BACKOFF).await;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return self.fail(
