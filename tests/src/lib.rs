@@ -498,10 +498,14 @@ pub fn log_path(tag: &str) -> PathBuf {
     dir.join("flows.jsonl")
 }
 
-/// Every record in a flow log.
+/// Every complete record in a flow log.
 pub fn records(path: &Path) -> Vec<Record> {
     let text = fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    // The agent may be writing the last line as we read: take complete lines only, as
+    // `egress events --follow` does.
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+    complete
+        .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
         .collect()
 }
