@@ -70,6 +70,16 @@ impl Status {
                     .inc();
             }
             "close" => {
+                // The flow's first connect was counted from its own record; reconnects only here.
+                if let Some(again) = r.connects.and_then(|n| n.checked_sub(1)).filter(|&n| n > 0) {
+                    self.connections
+                        .get_or_create(&DecisionLabels {
+                            verdict: r.verdict.clone().unwrap_or_default(),
+                            host: host.clone(),
+                            rule: r.rule.clone().unwrap_or_default(),
+                        })
+                        .inc_by(again);
+                }
                 for (direction, n) in [("out", r.bytes_out), ("in", r.bytes_in)] {
                     self.bytes
                         .get_or_create(&BytesLabels {

@@ -9,9 +9,9 @@ pub const CONFIG_MAP: &str = "EGRESS_CONFIG_V3";
 /// Name of the per-CPU counters: slot 0 counts events lost, slots 1..=3 decisions by [`Verdict`].
 pub const COUNTERS_MAP: &str = "EGRESS_COUNTERS_V1";
 /// Name of the ring buffer of [`FlowEvent`]s.
-pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V1";
+pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V2";
 /// Name of the LRU hash of open flows: socket cookie → [`Flow`].
-pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V2";
+pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V3";
 /// Name of the LRU hash of steered connections by socket cookie → [`Steered`]: written at
 /// connect, read by getpeername, removed when the socket closes.
 pub const STEERED_MAP: &str = "EGRESS_STEERED_V1";
@@ -222,6 +222,11 @@ pub struct FlowEvent {
     pub dst_addr: [u8; 16],
     /// The task's comm, NUL padded.
     pub comm: [u8; 16],
+    /// For a flow: the connect() calls it stands for. A socket connected again to the same
+    /// destination with the same verdict and rule (a UDP client's reconnect loop) adds one here
+    /// instead of writing another connect and close; the close reports the total. 1 in a connect
+    /// or sendmsg event, 0 in a packet event.
+    pub connects: u64,
 }
 
 /// A tracked flow, the value of [`FLOWS_MAP`]: its connect event, whose counters the TC programs
@@ -328,12 +333,13 @@ const _: () = {
     assert!(core::mem::size_of::<Config>() == 24);
     assert!(core::mem::offset_of!(Config, flags) == 16);
     assert!(core::mem::offset_of!(Config, cgroup_id) == 8);
-    assert!(core::mem::size_of::<FlowEvent>() == 144);
+    assert!(core::mem::size_of::<FlowEvent>() == 152);
+    assert!(core::mem::offset_of!(FlowEvent, connects) == 144);
     assert!(core::mem::offset_of!(FlowEvent, proto) == 24);
     assert!(core::mem::offset_of!(FlowEvent, cgroup_id) == 32);
     assert!(core::mem::offset_of!(FlowEvent, src_addr) == 96);
     assert!(core::mem::offset_of!(FlowEvent, comm) == 128);
-    assert!(core::mem::size_of::<Flow>() == 168);
+    assert!(core::mem::size_of::<Flow>() == 176);
     assert!(core::mem::size_of::<Steered>() == 64);
     assert!(core::mem::offset_of!(Steered, cookie) == 24);
     assert!(core::mem::size_of::<RelayPeer>() == 20);

@@ -77,6 +77,7 @@ pub fn from_task(
         src_addr: [0; 16],
         dst_addr,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        connects: 1,
     }
 }
 
@@ -103,6 +104,49 @@ pub fn open_flow(cookie: u64, event: &FlowEvent) {
         pad: [0; 6],
     };
     let _ = FLOWS.insert(&cookie, &flow, 0);
+}
+
+/// Whether the socket's tracked flow already goes to this destination under this rule; if so,
+/// the connect is counted in it. A UDP client may connect its socket again before every datagram:
+/// one flow with a count, not a connect and a close per call. Only an allowed connect gets here,
+/// and a flow is only ever opened by one, so the verdict matches too.
+#[inline(always)]
+pub fn reconnect(cookie: u64, proto: u8, port_be: u16, addr: &[u8; 16], rule_id: u32) -> bool {
+    let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
+        return false;
+    };
+    // SAFETY: a valid map value; `connects` is added to atomically (two threads may share the
+    // socket), the rest was written once when the flow was opened.
+    unsafe {
+        let event = &raw mut (*flow).event;
+        if (*event).proto != proto
+            || (*event).dst_port_be != port_be
+            || (*event).rule_id != rule_id
+            || !same_addr(&(*event).dst_addr, addr)
+        {
+            return false;
+        }
+        add(&raw mut (*event).connects, 1);
+    }
+    true
+}
+
+/// Two addresses compared as two words: a slice comparison would call memcmp, which BPF lacks.
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let word = |x: &[u8; 16], i: usize| {
+        u64::from_ne_bytes([
+            x[i],
+            x[i + 1],
+            x[i + 2],
+            x[i + 3],
+            x[i + 4],
+            x[i + 5],
+            x[i + 6],
+            x[i + 7],
+        ])
+    };
+    word(a, 0) == word(b, 0) && word(a, 8) == word(b, 8)
 }
 
 /// Reports a tracked flow's end with its totals and forgets it. The event is written from the
@@ -134,4 +178,16 @@ pub fn tuple(event: &FlowEvent) -> FlowTuple {
         local_addr: event.src_addr,
         remote_addr: event.dst_addr,
     }
+}
+
+/// Atomic add: every CPU may count the same flow. core's AtomicU64 has no fetch_add on BPF (no
+/// compare-and-swap there), so the intrinsic it would use, as aya's own tests do.
+#[inline(always)]
+pub unsafe fn add(counter: *mut u64, n: u64) {
+    // SAFETY: the caller passes an aligned u64 inside a map value.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, n,
+        )
+    };
 }

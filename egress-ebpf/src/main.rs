@@ -49,12 +49,12 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// The agent may size it differently at load; this is the default (a power-of-two page count).
-#[map(name = "EGRESS_EVENTS_V1")]
+#[map(name = "EGRESS_EVENTS_V2")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 const FLOWS_MAX_ENTRIES: u32 = 1 << 16;
 
-#[map(name = "EGRESS_FLOWS_V2")]
+#[map(name = "EGRESS_FLOWS_V3")]
 static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
 #[map(name = "EGRESS_TUPLES_V1")]
@@ -143,6 +143,14 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     if config.is_some_and(|c| c.flags & CONFIG_EVENTS_OFF != 0) {
         return decide::hook_return(decision.verdict);
     }
+    let tracked = matches!(kind, EventKind::Connect)
+        && matches!(decision.verdict, Verdict::Allow)
+        && decision.rule_id != RULE_LOOPBACK
+        && (proto == IPPROTO_TCP || proto == IPPROTO_UDP);
+    // The same flow connected again: counted in it, reported with its close.
+    if tracked && events::reconnect(cookie, proto, port_be, &addr, decision.rule_id) {
+        return decide::hook_return(decision.verdict);
+    }
     // A full ring buffer loses the event (counted) and the flow's tracking, never the decision.
     if let Some(mut entry) = events::reserve() {
         let event = entry.as_mut_ptr();
@@ -153,11 +161,7 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
             ))
         };
         // Steered connections end in a relay event, with the bytes the relay carried.
-        if matches!(kind, EventKind::Connect)
-            && matches!(decision.verdict, Verdict::Allow)
-            && decision.rule_id != RULE_LOOPBACK
-            && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
-        {
+        if tracked {
             // SAFETY: initialised just above.
             events::open_flow(cookie, unsafe { &*event });
         }

@@ -84,8 +84,8 @@ pub fn egress(ctx: &TcContext) -> i32 {
                 &raw mut (*flow).seq_out_known,
             );
             let event = &raw mut (*flow).event;
-            add(&raw mut (*event).bytes_out, fresh);
-            add(&raw mut (*event).packets_out, pkt.segments);
+            events::add(&raw mut (*event).bytes_out, fresh);
+            events::add(&raw mut (*event).packets_out, pkt.segments);
             if (*event).src_port_be == 0 {
                 (*event).src_port_be = pkt.src_port_be;
                 (*event).src_addr = pkt.src;
@@ -138,6 +138,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
             src_addr: pkt.src,
             dst_addr: pkt.dst,
             comm: [0; 16],
+            connects: 0,
         });
         entry.submit(0);
     }
@@ -169,8 +170,8 @@ pub fn ingress(ctx: &TcContext) -> i32 {
                 &raw mut (*flow).next_seq_in,
                 &raw mut (*flow).seq_in_known,
             );
-            add(&raw mut (*flow).event.bytes_in, fresh);
-            add(&raw mut (*flow).event.packets_in, pkt.segments);
+            events::add(&raw mut (*flow).event.bytes_in, fresh);
+            events::add(&raw mut (*flow).event.packets_in, pkt.segments);
         }
     }
     PASS
@@ -223,18 +224,6 @@ unsafe fn fresh_bytes(pkt: &Packet, next: *mut u64, known: *mut u8) -> u64 {
         }
         0
     }
-}
-
-/// Atomic add: every CPU may count the same flow. core's AtomicU64 has no fetch_add on BPF (no
-/// compare-and-swap there), so the intrinsic it would use, as aya's own tests do.
-#[inline(always)]
-unsafe fn add(counter: *mut u64, n: u64) {
-    // SAFETY: the caller passes an aligned u64 inside a map value.
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            counter, n,
-        )
-    };
 }
 
 /// Loads `buf.len()` bytes at `offset` from the network header, whatever link header precedes.

@@ -25,8 +25,8 @@ use egress_tests::{
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// api.test (DNS) on 443 and 9000/TCP and 5353/UDP; steered.test (DNS) on 443, steered by a
-/// VirtualService timeout.
+/// api.test (DNS) on 443 and 9000/TCP and 5353 and 5354/UDP; steered.test (DNS) on 443, steered
+/// by a VirtualService timeout.
 fn policy() -> String {
     r#"
 apiVersion: networking.istio.io/v1
@@ -38,6 +38,7 @@ spec:
   - {number: 443, name: https, protocol: HTTPS}
   - {number: 9000, name: bulk, protocol: TCP}
   - {number: 5353, name: udp-svc, protocol: UDP}
+  - {number: 5354, name: udp-alt, protocol: UDP}
   resolution: DNS
 ---
 apiVersion: networking.istio.io/v1
@@ -246,6 +247,46 @@ async fn a_flow_ends_with_its_byte_totals() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_connected_again_is_one_flow_with_a_count() {
+    let w = world();
+    let cg = TestCgroup::new("reconnect");
+    let log = log_path("events-reconnect");
+    let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
+        .await
+        .expect("agent starts");
+    let (api, other) = (at(w.v4(10), 5353), at(w.v4(10), 5354));
+    let (out, pid) = probe_with_pid(Some(&cg.path), &["bench-connect", &api, "1000"]);
+    assert!(out.parse::<f64>().is_ok(), "bench-connect: {out}");
+    let close = wait_record(&log, "the flow's close", |r| {
+        r.kind == "close" && r.pid == Some(pid)
+    });
+    assert_eq!(close.connects, Some(1000), "{close:?}");
+    assert_eq!(close.dst.as_deref(), Some(api.as_str()), "{close:?}");
+    assert_eq!(close.host.as_deref(), Some("api.test"), "{close:?}");
+    let connects = |pid| {
+        records(&log)
+            .into_iter()
+            .filter(|r| r.kind == "connect" && r.pid == Some(pid))
+            .count()
+    };
+    assert_eq!(connects(pid), 1, "the first connect has its own record");
+    // Another destination is another flow: each connect has a record, each flow a close.
+    let (out, pid) = probe_with_pid(Some(&cg.path), &["udp-alternate", &api, &other, "3"]);
+    assert_eq!(out, "ok", "udp-alternate");
+    let mut closes = Vec::new();
+    wait_for("six closes", WAIT, || {
+        closes = records(&log)
+            .into_iter()
+            .filter(|r| r.kind == "close" && r.pid == Some(pid))
+            .collect();
+        closes.len() == 6
+    });
+    assert!(closes.iter().all(|r| r.connects == Some(1)), "{closes:?}");
+    assert_eq!(connects(pid), 6);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_ring_buffer_is_counted_and_reported() {
     let w = world();
     let cg = TestCgroup::new("lost");
@@ -267,7 +308,8 @@ async fn a_full_ring_buffer_is_counted_and_reported() {
     .expect("agent starts");
     let target = at(w.v4(10), 5353);
     wait_for("events to be lost", WAIT, || {
-        cg.probe(&["bench-connect", &target, "2000"]);
+        // New sockets: a connect and a close event apiece (reconnects would fold into one flow).
+        cg.probe(&["bench-socket", &target, "2000"]);
         a.status.events_lost.get() > 0
     });
     // Now read: the loss appears in the log as a `lost` record.
@@ -413,14 +455,19 @@ async fn metrics_agree_with_the_log() {
         ("tcp", at(w.v4(11), 443)),
         ("udp-sendto", at(w.v6(10), 5353)),
         ("transfer", at(w.v4(10), 9000)),
+        ("bench-connect", at(w.v4(10), 5353)),
     ] {
         let mut args = vec![mode, dst.as_str()];
-        if mode == "transfer" {
-            args.push("100000");
+        match mode {
+            "transfer" => args.push("100000"),
+            "bench-connect" => args.push("50"),
+            _ => {}
         }
         cg.probe(&args);
     }
-    wait_record(&log, "the transfer's close event", |r| r.kind == "close");
+    wait_record(&log, "the reconnects' close event", |r| {
+        r.kind == "close" && r.connects == Some(50)
+    });
     let from_log = || {
         let mut m = BTreeMap::new();
         let mut bytes = 0;
@@ -432,6 +479,15 @@ async fn metrics_agree_with_the_log() {
                     r.rule.clone().unwrap_or_default(),
                 );
                 *m.entry(key).or_insert(0u64) += 1;
+            }
+            // A flow's reconnects: decisions too, counted in its close.
+            if r.kind == "close" && r.connects.is_some_and(|n| n > 1) {
+                let key = (
+                    r.verdict.clone().unwrap_or_default(),
+                    r.host.clone().unwrap_or_default(),
+                    r.rule.clone().unwrap_or_default(),
+                );
+                *m.entry(key).or_insert(0u64) += r.connects.unwrap_or(1) - 1;
             }
             if r.kind == "close" && r.host.as_deref() == Some("api.test") {
                 bytes += r.bytes_out.unwrap_or(0);
@@ -457,7 +513,7 @@ async fn metrics_agree_with_the_log() {
                 "api.test".to_owned(),
                 "ServiceEntry/shop/api".to_owned(),
             );
-            assert!(metrics.get(&allow).is_some_and(|&n| n >= 3), "{metrics:?}");
+            assert!(metrics.get(&allow).is_some_and(|&n| n >= 53), "{metrics:?}");
             break;
         }
         assert!(

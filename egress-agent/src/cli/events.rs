@@ -168,14 +168,20 @@ impl Printer {
         let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".to_owned());
         let rule = r.rule.clone().or_else(|| r.reason.clone());
         let detail = match r.kind.as_str() {
-            "close" => format!(
-                "out {} B/{} pkt, in {} B/{} pkt, {} ms",
-                r.bytes_out.unwrap_or(0),
-                r.packets_out.unwrap_or(0),
-                r.bytes_in.unwrap_or(0),
-                r.packets_in.unwrap_or(0),
-                r.duration_ms.unwrap_or(0)
-            ),
+            "close" => {
+                let mut d = format!(
+                    "out {} B/{} pkt, in {} B/{} pkt, {} ms",
+                    r.bytes_out.unwrap_or(0),
+                    r.packets_out.unwrap_or(0),
+                    r.bytes_in.unwrap_or(0),
+                    r.packets_in.unwrap_or(0),
+                    r.duration_ms.unwrap_or(0)
+                );
+                if let Some(n) = r.connects.filter(|&n| n > 1) {
+                    d.push_str(&format!(", {n} connects"));
+                }
+                d
+            }
             "lost" => format!(
                 "{} event(s) lost in the kernel ({} in all)",
                 r.lost.unwrap_or(0),

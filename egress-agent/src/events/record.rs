@@ -53,6 +53,10 @@ pub struct Record {
     pub packets_in: Option<u64>,
     #[serde(default)]
     pub duration_ms: Option<u64>,
+    /// For `close`: the connect() calls the flow stands for (a socket connected again to the same
+    /// destination under the same rule is the same flow; its first connect has its own record).
+    #[serde(default)]
+    pub connects: Option<u64>,
     /// For `lost`: events lost since the previous report, and since the agent started.
     #[serde(default)]
     pub lost: Option<u64>,
@@ -109,6 +113,7 @@ impl Record {
             packets_out: None,
             packets_in: None,
             duration_ms: None,
+            connects: None,
             lost: None,
             lost_total: None,
             sni: None,
@@ -187,6 +192,7 @@ impl Record {
             r.packets_out = Some(ev.packets_out);
             r.packets_in = Some(ev.packets_in);
             r.duration_ms = Some(ev.time_ns.saturating_sub(ev.start_ns) / 1_000_000);
+            r.connects = Some(ev.connects);
         }
         r
     }

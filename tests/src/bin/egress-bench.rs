@@ -17,7 +17,7 @@ use std::{
 
 use egress_agent::{
     agent::{Agent, AgentConfig},
-    metrics::RelayLabels,
+    metrics::{DecisionLabels, RelayLabels},
     policy::Mode,
     relay::RelayConfig,
 };
@@ -77,6 +77,15 @@ fn cpu_seconds() -> f64 {
 const EVENT_CONNECTS: u64 = 200_000;
 const EVENT_ROUNDS: usize = 5;
 
+/// How the clients drive connects: one UDP socket connected again and again (the highest rate
+/// the machine reaches, where the issue sets the targets; the kernel counts the repeats in the
+/// socket's flow), and a new socket for every connect (each a flow of its own: a connect and a
+/// close event apiece), shown beside it.
+const PATTERNS: [(&str, &str); 2] = [
+    ("one socket, reconnected", "bench-connect"),
+    ("new socket each", "bench-socket"),
+];
+
 struct EventRun {
     connects_per_sec: f64,
     events: u64,
@@ -86,7 +95,13 @@ struct EventRun {
     events_per_sec: f64,
 }
 
-fn events_round(rt: &tokio::runtime::Runtime, w: &World, target: &str, on: bool) -> EventRun {
+fn events_round(
+    rt: &tokio::runtime::Runtime,
+    w: &World,
+    target: &str,
+    probe: &str,
+    on: bool,
+) -> EventRun {
     let clients = std::thread::available_parallelism().map_or(2, |n| n.get());
     let cg = TestCgroup::new("bench-events");
     let log = std::env::temp_dir().join(format!("egress-bench-{}.jsonl", std::process::id()));
@@ -106,37 +121,41 @@ fn events_round(rt: &tokio::runtime::Runtime, w: &World, target: &str, on: bool)
     let n = EVENT_CONNECTS.to_string();
     let (cpu0, t0) = (cpu_seconds(), Instant::now());
     let children: Vec<_> = (0..clients)
-        .map(|_| spawn_probe(Some(&cg.path), &["bench-connect", target, &n]))
+        .map(|_| spawn_probe(Some(&cg.path), &[probe, target, &n]))
         .collect();
     for c in children {
         let out = c.wait_with_output().expect("client");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.trim().parse::<f64>().is_ok(),
-            "bench-connect failed: {text}"
-        );
+        assert!(text.trim().parse::<f64>().is_ok(), "{probe} failed: {text}");
     }
     let connect_secs = t0.elapsed().as_secs_f64();
-    // Every connect is an event or a counted loss (a lost connect also takes its flow's close
-    // with it: the flow was never tracked). Then wait for the reader to go quiet.
+    // Every connect is counted, in its own record or in its flow's close, unless an event was
+    // lost (counted too). Wait until all are, or, after a loss, until the reader goes quiet.
     let connects = if on {
         EVENT_CONNECTS * clients as u64
     } else {
         0
     };
+    let decisions = agent
+        .status
+        .connections
+        .get_or_create(&DecisionLabels {
+            verdict: "allow".into(),
+            host: "bench.test".into(),
+            rule: "ServiceEntry/default/bench".into(),
+        })
+        .clone();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = (u64::MAX, 0);
-    while Instant::now() < deadline {
+    let mut quiet = (u64::MAX, 0);
+    while Instant::now() < deadline && decisions.get() < connects {
         let seen = agent.status.events.get();
-        if seen + agent.status.events_lost.get() >= connects {
-            last = if last.0 == seen {
-                (seen, last.1 + 1)
-            } else {
-                (seen, 0)
-            };
-            if last.1 >= 3 {
-                break;
-            }
+        quiet = if quiet.0 == seen {
+            (seen, quiet.1 + 1)
+        } else {
+            (seen, 0)
+        };
+        if agent.status.events_lost.get() > 0 && quiet.1 >= 3 {
+            break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -148,6 +167,11 @@ fn events_round(rt: &tokio::runtime::Runtime, w: &World, target: &str, on: bool)
         cores: cpu / secs,
         events_per_sec: agent.status.events.get() as f64 / secs,
     };
+    assert!(
+        run.lost > 0 || decisions.get() == connects,
+        "{} of {connects} connects reported, none lost",
+        decisions.get()
+    );
     rt.block_on(agent.shutdown());
     let _ = std::fs::remove_file(&log);
     run
@@ -159,54 +183,65 @@ fn events() {
     let target = SocketAddr::new(w.v4(10), 5353).to_string();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let clients = std::thread::available_parallelism().map_or(2, |n| n.get());
-    println!(
-        "connect rate from an enforced cgroup, {clients} clients x {EVENT_CONNECTS} UDP connects, flow events on vs off, {EVENT_ROUNDS} interleaved rounds\n"
-    );
-    println!(
-        "{:>5} {:>7} {:>13} {:>10} {:>6} {:>11}",
-        "round", "events", "connects/s", "events", "lost", "agent CPU"
-    );
-    let (mut off, mut on) = (Vec::new(), Vec::new());
-    let mut lost = 0;
-    let mut per_10k = Vec::new();
-    for round in 0..EVENT_ROUNDS {
-        // Alternate which goes first, so neither always runs on a warmer machine.
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for events_on in order {
-            let r = events_round(&rt, &w, &target, events_on);
-            println!(
-                "{round:>5} {:>7} {:>13.0} {:>10} {:>6} {:>10.1}%",
-                if events_on { "on" } else { "off" },
-                r.connects_per_sec,
-                r.events,
-                r.lost,
-                r.cores * 100.0
-            );
-            if events_on {
-                on.push(r.connects_per_sec);
-                lost += r.lost;
-                per_10k.push(r.cores * 100.0 / (r.events_per_sec / 10_000.0));
+    for (i, (pattern, probe)) in PATTERNS.into_iter().enumerate() {
+        println!(
+            "{}connect rate from an enforced cgroup, {pattern}: {clients} clients x {EVENT_CONNECTS} UDP connects, flow events on vs off, {EVENT_ROUNDS} interleaved rounds\n",
+            if i > 0 { "\n" } else { "" }
+        );
+        println!(
+            "{:>5} {:>7} {:>13} {:>10} {:>8} {:>11}",
+            "round", "events", "connects/s", "events", "lost", "agent CPU"
+        );
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        let mut lost = 0;
+        let mut per_10k = Vec::new();
+        for round in 0..EVENT_ROUNDS {
+            // Alternate which goes first, so neither always runs on a warmer machine.
+            let order = if round % 2 == 0 {
+                [false, true]
             } else {
-                off.push(r.connects_per_sec);
+                [true, false]
+            };
+            for events_on in order {
+                let r = events_round(&rt, &w, &target, probe, events_on);
+                println!(
+                    "{round:>5} {:>7} {:>13.0} {:>10} {:>8} {:>10.1}%",
+                    if events_on { "on" } else { "off" },
+                    r.connects_per_sec,
+                    r.events,
+                    r.lost,
+                    r.cores * 100.0
+                );
+                if events_on {
+                    on.push(r.connects_per_sec);
+                    lost += r.lost;
+                    per_10k.push(r.cores * 100.0 / (r.events_per_sec / 10_000.0));
+                } else {
+                    off.push(r.connects_per_sec);
+                }
             }
         }
+        let (off, on, per_10k) = (median(off), median(on), median(per_10k));
+        let ratio = on / off;
+        println!();
+        let verdict = |met: bool| match (i, met) {
+            (0, true) => "met",
+            (0, false) => "MISSED",
+            _ => "no target",
+        };
+        println!(
+            "connects/s, median: events off {off:.0}, events on {on:.0}; ratio {ratio:.3} (target >= 0.90): {}",
+            verdict(ratio >= 0.9)
+        );
+        println!(
+            "events lost, default ring buffer: {lost} (target 0): {}",
+            verdict(lost == 0)
+        );
+        // Folded reconnects write a handful of events: a per-event cost says nothing there.
+        if i > 0 {
+            println!("agent CPU per 10,000 events/s: {per_10k:.1}% of one core (median)");
+        }
     }
-    let (off, on, per_10k) = (median(off), median(on), median(per_10k));
-    let ratio = on / off;
-    println!();
-    println!(
-        "connects/s, median: events off {off:.0}, events on {on:.0}; ratio {ratio:.3} (target >= 0.90): {}",
-        if ratio >= 0.9 { "met" } else { "MISSED" }
-    );
-    println!(
-        "events lost at that rate, default ring buffer: {lost} (target 0): {}",
-        if lost == 0 { "met" } else { "MISSED" }
-    );
-    println!("agent CPU per 10,000 events/s: {per_10k:.1}% of one core (median)");
 }
 
 fn connect() {

@@ -6,6 +6,10 @@
 //!   egress-probe udp-sendto ADDR:PORT     unconnected sendto, wait for the echo
 //!   egress-probe dns SERVER NAME          A/AAAA lookup through SERVER (port 53)
 //!   egress-probe bench-connect ADDR:PORT N   N UDP connect() calls; prints ns per call
+//!   egress-probe udp-alternate A:PORT B:PORT N   one UDP socket connected to A, then
+//!                                         B, N times over; `ok`
+//!   egress-probe bench-socket ADDR:PORT N    N times a new UDP socket, connect(), close; prints
+//!                                         ns per round
 //!   egress-probe ping ADDR                ICMP echo from a raw socket (no socket hook sees it)
 //!   egress-probe transfer ADDR:PORT N     send N bytes, half-close, expect N bytes back
 //!   egress-probe tls ADDR:PORT NAME CA [split]   TLS to NAME (CA: PEM file), GET /; prints
@@ -147,6 +151,43 @@ fn bench_connect(addr: SocketAddr, n: u64) -> String {
     match run() {
         Ok(ns) => format!("{ns:.1}"),
         Err(e) => word(&e),
+    }
+}
+
+fn udp_alternate(a: SocketAddr, b: SocketAddr, n: u64) -> String {
+    let run = || -> io::Result<()> {
+        let s = bind_for(a)?;
+        for _ in 0..n {
+            s.connect(a)?;
+            s.connect(b)?;
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => "ok".into(),
+        Err(e) => word(&e),
+    }
+}
+
+fn bench_socket(addr: SocketAddr, n: u64) -> String {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket};
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let to = SockaddrStorage::from(addr);
+    let run = || -> nix::Result<f64> {
+        let start = Instant::now();
+        for _ in 0..n {
+            let s = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+            connect(s.as_raw_fd(), &to)?;
+        }
+        Ok(start.elapsed().as_nanos() as f64 / n as f64)
+    };
+    match run() {
+        Ok(ns) => format!("{ns:.1}"),
+        Err(e) => word(&io::Error::from(e)),
     }
 }
 
@@ -444,6 +485,16 @@ fn main() -> ExitCode {
         (Some("dns"), Some(a)) if args.len() == 3 => dns(a, &args[2]),
         (Some("bench-connect"), Some(a)) if args.len() == 3 => match args[2].parse() {
             Ok(n) => bench_connect(a, n),
+            Err(_) => return usage(),
+        },
+        (Some("udp-alternate"), Some(a)) if args.len() == 4 => {
+            match (args[2].parse(), args[3].parse()) {
+                (Ok(b), Ok(n)) => udp_alternate(a, b, n),
+                _ => return usage(),
+            }
+        }
+        (Some("bench-socket"), Some(a)) if args.len() == 3 => match args[2].parse() {
+            Ok(n) => bench_socket(a, n),
             Err(_) => return usage(),
         },
         (Some("tls"), Some(a)) if args.len() == 4 || args.len() == 5 => tls(
