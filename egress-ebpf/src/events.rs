@@ -1,6 +1,7 @@
 //! Writing events to the ring buffer, and the flow table that turns a connect and its packets into
 //! a close event with totals.
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns,
         generated::bpf_get_current_cgroup_id,
@@ -32,10 +33,23 @@ pub fn reserve() -> Option<RingBufEntry<FlowEvent>> {
     entry
 }
 
+/// Whether a submit wakes the agent. Not for every event: the agent drains the ring on a short
+/// timer anyway, and a wakeup per event costs it a context switch per connection. Only once a
+/// quarter of the ring is taken: then it must not wait for the timer, or the ring would fill.
+#[inline(always)]
+pub fn wakeup() -> u64 {
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if pending >= EVENTS.query(BPF_RB_RING_SIZE as u64) / 4 {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
 /// Writes an event kept elsewhere (a map value); a full ring buffer is counted.
 #[inline(always)]
 fn emit(event: &FlowEvent) {
-    if EVENTS.output::<FlowEvent>(event, 0).is_err() {
+    if EVENTS.output::<FlowEvent>(event, wakeup()).is_err() {
         count_lost();
     }
 }

@@ -165,7 +165,7 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
             // SAFETY: initialised just above.
             events::open_flow(cookie, unsafe { &*event });
         }
-        entry.submit(0);
+        entry.submit(events::wakeup());
     }
     decide::hook_return(decision.verdict)
 }

@@ -140,7 +140,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
             comm: [0; 16],
             connects: 0,
         });
-        entry.submit(0);
+        entry.submit(events::wakeup());
     }
     TC_ACT_SHOT as i32
 }

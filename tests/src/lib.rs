@@ -251,6 +251,25 @@ impl World {
         self.in_world(move || TcpListener::bind(addr).expect("bind in world"))
     }
 
+    /// A server at `addr` in the world that reads one TLS record (a ClientHello), then sends back
+    /// every byte that follows it until the client half-closes, then closes its side: what a
+    /// relay does with either direction and with each end's half-close shows, byte for byte.
+    pub fn hello_echo(&self, addr: SocketAddr) {
+        let l = self.listen(addr);
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    let mut head = [0u8; 5];
+                    s.read_exact(&mut head)?;
+                    let len = u16::from_be_bytes([head[3], head[4]]);
+                    std::io::copy(&mut (&s).take(u64::from(len)), &mut std::io::sink())?;
+                    std::io::copy(&mut &s, &mut &s)?;
+                    s.shutdown(std::net::Shutdown::Write)
+                });
+            }
+        });
+    }
+
     /// A TCP server at `addr` in the world that greets every connection with "hello".
     pub fn tcp_server(&self, addr: SocketAddr) {
         let l = self.listen(addr);

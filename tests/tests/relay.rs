@@ -21,9 +21,9 @@ use egress_tests::{
     wait_for, wait_record,
 };
 
-/// Four steered hosts (a VirtualService gives them retries and a timeout):
+/// Five steered hosts (a VirtualService gives them retries and a timeout):
 /// tls.test at host 20 (both families), other.test at 21, retry.test at 22 (nothing listens) and
-/// 23, fail.test at 24 (nothing listens).
+/// 23, fail.test at 24 (nothing listens), echo.test at 25 (an echo after the ClientHello).
 const POLICY: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -50,10 +50,18 @@ spec:
   resolution: DNS
 ---
 apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: echo, namespace: shop}
+spec:
+  hosts: [echo.test]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: through-relay, namespace: shop}
 spec:
-  hosts: [tls.test, other.test, retry.test, fail.test]
+  hosts: [tls.test, other.test, retry.test, fail.test, echo.test]
   http:
   - route: [{destination: {host: tls.test}}]
     retries: {attempts: 2, perTryTimeout: 1s}
@@ -72,9 +80,10 @@ struct Fixture {
 
 fn fixture(tag: &str) -> Fixture {
     let w = World::new();
-    for h in 20..=24 {
+    for h in 20..=25 {
         w.host(h);
     }
+    w.hello_echo(SocketAddr::new(w.v4(25), 443));
     let pki = Pki::new(&std::env::temp_dir().join(&w.name), tag);
     let config = pki.server(&["tls.test", "other.test", "retry.test", "fail.test"]);
     let f = Fixture {
@@ -93,6 +102,7 @@ fn fixture(tag: &str) -> Fixture {
         ("retry.test", w.v4(22)),
         ("retry.test", w.v4(23)),
         ("fail.test", w.v4(24)),
+        ("echo.test", w.v4(25)),
     ];
     let mut f = f;
     f.w.start_dns(&records, 300);
@@ -297,6 +307,35 @@ async fn a_client_hello_split_byte_by_byte_is_relayed() {
     assert_eq!(got, "ok:sni=tls.test");
     let r = relay_record(&log, "relay record", |_| true);
     assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_cross_the_relay_exactly_both_ways_with_each_half_close() {
+    let f = fixture("echo");
+    let cg = TestCgroup::new("relay-echo");
+    let log = log_path("relay-echo");
+    let a = agent(&f, &cg, &log).await;
+    let dst = at(f.w.v4(25), 443);
+    // Small (copied) and large (copied, then spliced past the first 64 KiB each way).
+    for n in [1000usize, 3 << 20] {
+        let (out, pid) = probe_with_pid(
+            Some(&cg.path),
+            &["hello-echo", &dst, "echo.test", &n.to_string()],
+        );
+        assert_eq!(out, "ok", "{n} bytes");
+        let r = relay_record(&log, &format!("relay record of {n} bytes"), |r| {
+            r.pid == Some(pid)
+        });
+        assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+        assert_eq!(r.bytes_down, Some(n as u64), "{r:?}");
+        // The ClientHello, then the bytes.
+        assert!(
+            r.bytes_up
+                .is_some_and(|b| b > n as u64 && b < n as u64 + 4096),
+            "{r:?}"
+        );
+    }
     a.shutdown().await;
 }
 

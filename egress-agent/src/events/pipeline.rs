@@ -1,5 +1,6 @@
-//! From the ring buffer to the log: a reader task woken by the ring buffer's epoll notification
-//! (no busy polling), and a writer thread. Between them a bounded channel: when the writer falls
+//! From the ring buffer to the log: a reader task that drains the ring buffer every
+//! [`DRAIN_INTERVAL`], and at once when the kernel wakes it (epoll on the ring) because the ring is
+//! filling up, and a writer thread. Between them a bounded channel: when the writer falls
 //! behind, the reader stops draining, the ring fills, and the kernel counts what it cannot write;
 //! those counts are reported as `lost` records. Nothing grows without bound, nothing is silent.
 use std::{
@@ -24,6 +25,10 @@ use crate::{agent::Status, maps::Counters};
 const CHANNEL: usize = 1024;
 /// Records the reader takes from the ring buffer before handing them on.
 const BATCH: usize = 256;
+/// How long an event may wait in the ring buffer, and a written record in the writer's buffer.
+/// Waking for each event would cost a context switch per connection (see `wakeup` in the
+/// programs); a lone event is still in the file well within a second.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct Pipeline {
     stop: Option<oneshot::Sender<()>>,
@@ -85,7 +90,8 @@ impl Pipeline {
         let cgroups = Arc::new(Mutex::new(cgroups));
         let (stop, stop_rx) = oneshot::channel();
         let st = Arc::clone(&status);
-        let writer = tokio::task::spawn_blocking(move || write(rx, log, &st));
+        let handle = tokio::runtime::Handle::current();
+        let writer = tokio::task::spawn_blocking(move || write(rx, log, &st, &handle));
         let start = counters.events_lost().unwrap_or(0);
         let lost = Arc::new(Lost {
             counters,
@@ -163,7 +169,7 @@ fn wall(boot_ns: u64, offset: i128) -> Timestamp {
 
 impl Reader {
     async fn run(mut self, mut fd: AsyncFd<RingBuf<MapData>>, mut stop: oneshot::Receiver<()>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(DRAIN_INTERVAL);
         loop {
             tokio::select! {
                 ready = fd.readable_mut() => match ready {
@@ -243,25 +249,53 @@ impl Reader {
     }
 }
 
-/// The writer thread: buffered, flushed whenever it has caught up, so a lone event is on disk at
-/// once and a burst costs one write per batch.
-fn write(mut rx: mpsc::Receiver<Record>, mut log: Option<LogWriter>, status: &Status) {
-    while let Some(record) = rx.blocking_recv() {
-        let Some(out) = log.as_mut() else { continue };
-        let mut result = out.write(&record);
-        if result.is_ok() && rx.is_empty() {
-            result = out.flush();
+/// The writer thread: buffered, and flushed once the oldest unflushed record is
+/// [`DRAIN_INTERVAL`] old, so a burst costs one write per batch and every record is on disk
+/// within that interval.
+fn write(
+    mut rx: mpsc::Receiver<Record>,
+    mut log: Option<LogWriter>,
+    status: &Status,
+    runtime: &tokio::runtime::Handle,
+) {
+    // When the oldest record not yet flushed was written.
+    let mut unflushed: Option<std::time::Instant> = None;
+    loop {
+        if unflushed.is_some_and(|t| t.elapsed() >= DRAIN_INTERVAL) {
+            flush(&mut log, status);
+            unflushed = None;
         }
-        if let Err(e) = result {
-            // Counted; only the first is logged (a full disk would flood the log).
-            if status.log_errors.inc() == 0 {
-                log::error!("writing {}: {e}", out.path().display());
+        let next = match unflushed {
+            Some(t) => {
+                let left = DRAIN_INTERVAL.saturating_sub(t.elapsed());
+                match runtime.block_on(tokio::time::timeout(left, rx.recv())) {
+                    Ok(next) => next,
+                    Err(_) => continue,
+                }
             }
+            None => rx.blocking_recv(),
+        };
+        let Some(record) = next else { break };
+        let Some(out) = log.as_mut() else { continue };
+        if let Err(e) = out.write(&record) {
+            failed(out, status, &e);
         }
+        unflushed.get_or_insert_with(std::time::Instant::now);
     }
+    flush(&mut log, status);
+}
+
+fn flush(log: &mut Option<LogWriter>, status: &Status) {
     if let Some(out) = log.as_mut()
         && let Err(e) = out.flush()
     {
+        failed(out, status, &e);
+    }
+}
+
+/// Counted; only the first is logged (a full disk would flood the log).
+fn failed(out: &LogWriter, status: &Status, e: &std::io::Error) {
+    if status.log_errors.inc() == 0 {
         log::error!("writing {}: {e}", out.path().display());
     }
 }

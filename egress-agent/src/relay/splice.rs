@@ -1,5 +1,7 @@
 //! One direction of a relayed connection moved socket → pipe → socket with splice(2): the bytes
-//! stay in the kernel's pages and never cross into the relay's memory.
+//! stay in the kernel's pages and never cross into the relay's memory. The first bytes of each
+//! direction are copied instead: most connections carry little, and for them a pipe (made,
+//! filled, emptied and closed) costs more system calls than it saves copying.
 use std::{
     io,
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
@@ -17,6 +19,10 @@ use super::Activity;
 
 /// Most bytes one splice call moves: a default pipe's capacity.
 const CHUNK: usize = 64 << 10;
+/// Bytes a direction copies before it takes a pipe.
+const SPLICE_AFTER: u64 = 64 << 10;
+/// The copy buffer.
+const COPY_BUF: usize = 16 << 10;
 
 /// Moves bytes from `from` to `to` until `from` ends, then half-closes `to`.
 pub(super) async fn pump(
@@ -25,6 +31,26 @@ pub(super) async fn pump(
     bytes: &AtomicU64,
     activity: &Activity,
 ) -> io::Result<()> {
+    let mut copied = 0u64;
+    let mut buf = vec![0u8; COPY_BUF];
+    while copied < SPLICE_AFTER {
+        let n = from
+            .async_io(Interest::READABLE, || from.try_read(&mut buf))
+            .await?;
+        if n == 0 {
+            return half_close(to);
+        }
+        let mut sent = 0;
+        while sent < n {
+            sent += to
+                .async_io(Interest::WRITABLE, || to.try_write(&buf[sent..n]))
+                .await?;
+        }
+        copied += n as u64;
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+    }
+    drop(buf);
     let (pipe_rd, pipe_wr): (OwnedFd, OwnedFd) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
@@ -36,11 +62,7 @@ pub(super) async fn pump(
             })
             .await?;
         if n == 0 {
-            // Pass the half-close on; the other direction goes on.
-            return match shutdown(to.as_raw_fd(), Shutdown::Write) {
-                Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
-                Err(e) => Err(e.into()),
-            };
+            return half_close(to);
         }
         let mut left = n;
         while left > 0 {
@@ -53,5 +75,13 @@ pub(super) async fn pump(
         }
         bytes.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
+    }
+}
+
+/// Passes the half-close on; the other direction goes on.
+fn half_close(to: &TcpStream) -> io::Result<()> {
+    match shutdown(to.as_raw_fd(), Shutdown::Write) {
+        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }

@@ -19,6 +19,8 @@
 //!   egress-probe peer ADDR:PORT           connect; print what getpeername() says
 //!   egress-probe hello-bulk ADDR:PORT NAME    send a ClientHello for NAME, read to EOF; prints
 //!                                         `BYTES SECONDS`
+//!   egress-probe hello-echo ADDR:PORT NAME N   send a ClientHello for NAME and N patterned
+//!                                         bytes, half-close, expect the N bytes back then EOF
 //!   egress-probe hello-rate ADDR:PORT NAME N C   N connections (C at a time), each a ClientHello
 //!                                         and a read to EOF; prints `SECONDS P50_US P99_US` of
 //!                                         the time from connect() to the first byte back
@@ -433,6 +435,41 @@ fn hello_bulk(addr: SocketAddr, name: &str) -> String {
     run().unwrap_or_else(|e| word(&e))
 }
 
+fn hello_echo(addr: SocketAddr, name: &str, n: usize) -> String {
+    let run = || -> io::Result<String> {
+        let hello = client_hello(name)?;
+        let pattern: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut writer = s.try_clone()?;
+        let sent = pattern.clone();
+        // Written while the echo is read: neither side's buffers have to hold it all.
+        let send = std::thread::spawn(move || -> io::Result<()> {
+            writer.write_all(&hello)?;
+            writer.write_all(&sent)?;
+            writer.shutdown(Shutdown::Write)
+        });
+        let mut back = Vec::with_capacity(n);
+        (&s).read_to_end(&mut back)?;
+        send.join()
+            .map_err(|_| io::Error::other("sender panicked"))??;
+        Ok(if back == pattern {
+            "ok".to_owned()
+        } else {
+            let at = back
+                .iter()
+                .zip(&pattern)
+                .take_while(|(a, b)| a == b)
+                .count();
+            format!(
+                "error:{} bytes back of {n}, first difference at {at}",
+                back.len()
+            )
+        })
+    };
+    run().unwrap_or_else(|e| word(&e))
+}
+
 fn hello_rate(addr: SocketAddr, name: &str, n: usize, clients: usize) -> String {
     let run = || -> io::Result<String> {
         let hello = client_hello(name)?;
@@ -509,6 +546,10 @@ fn main() -> ExitCode {
         },
         (Some("peer"), Some(a)) => peer(a),
         (Some("hello-bulk"), Some(a)) if args.len() == 3 => hello_bulk(a, &args[2]),
+        (Some("hello-echo"), Some(a)) if args.len() == 4 => match args[3].parse() {
+            Ok(n) => hello_echo(a, &args[2], n),
+            Err(_) => return usage(),
+        },
         (Some("hello-rate"), Some(a)) if args.len() == 5 => {
             match (args[3].parse(), args[4].parse()) {
                 (Ok(n), Ok(c)) if c > 0 && n >= c => hello_rate(a, &args[2], n, c),
