@@ -27,6 +27,15 @@ const PASS: i32 = TC_ACT_UNSPEC;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_ICMPV6: u8 = 58;
+/// IPv6 extension headers walked to the transport header: hop-by-hop options, routing,
+/// destination options (each 8 bytes + 8 × its length byte), and fragment (8 bytes).
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
+/// Extension headers walked at most (the verifier wants a bound; more is not seen in practice).
+const IPV6_EXT_MAX: usize = 4;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 
@@ -45,6 +54,8 @@ struct Packet {
     /// TCP only: the sequence number and the flags byte.
     seq: u32,
     tcp_flags: u8,
+    /// ICMPv6 only: the message type.
+    icmp6_type: u8,
 }
 
 const TCP_SYN: u8 = 0x02;
@@ -105,6 +116,9 @@ pub fn egress(ctx: &TcContext) -> i32 {
     if (sock_type == SOCK_STREAM && sock_proto == IPPROTO_TCP as u32)
         || (sock_type == SOCK_DGRAM && sock_proto == IPPROTO_UDP as u32)
     {
+        return PASS;
+    }
+    if link_control(&pkt) {
         return PASS;
     }
     let decision = decide::judge(pkt.proto, pkt.dst_port_be, pkt.dst);
@@ -175,6 +189,15 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         }
     }
     PASS
+}
+
+/// IPv6 neighbour discovery (router and neighbour solicitations and advertisements, redirects)
+/// and multicast listener reports: link-scoped control (hop limit 255 or 1), never egress to a
+/// service, and what the kernel's own control sockets send. With `--cgroup /` those sockets are in
+/// the enforced cgroup; judging their packets would break IPv6 on the host.
+#[inline(always)]
+fn link_control(pkt: &Packet) -> bool {
+    pkt.proto == IPPROTO_ICMPV6 && matches!(pkt.icmp6_type, 130..=137 | 143)
 }
 
 /// The payload bytes of `pkt` its flow has not carried yet in this direction. For TCP that is how
@@ -274,9 +297,30 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Option<()> {
             load(ctx, 8, &mut pkt.src)?;
             load(ctx, 24, &mut pkt.dst)?;
             pkt.family = 6;
-            // Extension headers are not walked: their protocol is judged as is, without ports.
-            pkt.proto = h[6];
-            (40, 40 + be16(h[4], h[5]) as u32, true)
+            let total = 40 + be16(h[4], h[5]) as u32;
+            let (mut next, mut offset, mut first_fragment) = (h[6], 40u32, true);
+            let mut i = 0;
+            while i < IPV6_EXT_MAX {
+                let mut ext = [0u8; 4];
+                match next {
+                    IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                        load(ctx, offset, &mut ext)?;
+                        next = ext[0];
+                        offset += 8 + ext[1] as u32 * 8;
+                    }
+                    IPV6_FRAGMENT => {
+                        load(ctx, offset, &mut ext)?;
+                        next = ext[0];
+                        first_fragment = be16(ext[2], ext[3]) & 0xfff8 == 0;
+                        offset += 8;
+                    }
+                    _ => break,
+                }
+                i += 1;
+            }
+            // Beyond the walk's bound the header's own number is judged, without ports.
+            pkt.proto = next;
+            (offset, total, first_fragment)
         }
         _ => return None,
     };
@@ -298,6 +342,11 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Option<()> {
             IPPROTO_UDP => 8,
             _ => 12,
         };
+    }
+    if first_fragment && pkt.proto == IPPROTO_ICMPV6 {
+        let mut t = [0u8; 1];
+        load(ctx, l4, &mut t)?;
+        pkt.icmp6_type = t[0];
     }
     pkt.payload = total.saturating_sub(l4 + l4_header) as u64;
     Some(())

@@ -206,6 +206,31 @@ async fn raw_icmp_from_the_cgroup_is_dropped_and_logged_outside_untouched() {
             "ping {ip}"
         );
     }
+    // Neighbour discovery is link control, not egress: it passes (with `--cgroup /` the kernel's
+    // own solicitations come from the enforced cgroup). A ping after it is the barrier: the
+    // solicitation was judged first, so a drop of it would be in the log before the ping's.
+    let (neighbour, unregistered) = (w.v6(10), w.v6(11));
+    assert_eq!(cg.probe(&["solicit", &neighbour.to_string()]), "sent");
+    // Dropped: a timeout, or ENOBUFS now that the neighbour is resolved and TC runs in sendto.
+    let ping = cg.probe(&["ping", &unregistered.to_string()]);
+    assert_ne!(ping, "ok", "ping {unregistered}");
+    let pings = at(unregistered, 0);
+    wait_for("the second ping's packet event", WAIT, || {
+        records(&log)
+            .iter()
+            .filter(|r| r.kind == "packet" && r.dst.as_deref() == Some(pings.as_str()))
+            .count()
+            == 2
+    });
+    let solicitation = at(neighbour, 0);
+    let dropped: Vec<_> = records(&log)
+        .into_iter()
+        .filter(|r| r.kind == "packet" && r.dst.as_deref() == Some(solicitation.as_str()))
+        .collect();
+    assert!(
+        dropped.is_empty(),
+        "neighbour solicitation dropped: {dropped:?}"
+    );
     a.shutdown().await;
 }
 

@@ -11,6 +11,8 @@
 //!   egress-probe bench-socket ADDR:PORT N    N times a new UDP socket, connect(), close; prints
 //!                                         ns per round
 //!   egress-probe ping ADDR                ICMP echo from a raw socket (no socket hook sees it)
+//!   egress-probe solicit ADDR6            an ICMPv6 neighbour solicitation for ADDR6, sent to it
+//!                                         from a raw socket; `sent`
 //!   egress-probe transfer ADDR:PORT N     send N bytes, half-close, expect N bytes back
 //!   egress-probe tls ADDR:PORT NAME CA [split]   TLS to NAME (CA: PEM file), GET /; prints
 //!                                         `ok:<body>`. `split` sends the ClientHello byte by byte
@@ -189,6 +191,36 @@ fn bench_socket(addr: SocketAddr, n: u64) -> String {
     };
     match run() {
         Ok(ns) => format!("{ns:.1}"),
+        Err(e) => word(&io::Error::from(e)),
+    }
+}
+
+/// A unicast neighbour solicitation (RFC 4861 §4.3) from a raw socket, hop limit 255.
+fn solicit(ip: IpAddr) -> String {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrStorage, sendto,
+        setsockopt, socket, sockopt::Ipv6Ttl,
+    };
+    let IpAddr::V6(target) = ip else {
+        return "error:an IPv6 address is needed".into();
+    };
+    let run = || -> nix::Result<()> {
+        let fd = socket(
+            AddressFamily::Inet6,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::IcmpV6,
+        )?;
+        setsockopt(&fd, Ipv6Ttl, &255)?;
+        // Type, code, checksum (the kernel's), reserved, target.
+        let mut msg = vec![135u8, 0, 0, 0, 0, 0, 0, 0];
+        msg.extend_from_slice(&target.octets());
+        let to = SockaddrStorage::from(SocketAddr::new(ip, 0));
+        sendto(fd.as_raw_fd(), &msg, &to, MsgFlags::empty())?;
+        Ok(())
+    };
+    match run() {
+        Ok(()) => "sent".into(),
         Err(e) => word(&io::Error::from(e)),
     }
 }
@@ -545,6 +577,10 @@ fn main() -> ExitCode {
             Err(_) => return usage(),
         },
         (Some("peer"), Some(a)) => peer(a),
+        (Some("solicit"), _) => match args.get(1).and_then(|a| a.parse().ok()) {
+            Some(ip) => solicit(ip),
+            None => return usage(),
+        },
         (Some("hello-bulk"), Some(a)) if args.len() == 3 => hello_bulk(a, &args[2]),
         (Some("hello-echo"), Some(a)) if args.len() == 4 => match args[3].parse() {
             Ok(n) => hello_echo(a, &args[2], n),
