@@ -141,6 +141,45 @@ fn sync(
     Ok(())
 }
 
+async fn start_relay(
+    cfg: &AgentConfig,
+    peers: relay::Peers,
+    catalog: &watch::Sender<Arc<Catalog>>,
+    pipeline: &Pipeline,
+    status: &Arc<Status>,
+) -> anyhow::Result<Relay> {
+    let listeners = relay::bind(cfg.relay.port)
+        .await
+        .with_context(|| format!("listening for the relay on port {}", cfg.relay.port))?;
+    Relay::spawn(
+        listeners,
+        cfg.relay,
+        peers,
+        catalog.subscribe(),
+        pipeline.records(),
+        pipeline.cgroup_names(),
+        Arc::clone(status),
+    )
+    .context("starting the relay")
+}
+
+/// A task aborted when dropped, unless defused: a failed start leaves none behind.
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl AbortOnDrop {
+    fn defuse(mut self) -> Option<JoinHandle<()>> {
+        self.0.take()
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
 impl Agent {
     /// Starts enforcing. Returns once the programs are attached with the maps filled.
     pub async fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
@@ -188,53 +227,61 @@ impl Agent {
         )
         .context("watching the event ring buffer")?;
         // The relay listens before anything is attached: the first steered connect finds it.
-        let listeners = relay::bind(cfg.relay.port)
-            .await
-            .with_context(|| format!("listening for the relay on port {}", cfg.relay.port))?;
-        let relay = Relay::spawn(
-            listeners,
-            cfg.relay,
-            peers,
-            catalog.subscribe(),
-            pipeline.records(),
-            pipeline.cgroup_names(),
-            Arc::clone(&status),
-        )
-        .context("starting the relay")?;
-        maps.set_relay_port(relay.port)
-            .context("writing the relay port")?;
+        let relay = match start_relay(&cfg, peers, &catalog, &pipeline, &status).await {
+            Ok(relay) => relay,
+            Err(e) => {
+                pipeline.stop().await;
+                return Err(e);
+            }
+        };
         let relay_port = relay.port;
-        let (metrics_task, metrics_addr) = match cfg.metrics {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("listening for metrics on {addr}"))?;
-                let bound = listener.local_addr().context("metrics listener address")?;
-                (Some(metrics::serve(listener, &status)), Some(bound))
-            }
-            None => (None, None),
-        };
-
-        let ifaces = match &cfg.ifaces {
-            Some(list) => list.clone(),
-            None => iface::egress_interfaces().context("listing network interfaces")?,
-        };
-        datapath
-            .attach_cgroup(&cfg.cgroup)
-            .context("attaching the eBPF programs")?;
-        for name in &ifaces {
-            match datapath.attach_iface(name) {
-                Ok(()) => {}
-                // A listed interface that vanished since is no way around the backstop.
-                Err(e)
-                    if cfg.ifaces.is_none()
-                        && nix::net::if_::if_nametoindex(name.as_str()).is_err() =>
-                {
-                    log::debug!("interface {name} went away before the TC programs: {e}");
+        let attached = async {
+            maps.set_relay_port(relay_port)
+                .context("writing the relay port")?;
+            let (metrics_task, metrics_addr) = match cfg.metrics {
+                Some(addr) => {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("listening for metrics on {addr}"))?;
+                    let bound = listener.local_addr().context("metrics listener address")?;
+                    (Some(metrics::serve(listener, &status)), Some(bound))
                 }
-                Err(e) => return Err(e).context("attaching the TC backstop"),
+                None => (None, None),
+            };
+            let metrics_task = AbortOnDrop(metrics_task);
+            let ifaces = match &cfg.ifaces {
+                Some(list) => list.clone(),
+                None => iface::egress_interfaces().context("listing network interfaces")?,
+            };
+            datapath
+                .attach_cgroup(&cfg.cgroup)
+                .context("attaching the eBPF programs")?;
+            for name in &ifaces {
+                match datapath.attach_iface(name) {
+                    Ok(()) => {}
+                    // A listed interface that vanished since is no way around the backstop.
+                    Err(e)
+                        if cfg.ifaces.is_none()
+                            && nix::net::if_::if_nametoindex(name.as_str()).is_err() =>
+                    {
+                        log::debug!("interface {name} went away before the TC programs: {e}");
+                    }
+                    Err(e) => return Err(e).context("attaching the TC backstop"),
+                }
             }
+            anyhow::Ok((metrics_task.defuse(), metrics_addr, ifaces))
         }
+        .await;
+        let (metrics_task, metrics_addr, ifaces) = match attached {
+            Ok(ok) => ok,
+            Err(e) => {
+                // Nothing may outlive a failed start: detach what was attached, stop the tasks.
+                drop(datapath);
+                relay.stop().await;
+                pipeline.stop().await;
+                return Err(e);
+            }
+        };
         let summary = format!(
             "enforcing {} ({}) on {}: {} rule(s), {} map entries, resolvers {:?}, TC on [{}], \
              relay on port {relay_port}, flow log {}",

@@ -184,7 +184,9 @@ pub fn serve(listener: TcpListener, status: &Status) -> JoinHandle<()> {
             let (stream, _) = match listener.accept().await {
                 Ok(conn) => conn,
                 Err(e) => {
+                    // Out of descriptors, most likely: back off instead of spinning.
                     log::warn!("metrics: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             };

@@ -214,3 +214,26 @@ async fn a_bad_reload_keeps_the_policy_in_force() {
     assert_eq!(cg.probe(&["tcp", &at(w.v4(11), 443)]), "denied");
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_leaves_nothing_behind() {
+    let w = world(300);
+    let cg = TestCgroup::new("failed-start");
+    let relay_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    // The programs attach to the cgroup, then the TC backstop fails on an interface that is not
+    // there: everything started by then must be undone.
+    let mut cfg = w.agent_config(&policy(&w), Mode::RegistryOnly, &cg, None);
+    cfg.ifaces = Some(vec![w.iface().to_owned(), "egress-absent0".to_owned()]);
+    cfg.relay.port = relay_port;
+    let err = match Agent::start(cfg).await {
+        Ok(_) => panic!("started with an interface that does not exist"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("attaching the TC backstop"), "{err}");
+    // No hook judges the cgroup any more, and the relay's port is free again.
+    assert_eq!(cg.probe(&["tcp", &at(w.v4(11), 443)]), "ok");
+    std::net::TcpListener::bind(("127.0.0.1", relay_port)).expect("the relay's port is free");
+}
