@@ -399,8 +399,29 @@ async fn a_refusing_upstream_is_retried_as_configured_then_fails_cleanly() {
     a.shutdown().await;
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+/// Descriptors a leaked relay connection would hold: pipes, and TCP sockets of this network
+/// namespace that are not listening. The world's servers (other tests' worlds too, which keep
+/// their listeners) live in their own namespaces and are not counted.
+fn connection_fds() -> usize {
+    let mut open = std::collections::HashSet::new();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Field 3 is the state (0A: LISTEN), field 9 the socket's inode.
+            if f.len() > 9 && f[3] != "0A" {
+                open.insert(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .filter(|l| l.starts_with("pipe:") || open.contains(l))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,7 +432,7 @@ async fn a_thousand_concurrent_relayed_connections_leave_no_descriptor_behind() 
     let cg = TestCgroup::new("relay-many");
     let log = log_path("relay-many");
     let a = agent(&f, &cg, &log).await;
-    let before = open_fds();
+    let before = connection_fds();
     const N: usize = 1000;
     let ca = f.pki.ca_pem.to_string_lossy().into_owned();
     let got = probe_in(
@@ -437,7 +458,7 @@ async fn a_thousand_concurrent_relayed_connections_leave_no_descriptor_behind() 
     wait_for(
         "descriptors back to where they were",
         Duration::from_secs(20),
-        || open_fds() <= before,
+        || connection_fds() <= before,
     );
     a.shutdown().await;
 }

@@ -35,7 +35,9 @@ pub(super) async fn pump(
     let mut buf = vec![0u8; COPY_BUF];
     while copied < SPLICE_AFTER {
         let n = from
-            .async_io(Interest::READABLE, || from.try_read(&mut buf))
+            .async_io(Interest::READABLE, || {
+                nix::unistd::read(from, &mut buf).map_err(io::Error::from)
+            })
             .await?;
         if n == 0 {
             return half_close(to);
@@ -43,7 +45,9 @@ pub(super) async fn pump(
         let mut sent = 0;
         while sent < n {
             sent += to
-                .async_io(Interest::WRITABLE, || to.try_write(&buf[sent..n]))
+                .async_io(Interest::WRITABLE, || {
+                    nix::unistd::write(to, &buf[sent..n]).map_err(io::Error::from)
+                })
                 .await?;
         }
         copied += n as u64;
