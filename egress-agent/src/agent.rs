@@ -11,7 +11,10 @@ use tokio::{
 
 pub use crate::metrics::Status;
 use crate::{
-    datapath::{Datapath, Loaded, cgroup, iface},
+    datapath::{
+        Datapath, Loaded, cgroup,
+        iface::{self, LinkWatch},
+    },
     events::{Catalog, CgroupNames, LogWriter, Pipeline, Rotation},
     maps::KernelMaps,
     metrics,
@@ -141,6 +144,25 @@ fn sync(
     Ok(())
 }
 
+/// Puts the TC programs on every interface that is up and matches `--iface` (every one without
+/// it) and does not have them yet. One that vanished meanwhile is no way around the backstop.
+fn attach_found(datapath: &mut Datapath, patterns: Option<&[String]>) -> anyhow::Result<()> {
+    let found = iface::egress_interfaces(patterns).context("listing network interfaces")?;
+    for name in found {
+        if datapath.has_iface(&name) {
+            continue;
+        }
+        match datapath.attach_iface(&name) {
+            Ok(()) => log::info!("TC backstop on {name}"),
+            Err(e) if nix::net::if_::if_nametoindex(name.as_str()).is_err() => {
+                log::debug!("interface {name} went away before the TC programs: {e}");
+            }
+            Err(e) => return Err(e).with_context(|| format!("attaching to interface {name}")),
+        }
+    }
+    Ok(())
+}
+
 async fn start_relay(
     cfg: &AgentConfig,
     peers: relay::Peers,
@@ -249,30 +271,27 @@ impl Agent {
                 None => (None, None),
             };
             let metrics_task = AbortOnDrop(metrics_task);
-            let ifaces = match &cfg.ifaces {
-                Some(list) => list.clone(),
-                None => iface::egress_interfaces().context("listing network interfaces")?,
+            // Watching before listing: an interface added in between is not missed.
+            let watch = match iface::watched(cfg.ifaces.as_deref()) {
+                true => Some(LinkWatch::new().context("watching for new network interfaces")?),
+                false => None,
             };
             datapath
                 .attach_cgroup(&cfg.cgroup)
                 .context("attaching the eBPF programs")?;
-            for name in &ifaces {
-                match datapath.attach_iface(name) {
-                    Ok(()) => {}
-                    // A listed interface that vanished since is no way around the backstop.
-                    Err(e)
-                        if cfg.ifaces.is_none()
-                            && nix::net::if_::if_nametoindex(name.as_str()).is_err() =>
-                    {
-                        log::debug!("interface {name} went away before the TC programs: {e}");
-                    }
-                    Err(e) => return Err(e).context("attaching the TC backstop"),
-                }
+            for name in iface::named(cfg.ifaces.as_deref().unwrap_or_default()) {
+                datapath
+                    .attach_iface(name)
+                    .context("attaching the TC backstop")?;
             }
-            anyhow::Ok((metrics_task.defuse(), metrics_addr, ifaces))
+            if watch.is_some() {
+                attach_found(&mut datapath, cfg.ifaces.as_deref())
+                    .context("attaching the TC backstop")?;
+            }
+            anyhow::Ok((metrics_task.defuse(), metrics_addr, datapath.ifaces(), watch))
         }
         .await;
-        let (metrics_task, metrics_addr, ifaces) = match attached {
+        let (metrics_task, metrics_addr, ifaces, mut watch) = match attached {
             Ok(ok) => ok,
             Err(e) => {
                 // Nothing may outlive a failed start: detach what was attached, stop the tasks.
@@ -302,7 +321,7 @@ impl Agent {
         let st = Arc::clone(&status);
         let task = tokio::spawn(async move {
             // Holding the datapath keeps the programs attached until the loop ends.
-            let datapath = datapath;
+            let mut datapath = datapath;
             loop {
                 let next = table
                     .next_due()
@@ -330,6 +349,25 @@ impl Agent {
                         }
                     }
                     _ = tokio::time::sleep_until(next) => refresh(&resolver, &mut table, &st).await,
+                    changed = async {
+                        match watch.as_mut() {
+                            Some(w) => w.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        match changed {
+                            Ok(()) => {
+                                if let Err(e) = attach_found(&mut datapath, cfg.ifaces.as_deref()) {
+                                    log::error!("{e:#}; packets leaving by it are not judged");
+                                }
+                            }
+                            Err(e) => {
+                                log::error!("watching for new network interfaces: {e}; new ones get no TC backstop");
+                                watch = None;
+                            }
+                        }
+                        false
+                    }
                 };
                 if changed && let Err(e) = sync(&plan, &table, &resolver, &mut maps, &catalog, &st)
                 {

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cli;
 pub mod datapath;
 pub mod events;
+pub mod glob;
 pub mod maps;
 pub mod metrics;
 pub mod policy;

@@ -235,6 +235,37 @@ async fn raw_icmp_from_the_cgroup_is_dropped_and_logged_outside_untouched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interface_that_appears_later_gets_the_backstop() {
+    let w = world();
+    let cg = TestCgroup::new("late-iface");
+    let log = log_path("events-late-iface");
+    // A second world made after the agent started: its host-side veth matches the pattern.
+    const LATE: u32 = 200;
+    let pattern = format!("egh{}x{LATE}*", std::process::id() % 100_000);
+    let a = Agent::start(AgentConfig {
+        ifaces: Some(vec![w.iface().to_owned(), pattern]),
+        ..config(&w, &cg, Mode::RegistryOnly, Some(&log))
+    })
+    .await
+    .expect("agent starts");
+    let late = World::with_index(LATE);
+    late.host(5);
+    let ip = late.v4(5);
+    let dst = at(ip, 0);
+    // Pings pass until the agent has put the programs on the new interface; then one is dropped
+    // there and evented.
+    wait_for("a ping dropped on the new interface", WAIT, || {
+        cg.probe(&["ping", &ip.to_string()]);
+        records(&log).iter().any(|r| {
+            r.kind == "packet"
+                && r.dst.as_deref() == Some(dst.as_str())
+                && r.iface.as_deref() == Some(late.iface())
+        })
+    });
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_ends_with_its_byte_totals() {
     let w = world();
     let cg = TestCgroup::new("bytes");

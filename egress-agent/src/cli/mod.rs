@@ -101,8 +101,9 @@ pub struct EnforceArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
-    /// Interface for the TC backstop (repeatable; default: every interface that is up, loopback
-    /// aside).
+    /// Interface for the TC backstop, a name or a pattern with * and ? (repeatable; default:
+    /// every interface that is up, loopback aside). Interfaces that come up later and match get
+    /// it too.
     #[arg(long = "iface", value_name = "NAME")]
     pub ifaces: Vec<String>,
     /// Event ring buffer size (a power of two, at least a page; K and M suffixes).

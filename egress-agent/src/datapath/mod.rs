@@ -77,6 +77,8 @@ pub enum DatapathError {
 /// The loaded programs. Dropping it detaches every program it attached.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Interfaces (by index: a name may be reused) the TC programs are on.
+    ifaces: std::collections::BTreeSet<u32>,
 }
 
 /// What loading hands to the agent: the maps it writes and the event stream it reads.
@@ -144,7 +146,10 @@ impl Datapath {
         let events = maps::open(&mut ebpf, EVENTS_MAP)?;
         let peers = maps::open(&mut ebpf, RELAY_PEERS_MAP)?;
         Ok(Loaded {
-            datapath: Self { ebpf },
+            datapath: Self {
+                ebpf,
+                ifaces: Default::default(),
+            },
             maps,
             counters,
             events,
@@ -185,7 +190,25 @@ impl Datapath {
 
     /// Attaches the TC programs to an interface: as TCX links where the kernel has them (6.6+),
     /// else under a clsact qdisc.
+    /// The interfaces the TC programs are on, by their names now.
+    pub fn ifaces(&self) -> Vec<String> {
+        self.ifaces
+            .iter()
+            .filter_map(|&i| nix::net::if_::if_indextoname(i).ok())
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Whether the TC programs are on the interface now called `iface`.
+    pub fn has_iface(&self, iface: &str) -> bool {
+        nix::net::if_::if_nametoindex(iface).is_ok_and(|i| self.ifaces.contains(&i))
+    }
+
+    /// Attaches the TC programs to `iface`; nothing to do when they are on it already.
     pub fn attach_iface(&mut self, iface: &str) -> Result<(), DatapathError> {
+        if self.has_iface(iface) {
+            return Ok(());
+        }
         if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
@@ -206,6 +229,9 @@ impl Datapath {
                     target: format!("interface {iface}"),
                     source,
                 })?;
+        }
+        if let Ok(index) = nix::net::if_::if_nametoindex(iface) {
+            self.ifaces.insert(index);
         }
         Ok(())
     }
