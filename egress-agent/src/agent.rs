@@ -288,7 +288,12 @@ impl Agent {
                 attach_found(&mut datapath, cfg.ifaces.as_deref())
                     .context("attaching the TC backstop")?;
             }
-            anyhow::Ok((metrics_task.defuse(), metrics_addr, datapath.ifaces(), watch))
+            anyhow::Ok((
+                metrics_task.defuse(),
+                metrics_addr,
+                datapath.ifaces(),
+                watch,
+            ))
         }
         .await;
         let (metrics_task, metrics_addr, ifaces, mut watch) = match attached {

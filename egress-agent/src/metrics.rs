@@ -23,6 +23,16 @@ pub struct DecisionLabels {
     pub rule: String,
 }
 
+impl DecisionLabels {
+    fn of(r: &Record, host: String) -> DecisionLabels {
+        DecisionLabels {
+            verdict: r.verdict.clone().unwrap_or_default(),
+            host,
+            rule: r.rule.clone().unwrap_or_default(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     pub host: String,
@@ -62,22 +72,14 @@ impl Status {
         match r.kind.as_str() {
             "connect" | "sendmsg" | "packet" => {
                 self.connections
-                    .get_or_create(&DecisionLabels {
-                        verdict: r.verdict.clone().unwrap_or_default(),
-                        host,
-                        rule: r.rule.clone().unwrap_or_default(),
-                    })
+                    .get_or_create(&DecisionLabels::of(r, host))
                     .inc();
             }
             "close" => {
                 // The flow's first connect was counted from its own record; reconnects only here.
                 if let Some(again) = r.connects.and_then(|n| n.checked_sub(1)).filter(|&n| n > 0) {
                     self.connections
-                        .get_or_create(&DecisionLabels {
-                            verdict: r.verdict.clone().unwrap_or_default(),
-                            host: host.clone(),
-                            rule: r.rule.clone().unwrap_or_default(),
-                        })
+                        .get_or_create(&DecisionLabels::of(r, host.clone()))
                         .inc_by(again);
                 }
                 for (direction, n) in [("out", r.bytes_out), ("in", r.bytes_in)] {

@@ -14,6 +14,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::EventsArgs;
 use crate::events::{LogReader, Record, log::rotated};
+use crate::glob::glob_match;
 
 /// How often a follower looks for new lines and rotations.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -104,7 +105,7 @@ impl Filter {
             && !r
                 .host
                 .as_deref()
-                .is_some_and(|h| crate::glob::glob_match(glob, &h.to_ascii_lowercase()))
+                .is_some_and(|h| glob_match(glob, &h.to_ascii_lowercase()))
         {
             return false;
         }
@@ -286,6 +287,3 @@ fn open_when_present(path: &Path) -> anyhow::Result<LogReader> {
 pub fn default_log() -> PathBuf {
     PathBuf::from("/var/log/egress/flows.jsonl")
 }
-
-#[cfg(test)]
-mod tests {}
