@@ -249,6 +249,13 @@ impl Reader {
     }
 }
 
+/// After a batch this small the writer naps for [`NAP`] before it looks again, so that records
+/// gather in the channel: waking for each one would cost the relay a context switch per
+/// connection. Under load batches are large and there is no nap; a nap fills at most a quarter
+/// of the channel at the rate that ended it.
+const FEW: usize = CHANNEL / 4;
+const NAP: Duration = Duration::from_millis(10);
+
 /// The writer thread: buffered, and flushed once the oldest unflushed record is
 /// [`DRAIN_INTERVAL`] old, so a burst costs one write per batch and every record is on disk
 /// within that interval.
@@ -260,27 +267,40 @@ fn write(
 ) {
     // When the oldest record not yet flushed was written.
     let mut unflushed: Option<std::time::Instant> = None;
+    let mut batch = Vec::with_capacity(CHANNEL);
     loop {
         if unflushed.is_some_and(|t| t.elapsed() >= DRAIN_INTERVAL) {
             flush(&mut log, status);
             unflushed = None;
         }
-        let next = match unflushed {
+        let got = match unflushed {
             Some(t) => {
                 let left = DRAIN_INTERVAL.saturating_sub(t.elapsed());
-                match runtime.block_on(tokio::time::timeout(left, rx.recv())) {
-                    Ok(next) => next,
+                match runtime.block_on(tokio::time::timeout(
+                    left,
+                    rx.recv_many(&mut batch, CHANNEL),
+                )) {
+                    Ok(got) => got,
                     Err(_) => continue,
                 }
             }
-            None => rx.blocking_recv(),
+            None => runtime.block_on(rx.recv_many(&mut batch, CHANNEL)),
         };
-        let Some(record) = next else { break };
-        let Some(out) = log.as_mut() else { continue };
-        if let Err(e) = out.write(&record) {
-            failed(out, status, &e);
+        if got == 0 {
+            break;
         }
-        unflushed.get_or_insert_with(std::time::Instant::now);
+        if let Some(out) = log.as_mut() {
+            for record in batch.drain(..) {
+                if let Err(e) = out.write(&record) {
+                    failed(out, status, &e);
+                }
+            }
+            unflushed.get_or_insert_with(std::time::Instant::now);
+        }
+        batch.clear();
+        if got < FEW {
+            std::thread::sleep(NAP);
+        }
     }
     flush(&mut log, status);
 }

@@ -315,7 +315,7 @@ const BULK_BYTES: u64 = 1 << 30;
 const RATE_CONNECTIONS: usize = 8000;
 const RATE_CLIENTS: usize = 16;
 const TTFB_CONNECTIONS: usize = 2000;
-const RELAY_ROUNDS: usize = 3;
+const RELAY_ROUNDS: usize = 5;
 
 /// small.test (host 10) answers 64 bytes, bulk.test (host 11) `BULK_BYTES`; both steered.
 const RELAY_POLICY: &str = "
