@@ -148,6 +148,51 @@ fn exec_exit_statuses_and_enforcement() {
         !parent.contains("egress-exec-"),
         "the caller is not enforced: {parent}"
     );
+    // egress raises its own descriptor limit for the relay; the command keeps the one it was
+    // given.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    assert!(
+        hard > 1024,
+        "the test needs a hard descriptor limit above 1024"
+    );
+    let args = [
+        "exec",
+        "--policies",
+        dir.to_str().expect("utf8"),
+        "--dns",
+        &dns,
+        "--",
+        "sh",
+        "-c",
+    ];
+    // SAFETY: between fork and exec the child only calls setrlimit, async-signal-safe.
+    let out = unsafe {
+        use std::os::unix::process::CommandExt as _;
+        Command::new(target_bin("egress"))
+            .args(args)
+            .arg("ulimit -Sn; ulimit -Hn; grep 'Max open files' /proc/$PPID/limits")
+            .pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: 1024,
+                    rlim_max: hard,
+                };
+                match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            })
+            .output()
+            .expect("run egress")
+    };
+    assert!(out.status.success(), "{out:?}");
+    let out = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.len() == 3, "{out}");
+    let hard = hard.to_string();
+    assert_eq!(lines[..2], ["1024", &hard], "the command's limits: {out}");
+    let egress_limits: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(egress_limits[3..5], [&hard, &hard], "egress's own: {out}");
     // The cgroup is gone afterwards, and nothing is left in it.
     let mount = egress_agent::datapath::cgroup::cgroup2_mount().expect("mount");
     let leftovers: Vec<_> = std::fs::read_dir(&mount)

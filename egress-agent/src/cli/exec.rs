@@ -18,6 +18,10 @@ use crate::{
 const EXIT_EGRESS_FAILED: u8 = 125;
 
 pub fn exec(global: &Global, enforce: &EnforceArgs, command: &[OsString]) -> ExitCode {
+    // The command gets the limits it was given back.
+    let nofile = crate::relay::raise_nofile()
+        .inspect_err(|e| log::warn!("raising the descriptor limit: {e}"))
+        .ok();
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -32,7 +36,7 @@ pub fn exec(global: &Global, enforce: &EnforceArgs, command: &[OsString]) -> Exi
             return ExitCode::from(EXIT_EGRESS_FAILED);
         }
     };
-    let result = rt.block_on(supervise(global, enforce, &cg, command));
+    let result = rt.block_on(supervise(global, enforce, &cg, command, nofile));
     // Processes the command left behind would run unenforced once the programs go: end them.
     if cg.exists()
         && let Err(e) = cgroup::kill_and_remove(&cg)
@@ -53,6 +57,7 @@ async fn supervise(
     enforce: &EnforceArgs,
     cg: &PathBuf,
     command: &[OsString],
+    nofile: Option<(u64, u64)>,
 ) -> anyhow::Result<u8> {
     std::fs::create_dir(cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
     let cfg = enforce.apply(
@@ -67,20 +72,35 @@ async fn supervise(
     )?;
     let agent = Agent::start(cfg).await?;
     log::debug!("ready: {}", agent.summary);
-    let status = run_child(cg, command).await;
+    let status = run_child(cg, command, nofile).await;
     agent.shutdown().await;
     status
 }
 
-/// Runs the command inside the cgroup. Only the child joins it: egress itself stays outside.
-async fn run_child(cg: &Path, command: &[OsString]) -> anyhow::Result<u8> {
+/// Runs the command inside the cgroup, with the descriptor limits `nofile` if given. Only the
+/// child joins the cgroup: egress itself stays outside.
+async fn run_child(
+    cg: &Path,
+    command: &[OsString],
+    nofile: Option<(u64, u64)>,
+) -> anyhow::Result<u8> {
     let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_bytes())
         .context("cgroup path contains a NUL byte")?;
     let mut cmd = tokio::process::Command::new(&command[0]);
     cmd.args(&command[1..]);
-    // SAFETY: between fork and exec only async-signal-safe calls (open, write, close) are made.
+    // SAFETY: between fork and exec only async-signal-safe calls (setrlimit, open, write, close)
+    // are made.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some((soft, hard)) = nofile {
+                let limit = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());

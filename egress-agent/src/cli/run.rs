@@ -10,7 +10,6 @@ use crate::{
 };
 
 pub fn run(global: &Global, cgroup_arg: &Path, enforce: &EnforceArgs) -> ExitCode {
-    // Not for `exec`, whose child would inherit the limit (select() breaks above 1024).
     if let Err(e) = crate::relay::raise_nofile() {
         log::warn!("raising the descriptor limit: {e}");
     }

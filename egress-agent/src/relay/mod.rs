@@ -90,14 +90,15 @@ struct Shared {
 }
 
 /// Lifts the soft descriptor limit (often 1024) to the hard one: the relay holds two descriptors
-/// per steered connection.
-pub fn raise_nofile() -> nix::Result<()> {
+/// per steered connection. Returns the limits as they were, for a child that should not inherit
+/// the raise (select() breaks above 1024).
+pub fn raise_nofile() -> nix::Result<(u64, u64)> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     if soft < hard {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
-    Ok(())
+    Ok((soft, hard))
 }
 
 /// Listens on 127.0.0.1 and ::1 (the latter where the host has IPv6).
