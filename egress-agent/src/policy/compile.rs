@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
-    schema::{Protocol, Resolution, ServiceEntrySpec, TlsMode, Transport},
+    schema::{DestinationRuleSpec, Protocol, Resolution, ServiceEntrySpec, TlsMode, Transport},
     tls::{TlsClient, client_config},
 };
 
@@ -481,23 +481,44 @@ fn steer_reason(policy: &Policy, hosts: &[String]) -> Option<String> {
             return Some(format!("{} gives it retries or a timeout", vs.label()));
         }
     }
-    for dr in &policy.destination_rules {
-        if !hosts.contains(&normalize_host(&dr.spec.host)) {
-            continue;
+    let dr = destination_rule(policy, hosts)?;
+    let tp = dr.spec.traffic_policy.as_ref()?;
+    let originates = tp
+        .tls
+        .iter()
+        .chain(tp.port_level_settings.iter().filter_map(|p| p.tls.as_ref()))
+        .any(|t| matches!(t.mode, Some(TlsMode::Simple | TlsMode::Mutual)));
+    originates.then(|| format!("{} originates TLS", dr.label()))
+}
+
+/// The DestinationRule for a ServiceEntry with these hosts, chosen as Istio chooses: one naming a
+/// host exactly, else the wildcard that matches a host most specifically (`*.b.example.com`
+/// before `*.example.com` before `*`); among equals, the first.
+fn destination_rule<'a>(
+    policy: &'a Policy,
+    hosts: &[String],
+) -> Option<&'a Resource<DestinationRuleSpec>> {
+    let specificity = |dr: &Resource<DestinationRuleSpec>| {
+        let host = normalize_host(&dr.spec.host);
+        if hosts.contains(&host) {
+            return Some(usize::MAX);
         }
-        let Some(tp) = &dr.spec.traffic_policy else {
-            continue;
-        };
-        let originates = tp
-            .tls
+        // "*.example.com" matches any name below example.com; "*" matches every name.
+        let suffix = host.strip_prefix('*')?;
+        hosts
             .iter()
-            .chain(tp.port_level_settings.iter().filter_map(|p| p.tls.as_ref()))
-            .any(|t| matches!(t.mode, Some(TlsMode::Simple | TlsMode::Mutual)));
-        if originates {
-            return Some(format!("{} originates TLS", dr.label()));
+            .any(|h| h.len() > suffix.len() && h.ends_with(suffix))
+            .then_some(suffix.len())
+    };
+    let mut best: Option<(usize, &Resource<DestinationRuleSpec>)> = None;
+    for dr in &policy.destination_rules {
+        if let Some(s) = specificity(dr)
+            && best.is_none_or(|(b, _)| s > b)
+        {
+            best = Some((s, dr));
         }
     }
-    None
+    best.map(|(_, dr)| dr)
 }
 
 /// The retries and timeout of the first mesh-bound VirtualService HTTP route naming these hosts.
@@ -554,19 +575,15 @@ fn relay_route(policy: &Policy, hosts: &[String], diags: &mut Diags) -> RelayRou
     }
 }
 
-/// The ports of a ServiceEntry on which the first DestinationRule for one of its hosts asks for
-/// TLS origination. A port-level `tls` overrides the rule-wide one, as in Istio.
+/// The ports of a ServiceEntry on which its DestinationRule (`destination_rule`) asks for TLS
+/// origination. A port-level `tls` overrides the rule-wide one, as in Istio.
 fn originations(
     policy: &Policy,
     spec: &ServiceEntrySpec,
     hosts: &[String],
     diags: &mut Diags,
 ) -> Vec<Origination> {
-    let Some(dr) = policy
-        .destination_rules
-        .iter()
-        .find(|dr| hosts.contains(&normalize_host(&dr.spec.host)))
-    else {
+    let Some(dr) = destination_rule(policy, hosts) else {
         return Vec::new();
     };
     let Some(tp) = &dr.spec.traffic_policy else {

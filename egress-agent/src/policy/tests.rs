@@ -478,3 +478,55 @@ fn a_destination_rule_originates_tls_on_http_ports_and_its_files_are_checked() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_most_specific_destination_rule_applies_as_in_istio() {
+    let dr = |name: &str, host: &str, mode: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}}}\nspec:\n  host: '{host}'\n  trafficPolicy:\n    tls: {{mode: {mode}}}\n"
+        )
+    };
+    let se = format!(
+        "{SE}  hosts: [api.example.test]\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 443}}]\n  resolution: DNS\n"
+    );
+    // The DestinationRule whose TLS settings the ServiceEntry's port 80 gets, if any.
+    let chosen = |drs: &[String]| {
+        let (pol, d) = load_str(&format!("{se}{}", drs.concat()), Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = compile(&pol, None);
+        assert!(!super::has_errors(&d), "{d:?}");
+        let rule = &plan.rules[0];
+        let by = rule.originate.first().map(|o| o.by.clone());
+        assert_eq!(rule.steer_reason.is_some(), by.is_some(), "{rule:?}");
+        by
+    };
+    let all = [
+        dr("every", "*", "DISABLE"),
+        dr("test", "*.test", "DISABLE"),
+        dr("example", "*.example.test", "SIMPLE"),
+        dr("other", "other.example.test", "SIMPLE"),
+    ];
+    assert_eq!(
+        chosen(&all),
+        Some("DestinationRule/default/example".to_owned()),
+        "the longest matching wildcard"
+    );
+    assert_eq!(chosen(&all[..2]), None, "*.test says DISABLE");
+    assert_eq!(
+        chosen(&[dr("every", "*", "SIMPLE")]),
+        Some("DestinationRule/default/every".to_owned())
+    );
+    let mut exact = all.to_vec();
+    exact.push(dr("api", "api.example.test", "DISABLE"));
+    assert_eq!(chosen(&exact), None, "an exact host wins over any wildcard");
+    let first = [
+        dr("one", "*.example.test", "SIMPLE"),
+        dr("two", "*.example.test", "DISABLE"),
+    ];
+    assert_eq!(
+        chosen(&first),
+        Some("DestinationRule/default/one".to_owned()),
+        "among equals, the first"
+    );
+    assert_eq!(chosen(&[dr("sub", "*.api.example.test", "SIMPLE")]), None);
+}
