@@ -284,7 +284,7 @@ fn write(
                     Err(_) => continue,
                 }
             }
-            None => runtime.block_on(rx.recv_many(&mut batch, CHANNEL)),
+            None => rx.blocking_recv_many(&mut batch, CHANNEL),
         };
         if got == 0 {
             break;
