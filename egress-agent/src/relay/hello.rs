@@ -32,6 +32,9 @@ pub enum HelloError {
     Io(#[from] io::Error),
 }
 
+/// Bytes asked for per read.
+const READ: usize = 4096;
+
 /// Reads until a whole ClientHello has arrived, however it is split across segments and TLS
 /// records, giving up after `limit` bytes or at `wait`.
 pub async fn read<R: AsyncRead + Unpin>(
@@ -41,21 +44,26 @@ pub async fn read<R: AsyncRead + Unpin>(
 ) -> Result<Hello, HelloError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut acceptor = Acceptor::default();
-    let mut bytes = Vec::with_capacity(2048);
-    let mut chunk = [0u8; 4096];
+    // Read straight into `bytes`: a buffer held across the await would sit in every relay
+    // connection's future, which is moved (copied) when the connection's task is spawned.
+    let mut bytes = Vec::with_capacity(READ);
     loop {
-        let room = (limit + 1).saturating_sub(bytes.len()).min(chunk.len());
-        let n = timeout_at(deadline, stream.read(&mut chunk[..room]))
-            .await
-            .map_err(|_| HelloError::Timeout(wait))??;
+        let seen = bytes.len();
+        let room = (limit + 1).saturating_sub(seen).min(READ);
+        bytes.reserve(room);
+        let n = timeout_at(
+            deadline,
+            (&mut *stream).take(room as u64).read_buf(&mut bytes),
+        )
+        .await
+        .map_err(|_| HelloError::Timeout(wait))??;
         if n == 0 {
             return Err(HelloError::Closed);
         }
-        if bytes.len() + n > limit {
+        if bytes.len() > limit {
             return Err(HelloError::TooLarge(limit));
         }
-        bytes.extend_from_slice(&chunk[..n]);
-        let mut fresh = &chunk[..n];
+        let mut fresh = &bytes[seen..];
         while !fresh.is_empty() {
             acceptor.read_tls(&mut fresh)?;
         }

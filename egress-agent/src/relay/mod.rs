@@ -13,7 +13,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -103,20 +103,29 @@ pub fn raise_nofile() -> nix::Result<(u64, u64)> {
 
 /// Listens on 127.0.0.1 and ::1 (the latter where the host has IPv6).
 pub async fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
-    let v4 = TcpListener::bind((IpAddr::from([127, 0, 0, 1]), port)).await?;
+    let v4 = listen(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port))?;
     let port = v4.local_addr()?.port();
     let mut listeners = vec![v4];
-    match bind_v6_only(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)) {
+    match listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)) {
         Ok(v6) => listeners.push(v6),
         Err(e) => log::warn!("relay: no IPv6 loopback listener ({e}); IPv6 steering will fail"),
     }
     Ok(listeners)
 }
 
-fn bind_v6_only(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = TcpSocket::new_v6()?;
-    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => {
+            let socket = TcpSocket::new_v6()?;
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
+            socket
+        }
+    };
     socket.set_reuseaddr(true)?;
+    // Accepted connections inherit it: small answers (a ServerHello, an HTTP response) go out
+    // at once, without a system call per connection.
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
 }
@@ -237,8 +246,6 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
         r.duration_ms = Some(started.elapsed().as_millis() as u64);
         r
     };
-    // Small answers (a ServerHello, an HTTP response) go out at once.
-    let _ = client.set_nodelay(true);
     let Ok(steered) = shared.peers.get(&peer_key(peer), 0) else {
         return finish(refuse(
             Record::relay_unknown(Timestamp::now()),
@@ -260,7 +267,9 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
 
     if let Some(origin) = catalog.origination(steered.rule_id, dst.port()) {
         let origin = origin.clone();
-        let record = originate::serve(
+        // Boxed: its state machine would otherwise enlarge every connection's future, moved
+        // whole when the connection's task is spawned.
+        let record = Box::pin(originate::serve(
             client,
             dst,
             steered.rule_id,
@@ -268,7 +277,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
             catalog,
             record,
             shared,
-        )
+        ))
         .await;
         return finish(record);
     }
@@ -428,9 +437,10 @@ async fn carry(
     up.fetch_add(hello.len() as u64, Ordering::Relaxed);
     let copy = async {
         if config.splice {
+            let ended = AtomicBool::new(false);
             tokio::try_join!(
-                splice::pump(&client, &server, up, &activity),
-                splice::pump(&server, &client, down, &activity),
+                splice::pump(&client, &server, up, &activity, &ended),
+                splice::pump(&server, &client, down, &activity, &ended),
             )
             .map(|_| ())
         } else {
