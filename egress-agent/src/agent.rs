@@ -171,7 +171,6 @@ async fn start_relay(
     status: &Arc<Status>,
 ) -> anyhow::Result<Relay> {
     let listeners = relay::bind(cfg.relay.port)
-        .await
         .with_context(|| format!("listening for the relay on port {}", cfg.relay.port))?;
     Relay::spawn(
         listeners,

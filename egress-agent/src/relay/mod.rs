@@ -101,8 +101,8 @@ pub fn raise_nofile() -> nix::Result<(u64, u64)> {
     Ok((soft, hard))
 }
 
-/// Listens on 127.0.0.1 and ::1 (the latter where the host has IPv6).
-pub async fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
+/// Listens on 127.0.0.1 and ::1 (the latter where the host has IPv6). Within a tokio runtime.
+pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
     let v4 = listen(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port))?;
     let port = v4.local_addr()?.port();
     let mut listeners = vec![v4];
