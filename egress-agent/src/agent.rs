@@ -18,7 +18,7 @@ use crate::{
     events::{Catalog, CgroupNames, LogWriter, Pipeline, Rotation},
     maps::KernelMaps,
     metrics,
-    policy::{self, Mode, Plan, Severity},
+    policy::{self, Mode, Plan, RuleIds, Severity},
     relay::{self, Relay, RelayConfig},
     resolve::{HostTable, Refresh, Resolver},
 };
@@ -57,13 +57,14 @@ pub struct Agent {
     pub relay_port: u16,
 }
 
-/// Loads and compiles the policy, logging warnings. Any error refuses the whole policy.
-pub fn load_plan(policies: &[PathBuf], mode: Option<Mode>) -> anyhow::Result<Plan> {
+/// Loads and compiles the policy, logging warnings. Any error refuses the whole policy. Rules
+/// `prev` has keep their ids.
+pub fn load_plan(policies: &[PathBuf], mode: Option<Mode>, prev: &RuleIds) -> anyhow::Result<Plan> {
     let (pol, mut diags) = policy::load(policies);
     let plan = if policy::has_errors(&diags) {
         None
     } else {
-        let (plan, more) = policy::compile(&pol, mode);
+        let (plan, more) = policy::compile_after(&pol, mode, prev);
         diags.extend(more);
         Some(plan)
     };
@@ -204,7 +205,7 @@ impl Drop for AbortOnDrop {
 impl Agent {
     /// Starts enforcing. Returns once the programs are attached with the maps filled.
     pub async fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
-        let mut plan = load_plan(&cfg.policies, cfg.mode)?;
+        let mut plan = load_plan(&cfg.policies, cfg.mode, &RuleIds::default())?;
         let resolver = Arc::new(Resolver::new(cfg.dns).context("setting up DNS resolution")?);
         let status = Arc::new(Status::default());
         let mut table = HostTable::default();
@@ -333,7 +334,7 @@ impl Agent {
                 let changed = tokio::select! {
                     _ = &mut shutdown_rx => break,
                     Some(()) = reload_rx.recv() => {
-                        match load_plan(&cfg.policies, cfg.mode) {
+                        match load_plan(&cfg.policies, cfg.mode, &plan.ids) {
                             Ok(new) => {
                                 st.reloads.inc();
                                 table.retain_names(new.hosts.iter().map(|h| h.name.as_str()));

@@ -496,15 +496,20 @@ pub fn probe_with_pid(cgroup: Option<&Path>, args: &[&str]) -> (String, u32) {
 
 /// Starts `egress-probe ARGS` (inside `cgroup` if given) with its output piped.
 pub fn spawn_probe(cgroup: Option<&Path>, args: &[&str]) -> Child {
+    probe_command(cgroup, args)
+        .spawn()
+        .expect("run egress-probe")
+}
+
+/// `egress-probe ARGS`, inside `cgroup` if given, with its output piped.
+pub fn probe_command(cgroup: Option<&Path>, args: &[&str]) -> Command {
     let mut cmd = Command::new(target_bin("egress-probe"));
     cmd.args(args);
     if let Some(cg) = cgroup {
         join_cgroup(&mut cmd, cg);
     }
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run egress-probe")
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
 }
 
 /// How long the tests wait for a log record to appear.

@@ -19,8 +19,8 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    TestCgroup, World, at, log_path, loopback_server, probe_in, probe_with_pid, records,
-    target_bin, wait_for, wait_record,
+    TestCgroup, World, at, log_path, loopback_server, probe_command, probe_in, probe_with_pid,
+    records, target_bin, wait_for, wait_record,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -339,6 +339,54 @@ async fn a_socket_connected_again_is_one_flow_with_a_count() {
     });
     assert!(closes.iter().all(|r| r.connects == Some(1)), "{closes:?}");
     assert_eq!(connects(pid), 6);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_open_across_a_reload_keeps_its_rule() {
+    let w = world();
+    let cg = TestCgroup::new("reload-flow");
+    let log = log_path("events-reload-flow");
+    let cfg = config(&w, &cg, Mode::RegistryOnly, Some(&log));
+    let dir = cfg.policies[0].clone();
+    let a = Agent::start(cfg).await.expect("agent starts");
+    let dst = at(w.v4(10), 443);
+    let mut child = probe_command(Some(&cg.path), &["tcp-hold", &dst])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("run egress-probe");
+    let pid = child.id();
+    let mut out = BufReader::new(child.stdout.take().expect("probe stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read the probe");
+    assert_eq!(line.trim(), "connected");
+
+    // While the flow is open, a ServiceEntry comes in ahead of api's: the kernel's flow table
+    // keeps the id it decided with, which must still name api when the flow closes.
+    let first = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+                 metadata: {name: first, namespace: shop}\n\
+                 spec: {hosts: [first.test], ports: [{number: 443, name: https, protocol: HTTPS}], \
+                 resolution: DNS}\n---\n";
+    let syncs = a.status.syncs.get();
+    fs::write(dir.join("policy.yaml"), format!("{first}{}", policy())).expect("write policy");
+    a.reload().await;
+    wait_for("the new policy in force", WAIT, || {
+        a.status.reloads.get() == 1 && a.status.syncs.get() > syncs
+    });
+    writeln!(child.stdin.take().expect("probe stdin"), "close").expect("tell the probe");
+    line.clear();
+    out.read_line(&mut line).expect("read the probe");
+    assert_eq!(line.trim(), "ok");
+    assert!(child.wait().expect("probe ends").success());
+    let close = wait_record(&log, "the flow's close", |r| {
+        r.kind == "close" && r.pid == Some(pid)
+    });
+    assert_eq!(
+        close.rule.as_deref(),
+        Some("ServiceEntry/shop/api"),
+        "{close:?}"
+    );
+    assert_eq!(close.host.as_deref(), Some("api.test"), "{close:?}");
     a.shutdown().await;
 }
 

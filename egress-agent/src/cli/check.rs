@@ -157,13 +157,12 @@ async fn decide(
     match dest {
         Dest::Name(name, port) => {
             // A registered name is judged by its ServiceEntry, as the kernel judges its addresses.
-            if let Some((id, rule)) = plan
+            if let Some(rule) = plan
                 .rules
                 .iter()
-                .enumerate()
-                .find(|(_, r)| r.hosts.iter().any(|h| host_matches(h, name)))
+                .find(|r| r.hosts.iter().any(|h| host_matches(h, name)))
             {
-                let rule_id = egress_common::RULE_FIRST_POLICY + id as u32;
+                let rule_id = rule.id;
                 let decision = if rule.ports.contains(&(*port, transport)) {
                     Decision {
                         verdict: if rule.steer_reason.is_some() {

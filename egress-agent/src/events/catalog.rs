@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_common::{RULE_FIRST_POLICY, RULE_LOOPBACK, RULE_MODE, RULE_RESOLVER};
+use egress_common::{RULE_LOOPBACK, RULE_MODE, RULE_RESOLVER};
 
 use super::Record;
 use crate::policy::{
@@ -20,8 +20,8 @@ use crate::policy::{
 /// it too, to judge a ClientHello and to connect on.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    /// By `rule_id - RULE_FIRST_POLICY`.
-    rules: Vec<Rule>,
+    /// By rule id.
+    rules: HashMap<u32, Rule>,
     mode: String,
     /// Resolved names of each address.
     names: HashMap<IpAddr, Vec<String>>,
@@ -78,11 +78,14 @@ impl Catalog {
             rules: plan
                 .rules
                 .iter()
-                .map(|r| Rule {
-                    label: r.label.clone(),
-                    hosts: r.hosts.clone(),
-                    route: r.relay.clone(),
-                    originate: r.originate.clone(),
+                .map(|r| {
+                    let rule = Rule {
+                        label: r.label.clone(),
+                        hosts: r.hosts.clone(),
+                        route: r.relay.clone(),
+                        originate: r.originate.clone(),
+                    };
+                    (r.id, rule)
                 })
                 .collect(),
             mode: plan.mode.to_string(),
@@ -162,8 +165,7 @@ impl Catalog {
     }
 
     fn rule(&self, rule_id: u32) -> Option<&Rule> {
-        self.rules
-            .get(rule_id.checked_sub(RULE_FIRST_POLICY)? as usize)
+        self.rules.get(&rule_id)
     }
 }
 

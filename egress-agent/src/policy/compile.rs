@@ -40,6 +40,8 @@ pub struct HostRule {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleInfo {
+    /// The id the kernel's map entries, records and events carry for this rule.
+    pub id: u32,
     /// `ServiceEntry/namespace/name`.
     pub label: String,
     pub hosts: Vec<String>,
@@ -149,10 +151,50 @@ pub struct Plan {
     pub mode: Mode,
     /// What set the mode: the flag, a Sidecar, or Istio's default.
     pub mode_source: String,
-    /// Indexed by `rule_id - RULE_FIRST_POLICY`.
+    /// In the policy's order.
     pub rules: Vec<RuleInfo>,
     pub fixed: Vec<Entry>,
     pub hosts: Vec<HostRule>,
+    /// The ids of this plan's rules, for compiling the next policy.
+    pub ids: RuleIds,
+}
+
+/// Rule ids by the rule's identity. A steered connection's kernel record, and the flow table's
+/// events, carry the id the kernel decided with; a reload must not give that id to another rule
+/// while they are in flight, or the relay would judge the connection by the wrong ServiceEntry.
+/// So a rule keeps its id across reloads, and an id, once given, never names another rule.
+#[derive(Debug, Clone)]
+pub struct RuleIds {
+    by_key: HashMap<String, u32>,
+    next: u32,
+}
+
+impl Default for RuleIds {
+    fn default() -> Self {
+        RuleIds {
+            by_key: HashMap::new(),
+            next: RULE_FIRST_POLICY,
+        }
+    }
+}
+
+impl RuleIds {
+    /// The id for `key` in a plan compiled after `prev`: the one it had there, else a new one.
+    /// Only the keys asked for are kept, so the table holds the rules in force, not history;
+    /// `next` never goes back, so a rule that left does not lend its id to a newcomer.
+    fn assign(&mut self, prev: &RuleIds, key: String) -> u32 {
+        let id = match prev.by_key.get(&key) {
+            Some(&id) => id,
+            None => {
+                let id = self.next;
+                // Four billion rule identities in one agent's life: not a case to recover from.
+                self.next = id.checked_add(1).expect("rule ids exhausted");
+                id
+            }
+        };
+        self.by_key.insert(key, id);
+        id
+    }
 }
 
 /// One decision, as the kernel would make it.
@@ -176,6 +218,12 @@ fn diag(diags: &mut Diags, severity: Severity, src: &Source, message: String) {
 /// Compiles a policy. `mode_flag` overrides every Sidecar. Errors are in the diagnostics; the Plan
 /// is only to be used when there are none.
 pub fn compile(policy: &Policy, mode_flag: Option<Mode>) -> (Plan, Diags) {
+    compile_after(policy, mode_flag, &RuleIds::default())
+}
+
+/// Compiles a policy that replaces one whose rules had the ids `prev`: the rules that stay keep
+/// their ids.
+pub fn compile_after(policy: &Policy, mode_flag: Option<Mode>, prev: &RuleIds) -> (Plan, Diags) {
     // Sidecars set the mode; Gateways, VirtualServices and DestinationRules decide steering.
     let Policy {
         service_entries,
@@ -192,9 +240,13 @@ pub fn compile(policy: &Policy, mode_flag: Option<Mode>) -> (Plan, Diags) {
         rules: Vec::new(),
         fixed: Vec::new(),
         hosts: Vec::new(),
+        ids: RuleIds {
+            by_key: HashMap::new(),
+            next: prev.next,
+        },
     };
     for se in service_entries {
-        compile_service_entry(policy, se, &mut plan, &mut diags);
+        compile_service_entry(policy, prev, se, &mut plan, &mut diags);
     }
     (plan, diags)
 }
@@ -243,6 +295,7 @@ fn normalize_host(h: &str) -> String {
 
 fn compile_service_entry(
     policy: &Policy,
+    prev: &RuleIds,
     se: &Resource<ServiceEntrySpec>,
     plan: &mut Plan,
     diags: &mut Diags,
@@ -312,7 +365,12 @@ fn compile_service_entry(
         return;
     }
 
-    let rule_id = RULE_FIRST_POLICY + plan.rules.len() as u32;
+    // A rule is its ServiceEntry; the same name twice (in two files) is told apart by its order.
+    let key = (0..)
+        .map(|n| format!("{label}#{n}"))
+        .find(|k| !plan.ids.by_key.contains_key(k))
+        .expect("an unused key");
+    let rule_id = plan.ids.assign(prev, key);
     let hosts: Vec<String> = spec.hosts.iter().map(|h| normalize_host(h)).collect();
     let steer_reason = steer_reason(policy, &hosts);
     let verdict = if steer_reason.is_some() {
@@ -344,6 +402,7 @@ fn compile_service_entry(
     all_ports.sort();
     all_ports.dedup();
     plan.rules.push(RuleInfo {
+        id: rule_id,
         label: label.clone(),
         hosts: hosts.clone(),
         ports: all_ports,
@@ -654,8 +713,7 @@ fn originations(
 
 impl Plan {
     pub fn rule(&self, rule_id: u32) -> Option<&RuleInfo> {
-        self.rules
-            .get(rule_id.checked_sub(RULE_FIRST_POLICY)? as usize)
+        self.rules.iter().find(|r| r.id == rule_id)
     }
 
     /// Human label for a rule id, built-in ones included.

@@ -8,7 +8,7 @@ pub mod tls;
 
 use std::path::PathBuf;
 
-pub use compile::{Decision, Entry, HostRule, Plan, RuleInfo, compile};
+pub use compile::{Decision, Entry, HostRule, Plan, RuleIds, RuleInfo, compile, compile_after};
 pub use load::{Diagnostic, Severity, load, load_str};
 use node::Pos;
 use schema::{DestinationRuleSpec, GatewaySpec, ServiceEntrySpec, SidecarSpec, VirtualServiceSpec};

@@ -530,3 +530,70 @@ fn the_most_specific_destination_rule_applies_as_in_istio() {
     );
     assert_eq!(chosen(&[dr("sub", "*.api.example.test", "SIMPLE")]), None);
 }
+
+#[test]
+fn a_rule_keeps_its_id_across_reloads_and_an_id_never_names_another_rule() {
+    // One ServiceEntry per (name, last octet); a name twice is two rules.
+    let policy = |entries: &[(&str, u8)]| {
+        let yaml: String = entries
+            .iter()
+            .map(|(name, octet)| {
+                format!(
+                    "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\n\
+                     spec:\n  hosts: [{name}.test]\n  addresses: [10.0.0.{octet}]\n  \
+                     ports: [{{number: 443, name: https, protocol: TLS}}]\n  resolution: NONE\n---\n"
+                )
+            })
+            .collect();
+        let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        pol
+    };
+    let compile_after = |entries: &[(&str, u8)], prev: &super::RuleIds| {
+        let (plan, d) = super::compile_after(&policy(entries), None, prev);
+        assert!(d.is_empty(), "{d:?}");
+        plan
+    };
+    // Each rule's id, and the id its map entry carries, by label.
+    let ids = |plan: &super::Plan| -> Vec<(String, u32, u32)> {
+        plan.rules
+            .iter()
+            .zip(&plan.fixed)
+            .map(|(r, e)| (r.label.clone(), r.id, e.rule_id))
+            .collect()
+    };
+    let label = |n: &str| format!("ServiceEntry/default/{n}");
+
+    let first = compile_after(
+        &[("a", 1), ("b", 2), ("c", 3), ("c", 4)],
+        &Default::default(),
+    );
+    assert_eq!(
+        ids(&first),
+        [
+            (label("a"), 16, 16),
+            (label("b"), 17, 17),
+            (label("c"), 18, 18),
+            (label("c"), 19, 19)
+        ]
+    );
+    // A newcomer ahead of them, b gone, c's address changed: the others keep their ids, the
+    // newcomer takes a fresh one, not b's.
+    let second = compile_after(&[("x", 9), ("a", 1), ("c", 30), ("c", 4)], &first.ids);
+    assert_eq!(
+        ids(&second),
+        [
+            (label("x"), 20, 20),
+            (label("a"), 16, 16),
+            (label("c"), 18, 18),
+            (label("c"), 19, 19)
+        ]
+    );
+    assert_eq!(second.rule(17).map(|r| r.label.as_str()), None);
+    assert_eq!(second.rule_label(18), label("c"));
+    // b back: a new id, as any rule that was not in force.
+    let third = compile_after(&[("b", 2), ("a", 1)], &second.ids);
+    assert_eq!(ids(&third), [(label("b"), 21, 21), (label("a"), 16, 16)]);
+    // A fresh compile (check, validate, a new agent) numbers from the start.
+    assert_eq!(compile(&policy(&[("b", 2)]), None).0.rules[0].id, 16);
+}

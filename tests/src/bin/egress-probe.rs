@@ -64,6 +64,26 @@ fn tcp(addr: SocketAddr) -> String {
     }
 }
 
+/// As `tcp`, then says `connected` and keeps the connection open until a line comes on stdin:
+/// a flow that lives across whatever the caller does meanwhile.
+fn tcp_hold(addr: SocketAddr) -> String {
+    let run = || -> io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        if s.read(&mut [0u8; 64])? == 0 {
+            return Err(io::Error::other("closed before the greeting"));
+        }
+        println!("connected");
+        io::stdout().flush()?;
+        io::stdin().read_line(&mut String::new())?;
+        Ok(())
+    };
+    match run() {
+        Ok(()) => "ok".into(),
+        Err(e) => word(&e),
+    }
+}
+
 fn bind_for(addr: SocketAddr) -> io::Result<UdpSocket> {
     let s = if addr.is_ipv4() {
         UdpSocket::bind("0.0.0.0:0")?
@@ -549,6 +569,7 @@ fn main() -> ExitCode {
     let addr = |i: usize| -> Option<SocketAddr> { args.get(i)?.parse().ok() };
     let out = match (args.first().map(String::as_str), addr(1)) {
         (Some("tcp"), Some(a)) => tcp(a),
+        (Some("tcp-hold"), Some(a)) => tcp_hold(a),
         (Some("udp"), Some(a)) => udp(a, true),
         (Some("udp-sendto"), Some(a)) => udp(a, false),
         (Some("dns"), Some(a)) if args.len() == 3 => dns(a, &args[2]),
@@ -608,7 +629,7 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: egress-probe tcp|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | \
+        "usage: egress-probe tcp|tcp-hold|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | \
          bench-connect ADDR:PORT N | ping ADDR | transfer ADDR:PORT N | \
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
          hello-bulk ADDR:PORT NAME | hello-rate ADDR:PORT NAME N C"
