@@ -622,14 +622,16 @@ fn relay_route(policy: &Policy, hosts: &[String], diags: &mut Diags) -> RelayRou
         }
         None => RetryOn::default(),
     };
+    // As in Envoy, a zero timeout is no timeout (Istio documents `timeout: 0s` to disable one).
     RelayRoute {
         retries: r.retries.as_ref().and_then(|x| x.attempts).unwrap_or(0),
         per_try_timeout: r
             .retries
             .as_ref()
             .and_then(|x| x.per_try_timeout.as_ref())
-            .map(|d| d.0),
-        timeout: r.timeout.as_ref().map(|d| d.0),
+            .map(|d| d.0)
+            .filter(|d| !d.is_zero()),
+        timeout: r.timeout.as_ref().map(|d| d.0).filter(|d| !d.is_zero()),
         retry_on,
     }
 }

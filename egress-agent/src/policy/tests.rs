@@ -597,3 +597,28 @@ fn a_rule_keeps_its_id_across_reloads_and_an_id_never_names_another_rule() {
     // A fresh compile (check, validate, a new agent) numbers from the start.
     assert_eq!(compile(&policy(&[("b", 2)]), None).0.rules[0].id, 16);
 }
+
+#[test]
+fn a_zero_timeout_is_no_timeout_as_in_envoy() {
+    let route = |timeouts: &str| {
+        let yaml = format!(
+            "{SE}  hosts: [api.example]\n  ports: [{{number: 443, name: https, protocol: HTTPS}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - route: [{{destination: {{host: api.example}}}}]\n{timeouts}"
+        );
+        let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = compile(&pol, None);
+        assert!(d.is_empty(), "{d:?}");
+        let r = &plan.rules[0].relay;
+        (r.retries, r.per_try_timeout, r.timeout)
+    };
+    let secs = |s| Some(std::time::Duration::from_secs(s));
+    assert_eq!(
+        route("    retries: {attempts: 2, perTryTimeout: 2s}\n    timeout: 5s\n"),
+        (2, secs(2), secs(5))
+    );
+    assert_eq!(
+        route("    retries: {attempts: 2, perTryTimeout: 0s}\n    timeout: 0s\n"),
+        (2, None, None),
+        "0s disables a timeout; it does not fail every attempt at once"
+    );
+}

@@ -22,7 +22,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use egress_common::{RELAY_MARK, RelayPeer, Steered};
 use jiff::Timestamp;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    io::AsyncWriteExt as _,
     net::{TcpListener, TcpSocket, TcpStream},
     sync::{mpsc, watch},
     task::{JoinHandle, JoinSet},
@@ -32,6 +32,7 @@ use tokio::{
 use crate::{
     agent::Status,
     events::{Catalog, CgroupNames, Record, Upstream},
+    policy::compile::RelayRoute,
 };
 
 /// Limits of the relay. The defaults suit production; tests shorten them.
@@ -47,8 +48,9 @@ pub struct RelayConfig {
     pub idle_timeout: Duration,
     /// Limit of one upstream connect when the route sets no perTryTimeout.
     pub connect_timeout: Duration,
-    /// Move passthrough bytes with splice(2) through a pipe, never through the relay's memory;
-    /// otherwise read and write through a buffer. `cargo xtask bench relay` compares the two.
+    /// Past the first 64 KiB of a direction, move passthrough bytes with splice(2) through a
+    /// pipe, never through the relay's memory; otherwise copy them all through a buffer.
+    /// `cargo xtask bench relay` compares the two.
     pub splice: bool,
 }
 
@@ -334,6 +336,75 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
     finish(record)
 }
 
+/// The attempts a route allows, shared by passthrough connects and originated requests: each
+/// after Envoy's back-off, to the destination first and then the host's other addresses in
+/// turn, limited by the per-try timeout and the route's timeout.
+struct Attempts {
+    tries: u32,
+    made: u32,
+    per_try: Option<Duration>,
+    deadline: Option<Instant>,
+    targets: Vec<SocketAddr>,
+}
+
+enum Next {
+    /// Try `target`, giving up at `limit` if there is one.
+    Try {
+        target: SocketAddr,
+        limit: Option<Instant>,
+    },
+    /// Every try allowed has been made.
+    Spent,
+    /// The route's timeout has passed.
+    TimedOut,
+}
+
+impl Attempts {
+    fn new(
+        route: &RelayRoute,
+        tries: u32,
+        per_try: Option<Duration>,
+        targets: Vec<SocketAddr>,
+    ) -> Self {
+        Attempts {
+            tries,
+            made: 0,
+            per_try,
+            deadline: route.timeout.map(|t| Instant::now() + t),
+            targets,
+        }
+    }
+
+    async fn next(&mut self) -> Next {
+        if self.made >= self.tries || self.targets.is_empty() {
+            return Next::Spent;
+        }
+        if self.made > 0 {
+            sleep(RETRY_BACKOFF).await;
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Next::TimedOut;
+        }
+        let target = self.targets[self.made as usize % self.targets.len()];
+        self.made += 1;
+        let limit = self
+            .per_try
+            .map(|t| Instant::now() + t)
+            .into_iter()
+            .chain(self.deadline)
+            .min();
+        Next::Try { target, limit }
+    }
+}
+
+/// Runs `work` until `limit`, if there is one: `None` when the limit came first.
+async fn within<F: Future>(limit: Option<Instant>, work: F) -> Option<F::Output> {
+    match limit {
+        Some(limit) => timeout_at(limit, work).await.ok(),
+        None => Some(work.await),
+    }
+}
+
 /// Connects to the original destination, retrying as the route says: the first attempt goes to
 /// the destination the client dialled, later ones may go to other addresses of the same host.
 /// Returns the stream, the address it reached and the number of attempts, or the attempts made
@@ -344,31 +415,30 @@ async fn connect(
     default_timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr, u32), (u32, String)> {
     let route = &upstream.route;
-    let tries = route.retries.saturating_add(1);
-    let deadline = route.timeout.map(|t| Instant::now() + t);
     let per_try = route.per_try_timeout.unwrap_or(default_timeout);
-    let candidates = upstream.targets(dst);
+    let mut attempts = Attempts::new(
+        route,
+        route.retries.saturating_add(1),
+        Some(per_try),
+        upstream.targets(dst),
+    );
     let mut last = String::new();
-    for attempt in 0..tries {
-        if attempt > 0 {
-            sleep(RETRY_BACKOFF).await;
-        }
-        let target = candidates[attempt as usize % candidates.len()];
-        let mut limit = Instant::now() + per_try;
-        if let Some(d) = deadline {
-            if Instant::now() >= d {
-                last = format!("route timeout reached; {last}");
-                return Err((attempt, last));
+    loop {
+        match attempts.next().await {
+            Next::Try { target, limit } => match within(limit, connect_marked(target)).await {
+                Some(Ok(stream)) => return Ok((stream, target, attempts.made)),
+                Some(Err(e)) => last = format!("{target}: {e}"),
+                None => last = format!("{target}: connect timed out"),
+            },
+            Next::TimedOut => {
+                return Err((attempts.made, format!("route timeout reached; {last}")));
             }
-            limit = limit.min(d);
-        }
-        match timeout_at(limit, connect_marked(target)).await {
-            Ok(Ok(stream)) => return Ok((stream, target, attempt + 1)),
-            Ok(Err(e)) => last = format!("{target}: {e}"),
-            Err(_) => last = format!("{target}: connect timed out"),
+            Next::Spent => {
+                let made = attempts.made;
+                return Err((made, format!("{made} attempt(s) failed; last: {last}")));
+            }
         }
     }
-    Err((tries, format!("{tries} attempt(s) failed; last: {last}")))
 }
 
 /// A connect the kernel hooks let through as it is: the connection it continues was judged when
@@ -435,23 +505,13 @@ async fn carry(
     let activity = Activity::new();
     server.write_all(hello).await?;
     up.fetch_add(hello.len() as u64, Ordering::Relaxed);
+    let ended = AtomicBool::new(false);
     let copy = async {
-        if config.splice {
-            let ended = AtomicBool::new(false);
-            tokio::try_join!(
-                splice::pump(&client, &server, up, &activity, &ended),
-                splice::pump(&server, &client, down, &activity, &ended),
-            )
-            .map(|_| ())
-        } else {
-            let (client_rd, mut client_wr) = client.into_split();
-            let (server_rd, mut server_wr) = server.into_split();
-            tokio::try_join!(
-                pump(client_rd, &mut server_wr, up, &activity),
-                pump(server_rd, &mut client_wr, down, &activity),
-            )
-            .map(|_| ())
-        }
+        tokio::try_join!(
+            splice::pump(&client, &server, up, &activity, &ended, config.splice),
+            splice::pump(&server, &client, down, &activity, &ended, config.splice),
+        )
+        .map(|_| ())
     };
     tokio::select! {
         done = copy => done.map(|()| Ended::Closed),
@@ -459,25 +519,62 @@ async fn carry(
     }
 }
 
-async fn pump<R, W>(
-    mut from: R,
-    to: &mut W,
-    bytes: &AtomicU64,
-    activity: &Activity,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            // Pass the half-close on; the other direction goes on.
-            return to.shutdown().await;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)), 443);
+    const B: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2)), 443);
+
+    /// Drives `attempts` to its end: each try's target, its start and limit (from the first
+    /// start), and how it ended.
+    async fn schedule(mut attempts: Attempts) -> (Vec<(SocketAddr, u64, Option<u64>)>, bool) {
+        let start = Instant::now();
+        let ms = |t: Instant| (t - start).as_millis() as u64;
+        let mut tries = Vec::new();
+        loop {
+            match attempts.next().await {
+                Next::Try { target, limit } => {
+                    tries.push((target, ms(Instant::now()), limit.map(ms)));
+                }
+                Next::Spent => return (tries, false),
+                Next::TimedOut => return (tries, true),
+            }
         }
-        to.write_all(&buf[..n]).await?;
-        bytes.fetch_add(n as u64, Ordering::Relaxed);
-        activity.touch();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_take_turns_over_the_targets_after_the_back_off_within_the_route_timeout() {
+        let route = |timeout| RelayRoute {
+            timeout,
+            ..RelayRoute::default()
+        };
+        let second = Duration::from_secs(1);
+        assert_eq!(
+            schedule(Attempts::new(&route(None), 3, Some(second), vec![A, B])).await,
+            (
+                vec![(A, 0, Some(1000)), (B, 25, Some(1025)), (A, 50, Some(1050))],
+                false
+            )
+        );
+        // The route's timeout bounds each try and ends the tries.
+        assert_eq!(
+            schedule(Attempts::new(
+                &route(Some(Duration::from_millis(60))),
+                9,
+                Some(second),
+                vec![A]
+            ))
+            .await,
+            (
+                vec![(A, 0, Some(60)), (A, 25, Some(60)), (A, 50, Some(60))],
+                true
+            )
+        );
+        // No limit at all: only the count ends them.
+        assert_eq!(
+            schedule(Attempts::new(&route(None), 2, None, vec![A, B])).await,
+            (vec![(A, 0, None), (B, 25, None)], false)
+        );
     }
 }

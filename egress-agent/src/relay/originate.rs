@@ -31,11 +31,11 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
     task::JoinSet,
-    time::{Instant, sleep, timeout, timeout_at},
+    time::timeout,
 };
 use tokio_rustls::TlsConnector;
 
-use super::{Activity, RETRY_BACKOFF, Shared, connect_marked, refuse};
+use super::{Activity, Attempts, Next, Shared, connect_marked, refuse, within};
 use crate::{
     events::{Catalog, Record},
     policy::compile::Origination,
@@ -259,26 +259,33 @@ impl State {
         };
 
         let route = &upstream.route;
-        let targets = upstream.targets(SocketAddr::new(self.dst.ip(), self.origin.target_port));
         let tries = if replay.is_some() {
             route.retries.saturating_add(1)
         } else {
             1
         };
-        let deadline = route.timeout.map(|t| Instant::now() + t);
+        let mut attempts = Attempts::new(
+            route,
+            tries,
+            route.per_try_timeout,
+            upstream.targets(SocketAddr::new(self.dst.ip(), self.origin.target_port)),
+        );
         let mut last = String::new();
-        for attempt in 0..tries {
-            if attempt > 0 {
-                sleep(RETRY_BACKOFF).await;
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return self.fail(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream-failed",
-                    format!("route timeout reached after {attempt} attempt(s); {last}"),
-                );
-            }
-            let target = targets[attempt as usize % targets.len()];
+        loop {
+            let (target, limit) = match attempts.next().await {
+                Next::Try { target, limit } => (target, limit),
+                Next::TimedOut => {
+                    return self.fail(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream-failed",
+                        format!(
+                            "route timeout reached after {} attempt(s); {last}",
+                            attempts.made
+                        ),
+                    );
+                }
+                Next::Spent => break,
+            };
             self.stats().attempts += 1;
             let body = match (&replay, streamed.take()) {
                 (Some(bytes), _) => Full::new(bytes.clone())
@@ -287,21 +294,13 @@ impl State {
                 (None, Some(body)) => body.boxed(),
                 (None, None) => break,
             };
-            let limit = route
-                .per_try_timeout
-                .map(|t| Instant::now() + t)
-                .into_iter()
-                .chain(deadline)
-                .min();
-            let result = match limit {
-                Some(limit) => timeout_at(limit, self.attempt(target, &name, build(body)))
-                    .await
-                    .unwrap_or(Err(Failure::Timeout)),
-                None => self.attempt(target, &name, build(body)).await,
-            };
+            let result = within(limit, self.attempt(target, &name, build(body)))
+                .await
+                .unwrap_or(Err(Failure::Timeout));
             match result {
                 Ok(response)
-                    if attempt + 1 < tries && route.retry_on.status(response.status().as_u16()) =>
+                    if attempts.made < tries
+                        && route.retry_on.status(response.status().as_u16()) =>
                 {
                     last = format!("{target} answered {}", response.status());
                 }
@@ -324,7 +323,7 @@ impl State {
         self.fail(
             status,
             "upstream-failed",
-            format!("{tries} attempt(s) failed; last: {last}"),
+            format!("{} attempt(s) failed; last: {last}", attempts.made),
         )
     }
 

@@ -1,7 +1,8 @@
 //! One direction of a relayed connection moved socket → pipe → socket with splice(2): the bytes
 //! stay in the kernel's pages and never cross into the relay's memory. The first bytes of each
 //! direction are copied instead: most connections carry little, and for them a pipe (made,
-//! filled, emptied and closed) costs more system calls than it saves copying.
+//! filled, emptied and closed) costs more system calls than it saves copying. Without splice
+//! (`RelayConfig::splice` off, for the benchmark's comparison) a direction is copied throughout.
 use std::{
     cell::RefCell,
     io,
@@ -36,17 +37,20 @@ thread_local! {
 
 /// Moves bytes from `from` to `to` until `from` ends, then half-closes `to`: unless the other
 /// direction has already ended (`ended`), for then both sockets close right after, with the FIN.
+/// Copies the first [`SPLICE_AFTER`] bytes, then splices the rest if `then_splice`.
 pub(super) async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     bytes: &AtomicU64,
     activity: &Activity,
     ended: &AtomicBool,
+    then_splice: bool,
 ) -> io::Result<()> {
+    let copy_until = if then_splice { SPLICE_AFTER } else { u64::MAX };
     let mut copied = 0u64;
     // What a write took only in part; allocated only then.
     let mut rest = Vec::new();
-    while copied < SPLICE_AFTER {
+    while copied < copy_until {
         from.readable().await?;
         let read = COPY.with_borrow_mut(|buf| -> io::Result<Option<usize>> {
             let n = match from.try_read(buf) {
@@ -147,9 +151,16 @@ mod tests {
     }
 
     /// Through a tiny send buffer and a slow reader, writes take the bytes only in part: what they
-    /// left must follow, in order, through the copy phase and then the pipe.
+    /// left must follow, in order, through the copy phase and then the pipe, or through the copy
+    /// phase alone.
     #[tokio::test]
     async fn bytes_that_a_write_took_in_part_follow_in_order() {
+        for then_splice in [true, false] {
+            partial_writes(then_splice).await;
+        }
+    }
+
+    async fn partial_writes(then_splice: bool) {
         let (mut client, from) = pair(None).await;
         let (to, mut reader) = pair(Some(4096)).await;
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
@@ -170,8 +181,11 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         };
-        let (carried, (), got) =
-            tokio::join!(pump(&from, &to, &bytes, &activity, &ended), send, receive);
+        let (carried, (), got) = tokio::join!(
+            pump(&from, &to, &bytes, &activity, &ended, then_splice),
+            send,
+            receive
+        );
         carried.expect("pump");
         assert_eq!(got.len(), data.len());
         assert!(got == data, "bytes out of order or changed");
