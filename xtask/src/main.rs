@@ -35,6 +35,10 @@ enum Task {
     Bench {
         #[arg(value_parser = ["connect", "events", "relay"], default_value = "connect")]
         which: String,
+        /// Passed to the benchmark (`relay`: --paths NAME,... --rounds N --no-bulk
+        /// --connections N, for working on one figure).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -82,7 +86,7 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(target_dir()?.join("release/egress-demo"))
                 .current_dir(workspace_root()))
         }
-        Task::Bench { which } => {
+        Task::Bench { which, args } => {
             setup()?;
             require_root("the benchmark attaches eBPF programs")?;
             if which == "relay" {
@@ -91,6 +95,7 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--release", "--bins"])?;
             run(Command::new(target_dir()?.join("release/egress-bench"))
                 .arg(which)
+                .args(args)
                 .current_dir(workspace_root()))
         }
     }

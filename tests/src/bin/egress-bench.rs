@@ -59,11 +59,12 @@ fn sample(cg: &TestCgroup, addr: &str) -> f64 {
 }
 
 fn main() {
-    let which = std::env::args().nth(1).unwrap_or_else(|| "connect".into());
-    match which.as_str() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let which = args.first().map_or("connect", String::as_str);
+    match which {
         "connect" => connect(),
         "events" => events(),
-        "relay" => relay(),
+        "relay" => relay(&RelayOptions::parse(&args[1..])),
         _ => panic!("unknown benchmark `{which}` (known: connect, events, relay)"),
     }
 }
@@ -319,6 +320,72 @@ const RATE_CLIENTS: usize = 16;
 const TTFB_CONNECTIONS: usize = 2000;
 const RELAY_ROUNDS: usize = 5;
 
+/// `bench relay`'s options, for working on one figure: the defaults are the benchmark whose
+/// table the README records.
+struct RelayOptions {
+    /// Paths run beside the direct one, by the start of their names (case aside); all if empty.
+    paths: Vec<String>,
+    rounds: usize,
+    bulk: bool,
+    rate_connections: usize,
+}
+
+impl RelayOptions {
+    fn parse(args: &[String]) -> RelayOptions {
+        let mut o = RelayOptions {
+            paths: Vec::new(),
+            rounds: RELAY_ROUNDS,
+            bulk: true,
+            rate_connections: RATE_CONNECTIONS,
+        };
+        let usage = "options: [--paths NAME,...] [--rounds N] [--no-bulk] [--connections N]";
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || {
+                it.next()
+                    .unwrap_or_else(|| panic!("{a} needs a value; {usage}"))
+            };
+            let number = |v: &String| -> usize {
+                v.parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .unwrap_or_else(|| panic!("{a} {v}: a positive number; {usage}"))
+            };
+            match a.as_str() {
+                "--paths" => {
+                    o.paths = value()
+                        .split(',')
+                        .map(|p| p.trim().to_lowercase())
+                        .collect();
+                }
+                "--rounds" => o.rounds = number(value()),
+                "--no-bulk" => o.bulk = false,
+                "--connections" => o.rate_connections = number(value()).max(RATE_CLIENTS),
+                _ => panic!("unknown option {a}; {usage}"),
+            }
+        }
+        o
+    }
+
+    /// Whether a path runs: the direct one always (the other figures are relative to it).
+    fn runs(&self, name: &str) -> bool {
+        name == "direct"
+            || self.paths.is_empty()
+            || self
+                .paths
+                .iter()
+                .any(|p| name.to_lowercase().starts_with(p.as_str()))
+    }
+
+    /// The benchmark as the README records it.
+    fn is_default(&self) -> bool {
+        self.paths.is_empty()
+            && self.rounds == RELAY_ROUNDS
+            && self.bulk
+            && self.rate_connections == RATE_CONNECTIONS
+    }
+}
+
 /// small.test (host 10) answers 64 bytes, bulk.test (host 11) `BULK_BYTES`; both steered.
 const RELAY_POLICY: &str = "
 apiVersion: networking.istio.io/v1
@@ -530,7 +597,7 @@ struct Figures {
     p99_us: Vec<f64>,
 }
 
-fn measure(path: &Path, figures: &mut Figures) {
+fn measure(path: &Path, options: &RelayOptions, figures: &mut Figures) {
     let probe = |args: &[&str]| {
         let out = path.cgroup.probe(args);
         let nums: Vec<f64> = out
@@ -544,19 +611,21 @@ fn measure(path: &Path, figures: &mut Figures) {
         );
         nums
     };
-    let bulk = probe(&["hello-bulk", &path.bulk.to_string(), "bulk.test"]);
-    assert_eq!(bulk[0] as u64, BULK_BYTES, "{}: short transfer", path.name);
-    figures.mb_per_sec.push(bulk[0] / bulk[1] / 1e6);
+    if options.bulk {
+        let bulk = probe(&["hello-bulk", &path.bulk.to_string(), "bulk.test"]);
+        assert_eq!(bulk[0] as u64, BULK_BYTES, "{}: short transfer", path.name);
+        figures.mb_per_sec.push(bulk[0] / bulk[1] / 1e6);
+    }
     let rate = probe(&[
         "hello-rate",
         &path.small.to_string(),
         "small.test",
-        &RATE_CONNECTIONS.to_string(),
+        &options.rate_connections.to_string(),
         &RATE_CLIENTS.to_string(),
     ]);
     figures
         .conns_per_sec
-        .push(RATE_CONNECTIONS as f64 / rate[0]);
+        .push(options.rate_connections as f64 / rate[0]);
     let ttfb = probe(&[
         "hello-rate",
         &path.small.to_string(),
@@ -568,7 +637,7 @@ fn measure(path: &Path, figures: &mut Figures) {
     figures.p99_us.push(ttfb[2]);
 }
 
-fn relay() {
+fn relay(options: &RelayOptions) {
     // The peers inherit it; each holds two descriptors per connection.
     egress_agent::relay::raise_nofile().expect("raise the descriptor limit");
     let mut w = World::new();
@@ -661,100 +730,175 @@ fn relay() {
         peer("HAProxy, client enforced", hp, true),
         peer("nginx, client enforced", np, true),
     ];
+    let rounds = options.rounds;
+    let rate_n = options.rate_connections;
     println!(
-        "TLS passthrough by SNI, side by side, median of {RELAY_ROUNDS} interleaved rounds: bulk \
-         (one connection, {} MiB down), connections/s ({RATE_CONNECTIONS}, {RATE_CLIENTS} at a \
+        "TLS passthrough by SNI, side by side, median of {rounds} interleaved rounds: bulk \
+         (one connection, {} MiB down), connections/s ({rate_n}, {RATE_CLIENTS} at a \
          time), time from connect() to the first byte ({TTFB_CONNECTIONS} one after another). \
          The upstream answers after the whole ClientHello, without TLS, so only the proxies' \
          costs differ.\n",
         BULK_BYTES >> 20
     );
+    if !options.is_default() {
+        println!("Options differ from the benchmark the README records.\n");
+    }
+    let runs: Vec<bool> = paths.iter().map(|p| options.runs(p.name)).collect();
     let mut figures: Vec<Figures> = paths.iter().map(|_| Figures::default()).collect();
-    let mut relayed = 0;
-    for round in 0..RELAY_ROUNDS {
+    let (mut relayed, mut expected) = (0, 0);
+    for round in 0..rounds {
         // Rotate the order, so no path always runs first.
         for i in 0..paths.len() {
             let k = (i + round) % paths.len();
+            if !runs[k] {
+                continue;
+            }
             let agent = paths[k].agent.map(start_agent);
-            measure(&paths[k], &mut figures[k]);
+            measure(&paths[k], options, &mut figures[k]);
             if let Some(agent) = agent {
                 relayed += relayed_ok(&agent);
                 rt.block_on(agent.shutdown());
             }
+            // Egress's own paths go through the relay; the peers' enforced clients dial loopback.
+            if paths[k].agent.is_some() && paths[k].small == small {
+                expected += u64::from(options.bulk) + (rate_n + TTFB_CONNECTIONS) as u64;
+            }
         }
     }
 
+    // Medians; NaN where a figure was not measured (a path or the bulk left out).
+    let med = |v: &[f64]| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            median(v.to_vec())
+        }
+    };
     let m: Vec<[f64; 4]> = figures
-        .into_iter()
+        .iter()
         .map(|f| {
             [
-                median(f.mb_per_sec),
-                median(f.conns_per_sec),
-                median(f.p50_us),
-                median(f.p99_us),
+                med(&f.mb_per_sec),
+                med(&f.conns_per_sec),
+                med(&f.p50_us),
+                med(&f.p99_us),
             ]
         })
         .collect();
     let direct = m[0];
+    let num = |x: f64, width: usize, decimals: usize| {
+        if x.is_finite() {
+            format!("{x:>width$.decimals$}")
+        } else {
+            format!("{:>width$}", "-")
+        }
+    };
     println!(
         "{:<24} {:>10} {:>9} {:>9} {:>9} {:>13} {:>13}",
         "path", "bulk MB/s", "vs direct", "conn/s", "TTFB p50", "added p50 us", "added p99 us"
     );
-    for (path, f) in paths.iter().zip(&m) {
+    for (k, f) in m.iter().enumerate().filter(|(k, _)| runs[*k]) {
         println!(
-            "{:<24} {:>10.0} {:>9.2} {:>9.0} {:>7.0}us {:>13.0} {:>13.0}",
-            path.name,
-            f[0],
-            f[0] / direct[0],
-            f[1],
-            f[2],
-            f[2] - direct[2],
-            f[3] - direct[3]
+            "{:<24} {} {} {} {}us {} {}",
+            paths[k].name,
+            num(f[0], 10, 0),
+            num(f[0] / direct[0], 9, 2),
+            num(f[1], 9, 0),
+            num(f[2], 7, 0),
+            num(f[2] - direct[2], 13, 0),
+            num(f[3] - direct[3], 13, 0)
         );
     }
-    let expected = 2 * RELAY_ROUNDS * (1 + RATE_CONNECTIONS + TTFB_CONNECTIONS);
+    // The spread behind each median: on a small shared machine it is often wider than the
+    // differences between the paths.
+    println!("\nconnections/s by round (as run), then added TTFB p99 us by round:");
+    for (k, f) in figures.iter().enumerate().filter(|(k, _)| runs[*k]) {
+        let list = |v: &[f64], sub: f64| -> String {
+            v.iter()
+                .map(|x| format!("{:.0}", x - sub))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "{:<24} {}  |  {}",
+            paths[k].name,
+            list(&f.conns_per_sec, 0.0),
+            list(&f.p99_us, direct[3])
+        );
+    }
     println!("\nrelayed connections with outcome ok: {relayed} of {expected}");
     assert_eq!(
-        relayed, expected as u64,
+        relayed, expected,
         "the relay did not carry every connection"
     );
+
     // The relay as shipped (`RelayConfig::default()`), against the peers.
     let shipped = if RelayConfig::default().splice { 2 } else { 1 };
+    if !runs[shipped] {
+        return;
+    }
     let other = 3 - shipped;
-    let (egress, peers) = (m[shipped], [("HAProxy", m[3]), ("nginx stream", m[4])]);
+    let egress = m[shipped];
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-    println!(
-        "shipped relay: {}; {} vs {}: bulk {:.2}x, conn/s {:.2}x",
-        paths[shipped].name,
-        paths[shipped].name,
-        paths[other].name,
-        egress[0] / m[other][0],
-        egress[1] / m[other][1]
-    );
-    println!(
-        "egress bulk vs direct: {:.2} (target >= 0.80): {}",
-        egress[0] / direct[0],
-        verdict(egress[0] >= 0.8 * direct[0])
-    );
-    for (name, p) in peers {
+    if runs[other] {
+        let bulk = if options.bulk {
+            format!("bulk {:.2}x, ", egress[0] / m[other][0])
+        } else {
+            String::new()
+        };
         println!(
-            "egress vs {name}: bulk {:.2}x, conn/s {:.2}x, added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us: {}",
-            egress[0] / p[0],
-            egress[1] / p[1],
-            egress[2] - direct[2],
-            p[2] - direct[2],
-            egress[3] - direct[3],
-            p[3] - direct[3],
-            verdict(
-                egress[0] >= p[0] && egress[1] >= p[1] && egress[2] <= p[2] && egress[3] <= p[3]
-            )
+            "shipped relay: {}; {} vs {}: {bulk}conn/s {:.2}x",
+            paths[shipped].name,
+            paths[shipped].name,
+            paths[other].name,
+            egress[1] / m[other][1]
         );
     }
-    // Not a target: how much of the difference is the enforcement the peers' clients skip.
-    for (name, p) in [("HAProxy", m[5]), ("nginx", m[6])] {
+    if options.bulk {
         println!(
-            "egress vs {name} with the client enforced by egress as well: bulk {:.2}x, conn/s {:.2}x, added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
-            egress[0] / p[0],
+            "egress bulk vs direct: {:.2} (target >= 0.80): {}",
+            egress[0] / direct[0],
+            verdict(egress[0] >= 0.8 * direct[0])
+        );
+    }
+    // Against the peers as they ship (the targets), then with their client enforced by egress as
+    // well (not a target: how much of the difference is the enforcement their clients skip).
+    for (k, name, target) in [
+        (3, "HAProxy", true),
+        (4, "nginx stream", true),
+        (
+            5,
+            "HAProxy with the client enforced by egress as well",
+            false,
+        ),
+        (6, "nginx with the client enforced by egress as well", false),
+    ] {
+        if !runs[k] {
+            continue;
+        }
+        let p = m[k];
+        let outcome = if !target {
+            String::new()
+        } else if options.bulk {
+            format!(
+                ": {}",
+                verdict(
+                    egress[0] >= p[0]
+                        && egress[1] >= p[1]
+                        && egress[2] <= p[2]
+                        && egress[3] <= p[3]
+                )
+            )
+        } else {
+            ": (no verdict without the bulk figure)".to_owned()
+        };
+        let bulk = if options.bulk {
+            format!("bulk {:.2}x, ", egress[0] / p[0])
+        } else {
+            String::new()
+        };
+        println!(
+            "egress vs {name}: {bulk}conn/s {:.2}x, added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us{outcome}",
             egress[1] / p[1],
             egress[2] - direct[2],
             p[2] - direct[2],
