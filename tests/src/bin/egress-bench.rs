@@ -77,6 +77,54 @@ fn cpu_seconds() -> f64 {
     t(u.user_time()) + t(u.system_time())
 }
 
+fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64)
+}
+
+/// A /proc/PID/stat line's parent and CPU seconds (user and system). The name, in parentheses,
+/// may hold spaces and parentheses itself: the fields follow the last `)`.
+fn proc_stat(text: &str) -> Option<(i32, f64)> {
+    let fields: Vec<&str> = text
+        .get(text.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let ppid = fields.get(1)?.parse().ok()?;
+    let cpu: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some((ppid, cpu / clock_ticks()))
+}
+
+/// CPU seconds of a process and of its children (nginx's workers).
+fn process_tree_seconds(root: u32) -> f64 {
+    let root = root as i32;
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let (ppid, cpu) = proc_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?)?;
+            (pid == root || ppid == root).then_some(cpu)
+        })
+        .sum()
+}
+
+/// CPU seconds of the agent this process runs: all of the process's but for the upstream
+/// servers' threads (named `upstream`); the main thread only waits for the clients.
+fn agent_seconds() -> f64 {
+    let upstream: f64 = std::fs::read_dir("/proc/self/task")
+        .expect("read /proc/self/task")
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "upstream")
+        })
+        .filter_map(|e| proc_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?))
+        .map(|(_, cpu)| cpu)
+        .sum();
+    cpu_seconds() - upstream
+}
+
 const EVENT_CONNECTS: u64 = 200_000;
 const EVENT_ROUNDS: usize = 5;
 
@@ -587,12 +635,18 @@ struct Path<'a> {
     /// Whether an egress agent enforces on `cgroup` meanwhile, and if so whether its relay
     /// splices.
     agent: Option<bool>,
+    /// The peer proxy's process.
+    peer: Option<u32>,
 }
 
 #[derive(Default)]
 struct Figures {
     mb_per_sec: Vec<f64>,
     conns_per_sec: Vec<f64>,
+    /// The proxy's CPU time per connection in the connection-rate phase (the peer's processes,
+    /// the agent with its relay, or both): steadier than the rate, which the whole machine's
+    /// load moves.
+    proxy_us: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
 }
@@ -616,6 +670,15 @@ fn measure(path: &Path, options: &RelayOptions, figures: &mut Figures) {
         assert_eq!(bulk[0] as u64, BULK_BYTES, "{}: short transfer", path.name);
         figures.mb_per_sec.push(bulk[0] / bulk[1] / 1e6);
     }
+    let proxy_seconds = || {
+        path.peer.map_or(0.0, process_tree_seconds)
+            + if path.agent.is_some() {
+                agent_seconds()
+            } else {
+                0.0
+            }
+    };
+    let proxy = proxy_seconds();
     let rate = probe(&[
         "hello-rate",
         &path.small.to_string(),
@@ -623,9 +686,11 @@ fn measure(path: &Path, options: &RelayOptions, figures: &mut Figures) {
         &options.rate_connections.to_string(),
         &RATE_CLIENTS.to_string(),
     ]);
-    figures
-        .conns_per_sec
-        .push(options.rate_connections as f64 / rate[0]);
+    let n = options.rate_connections as f64;
+    figures.conns_per_sec.push(n / rate[0]);
+    if path.peer.is_some() || path.agent.is_some() {
+        figures.proxy_us.push((proxy_seconds() - proxy) / n * 1e6);
+    }
     let ttfb = probe(&[
         "hello-rate",
         &path.small.to_string(),
@@ -645,7 +710,12 @@ fn relay(options: &RelayOptions) {
     w.host(11);
     let small = SocketAddr::new(w.v4(10), 443);
     let bulk = SocketAddr::new(w.v4(11), 443);
-    let servers = tokio::runtime::Runtime::new().expect("server runtime");
+    // Named, so the agent's CPU (the rest of this process) can be told from theirs.
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("upstream")
+        .enable_all()
+        .build()
+        .expect("server runtime");
     hello_server(&servers, w.listen(small), 64);
     hello_server(&servers, w.listen(bulk), BULK_BYTES);
     // The policy names no DNS host; the resolver is never asked.
@@ -654,8 +724,8 @@ fn relay(options: &RelayOptions) {
     let dir = std::env::temp_dir().join(format!("egress-bench-relay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
     let (hp, np) = (free_port(), free_port());
-    let _haproxy = haproxy(&dir, hp, small, bulk);
-    let _nginx = nginx(&dir, np, small, bulk);
+    let haproxy = haproxy(&dir, hp, small, bulk);
+    let nginx = nginx(&dir, np, small, bulk);
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let enforced = TestCgroup::new("bench-relay");
@@ -704,16 +774,18 @@ fn relay(options: &RelayOptions) {
         small,
         bulk,
         agent: Some(splice),
+        peer: None,
     };
     // A peer's client as the peers ship (nothing enforced), and enforced by egress as well (the
     // connect hook, the flow events and their log, the TC backstop on the upstream's interface):
     // the same work egress's client does, so that the relays alone compare.
-    let peer = |name, port, enforce: bool| Path {
+    let peer = |name, (port, pid), enforce: bool| Path {
         name,
         cgroup: if enforce { &enforced } else { &plain },
         small: local(port),
         bulk: local(port),
         agent: enforce.then_some(true),
+        peer: Some(pid),
     };
     let paths = [
         Path {
@@ -722,13 +794,14 @@ fn relay(options: &RelayOptions) {
             small,
             bulk,
             agent: None,
+            peer: None,
         },
         egress("egress copy", false),
         egress("egress splice", true),
-        peer("HAProxy", hp, false),
-        peer("nginx stream", np, false),
-        peer("HAProxy, client enforced", hp, true),
-        peer("nginx, client enforced", np, true),
+        peer("HAProxy", (hp, haproxy.child.id()), false),
+        peer("nginx stream", (np, nginx.child.id()), false),
+        peer("HAProxy, client enforced", (hp, haproxy.child.id()), true),
+        peer("nginx, client enforced", (np, nginx.child.id()), true),
     ];
     let rounds = options.rounds;
     let rate_n = options.rate_connections;
@@ -774,7 +847,7 @@ fn relay(options: &RelayOptions) {
             median(v.to_vec())
         }
     };
-    let m: Vec<[f64; 4]> = figures
+    let m: Vec<[f64; 5]> = figures
         .iter()
         .map(|f| {
             [
@@ -782,6 +855,7 @@ fn relay(options: &RelayOptions) {
                 med(&f.conns_per_sec),
                 med(&f.p50_us),
                 med(&f.p99_us),
+                med(&f.proxy_us),
             ]
         })
         .collect();
@@ -794,24 +868,31 @@ fn relay(options: &RelayOptions) {
         }
     };
     println!(
-        "{:<24} {:>10} {:>9} {:>9} {:>9} {:>13} {:>13}",
-        "path", "bulk MB/s", "vs direct", "conn/s", "TTFB p50", "added p50 us", "added p99 us"
+        "{:<24} {:>9} {:>6} {:>7} {:>8} {:>8} {:>9} {:>9}",
+        "path", "bulk MB/s", "vs dir", "conn/s", "proxy us", "TTFB p50", "added p50", "added p99"
     );
     for (k, f) in m.iter().enumerate().filter(|(k, _)| runs[*k]) {
         println!(
-            "{:<24} {} {} {} {}us {} {}",
+            "{:<24} {} {} {} {} {}us {}us {}us",
             paths[k].name,
-            num(f[0], 10, 0),
-            num(f[0] / direct[0], 9, 2),
-            num(f[1], 9, 0),
-            num(f[2], 7, 0),
-            num(f[2] - direct[2], 13, 0),
-            num(f[3] - direct[3], 13, 0)
+            num(f[0], 9, 0),
+            num(f[0] / direct[0], 6, 2),
+            num(f[1], 7, 0),
+            num(f[4], 8, 0),
+            num(f[2], 6, 0),
+            num(f[2] - direct[2], 7, 0),
+            num(f[3] - direct[3], 7, 0)
         );
     }
+    println!(
+        "(proxy us: the proxy's CPU time per connection in the connection-rate phase, the \
+         agent's included where it runs)"
+    );
     // The spread behind each median: on a small shared machine it is often wider than the
     // differences between the paths.
-    println!("\nconnections/s by round (as run), then added TTFB p99 us by round:");
+    println!(
+        "\nby round (as run): connections/s | proxy CPU us per connection | added TTFB p99 us"
+    );
     for (k, f) in figures.iter().enumerate().filter(|(k, _)| runs[*k]) {
         let list = |v: &[f64], sub: f64| -> String {
             v.iter()
@@ -820,9 +901,10 @@ fn relay(options: &RelayOptions) {
                 .join(" ")
         };
         println!(
-            "{:<24} {}  |  {}",
+            "{:<24} {}  |  {}  |  {}",
             paths[k].name,
             list(&f.conns_per_sec, 0.0),
+            list(&f.proxy_us, 0.0),
             list(&f.p99_us, direct[3])
         );
     }
@@ -898,8 +980,10 @@ fn relay(options: &RelayOptions) {
             String::new()
         };
         println!(
-            "egress vs {name}: {bulk}conn/s {:.2}x, added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us{outcome}",
+            "egress vs {name}: {bulk}conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us{outcome}",
             egress[1] / p[1],
+            egress[4],
+            p[4],
             egress[2] - direct[2],
             p[2] - direct[2],
             egress[3] - direct[3],
