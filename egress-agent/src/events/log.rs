@@ -36,6 +36,13 @@ pub struct LogWriter {
     line: Vec<u8>,
 }
 
+/// Bytes buffered before a write to the file. Large writes let the page cache take large folios
+/// (ext4 does on recent kernels), where 8 KiB writes cost a page allocation and a block
+/// reservation per 4 KiB: at 200,000 events a second those were the agent's largest cost (the
+/// events benchmark: a fifth less agent CPU per event). A record still reaches the file within
+/// the drain interval: the writer flushes on a timer.
+const WRITE_BUFFER: usize = 256 << 10;
+
 fn open_append(path: &Path) -> io::Result<(File, u64)> {
     let file = OpenOptions::new().create(true).append(true).open(path)?;
     let size = file.metadata()?.len();
@@ -58,7 +65,7 @@ impl LogWriter {
         let (file, size) = open_append(path)?;
         Ok(LogWriter {
             path: path.to_owned(),
-            out: BufWriter::new(file),
+            out: BufWriter::with_capacity(WRITE_BUFFER, file),
             size,
             rotation,
             line: Vec::with_capacity(1024),
@@ -99,7 +106,7 @@ impl LogWriter {
         }
         fs::rename(&self.path, rotated(&self.path, 1))?;
         let (file, size) = open_append(&self.path)?;
-        self.out = BufWriter::new(file);
+        self.out = BufWriter::with_capacity(WRITE_BUFFER, file);
         self.size = size;
         Ok(())
     }
