@@ -77,12 +77,13 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--bins"])?;
             let mut a = vec!["test"];
             a.extend(args.iter().map(String::as_str));
-            cargo(&a)
+            in_scratch("test", |tmp| run(cargo_command(&a).env("TMPDIR", tmp)))
         }
         Task::Demo => {
             setup()?;
             require_root("the demo attaches eBPF programs and creates a network namespace")?;
             cargo(&["build", "--release", "--bins"])?;
+            // Its flow log stays in /tmp for the reader: the demo names it at the end.
             run(Command::new(target_dir()?.join("release/egress-demo"))
                 .current_dir(workspace_root()))
         }
@@ -93,10 +94,14 @@ fn main() -> anyhow::Result<()> {
                 install(RELAY_BENCH_PACKAGES)?;
             }
             cargo(&["build", "--release", "--bins"])?;
-            run(Command::new(target_dir()?.join("release/egress-bench"))
-                .arg(which)
-                .args(args)
-                .current_dir(workspace_root()))
+            let bench = target_dir()?.join("release/egress-bench");
+            in_scratch("bench", |tmp| {
+                run(Command::new(&bench)
+                    .arg(&which)
+                    .args(&args)
+                    .current_dir(workspace_root())
+                    .env("TMPDIR", tmp))
+            })
         }
     }
 }
@@ -138,12 +143,28 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cargo_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args).current_dir(workspace_root());
+    cmd
+}
+
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    run(
-        Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(args)
-            .current_dir(workspace_root()),
-    )
+    run(&mut cargo_command(args))
+}
+
+/// Runs `f` with a fresh scratch directory under the target directory, removed afterwards
+/// whatever the outcome. It becomes the tests' TMPDIR, so their flow logs, policies and worlds'
+/// files never pile up in /tmp, even when a test panics before cleaning up after itself.
+fn in_scratch(task: &str, f: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let dir = target_dir()?
+        .join("scratch")
+        .join(format!("{task}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = f(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 fn installed(pkg: &str) -> bool {

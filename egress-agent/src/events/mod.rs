@@ -7,5 +7,5 @@ mod record;
 
 pub use catalog::{Catalog, CgroupNames, Upstream};
 pub use log::{LogReader, LogWriter, Rotation};
-pub use pipeline::Pipeline;
+pub use pipeline::{DRAIN_INTERVAL, Pipeline};
 pub use record::Record;

@@ -19,6 +19,7 @@ use std::{
 
 use egress_agent::{
     agent::{Agent, AgentConfig},
+    events::DRAIN_INTERVAL,
     metrics::{DecisionLabels, RelayLabels},
     policy::Mode,
     relay::RelayConfig,
@@ -155,8 +156,10 @@ fn events_round(
 ) -> EventRun {
     let clients = std::thread::available_parallelism().map_or(2, |n| n.get());
     let cg = TestCgroup::new("bench-events");
-    let log = std::env::temp_dir().join(format!("egress-bench-{}.jsonl", std::process::id()));
-    let _ = std::fs::remove_file(&log);
+    // A directory of its own: the log rotates at this rate, and its rotations go with it.
+    let dir = std::env::temp_dir().join(format!("egress-bench-events-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = dir.join("flows.jsonl");
     let agent = rt
         .block_on(Agent::start(AgentConfig {
             policies: vec![policy_dir(&policy(10, w.v4(10)))],
@@ -224,7 +227,7 @@ fn events_round(
         decisions.get()
     );
     rt.block_on(agent.shutdown());
-    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_dir_all(&dir);
     run
 }
 
@@ -644,14 +647,34 @@ struct Figures {
     mb_per_sec: Vec<f64>,
     conns_per_sec: Vec<f64>,
     /// The proxy's CPU time per connection in the connection-rate phase (the peer's processes,
-    /// the agent with its relay, or both): steadier than the rate, which the whole machine's
-    /// load moves.
+    /// the agent with its relay, or both; the agent's until it has written the phase's last
+    /// record): steadier than the rate, which the whole machine's load moves.
     proxy_us: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
 }
 
-fn measure(path: &Path, options: &RelayOptions, figures: &mut Figures) {
+/// Waits until the agent has caught up with a phase: no new flow record for longer than its
+/// reader's drain interval, which also covers the writer's flush. So its work after the phase
+/// counts towards that phase's CPU, and the next phase starts on a machine as quiet as a peer's.
+fn settle(agent: &Agent) {
+    let quiet = DRAIN_INTERVAL * 3 / 2;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (agent.status.events.get(), Instant::now());
+    while last.1.elapsed() < quiet {
+        assert!(
+            Instant::now() < deadline,
+            "the agent's events never settled"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+        let seen = agent.status.events.get();
+        if seen != last.0 {
+            last = (seen, Instant::now());
+        }
+    }
+}
+
+fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: &mut Figures) {
     let probe = |args: &[&str]| {
         let out = path.cgroup.probe(args);
         let nums: Vec<f64> = out
@@ -688,6 +711,9 @@ fn measure(path: &Path, options: &RelayOptions, figures: &mut Figures) {
     ]);
     let n = options.rate_connections as f64;
     figures.conns_per_sec.push(n / rate[0]);
+    if let Some(agent) = agent {
+        settle(agent);
+    }
     if path.peer.is_some() || path.agent.is_some() {
         figures.proxy_us.push((proxy_seconds() - proxy) / n * 1e6);
     }
@@ -827,7 +853,7 @@ fn relay(options: &RelayOptions) {
                 continue;
             }
             let agent = paths[k].agent.map(start_agent);
-            measure(&paths[k], options, &mut figures[k]);
+            measure(&paths[k], agent.as_ref(), options, &mut figures[k]);
             if let Some(agent) = agent {
                 relayed += relayed_ok(&agent);
                 rt.block_on(agent.shutdown());
