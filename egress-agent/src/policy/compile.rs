@@ -14,7 +14,10 @@ use ipnet::IpNet;
 
 use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
-    schema::{DestinationRuleSpec, Protocol, Resolution, ServiceEntrySpec, TlsMode, Transport},
+    schema::{
+        DestinationRuleSpec, HttpRoute, IstioDuration, Protocol, Resolution, Retries,
+        ServiceEntrySpec, TlsMode, Transport,
+    },
     tls::{TlsClient, client_config},
 };
 
@@ -531,12 +534,7 @@ fn steer_reason(policy: &Policy, hosts: &[String]) -> Option<String> {
                 ));
             }
         }
-        if vs
-            .spec
-            .http
-            .iter()
-            .any(|r| r.retries.is_some() || r.timeout.is_some())
-        {
+        if vs.spec.http.iter().any(retries_or_timeout) {
             return Some(format!("{} gives it retries or a timeout", vs.label()));
         }
     }
@@ -599,11 +597,12 @@ fn relay_route(policy: &Policy, hosts: &[String], diags: &mut Diags) -> RelayRou
                 .enumerate()
                 .map(move |(i, r)| (vs, i, r))
         })
-        .find(|(_, _, r)| r.retries.is_some() || r.timeout.is_some());
+        .find(|(_, _, r)| retries_or_timeout(r));
     let Some((vs, i, r)) = found else {
         return RelayRoute::default();
     };
-    let retry_on = match r.retries.as_ref().and_then(|x| x.retry_on.as_deref()) {
+    let retries = retries(r);
+    let retry_on = match retries.and_then(|x| x.retry_on.as_deref()) {
         Some(list) => {
             let (on, unknown) = RetryOn::parse(list);
             if !unknown.is_empty() {
@@ -622,18 +621,28 @@ fn relay_route(policy: &Policy, hosts: &[String], diags: &mut Diags) -> RelayRou
         }
         None => RetryOn::default(),
     };
-    // As in Envoy, a zero timeout is no timeout (Istio documents `timeout: 0s` to disable one).
     RelayRoute {
-        retries: r.retries.as_ref().and_then(|x| x.attempts).unwrap_or(0),
-        per_try_timeout: r
-            .retries
-            .as_ref()
-            .and_then(|x| x.per_try_timeout.as_ref())
-            .map(|d| d.0)
-            .filter(|d| !d.is_zero()),
-        timeout: r.timeout.as_ref().map(|d| d.0).filter(|d| !d.is_zero()),
+        retries: retries.and_then(|x| x.attempts).unwrap_or(0),
+        per_try_timeout: retries.and_then(|x| nonzero(x.per_try_timeout.as_ref())),
+        timeout: nonzero(r.timeout.as_ref()),
         retry_on,
     }
+}
+
+/// As in Envoy, a zero timeout is no timeout (Istio documents `timeout: 0s` to disable one).
+fn nonzero(d: Option<&IstioDuration>) -> Option<std::time::Duration> {
+    d.map(|d| d.0).filter(|d| !d.is_zero())
+}
+
+/// A route's retries as Istio applies them: with `attempts` 0 or unset it turns the whole retry
+/// policy off, its perTryTimeout included.
+fn retries(r: &HttpRoute) -> Option<&Retries> {
+    r.retries.as_ref().filter(|x| x.attempts.unwrap_or(0) > 0)
+}
+
+/// Whether a route's retries or timeout do anything, and so call for the relay.
+fn retries_or_timeout(r: &HttpRoute) -> bool {
+    retries(r).is_some() || nonzero(r.timeout.as_ref()).is_some()
 }
 
 /// The ports of a ServiceEntry on which its DestinationRule (`destination_rule`) asks for TLS

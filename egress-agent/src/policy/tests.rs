@@ -599,7 +599,7 @@ fn a_rule_keeps_its_id_across_reloads_and_an_id_never_names_another_rule() {
 }
 
 #[test]
-fn a_zero_timeout_is_no_timeout_as_in_envoy() {
+fn zero_timeouts_and_attempts_do_nothing_as_in_istio() {
     let route = |timeouts: &str| {
         let yaml = format!(
             "{SE}  hosts: [api.example]\n  ports: [{{number: 443, name: https, protocol: HTTPS}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - route: [{{destination: {{host: api.example}}}}]\n{timeouts}"
@@ -608,17 +608,40 @@ fn a_zero_timeout_is_no_timeout_as_in_envoy() {
         assert!(d.is_empty(), "{d:?}");
         let (plan, d) = compile(&pol, None);
         assert!(d.is_empty(), "{d:?}");
-        let r = &plan.rules[0].relay;
-        (r.retries, r.per_try_timeout, r.timeout)
+        let rule = &plan.rules[0];
+        let r = &rule.relay;
+        (
+            (r.retries, r.per_try_timeout, r.timeout),
+            rule.steer_reason.is_some(),
+        )
     };
     let secs = |s| Some(std::time::Duration::from_secs(s));
     assert_eq!(
         route("    retries: {attempts: 2, perTryTimeout: 2s}\n    timeout: 5s\n"),
-        (2, secs(2), secs(5))
+        ((2, secs(2), secs(5)), true)
     );
     assert_eq!(
         route("    retries: {attempts: 2, perTryTimeout: 0s}\n    timeout: 0s\n"),
-        (2, None, None),
+        ((2, None, None), true),
         "0s disables a timeout; it does not fail every attempt at once"
     );
+    // Settings that do nothing do not send the host through the relay.
+    assert_eq!(
+        route("    timeout: 0s\n"),
+        ((0, None, None), false),
+        "a zero timeout alone"
+    );
+    // Istio turns the whole retry policy off when attempts is 0 or unset, perTryTimeout included.
+    for retries in ["{attempts: 0, perTryTimeout: 2s}", "{perTryTimeout: 2s}"] {
+        assert_eq!(
+            route(&format!("    retries: {retries}\n")),
+            ((0, None, None), false),
+            "{retries}"
+        );
+        assert_eq!(
+            route(&format!("    retries: {retries}\n    timeout: 5s\n")),
+            ((0, None, secs(5)), true),
+            "{retries} with a timeout"
+        );
+    }
 }
