@@ -256,16 +256,21 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
         ));
     };
     let dst = dst_of(&steered);
-    let mut record = Record::relay(Timestamp::now(), &steered);
+    let at = Timestamp::now();
     let catalog = Arc::clone(&shared.catalog.borrow());
-    catalog.annotate(&mut record);
-    record.cgroup = record.cgroup_id.and_then(|id| {
-        shared
-            .cgroups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .name(id)
-    });
+    // Built when the connection no longer waits on the relay: no byte waits for its record.
+    let new_record = || {
+        let mut record = Record::relay(at, &steered);
+        catalog.annotate(&mut record);
+        record.cgroup = record.cgroup_id.and_then(|id| {
+            shared
+                .cgroups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .name(id)
+        });
+        record
+    };
 
     if let Some(origin) = catalog.origination(steered.rule_id, dst.port()) {
         let origin = origin.clone();
@@ -276,8 +281,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
             dst,
             steered.rule_id,
             origin,
-            catalog,
-            record,
+            Arc::clone(&catalog),
+            new_record(),
             shared,
         ))
         .await;
@@ -292,37 +297,54 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
     .await
     {
         Ok(h) => h,
-        Err(e) => return finish(refuse(record, "refused", e.to_string())),
+        Err(e) => return finish(refuse(new_record(), "refused", e.to_string())),
     };
-    record.sni = hello.sni.clone();
-    record.alpn = Some(hello.alpn.clone());
+    let with_hello = || {
+        let mut record = new_record();
+        record.sni = hello.sni.clone();
+        record.alpn = Some(hello.alpn.clone());
+        record
+    };
     let Some(sni) = hello.sni.as_deref() else {
         return finish(refuse(
-            record,
+            with_hello(),
             "refused",
             "ClientHello without a server name".to_owned(),
         ));
     };
     let upstream = match catalog.upstream(steered.rule_id, sni, dst.ip()) {
         Ok(u) => u,
-        Err(reason) => return finish(refuse(record, "refused", reason)),
+        Err(reason) => return finish(refuse(with_hello(), "refused", reason)),
     };
-    record.host = Some(upstream.host.clone());
+    let with_upstream = |attempts| {
+        let mut record = with_hello();
+        record.host = Some(upstream.host.clone());
+        record.attempts = Some(attempts);
+        record
+    };
 
-    let (server, connected, attempts) =
+    let (mut server, connected, attempts) =
         match connect(dst, &upstream, shared.config.connect_timeout).await {
             Ok(ok) => ok,
             Err((attempts, reason)) => {
-                record.attempts = Some(attempts);
-                return finish(refuse(record, "upstream-failed", reason));
+                return finish(refuse(with_upstream(attempts), "upstream-failed", reason));
             }
         };
-    record.upstream = Some(connected.to_string());
-    record.attempts = Some(attempts);
-
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
-    let outcome = carry(client, server, &hello.bytes, &up, &down, &shared.config).await;
+    let sent = server.write_all(&hello.bytes).await;
+    let mut record = with_upstream(attempts);
+    record.upstream = Some(connected.to_string());
+    let hello_len = hello.bytes.len() as u64;
+    // Not held for the connection's life.
+    drop(hello);
+    let outcome = match sent {
+        Ok(()) => {
+            up.fetch_add(hello_len, Ordering::Relaxed);
+            carry(client, server, &up, &down, &shared.config).await
+        }
+        Err(e) => Err(e),
+    };
     record.bytes_up = Some(up.load(Ordering::Relaxed));
     record.bytes_down = Some(down.load(Ordering::Relaxed));
     match outcome {
@@ -496,15 +518,12 @@ impl Activity {
 /// a side fails (both end), or nothing moves for the idle limit.
 async fn carry(
     client: TcpStream,
-    mut server: TcpStream,
-    hello: &[u8],
+    server: TcpStream,
     up: &AtomicU64,
     down: &AtomicU64,
     config: &RelayConfig,
 ) -> io::Result<Ended> {
     let activity = Activity::new();
-    server.write_all(hello).await?;
-    up.fetch_add(hello.len() as u64, Ordering::Relaxed);
     let ended = AtomicBool::new(false);
     let copy = async {
         tokio::try_join!(
