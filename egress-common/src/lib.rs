@@ -264,6 +264,11 @@ pub struct Steered {
     pub tid: u32,
     pub cgroup_id: u64,
     pub comm: [u8; 16],
+    /// The interface the client's socket was bound to (SO_BINDTODEVICE), or 0. The kernel lifts
+    /// the binding so the socket reaches the relay on loopback; the relay's upstream connection
+    /// takes it over.
+    pub bound_if: u32,
+    pub pad2: u32,
 }
 
 /// The client's end of a steered connection: its local address and port.
@@ -340,7 +345,7 @@ const _: () = {
     assert!(core::mem::offset_of!(FlowEvent, src_addr) == 96);
     assert!(core::mem::offset_of!(FlowEvent, comm) == 128);
     assert!(core::mem::size_of::<Flow>() == 176);
-    assert!(core::mem::size_of::<Steered>() == 64);
+    assert!(core::mem::size_of::<Steered>() == 72);
     assert!(core::mem::offset_of!(Steered, cookie) == 24);
     assert!(core::mem::size_of::<RelayPeer>() == 20);
     assert!(core::mem::size_of::<FlowTuple>() == 40);

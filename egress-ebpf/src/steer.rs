@@ -4,7 +4,8 @@
 use aya_ebpf::{
     bindings::{bpf_sock_addr, bpf_sock_ops},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_current_cgroup_id,
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_setsockopt},
     },
 };
 use egress_common::{RelayPeer, Steered, map_v4};
@@ -13,6 +14,10 @@ use crate::{RELAY_PEERS, STEERED};
 
 /// 127.0.0.1 as `user_ip4` holds it (network order in memory).
 const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// The loopback interface's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+const SOL_SOCKET: i32 = 1;
+const SO_BINDTOIFINDEX: i32 = 62;
 
 /// Records the original destination and points the connect at the relay. False when the record
 /// cannot be written: the caller refuses the connect rather than let it through unrecorded.
@@ -26,6 +31,27 @@ pub fn redirect(
     rule_id: u32,
     relay_port: u16,
 ) -> bool {
+    // A socket bound to an interface (SO_BINDTODEVICE) cannot reach loopback: lift the binding,
+    // and keep it in the record for the relay's upstream connection.
+    // SAFETY: the program's own context; `sk` is a full socket in sock_addr programs.
+    let bound_if = unsafe { (*(*ctx).__bindgen_anon_1.sk).bound_dev_if };
+    if bound_if != 0 && bound_if != LOOPBACK_IFINDEX {
+        let mut unbound: i32 = 0;
+        // SAFETY: bpf_setsockopt is allowed in connect hooks; the value is an int, as
+        // SO_BINDTOIFINDEX takes, on this program's stack.
+        let set = unsafe {
+            bpf_setsockopt(
+                ctx.cast(),
+                SOL_SOCKET,
+                SO_BINDTOIFINDEX,
+                (&raw mut unbound).cast(),
+                size_of::<i32>() as i32,
+            )
+        };
+        if set != 0 {
+            return false;
+        }
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let record = Steered {
         dst_addr: addr,
@@ -39,6 +65,12 @@ pub fn redirect(
         // SAFETY: no arguments; allowed in cgroup sock_addr programs.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        bound_if: if bound_if == LOOPBACK_IFINDEX {
+            0
+        } else {
+            bound_if
+        },
+        pad2: 0,
     };
     if STEERED.insert(&cookie, &record, 0).is_err() {
         return false;

@@ -52,9 +52,9 @@ fn sh(args: &[&str]) {
     );
 }
 
-/// A network namespace standing for the outside world: `198.18.N.0/24` and `fd00:e9e5:N::/64`,
-/// the host side `.1`/`::1`, the world `.2`/`::2` (its DNS server) and whatever [`World::host`]
-/// adds. These addresses exist only inside the namespace the test made.
+/// A network namespace standing for the outside world: `198.18.N.0/24` and `fd00:e9e5:N::/64`
+/// (N in hex there), the host side `.1`/`::1`, the world `.2`/`::2` (its DNS server) and whatever
+/// [`World::host`] adds. These addresses exist only inside the namespace the test made.
 pub struct World {
     pub name: String,
     pub index: u32,
@@ -114,7 +114,8 @@ impl World {
             "-6",
             "addr",
             "add",
-            &format!("fd00:e9e5:{index}::1/64"),
+            // Hexadecimal, as `v6` builds the world's addresses.
+            &format!("fd00:e9e5:{index:x}::1/64"),
             "dev",
             &w.veth_host,
             "nodad",

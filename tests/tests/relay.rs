@@ -123,6 +123,10 @@ async fn agent(f: &Fixture, cg: &TestCgroup, log: &Path) -> Agent {
 
 /// curl in the cgroup: `https://NAME/`, NAME pinned to `ip`, trusting the run's CA.
 fn curl(cg: &TestCgroup, ca: &Path, name: &str, ip: IpAddr) -> Output {
+    curl_with(cg, ca, name, ip, &[])
+}
+
+fn curl_with(cg: &TestCgroup, ca: &Path, name: &str, ip: IpAddr, args: &[&str]) -> Output {
     let pin = match ip {
         IpAddr::V4(v4) => format!("{name}:443:{v4}"),
         IpAddr::V6(v6) => format!("{name}:443:[{v6}]"),
@@ -130,6 +134,7 @@ fn curl(cg: &TestCgroup, ca: &Path, name: &str, ip: IpAddr) -> Output {
     cg.command("curl")
         .args(["-sS", "--max-time", "10", "--cacert"])
         .arg(ca)
+        .args(args)
         .args(["--resolve", &pin, &format!("https://{name}/")])
         .output()
         .expect("run curl")
@@ -213,6 +218,69 @@ async fn steered_tls_reaches_the_upstream_with_its_server_name() {
         cg.probe(&["peer", &at(f.w.v6(20), 443)]),
         format!("ok:{}", at(f.w.v6(20), 443))
     );
+    a.shutdown().await;
+}
+
+/// A socket bound to an interface (SO_BINDTODEVICE, as `curl --interface` does) could not reach
+/// the relay on loopback: the kernel unbinds it as it steers it, and the relay's upstream
+/// connection leaves through that interface instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_bound_to_an_interface_is_relayed_out_of_that_interface() {
+    let f = fixture("bound");
+    let cg = TestCgroup::new("relay-bound");
+    let log = log_path("relay-bound");
+    let a = agent(&f, &cg, &log).await;
+    let iface = f.w.iface();
+    for (ip, seen) in [(f.w.v4(20), &f.tls4), (f.w.v6(20), &f.tls6)] {
+        let out = curl_with(&cg, &f.pki.ca_pem, "tls.test", ip, &["--interface", iface]);
+        assert!(
+            out.status.success(),
+            "curl --interface {iface} via {ip}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=tls.test\n");
+        assert_eq!(seen.names(), [Some("tls.test".to_owned())]);
+        let dst = at(ip, 443);
+        let r = relay_record(&log, &format!("relay record for {dst}"), |r| {
+            r.dst.as_deref() == Some(dst.as_str())
+        });
+        assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+        assert_eq!(r.iface.as_deref(), Some(iface), "{r:?}");
+    }
+    // The binding is kept, not dropped: bound to another world's interface, which has no route
+    // to this world, the upstream connection fails as the client's own would have.
+    let elsewhere = World::new();
+    let out = curl_with(
+        &cg,
+        &f.pki.ca_pem,
+        "tls.test",
+        f.w.v4(20),
+        &["--interface", elsewhere.iface()],
+    );
+    assert!(
+        !out.status.success(),
+        "reached upstream through the wrong interface"
+    );
+    let r = relay_record(&log, "relay record through the other interface", |r| {
+        r.iface.as_deref() == Some(elsewhere.iface())
+    });
+    assert_eq!(r.outcome.as_deref(), Some("upstream-failed"), "{r:?}");
+    assert_eq!(
+        f.tls4.names().len(),
+        1,
+        "the upstream saw another connection"
+    );
+    // Unbound, the record names no interface.
+    let out = curl(&cg, &f.pki.ca_pem, "other.test", f.w.v4(21));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = relay_record(&log, "relay record for other.test", |r| {
+        r.sni.as_deref() == Some("other.test")
+    });
+    assert_eq!(r.iface, None, "{r:?}");
     a.shutdown().await;
 }
 

@@ -139,6 +139,12 @@ impl Record {
         r.dst = Some(endpoint(steered.dst_addr, steered.dst_port_be).to_string());
         r.set_task(steered.pid, steered.tid, &steered.comm);
         r.cgroup_id = (steered.cgroup_id != 0).then_some(steered.cgroup_id);
+        // A client bound to an interface: its relayed connection leaves through that one.
+        if steered.bound_if != 0 {
+            r.iface = nix::net::if_::if_indextoname(steered.bound_if)
+                .ok()
+                .map(|n| n.to_string_lossy().into_owned());
+        }
         r
     }
 

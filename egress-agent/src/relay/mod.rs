@@ -279,7 +279,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
         let record = Box::pin(originate::serve(
             client,
             dst,
-            steered.rule_id,
+            &steered,
             origin,
             Arc::clone(&catalog),
             new_record(),
@@ -323,13 +323,19 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
         record
     };
 
-    let (mut server, connected, attempts) =
-        match connect(dst, &upstream, shared.config.connect_timeout).await {
-            Ok(ok) => ok,
-            Err((attempts, reason)) => {
-                return finish(refuse(with_upstream(attempts), "upstream-failed", reason));
-            }
-        };
+    let (mut server, connected, attempts) = match connect(
+        dst,
+        &upstream,
+        steered.bound_if,
+        shared.config.connect_timeout,
+    )
+    .await
+    {
+        Ok(ok) => ok,
+        Err((attempts, reason)) => {
+            return finish(refuse(with_upstream(attempts), "upstream-failed", reason));
+        }
+    };
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let sent = server.write_all(&hello.bytes).await;
@@ -434,6 +440,7 @@ async fn within<F: Future>(limit: Option<Instant>, work: F) -> Option<F::Output>
 async fn connect(
     dst: SocketAddr,
     upstream: &Upstream,
+    bound_if: u32,
     default_timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr, u32), (u32, String)> {
     let route = &upstream.route;
@@ -447,11 +454,13 @@ async fn connect(
     let mut last = String::new();
     loop {
         match attempts.next().await {
-            Next::Try { target, limit } => match within(limit, connect_marked(target)).await {
-                Some(Ok(stream)) => return Ok((stream, target, attempts.made)),
-                Some(Err(e)) => last = format!("{target}: {e}"),
-                None => last = format!("{target}: connect timed out"),
-            },
+            Next::Try { target, limit } => {
+                match within(limit, connect_marked(target, bound_if)).await {
+                    Some(Ok(stream)) => return Ok((stream, target, attempts.made)),
+                    Some(Err(e)) => last = format!("{target}: {e}"),
+                    None => last = format!("{target}: connect timed out"),
+                }
+            }
             Next::TimedOut => {
                 return Err((attempts.made, format!("route timeout reached; {last}")));
             }
@@ -464,16 +473,40 @@ async fn connect(
 }
 
 /// A connect the kernel hooks let through as it is: the connection it continues was judged when
-/// the client connected.
-async fn connect_marked(target: SocketAddr) -> io::Result<TcpStream> {
+/// the client connected. Bound to interface `bound_if` unless it is 0: the client's socket was
+/// bound to it until the kernel steered it.
+async fn connect_marked(target: SocketAddr, bound_if: u32) -> io::Result<TcpStream> {
     let socket = match target {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &RELAY_MARK)?;
+    if bound_if != 0 {
+        bind_to_interface(&socket, bound_if)?;
+    }
     let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+fn bind_to_interface(socket: &TcpSocket, ifindex: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let index = ifindex as libc::c_int;
+    // SAFETY: a valid socket and an int option value that outlives the call.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTOIFINDEX,
+            (&raw const index).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 enum Ended {

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use egress_common::Steered;
 use http::{
     HeaderMap, HeaderValue, Request, Response, StatusCode, Uri,
     header::{self, HeaderName},
@@ -51,7 +52,7 @@ const REPLAY_LIMIT: u64 = 1 << 20;
 pub(super) async fn serve(
     client: TcpStream,
     dst: SocketAddr,
-    rule_id: u32,
+    steered: &Steered,
     origin: Origination,
     catalog: Arc<Catalog>,
     mut record: Record,
@@ -69,7 +70,8 @@ pub(super) async fn serve(
     };
     let state = Arc::new(State {
         dst,
-        rule_id,
+        rule_id: steered.rule_id,
+        bound_if: steered.bound_if,
         origin,
         catalog,
         connect_timeout: shared.config.connect_timeout,
@@ -145,6 +147,8 @@ struct Stats {
 struct State {
     dst: SocketAddr,
     rule_id: u32,
+    /// The interface the client was bound to, or 0 (see `connect_marked`).
+    bound_if: u32,
     origin: Origination,
     /// The policy as it was when the connection arrived.
     catalog: Arc<Catalog>,
@@ -370,7 +374,7 @@ impl State {
         target: SocketAddr,
         name: ServerName<'static>,
     ) -> Result<SendRequest<Body>, Failure> {
-        let tcp = timeout(self.connect_timeout, connect_marked(target))
+        let tcp = timeout(self.connect_timeout, connect_marked(target, self.bound_if))
             .await
             .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
             .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
