@@ -11,6 +11,7 @@ mod splice;
 use std::{
     io,
     net::{IpAddr, Ipv6Addr, SocketAddr},
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -25,7 +26,7 @@ use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpSocket, TcpStream},
     sync::{mpsc, watch},
-    task::{JoinHandle, JoinSet},
+    task::JoinSet,
     time::{Instant, sleep, timeout_at},
 };
 
@@ -78,8 +79,7 @@ pub type Peers = BpfHashMap<MapData, RelayPeer, Steered>;
 /// The running relay. Dropping it does not stop it: call [`Relay::stop`].
 pub struct Relay {
     pub port: u16,
-    accept: Vec<JoinHandle<()>>,
-    connections: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+    tasks: Arc<Tasks>,
 }
 
 struct Shared {
@@ -155,59 +155,73 @@ impl Relay {
             cgroups,
             status,
         });
-        let connections = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
-        let accept = listeners
-            .into_iter()
-            .map(|listener| {
-                let shared = Arc::clone(&shared);
-                let connections = Arc::clone(&connections);
-                tokio::spawn(accept_loop(listener, shared, connections))
-            })
-            .collect();
-        Ok(Relay {
-            port,
-            accept,
-            connections,
-        })
+        let tasks = Arc::new(Tasks(Mutex::new(Some(JoinSet::new()))));
+        for listener in listeners {
+            tasks.spawn(serve_next(
+                Arc::new(listener),
+                Arc::clone(&shared),
+                Arc::clone(&tasks),
+            ));
+        }
+        Ok(Relay { port, tasks })
     }
 
     /// Stops accepting and ends every connection in progress.
     pub async fn stop(self) {
-        for task in &self.accept {
-            task.abort();
+        let set = self
+            .tasks
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut set) = set {
+            set.shutdown().await;
         }
-        for task in self.accept {
-            let _ = task.await;
-        }
-        self.connections.lock().await.shutdown().await;
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    connections: Arc<tokio::sync::Mutex<JoinSet<()>>>,
-) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let shared = Arc::clone(&shared);
-                let mut set = connections.lock().await;
-                // Reap the finished ones so the set does not grow with the relay's history.
-                while set.try_join_next().is_some() {}
-                set.spawn(async move {
-                    let record = handle(stream, peer, &shared).await;
-                    shared.status.observe(&record);
-                    let _ = shared.records.send(record).await;
-                });
-            }
-            Err(e) => {
-                // Out of descriptors, most likely: back off instead of spinning.
-                log::warn!("relay: accept failed: {e}");
-                sleep(Duration::from_millis(50)).await;
-            }
+/// The relay's tasks: each listener's acceptor and every connection. `None` once stopped, so a
+/// task that accepted as the relay stopped cannot spawn a successor that would outlive it.
+struct Tasks(Mutex<Option<JoinSet<()>>>);
+
+impl Tasks {
+    fn spawn(&self, task: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        if let Some(set) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            // Reap the finished ones so the set does not grow with the relay's history.
+            while set.try_join_next().is_some() {}
+            set.spawn(task);
         }
     }
+}
+
+/// Accepts one connection, hands the listener on to a new task, and serves the connection
+/// itself: its first steps (the kernel record, the ClientHello, the upstream connect) run at once,
+/// ahead of the next accept() — which mostly finds nothing — and of a spawned task's scheduling.
+fn serve_next(
+    listener: Arc<TcpListener>,
+    shared: Arc<Shared>,
+    tasks: Arc<Tasks>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let (stream, peer) = loop {
+            match listener.accept().await {
+                Ok(accepted) => break accepted,
+                Err(e) => {
+                    // Out of descriptors, most likely: back off instead of spinning.
+                    log::warn!("relay: accept failed: {e}");
+                    sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        tasks.spawn(serve_next(
+            listener,
+            Arc::clone(&shared),
+            Arc::clone(&tasks),
+        ));
+        let record = handle(stream, peer, &shared).await;
+        shared.status.observe(&record);
+        let _ = shared.records.send(record).await;
+    })
 }
 
 /// The kernel's key for a client end seen by accept().
