@@ -144,6 +144,32 @@ fn relay_record(log: &Path, what: &str, pred: impl Fn(&Record) -> bool) -> Recor
     wait_record(log, what, |r| r.kind == "relay" && pred(r))
 }
 
+/// curl (with `args`) fetches `https://tls.test/` at `ip` through the relay; the upstream there
+/// (`seen`) has seen that one name. Returns the connection's relay record, outcome `ok`.
+fn tls_test_through_relay(
+    f: &Fixture,
+    cg: &TestCgroup,
+    log: &Path,
+    ip: IpAddr,
+    seen: &Seen,
+    args: &[&str],
+) -> Record {
+    let out = curl_with(cg, &f.pki.ca_pem, "tls.test", ip, args);
+    assert!(
+        out.status.success(),
+        "curl {args:?} via {ip}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=tls.test\n");
+    assert_eq!(seen.names(), [Some("tls.test".to_owned())]);
+    let dst = at(ip, 443);
+    let r = relay_record(log, &format!("relay record for {dst}"), |r| {
+        r.dst.as_deref() == Some(dst.as_str())
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    r
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steered_tls_reaches_the_upstream_with_its_server_name() {
     let f = fixture("steered");
@@ -152,19 +178,8 @@ async fn steered_tls_reaches_the_upstream_with_its_server_name() {
     let a = agent(&f, &cg, &log).await;
 
     for (ip, seen) in [(f.w.v4(20), &f.tls4), (f.w.v6(20), &f.tls6)] {
-        let out = curl(&cg, &f.pki.ca_pem, "tls.test", ip);
-        assert!(
-            out.status.success(),
-            "curl via {ip}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=tls.test\n");
-        assert_eq!(seen.names(), [Some("tls.test".to_owned())]);
+        let r = tls_test_through_relay(&f, &cg, &log, ip, seen, &[]);
         let dst = at(ip, 443);
-        let r = relay_record(&log, &format!("relay record for {dst}"), |r| {
-            r.dst.as_deref() == Some(dst.as_str())
-        });
-        assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
         assert_eq!(r.sni.as_deref(), Some("tls.test"), "{r:?}");
         assert_eq!(r.upstream.as_deref(), Some(dst.as_str()), "{r:?}");
         assert_eq!(r.host.as_deref(), Some("tls.test"), "{r:?}");
@@ -232,19 +247,7 @@ async fn a_client_bound_to_an_interface_is_relayed_out_of_that_interface() {
     let a = agent(&f, &cg, &log).await;
     let iface = f.w.iface();
     for (ip, seen) in [(f.w.v4(20), &f.tls4), (f.w.v6(20), &f.tls6)] {
-        let out = curl_with(&cg, &f.pki.ca_pem, "tls.test", ip, &["--interface", iface]);
-        assert!(
-            out.status.success(),
-            "curl --interface {iface} via {ip}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=tls.test\n");
-        assert_eq!(seen.names(), [Some("tls.test".to_owned())]);
-        let dst = at(ip, 443);
-        let r = relay_record(&log, &format!("relay record for {dst}"), |r| {
-            r.dst.as_deref() == Some(dst.as_str())
-        });
-        assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+        let r = tls_test_through_relay(&f, &cg, &log, ip, seen, &["--interface", iface]);
         assert_eq!(r.iface.as_deref(), Some(iface), "{r:?}");
     }
     // The binding is kept, not dropped: bound to another world's interface, which has no route
