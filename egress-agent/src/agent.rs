@@ -167,6 +167,7 @@ fn attach_found(datapath: &mut Datapath, patterns: Option<&[String]>) -> anyhow:
 async fn start_relay(
     cfg: &AgentConfig,
     peers: relay::Peers,
+    relay_netns: relay::netns::NetnsMap,
     catalog: &watch::Sender<Arc<Catalog>>,
     pipeline: &Pipeline,
     status: &Arc<Status>,
@@ -177,6 +178,10 @@ async fn start_relay(
         listeners,
         cfg.relay,
         peers,
+        relay_netns,
+        Some(relay::netns::Workloads {
+            cgroup: cfg.cgroup.clone(),
+        }),
         catalog.subscribe(),
         pipeline.records(),
         pipeline.cgroup_names(),
@@ -218,6 +223,7 @@ impl Agent {
             counters,
             events,
             peers,
+            relay_netns,
         } = Datapath::load(cfg.ring_bytes).context("loading the eBPF programs")?;
         let (catalog, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
         sync(&plan, &table, &resolver, &mut maps, &catalog, &status)?;
@@ -249,7 +255,8 @@ impl Agent {
         )
         .context("watching the event ring buffer")?;
         // The relay listens before anything is attached: the first steered connect finds it.
-        let relay = match start_relay(&cfg, peers, &catalog, &pipeline, &status).await {
+        let relay = match start_relay(&cfg, peers, relay_netns, &catalog, &pipeline, &status).await
+        {
             Ok(relay) => relay,
             Err(e) => {
                 pipeline.stop().await;
@@ -258,8 +265,6 @@ impl Agent {
         };
         let relay_port = relay.port;
         let attached = async {
-            maps.set_relay_port(relay_port)
-                .context("writing the relay port")?;
             let (metrics_task, metrics_addr) = match cfg.metrics {
                 Some(addr) => {
                     let listener = tokio::net::TcpListener::bind(addr)

@@ -62,6 +62,7 @@ pub struct Status {
     pub events: Counter,
     pub events_lost: Counter,
     pub log_errors: Counter,
+    pub relay_namespaces: Gauge,
 }
 
 impl Status {
@@ -123,6 +124,11 @@ impl Status {
             "bytes",
             "Payload bytes of ended flows and relayed connections, by host and direction",
             self.bytes.clone(),
+        );
+        r.register(
+            "relay_namespaces",
+            "Network namespaces the relay listens in (the agent's own included)",
+            self.relay_namespaces.clone(),
         );
         r.register(
             "relay_connections",

@@ -14,12 +14,16 @@ pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V2";
 pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V3";
 /// Name of the LRU hash of steered connections by socket cookie → [`Steered`]: written at
 /// connect, read by getpeername, removed when the socket closes.
-pub const STEERED_MAP: &str = "EGRESS_STEERED_V1";
+pub const STEERED_MAP: &str = "EGRESS_STEERED_V2";
 /// Name of the LRU hash the relay reads: the client's end of a steered connection ([`RelayPeer`],
 /// as the relay's accept() sees it) → [`Steered`]. Written once the source port is known (sock_ops
 /// TCP_CONNECT_CB), removed when the client's socket closes: a record never outlives its
 /// connection.
-pub const RELAY_PEERS_MAP: &str = "EGRESS_RELAY_PEERS_V1";
+pub const RELAY_PEERS_MAP: &str = "EGRESS_RELAY_PEERS_V2";
+/// Name of the hash of the network namespaces the relay listens in: netns cookie → the relay's
+/// port on 127.0.0.1 and ::1 there (host order). A steered connect from a namespace without an
+/// entry is refused: the relay would not be reachable from it.
+pub const RELAY_NETNS_MAP: &str = "EGRESS_RELAY_NETNS_V1";
 /// Socket mark of the relay's own upstream connections: the hooks pass them as they are, or a
 /// relay enforcing on its own cgroup would steer its upstream calls back to itself. Setting a mark
 /// takes CAP_NET_ADMIN, which could detach the programs anyway.
@@ -140,9 +144,7 @@ pub struct Config {
     pub cgroup_id: u64,
     /// `CONFIG_*` bits.
     pub flags: u32,
-    /// The relay's port on 127.0.0.1 and ::1, host order; 0: no relay, so steered connections
-    /// are refused (never let through directly).
-    pub relay_port: u32,
+    pub pad: u32,
 }
 
 /// [`Config::flags`]: the socket hooks write no events and track no flows (decisions are
@@ -269,9 +271,12 @@ pub struct Steered {
     /// takes it over.
     pub bound_if: u32,
     pub pad2: u32,
+    /// The cookie of the client's network namespace, where the relay listens for it.
+    pub netns: u64,
 }
 
-/// The client's end of a steered connection: its local address and port.
+/// The client's end of a steered connection: its local address and port, in its network
+/// namespace (two namespaces may hold the same address and port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RelayPeer {
@@ -279,6 +284,9 @@ pub struct RelayPeer {
     pub addr: [u8; 16],
     pub port_be: u16,
     pub pad: u16,
+    pub pad2: u32,
+    /// Cookie of the namespace.
+    pub netns: u64,
 }
 
 /// A flow as TC sees its packets: from the enforced host's side, so egress packets give it as is
@@ -345,9 +353,11 @@ const _: () = {
     assert!(core::mem::offset_of!(FlowEvent, src_addr) == 96);
     assert!(core::mem::offset_of!(FlowEvent, comm) == 128);
     assert!(core::mem::size_of::<Flow>() == 176);
-    assert!(core::mem::size_of::<Steered>() == 72);
+    assert!(core::mem::size_of::<Steered>() == 80);
+    assert!(core::mem::offset_of!(Steered, netns) == 72);
     assert!(core::mem::offset_of!(Steered, cookie) == 24);
-    assert!(core::mem::size_of::<RelayPeer>() == 20);
+    assert!(core::mem::size_of::<RelayPeer>() == 32);
+    assert!(core::mem::offset_of!(RelayPeer, netns) == 24);
     assert!(core::mem::size_of::<FlowTuple>() == 40);
     assert!(core::mem::offset_of!(FlowTuple, local_addr) == 8);
     assert!(KEY_FIXED_BITS as usize == core::mem::offset_of!(PolicyKey, addr) * 8);

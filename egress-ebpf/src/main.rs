@@ -24,9 +24,9 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock, cgroup_sock_addr, classifier, map, sock_ops},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{SockAddrContext, SockContext, SockOpsContext, TcContext},
 };
 use egress_common::{
@@ -60,12 +60,17 @@ static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOWS_MAX_ENT
 #[map(name = "EGRESS_TUPLES_V1")]
 static TUPLES: LruHashMap<FlowTuple, u64> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
-#[map(name = "EGRESS_STEERED_V1")]
+#[map(name = "EGRESS_STEERED_V2")]
 static STEERED: LruHashMap<u64, Steered> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
-#[map(name = "EGRESS_RELAY_PEERS_V1")]
+#[map(name = "EGRESS_RELAY_PEERS_V2")]
 static RELAY_PEERS: LruHashMap<RelayPeer, Steered> =
     LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
+const RELAY_NETNS_MAX_ENTRIES: u32 = 1 << 14;
+
+#[map(name = "EGRESS_RELAY_NETNS_V1")]
+static RELAY_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(RELAY_NETNS_MAX_ENTRIES, 0);
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
@@ -121,9 +126,13 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let config = CONFIG.get(0);
     if matches!(decision.verdict, Verdict::Steer) {
-        // Only a TCP connect can be steered (the compiler never steers UDP). Without a relay or a
-        // record of the original destination the connection is refused, never let through.
-        let relay_port = config.map_or(0, |c| c.relay_port as u16);
+        // Only a TCP connect can be steered (the compiler never steers UDP). Without a relay
+        // listening in the socket's network namespace, or a record of the original destination,
+        // the connection is refused, never let through.
+        // SAFETY: the program's own context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+        // SAFETY: a valid map value, copied out.
+        let relay_port = unsafe { RELAY_NETNS.get(&netns) }.map_or(0, |&p| p as u16);
         if !(matches!(kind, EventKind::Connect)
             && proto == IPPROTO_TCP
             && relay_port != 0
@@ -134,7 +143,10 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
                 addr,
                 port_be,
                 decision.rule_id,
-                relay_port,
+                steer::Relay {
+                    port: relay_port,
+                    netns,
+                },
             ))
         {
             decision.verdict = Verdict::Deny;

@@ -19,6 +19,12 @@ const LOOPBACK_IFINDEX: u32 = 1;
 const SOL_SOCKET: i32 = 1;
 const SO_BINDTOIFINDEX: i32 = 62;
 
+/// Where the relay listens for a socket: its port on loopback in the socket's network namespace.
+pub struct Relay {
+    pub port: u16,
+    pub netns: u64,
+}
+
 /// Records the original destination and points the connect at the relay. False when the record
 /// cannot be written: the caller refuses the connect rather than let it through unrecorded.
 #[inline(always)]
@@ -29,7 +35,7 @@ pub fn redirect(
     addr: [u8; 16],
     port_be: u16,
     rule_id: u32,
-    relay_port: u16,
+    relay: Relay,
 ) -> bool {
     // A socket bound to an interface (SO_BINDTODEVICE) cannot reach loopback: lift the binding,
     // and keep it in the record for the relay's upstream connection.
@@ -71,6 +77,7 @@ pub fn redirect(
             bound_if
         },
         pad2: 0,
+        netns: relay.netns,
     };
     if STEERED.insert(&cookie, &record, 0).is_err() {
         return false;
@@ -78,7 +85,7 @@ pub fn redirect(
     // SAFETY: the program's own context; user_ip4, user_ip6 and user_port are writable in
     // connect hooks, as whole u32s.
     unsafe {
-        (*ctx).user_port = (relay_port.to_be()) as u32;
+        (*ctx).user_port = (relay.port.to_be()) as u32;
         if family == 4 {
             (*ctx).user_ip4 = LOOPBACK4;
         } else if addr[..12] == map_v4([0; 4])[..12] {
@@ -98,24 +105,28 @@ pub fn connecting(ops: *mut bpf_sock_ops, cookie: u64) -> bool {
     let Some(record) = STEERED.get_ptr(&cookie) else {
         return false;
     };
-    let peer = local_end(ops);
-    // SAFETY: a valid map value. A failed insert leaves the relay without a record: it refuses.
-    let _ = RELAY_PEERS.insert(&peer, unsafe { &*record }, 0);
+    // SAFETY: a valid map value.
+    let record = unsafe { &*record };
+    let peer = local_end(ops, record.netns);
+    // A failed insert leaves the relay without a record: it refuses.
+    let _ = RELAY_PEERS.insert(&peer, record, 0);
     true
 }
 
 /// Forgets a steered socket's records (it is closing).
 #[inline(always)]
 pub fn forget(ops: *mut bpf_sock_ops, cookie: u64) {
-    if STEERED.get_ptr(&cookie).is_some() {
-        let _ = RELAY_PEERS.remove(&local_end(ops));
+    if let Some(record) = STEERED.get_ptr(&cookie) {
+        // SAFETY: a valid map value.
+        let netns = unsafe { (*record).netns };
+        let _ = RELAY_PEERS.remove(&local_end(ops, netns));
         let _ = STEERED.remove(&cookie);
     }
 }
 
-/// The socket's local address and port, as the relay sees its peer.
+/// The socket's local address and port in namespace `netns`, as the relay sees its peer.
 #[inline(always)]
-fn local_end(ops: *mut bpf_sock_ops) -> RelayPeer {
+fn local_end(ops: *mut bpf_sock_ops, netns: u64) -> RelayPeer {
     // SAFETY: the program's own context; these fields are readable as whole u32s. Volatile, one
     // by one: the verifier refuses a context pointer the compiler offset and kept for later.
     let (family, ip4, ip6, port) = unsafe {
@@ -151,6 +162,8 @@ fn local_end(ops: *mut bpf_sock_ops) -> RelayPeer {
         // local_port is in host order (remote_port is not): a quirk of bpf_sock_ops.
         port_be: (port as u16).to_be(),
         pad: 0,
+        pad2: 0,
+        netns,
     }
 }
 

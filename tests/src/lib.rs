@@ -374,6 +374,118 @@ impl World {
     }
 }
 
+/// A workload's own network namespace beside a [`World`] (a container's, a pod's): linked to the
+/// world by a veth pair, its default routes through it. Its addresses are `100.64.N.2` and
+/// `fd00:e9e6:N::2` (N the world's index, in hex there), the world's end `.1`/`::1`.
+pub struct Pod {
+    pub name: String,
+    index: u32,
+}
+
+impl Pod {
+    pub fn v4(&self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(100, 64, self.index as u8, 2))
+    }
+
+    pub fn v6(&self) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0xe9e6,
+            self.index as u16,
+            0,
+            0,
+            0,
+            0,
+            2,
+        ))
+    }
+
+    /// `program` set up to run in this namespace, inside `cgroup` if given.
+    pub fn command(&self, cgroup: Option<&TestCgroup>, program: impl AsRef<Path>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .arg(program.as_ref())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(cg) = cgroup {
+            join_cgroup(&mut cmd, &cg.path);
+        }
+        cmd
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        // Deleting the namespace removes the veth pair with it.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+impl World {
+    /// A workload namespace linked to this world (one per world).
+    pub fn pod(&self) -> Pod {
+        let pod = Pod {
+            name: format!("egress-p{}-{}", std::process::id(), self.index),
+            index: self.index,
+        };
+        let (in_pod, in_world) = (
+            format!("egp{}x{}", std::process::id() % 100_000, self.index),
+            format!("egq{}x{}", std::process::id() % 100_000, self.index),
+        );
+        let i = self.index;
+        sh(&["ip", "netns", "add", &pod.name]);
+        let pod_ip = |args: &[&str]| {
+            let mut full = vec!["ip", "netns", "exec", &pod.name, "ip"];
+            full.extend_from_slice(args);
+            sh(&full);
+        };
+        pod_ip(&[
+            "link", "add", &in_pod, "type", "veth", "peer", "name", &in_world,
+        ]);
+        pod_ip(&["link", "set", &in_world, "netns", &self.name]);
+        for (ip, dev) in [
+            (format!("100.64.{i}.2/24"), in_pod.as_str()),
+            (format!("fd00:e9e6:{i:x}::2/64"), in_pod.as_str()),
+        ] {
+            pod_ip(&["addr", "add", &ip, "dev", dev, "nodad"]);
+        }
+        for link in ["lo", in_pod.as_str()] {
+            pod_ip(&["link", "set", link, "up"]);
+        }
+        pod_ip(&["route", "add", "default", "via", &format!("100.64.{i}.1")]);
+        pod_ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:e9e6:{i:x}::1"),
+        ]);
+        self.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("100.64.{i}.1/24"),
+            "dev",
+            &in_world,
+        ]);
+        self.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:e9e6:{i:x}::1/64"),
+            "dev",
+            &in_world,
+            "nodad",
+        ]);
+        self.exec(&["ip", "link", "set", &in_world, "up"]);
+        pod
+    }
+}
+
 impl Default for World {
     fn default() -> Self {
         Self::new()

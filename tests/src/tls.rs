@@ -111,6 +111,8 @@ pub struct Seen {
     pub accepted: AtomicUsize,
     /// The server name of each completed handshake.
     pub names: Mutex<Vec<Option<String>>>,
+    /// Where each connection came from.
+    pub peers: Mutex<Vec<SocketAddr>>,
 }
 
 impl Seen {
@@ -120,6 +122,10 @@ impl Seen {
 
     pub fn names(&self) -> Vec<Option<String>> {
         self.names.lock().expect("names").clone()
+    }
+
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().expect("peers").clone()
     }
 }
 
@@ -133,6 +139,9 @@ impl World {
         std::thread::spawn(move || {
             for tcp in listener.incoming().flatten() {
                 s.accepted.fetch_add(1, Ordering::SeqCst);
+                if let Ok(peer) = tcp.peer_addr() {
+                    s.peers.lock().expect("peers").push(peer);
+                }
                 let config = Arc::clone(&config);
                 let s = Arc::clone(&s);
                 std::thread::spawn(move || {

@@ -16,7 +16,7 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    TestCgroup, World, at, log_path, probe_in, probe_with_pid, records,
+    TestCgroup, World, at, log_path, probe_in, probe_with_pid, records, target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -407,6 +407,95 @@ async fn bytes_cross_the_relay_exactly_both_ways_with_each_half_close() {
             "{r:?}"
         );
     }
+    a.shutdown().await;
+}
+
+/// A container's or pod's process: loopback is its own namespace's, so the relay must listen
+/// there, and the upstream connection must leave from there as the workload's own would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_in_its_own_network_namespace_is_relayed_from_there() {
+    let f = fixture("netns");
+    let cg = TestCgroup::new("relay-netns");
+    let log = log_path("relay-netns");
+    let pod = f.w.pod();
+    let a = agent(&f, &cg, &log).await;
+    let served = |n| {
+        wait_for(
+            &format!("the relay listening in {n} namespace(s)"),
+            Duration::from_secs(10),
+            || a.status.relay_namespaces.get() == n,
+        );
+    };
+    served(1);
+    // A direct dial of the relay's port in the pod's namespace, from outside the cgroup.
+    let relay = format!("127.0.0.1:{}", a.relay_port);
+    let dial = || {
+        let out = pod
+            .command(None, target_bin("egress-probe"))
+            .args(["tcp", &relay])
+            .output()
+            .expect("run egress-probe");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(
+        dial(),
+        "refused",
+        "the relay listens in the pod before any workload"
+    );
+
+    let mut workload = pod
+        .command(Some(&cg), "sleep")
+        .arg("60")
+        .spawn()
+        .expect("run sleep");
+    served(2);
+    assert_eq!(
+        dial(),
+        "error:closed before the greeting",
+        "the relay's listener in the pod refuses a dial without a kernel record"
+    );
+    for (ip, seen, from) in [
+        (f.w.v4(20), &f.tls4, pod.v4()),
+        (f.w.v6(20), &f.tls6, pod.v6()),
+    ] {
+        let pin = match ip {
+            IpAddr::V4(v4) => format!("tls.test:443:{v4}"),
+            IpAddr::V6(v6) => format!("tls.test:443:[{v6}]"),
+        };
+        let out = pod
+            .command(Some(&cg), "curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&f.pki.ca_pem)
+            .args(["--resolve", &pin, "https://tls.test/"])
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "curl in the pod via {ip}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=tls.test\n");
+        assert_eq!(seen.names(), [Some("tls.test".to_owned())]);
+        let peers: Vec<IpAddr> = seen.peers().iter().map(SocketAddr::ip).collect();
+        assert_eq!(peers, [from], "the upstream connection left from the pod");
+        let dst = at(ip, 443);
+        let r = relay_record(&log, &format!("relay record for {dst}"), |r| {
+            r.dst.as_deref() == Some(dst.as_str())
+        });
+        assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+        assert_eq!(r.upstream.as_deref(), Some(dst.as_str()), "{r:?}");
+        assert_eq!(r.comm.as_deref(), Some("curl"), "{r:?}");
+    }
+
+    // No process of the cgroup is left in the pod's namespace: the relay stops listening there.
+    workload.kill().expect("kill sleep");
+    workload.wait().expect("wait for sleep");
+    served(1);
+    assert_eq!(
+        dial(),
+        "refused",
+        "the relay's listener in the pod is closed"
+    );
     a.shutdown().await;
 }
 

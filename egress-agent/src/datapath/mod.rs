@@ -14,11 +14,11 @@ use aya::{
     },
     util::KernelVersion,
 };
-use egress_common::{EVENTS_MAP, RELAY_PEERS_MAP};
+use egress_common::{EVENTS_MAP, RELAY_NETNS_MAP, RELAY_PEERS_MAP};
 
 use crate::{
     maps::{self, Counters, KernelMaps, MapsError},
-    relay::Peers,
+    relay::{Peers, netns::NetnsMap},
 };
 
 /// The cgroup sock_addr programs, by their function names in egress-ebpf.
@@ -89,6 +89,8 @@ pub struct Loaded {
     pub events: RingBuf<MapData>,
     /// The relay's view of steered connections.
     pub peers: Peers,
+    /// Where the relay listens, by network namespace.
+    pub relay_netns: NetnsMap,
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
@@ -145,6 +147,7 @@ impl Datapath {
         let counters = Counters::take(&mut ebpf)?;
         let events = maps::open(&mut ebpf, EVENTS_MAP)?;
         let peers = maps::open(&mut ebpf, RELAY_PEERS_MAP)?;
+        let relay_netns = maps::open(&mut ebpf, RELAY_NETNS_MAP)?;
         Ok(Loaded {
             datapath: Self {
                 ebpf,
@@ -154,6 +157,7 @@ impl Datapath {
             counters,
             events,
             peers,
+            relay_netns,
         })
     }
 

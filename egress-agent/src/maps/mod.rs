@@ -104,7 +104,7 @@ impl KernelMaps {
                 cgroup_level: 0,
                 cgroup_id: 0,
                 flags: 0,
-                relay_port: 0,
+                pad: 0,
             },
             current: Entries::new(),
         })
@@ -158,14 +158,6 @@ impl KernelMaps {
         self.write_config(Config {
             cgroup_id: id,
             cgroup_level: level,
-            ..self.written
-        })
-    }
-
-    /// Where steered connections go: the relay's port on loopback.
-    pub fn set_relay_port(&mut self, port: u16) -> Result<(), MapsError> {
-        self.write_config(Config {
-            relay_port: port as u32,
             ..self.written
         })
     }

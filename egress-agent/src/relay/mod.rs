@@ -5,12 +5,15 @@
 //! with TLS origination it reads plain HTTP instead and speaks TLS upstream (`originate`). Every
 //! connection ends in a `relay` record.
 pub mod hello;
+pub mod netns;
 mod originate;
 mod splice;
 
 use std::{
+    collections::HashMap,
     io,
     net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd as _,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -30,6 +33,7 @@ use tokio::{
     time::{Instant, sleep, timeout_at},
 };
 
+use self::netns::{Netns, NetnsMap, Workloads};
 use crate::{
     agent::Status,
     events::{Catalog, CgroupNames, Record, Upstream},
@@ -91,6 +95,35 @@ struct Shared {
     status: Arc<Status>,
 }
 
+/// A listening socket of the relay, in namespace `netns`.
+struct Listener {
+    socket: TcpListener,
+    netns: Arc<Netns>,
+    /// Set before the socket is shut down, when its namespace is no longer served: its
+    /// acceptor then ends instead of waiting for the next connection.
+    closed: AtomicBool,
+}
+
+impl Listener {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        // A listening socket shut down stops listening (its queued connections are reset), and
+        // its pending accept() fails at once.
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.socket),
+            nix::sys::socket::Shutdown::Both,
+        );
+    }
+}
+
+/// How a relayed connection's upstream socket leaves: from the client's network namespace,
+/// bound to the interface the client's socket was bound to (0: none).
+#[derive(Clone)]
+struct Leave {
+    netns: Arc<Netns>,
+    bound_if: u32,
+}
+
 /// Lifts the soft descriptor limit (often 1024) to the hard one: the relay holds two descriptors
 /// per steered connection. Returns the limits as they were, for a child that should not inherit
 /// the raise (select() breaks above 1024).
@@ -133,20 +166,29 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 impl Relay {
+    /// Serves `listeners`, in the agent's own network namespace, and tells the kernel (`netns`)
+    /// so steered connects from there come to them. With `workloads`, also listens in the other
+    /// namespaces the enforced cgroup's processes are in, as they come and go.
+    #[expect(clippy::too_many_arguments, reason = "the relay's parts, each once")]
     pub fn spawn(
         listeners: Vec<TcpListener>,
         config: RelayConfig,
         peers: Peers,
+        mut netns: NetnsMap,
+        workloads: Option<Workloads>,
         catalog: watch::Receiver<Arc<Catalog>>,
         records: mpsc::Sender<Record>,
         cgroups: Arc<Mutex<CgroupNames>>,
         status: Arc<Status>,
     ) -> io::Result<Relay> {
-        let port = listeners
+        let first = listeners
             .first()
-            .map(|l| l.local_addr().map(|a| a.port()))
-            .transpose()?
-            .unwrap_or(0);
+            .ok_or_else(|| io::Error::other("the relay has no listener"))?;
+        let port = first.local_addr()?.port();
+        let home = Arc::new(Netns::home(first.as_fd())?);
+        netns
+            .insert(home.cookie, u32::from(port), 0)
+            .map_err(io::Error::other)?;
         let shared = Arc::new(Shared {
             config,
             peers,
@@ -156,12 +198,16 @@ impl Relay {
             status,
         });
         let tasks = Arc::new(Tasks(Mutex::new(Some(JoinSet::new()))));
-        for listener in listeners {
-            tasks.spawn(serve_next(
-                Arc::new(listener),
+        accept_on(listeners, &home, &shared, &tasks);
+        if let Some(workloads) = workloads {
+            let watcher = watch_namespaces(
+                workloads,
+                port,
+                netns,
                 Arc::clone(&shared),
                 Arc::clone(&tasks),
-            ));
+            );
+            tasks.spawn(Box::pin(watcher));
         }
         Ok(Relay { port, tasks })
     }
@@ -177,6 +223,99 @@ impl Relay {
         if let Some(mut set) = set {
             set.shutdown().await;
         }
+    }
+}
+
+/// Starts an acceptor on each of `listeners`, which are in namespace `netns`; returns them.
+fn accept_on(
+    listeners: Vec<TcpListener>,
+    netns: &Arc<Netns>,
+    shared: &Arc<Shared>,
+    tasks: &Arc<Tasks>,
+) -> Vec<Arc<Listener>> {
+    listeners
+        .into_iter()
+        .map(|socket| {
+            let listener = Arc::new(Listener {
+                socket,
+                netns: Arc::clone(netns),
+                closed: AtomicBool::new(false),
+            });
+            tasks.spawn(serve_next(
+                Arc::clone(&listener),
+                Arc::clone(shared),
+                Arc::clone(tasks),
+            ));
+            listener
+        })
+        .collect()
+}
+
+/// Keeps the relay listening in every namespace a process of the enforced cgroup is in: scans
+/// the cgroup, listens in the namespaces that appeared and tells the kernel, and for the ones no
+/// process is left in, tells the kernel first and then closes the listeners (connections in
+/// progress go on). Runs until the relay stops.
+async fn watch_namespaces(
+    workloads: Workloads,
+    port: u16,
+    mut map: NetnsMap,
+    shared: Arc<Shared>,
+    tasks: Arc<Tasks>,
+) {
+    let mut served: HashMap<u64, (u64, Vec<Arc<Listener>>)> = HashMap::new();
+    // Namespaces whose failure was logged: logged once, retried at every scan.
+    let mut failed = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(netns::SCAN_INTERVAL);
+    loop {
+        tick.tick().await;
+        let known = served.keys().copied().collect();
+        let scan = match netns::scan(&workloads.cgroup, &known) {
+            Ok(scan) => scan,
+            Err(e) => {
+                log::warn!("relay: scanning {}: {e}", workloads.cgroup.display());
+                continue;
+            }
+        };
+        for ino in scan.gone {
+            let Some((cookie, listeners)) = served.remove(&ino) else {
+                continue;
+            };
+            if let Err(e) = map.remove(&cookie) {
+                log::warn!("relay: forgetting network namespace {ino}: {e}");
+            }
+            for listener in listeners {
+                listener.close();
+            }
+            log::info!("relay: network namespace {ino} has no enforced process left; not served");
+        }
+        failed.retain(|ino| !served.contains_key(ino));
+        for (ino, pid) in scan.new {
+            let made = netns::serve(ino, pid, port, bind).and_then(|s| {
+                map.insert(s.netns.cookie, u32::from(s.port), 0)
+                    .map_err(io::Error::other)?;
+                Ok(s)
+            });
+            match made {
+                Ok(s) => {
+                    log::info!(
+                        "relay: listening on port {} in network namespace {ino} (of pid {pid})",
+                        s.port
+                    );
+                    failed.remove(&ino);
+                    let listeners = accept_on(s.listeners, &s.netns, &shared, &tasks);
+                    served.insert(ino, (s.netns.cookie, listeners));
+                }
+                Err(e) => {
+                    if failed.insert(ino) {
+                        log::warn!(
+                            "relay: cannot listen in network namespace {ino} (of pid {pid}): \
+                             {e}; its steered connections are refused"
+                        );
+                    }
+                }
+            }
+        }
+        shared.status.relay_namespaces.set(1 + served.len() as i64);
     }
 }
 
@@ -198,14 +337,15 @@ impl Tasks {
 /// itself: its first steps (the kernel record, the ClientHello, the upstream connect) run at once,
 /// ahead of the next accept() — which mostly finds nothing — and of a spawned task's scheduling.
 fn serve_next(
-    listener: Arc<TcpListener>,
+    listener: Arc<Listener>,
     shared: Arc<Shared>,
     tasks: Arc<Tasks>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
         let (stream, peer) = loop {
-            match listener.accept().await {
+            match listener.socket.accept().await {
                 Ok(accepted) => break accepted,
+                Err(_) if listener.closed.load(Ordering::Acquire) => return,
                 Err(e) => {
                     // Out of descriptors, most likely: back off instead of spinning.
                     log::warn!("relay: accept failed: {e}");
@@ -213,19 +353,20 @@ fn serve_next(
                 }
             }
         };
+        let netns = Arc::clone(&listener.netns);
         tasks.spawn(serve_next(
             listener,
             Arc::clone(&shared),
             Arc::clone(&tasks),
         ));
-        let record = handle(stream, peer, &shared).await;
+        let record = handle(stream, peer, netns, &shared).await;
         shared.status.observe(&record);
         let _ = shared.records.send(record).await;
     })
 }
 
-/// The kernel's key for a client end seen by accept().
-fn peer_key(peer: SocketAddr) -> RelayPeer {
+/// The kernel's key for a client end seen by accept() in the namespace with cookie `netns`.
+fn peer_key(peer: SocketAddr, netns: u64) -> RelayPeer {
     let addr = match peer.ip() {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
@@ -234,6 +375,8 @@ fn peer_key(peer: SocketAddr) -> RelayPeer {
         addr,
         port_be: peer.port().to_be(),
         pad: 0,
+        pad2: 0,
+        netns,
     }
 }
 
@@ -255,14 +398,19 @@ fn refuse(mut record: Record, outcome: &str, reason: String) -> Record {
 }
 
 /// One steered connection, start to end. Returns its record.
-async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Record {
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    netns: Arc<Netns>,
+    shared: &Shared,
+) -> Record {
     let started = Instant::now();
     let finish = |mut r: Record| {
         r.src = Some(peer.to_string());
         r.duration_ms = Some(started.elapsed().as_millis() as u64);
         r
     };
-    let Ok(steered) = shared.peers.get(&peer_key(peer), 0) else {
+    let Ok(steered) = shared.peers.get(&peer_key(peer, netns.cookie), 0) else {
         return finish(refuse(
             Record::relay_unknown(Timestamp::now()),
             "refused",
@@ -270,6 +418,10 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
         ));
     };
     let dst = dst_of(&steered);
+    let leave = Leave {
+        netns,
+        bound_if: steered.bound_if,
+    };
     let at = Timestamp::now();
     let catalog = Arc::clone(&shared.catalog.borrow());
     // Built when the connection no longer waits on the relay: no byte waits for its record.
@@ -292,8 +444,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
         // whole when the connection's task is spawned.
         let record = Box::pin(originate::serve(
             client,
-            dst,
             &steered,
+            leave,
             origin,
             Arc::clone(&catalog),
             new_record(),
@@ -337,19 +489,13 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) -> Rec
         record
     };
 
-    let (mut server, connected, attempts) = match connect(
-        dst,
-        &upstream,
-        steered.bound_if,
-        shared.config.connect_timeout,
-    )
-    .await
-    {
-        Ok(ok) => ok,
-        Err((attempts, reason)) => {
-            return finish(refuse(with_upstream(attempts), "upstream-failed", reason));
-        }
-    };
+    let (mut server, connected, attempts) =
+        match connect(dst, &upstream, &leave, shared.config.connect_timeout).await {
+            Ok(ok) => ok,
+            Err((attempts, reason)) => {
+                return finish(refuse(with_upstream(attempts), "upstream-failed", reason));
+            }
+        };
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let sent = server.write_all(&hello.bytes).await;
@@ -454,7 +600,7 @@ async fn within<F: Future>(limit: Option<Instant>, work: F) -> Option<F::Output>
 async fn connect(
     dst: SocketAddr,
     upstream: &Upstream,
-    bound_if: u32,
+    leave: &Leave,
     default_timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr, u32), (u32, String)> {
     let route = &upstream.route;
@@ -469,7 +615,7 @@ async fn connect(
     loop {
         match attempts.next().await {
             Next::Try { target, limit } => {
-                match within(limit, connect_marked(target, bound_if)).await {
+                match within(limit, connect_marked(target, leave)).await {
                     Some(Ok(stream)) => return Ok((stream, target, attempts.made)),
                     Some(Err(e)) => last = format!("{target}: {e}"),
                     None => last = format!("{target}: connect timed out"),
@@ -487,16 +633,16 @@ async fn connect(
 }
 
 /// A connect the kernel hooks let through as it is: the connection it continues was judged when
-/// the client connected. Bound to interface `bound_if` unless it is 0: the client's socket was
-/// bound to it until the kernel steered it.
-async fn connect_marked(target: SocketAddr, bound_if: u32) -> io::Result<TcpStream> {
-    let socket = match target {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
+/// the client connected. Made in the client's network namespace, and bound to the interface the
+/// client's socket was bound to until the kernel steered it, if any.
+async fn connect_marked(target: SocketAddr, leave: &Leave) -> io::Result<TcpStream> {
+    let socket = leave.netns.within(|| match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    })?;
     nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &RELAY_MARK)?;
-    if bound_if != 0 {
-        bind_to_interface(&socket, bound_if)?;
+    if leave.bound_if != 0 {
+        bind_to_interface(&socket, leave.bound_if)?;
     }
     let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;

@@ -36,7 +36,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::{Activity, Attempts, Next, Shared, connect_marked, refuse, within};
+use super::{Activity, Attempts, Leave, Next, Shared, connect_marked, refuse, within};
 use crate::{
     events::{Catalog, Record},
     policy::compile::Origination,
@@ -51,8 +51,8 @@ const REPLAY_LIMIT: u64 = 1 << 20;
 /// Serves one steered plain-HTTP connection until the client is done, and returns its record.
 pub(super) async fn serve(
     client: TcpStream,
-    dst: SocketAddr,
     steered: &Steered,
+    leave: Leave,
     origin: Origination,
     catalog: Arc<Catalog>,
     mut record: Record,
@@ -69,9 +69,9 @@ pub(super) async fn serve(
         activity: Arc::clone(&activity),
     };
     let state = Arc::new(State {
-        dst,
+        dst: super::dst_of(steered),
         rule_id: steered.rule_id,
-        bound_if: steered.bound_if,
+        leave,
         origin,
         catalog,
         connect_timeout: shared.config.connect_timeout,
@@ -147,8 +147,8 @@ struct Stats {
 struct State {
     dst: SocketAddr,
     rule_id: u32,
-    /// The interface the client was bound to, or 0 (see `connect_marked`).
-    bound_if: u32,
+    /// Where upstream connections leave from (see `connect_marked`).
+    leave: Leave,
     origin: Origination,
     /// The policy as it was when the connection arrived.
     catalog: Arc<Catalog>,
@@ -374,7 +374,7 @@ impl State {
         target: SocketAddr,
         name: ServerName<'static>,
     ) -> Result<SendRequest<Body>, Failure> {
-        let tcp = timeout(self.connect_timeout, connect_marked(target, self.bound_if))
+        let tcp = timeout(self.connect_timeout, connect_marked(target, &self.leave))
             .await
             .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
             .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;

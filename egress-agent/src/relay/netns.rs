@@ -1,0 +1,206 @@
+//! The relay in the workloads' network namespaces. A steered connect goes to loopback, and
+//! loopback is the client's own namespace's: a workload in a namespace of its own (a container, a
+//! pod) reaches the relay only if the relay listens there too. So the relay keeps listeners in
+//! every namespace a process of the enforced cgroup is in (found by scanning the cgroup), tells
+//! the kernel each one's port (`RELAY_NETNS_MAP`, by namespace cookie), and makes each relayed
+//! connection's upstream socket in the client's namespace, so it leaves as the client's own would
+//! have: by that namespace's routes and interfaces, from its addresses. A namespace the relay does
+//! not serve yet (a process that has just entered it, between two scans) gets its steered
+//! connects refused, never let through.
+use std::{
+    collections::{HashMap, HashSet},
+    fs, io,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use nix::sched::{CloneFlags, setns};
+use tokio::net::TcpListener;
+
+/// The kernel's map of the namespaces the relay listens in: netns cookie → port.
+pub type NetnsMap = BpfHashMap<MapData, u64, u32>;
+
+/// How often the enforced cgroup is scanned for namespaces that came or went.
+pub const SCAN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A network namespace the relay serves.
+#[derive(Debug)]
+pub struct Netns {
+    /// The kernel's cookie for it (SO_NETNS_COOKIE).
+    pub cookie: u64,
+    /// The namespace, held open to make sockets in it; `None` for the agent's own.
+    fd: Option<OwnedFd>,
+}
+
+impl Netns {
+    /// The agent's own namespace, whose cookie a socket made there gives.
+    pub fn home(socket: BorrowedFd) -> io::Result<Netns> {
+        Ok(Netns {
+            cookie: cookie(socket)?,
+            fd: None,
+        })
+    }
+
+    /// Runs `make` (which makes sockets) in this namespace.
+    pub fn within<T>(&self, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        match &self.fd {
+            None => make(),
+            Some(fd) => within(fd.as_fd(), make),
+        }
+    }
+}
+
+/// The namespace the agent's threads live in, to return to.
+fn home_fd() -> io::Result<BorrowedFd<'static>> {
+    static HOME: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = HOME.get() {
+        return Ok(fd.as_fd());
+    }
+    // The thread's, not the process's: they are the same until a thread moves, and none stays
+    // moved.
+    let fd = OwnedFd::from(fs::File::open("/proc/thread-self/ns/net")?);
+    Ok(HOME.get_or_init(|| fd).as_fd())
+}
+
+/// Runs `make` with this thread in namespace `ns`, then moves it back. Sockets keep the
+/// namespace they were made in. Nothing in between yields, so no other task runs on the thread
+/// while it is away.
+fn within<T>(ns: BorrowedFd, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let home = home_fd()?;
+    setns(ns, CloneFlags::CLONE_NEWNET)?;
+    let made = make();
+    if let Err(e) = setns(home, CloneFlags::CLONE_NEWNET) {
+        // The thread would go on making every later socket in a workload's namespace.
+        log::error!("relay: cannot return to the agent's network namespace: {e}");
+        std::process::abort();
+    }
+    made
+}
+
+/// The kernel's cookie for the namespace of `socket`.
+pub fn cookie(socket: BorrowedFd) -> io::Result<u64> {
+    let mut value = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and a u64 out-value with its length, as SO_NETNS_COOKIE takes.
+    let got = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if got == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The inode of a namespace file (`/proc/PID/ns/net`, or an open one): its identity.
+fn inode(path: &Path) -> io::Result<u64> {
+    Ok(fs::metadata(path)?.ino())
+}
+
+/// The namespaces the processes of cgroup `dir` and its descendants are in, each with one
+/// process in it.
+fn namespaces_in(dir: &Path) -> HashMap<u64, u32> {
+    let mut found = HashMap::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        // A cgroup removed meanwhile has no processes left to find.
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.parse::<u32>().ok()) {
+                if let Ok(ino) = inode(Path::new(&format!("/proc/{pid}/ns/net"))) {
+                    found.entry(ino).or_insert(pid);
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    found
+}
+
+/// Listeners the relay holds in one namespace.
+pub struct Served<L> {
+    pub netns: Arc<Netns>,
+    pub port: u16,
+    pub listeners: Vec<L>,
+}
+
+/// Opens namespace `ino` through process `pid` (checking the process did not move meanwhile)
+/// and makes the relay's listeners in it, on `port` if free there, else on one the kernel picks.
+pub fn serve(
+    ino: u64,
+    pid: u32,
+    port: u16,
+    listen: impl Fn(u16) -> io::Result<Vec<TcpListener>>,
+) -> io::Result<Served<TcpListener>> {
+    let file = fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    if file.metadata()?.ino() != ino {
+        return Err(io::Error::other("the process moved to another namespace"));
+    }
+    let fd = OwnedFd::from(file);
+    let listeners = within(fd.as_fd(), || match listen(port) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse && port != 0 => listen(0),
+        made => made,
+    })?;
+    let first = listeners
+        .first()
+        .ok_or_else(|| io::Error::other("no listener"))?;
+    let port = first.local_addr()?.port();
+    let cookie = cookie(first.as_fd())?;
+    Ok(Served {
+        netns: Arc::new(Netns {
+            cookie,
+            fd: Some(fd),
+        }),
+        port,
+        listeners,
+    })
+}
+
+/// What a scan changes: the namespaces to serve (inode, a process in it) and the ones no process
+/// of the cgroup is in any more.
+pub struct Scan {
+    pub new: Vec<(u64, u32)>,
+    pub gone: Vec<u64>,
+}
+
+/// Compares the cgroup's namespaces with the ones served (`served`, the agent's own aside).
+pub fn scan(cgroup: &Path, served: &HashSet<u64>) -> io::Result<Scan> {
+    let home = inode(Path::new("/proc/thread-self/ns/net"))?;
+    let mut found = namespaces_in(cgroup);
+    found.remove(&home);
+    let gone = served
+        .iter()
+        .filter(|ino| !found.contains_key(ino))
+        .copied()
+        .collect();
+    let new = found
+        .into_iter()
+        .filter(|(ino, _)| !served.contains(ino))
+        .collect();
+    Ok(Scan { new, gone })
+}
+
+/// Where the relay looks for workloads' namespaces.
+#[derive(Debug, Clone)]
+pub struct Workloads {
+    /// The enforced cgroup's directory.
+    pub cgroup: PathBuf,
+}
