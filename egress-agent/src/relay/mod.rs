@@ -269,10 +269,16 @@ async fn watch_namespaces(
     loop {
         tick.tick().await;
         let known = served.keys().copied().collect();
-        let scan = match netns::scan(&workloads.cgroup, &known) {
-            Ok(scan) => scan,
-            Err(e) => {
+        let cgroup = workloads.cgroup.clone();
+        // Reading /proc for every process of a large cgroup blocks: off the runtime's workers.
+        let scan = match tokio::task::spawn_blocking(move || netns::scan(&cgroup, &known)).await {
+            Ok(Ok(scan)) => scan,
+            Ok(Err(e)) => {
                 log::warn!("relay: scanning {}: {e}", workloads.cgroup.display());
+                continue;
+            }
+            Err(e) => {
+                log::error!("relay: scanning {}: {e}", workloads.cgroup.display());
                 continue;
             }
         };
@@ -288,7 +294,8 @@ async fn watch_namespaces(
             }
             log::info!("relay: network namespace {ino} has no enforced process left; not served");
         }
-        failed.retain(|ino| !served.contains_key(ino));
+        // Forget the failures of namespaces gone meanwhile: an inode may name a new one later.
+        failed.retain(|ino| scan.new.iter().any(|(new, _)| new == ino));
         for (ino, pid) in scan.new {
             let made = netns::serve(ino, pid, port, bind).and_then(|s| {
                 map.insert(s.netns.cookie, u32::from(s.port), 0)

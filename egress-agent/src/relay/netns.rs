@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 pub type NetnsMap = BpfHashMap<MapData, u64, u32>;
 
 /// How often the enforced cgroup is scanned for namespaces that came or went.
-pub const SCAN_INTERVAL: Duration = Duration::from_millis(500);
+pub(super) const SCAN_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A network namespace the relay serves.
 #[derive(Debug)]
@@ -40,7 +40,7 @@ pub struct Netns {
 
 impl Netns {
     /// The agent's own namespace, whose cookie a socket made there gives.
-    pub fn home(socket: BorrowedFd) -> io::Result<Netns> {
+    pub(super) fn home(socket: BorrowedFd) -> io::Result<Netns> {
         Ok(Netns {
             cookie: cookie(socket)?,
             fd: None,
@@ -48,7 +48,7 @@ impl Netns {
     }
 
     /// Runs `make` (which makes sockets) in this namespace.
-    pub fn within<T>(&self, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    pub(super) fn within<T>(&self, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         match &self.fd {
             None => make(),
             Some(fd) => within(fd.as_fd(), make),
@@ -84,7 +84,7 @@ fn within<T>(ns: BorrowedFd, make: impl FnOnce() -> io::Result<T>) -> io::Result
 }
 
 /// The kernel's cookie for the namespace of `socket`.
-pub fn cookie(socket: BorrowedFd) -> io::Result<u64> {
+fn cookie(socket: BorrowedFd) -> io::Result<u64> {
     let mut value = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: a valid socket and a u64 out-value with its length, as SO_NETNS_COOKIE takes.
@@ -136,20 +136,20 @@ fn namespaces_in(dir: &Path) -> HashMap<u64, u32> {
 }
 
 /// Listeners the relay holds in one namespace.
-pub struct Served<L> {
+pub(super) struct Served {
     pub netns: Arc<Netns>,
     pub port: u16,
-    pub listeners: Vec<L>,
+    pub listeners: Vec<TcpListener>,
 }
 
 /// Opens namespace `ino` through process `pid` (checking the process did not move meanwhile)
 /// and makes the relay's listeners in it, on `port` if free there, else on one the kernel picks.
-pub fn serve(
+pub(super) fn serve(
     ino: u64,
     pid: u32,
     port: u16,
     listen: impl Fn(u16) -> io::Result<Vec<TcpListener>>,
-) -> io::Result<Served<TcpListener>> {
+) -> io::Result<Served> {
     let file = fs::File::open(format!("/proc/{pid}/ns/net"))?;
     if file.metadata()?.ino() != ino {
         return Err(io::Error::other("the process moved to another namespace"));
@@ -176,13 +176,13 @@ pub fn serve(
 
 /// What a scan changes: the namespaces to serve (inode, a process in it) and the ones no process
 /// of the cgroup is in any more.
-pub struct Scan {
+pub(super) struct Scan {
     pub new: Vec<(u64, u32)>,
     pub gone: Vec<u64>,
 }
 
 /// Compares the cgroup's namespaces with the ones served (`served`, the agent's own aside).
-pub fn scan(cgroup: &Path, served: &HashSet<u64>) -> io::Result<Scan> {
+pub(super) fn scan(cgroup: &Path, served: &HashSet<u64>) -> io::Result<Scan> {
     let home = inode(Path::new("/proc/thread-self/ns/net"))?;
     let mut found = namespaces_in(cgroup);
     found.remove(&home);
