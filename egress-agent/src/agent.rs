@@ -179,9 +179,7 @@ async fn start_relay(
         cfg.relay,
         peers,
         relay_netns,
-        Some(relay::netns::Workloads {
-            cgroup: cfg.cgroup.clone(),
-        }),
+        cfg.cgroup.clone(),
         catalog.subscribe(),
         pipeline.records(),
         pipeline.cgroup_names(),

@@ -14,6 +14,7 @@ use std::{
     io,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     os::fd::AsFd as _,
+    path::PathBuf,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -33,7 +34,7 @@ use tokio::{
     time::{Instant, sleep, timeout_at},
 };
 
-use self::netns::{Netns, NetnsMap, Workloads};
+use self::netns::{Netns, NetnsMap};
 use crate::{
     agent::Status,
     events::{Catalog, CgroupNames, Record, Upstream},
@@ -167,15 +168,15 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 
 impl Relay {
     /// Serves `listeners`, in the agent's own network namespace, and tells the kernel (`netns`)
-    /// so steered connects from there come to them. With `workloads`, also listens in the other
-    /// namespaces the enforced cgroup's processes are in, as they come and go.
+    /// so steered connects from there come to them; also listens in the other namespaces the
+    /// processes of the enforced cgroup (`cgroup`, its directory) are in, as they come and go.
     #[expect(clippy::too_many_arguments, reason = "the relay's parts, each once")]
     pub fn spawn(
         listeners: Vec<TcpListener>,
         config: RelayConfig,
         peers: Peers,
         mut netns: NetnsMap,
-        workloads: Option<Workloads>,
+        cgroup: PathBuf,
         catalog: watch::Receiver<Arc<Catalog>>,
         records: mpsc::Sender<Record>,
         cgroups: Arc<Mutex<CgroupNames>>,
@@ -199,16 +200,9 @@ impl Relay {
         });
         let tasks = Arc::new(Tasks(Mutex::new(Some(JoinSet::new()))));
         accept_on(listeners, &home, &shared, &tasks);
-        if let Some(workloads) = workloads {
-            let watcher = watch_namespaces(
-                workloads,
-                port,
-                netns,
-                Arc::clone(&shared),
-                Arc::clone(&tasks),
-            );
-            tasks.spawn(Box::pin(watcher));
-        }
+        let watcher =
+            watch_namespaces(cgroup, port, netns, Arc::clone(&shared), Arc::clone(&tasks));
+        tasks.spawn(Box::pin(watcher));
         Ok(Relay { port, tasks })
     }
 
@@ -256,7 +250,7 @@ fn accept_on(
 /// process is left in, tells the kernel first and then closes the listeners (connections in
 /// progress go on). Runs until the relay stops.
 async fn watch_namespaces(
-    workloads: Workloads,
+    cgroup: PathBuf,
     port: u16,
     mut map: NetnsMap,
     shared: Arc<Shared>,
@@ -269,16 +263,16 @@ async fn watch_namespaces(
     loop {
         tick.tick().await;
         let known = served.keys().copied().collect();
-        let cgroup = workloads.cgroup.clone();
+        let dir = cgroup.clone();
         // Reading /proc for every process of a large cgroup blocks: off the runtime's workers.
-        let scan = match tokio::task::spawn_blocking(move || netns::scan(&cgroup, &known)).await {
+        let scan = match tokio::task::spawn_blocking(move || netns::scan(&dir, &known)).await {
             Ok(Ok(scan)) => scan,
             Ok(Err(e)) => {
-                log::warn!("relay: scanning {}: {e}", workloads.cgroup.display());
+                log::warn!("relay: scanning {}: {e}", cgroup.display());
                 continue;
             }
             Err(e) => {
-                log::error!("relay: scanning {}: {e}", workloads.cgroup.display());
+                log::error!("relay: scanning {}: {e}", cgroup.display());
                 continue;
             }
         };

@@ -14,7 +14,7 @@ use std::{
         fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
         unix::fs::MetadataExt as _,
     },
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, OnceLock},
     time::Duration,
 };
@@ -196,11 +196,4 @@ pub(super) fn scan(cgroup: &Path, served: &HashSet<u64>) -> io::Result<Scan> {
         .filter(|(ino, _)| !served.contains(ino))
         .collect();
     Ok(Scan { new, gone })
-}
-
-/// Where the relay looks for workloads' namespaces.
-#[derive(Debug, Clone)]
-pub struct Workloads {
-    /// The enforced cgroup's directory.
-    pub cgroup: PathBuf,
 }
