@@ -167,7 +167,7 @@ fn attach_found(datapath: &mut Datapath, patterns: Option<&[String]>) -> anyhow:
 async fn start_relay(
     cfg: &AgentConfig,
     peers: relay::Peers,
-    relay_netns: relay::netns::NetnsMap,
+    relay_netns: relay::netns::NetnsMaps,
     catalog: &watch::Sender<Arc<Catalog>>,
     pipeline: &Pipeline,
     status: &Arc<Status>,
@@ -263,6 +263,8 @@ impl Agent {
         };
         let relay_port = relay.port;
         let attached = async {
+            maps.set_relay_port(relay_port)
+                .context("writing the relay's port")?;
             let (metrics_task, metrics_addr) = match cfg.metrics {
                 Some(addr) => {
                     let listener = tokio::net::TcpListener::bind(addr)

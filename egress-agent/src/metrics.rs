@@ -63,6 +63,7 @@ pub struct Status {
     pub events_lost: Counter,
     pub log_errors: Counter,
     pub relay_namespaces: Gauge,
+    pub relay_namespaces_wanted: Counter,
 }
 
 impl Status {
@@ -129,6 +130,12 @@ impl Status {
             "relay_namespaces",
             "Network namespaces the relay listens in (the agent's own included)",
             self.relay_namespaces.clone(),
+        );
+        r.register(
+            "relay_namespaces_wanted",
+            "Network namespaces the relay started serving because a steered connect waited there \
+             (the others were found by its scan of the cgroup)",
+            self.relay_namespaces_wanted.clone(),
         );
         r.register(
             "relay_connections",

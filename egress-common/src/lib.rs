@@ -5,7 +5,7 @@
 /// Name of the policy LPM trie. A change to [`PolicyKey`] or [`PolicyValue`] gets a new version.
 pub const POLICY_MAP: &str = "EGRESS_POLICY_V1";
 /// Name of the single-entry [`Config`] array.
-pub const CONFIG_MAP: &str = "EGRESS_CONFIG_V3";
+pub const CONFIG_MAP: &str = "EGRESS_CONFIG_V4";
 /// Name of the per-CPU counters: slot 0 counts events lost, slots 1..=3 decisions by [`Verdict`].
 pub const COUNTERS_MAP: &str = "EGRESS_COUNTERS_V1";
 /// Name of the ring buffer of [`FlowEvent`]s.
@@ -14,16 +14,20 @@ pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V2";
 pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V3";
 /// Name of the LRU hash of steered connections by socket cookie → [`Steered`]: written at
 /// connect, read by getpeername, removed when the socket closes.
-pub const STEERED_MAP: &str = "EGRESS_STEERED_V2";
+pub const STEERED_MAP: &str = "EGRESS_STEERED_V3";
 /// Name of the LRU hash the relay reads: the client's end of a steered connection ([`RelayPeer`],
 /// as the relay's accept() sees it) → [`Steered`]. Written once the source port is known (sock_ops
 /// TCP_CONNECT_CB), removed when the client's socket closes: a record never outlives its
 /// connection.
-pub const RELAY_PEERS_MAP: &str = "EGRESS_RELAY_PEERS_V2";
+pub const RELAY_PEERS_MAP: &str = "EGRESS_RELAY_PEERS_V3";
 /// Name of the hash of the network namespaces the relay listens in: netns cookie → the relay's
 /// port on 127.0.0.1 and ::1 there (host order). A steered connect from a namespace without an
-/// entry is refused: the relay would not be reachable from it.
+/// entry is pointed at [`Config::relay_port`] there and held (see [`Steered::held_port`]).
 pub const RELAY_NETNS_MAP: &str = "EGRESS_RELAY_NETNS_V1";
+/// Name of the ring buffer of [`RelayWanted`]: namespaces a steered connect waits in, for the
+/// relay to serve at once rather than at its next scan. A hint: one lost to a full ring is
+/// found by that scan.
+pub const RELAY_WANTED_MAP: &str = "EGRESS_RELAY_WANTED_V1";
 /// Socket mark of the relay's own upstream connections: the hooks pass them as they are, or a
 /// relay enforcing on its own cgroup would steer its upstream calls back to itself. Setting a mark
 /// takes CAP_NET_ADMIN, which could detach the programs anyway.
@@ -144,7 +148,13 @@ pub struct Config {
     pub cgroup_id: u64,
     /// `CONFIG_*` bits.
     pub flags: u32,
-    pub pad: u32,
+    /// The port the relay takes in a namespace it starts serving (where free): a steered connect
+    /// from a namespace not served yet is pointed there and held. 0: no relay, such connects are
+    /// refused.
+    pub relay_port: u16,
+    /// The first SYN timeout of a held connect, in jiffies (0: the kernel's, 1 s): short, so the
+    /// connect goes on soon after the relay serves its namespace.
+    pub held_syn_rto: u16,
 }
 
 /// [`Config::flags`]: the socket hooks write no events and track no flows (decisions are
@@ -270,9 +280,23 @@ pub struct Steered {
     /// the binding so the socket reaches the relay on loopback; the relay's upstream connection
     /// takes it over.
     pub bound_if: u32,
-    pub pad2: u32,
+    /// Non-zero while the relay did not serve the client's namespace when it connected: the relay
+    /// port the connect was pointed at there ([`Config::relay_port`]). Its SYN is dropped (and
+    /// retried by TCP) until the relay serves that namespace on that port.
+    pub held_port: u16,
+    pub pad2: u16,
     /// The cookie of the client's network namespace, where the relay listens for it.
     pub netns: u64,
+}
+
+/// A steered connect waits in network namespace `netns`, which the relay does not serve yet;
+/// `pid`/`tid` is the thread that made it (in that namespace at the time).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayWanted {
+    pub netns: u64,
+    pub pid: u32,
+    pub tid: u32,
 }
 
 /// The client's end of a steered connection: its local address and port, in its network
@@ -346,6 +370,7 @@ const _: () = {
     assert!(core::mem::size_of::<Config>() == 24);
     assert!(core::mem::offset_of!(Config, flags) == 16);
     assert!(core::mem::offset_of!(Config, cgroup_id) == 8);
+    assert!(core::mem::offset_of!(Config, held_syn_rto) == 22);
     assert!(core::mem::size_of::<FlowEvent>() == 152);
     assert!(core::mem::offset_of!(FlowEvent, connects) == 144);
     assert!(core::mem::offset_of!(FlowEvent, proto) == 24);
@@ -356,6 +381,8 @@ const _: () = {
     assert!(core::mem::size_of::<Steered>() == 80);
     assert!(core::mem::offset_of!(Steered, netns) == 72);
     assert!(core::mem::offset_of!(Steered, cookie) == 24);
+    assert!(core::mem::offset_of!(Steered, held_port) == 68);
+    assert!(core::mem::size_of::<RelayWanted>() == 16);
     assert!(core::mem::size_of::<RelayPeer>() == 32);
     assert!(core::mem::offset_of!(RelayPeer, netns) == 24);
     assert!(core::mem::size_of::<FlowTuple>() == 40);
@@ -375,4 +402,5 @@ mod user {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::Steered {}
     unsafe impl aya::Pod for super::RelayPeer {}
+    unsafe impl aya::Pod for super::RelayWanted {}
 }

@@ -22,12 +22,12 @@ mod tc;
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock, cgroup_sock_addr, classifier, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockContext, SockOpsContext, TcContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext, TcContext},
 };
 use egress_common::{
     CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowTuple, PolicyKey, PolicyValue,
@@ -42,7 +42,7 @@ const POLICY_MAX_ENTRIES: u32 = 1 << 20;
 #[map(name = "EGRESS_POLICY_V1")]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(POLICY_MAX_ENTRIES, 0);
 
-#[map(name = "EGRESS_CONFIG_V3")]
+#[map(name = "EGRESS_CONFIG_V4")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "EGRESS_COUNTERS_V1")]
@@ -60,10 +60,10 @@ static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOWS_MAX_ENT
 #[map(name = "EGRESS_TUPLES_V1")]
 static TUPLES: LruHashMap<FlowTuple, u64> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
-#[map(name = "EGRESS_STEERED_V2")]
+#[map(name = "EGRESS_STEERED_V3")]
 static STEERED: LruHashMap<u64, Steered> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
-#[map(name = "EGRESS_RELAY_PEERS_V2")]
+#[map(name = "EGRESS_RELAY_PEERS_V3")]
 static RELAY_PEERS: LruHashMap<RelayPeer, Steered> =
     LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
@@ -71,6 +71,10 @@ const RELAY_NETNS_MAX_ENTRIES: u32 = 1 << 14;
 
 #[map(name = "EGRESS_RELAY_NETNS_V1")]
 static RELAY_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(RELAY_NETNS_MAX_ENTRIES, 0);
+
+/// 64 KiB: a multiple of every page size, room for thousands of hints.
+#[map(name = "EGRESS_RELAY_WANTED_V1")]
+static RELAY_WANTED: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
@@ -126,16 +130,29 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let config = CONFIG.get(0);
     if matches!(decision.verdict, Verdict::Steer) {
-        // Only a TCP connect can be steered (the compiler never steers UDP). Without a relay
-        // listening in the socket's network namespace, or a record of the original destination,
-        // the connection is refused, never let through.
+        // Only a TCP connect can be steered (the compiler never steers UDP). Without a relay, or
+        // a record of the original destination, the connection is refused, never let through.
         // SAFETY: the program's own context.
         let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
         // SAFETY: a valid map value, copied out.
-        let relay_port = unsafe { RELAY_NETNS.get(&netns) }.map_or(0, |&p| p as u16);
-        if !(matches!(kind, EventKind::Connect)
+        let relay = match unsafe { RELAY_NETNS.get(&netns) } {
+            Some(&port) => steer::Relay {
+                port: port as u16,
+                netns,
+                held: false,
+            },
+            // A namespace the relay does not serve yet: pointed where the relay will listen
+            // there, and held until it does.
+            None => steer::Relay {
+                port: config.map_or(0, |c| c.relay_port),
+                netns,
+                held: true,
+            },
+        };
+        let held = relay.held;
+        if matches!(kind, EventKind::Connect)
             && proto == IPPROTO_TCP
-            && relay_port != 0
+            && relay.port != 0
             && steer::redirect(
                 ctx.sock_addr,
                 cookie,
@@ -143,12 +160,13 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
                 addr,
                 port_be,
                 decision.rule_id,
-                steer::Relay {
-                    port: relay_port,
-                    netns,
-                },
-            ))
+                relay,
+            )
         {
+            if held {
+                steer::want(netns);
+            }
+        } else {
             decision.verdict = Verdict::Deny;
         }
     }
@@ -207,6 +225,13 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
                 let _ = ctx.set_cb_flags(flags as i32);
             }
         }
+        // Before the first SYN: a held connect's is dropped until the relay serves its
+        // namespace, so TCP should send it again soon.
+        BPF_SOCK_OPS_TIMEOUT_INIT if steer::is_held(cookie) => {
+            if let Some(rto) = CONFIG.get(0).map(|c| c.held_syn_rto).filter(|&r| r != 0) {
+                ctx.set_reply(u32::from(rto));
+            }
+        }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             steer::forget(ctx.ops, cookie);
             events::close_flow(cookie);
@@ -214,6 +239,13 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+/// Holds the SYN of a steered connect from a namespace the relay did not serve when it connected.
+/// Every other packet passes: the socket hooks and TC judge them.
+#[cgroup_skb(egress)]
+pub fn hold_syn(ctx: SkBuffContext) -> i32 {
+    steer::syn_passes(ctx.skb.skb)
 }
 
 /// Reports UDP flows when their socket is released, and TCP ones that never left CLOSE (a connect

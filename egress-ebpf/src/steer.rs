@@ -1,16 +1,23 @@
 //! Steering: a connect to a steered destination is rewritten to the agent's relay on loopback,
 //! and the original destination is kept in the kernel for the relay (by the client's address and
 //! port, once known) and for getpeername (by socket cookie). Both records go when the socket does.
+//!
+//! The relay listens in a workload's network namespace once it has found a process of the
+//! enforced cgroup there. A steered connect from a namespace it has not found yet (a process that
+//! has just entered it) is pointed where the relay will listen there and held: the relay is asked
+//! to serve that namespace at once, its SYN is dropped until it does, and TCP sends the SYN again
+//! after a short first timeout. Nothing leaves meanwhile; a relay that never comes leaves the
+//! connect to time out.
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, bpf_sock_ops},
+    bindings::{__sk_buff, BPF_RB_FORCE_WAKEUP, BPF_TCP_SYN_SENT, bpf_sock_addr, bpf_sock_ops},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_cgroup_id, bpf_setsockopt},
+        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_setsockopt},
     },
 };
-use egress_common::{RelayPeer, Steered, map_v4};
+use egress_common::{RelayPeer, RelayWanted, Steered, map_v4};
 
-use crate::{RELAY_PEERS, STEERED};
+use crate::{RELAY_NETNS, RELAY_PEERS, RELAY_WANTED, STEERED};
 
 /// 127.0.0.1 as `user_ip4` holds it (network order in memory).
 const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -23,6 +30,8 @@ const SO_BINDTOIFINDEX: i32 = 62;
 pub struct Relay {
     pub port: u16,
     pub netns: u64,
+    /// Not yet: `port` is where it will.
+    pub held: bool,
 }
 
 /// Records the original destination and points the connect at the relay. False when the record
@@ -76,6 +85,7 @@ pub fn redirect(
         } else {
             bound_if
         },
+        held_port: if relay.held { relay.port } else { 0 },
         pad2: 0,
         netns: relay.netns,
     };
@@ -96,6 +106,60 @@ pub fn redirect(
         }
     }
     true
+}
+
+/// Asks the relay to serve namespace `netns`, which the current thread's steered connect waits
+/// in. A hint lost to a full ring is made good by the relay's next scan of the cgroup.
+#[inline(always)]
+pub fn want(netns: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let wanted = RelayWanted {
+        netns,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+    };
+    let _ = RELAY_WANTED.output::<RelayWanted>(&wanted, BPF_RB_FORCE_WAKEUP as u64);
+}
+
+/// Whether the socket is a steered connect being held.
+#[inline(always)]
+pub fn is_held(cookie: u64) -> bool {
+    // SAFETY: a valid map value, read once.
+    STEERED
+        .get_ptr(&cookie)
+        .is_some_and(|r| unsafe { (*r).held_port } != 0)
+}
+
+/// Whether an outgoing packet passes the hold: anything but the SYN of a held connect passes,
+/// and that SYN once the relay listens in the connect's namespace on the port it was pointed at.
+/// On another port the SYN would reach whatever the workload has there: it stays held, and the
+/// connect times out.
+#[inline(always)]
+pub fn syn_passes(skb: *mut __sk_buff) -> i32 {
+    // SAFETY: the program's own context; `sk` may be null, and a socket's state is readable
+    // from its common part.
+    let syn_sent = unsafe {
+        let sk = (*skb).__bindgen_anon_2.sk;
+        !sk.is_null() && (*sk).state == BPF_TCP_SYN_SENT
+    };
+    if !syn_sent {
+        return 1;
+    }
+    // SAFETY: the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    let Some(record) = STEERED.get_ptr(&cookie) else {
+        return 1;
+    };
+    // SAFETY: a valid map value.
+    let (held, netns) = unsafe { ((*record).held_port, (*record).netns) };
+    if held == 0 {
+        return 1;
+    }
+    // SAFETY: a valid map value, copied out.
+    match unsafe { RELAY_NETNS.get(&netns) } {
+        Some(&port) if port == u32::from(held) => 1,
+        _ => 0,
+    }
 }
 
 /// Once TCP has chosen the source port (TCP_CONNECT_CB), files the record under the client's

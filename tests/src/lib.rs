@@ -217,14 +217,7 @@ impl World {
     /// Runs `f` on a thread that lives in the world's network namespace, so the sockets it makes
     /// belong there.
     fn in_world<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = fs::File::open(&path).expect("open netns");
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("netns thread")
+        in_netns(format!("/run/netns/{}", self.name), f)
     }
 
     /// An agent's configuration for this world: `policy` (YAML) in a fresh directory, `mode`,
@@ -400,6 +393,20 @@ impl Pod {
         ))
     }
 
+    /// The namespace's file, for setns(2).
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// A listener on `addr` in this namespace, made by the test itself (no workload).
+    pub fn listen(&self, addr: SocketAddr) -> TcpListener {
+        in_netns(self.path(), move || {
+            let l = TcpListener::bind(addr).expect("bind in pod");
+            l.set_nonblocking(true).expect("nonblocking");
+            l
+        })
+    }
+
     /// `program` set up to run in this namespace, inside `cgroup` if given.
     pub fn command(&self, cgroup: Option<&TestCgroup>, program: impl AsRef<Path>) -> Command {
         let mut cmd = Command::new("ip");
@@ -412,6 +419,18 @@ impl Pod {
         }
         cmd
     }
+}
+
+/// Runs `f` on a thread that lives in network namespace `path`, so the sockets it makes belong
+/// there.
+fn in_netns<T: Send + 'static>(path: String, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        let ns = fs::File::open(&path).expect("open netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
 }
 
 impl Drop for Pod {

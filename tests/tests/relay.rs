@@ -487,6 +487,72 @@ async fn a_workload_in_its_own_network_namespace_is_relayed_from_there() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steered_connect_from_a_namespace_not_served_yet_waits_for_the_relay() {
+    let f = fixture("netns-new");
+    let cg = TestCgroup::new("relay-netns-new");
+    let log = log_path("relay-netns-new");
+    let pod = f.w.pod();
+    let a = agent(&f, &cg, &log).await;
+    let ca = f.pki.ca_pem.to_string_lossy().into_owned();
+    // The probe joins the cgroup, enters the pod's namespace and connects at once: the relay's
+    // scan (every 500 ms) has not found the namespace, and before the hold the kernel refused
+    // the connect ("denied").
+    let dst = at(f.w.v4(20), 443);
+    let got = cg.probe(&["--netns", &pod.path(), "tls", &dst, "tls.test", &ca]);
+    assert_eq!(got, "ok:sni=tls.test");
+    wait_for(
+        "the pod's namespace served on the kernel's word",
+        Duration::from_secs(5),
+        || a.status.relay_namespaces_wanted.get() == 1 && a.status.relay_namespaces.get() == 2,
+    );
+    let r = relay_record(&log, "relay record", |r| {
+        r.dst.as_deref() == Some(dst.as_str())
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(r.upstream.as_deref(), Some(dst.as_str()), "{r:?}");
+    let peers: Vec<IpAddr> = f.tls4.peers().iter().map(SocketAddr::ip).collect();
+    assert_eq!(
+        peers,
+        [pod.v4()],
+        "the upstream connection left from the pod"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_connect_never_reaches_what_the_workload_has_on_the_relays_port() {
+    let f = fixture("netns-taken");
+    let cg = TestCgroup::new("relay-netns-taken");
+    let log = log_path("relay-netns-taken");
+    let pod = f.w.pod();
+    let a = agent(&f, &cg, &log).await;
+    let ca = f.pki.ca_pem.to_string_lossy().into_owned();
+    // Something in the pod already listens where the relay would: the relay serves the pod on
+    // another port, and the connect held on this one must not be let through to it.
+    let squatter = pod.listen(SocketAddr::from(([127, 0, 0, 1], a.relay_port)));
+    let dst = at(f.w.v4(20), 443);
+    let got = cg.probe(&["--netns", &pod.path(), "tls", &dst, "tls.test", &ca]);
+    assert_eq!(got, "timeout", "the held connect waits, then fails");
+    assert_eq!(
+        squatter.accept().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::WouldBlock),
+        "the workload's listener got the steered connection"
+    );
+    assert!(f.tls4.names().is_empty(), "nothing reached the upstream");
+    // The pod is served on the other port now: the next connect goes through the relay.
+    wait_for("the pod's namespace served", Duration::from_secs(5), || {
+        a.status.relay_namespaces.get() == 2
+    });
+    let got = cg.probe(&["--netns", &pod.path(), "tls", &dst, "tls.test", &ca]);
+    assert_eq!(got, "ok:sni=tls.test");
+    assert_eq!(
+        squatter.accept().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::WouldBlock),
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_sends_no_hello_is_cut_at_the_limit() {
     let f = fixture("silent");
     let cg = TestCgroup::new("relay-silent");

@@ -9,16 +9,16 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier, SockOps,
-        TcAttachType, tc,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        SchedClassifier, SockOps, TcAttachType, tc,
     },
     util::KernelVersion,
 };
-use egress_common::{EVENTS_MAP, RELAY_NETNS_MAP, RELAY_PEERS_MAP};
+use egress_common::{EVENTS_MAP, RELAY_NETNS_MAP, RELAY_PEERS_MAP, RELAY_WANTED_MAP};
 
 use crate::{
     maps::{self, Counters, KernelMaps, MapsError},
-    relay::{Peers, netns::NetnsMap},
+    relay::{Peers, netns::NetnsMaps},
 };
 
 /// The cgroup sock_addr programs, by their function names in egress-ebpf.
@@ -32,6 +32,7 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 ];
 const SOCK_OPS_PROGRAM: &str = "tcp_state";
 const SOCK_RELEASE_PROGRAM: &str = "sock_release";
+const HOLD_SYN_PROGRAM: &str = "hold_syn";
 const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("tc_egress", TcAttachType::Egress),
     ("tc_ingress", TcAttachType::Ingress),
@@ -89,8 +90,8 @@ pub struct Loaded {
     pub events: RingBuf<MapData>,
     /// The relay's view of steered connections.
     pub peers: Peers,
-    /// Where the relay listens, by network namespace.
-    pub relay_netns: NetnsMap,
+    /// Where the relay listens, by network namespace, and where it is wanted.
+    pub relay_netns: NetnsMaps,
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
@@ -138,6 +139,12 @@ impl Datapath {
                 name: SOCK_RELEASE_PROGRAM,
                 source,
             })?;
+        program::<CgroupSkb>(&mut ebpf, HOLD_SYN_PROGRAM)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: HOLD_SYN_PROGRAM,
+                source,
+            })?;
         for (name, _) in TC_PROGRAMS {
             program::<SchedClassifier>(&mut ebpf, name)?
                 .load()
@@ -147,7 +154,10 @@ impl Datapath {
         let counters = Counters::take(&mut ebpf)?;
         let events = maps::open(&mut ebpf, EVENTS_MAP)?;
         let peers = maps::open(&mut ebpf, RELAY_PEERS_MAP)?;
-        let relay_netns = maps::open(&mut ebpf, RELAY_NETNS_MAP)?;
+        let relay_netns = NetnsMaps {
+            served: maps::open(&mut ebpf, RELAY_NETNS_MAP)?,
+            wanted: maps::open(&mut ebpf, RELAY_WANTED_MAP)?,
+        };
         Ok(Loaded {
             datapath: Self {
                 ebpf,
@@ -189,11 +199,12 @@ impl Datapath {
         program::<CgroupSock>(&mut self.ebpf, SOCK_RELEASE_PROGRAM)?
             .attach(&file, CgroupAttachMode::Single)
             .map_err(attach_err(SOCK_RELEASE_PROGRAM))?;
+        program::<CgroupSkb>(&mut self.ebpf, HOLD_SYN_PROGRAM)?
+            .attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+            .map_err(attach_err(HOLD_SYN_PROGRAM))?;
         Ok(())
     }
 
-    /// Attaches the TC programs to an interface: as TCX links where the kernel has them (6.6+),
-    /// else under a clsact qdisc.
     /// The interfaces the TC programs are on, by their names now.
     pub fn ifaces(&self) -> Vec<String> {
         self.ifaces
@@ -208,7 +219,8 @@ impl Datapath {
         nix::net::if_::if_nametoindex(iface).is_ok_and(|i| self.ifaces.contains(&i))
     }
 
-    /// Attaches the TC programs to `iface`; nothing to do when they are on it already.
+    /// Attaches the TC programs to `iface` (as TCX links where the kernel has them, 6.6+, else
+    /// under a clsact qdisc); nothing to do when they are on it already.
     pub fn attach_iface(&mut self, iface: &str) -> Result<(), DatapathError> {
         if self.has_iface(iface) {
             return Ok(());

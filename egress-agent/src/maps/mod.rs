@@ -1,5 +1,5 @@
 //! The only module that touches `aya::maps`: applies desired entries to the kernel's policy map.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use aya::{
     Ebpf,
@@ -104,7 +104,8 @@ impl KernelMaps {
                 cgroup_level: 0,
                 cgroup_id: 0,
                 flags: 0,
-                pad: 0,
+                relay_port: 0,
+                held_syn_rto: 0,
             },
             current: Entries::new(),
         })
@@ -162,6 +163,17 @@ impl KernelMaps {
         })
     }
 
+    /// Where the relay listens in a namespace it starts serving: a steered connect from a
+    /// namespace not served yet is pointed there and held, its SYN sent again after
+    /// [`HELD_SYN_RTO`] while the relay is not there yet.
+    pub fn set_relay_port(&mut self, port: u16) -> Result<(), MapsError> {
+        self.write_config(Config {
+            relay_port: port,
+            held_syn_rto: jiffies(HELD_SYN_RTO),
+            ..self.written
+        })
+    }
+
     /// Turns the socket hooks' events and flow tracking off (the events benchmark's baseline).
     pub fn set_events_off(&mut self, off: bool) -> Result<(), MapsError> {
         let flags = if off {
@@ -188,5 +200,44 @@ impl KernelMaps {
 
     pub fn entries(&self) -> usize {
         self.current.len()
+    }
+}
+
+/// The first SYN timeout of a held connect. Doubled at each retry, TCP's six SYN retries give the
+/// relay about 1.3 s to serve the namespace (it scans every 500 ms, and is asked at once).
+pub const HELD_SYN_RTO: Duration = Duration::from_millis(10);
+
+/// `d` in the kernel's jiffies, at least one; 0 (the kernel's default) if the tick is unknown.
+/// The coarse clocks advance one jiffy at a time, so their resolution is the tick.
+fn jiffies(d: Duration) -> u16 {
+    match nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE) {
+        Ok(tick) => {
+            let tick = Duration::from(tick);
+            if tick.is_zero() {
+                0
+            } else {
+                d.as_nanos()
+                    .div_ceil(tick.as_nanos())
+                    .clamp(1, u128::from(u16::MAX)) as u16
+            }
+        }
+        Err(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_is_the_kernels_tick_rate_in_jiffies() {
+        // CONFIG_HZ is one of these on every kernel built from Kconfig's choices.
+        let hz = jiffies(Duration::from_secs(1));
+        assert!([100, 250, 300, 1000].contains(&hz), "HZ {hz}");
+        assert_eq!(jiffies(Duration::from_nanos(1)), 1, "at least a jiffy");
+        assert_eq!(
+            jiffies(HELD_SYN_RTO),
+            (u32::from(hz) * 10).div_ceil(1000) as u16
+        );
     }
 }

@@ -34,7 +34,7 @@ use tokio::{
     time::{Instant, sleep, timeout_at},
 };
 
-use self::netns::{Netns, NetnsMap};
+use self::netns::{Netns, NetnsMap, NetnsMaps};
 use crate::{
     agent::Status,
     events::{Catalog, CgroupNames, Record, Upstream},
@@ -175,7 +175,7 @@ impl Relay {
         listeners: Vec<TcpListener>,
         config: RelayConfig,
         peers: Peers,
-        mut netns: NetnsMap,
+        mut netns: NetnsMaps,
         cgroup: PathBuf,
         catalog: watch::Receiver<Arc<Catalog>>,
         records: mpsc::Sender<Record>,
@@ -188,6 +188,7 @@ impl Relay {
         let port = first.local_addr()?.port();
         let home = Arc::new(Netns::home(first.as_fd())?);
         netns
+            .served
             .insert(home.cookie, u32::from(port), 0)
             .map_err(io::Error::other)?;
         let shared = Arc::new(Shared {
@@ -246,41 +247,125 @@ fn accept_on(
 }
 
 /// Keeps the relay listening in every namespace a process of the enforced cgroup is in: scans
-/// the cgroup, listens in the namespaces that appeared and tells the kernel, and for the ones no
-/// process is left in, tells the kernel first and then closes the listeners (connections in
-/// progress go on). Runs until the relay stops.
+/// the cgroup, and serves at once a namespace the kernel says a steered connect waits in. Listens
+/// in the namespaces that appeared and tells the kernel; for the ones no process is left in, tells
+/// the kernel first and then closes the listeners (connections in progress go on). Runs until the
+/// relay stops.
 async fn watch_namespaces(
     cgroup: PathBuf,
     port: u16,
-    mut map: NetnsMap,
+    maps: NetnsMaps,
     shared: Arc<Shared>,
     tasks: Arc<Tasks>,
 ) {
-    let mut served: HashMap<u64, (u64, Vec<Arc<Listener>>)> = HashMap::new();
-    // Namespaces whose failure was logged: logged once, retried at every scan.
-    let mut failed = std::collections::HashSet::new();
+    let NetnsMaps {
+        served: map,
+        wanted,
+    } = maps;
+    // SAFETY: the RingBuf owns its map fd and keeps it open, unreplaced, while AsyncFd owns it.
+    let mut wanted = match unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(wanted, tokio::io::Interest::READABLE)
+    } {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::warn!(
+                "relay: cannot watch for steered connects waiting on a namespace ({e}); \
+                 they wait for the next scan"
+            );
+            None
+        }
+    };
+    let home = match netns::inode(std::path::Path::new("/proc/thread-self/ns/net")) {
+        Ok(ino) => ino,
+        Err(e) => {
+            log::error!("relay: the agent's own network namespace: {e}; no other is served");
+            return;
+        }
+    };
+    let mut w = Watcher {
+        home,
+        port,
+        map,
+        served: HashMap::new(),
+        failed: std::collections::HashSet::new(),
+        shared,
+        tasks,
+    };
     let mut tick = tokio::time::interval(netns::SCAN_INTERVAL);
     loop {
-        tick.tick().await;
-        let known = served.keys().copied().collect();
-        let dir = cgroup.clone();
-        // Reading /proc for every process of a large cgroup blocks: off the runtime's workers.
-        let scan = match tokio::task::spawn_blocking(move || netns::scan(&dir, &known)).await {
-            Ok(Ok(scan)) => scan,
-            Ok(Err(e)) => {
-                log::warn!("relay: scanning {}: {e}", cgroup.display());
-                continue;
+        let asked = async {
+            match wanted.as_mut() {
+                Some(fd) => fd.readable_mut().await.map(|mut guard| {
+                    let mut paths = Vec::new();
+                    while let Some(item) = guard.get_inner_mut().next() {
+                        paths.extend(netns::wanted_path(&item));
+                    }
+                    guard.clear_ready();
+                    paths
+                }),
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            _ = tick.tick() => w.scan(&cgroup).await,
+            paths = asked => match paths {
+                Ok(paths) => {
+                    for path in paths {
+                        // A thread gone meanwhile has nothing waiting.
+                        if let Ok(ino) = netns::inode(&path)
+                            && ino != w.home
+                            && !w.served.contains_key(&ino)
+                            && w.serve(ino, &path)
+                        {
+                            w.shared.status.relay_namespaces_wanted.inc();
+                        }
+                    }
+                }
+                Err(e) => {
+                    log::warn!("relay: waiting on the kernel's namespace hints: {e}");
+                    wanted = None;
+                }
+            },
+        }
+        w.shared
+            .status
+            .relay_namespaces
+            .set(1 + w.served.len() as i64);
+    }
+}
+
+/// The namespaces the relay serves besides the agent's own.
+struct Watcher {
+    /// The agent's own namespace (its inode), served from the start.
+    home: u64,
+    port: u16,
+    map: NetnsMap,
+    /// By namespace inode: its cookie and the listeners there.
+    served: HashMap<u64, (u64, Vec<Arc<Listener>>)>,
+    /// Namespaces whose failure was logged: logged once, retried at every scan.
+    failed: std::collections::HashSet<u64>,
+    shared: Arc<Shared>,
+    tasks: Arc<Tasks>,
+}
+
+impl Watcher {
+    async fn scan(&mut self, cgroup: &std::path::Path) {
+        let known = self.served.keys().copied().collect();
+        let (dir, home) = (cgroup.to_owned(), self.home);
+        // Reading /proc for every process of a large cgroup blocks: off the runtime's workers.
+        let scan = match tokio::task::spawn_blocking(move || netns::scan(&dir, home, &known)).await
+        {
+            Ok(scan) => scan,
             Err(e) => {
                 log::error!("relay: scanning {}: {e}", cgroup.display());
-                continue;
+                return;
             }
         };
         for ino in scan.gone {
-            let Some((cookie, listeners)) = served.remove(&ino) else {
+            let Some((cookie, listeners)) = self.served.remove(&ino) else {
                 continue;
             };
-            if let Err(e) = map.remove(&cookie) {
+            if let Err(e) = self.map.remove(&cookie) {
                 log::warn!("relay: forgetting network namespace {ino}: {e}");
             }
             for listener in listeners {
@@ -289,34 +374,45 @@ async fn watch_namespaces(
             log::info!("relay: network namespace {ino} has no enforced process left; not served");
         }
         // Forget the failures of namespaces gone meanwhile: an inode may name a new one later.
-        failed.retain(|ino| scan.new.iter().any(|(new, _)| new == ino));
-        for (ino, pid) in scan.new {
-            let made = netns::serve(ino, pid, port, bind).and_then(|s| {
-                map.insert(s.netns.cookie, u32::from(s.port), 0)
-                    .map_err(io::Error::other)?;
-                Ok(s)
-            });
-            match made {
-                Ok(s) => {
-                    log::info!(
-                        "relay: listening on port {} in network namespace {ino} (of pid {pid})",
-                        s.port
+        self.failed
+            .retain(|ino| scan.new.iter().any(|(new, _)| new == ino));
+        for (ino, path) in scan.new {
+            self.serve(ino, &path);
+        }
+    }
+
+    /// Listens in namespace `ino`, opened through `path`, and tells the kernel. Returns whether it
+    /// does.
+    fn serve(&mut self, ino: u64, path: &std::path::Path) -> bool {
+        let made = netns::serve(ino, path, self.port, bind).and_then(|s| {
+            self.map
+                .insert(s.netns.cookie, u32::from(s.port), 0)
+                .map_err(io::Error::other)?;
+            Ok(s)
+        });
+        match made {
+            Ok(s) => {
+                log::info!(
+                    "relay: listening on port {} in network namespace {ino} (of {})",
+                    s.port,
+                    path.display()
+                );
+                self.failed.remove(&ino);
+                let listeners = accept_on(s.listeners, &s.netns, &self.shared, &self.tasks);
+                self.served.insert(ino, (s.netns.cookie, listeners));
+                true
+            }
+            Err(e) => {
+                if self.failed.insert(ino) {
+                    log::warn!(
+                        "relay: cannot listen in network namespace {ino} (of {}): {e}; its \
+                         steered connections wait, then fail",
+                        path.display()
                     );
-                    failed.remove(&ino);
-                    let listeners = accept_on(s.listeners, &s.netns, &shared, &tasks);
-                    served.insert(ino, (s.netns.cookie, listeners));
                 }
-                Err(e) => {
-                    if failed.insert(ino) {
-                        log::warn!(
-                            "relay: cannot listen in network namespace {ino} (of pid {pid}): \
-                             {e}; its steered connections are refused"
-                        );
-                    }
-                }
+                false
             }
         }
-        shared.status.relay_namespaces.set(1 + served.len() as i64);
     }
 }
 

@@ -5,8 +5,8 @@
 //! the kernel each one's port (`RELAY_NETNS_MAP`, by namespace cookie), and makes each relayed
 //! connection's upstream socket in the client's namespace, so it leaves as the client's own would
 //! have: by that namespace's routes and interfaces, from its addresses. A namespace the relay does
-//! not serve yet (a process that has just entered it, between two scans) gets its steered
-//! connects refused, never let through.
+//! not serve yet (a process that has just entered it) has its steered connects held in the
+//! kernel and the relay asked to serve it at once (`RELAY_WANTED_MAP`); the scan finds it too.
 use std::{
     collections::{HashMap, HashSet},
     fs, io,
@@ -14,17 +14,38 @@ use std::{
         fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
         unix::fs::MetadataExt as _,
     },
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, OnceLock},
     time::Duration,
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use egress_common::RelayWanted;
 use nix::sched::{CloneFlags, setns};
 use tokio::net::TcpListener;
 
 /// The kernel's map of the namespaces the relay listens in: netns cookie → port.
 pub type NetnsMap = BpfHashMap<MapData, u64, u32>;
+
+/// The kernel's side of the namespaces the relay serves.
+pub struct NetnsMaps {
+    pub served: NetnsMap,
+    /// Namespaces steered connects wait in ([`RelayWanted`]).
+    pub wanted: RingBuf<MapData>,
+}
+
+/// The namespace file of the thread a [`RelayWanted`] names, from the ring's bytes.
+pub(super) fn wanted_path(item: &[u8]) -> Option<PathBuf> {
+    if item.len() < size_of::<RelayWanted>() {
+        return None;
+    }
+    // SAFETY: the programs write whole RelayWanteds; read unaligned from the ring's bytes.
+    let wanted: RelayWanted = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+    Some(PathBuf::from(format!(
+        "/proc/{}/task/{}/ns/net",
+        wanted.pid, wanted.tid
+    )))
+}
 
 /// How often the enforced cgroup is scanned for namespaces that came or went.
 pub(super) const SCAN_INTERVAL: Duration = Duration::from_millis(500);
@@ -105,21 +126,22 @@ fn cookie(socket: BorrowedFd) -> io::Result<u64> {
 }
 
 /// The inode of a namespace file (`/proc/PID/ns/net`, or an open one): its identity.
-fn inode(path: &Path) -> io::Result<u64> {
+pub(super) fn inode(path: &Path) -> io::Result<u64> {
     Ok(fs::metadata(path)?.ino())
 }
 
-/// The namespaces the processes of cgroup `dir` and its descendants are in, each with one
-/// process in it.
-fn namespaces_in(dir: &Path) -> HashMap<u64, u32> {
+/// The namespaces the processes of cgroup `dir` and its descendants are in, each with the
+/// namespace file of one process in it.
+fn namespaces_in(dir: &Path) -> HashMap<u64, PathBuf> {
     let mut found = HashMap::new();
     let mut dirs = vec![dir.to_owned()];
     while let Some(dir) = dirs.pop() {
         // A cgroup removed meanwhile has no processes left to find.
         if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
             for pid in procs.lines().filter_map(|l| l.parse::<u32>().ok()) {
-                if let Ok(ino) = inode(Path::new(&format!("/proc/{pid}/ns/net"))) {
-                    found.entry(ino).or_insert(pid);
+                let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                if let Ok(ino) = inode(&path) {
+                    found.entry(ino).or_insert(path);
                 }
             }
         }
@@ -142,15 +164,16 @@ pub(super) struct Served {
     pub listeners: Vec<TcpListener>,
 }
 
-/// Opens namespace `ino` through process `pid` (checking the process did not move meanwhile)
-/// and makes the relay's listeners in it, on `port` if free there, else on one the kernel picks.
+/// Opens namespace `ino` through a process's namespace file `path` (checking the process did not
+/// move meanwhile) and makes the relay's listeners in it, on `port` if free there, else on one the
+/// kernel picks.
 pub(super) fn serve(
     ino: u64,
-    pid: u32,
+    path: &Path,
     port: u16,
     listen: impl Fn(u16) -> io::Result<Vec<TcpListener>>,
 ) -> io::Result<Served> {
-    let file = fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    let file = fs::File::open(path)?;
     if file.metadata()?.ino() != ino {
         return Err(io::Error::other("the process moved to another namespace"));
     }
@@ -174,16 +197,16 @@ pub(super) fn serve(
     })
 }
 
-/// What a scan changes: the namespaces to serve (inode, a process in it) and the ones no process
-/// of the cgroup is in any more.
+/// What a scan changes: the namespaces to serve (inode, a process's namespace file) and the ones
+/// no process of the cgroup is in any more.
 pub(super) struct Scan {
-    pub new: Vec<(u64, u32)>,
+    pub new: Vec<(u64, PathBuf)>,
     pub gone: Vec<u64>,
 }
 
-/// Compares the cgroup's namespaces with the ones served (`served`, the agent's own aside).
-pub(super) fn scan(cgroup: &Path, served: &HashSet<u64>) -> io::Result<Scan> {
-    let home = inode(Path::new("/proc/thread-self/ns/net"))?;
+/// Compares the cgroup's namespaces with the ones served (`served`), the agent's own (`home`)
+/// aside.
+pub(super) fn scan(cgroup: &Path, home: u64, served: &HashSet<u64>) -> Scan {
     let mut found = namespaces_in(cgroup);
     found.remove(&home);
     let gone = served
@@ -195,5 +218,5 @@ pub(super) fn scan(cgroup: &Path, served: &HashSet<u64>) -> io::Result<Scan> {
         .into_iter()
         .filter(|(ino, _)| !served.contains(ino))
         .collect();
-    Ok(Scan { new, gone })
+    Scan { new, gone }
 }

@@ -23,6 +23,7 @@
 //!                                         `BYTES SECONDS`
 //!   egress-probe hello-echo ADDR:PORT NAME N   send a ClientHello for NAME and N patterned
 //!                                         bytes, half-close, expect the N bytes back then EOF
+//!   egress-probe --netns PATH MODE ...   enters network namespace PATH (setns), then runs MODE
 //!   egress-probe hello-rate ADDR:PORT NAME N C   N connections (C at a time), each a ClientHello
 //!                                         and a read to EOF; prints `SECONDS P50_US P99_US` of
 //!                                         the time from connect() to the first byte back
@@ -565,7 +566,21 @@ fn peer(addr: SocketAddr) -> String {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--netns") {
+        let Some(path) = args.get(1) else {
+            return usage();
+        };
+        // The mode's sockets are made in that namespace, right after entering it.
+        let entered = std::fs::File::open(path).and_then(|ns| {
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+        });
+        if let Err(e) = entered {
+            println!("error:entering {path}: {e}");
+            return ExitCode::FAILURE;
+        }
+        args.drain(..2);
+    }
     let addr = |i: usize| -> Option<SocketAddr> { args.get(i)?.parse().ok() };
     let out = match (args.first().map(String::as_str), addr(1)) {
         (Some("tcp"), Some(a)) => tcp(a),
@@ -629,7 +644,8 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: egress-probe tcp|tcp-hold|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | \
+        "usage: egress-probe [--netns PATH] MODE, MODE one of: \
+         tcp|tcp-hold|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | \
          bench-connect ADDR:PORT N | ping ADDR | transfer ADDR:PORT N | \
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
          hello-bulk ADDR:PORT NAME | hello-rate ADDR:PORT NAME N C"
