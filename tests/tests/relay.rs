@@ -110,15 +110,30 @@ fn fixture(tag: &str) -> Fixture {
 }
 
 async fn agent(f: &Fixture, cg: &TestCgroup, log: &Path) -> Agent {
+    agent_with(f, cg, log, RelayConfig::default()).await
+}
+
+/// An agent whose relay has `relay`'s settings, but for a 500 ms limit on the ClientHello.
+async fn agent_with(f: &Fixture, cg: &TestCgroup, log: &Path, relay: RelayConfig) -> Agent {
     Agent::start(AgentConfig {
         relay: RelayConfig {
             hello_timeout: Duration::from_millis(500),
-            ..RelayConfig::default()
+            ..relay
         },
         ..f.w.agent_config(POLICY, Mode::RegistryOnly, cg, Some(log))
     })
     .await
     .expect("agent starts")
+}
+
+/// An agent whose relay finds new namespaces only on the kernel's hint: its scan of the cgroup
+/// runs once, at the start.
+async fn agent_without_scan(f: &Fixture, cg: &TestCgroup, log: &Path) -> Agent {
+    let relay = RelayConfig {
+        scan_interval: Duration::from_secs(3600),
+        ..RelayConfig::default()
+    };
+    agent_with(f, cg, log, relay).await
 }
 
 /// curl in the cgroup: `https://NAME/`, NAME pinned to `ip`, trusting the run's CA.
@@ -492,10 +507,10 @@ async fn a_steered_connect_from_a_namespace_not_served_yet_waits_for_the_relay()
     let cg = TestCgroup::new("relay-netns-new");
     let log = log_path("relay-netns-new");
     let pod = f.w.pod();
-    let a = agent(&f, &cg, &log).await;
+    let a = agent_without_scan(&f, &cg, &log).await;
     let ca = f.pki.ca_pem.to_string_lossy().into_owned();
-    // The probe joins the cgroup, enters the pod's namespace and connects at once: the relay's
-    // scan (every 500 ms) has not found the namespace, and before the hold the kernel refused
+    // The probe joins the cgroup, enters the pod's namespace and connects at once: the relay has
+    // not found the namespace (it does not scan again), and before the hold the kernel refused
     // the connect ("denied").
     let dst = at(f.w.v4(20), 443);
     let got = cg.probe(&["--netns", &pod.path(), "tls", &dst, "tls.test", &ca]);
@@ -525,7 +540,7 @@ async fn a_held_connect_never_reaches_what_the_workload_has_on_the_relays_port()
     let cg = TestCgroup::new("relay-netns-taken");
     let log = log_path("relay-netns-taken");
     let pod = f.w.pod();
-    let a = agent(&f, &cg, &log).await;
+    let a = agent_without_scan(&f, &cg, &log).await;
     let ca = f.pki.ca_pem.to_string_lossy().into_owned();
     // Something in the pod already listens where the relay would: the relay serves the pod on
     // another port, and the connect held on this one must not be let through to it.
@@ -539,9 +554,10 @@ async fn a_held_connect_never_reaches_what_the_workload_has_on_the_relays_port()
         "the workload's listener got the steered connection"
     );
     assert!(f.tls4.names().is_empty(), "nothing reached the upstream");
-    // The pod is served on the other port now: the next connect goes through the relay.
+    // The pod is served on the other port now (on the hint): the next connect goes through the
+    // relay.
     wait_for("the pod's namespace served", Duration::from_secs(5), || {
-        a.status.relay_namespaces.get() == 2
+        a.status.relay_namespaces_wanted.get() == 1 && a.status.relay_namespaces.get() == 2
     });
     let got = cg.probe(&["--netns", &pod.path(), "tls", &dst, "tls.test", &ca]);
     assert_eq!(got, "ok:sni=tls.test");

@@ -58,6 +58,8 @@ pub struct RelayConfig {
     /// pipe, never through the relay's memory; otherwise copy them all through a buffer.
     /// `cargo xtask bench relay` compares the two.
     pub splice: bool,
+    /// How often the enforced cgroup is scanned for network namespaces that came or went.
+    pub scan_interval: Duration,
 }
 
 impl Default for RelayConfig {
@@ -71,6 +73,7 @@ impl Default for RelayConfig {
             idle_timeout: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(10),
             splice: true,
+            scan_interval: Duration::from_millis(500),
         }
     }
 }
@@ -291,7 +294,7 @@ async fn watch_namespaces(
         shared,
         tasks,
     };
-    let mut tick = tokio::time::interval(netns::SCAN_INTERVAL);
+    let mut tick = tokio::time::interval(w.shared.config.scan_interval);
     loop {
         let asked = async {
             match wanted.as_mut() {

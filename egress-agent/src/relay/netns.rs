@@ -16,7 +16,6 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{Arc, OnceLock},
-    time::Duration,
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
@@ -46,9 +45,6 @@ pub(super) fn wanted_path(item: &[u8]) -> Option<PathBuf> {
         wanted.pid, wanted.tid
     )))
 }
-
-/// How often the enforced cgroup is scanned for namespaces that came or went.
-pub(super) const SCAN_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A network namespace the relay serves.
 #[derive(Debug)]
