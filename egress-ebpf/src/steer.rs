@@ -121,7 +121,7 @@ pub fn want(netns: u64) {
     let _ = RELAY_WANTED.output::<RelayWanted>(&wanted, BPF_RB_FORCE_WAKEUP as u64);
 }
 
-/// Whether the socket is a steered connect being held.
+/// Whether the socket's steered connect was held: its namespace was not served when it connected.
 #[inline(always)]
 pub fn is_held(cookie: u64) -> bool {
     // SAFETY: a valid map value, read once.
