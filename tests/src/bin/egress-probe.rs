@@ -23,10 +23,10 @@
 //!                                         `BYTES SECONDS`
 //!   egress-probe hello-echo ADDR:PORT NAME N   send a ClientHello for NAME and N patterned
 //!                                         bytes, half-close, expect the N bytes back then EOF
-//!   egress-probe --netns PATH MODE ...   enters network namespace PATH (setns), then runs MODE
 //!   egress-probe hello-rate ADDR:PORT NAME N C   N connections (C at a time), each a ClientHello
 //!                                         and a read to EOF; prints `SECONDS P50_US P99_US` of
 //!                                         the time from connect() to the first byte back
+//!   egress-probe --netns PATH MODE ...   enters network namespace PATH (setns), then runs MODE
 use std::{
     io::{self, Read as _, Write as _},
     net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
