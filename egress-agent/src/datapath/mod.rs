@@ -101,7 +101,12 @@ where
     ebpf.program_mut(name)
         .ok_or(DatapathError::MissingProgram(name))?
         .try_into()
-        .map_err(|source| DatapathError::Program { name, source })
+        .map_err(loading(name))
+}
+
+/// The error of loading program `name`.
+fn loading(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { name, source }
 }
 
 impl Datapath {
@@ -125,30 +130,21 @@ impl Datapath {
         for name in SOCK_ADDR_PROGRAMS {
             program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()
-                .map_err(|source| DatapathError::Program { name, source })?;
+                .map_err(loading(name))?;
         }
         program::<SockOps>(&mut ebpf, SOCK_OPS_PROGRAM)?
             .load()
-            .map_err(|source| DatapathError::Program {
-                name: SOCK_OPS_PROGRAM,
-                source,
-            })?;
+            .map_err(loading(SOCK_OPS_PROGRAM))?;
         program::<CgroupSock>(&mut ebpf, SOCK_RELEASE_PROGRAM)?
             .load()
-            .map_err(|source| DatapathError::Program {
-                name: SOCK_RELEASE_PROGRAM,
-                source,
-            })?;
+            .map_err(loading(SOCK_RELEASE_PROGRAM))?;
         program::<CgroupSkb>(&mut ebpf, HOLD_SYN_PROGRAM)?
             .load()
-            .map_err(|source| DatapathError::Program {
-                name: HOLD_SYN_PROGRAM,
-                source,
-            })?;
+            .map_err(loading(HOLD_SYN_PROGRAM))?;
         for (name, _) in TC_PROGRAMS {
             program::<SchedClassifier>(&mut ebpf, name)?
                 .load()
-                .map_err(|source| DatapathError::Program { name, source })?;
+                .map_err(loading(name))?;
         }
         let maps = KernelMaps::take(&mut ebpf)?;
         let counters = Counters::take(&mut ebpf)?;
