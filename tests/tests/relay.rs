@@ -545,14 +545,17 @@ async fn a_held_connect_never_reaches_what_the_workload_has_on_the_relays_port()
     // Something in the pod already listens where the relay would: the relay serves the pod on
     // another port, and the connect held on this one must not be let through to it.
     let squatter = pod.listen(SocketAddr::from(([127, 0, 0, 1], a.relay_port)));
+    let untouched = || {
+        assert_eq!(
+            squatter.accept().map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::WouldBlock),
+            "the workload's listener got the steered connection"
+        );
+    };
     let dst = at(f.w.v4(20), 443);
     let got = cg.probe(&["--netns", &pod.path(), "tls", &dst, "tls.test", &ca]);
     assert_eq!(got, "timeout", "the held connect waits, then fails");
-    assert_eq!(
-        squatter.accept().map_err(|e| e.kind()).err(),
-        Some(std::io::ErrorKind::WouldBlock),
-        "the workload's listener got the steered connection"
-    );
+    untouched();
     assert!(f.tls4.names().is_empty(), "nothing reached the upstream");
     // The pod is served on the other port now (on the hint): the next connect goes through the
     // relay.
@@ -561,10 +564,7 @@ async fn a_held_connect_never_reaches_what_the_workload_has_on_the_relays_port()
     });
     let got = cg.probe(&["--netns", &pod.path(), "tls", &dst, "tls.test", &ca]);
     assert_eq!(got, "ok:sni=tls.test");
-    assert_eq!(
-        squatter.accept().map_err(|e| e.kind()).err(),
-        Some(std::io::ErrorKind::WouldBlock),
-    );
+    untouched();
     a.shutdown().await;
 }
 
