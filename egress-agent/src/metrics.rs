@@ -64,6 +64,7 @@ pub struct Status {
     pub log_errors: Counter,
     pub relay_namespaces: Gauge,
     pub relay_namespaces_wanted: Counter,
+    pub relay_open: Gauge,
 }
 
 impl Status {
@@ -141,6 +142,11 @@ impl Status {
             "relay_connections",
             "Steered connections the relay handled, by outcome and host",
             self.relayed.clone(),
+        );
+        r.register(
+            "relay_connections_open",
+            "Steered connections the relay holds now, from accept to their record",
+            self.relay_open.clone(),
         );
         r.register(
             "events",

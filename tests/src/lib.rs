@@ -8,7 +8,10 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -248,10 +251,19 @@ impl World {
     /// A server at `addr` in the world that reads one TLS record (a ClientHello), then sends back
     /// every byte that follows it until the client half-closes, then closes its side: what a
     /// relay does with either direction and with each end's half-close shows, byte for byte.
-    pub fn hello_echo(&self, addr: SocketAddr) {
+    /// Returns, for each connection in the order accepted, whether its first bytes had arrived
+    /// when accept() returned it.
+    pub fn hello_echo(&self, addr: SocketAddr) -> Arc<Mutex<Vec<bool>>> {
         let l = self.listen(addr);
+        let early = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&early);
         std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
+                // The kernel hands a connection to accept() only once the segment that completed
+                // its handshake is processed: bytes that came with it are there already.
+                let waiting = s.set_nonblocking(true).is_ok() && s.peek(&mut [0u8; 1]).is_ok();
+                let _ = s.set_nonblocking(false);
+                seen.lock().expect("arrivals").push(waiting);
                 std::thread::spawn(move || -> std::io::Result<()> {
                     let mut head = [0u8; 5];
                     s.read_exact(&mut head)?;
@@ -262,6 +274,7 @@ impl World {
                 });
             }
         });
+        early
     }
 
     /// A TCP server at `addr` in the world that greets every connection with "hello".

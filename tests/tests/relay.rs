@@ -2,10 +2,12 @@
 //! s_client, rustls in egress-probe) and real TLS servers in a netns world, certificates made per
 //! run.
 use std::{
+    io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, SocketAddr},
     path::Path,
+    process::Stdio,
     process::{Command, Output},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -16,7 +18,7 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    TestCgroup, World, at, log_path, probe_in, probe_with_pid, records, target_bin,
+    TestCgroup, World, at, log_path, probe_command, probe_in, probe_with_pid, records, target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -76,6 +78,8 @@ struct Fixture {
     tls6: Arc<Seen>,
     other: Arc<Seen>,
     retry: Arc<Seen>,
+    /// The echo server's connections: whether their first bytes came with the handshake.
+    echo: Arc<Mutex<Vec<bool>>>,
 }
 
 fn fixture(tag: &str) -> Fixture {
@@ -83,7 +87,7 @@ fn fixture(tag: &str) -> Fixture {
     for h in 20..=25 {
         w.host(h);
     }
-    w.hello_echo(SocketAddr::new(w.v4(25), 443));
+    let echo = w.hello_echo(SocketAddr::new(w.v4(25), 443));
     let pki = Pki::new(&std::env::temp_dir().join(&w.name), tag);
     let config = pki.server(&["tls.test", "other.test", "retry.test", "fail.test"]);
     let f = Fixture {
@@ -91,6 +95,7 @@ fn fixture(tag: &str) -> Fixture {
         tls6: w.tls_server(SocketAddr::new(w.v6(20), 443), Arc::clone(&config)),
         other: w.tls_server(SocketAddr::new(w.v4(21), 443), Arc::clone(&config)),
         retry: w.tls_server(SocketAddr::new(w.v4(23), 443), config),
+        echo,
         pki,
         w,
     };
@@ -429,6 +434,61 @@ async fn bytes_cross_the_relay_exactly_both_ways_with_each_half_close() {
             "{r:?}"
         );
     }
+    a.shutdown().await;
+}
+
+/// With more connections open than CPUs, the relay's first bytes upstream carry the handshake's
+/// last ACK: the upstream's kernel completes the connection and queues the bytes in one step, so
+/// they are there when accept() returns it. A separate ACK would hand the connection over first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_relay_sends_its_first_bytes_with_the_handshakes_last_ack() {
+    let f = fixture("busy");
+    let cg = TestCgroup::new("relay-busy");
+    let log = log_path("relay-busy");
+    let a = agent(&f, &cg, &log).await;
+    let dst = at(f.w.v4(25), 443);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let held = cpus + 1;
+    let mut holder = probe_command(
+        Some(&cg.path),
+        &["hello-hold", &dst, "echo.test", &held.to_string()],
+    )
+    .stdin(Stdio::piped())
+    .spawn()
+    .expect("run egress-probe");
+    let mut out = BufReader::new(holder.stdout.take().expect("probe stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read the probe");
+    assert_eq!(line.trim(), "held");
+    wait_for(
+        "the held connections upstream",
+        Duration::from_secs(10),
+        || f.echo.lock().expect("arrivals").len() == held,
+    );
+    assert_eq!(a.status.relay_open.get(), held as i64);
+
+    // One more while they are open: the relay is busy.
+    let (got, pid) = probe_with_pid(Some(&cg.path), &["hello-echo", &dst, "echo.test", "1000"]);
+    assert_eq!(got, "ok");
+    let r = relay_record(&log, "the echo's relay record", |r| r.pid == Some(pid));
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    let early = f.echo.lock().expect("arrivals").clone();
+    assert_eq!(early.len(), held + 1);
+    assert!(
+        early[held],
+        "the upstream had the connection before its first bytes: {early:?}"
+    );
+
+    writeln!(holder.stdin.take().expect("probe stdin"), "close").expect("tell the probe");
+    line.clear();
+    out.read_line(&mut line).expect("read the probe");
+    assert_eq!(line.trim(), "ok");
+    assert!(holder.wait().expect("probe ends").success());
+    wait_for(
+        "no relayed connection open",
+        Duration::from_secs(10),
+        || a.status.relay_open.get() == 0,
+    );
     a.shutdown().await;
 }
 

@@ -26,6 +26,7 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use egress_common::{RELAY_MARK, RelayPeer, Steered};
 use jiff::Timestamp;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpSocket, TcpStream},
@@ -92,6 +93,8 @@ pub struct Relay {
 
 struct Shared {
     config: RelayConfig,
+    /// CPUs the agent may run on.
+    cpus: i64,
     peers: Peers,
     catalog: watch::Receiver<Arc<Catalog>>,
     records: mpsc::Sender<Record>,
@@ -126,6 +129,8 @@ impl Listener {
 struct Leave {
     netns: Arc<Netns>,
     bound_if: u32,
+    /// Send the handshake's last ACK with the relay's first bytes (see `connect_marked`).
+    ack_with_data: bool,
 }
 
 /// Lifts the soft descriptor limit (often 1024) to the hard one: the relay holds two descriptors
@@ -196,6 +201,7 @@ impl Relay {
             .map_err(io::Error::other)?;
         let shared = Arc::new(Shared {
             config,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as i64),
             peers,
             catalog,
             records,
@@ -459,10 +465,29 @@ fn serve_next(
             Arc::clone(&shared),
             Arc::clone(&tasks),
         ));
+        let open = Open::new(&shared.status.relay_open);
         let record = handle(stream, peer, netns, &shared).await;
+        drop(open);
         shared.status.observe(&record);
         let _ = shared.records.send(record).await;
     })
+}
+
+/// One connection counted in the open-connections gauge, until dropped (also when the relay
+/// stops and its task is cancelled).
+struct Open<'a>(&'a Gauge);
+
+impl<'a> Open<'a> {
+    fn new(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Open(gauge)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The kernel's key for a client end seen by accept() in the namespace with cookie `netns`.
@@ -521,6 +546,11 @@ async fn handle(
     let leave = Leave {
         netns,
         bound_if: steered.bound_if,
+        // Only when more connections are open than there are CPUs: then they are busy and a
+        // packet and a wakeup fewer is throughput. On an idle machine the upstream's wakeup by
+        // that ACK overlaps with the relay's own, and holding it back adds to the first byte's
+        // wait (measured in `cargo xtask bench relay`).
+        ack_with_data: shared.status.relay_open.get() > shared.cpus,
     };
     let at = Timestamp::now();
     let catalog = Arc::clone(&shared.catalog.borrow());
@@ -742,23 +772,39 @@ async fn connect_marked(target: SocketAddr, leave: &Leave) -> io::Result<TcpStre
     })?;
     nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &RELAY_MARK)?;
     if leave.bound_if != 0 {
-        bind_to_interface(&socket, leave.bound_if)?;
+        set_int(
+            &socket,
+            libc::SOL_SOCKET,
+            libc::SO_BINDTOIFINDEX,
+            leave.bound_if as i32,
+        )?;
+    }
+    if leave.ack_with_data {
+        // The relay speaks first (a ClientHello), at once: the handshake's last ACK waits for
+        // those bytes and goes out with them, one packet and one wakeup of the upstream fewer.
+        // The kernel keeps this for the handshake only (HAProxy's tcp-smart-connect).
+        set_int(&socket, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 0)?;
     }
     let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
 
-fn bind_to_interface(socket: &TcpSocket, ifindex: u32) -> io::Result<()> {
+/// An int socket option nix has no type for.
+fn set_int(
+    socket: &TcpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     use std::os::fd::AsRawFd as _;
-    let index = ifindex as libc::c_int;
     // SAFETY: a valid socket and an int option value that outlives the call.
     let set = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTOIFINDEX,
-            (&raw const index).cast(),
+            level,
+            name,
+            (&raw const value).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

@@ -23,6 +23,9 @@
 //!                                         `BYTES SECONDS`
 //!   egress-probe hello-echo ADDR:PORT NAME N   send a ClientHello for NAME and N patterned
 //!                                         bytes, half-close, expect the N bytes back then EOF
+//!   egress-probe hello-hold ADDR:PORT NAME N   N connections, each sent a ClientHello for NAME;
+//!                                         says `held`, keeps them open until a line comes on
+//!                                         stdin, then closes them; `ok`
 //!   egress-probe hello-rate ADDR:PORT NAME N C   N connections (C at a time), each a ClientHello
 //!                                         and a read to EOF; prints `SECONDS P50_US P99_US` of
 //!                                         the time from connect() to the first byte back
@@ -488,6 +491,28 @@ fn hello_bulk(addr: SocketAddr, name: &str) -> String {
     run().unwrap_or_else(|e| word(&e))
 }
 
+fn hello_hold(addr: SocketAddr, name: &str, n: usize) -> String {
+    let run = || -> io::Result<()> {
+        let hello = client_hello(name)?;
+        let held = (0..n)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+                s.write_all(&hello)?;
+                Ok(s)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        println!("held");
+        io::stdout().flush()?;
+        io::stdin().read_line(&mut String::new())?;
+        drop(held);
+        Ok(())
+    };
+    match run() {
+        Ok(()) => "ok".into(),
+        Err(e) => word(&e),
+    }
+}
+
 fn hello_echo(addr: SocketAddr, name: &str, n: usize) -> String {
     let run = || -> io::Result<String> {
         let hello = client_hello(name)?;
@@ -622,6 +647,10 @@ fn main() -> ExitCode {
             Ok(n) => hello_echo(a, &args[2], n),
             Err(_) => return usage(),
         },
+        (Some("hello-hold"), Some(a)) if args.len() == 4 => match args[3].parse() {
+            Ok(n) => hello_hold(a, &args[2], n),
+            Err(_) => return usage(),
+        },
         (Some("hello-rate"), Some(a)) if args.len() == 5 => {
             match (args[3].parse(), args[4].parse()) {
                 (Ok(n), Ok(c)) if c > 0 && n >= c => hello_rate(a, &args[2], n, c),
@@ -648,7 +677,8 @@ fn usage() -> ExitCode {
          tcp|tcp-hold|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | \
          bench-connect ADDR:PORT N | ping ADDR | transfer ADDR:PORT N | \
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
-         hello-bulk ADDR:PORT NAME | hello-rate ADDR:PORT NAME N C"
+         hello-bulk ADDR:PORT NAME | hello-echo|hello-hold ADDR:PORT NAME N | \
+         hello-rate ADDR:PORT NAME N C"
     );
     ExitCode::from(2)
 }
