@@ -77,15 +77,21 @@ fn tcp_hold(addr: SocketAddr) -> String {
         if s.read(&mut [0u8; 64])? == 0 {
             return Err(io::Error::other("closed before the greeting"));
         }
-        println!("connected");
-        io::stdout().flush()?;
-        io::stdin().read_line(&mut String::new())?;
-        Ok(())
+        hold("connected")
     };
     match run() {
         Ok(()) => "ok".into(),
         Err(e) => word(&e),
     }
+}
+
+/// Says `word`, then waits for a line on stdin: the caller's cue that what the mode holds open
+/// may go.
+fn hold(word: &str) -> io::Result<()> {
+    println!("{word}");
+    io::stdout().flush()?;
+    io::stdin().read_line(&mut String::new())?;
+    Ok(())
 }
 
 fn bind_for(addr: SocketAddr) -> io::Result<UdpSocket> {
@@ -501,9 +507,7 @@ fn hello_hold(addr: SocketAddr, name: &str, n: usize) -> String {
                 Ok(s)
             })
             .collect::<io::Result<Vec<_>>>()?;
-        println!("held");
-        io::stdout().flush()?;
-        io::stdin().read_line(&mut String::new())?;
+        hold("held")?;
         drop(held);
         Ok(())
     };
