@@ -595,6 +595,78 @@ async fn a_steered_connect_from_a_namespace_not_served_yet_waits_for_the_relay()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_a_thread_entered_alone_stays_served_while_the_thread_is_there() {
+    let f = fixture("netns-thread");
+    let cg = TestCgroup::new("relay-netns-thread");
+    let log = log_path("relay-netns-thread");
+    let pod = f.w.pod();
+    let other = World::new();
+    let other_pod = other.pod();
+    let a = agent_with(
+        &f,
+        &cg,
+        &log,
+        RelayConfig {
+            scan_interval: Duration::from_millis(50),
+            ..RelayConfig::default()
+        },
+    )
+    .await;
+    let served = |n, what: &str| {
+        wait_for(what, Duration::from_secs(10), || {
+            a.status.relay_namespaces.get() == n
+        });
+    };
+    // Only the probe's second thread enters the pod's namespace, so the scan, which reads each
+    // process's main thread, does not find it there; its connect is held and hinted.
+    let dst = at(f.w.v4(25), 443);
+    let mut thread = probe_command(
+        Some(&cg.path),
+        &[
+            "--thread-netns",
+            &pod.path(),
+            "hello-hold",
+            &dst,
+            "echo.test",
+            "1",
+        ],
+    )
+    .stdin(Stdio::piped())
+    .spawn()
+    .expect("run egress-probe");
+    let mut said = BufReader::new(thread.stdout.take().expect("probe stdout"));
+    let mut line = String::new();
+    said.read_line(&mut line).expect("read the probe");
+    assert_eq!(line.trim(), "held", "the thread's connect went through");
+    wait_for(
+        "the pod's namespace served on the thread's hint",
+        Duration::from_secs(5),
+        || a.status.relay_namespaces_wanted.get() == 1 && a.status.relay_namespaces.get() == 2,
+    );
+    // A process of the cgroup in a third namespace: once the scan has found it, it has also
+    // judged the pod's, and kept it for the thread still there.
+    let mut workload = other_pod
+        .command(Some(&cg), "sleep")
+        .arg("60")
+        .spawn()
+        .expect("run sleep");
+    served(3, "the pod's namespace kept beside the new one");
+    assert_eq!(a.status.relay_namespaces_wanted.get(), 1, "served once");
+
+    // The thread ends: the pod's namespace is no longer served; the other one still is.
+    writeln!(thread.stdin.as_mut().expect("probe stdin")).expect("tell the probe to close");
+    line.clear();
+    said.read_line(&mut line).expect("read the probe");
+    assert_eq!(line.trim(), "ok");
+    thread.wait().expect("wait for the probe");
+    served(2, "the pod's namespace dropped with its thread");
+    workload.kill().expect("kill sleep");
+    workload.wait().expect("wait for sleep");
+    served(1, "only the agent's own namespace served");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_connect_never_reaches_what_the_workload_has_on_the_relays_port() {
     let f = fixture("netns-taken");
     let cg = TestCgroup::new("relay-netns-taken");

@@ -297,6 +297,7 @@ async fn watch_namespaces(
         map,
         served: HashMap::new(),
         failed: std::collections::HashSet::new(),
+        hinted: HashMap::new(),
         shared,
         tasks,
     };
@@ -321,13 +322,17 @@ async fn watch_namespaces(
                 Ok(paths) => {
                     for path in paths {
                         // A thread gone meanwhile has nothing waiting.
-                        if let Ok(ino) = netns::inode(&path)
-                            && ino != w.home
-                            && !w.served.contains_key(&ino)
-                            && w.serve(ino, &path)
-                        {
+                        let Ok(ino) = netns::inode(&path) else { continue };
+                        if ino == w.home {
+                            continue;
+                        }
+                        if !w.served.contains_key(&ino) {
+                            if !w.serve(ino, &path) {
+                                continue;
+                            }
                             w.shared.status.relay_namespaces_wanted.inc();
                         }
+                        w.hinted.entry(ino).or_default().insert(path);
                     }
                 }
                 Err(e) => {
@@ -353,6 +358,10 @@ struct Watcher {
     served: HashMap<u64, (u64, Vec<Arc<Listener>>)>,
     /// Namespaces whose failure was logged: logged once, retried at every scan.
     failed: std::collections::HashSet<u64>,
+    /// By namespace inode: the threads whose hints it is served on (their namespace files). The
+    /// scan sees each process's main thread only; a thread that entered a namespace alone keeps
+    /// it served while it is there.
+    hinted: HashMap<u64, std::collections::HashSet<PathBuf>>,
     shared: Arc<Shared>,
     tasks: Arc<Tasks>,
 }
@@ -361,8 +370,12 @@ impl Watcher {
     async fn scan(&mut self, cgroup: &std::path::Path) {
         let known = self.served.keys().copied().collect();
         let (dir, home) = (cgroup.to_owned(), self.home);
+        let hinted = std::mem::take(&mut self.hinted);
         // Reading /proc for every process of a large cgroup blocks: off the runtime's workers.
-        let scan = match tokio::task::spawn_blocking(move || netns::scan(&dir, home, &known)).await
+        let scan = match tokio::task::spawn_blocking(move || {
+            netns::scan(&dir, home, &known, hinted)
+        })
+        .await
         {
             Ok(scan) => scan,
             Err(e) => {
@@ -370,6 +383,7 @@ impl Watcher {
                 return;
             }
         };
+        self.hinted = scan.hinted;
         for ino in scan.gone {
             let Some((cookie, listeners)) = self.served.remove(&ino) else {
                 continue;

@@ -194,25 +194,40 @@ pub(super) fn serve(
 }
 
 /// What a scan changes: the namespaces to serve (inode, a process's namespace file) and the ones
-/// no process of the cgroup is in any more.
+/// no process of the cgroup is in any more; and of the hinting threads, those still in the
+/// namespace they hinted.
 pub(super) struct Scan {
     pub new: Vec<(u64, PathBuf)>,
     pub gone: Vec<u64>,
+    pub hinted: HashMap<u64, HashSet<PathBuf>>,
 }
 
 /// Compares the cgroup's namespaces with the ones served (`served`), the agent's own (`home`)
-/// aside.
-pub(super) fn scan(cgroup: &Path, home: u64, served: &HashSet<u64>) -> Scan {
+/// aside. The processes' namespaces are their main threads'; a namespace served on the hint of
+/// a thread (`hinted`: its namespace file, by namespace) stays served while that thread is in it.
+pub(super) fn scan(
+    cgroup: &Path,
+    home: u64,
+    served: &HashSet<u64>,
+    hinted: HashMap<u64, HashSet<PathBuf>>,
+) -> Scan {
     let mut found = namespaces_in(cgroup);
     found.remove(&home);
+    let hinted: HashMap<u64, HashSet<PathBuf>> = hinted
+        .into_iter()
+        .filter_map(|(ino, mut threads)| {
+            threads.retain(|path| inode(path).is_ok_and(|now| now == ino));
+            (!threads.is_empty()).then_some((ino, threads))
+        })
+        .collect();
     let gone = served
         .iter()
-        .filter(|ino| !found.contains_key(ino))
+        .filter(|ino| !found.contains_key(ino) && !hinted.contains_key(ino))
         .copied()
         .collect();
     let new = found
         .into_iter()
         .filter(|(ino, _)| !served.contains(ino))
         .collect();
-    Scan { new, gone }
+    Scan { new, gone, hinted }
 }

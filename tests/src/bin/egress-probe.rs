@@ -30,6 +30,8 @@
 //!                                         and a read to EOF; prints `SECONDS P50_US P99_US` of
 //!                                         the time from connect() to the first byte back
 //!   egress-probe --netns PATH MODE ...   enters network namespace PATH (setns), then runs MODE
+//!   egress-probe --thread-netns PATH MODE ...   runs MODE on a thread that alone entered PATH;
+//!                                         the process's main thread stays where it was
 use std::{
     io::{self, Read as _, Write as _},
     net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
@@ -596,20 +598,38 @@ fn peer(addr: SocketAddr) -> String {
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--netns") {
-        let Some(path) = args.get(1) else {
-            return usage();
-        };
-        // The mode's sockets are made in that namespace, right after entering it.
-        let entered = std::fs::File::open(path).and_then(|ns| {
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
-        });
-        if let Err(e) = entered {
-            println!("error:entering {path}: {e}");
-            return ExitCode::FAILURE;
+    let flag = args.first().cloned();
+    match flag.as_deref() {
+        Some(flag @ ("--netns" | "--thread-netns")) => {
+            let Some(path) = args.get(1).cloned() else {
+                return usage();
+            };
+            args.drain(..2);
+            if flag == "--netns" {
+                return enter(&path).map_or_else(|code| code, |()| run(&args));
+            }
+            // setns(2) moves the calling thread only.
+            std::thread::spawn(move || enter(&path).map_or_else(|code| code, |()| run(&args)))
+                .join()
+                .unwrap_or(ExitCode::FAILURE)
         }
-        args.drain(..2);
+        _ => run(&args),
     }
+}
+
+/// Moves the calling thread into network namespace `path`: the mode's sockets are made there.
+fn enter(path: &str) -> Result<(), ExitCode> {
+    let entered = std::fs::File::open(path).and_then(|ns| {
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+    });
+    entered.map_err(|e| {
+        println!("error:entering {path}: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs the mode `args` name.
+fn run(args: &[String]) -> ExitCode {
     let addr = |i: usize| -> Option<SocketAddr> { args.get(i)?.parse().ok() };
     let out = match (args.first().map(String::as_str), addr(1)) {
         (Some("tcp"), Some(a)) => tcp(a),
@@ -677,7 +697,7 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: egress-probe [--netns PATH] MODE, MODE one of: \
+        "usage: egress-probe [--netns|--thread-netns PATH] MODE, MODE one of: \
          tcp|tcp-hold|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | \
          bench-connect ADDR:PORT N | ping ADDR | transfer ADDR:PORT N | \
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
