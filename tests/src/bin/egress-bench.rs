@@ -368,7 +368,7 @@ fn connect() {
 const BULK_BYTES: u64 = 1 << 30;
 const RATE_CONNECTIONS: usize = 8000;
 const RATE_CLIENTS: usize = 16;
-const TTFB_CONNECTIONS: usize = 2000;
+const TTFB_CONNECTIONS: usize = 5000;
 const RELAY_ROUNDS: usize = 5;
 
 /// `bench relay`'s options, for working on one figure: the defaults are the benchmark whose
