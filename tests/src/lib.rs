@@ -3,11 +3,11 @@
 //! servers), test cgroups, and a client run inside them. Everything is removed on drop.
 use std::{
     fs,
-    io::{Read as _, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdout, Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU32, Ordering},
@@ -644,6 +644,41 @@ pub fn spawn_probe(cgroup: Option<&Path>, args: &[&str]) -> Child {
     probe_command(cgroup, args)
         .spawn()
         .expect("run egress-probe")
+}
+
+/// An egress-probe in a holding mode (`tcp-hold`, `hello-hold`): it has said its word and keeps
+/// what it opened until released.
+pub struct HeldProbe {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl HeldProbe {
+    /// Starts `egress-probe ARGS` (inside `cgroup` if given) and waits until it says `word`.
+    pub fn start(cgroup: Option<&Path>, args: &[&str], word: &str) -> HeldProbe {
+        let mut child = probe_command(cgroup, args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("run egress-probe");
+        let mut out = BufReader::new(child.stdout.take().expect("probe stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read the probe");
+        assert_eq!(line.trim(), word, "egress-probe {args:?}");
+        HeldProbe { child, out }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Tells the probe to close what it holds; asserts it ends saying `ok`.
+    pub fn release(mut self) {
+        writeln!(self.child.stdin.take().expect("probe stdin"), "close").expect("tell the probe");
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("read the probe");
+        assert_eq!(line.trim(), "ok");
+        assert!(self.child.wait().expect("probe ends").success());
+    }
 }
 
 /// `egress-probe ARGS`, inside `cgroup` if given, with its output piped.

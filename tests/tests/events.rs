@@ -19,8 +19,8 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    TestCgroup, World, at, log_path, loopback_server, probe_command, probe_in, probe_with_pid,
-    records, target_bin, wait_for, wait_record,
+    HeldProbe, TestCgroup, World, at, log_path, loopback_server, probe_in, probe_with_pid, records,
+    target_bin, wait_for, wait_record,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -351,15 +351,8 @@ async fn a_flow_open_across_a_reload_keeps_its_rule() {
     let dir = cfg.policies[0].clone();
     let a = Agent::start(cfg).await.expect("agent starts");
     let dst = at(w.v4(10), 443);
-    let mut child = probe_command(Some(&cg.path), &["tcp-hold", &dst])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("run egress-probe");
-    let pid = child.id();
-    let mut out = BufReader::new(child.stdout.take().expect("probe stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read the probe");
-    assert_eq!(line.trim(), "connected");
+    let held = HeldProbe::start(Some(&cg.path), &["tcp-hold", &dst], "connected");
+    let pid = held.pid();
 
     // While the flow is open, a ServiceEntry comes in ahead of api's: the kernel's flow table
     // keeps the id it decided with, which must still name api when the flow closes.
@@ -373,11 +366,7 @@ async fn a_flow_open_across_a_reload_keeps_its_rule() {
     wait_for("the new policy in force", WAIT, || {
         a.status.reloads.get() == 1 && a.status.syncs.get() > syncs
     });
-    writeln!(child.stdin.take().expect("probe stdin"), "close").expect("tell the probe");
-    line.clear();
-    out.read_line(&mut line).expect("read the probe");
-    assert_eq!(line.trim(), "ok");
-    assert!(child.wait().expect("probe ends").success());
+    held.release();
     let close = wait_record(&log, "the flow's close", |r| {
         r.kind == "close" && r.pid == Some(pid)
     });

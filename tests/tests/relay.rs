@@ -2,10 +2,8 @@
 //! s_client, rustls in egress-probe) and real TLS servers in a netns world, certificates made per
 //! run.
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::Stdio,
     process::{Command, Output},
     sync::{Arc, Mutex},
     time::Duration,
@@ -18,7 +16,7 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    TestCgroup, World, at, log_path, probe_command, probe_in, probe_with_pid, records, target_bin,
+    HeldProbe, TestCgroup, World, at, log_path, probe_in, probe_with_pid, records, target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -449,17 +447,11 @@ async fn a_busy_relay_sends_its_first_bytes_with_the_handshakes_last_ack() {
     let dst = at(f.w.v4(25), 443);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let held = cpus + 1;
-    let mut holder = probe_command(
+    let holder = HeldProbe::start(
         Some(&cg.path),
         &["hello-hold", &dst, "echo.test", &held.to_string()],
-    )
-    .stdin(Stdio::piped())
-    .spawn()
-    .expect("run egress-probe");
-    let mut out = BufReader::new(holder.stdout.take().expect("probe stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read the probe");
-    assert_eq!(line.trim(), "held");
+        "held",
+    );
     wait_for(
         "the held connections upstream",
         Duration::from_secs(10),
@@ -479,11 +471,7 @@ async fn a_busy_relay_sends_its_first_bytes_with_the_handshakes_last_ack() {
         "the upstream had the connection before its first bytes: {early:?}"
     );
 
-    writeln!(holder.stdin.take().expect("probe stdin"), "close").expect("tell the probe");
-    line.clear();
-    out.read_line(&mut line).expect("read the probe");
-    assert_eq!(line.trim(), "ok");
-    assert!(holder.wait().expect("probe ends").success());
+    holder.release();
     wait_for(
         "no relayed connection open",
         Duration::from_secs(10),
@@ -620,7 +608,8 @@ async fn a_namespace_a_thread_entered_alone_stays_served_while_the_thread_is_the
     // Only the probe's second thread enters the pod's namespace, so the scan, which reads each
     // process's main thread, does not find it there; its connect is held and hinted.
     let dst = at(f.w.v4(25), 443);
-    let mut thread = probe_command(
+    // It says `held` once its connect went through.
+    let thread = HeldProbe::start(
         Some(&cg.path),
         &[
             "--thread-netns",
@@ -630,14 +619,8 @@ async fn a_namespace_a_thread_entered_alone_stays_served_while_the_thread_is_the
             "echo.test",
             "1",
         ],
-    )
-    .stdin(Stdio::piped())
-    .spawn()
-    .expect("run egress-probe");
-    let mut said = BufReader::new(thread.stdout.take().expect("probe stdout"));
-    let mut line = String::new();
-    said.read_line(&mut line).expect("read the probe");
-    assert_eq!(line.trim(), "held", "the thread's connect went through");
+        "held",
+    );
     wait_for(
         "the pod's namespace served on the thread's hint",
         Duration::from_secs(5),
@@ -654,11 +637,7 @@ async fn a_namespace_a_thread_entered_alone_stays_served_while_the_thread_is_the
     assert_eq!(a.status.relay_namespaces_wanted.get(), 1, "served once");
 
     // The thread ends: the pod's namespace is no longer served; the other one still is.
-    writeln!(thread.stdin.as_mut().expect("probe stdin")).expect("tell the probe to close");
-    line.clear();
-    said.read_line(&mut line).expect("read the probe");
-    assert_eq!(line.trim(), "ok");
-    thread.wait().expect("wait for the probe");
+    thread.release();
     served(2, "the pod's namespace dropped with its thread");
     workload.kill().expect("kill sleep");
     workload.wait().expect("wait for sleep");
