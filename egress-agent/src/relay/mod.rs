@@ -370,7 +370,7 @@ impl Watcher {
     async fn scan(&mut self, cgroup: &std::path::Path) {
         let known = self.served.keys().copied().collect();
         let (dir, home) = (cgroup.to_owned(), self.home);
-        let hinted = std::mem::take(&mut self.hinted);
+        let hinted = self.hinted.clone();
         // Reading /proc for every process of a large cgroup blocks: off the runtime's workers.
         let scan = match tokio::task::spawn_blocking(move || {
             netns::scan(&dir, home, &known, hinted)
