@@ -232,6 +232,9 @@ impl Agent {
             cgroup::identity(&mount, &cfg.cgroup).context("identifying the enforced cgroup")?;
         maps.set_cgroup(cgroup_id, cgroup_level)
             .context("writing the enforced cgroup")?;
+        let netns = relay::netns::own_cookie().context("the agent's network namespace")?;
+        maps.set_netns(netns)
+            .context("writing the agent's network namespace")?;
         maps.set_events_off(cfg.kernel_events_off)
             .context("writing the event switch")?;
 

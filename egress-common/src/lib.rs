@@ -5,13 +5,13 @@
 /// Name of the policy LPM trie. A change to [`PolicyKey`] or [`PolicyValue`] gets a new version.
 pub const POLICY_MAP: &str = "EGRESS_POLICY_V1";
 /// Name of the single-entry [`Config`] array.
-pub const CONFIG_MAP: &str = "EGRESS_CONFIG_V4";
+pub const CONFIG_MAP: &str = "EGRESS_CONFIG_V5";
 /// Name of the per-CPU counters: slot 0 counts events lost, slots 1..=3 decisions by [`Verdict`].
 pub const COUNTERS_MAP: &str = "EGRESS_COUNTERS_V1";
 /// Name of the ring buffer of [`FlowEvent`]s.
 pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V2";
 /// Name of the LRU hash of open flows: socket cookie → [`Flow`].
-pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V3";
+pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V4";
 /// Name of the LRU hash of steered connections by socket cookie → [`Steered`]: written at
 /// connect, read by getpeername, removed when the socket closes.
 pub const STEERED_MAP: &str = "EGRESS_STEERED_V3";
@@ -35,6 +35,11 @@ pub const RELAY_MARK: u32 = 0x6567_7273;
 
 /// Name of the LRU hash that lets TC ingress find a flow: [`FlowTuple`] → socket cookie.
 pub const TUPLES_MAP: &str = "EGRESS_TUPLES_V1";
+/// Name of the LRU hash of the enforced cgroup's sockets that are neither TCP nor UDP (raw, ping,
+/// …) and were made in the agent's own network namespace: socket cookie → 0. Their packets leave
+/// by interfaces the TC programs are on, and TC judges them; every other such socket's packets
+/// are judged by the cgroup's packet program. Written at socket creation, removed at release.
+pub const HOME_SOCKETS_MAP: &str = "EGRESS_HOME_SOCKETS_V1";
 
 /// Bits of [`PolicyKey`] before the address: protocol (8), pad (8) and port (16). An LPM entry
 /// always covers them completely, so protocol and port match exactly.
@@ -155,6 +160,10 @@ pub struct Config {
     /// The first SYN timeout of a held connect, in jiffies (0: the kernel's, 1 s): short, so the
     /// connect goes on soon after the relay serves its namespace.
     pub held_syn_rto: u16,
+    /// Cookie of the agent's own network namespace, where the TC programs are. Packets of sockets
+    /// in other namespaces (a pod's, a container's) never pass them with their socket; the
+    /// cgroup's packet programs judge and count those instead.
+    pub netns_cookie: u64,
 }
 
 /// [`Config::flags`]: the socket hooks write no events and track no flows (decisions are
@@ -256,7 +265,10 @@ pub struct Flow {
     /// directions are counted on different CPUs, so they never share a word they write.
     pub seq_out_known: u8,
     pub seq_in_known: u8,
-    pub pad: [u8; 6],
+    /// 1 when the socket is in another network namespace than the agent's: its packets are
+    /// counted by the cgroup's packet programs, not by TC.
+    pub foreign: u8,
+    pub pad: [u8; 5],
 }
 
 /// The original destination of a steered connection, and who made it.
@@ -367,7 +379,8 @@ const _: () = {
     assert!(core::mem::offset_of!(PolicyKey, port_be) == 2);
     assert!(core::mem::offset_of!(PolicyKey, addr) == 4);
     assert!(core::mem::size_of::<PolicyValue>() == 8);
-    assert!(core::mem::size_of::<Config>() == 24);
+    assert!(core::mem::size_of::<Config>() == 32);
+    assert!(core::mem::offset_of!(Config, netns_cookie) == 24);
     assert!(core::mem::offset_of!(Config, flags) == 16);
     assert!(core::mem::offset_of!(Config, cgroup_id) == 8);
     assert!(core::mem::offset_of!(Config, held_syn_rto) == 22);

@@ -101,11 +101,12 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
-/// Starts tracking a permitted connect. A socket connected again reports its previous flow first.
+/// Starts tracking a permitted connect; `foreign`: of a socket in another network namespace than
+/// the agent's. A socket connected again reports its previous flow first.
 /// `cookie` is the event's, passed on the stack: the verifier refuses a key and a value that both
 /// point into one ring buffer entry ("more than one arg with ref_obj_id").
 #[inline(always)]
-pub fn open_flow(cookie: u64, event: &FlowEvent) {
+pub fn open_flow(cookie: u64, event: &FlowEvent, foreign: bool) {
     close_flow(cookie);
     // A full table evicts its least recently used flow (LRU): that flow's close goes unreported,
     // which is better than refusing to track the new one.
@@ -115,7 +116,8 @@ pub fn open_flow(cookie: u64, event: &FlowEvent) {
         next_seq_in: 0,
         seq_out_known: 0,
         seq_in_known: 0,
-        pad: [0; 6],
+        foreign: u8::from(foreign),
+        pad: [0; 5],
     };
     let _ = FLOWS.insert(&cookie, &flow, 0);
 }

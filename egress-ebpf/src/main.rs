@@ -1,7 +1,7 @@
 //! Kernel side of egress: cgroup sock_addr programs that allow, deny or steer every outbound
-//! connect() and unconnected sendmsg() of the processes in the enforced cgroup, TC programs that
-//! back them up at the packet level and count bytes, and the flow tracking that reports each
-//! flow's end.
+//! connect() and unconnected sendmsg() of the processes in the enforced cgroup, packet programs
+//! (TC on the agent's interfaces, cgroup_skb for the cgroup's sockets in other network namespaces)
+//! that back them up and count bytes, and the flow tracking that reports each flow's end.
 #![no_std]
 #![no_main]
 #![expect(
@@ -16,8 +16,8 @@
 
 mod decide;
 mod events;
+mod packet;
 mod steer;
-mod tc;
 
 use aya_ebpf::{
     bindings::{
@@ -34,7 +34,10 @@ use egress_common::{
     RELAY_MARK, RULE_LOOPBACK, RelayPeer, Steered, Verdict, map_v4,
 };
 
-use crate::events::{IPPROTO_TCP, IPPROTO_UDP};
+use crate::{
+    events::{IPPROTO_TCP, IPPROTO_UDP},
+    packet::Hook,
+};
 
 /// Entries are allocated on insert (LPM tries are never preallocated), so this is only a ceiling.
 const POLICY_MAX_ENTRIES: u32 = 1 << 20;
@@ -42,7 +45,7 @@ const POLICY_MAX_ENTRIES: u32 = 1 << 20;
 #[map(name = "EGRESS_POLICY_V1")]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(POLICY_MAX_ENTRIES, 0);
 
-#[map(name = "EGRESS_CONFIG_V4")]
+#[map(name = "EGRESS_CONFIG_V5")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "EGRESS_COUNTERS_V1")]
@@ -54,11 +57,16 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 const FLOWS_MAX_ENTRIES: u32 = 1 << 16;
 
-#[map(name = "EGRESS_FLOWS_V3")]
+#[map(name = "EGRESS_FLOWS_V4")]
 static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
 #[map(name = "EGRESS_TUPLES_V1")]
 static TUPLES: LruHashMap<FlowTuple, u64> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
+/// Raw, ping and other sockets that are neither TCP nor UDP are rare: a few thousand at once is
+/// plenty, and one the table forgot is judged by both packet hooks, never by none.
+#[map(name = "EGRESS_HOME_SOCKETS_V1")]
+static HOME_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(1 << 12, 0);
 
 #[map(name = "EGRESS_STEERED_V3")]
 static STEERED: LruHashMap<u64, Steered> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
@@ -192,8 +200,11 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
         };
         // Steered connections end in a relay event, with the bytes the relay carried.
         if tracked {
+            // SAFETY: the program's own context.
+            let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+            let foreign = config.is_some_and(|c| c.netns_cookie != 0 && c.netns_cookie != netns);
             // SAFETY: initialised just above.
-            events::open_flow(cookie, unsafe { &*event });
+            events::open_flow(cookie, unsafe { &*event }, foreign);
         }
         entry.submit(events::wakeup());
     }
@@ -202,12 +213,17 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
 
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
-    tc::egress(&ctx)
+    if packet::egress(ctx.skb.skb, Hook::Tc) {
+        packet::TC_PASS
+    } else {
+        packet::TC_DROP
+    }
 }
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    tc::ingress(&ctx)
+    packet::ingress(ctx.skb.skb, Hook::Tc);
+    packet::TC_PASS
 }
 
 /// Files a steered connection's record for the relay once its source port is known, asks for TCP
@@ -241,11 +257,47 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Holds the SYN of a steered connect from a namespace the relay did not serve when it connected.
-/// Every other packet passes: the socket hooks and TC judge them.
+/// Every packet the enforced cgroup's sockets send, in any network namespace: holds the SYN of a
+/// steered connect from a namespace the relay did not serve when it connected, and is the packet
+/// backstop and byte count for sockets outside the agent's namespace (see `packet`).
 #[cgroup_skb(egress)]
-pub fn hold_syn(ctx: SkBuffContext) -> i32 {
-    steer::syn_passes(ctx.skb.skb)
+pub fn cgroup_egress(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    i32::from(steer::syn_passes(skb) && packet::egress(skb, Hook::Cgroup))
+}
+
+/// Every packet delivered to the enforced cgroup's sockets: counted for tracked flows outside the
+/// agent's namespace.
+#[cgroup_skb(ingress)]
+pub fn cgroup_ingress(ctx: SkBuffContext) -> i32 {
+    packet::ingress(ctx.skb.skb, Hook::Cgroup);
+    1
+}
+
+/// Notes the sockets that are neither TCP nor UDP made in the agent's own namespace: TC judges
+/// their packets (see `packet`).
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the program's own context; a valid socket.
+    let (kind, proto) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
+    if packet::tcp_or_udp(kind, proto) {
+        return 1;
+    }
+    // SAFETY: the program's own context.
+    let (netns, cookie) = unsafe {
+        (
+            bpf_get_netns_cookie(ctx.sock.cast()),
+            bpf_get_socket_cookie(ctx.sock.cast()),
+        )
+    };
+    if CONFIG
+        .get(0)
+        .is_some_and(|c| c.netns_cookie != 0 && c.netns_cookie == netns)
+    {
+        // A full table forgets the oldest: that socket's packets are then judged twice.
+        let _ = HOME_SOCKETS.insert(&cookie, &0, 0);
+    }
+    1
 }
 
 /// Reports UDP flows when their socket is released, and TCP ones that never left CLOSE (a connect
@@ -253,13 +305,18 @@ pub fn hold_syn(ctx: SkBuffContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the program's own context; a valid socket.
-    let (cookie, proto, state) = unsafe {
+    let (cookie, kind, proto, state) = unsafe {
         (
             bpf_get_socket_cookie(ctx.sock.cast()),
+            (*ctx.sock).type_,
             (*ctx.sock).protocol,
             (*ctx.sock).state,
         )
     };
+    if !packet::tcp_or_udp(kind, proto) {
+        let _ = HOME_SOCKETS.remove(&cookie);
+        return 1;
+    }
     if proto != IPPROTO_TCP as u32 || state == BPF_TCP_CLOSE {
         events::close_flow(cookie);
     }

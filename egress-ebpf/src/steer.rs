@@ -135,7 +135,7 @@ pub fn is_held(cookie: u64) -> bool {
 /// On another port the SYN would reach whatever the workload has there: it stays held, and the
 /// connect times out.
 #[inline(always)]
-pub fn syn_passes(skb: *mut __sk_buff) -> i32 {
+pub fn syn_passes(skb: *mut __sk_buff) -> bool {
     // SAFETY: the program's own context; `sk` may be null, and a socket's state is readable
     // from its common part.
     let syn_sent = unsafe {
@@ -143,22 +143,22 @@ pub fn syn_passes(skb: *mut __sk_buff) -> i32 {
         !sk.is_null() && (*sk).state == BPF_TCP_SYN_SENT
     };
     if !syn_sent {
-        return 1;
+        return true;
     }
     // SAFETY: the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
     let Some(record) = STEERED.get_ptr(&cookie) else {
-        return 1;
+        return true;
     };
     // SAFETY: a valid map value.
     let (held, netns) = unsafe { ((*record).held_port, (*record).netns) };
     if held == 0 {
-        return 1;
+        return true;
     }
     // SAFETY: a valid map value, copied out.
     match unsafe { RELAY_NETNS.get(&netns) } {
-        Some(&port) if port == u32::from(held) => 1,
-        _ => 0,
+        Some(&port) if port == u32::from(held) => true,
+        _ => false,
     }
 }
 

@@ -234,6 +234,62 @@ async fn raw_icmp_from_the_cgroup_is_dropped_and_logged_outside_untouched() {
     a.shutdown().await;
 }
 
+/// A workload in a network namespace of its own (a pod, a container) sends by that namespace's
+/// interfaces, where the agent has no TC program, and its packets reach the agent's interfaces, if
+/// at all, without their socket: the cgroup's own packet programs judge its raw packets and count
+/// its flows' bytes. The pod here is linked to the world directly, past the agent's interfaces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_in_its_own_namespace_is_backstopped_and_counted_there() {
+    let w = world();
+    let pod = w.pod();
+    let ns = pod.path();
+    let cg = TestCgroup::new("pod-packets");
+    let log = log_path("events-pod-packets");
+    let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
+        .await
+        .expect("agent starts");
+    for ip in [w.v4(11), w.v6(11)] {
+        let to = ip.to_string();
+        // The packet is refused as it is sent: the socket call fails.
+        assert_eq!(
+            cg.probe(&["--netns", &ns, "ping", &to]),
+            "denied",
+            "ping {ip} from the pod"
+        );
+        let dst = at(ip, 0);
+        let r = wait_record(&log, &format!("packet event for {ip}"), |r| {
+            r.kind == "packet" && r.dst.as_deref() == Some(dst.as_str())
+        });
+        assert_eq!(r.verdict.as_deref(), Some("deny"), "{r:?}");
+        // The pod's interface is not one the agent's namespace can name.
+        assert_eq!(r.iface, None, "{r:?}");
+        assert!(r.cgroup.is_some(), "{r:?}");
+        // From the same namespace, outside the enforced cgroup: untouched.
+        assert_eq!(
+            probe_in(None, &["--netns", &ns, "ping", &to]),
+            "ok",
+            "ping {ip} from the pod, not enforced"
+        );
+    }
+    const N: usize = 1 << 20;
+    for (ip, from) in [(w.v4(10), pod.v4()), (w.v6(10), pod.v6())] {
+        let dst = at(ip, 9000);
+        let (got, pid) = probe_with_pid(
+            Some(&cg.path),
+            &["--netns", &ns, "transfer", &dst, &N.to_string()],
+        );
+        assert_eq!(got, "ok", "transfer to {dst} from the pod");
+        let r = wait_record(&log, &format!("close event for {dst}"), |r| {
+            r.kind == "close" && r.pid == Some(pid)
+        });
+        assert_eq!(r.bytes_out, Some(N as u64), "{r:?}");
+        assert_eq!(r.bytes_in, Some(N as u64), "{r:?}");
+        let src = r.src.as_deref().and_then(|s| s.parse::<SocketAddr>().ok());
+        assert_eq!(src.map(|s| s.ip()), Some(from), "{r:?}");
+    }
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interface_that_appears_later_gets_the_backstop() {
     let w = world();

@@ -31,8 +31,13 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 6] = [
     "getpeername6",
 ];
 const SOCK_OPS_PROGRAM: &str = "tcp_state";
-const SOCK_RELEASE_PROGRAM: &str = "sock_release";
-const HOLD_SYN_PROGRAM: &str = "hold_syn";
+/// The cgroup_sock programs (each attaches where its section says).
+const SOCK_PROGRAMS: [&str; 2] = ["sock_create", "sock_release"];
+/// The cgroup's packet programs (cgroup_skb) and where each attaches.
+const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    ("cgroup_egress", CgroupSkbAttachType::Egress),
+    ("cgroup_ingress", CgroupSkbAttachType::Ingress),
+];
 const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("tc_egress", TcAttachType::Egress),
     ("tc_ingress", TcAttachType::Ingress),
@@ -135,12 +140,16 @@ impl Datapath {
         program::<SockOps>(&mut ebpf, SOCK_OPS_PROGRAM)?
             .load()
             .map_err(loading(SOCK_OPS_PROGRAM))?;
-        program::<CgroupSock>(&mut ebpf, SOCK_RELEASE_PROGRAM)?
-            .load()
-            .map_err(loading(SOCK_RELEASE_PROGRAM))?;
-        program::<CgroupSkb>(&mut ebpf, HOLD_SYN_PROGRAM)?
-            .load()
-            .map_err(loading(HOLD_SYN_PROGRAM))?;
+        for name in SOCK_PROGRAMS {
+            program::<CgroupSock>(&mut ebpf, name)?
+                .load()
+                .map_err(loading(name))?;
+        }
+        for (name, _) in SKB_PROGRAMS {
+            program::<CgroupSkb>(&mut ebpf, name)?
+                .load()
+                .map_err(loading(name))?;
+        }
         for (name, _) in TC_PROGRAMS {
             program::<SchedClassifier>(&mut ebpf, name)?
                 .load()
@@ -192,12 +201,16 @@ impl Datapath {
         program::<SockOps>(&mut self.ebpf, SOCK_OPS_PROGRAM)?
             .attach(&file, CgroupAttachMode::Single)
             .map_err(attach_err(SOCK_OPS_PROGRAM))?;
-        program::<CgroupSock>(&mut self.ebpf, SOCK_RELEASE_PROGRAM)?
-            .attach(&file, CgroupAttachMode::Single)
-            .map_err(attach_err(SOCK_RELEASE_PROGRAM))?;
-        program::<CgroupSkb>(&mut self.ebpf, HOLD_SYN_PROGRAM)?
-            .attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-            .map_err(attach_err(HOLD_SYN_PROGRAM))?;
+        for name in SOCK_PROGRAMS {
+            program::<CgroupSock>(&mut self.ebpf, name)?
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(attach_err(name))?;
+        }
+        for (name, attach) in SKB_PROGRAMS {
+            program::<CgroupSkb>(&mut self.ebpf, name)?
+                .attach(&file, attach, CgroupAttachMode::Single)
+                .map_err(attach_err(name))?;
+        }
         Ok(())
     }
 

@@ -106,6 +106,7 @@ impl KernelMaps {
                 flags: 0,
                 relay_port: 0,
                 held_syn_rto: 0,
+                netns_cookie: 0,
             },
             current: Entries::new(),
         })
@@ -159,6 +160,15 @@ impl KernelMaps {
         self.write_config(Config {
             cgroup_id: id,
             cgroup_level: level,
+            ..self.written
+        })
+    }
+
+    /// The agent's own network namespace (its cookie): the one whose interfaces the TC programs
+    /// are on.
+    pub fn set_netns(&mut self, cookie: u64) -> Result<(), MapsError> {
+        self.write_config(Config {
+            netns_cookie: cookie,
             ..self.written
         })
     }

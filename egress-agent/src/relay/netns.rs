@@ -100,6 +100,12 @@ fn within<T>(ns: BorrowedFd, make: impl FnOnce() -> io::Result<T>) -> io::Result
     made
 }
 
+/// The kernel's cookie for the calling thread's network namespace.
+pub fn own_cookie() -> io::Result<u64> {
+    let probe = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    cookie(probe.as_fd())
+}
+
 /// The kernel's cookie for the namespace of `socket`.
 fn cookie(socket: BorrowedFd) -> io::Result<u64> {
     let mut value = 0u64;

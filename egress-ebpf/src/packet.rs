@@ -1,4 +1,11 @@
-//! The packet-level backstop and byte accounting, on the interfaces traffic leaves by.
+//! The packet-level backstop and byte accounting.
+//!
+//! Two hooks run it. The TC programs, on the interfaces of the agent's network namespace that
+//! traffic leaves by; and the enforced cgroup's own packet programs (cgroup_skb), which see its
+//! sockets' packets in whatever namespace they are: a pod's or a container's packets leave by
+//! interfaces of their own namespace, and cross into the agent's, if at all, without their socket.
+//! Each packet is handled by one of them: TC for the sockets of the agent's namespace (it names
+//! the interface a packet was dropped on), the cgroup programs for every other.
 //!
 //! Egress: packets of sockets in the enforced cgroup. A tracked flow's packets are counted. TCP and
 //! UDP sockets were judged by the socket hooks (or accepted an inbound connection), so the rest of
@@ -6,23 +13,34 @@
 //! is judged here by the same policy map: denied ones are dropped and evented.
 //! Ingress: packets of tracked flows are counted; nothing is judged.
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock},
+    bindings::{
+        __sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
+    },
     helpers::generated::{
         bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
         bpf_skb_load_bytes_relative,
     },
-    programs::TcContext,
 };
 use egress_common::{EventKind, FlowEvent, FlowTuple, Verdict, map_v4};
 
 use crate::{
-    CONFIG, FLOWS, TUPLES, decide,
+    CONFIG, FLOWS, HOME_SOCKETS, TUPLES, decide,
     events::{self, IPPROTO_TCP, IPPROTO_UDP},
 };
 
-/// Lets the packet go on to whatever runs after us (later TCX programs or classic filters): a
-/// plain TC_ACT_OK would end their chain too.
-const PASS: i32 = TC_ACT_UNSPEC;
+/// Which program handles a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// TC, on an interface of the agent's network namespace.
+    Tc,
+    /// The enforced cgroup's packet program, in any namespace.
+    Cgroup,
+}
+
+/// TC: lets the packet go on to whatever runs after us (later TCX programs or classic filters):
+/// a plain TC_ACT_OK would end their chain too.
+pub const TC_PASS: i32 = TC_ACT_UNSPEC;
+pub const TC_DROP: i32 = TC_ACT_SHOT as i32;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -36,6 +54,7 @@ const IPV6_FRAGMENT: u8 = 44;
 const IPV6_DSTOPTS: u8 = 60;
 /// Extension headers walked at most (the verifier wants a bound; more is not seen in practice).
 const IPV6_EXT_MAX: usize = 4;
+const LOOPBACK_IFINDEX: u32 = 1;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 
@@ -60,70 +79,90 @@ struct Packet {
 
 const TCP_SYN: u8 = 0x02;
 
+/// Whether an outgoing packet may leave. Handled only by the hook `hook` that owns it (see the
+/// module's text); the other lets it pass.
 #[inline(always)]
-pub fn egress(ctx: &TcContext) -> i32 {
-    let skb = ctx.skb.skb;
+pub fn egress(skb: *mut __sk_buff, hook: Hook) -> bool {
     // SAFETY: the kernel hands a valid __sk_buff; `sk` is read whole, as the verifier requires.
     let sk: *mut bpf_sock = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         // No socket: forwarded traffic or the kernel's own (RST, ARP, …). Not a process's egress.
-        return PASS;
+        return true;
+    }
+    if hook == Hook::Cgroup && on_loopback(skb) {
+        return true;
     }
     let Some(config) = CONFIG.get(0) else {
-        return PASS;
+        return true;
     };
-    // SAFETY: helpers allowed in sched_cls, given the program's own context.
-    if config.cgroup_id == 0
-        || unsafe { bpf_skb_ancestor_cgroup_id(skb, config.cgroup_level as i32) }
-            != config.cgroup_id
+    // The cgroup program runs for the enforced cgroup's sockets only; TC for every socket.
+    // SAFETY: helpers allowed in both program types, given the program's own context.
+    if hook == Hook::Tc
+        && (config.cgroup_id == 0
+            || unsafe { bpf_skb_ancestor_cgroup_id(skb, config.cgroup_level as i32) }
+                != config.cgroup_id)
     {
-        return PASS;
-    }
-    let mut pkt = Packet::default();
-    if parse(ctx, &mut pkt).is_none() {
-        // Not IP: no policy speaks of it.
-        return PASS;
+        return true;
     }
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
     if let Some(flow) = FLOWS.get_ptr_mut(&cookie) {
-        // SAFETY: a valid map value; counters are added atomically as every CPU may write them.
-        unsafe {
-            let fresh = fresh_bytes(
-                &pkt,
-                &raw mut (*flow).next_seq_out,
-                &raw mut (*flow).seq_out_known,
-            );
-            let event = &raw mut (*flow).event;
-            events::add(&raw mut (*event).bytes_out, fresh);
-            events::add(&raw mut (*event).packets_out, pkt.segments);
-            if (*event).src_port_be == 0 {
-                (*event).src_port_be = pkt.src_port_be;
-                (*event).src_addr = pkt.src;
-                let _ = TUPLES.insert(&events::tuple(&*event), &cookie, 0);
+        // SAFETY: a valid map value; `foreign` was written when the flow was opened.
+        if owns_flow(hook, unsafe { (*flow).foreign }) {
+            let mut pkt = Packet::default();
+            if parse(skb, &mut pkt).is_some() {
+                // SAFETY: a valid map value; counters are added atomically as every CPU may write
+                // them.
+                unsafe {
+                    let fresh = fresh_bytes(
+                        &pkt,
+                        &raw mut (*flow).next_seq_out,
+                        &raw mut (*flow).seq_out_known,
+                    );
+                    let event = &raw mut (*flow).event;
+                    events::add(&raw mut (*event).bytes_out, fresh);
+                    events::add(&raw mut (*event).packets_out, pkt.segments);
+                    if (*event).src_port_be == 0 {
+                        (*event).src_port_be = pkt.src_port_be;
+                        (*event).src_addr = pkt.src;
+                        // TC ingress finds the flow by its addresses; the cgroup program by the
+                        // socket the packet is delivered to.
+                        if hook == Hook::Tc {
+                            let _ = TUPLES.insert(&events::tuple(&*event), &cookie, 0);
+                        }
+                    }
+                }
             }
         }
-        return PASS;
+        return true;
     }
     // SAFETY: `sk` is non-null and came from the context.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
         // A request or time-wait socket: TCP, judged at connect or inbound.
-        return PASS;
+        return true;
     }
     // SAFETY: a full socket the helper returned.
-    let (sock_type, sock_proto) = unsafe { ((*full).type_, (*full).protocol) };
-    if (sock_type == SOCK_STREAM && sock_proto == IPPROTO_TCP as u32)
-        || (sock_type == SOCK_DGRAM && sock_proto == IPPROTO_UDP as u32)
-    {
-        return PASS;
+    if tcp_or_udp(unsafe { (*full).type_ }, unsafe { (*full).protocol }) {
+        return true;
+    }
+    // A socket of the agent's namespace is TC's to judge; one it never saw made (it predates the
+    // agent, or the table forgot it) is judged by both, alike.
+    // SAFETY: a valid map value, only tested.
+    if hook == Hook::Cgroup && unsafe { HOME_SOCKETS.get(&cookie) }.is_some() {
+        return true;
+    }
+    let mut pkt = Packet::default();
+    if parse(skb, &mut pkt).is_none() {
+        // Not IP: no policy speaks of it.
+        return true;
     }
     if link_control(&pkt) {
-        return PASS;
+        return true;
     }
     let decision = decide::judge(pkt.proto, pkt.dst_port_be, pkt.dst);
     if decision.verdict.permits() {
-        return PASS;
+        return true;
     }
     if let Some(mut entry) = events::reserve() {
         let now = events::now_ns();
@@ -133,8 +172,12 @@ pub fn egress(ctx: &TcContext) -> i32 {
             rule_id: decision.rule_id,
             pid: 0,
             tid: 0,
+            // An interface of another namespace than the agent's cannot be named by it.
             // SAFETY: as above.
-            ifindex: unsafe { (*skb).ifindex },
+            ifindex: match hook {
+                Hook::Tc => unsafe { (*skb).ifindex },
+                Hook::Cgroup => 0,
+            },
             proto: pkt.proto,
             family: pkt.family,
             src_port_be: pkt.src_port_be,
@@ -156,39 +199,86 @@ pub fn egress(ctx: &TcContext) -> i32 {
         });
         entry.submit(events::wakeup());
     }
-    TC_ACT_SHOT as i32
+    false
+}
+
+/// Counts an incoming packet of a tracked flow, in the hook that owns the flow.
+#[inline(always)]
+pub fn ingress(skb: *mut __sk_buff, hook: Hook) {
+    let flow = match hook {
+        Hook::Tc => {
+            let mut pkt = Packet::default();
+            if parse(skb, &mut pkt).is_none() {
+                return;
+            }
+            let tuple = FlowTuple {
+                proto: pkt.proto,
+                pad: [0; 3],
+                local_port_be: pkt.dst_port_be,
+                remote_port_be: pkt.src_port_be,
+                local_addr: pkt.dst,
+                remote_addr: pkt.src,
+            };
+            // SAFETY: map values are valid while the program runs.
+            let Some(&cookie) = (unsafe { TUPLES.get(&tuple) }) else {
+                return;
+            };
+            let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
+                return;
+            };
+            count_in(flow, &pkt);
+            return;
+        }
+        Hook::Cgroup if on_loopback(skb) => return,
+        // SAFETY: the program's own context; the receiving socket is the packet's here.
+        Hook::Cgroup => FLOWS.get_ptr_mut(&unsafe { bpf_get_socket_cookie(skb.cast()) }),
+    };
+    // SAFETY: a valid map value; `foreign` was written when the flow was opened.
+    if let Some(flow) = flow
+        && owns_flow(hook, unsafe { (*flow).foreign })
+    {
+        let mut pkt = Packet::default();
+        if parse(skb, &mut pkt).is_some() {
+            count_in(flow, &pkt);
+        }
+    }
+}
+
+/// Whether the packet leaves or arrives by a loopback interface (index 1 in every namespace):
+/// loopback is not egress, and its flows are not tracked. Most of the cgroup's packets, the
+/// steered connections' among them, return here at the cost of one field read.
+#[inline(always)]
+fn on_loopback(skb: *mut __sk_buff) -> bool {
+    // SAFETY: the kernel hands a valid __sk_buff.
+    unsafe { (*skb).ifindex == LOOPBACK_IFINDEX }
+}
+
+/// Whether a socket of this type and protocol is TCP or UDP: judged by the socket hooks.
+#[inline(always)]
+pub fn tcp_or_udp(sock_type: u32, proto: u32) -> bool {
+    (sock_type == SOCK_STREAM && proto == IPPROTO_TCP as u32)
+        || (sock_type == SOCK_DGRAM && proto == IPPROTO_UDP as u32)
+}
+
+/// Whether `hook` counts a flow's packets: TC those of the agent's namespace, the cgroup program
+/// the others' (`foreign`), so each packet is counted once.
+#[inline(always)]
+fn owns_flow(hook: Hook, foreign: u8) -> bool {
+    (foreign != 0) == (hook == Hook::Cgroup)
 }
 
 #[inline(always)]
-pub fn ingress(ctx: &TcContext) -> i32 {
-    let mut pkt = Packet::default();
-    if parse(ctx, &mut pkt).is_none() {
-        return PASS;
+fn count_in(flow: *mut egress_common::Flow, pkt: &Packet) {
+    // SAFETY: a valid map value; counters are added atomically as every CPU may write them.
+    unsafe {
+        let fresh = fresh_bytes(
+            pkt,
+            &raw mut (*flow).next_seq_in,
+            &raw mut (*flow).seq_in_known,
+        );
+        events::add(&raw mut (*flow).event.bytes_in, fresh);
+        events::add(&raw mut (*flow).event.packets_in, pkt.segments);
     }
-    let tuple = FlowTuple {
-        proto: pkt.proto,
-        pad: [0; 3],
-        local_port_be: pkt.dst_port_be,
-        remote_port_be: pkt.src_port_be,
-        local_addr: pkt.dst,
-        remote_addr: pkt.src,
-    };
-    // SAFETY: map values are valid while the program runs.
-    if let Some(&cookie) = unsafe { TUPLES.get(&tuple) }
-        && let Some(flow) = FLOWS.get_ptr_mut(&cookie)
-    {
-        // SAFETY: as in egress.
-        unsafe {
-            let fresh = fresh_bytes(
-                &pkt,
-                &raw mut (*flow).next_seq_in,
-                &raw mut (*flow).seq_in_known,
-            );
-            events::add(&raw mut (*flow).event.bytes_in, fresh);
-            events::add(&raw mut (*flow).event.packets_in, pkt.segments);
-        }
-    }
-    PASS
 }
 
 /// IPv6 neighbour discovery (router and neighbour solicitations and advertisements, redirects)
@@ -251,11 +341,11 @@ unsafe fn fresh_bytes(pkt: &Packet, next: *mut u64, known: *mut u8) -> u64 {
 
 /// Loads `buf.len()` bytes at `offset` from the network header, whatever link header precedes.
 #[inline(always)]
-fn load(ctx: &TcContext, offset: u32, buf: &mut [u8]) -> Option<()> {
+fn load(skb: *mut __sk_buff, offset: u32, buf: &mut [u8]) -> Option<()> {
     // SAFETY: the helper writes at most buf.len() bytes into buf.
     let ret = unsafe {
         bpf_skb_load_bytes_relative(
-            ctx.skb.skb.cast(),
+            skb.cast(),
             offset,
             buf.as_mut_ptr().cast(),
             buf.len() as u32,
@@ -272,14 +362,14 @@ fn be16(b0: u8, b1: u8) -> u16 {
 
 /// Fills `pkt` in place (addresses are loaded straight into it: the stack is small).
 #[inline(always)]
-fn parse(ctx: &TcContext, pkt: &mut Packet) -> Option<()> {
+fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Option<()> {
     // SAFETY: the kernel hands a valid __sk_buff.
-    let (protocol_be, gso_segs) = unsafe { ((*ctx.skb.skb).protocol, (*ctx.skb.skb).gso_segs) };
+    let (protocol_be, gso_segs) = unsafe { ((*skb).protocol, (*skb).gso_segs) };
     pkt.segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
     let (l4, total, first_fragment) = match u16::from_be(protocol_be as u16) {
         ETH_P_IP => {
             let mut h = [0u8; 20];
-            load(ctx, 0, &mut h)?;
+            load(skb, 0, &mut h)?;
             pkt.family = 4;
             pkt.proto = h[9];
             pkt.src = map_v4([h[12], h[13], h[14], h[15]]);
@@ -293,9 +383,9 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Option<()> {
         }
         ETH_P_IPV6 => {
             let mut h = [0u8; 8];
-            load(ctx, 0, &mut h)?;
-            load(ctx, 8, &mut pkt.src)?;
-            load(ctx, 24, &mut pkt.dst)?;
+            load(skb, 0, &mut h)?;
+            load(skb, 8, &mut pkt.src)?;
+            load(skb, 24, &mut pkt.dst)?;
             pkt.family = 6;
             let total = 40 + be16(h[4], h[5]) as u32;
             let (mut next, mut offset, mut first_fragment) = (h[6], 40u32, true);
@@ -304,12 +394,12 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Option<()> {
                 let mut ext = [0u8; 4];
                 match next {
                     IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                        load(ctx, offset, &mut ext)?;
+                        load(skb, offset, &mut ext)?;
                         next = ext[0];
                         offset += 8 + ext[1] as u32 * 8;
                     }
                     IPV6_FRAGMENT => {
-                        load(ctx, offset, &mut ext)?;
+                        load(skb, offset, &mut ext)?;
                         next = ext[0];
                         first_fragment = be16(ext[2], ext[3]) & 0xfff8 == 0;
                         offset += 8;
@@ -327,14 +417,14 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Option<()> {
     let mut l4_header = 0;
     if first_fragment && matches!(pkt.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         let mut ports = [0u8; 4];
-        load(ctx, l4, &mut ports)?;
+        load(skb, l4, &mut ports)?;
         pkt.src_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
         pkt.dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
         l4_header = match pkt.proto {
             IPPROTO_TCP => {
                 // Sequence number (4), acknowledgment number (4), data offset, flags.
                 let mut h = [0u8; 10];
-                load(ctx, l4 + 4, &mut h)?;
+                load(skb, l4 + 4, &mut h)?;
                 pkt.seq = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
                 pkt.tcp_flags = h[9];
                 ((h[8] >> 4) as u32) * 4
@@ -345,7 +435,7 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Option<()> {
     }
     if first_fragment && pkt.proto == IPPROTO_ICMPV6 {
         let mut t = [0u8; 1];
-        load(ctx, l4, &mut t)?;
+        load(skb, l4, &mut t)?;
         pkt.icmp6_type = t[0];
     }
     pkt.payload = total.saturating_sub(l4 + l4_header) as u64;
