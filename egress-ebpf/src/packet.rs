@@ -205,9 +205,9 @@ pub fn egress(skb: *mut __sk_buff, hook: Hook) -> bool {
 /// Counts an incoming packet of a tracked flow, in the hook that owns the flow.
 #[inline(always)]
 pub fn ingress(skb: *mut __sk_buff, hook: Hook) {
-    let flow = match hook {
+    let mut pkt = Packet::default();
+    match hook {
         Hook::Tc => {
-            let mut pkt = Packet::default();
             if parse(skb, &mut pkt).is_none() {
                 return;
             }
@@ -219,27 +219,27 @@ pub fn ingress(skb: *mut __sk_buff, hook: Hook) {
                 local_addr: pkt.dst,
                 remote_addr: pkt.src,
             };
+            // Only TC egress files tuples, for the flows it counts.
             // SAFETY: map values are valid while the program runs.
-            let Some(&cookie) = (unsafe { TUPLES.get(&tuple) }) else {
-                return;
-            };
-            let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
-                return;
-            };
-            count_in(flow, &pkt);
-            return;
+            if let Some(&cookie) = unsafe { TUPLES.get(&tuple) }
+                && let Some(flow) = FLOWS.get_ptr_mut(&cookie)
+            {
+                count_in(flow, &pkt);
+            }
         }
-        Hook::Cgroup if on_loopback(skb) => return,
-        // SAFETY: the program's own context; the receiving socket is the packet's here.
-        Hook::Cgroup => FLOWS.get_ptr_mut(&unsafe { bpf_get_socket_cookie(skb.cast()) }),
-    };
-    // SAFETY: a valid map value; `foreign` was written when the flow was opened.
-    if let Some(flow) = flow
-        && owns_flow(hook, unsafe { (*flow).foreign })
-    {
-        let mut pkt = Packet::default();
-        if parse(skb, &mut pkt).is_some() {
-            count_in(flow, &pkt);
+        Hook::Cgroup => {
+            if on_loopback(skb) {
+                return;
+            }
+            // SAFETY: the program's own context; the receiving socket is the packet's here.
+            let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+            // SAFETY: a valid map value; `foreign` was written when the flow was opened.
+            if let Some(flow) = FLOWS.get_ptr_mut(&cookie)
+                && owns_flow(hook, unsafe { (*flow).foreign })
+                && parse(skb, &mut pkt).is_some()
+            {
+                count_in(flow, &pkt);
+            }
         }
     }
 }
