@@ -166,6 +166,18 @@ pub struct Config {
     pub netns_cookie: u64,
 }
 
+impl Config {
+    /// Whether a socket in namespace `netns` (its cookie) is in the agent's own namespace, where
+    /// the TC programs are; `None` while the agent has not said which namespace that is.
+    pub const fn in_agent_netns(&self, netns: u64) -> Option<bool> {
+        if self.netns_cookie == 0 {
+            None
+        } else {
+            Some(self.netns_cookie == netns)
+        }
+    }
+}
+
 /// [`Config::flags`]: the socket hooks write no events and track no flows (decisions are
 /// unchanged). Only the events benchmark's baseline sets it; zero, the default, reports.
 pub const CONFIG_EVENTS_OFF: u32 = 1;

@@ -202,7 +202,7 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
         if tracked {
             // SAFETY: the program's own context.
             let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-            let foreign = config.is_some_and(|c| c.netns_cookie != 0 && c.netns_cookie != netns);
+            let foreign = config.is_some_and(|c| c.in_agent_netns(netns) == Some(false));
             // SAFETY: initialised just above.
             events::open_flow(cookie, unsafe { &*event }, foreign);
         }
@@ -292,7 +292,7 @@ pub fn sock_create(ctx: SockContext) -> i32 {
     };
     if CONFIG
         .get(0)
-        .is_some_and(|c| c.netns_cookie != 0 && c.netns_cookie == netns)
+        .is_some_and(|c| c.in_agent_netns(netns) == Some(true))
     {
         // A full table forgets the oldest: that socket's packets are then judged twice.
         let _ = HOME_SOCKETS.insert(&cookie, &0, 0);
