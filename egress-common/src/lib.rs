@@ -40,6 +40,11 @@ pub const TUPLES_MAP: &str = "EGRESS_TUPLES_V1";
 /// by interfaces the TC programs are on, and TC judges them; every other such socket's packets
 /// are judged by the cgroup's packet program. Written at socket creation, removed at release.
 pub const HOME_SOCKETS_MAP: &str = "EGRESS_HOME_SOCKETS_V1";
+/// Name of the hash of the interfaces the TC programs are on: ifindex → link type (ARPHRD_*),
+/// which says where a packet socket's frame puts its network header.
+pub const LINKS_MAP: &str = "EGRESS_LINKS_V1";
+/// The link type of Ethernet interfaces (veth, bridges, most NICs).
+pub const ARPHRD_ETHER: u32 = 1;
 
 /// Bits of [`PolicyKey`] before the address: protocol (8), pad (8) and port (16). An LPM entry
 /// always covers them completely, so protocol and port match exactly.
@@ -103,6 +108,8 @@ pub const RULE_MODE: u32 = 0;
 pub const RULE_LOOPBACK: u32 = 1;
 /// A configured DNS resolver on port 53.
 pub const RULE_RESOLVER: u32 = 2;
+/// A packet socket asked to skip the queueing layer (PACKET_QDISC_BYPASS), where TC is.
+pub const RULE_QDISC_BYPASS: u32 = 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -199,6 +206,8 @@ pub enum EventKind {
     Packet = 3,
     /// A tracked flow ended; carries its byte and packet totals.
     Close = 4,
+    /// A socket option refused (see [`RULE_QDISC_BYPASS`]); no destination.
+    Sockopt = 5,
 }
 
 impl EventKind {
@@ -208,6 +217,7 @@ impl EventKind {
             2 => Some(Self::Sendmsg),
             3 => Some(Self::Packet),
             4 => Some(Self::Close),
+            5 => Some(Self::Sockopt),
             _ => None,
         }
     }

@@ -25,13 +25,17 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map, sock_ops},
+    macros::{
+        cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, map, sock_ops,
+    },
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext, TcContext},
+    programs::{
+        SkBuffContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext, TcContext,
+    },
 };
 use egress_common::{
     CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowTuple, PolicyKey, PolicyValue,
-    RELAY_MARK, RULE_LOOPBACK, RelayPeer, Steered, Verdict, map_v4,
+    RELAY_MARK, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered, Verdict, map_v4,
 };
 
 use crate::{
@@ -67,6 +71,11 @@ static TUPLES: LruHashMap<FlowTuple, u64> = LruHashMap::with_max_entries(FLOWS_M
 /// plenty, and one the table forgot is judged by both packet hooks, never by none.
 #[map(name = "EGRESS_HOME_SOCKETS_V1")]
 static HOME_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(1 << 12, 0);
+
+/// Interfaces the TC programs are on, by index: their link type. Pods' veths may be thousands;
+/// an interface missing here has its packet sockets' frames judged by their IP version alone.
+#[map(name = "EGRESS_LINKS_V1")]
+static LINKS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 14, 0);
 
 #[map(name = "EGRESS_STEERED_V3")]
 static STEERED: LruHashMap<u64, Steered> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
@@ -325,6 +334,72 @@ pub fn sock_release(ctx: SockContext) -> i32 {
         let _ = STEERED.remove(&cookie);
     }
     1
+}
+
+const SOL_PACKET: i32 = 263;
+const PACKET_QDISC_BYPASS: i32 = 20;
+/// The smallest page size: beyond a page the program sees only the first one, and a kernel
+/// before 6.5 fails the call unless the program hands the caller's own buffer on (`optlen` 0).
+const OPTLEN_SEEN_MAX: i32 = 4096;
+
+/// Every setsockopt() of the enforced cgroup's sockets: refuses to turn on PACKET_QDISC_BYPASS,
+/// which sends a packet socket's frames past the queueing layer and with it past TC, the only hook
+/// that sees them. Every other option passes untouched.
+#[cgroup_sockopt(setsockopt)]
+pub fn setsockopt(ctx: SockoptContext) -> i32 {
+    let opt = ctx.sockopt;
+    // SAFETY: the program's own context; these fields are readable.
+    let (level, name, len) = unsafe { ((*opt).level, (*opt).optname, (*opt).optlen) };
+    if level == SOL_PACKET && name == PACKET_QDISC_BYPASS && turns_on(opt) {
+        refuse_option(RULE_QDISC_BYPASS);
+        return 0;
+    }
+    if len > OPTLEN_SEEN_MAX {
+        // SAFETY: the program's own context; optlen is writable in setsockopt programs.
+        unsafe { (*opt).optlen = 0 };
+    }
+    1
+}
+
+/// Whether the option's value is a non-zero int. The kernel refuses a value of another size.
+#[inline(always)]
+fn turns_on(opt: *mut aya_ebpf::bindings::bpf_sockopt) -> bool {
+    // SAFETY: the program's own context; optval..optval_end is the value's readable copy.
+    unsafe {
+        let value = (*opt).__bindgen_anon_2.optval.cast::<u8>();
+        let end = (*opt).__bindgen_anon_3.optval_end.cast::<u8>();
+        if value.wrapping_add(size_of::<i32>()) > end {
+            return false;
+        }
+        core::ptr::read_unaligned(value.cast::<i32>()) != 0
+    }
+}
+
+/// Reports a refused socket option of the current task's.
+#[inline(always)]
+fn refuse_option(rule_id: u32) {
+    if CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & CONFIG_EVENTS_OFF != 0)
+    {
+        return;
+    }
+    if let Some(mut entry) = events::reserve() {
+        let decision = decide::Decision {
+            verdict: Verdict::Deny,
+            rule_id,
+        };
+        entry.write(events::from_task(
+            EventKind::Sockopt,
+            decision,
+            0,
+            0,
+            0,
+            [0; 16],
+            0,
+        ));
+        entry.submit(events::wakeup());
+    }
 }
 
 /// Reads of the destination from `struct bpf_sock_addr`. Every field is read as a whole u32: the

@@ -10,21 +10,24 @@
 //! Egress: packets of sockets in the enforced cgroup. A tracked flow's packets are counted. TCP and
 //! UDP sockets were judged by the socket hooks (or accepted an inbound connection), so the rest of
 //! their packets pass. Every other IP packet of an enforced socket (raw sockets, ping sockets, …)
-//! is judged here by the same policy map: denied ones are dropped and evented.
+//! is judged here by the same policy map: denied ones are dropped and evented. A packet socket's
+//! frame is judged by what it carries, not by the protocol the socket labelled it with.
 //! Ingress: packets of tracked flows are counted; nothing is judged.
 use aya_ebpf::{
     bindings::{
-        __sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
+        __sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_hdr_start_off::{BPF_HDR_START_MAC, BPF_HDR_START_NET},
+        bpf_sock,
     },
     helpers::generated::{
         bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
         bpf_skb_load_bytes_relative,
     },
 };
-use egress_common::{EventKind, FlowEvent, FlowTuple, Verdict, map_v4};
+use egress_common::{ARPHRD_ETHER, EventKind, FlowEvent, FlowTuple, Verdict, map_v4};
 
 use crate::{
-    CONFIG, FLOWS, HOME_SOCKETS, TUPLES, decide,
+    CONFIG, FLOWS, HOME_SOCKETS, LINKS, TUPLES, decide,
     events::{self, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -57,6 +60,27 @@ const IPV6_EXT_MAX: usize = 4;
 const LOOPBACK_IFINDEX: u32 = 1;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
+const AF_PACKET: u32 = 17;
+/// 802.1Q and 802.1ad VLAN tags, and the old QinQ value: 4 bytes each before the real type.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_QINQ: u16 = 0x9100;
+/// VLAN tags walked at most (the verifier wants a bound); a frame with more is judged by the type
+/// the walk ends on, which is no IP type: it passes as link traffic, and no stack takes it for IP.
+const VLAN_TAGS_MAX: usize = 2;
+
+/// Where a packet's IP header is: `offset` bytes after a header the kernel tracks.
+#[derive(Clone, Copy)]
+struct At {
+    start: u32,
+    offset: u32,
+}
+
+/// At the network header the stack set.
+const NETWORK: At = At {
+    start: BPF_HDR_START_NET,
+    offset: 0,
+};
 
 /// What the programs need from an IP packet.
 #[derive(Default)]
@@ -153,7 +177,14 @@ pub fn egress(skb: *mut __sk_buff, hook: Hook) -> bool {
         return true;
     }
     let mut pkt = Packet::default();
-    if parse(skb, &mut pkt).is_none() {
+    // A packet socket labels its frame with any protocol it likes; the receiver goes by the frame.
+    // SAFETY: a full socket the helper returned.
+    let parsed = if unsafe { (*full).family } == AF_PACKET {
+        parse_frame(skb, &mut pkt)
+    } else {
+        parse(skb, &mut pkt)
+    };
+    if parsed.is_none() {
         // Not IP: no policy speaks of it.
         return true;
     }
@@ -339,17 +370,17 @@ unsafe fn fresh_bytes(pkt: &Packet, next: *mut u64, known: *mut u8) -> u64 {
     }
 }
 
-/// Loads `buf.len()` bytes at `offset` from the network header, whatever link header precedes.
+/// Loads `buf.len()` bytes at `offset` from the IP header at `at`.
 #[inline(always)]
-fn load(skb: *mut __sk_buff, offset: u32, buf: &mut [u8]) -> Option<()> {
+fn load(skb: *mut __sk_buff, at: At, offset: u32, buf: &mut [u8]) -> Option<()> {
     // SAFETY: the helper writes at most buf.len() bytes into buf.
     let ret = unsafe {
         bpf_skb_load_bytes_relative(
             skb.cast(),
-            offset,
+            at.offset + offset,
             buf.as_mut_ptr().cast(),
             buf.len() as u32,
-            BPF_HDR_START_NET,
+            at.start,
         )
     };
     (ret == 0).then_some(())
@@ -360,16 +391,65 @@ fn be16(b0: u8, b1: u8) -> u16 {
     u16::from_be_bytes([b0, b1])
 }
 
-/// Fills `pkt` in place (addresses are loaded straight into it: the stack is small).
+/// Fills `pkt` from the packet's network header, as the stack labelled it.
 #[inline(always)]
 fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Option<()> {
     // SAFETY: the kernel hands a valid __sk_buff.
-    let (protocol_be, gso_segs) = unsafe { ((*skb).protocol, (*skb).gso_segs) };
+    let protocol_be = unsafe { (*skb).protocol };
+    parse_at(skb, pkt, u16::from_be(protocol_be as u16), NETWORK)
+}
+
+/// Fills `pkt` from a packet socket's frame, by what the frame carries whatever its label: on an
+/// Ethernet interface the frame's own type (after any VLAN tags), elsewhere (no link header: tun,
+/// WireGuard, IP tunnels) the IP version. TC only: packet sockets bypass the IP stack.
+#[inline(always)]
+fn parse_frame(skb: *mut __sk_buff, pkt: &mut Packet) -> Option<()> {
+    // SAFETY: the kernel hands a valid __sk_buff.
+    let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: a valid map value, copied out.
+    if unsafe { LINKS.get(&ifindex) } == Some(&ARPHRD_ETHER) {
+        // The type field after the two addresses; at TC the link header is where data starts.
+        let mut at = At {
+            start: BPF_HDR_START_MAC,
+            offset: 12,
+        };
+        let mut kind = [0u8; 2];
+        load(skb, at, 0, &mut kind)?;
+        let mut i = 0;
+        while i < VLAN_TAGS_MAX
+            && matches!(
+                be16(kind[0], kind[1]),
+                ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ
+            )
+        {
+            at.offset += 4;
+            load(skb, at, 0, &mut kind)?;
+            i += 1;
+        }
+        at.offset += 2;
+        return parse_at(skb, pkt, be16(kind[0], kind[1]), at);
+    }
+    let mut first = [0u8; 1];
+    load(skb, NETWORK, 0, &mut first)?;
+    let ethertype = match first[0] >> 4 {
+        4 => ETH_P_IP,
+        6 => ETH_P_IPV6,
+        _ => return None,
+    };
+    parse_at(skb, pkt, ethertype, NETWORK)
+}
+
+/// Fills `pkt` in place from an IP header of type `ethertype` at `at` (addresses are loaded
+/// straight into it: the stack is small).
+#[inline(always)]
+fn parse_at(skb: *mut __sk_buff, pkt: &mut Packet, ethertype: u16, at: At) -> Option<()> {
+    // SAFETY: the kernel hands a valid __sk_buff.
+    let gso_segs = unsafe { (*skb).gso_segs };
     pkt.segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
-    let (l4, total, first_fragment) = match u16::from_be(protocol_be as u16) {
+    let (l4, total, first_fragment) = match ethertype {
         ETH_P_IP => {
             let mut h = [0u8; 20];
-            load(skb, 0, &mut h)?;
+            load(skb, at, 0, &mut h)?;
             pkt.family = 4;
             pkt.proto = h[9];
             pkt.src = map_v4([h[12], h[13], h[14], h[15]]);
@@ -383,9 +463,9 @@ fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Option<()> {
         }
         ETH_P_IPV6 => {
             let mut h = [0u8; 8];
-            load(skb, 0, &mut h)?;
-            load(skb, 8, &mut pkt.src)?;
-            load(skb, 24, &mut pkt.dst)?;
+            load(skb, at, 0, &mut h)?;
+            load(skb, at, 8, &mut pkt.src)?;
+            load(skb, at, 24, &mut pkt.dst)?;
             pkt.family = 6;
             let total = 40 + be16(h[4], h[5]) as u32;
             let (mut next, mut offset, mut first_fragment) = (h[6], 40u32, true);
@@ -394,12 +474,12 @@ fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Option<()> {
                 let mut ext = [0u8; 4];
                 match next {
                     IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                        load(skb, offset, &mut ext)?;
+                        load(skb, at, offset, &mut ext)?;
                         next = ext[0];
                         offset += 8 + ext[1] as u32 * 8;
                     }
                     IPV6_FRAGMENT => {
-                        load(skb, offset, &mut ext)?;
+                        load(skb, at, offset, &mut ext)?;
                         next = ext[0];
                         first_fragment = be16(ext[2], ext[3]) & 0xfff8 == 0;
                         offset += 8;
@@ -417,14 +497,14 @@ fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Option<()> {
     let mut l4_header = 0;
     if first_fragment && matches!(pkt.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         let mut ports = [0u8; 4];
-        load(skb, l4, &mut ports)?;
+        load(skb, at, l4, &mut ports)?;
         pkt.src_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
         pkt.dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
         l4_header = match pkt.proto {
             IPPROTO_TCP => {
                 // Sequence number (4), acknowledgment number (4), data offset, flags.
                 let mut h = [0u8; 10];
-                load(skb, l4 + 4, &mut h)?;
+                load(skb, at, l4 + 4, &mut h)?;
                 pkt.seq = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
                 pkt.tcp_flags = h[9];
                 ((h[8] >> 4) as u32) * 4
@@ -435,7 +515,7 @@ fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Option<()> {
     }
     if first_fragment && pkt.proto == IPPROTO_ICMPV6 {
         let mut t = [0u8; 1];
-        load(skb, l4, &mut t)?;
+        load(skb, at, l4, &mut t)?;
         pkt.icmp6_type = t[0];
     }
     pkt.payload = total.saturating_sub(l4 + l4_header) as u64;

@@ -234,6 +234,71 @@ async fn raw_icmp_from_the_cgroup_is_dropped_and_logged_outside_untouched() {
     a.shutdown().await;
 }
 
+/// A packet socket (AF_PACKET) sends whole frames below IP, past the socket hooks: TC judges what
+/// a frame carries, whatever protocol the socket labels it with (the receiver goes by the frame),
+/// and the socket may not skip the queueing layer, where TC is (PACKET_QDISC_BYPASS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_socket_frames_are_judged_by_what_they_carry_and_cannot_skip_tc() {
+    let w = world();
+    let cg = TestCgroup::new("frames");
+    let log = log_path("events-frames");
+    let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
+        .await
+        .expect("agent starts");
+    let (src, dst) = (w.v4(1).to_string(), w.v4(11).to_string());
+    let dst_at = at(w.v4(11), 0);
+    for (n, label) in ["ip", "arp"].into_iter().enumerate() {
+        let frame = ["frame-ping", w.iface(), &src, &dst, label];
+        // Dropped by TC inside sendto().
+        assert_eq!(cg.probe(&frame), "dropped", "{label}-labelled frame");
+        wait_for(
+            &format!("the {label}-labelled frame's packet event"),
+            WAIT,
+            || {
+                records(&log)
+                    .iter()
+                    .filter(|r| r.kind == "packet" && r.dst.as_deref() == Some(dst_at.as_str()))
+                    .count()
+                    == n + 1
+            },
+        );
+        // The same frame from outside the enforced cgroup reaches the host, which answers.
+        assert_eq!(probe_in(None, &frame), "ok", "{label}-labelled frame");
+    }
+    let r = wait_record(&log, "a frame's packet event", |r| {
+        r.kind == "packet" && r.dst.as_deref() == Some(dst_at.as_str())
+    });
+    assert_eq!(r.verdict.as_deref(), Some("deny"), "{r:?}");
+    assert_eq!(r.proto.as_deref(), Some("icmp"), "{r:?}");
+    assert_eq!(r.iface.as_deref(), Some(w.iface()), "{r:?}");
+    // A VLAN-tagged frame is judged by the IP packet inside the tag. (This kernel has no VLAN
+    // devices, so nothing answers a tagged frame: outside the cgroup it leaves, unanswered.)
+    let tagged = ["frame-ping", w.iface(), &src, &dst, "arp", "7"];
+    assert_eq!(cg.probe(&tagged), "dropped", "tagged frame");
+    wait_for("the tagged frame's packet event", WAIT, || {
+        records(&log)
+            .iter()
+            .filter(|r| r.kind == "packet" && r.dst.as_deref() == Some(dst_at.as_str()))
+            .count()
+            == 3
+    });
+    assert_eq!(probe_in(None, &tagged), "timeout", "tagged frame");
+
+    // PACKET_QDISC_BYPASS may be turned off, not on; other options pass untouched, a value
+    // larger than a page included.
+    let (out, pid) = probe_with_pid(Some(&cg.path), &["sockopts"]);
+    assert_eq!(out, "on:denied off:ok large:ok");
+    let r = wait_record(&log, "the refused option's event", |r| r.kind == "sockopt");
+    assert_eq!(r.verdict.as_deref(), Some("deny"), "{r:?}");
+    assert_eq!(r.reason.as_deref(), Some("packet-qdisc-bypass"), "{r:?}");
+    assert_eq!(r.pid, Some(pid), "{r:?}");
+    assert_eq!(r.comm.as_deref(), Some("egress-probe"), "{r:?}");
+    assert!(r.cgroup.is_some(), "{r:?}");
+    assert_eq!(r.dst, None, "{r:?}");
+    assert_eq!(probe_in(None, &["sockopts"]), "on:ok off:ok large:ok");
+    a.shutdown().await;
+}
+
 /// A workload in a network namespace of its own (a pod, a container) sends by that namespace's
 /// interfaces, where the agent has no TC program, and its packets reach the agent's interfaces, if
 /// at all, without their socket: the cgroup's own packet programs judge its raw packets and count

@@ -9,12 +9,12 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
-        SchedClassifier, SockOps, TcAttachType, tc,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, ProgramError, SchedClassifier, SockOps, TcAttachType, tc,
     },
     util::KernelVersion,
 };
-use egress_common::{EVENTS_MAP, RELAY_NETNS_MAP, RELAY_PEERS_MAP, RELAY_WANTED_MAP};
+use egress_common::{EVENTS_MAP, LINKS_MAP, RELAY_NETNS_MAP, RELAY_PEERS_MAP, RELAY_WANTED_MAP};
 
 use crate::{
     maps::{self, Counters, KernelMaps, MapsError},
@@ -38,6 +38,8 @@ const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
     ("cgroup_egress", CgroupSkbAttachType::Egress),
     ("cgroup_ingress", CgroupSkbAttachType::Ingress),
 ];
+/// The cgroup_sockopt program (setsockopt).
+const SOCKOPT_PROGRAM: &str = "setsockopt";
 const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("tc_egress", TcAttachType::Egress),
     ("tc_ingress", TcAttachType::Ingress),
@@ -85,6 +87,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     /// Interfaces (by index: a name may be reused) the TC programs are on.
     ifaces: std::collections::BTreeSet<u32>,
+    /// Their link types, for the TC programs (`LINKS_MAP`).
+    links: aya::maps::HashMap<MapData, u32, u32>,
 }
 
 /// What loading hands to the agent: the maps it writes and the event stream it reads.
@@ -150,11 +154,15 @@ impl Datapath {
                 .load()
                 .map_err(loading(name))?;
         }
+        program::<CgroupSockopt>(&mut ebpf, SOCKOPT_PROGRAM)?
+            .load()
+            .map_err(loading(SOCKOPT_PROGRAM))?;
         for (name, _) in TC_PROGRAMS {
             program::<SchedClassifier>(&mut ebpf, name)?
                 .load()
                 .map_err(loading(name))?;
         }
+        let links = maps::open(&mut ebpf, LINKS_MAP)?;
         let maps = KernelMaps::take(&mut ebpf)?;
         let counters = Counters::take(&mut ebpf)?;
         let events = maps::open(&mut ebpf, EVENTS_MAP)?;
@@ -167,6 +175,7 @@ impl Datapath {
             datapath: Self {
                 ebpf,
                 ifaces: Default::default(),
+                links,
             },
             maps,
             counters,
@@ -211,6 +220,9 @@ impl Datapath {
                 .attach(&file, attach, CgroupAttachMode::Single)
                 .map_err(attach_err(name))?;
         }
+        program::<CgroupSockopt>(&mut self.ebpf, SOCKOPT_PROGRAM)?
+            .attach(&file, CgroupAttachMode::Single)
+            .map_err(attach_err(SOCKOPT_PROGRAM))?;
         Ok(())
     }
 
@@ -257,9 +269,22 @@ impl Datapath {
         }
         if let Ok(index) = nix::net::if_::if_nametoindex(iface) {
             self.ifaces.insert(index);
+            // Unknown, the programs judge a packet socket's frames by their IP version alone.
+            if let Some(kind) = link_type(iface) {
+                let _ = self.links.insert(index, kind, 0);
+            }
         }
         Ok(())
     }
+}
+
+/// The interface's link type (ARPHRD_*), as sysfs gives it.
+fn link_type(iface: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/type"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn page_size() -> u32 {

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 pub struct Record {
     pub time: Timestamp,
     /// `connect`, `sendmsg`, `packet` (judged by TC), `close` (a flow ended, with totals),
-    /// `relay` (a steered connection through the relay ended), `lost` (events the kernel could
-    /// not write).
+    /// `relay` (a steered connection through the relay ended), `sockopt` (a socket option
+    /// refused, see `reason`), `lost` (events the kernel could not write).
     pub kind: String,
     #[serde(default)]
     pub verdict: Option<String>,
@@ -180,18 +180,23 @@ impl Record {
             Some(EventKind::Sendmsg) => "sendmsg",
             Some(EventKind::Packet) => "packet",
             Some(EventKind::Close) => "close",
+            Some(EventKind::Sockopt) => "sockopt",
             None => "unknown",
         };
         let mut r = Record::empty(time, kind);
         r.verdict = Some(verdict_name(ev.verdict).to_owned());
-        r.proto = Some(proto_name(ev.proto));
         r.rule_id = Some(ev.rule_id);
+        r.set_task(ev.pid, ev.tid, &ev.comm);
+        r.cgroup_id = (ev.cgroup_id != 0).then_some(ev.cgroup_id);
+        if matches!(kernel_kind, Some(EventKind::Sockopt)) {
+            // An option of a socket, not a packet: no protocol or destination to name.
+            return r;
+        }
+        r.proto = Some(proto_name(ev.proto));
         r.dst = Some(endpoint(ev.dst_addr, ev.dst_port_be).to_string());
         if ev.src_addr != [0; 16] {
             r.src = Some(endpoint(ev.src_addr, ev.src_port_be).to_string());
         }
-        r.set_task(ev.pid, ev.tid, &ev.comm);
-        r.cgroup_id = (ev.cgroup_id != 0).then_some(ev.cgroup_id);
         if matches!(kernel_kind, Some(EventKind::Close)) {
             r.bytes_out = Some(ev.bytes_out);
             r.bytes_in = Some(ev.bytes_in);

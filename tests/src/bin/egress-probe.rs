@@ -1,5 +1,6 @@
 //! A client the tests run inside an enforced cgroup. Prints one word for what the socket saw:
-//! `ok`, `denied` (EPERM from the hooks), `refused`, `timeout`, or `error:<detail>`.
+//! `ok`, `denied` (EPERM from the hooks), `refused`, `timeout`, `dropped` (ENOBUFS: dropped
+//! below the socket as it was sent), or `error:<detail>`.
 //!
 //!   egress-probe tcp ADDR:PORT            connect, read the server's greeting
 //!   egress-probe udp ADDR:PORT            connect, send, wait for the echo
@@ -11,6 +12,11 @@
 //!   egress-probe bench-socket ADDR:PORT N    N times a new UDP socket, connect(), close; prints
 //!                                         ns per round
 //!   egress-probe ping ADDR                ICMP echo from a raw socket (no socket hook sees it)
+//!   egress-probe frame-ping IFACE SRC4 DST4 ip|arp [VLAN]   an ICMP echo as a whole Ethernet
+//!                                         frame from a packet socket on IFACE, labelled ip or
+//!                                         arp, tagged with VLAN if given
+//!   egress-probe sockopts                 PACKET_QDISC_BYPASS on and off, and a larger than a
+//!                                         page option value; `on:W off:W large:W`
 //!   egress-probe solicit ADDR6            an ICMPv6 neighbour solicitation for ADDR6, sent to it
 //!                                         from a raw socket; `sent`
 //!   egress-probe transfer ADDR:PORT N     send N bytes, half-close, expect N bytes back
@@ -47,6 +53,8 @@ fn word(e: &io::Error) -> String {
         Some(libc::EPERM) => "denied".into(),
         Some(libc::ECONNREFUSED) => "refused".into(),
         Some(libc::EAGAIN) | Some(libc::ETIMEDOUT) => "timeout".into(),
+        // A packet dropped below the socket as it was sent (TC).
+        Some(libc::ENOBUFS) => "dropped".into(),
         _ if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock => {
             "timeout".into()
         }
@@ -259,67 +267,222 @@ fn solicit(ip: IpAddr) -> String {
 
 /// One ICMP echo from a raw socket; `ok` once the matching reply arrives.
 fn ping(ip: IpAddr) -> String {
-    use nix::sys::socket::{
-        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrStorage, recvfrom,
-        sendto, setsockopt, socket, sockopt::ReceiveTimeout,
-    };
+    use nix::sys::socket::{MsgFlags, SockaddrStorage, sendto};
     let run = || -> nix::Result<bool> {
-        let (family, proto, request, reply) = match ip {
-            IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp, 8u8, 0u8),
-            IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6, 128, 129),
-        };
-        let fd = socket(family, SockType::Raw, SockFlag::SOCK_CLOEXEC, proto)?;
-        setsockopt(
-            &fd,
-            ReceiveTimeout,
-            &nix::sys::time::TimeVal::new(0, 200_000),
-        )?;
-        let id = (std::process::id() & 0xffff) as u16;
-        let mut msg = vec![request, 0, 0, 0];
-        msg.extend_from_slice(&id.to_be_bytes());
-        msg.extend_from_slice(&1u16.to_be_bytes());
-        msg.extend_from_slice(b"egress-probe");
-        if ip.is_ipv4() {
-            // ICMPv4 checksums are the sender's to fill; the kernel does ICMPv6's.
-            let sum = checksum(&msg);
-            msg[2..4].copy_from_slice(&sum.to_be_bytes());
-        }
+        let fd = echo_socket(ip)?;
+        let msg = echo_request(ip);
         let to = SockaddrStorage::from(SocketAddr::new(ip, 0));
         sendto(fd.as_raw_fd(), &msg, &to, MsgFlags::empty())?;
-        let deadline = Instant::now() + TIMEOUT;
-        let mut buf = [0u8; 1500];
-        while Instant::now() < deadline {
-            let (n, from) = match recvfrom::<SockaddrStorage>(fd.as_raw_fd(), &mut buf) {
-                Ok(r) => r,
-                Err(nix::errno::Errno::EAGAIN) => continue,
-                Err(e) => return Err(e),
-            };
-            let from_ip = from.and_then(|f| {
-                f.as_sockaddr_in()
-                    .map(|a| IpAddr::V4(a.ip()))
-                    .or_else(|| f.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
-            });
-            // IPv4 raw sockets receive the IP header too.
-            let icmp = if ip.is_ipv4() {
-                &buf[((buf[0] & 0x0f) as usize * 4).min(n)..n]
-            } else {
-                &buf[..n]
-            };
-            if from_ip == Some(ip)
-                && icmp.len() >= 8
-                && icmp[0] == reply
-                && icmp[4..6] == id.to_be_bytes()
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        echo_reply(&fd, ip)
     };
     match run() {
         Ok(true) => "ok".into(),
         Ok(false) => "timeout".into(),
         Err(e) => word(&io::Error::from(e)),
     }
+}
+
+/// A raw ICMP socket of `ip`'s family, which sees every echo reply the host receives.
+fn echo_socket(ip: IpAddr) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockProtocol, SockType, setsockopt, socket,
+        sockopt::ReceiveTimeout,
+    };
+    let (family, proto) = match ip {
+        IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp),
+        IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6),
+    };
+    let fd = socket(family, SockType::Raw, SockFlag::SOCK_CLOEXEC, proto)?;
+    setsockopt(
+        &fd,
+        ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(0, 200_000),
+    )?;
+    Ok(fd)
+}
+
+/// This process's echo identifier.
+fn echo_id() -> u16 {
+    (std::process::id() & 0xffff) as u16
+}
+
+/// An ICMP echo request to `ip`, checksummed for IPv4 (the kernel does ICMPv6's).
+fn echo_request(ip: IpAddr) -> Vec<u8> {
+    let request = if ip.is_ipv4() { 8u8 } else { 128 };
+    let mut msg = vec![request, 0, 0, 0];
+    msg.extend_from_slice(&echo_id().to_be_bytes());
+    msg.extend_from_slice(&1u16.to_be_bytes());
+    msg.extend_from_slice(b"egress-probe");
+    if ip.is_ipv4() {
+        let sum = checksum(&msg);
+        msg[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    msg
+}
+
+/// Whether `fd` (an [`echo_socket`]) gets our echo reply from `ip` in time.
+fn echo_reply(fd: &std::os::fd::OwnedFd, ip: IpAddr) -> nix::Result<bool> {
+    use nix::sys::socket::{SockaddrStorage, recvfrom};
+    let reply = if ip.is_ipv4() { 0u8 } else { 129 };
+    let deadline = Instant::now() + TIMEOUT;
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        let (n, from) = match recvfrom::<SockaddrStorage>(fd.as_raw_fd(), &mut buf) {
+            Ok(r) => r,
+            Err(nix::errno::Errno::EAGAIN) => continue,
+            Err(e) => return Err(e),
+        };
+        let from_ip = from.and_then(|f| {
+            f.as_sockaddr_in()
+                .map(|a| IpAddr::V4(a.ip()))
+                .or_else(|| f.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+        });
+        // IPv4 raw sockets receive the IP header too.
+        let icmp = if ip.is_ipv4() {
+            &buf[((buf[0] & 0x0f) as usize * 4).min(n)..n]
+        } else {
+            &buf[..n]
+        };
+        if from_ip == Some(ip)
+            && icmp.len() >= 8
+            && icmp[0] == reply
+            && icmp[4..6] == echo_id().to_be_bytes()
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// An ICMP echo request from `src` to `dst`, as a whole Ethernet frame (to the broadcast address,
+/// tagged with `vlan` if given) sent from a packet socket on `iface`, labelled with protocol
+/// `label` (`ip` or `arp`) whatever it carries: the receiver goes by the frame. `ok` once the
+/// reply comes (to a raw socket).
+fn frame_ping(
+    iface: &str,
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    label: &str,
+    vlan: Option<u16>,
+) -> String {
+    let label: u16 = match label {
+        "ip" => libc::ETH_P_IP as u16,
+        "arp" => libc::ETH_P_ARP as u16,
+        _ => return "error:label is ip or arp".into(),
+    };
+    let run = || -> io::Result<bool> {
+        let index = nix::net::if_::if_nametoindex(iface)?;
+        let mac: Vec<u8> = std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))?
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).map_err(io::Error::other))
+            .collect::<io::Result<_>>()?;
+        let replies = echo_socket(IpAddr::V4(dst))?;
+        let icmp = echo_request(IpAddr::V4(dst));
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&(20 + icmp.len() as u16).to_be_bytes());
+        ip.extend_from_slice(&[0, 0, 0x40, 0, 64, libc::IPPROTO_ICMP as u8, 0, 0]);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        let sum = checksum(&ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let mut frame = vec![0xff; 6];
+        frame.extend_from_slice(&mac);
+        if let Some(id) = vlan {
+            frame.extend_from_slice(&(libc::ETH_P_8021Q as u16).to_be_bytes());
+            frame.extend_from_slice(&id.to_be_bytes());
+        }
+        frame.extend_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&icmp);
+        // SAFETY: plain socket(2); the descriptor is owned at once. Protocol 0: it receives
+        // nothing, it only sends.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor this function made and nothing else holds.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = label.to_be();
+        to.sll_ifindex = index as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].fill(0xff);
+        // SAFETY: the frame and the address are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const to).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(echo_reply(&replies, IpAddr::V4(dst))?)
+    };
+    match run() {
+        Ok(true) => "ok".into(),
+        Ok(false) => "timeout".into(),
+        Err(e) => word(&e),
+    }
+}
+
+/// Socket options: PACKET_QDISC_BYPASS turned on and off on a packet socket, and an option with
+/// a value larger than a page (SO_BINDTODEVICE, which reads only a name's worth of it) on a UDP
+/// socket; prints `on:WORD off:WORD large:WORD`.
+fn sockopts() -> String {
+    let set = |fd: i32, level: i32, name: i32, value: &[u8]| -> String {
+        // SAFETY: the value is valid for its length.
+        let got =
+            unsafe { libc::setsockopt(fd, level, name, value.as_ptr().cast(), value.len() as u32) };
+        if got == 0 {
+            "ok".into()
+        } else {
+            word(&io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain socket(2) calls; each descriptor is owned at once.
+    let (packet, udp) = unsafe {
+        (
+            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0),
+            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0),
+        )
+    };
+    if packet < 0 || udp < 0 {
+        return word(&io::Error::last_os_error());
+    }
+    // SAFETY: descriptors this function made and nothing else holds.
+    let (packet, udp) = unsafe {
+        use std::os::fd::{FromRawFd as _, OwnedFd};
+        (OwnedFd::from_raw_fd(packet), OwnedFd::from_raw_fd(udp))
+    };
+    let bypass = |on: i32| {
+        set(
+            packet.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            &on.to_ne_bytes(),
+        )
+    };
+    let mut large = vec![0u8; 3 * 4096];
+    large[..2].copy_from_slice(b"lo");
+    format!(
+        "on:{} off:{} large:{}",
+        bypass(1),
+        bypass(0),
+        set(
+            udp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            &large
+        )
+    )
 }
 
 fn checksum(data: &[u8]) -> u16 {
@@ -689,6 +852,17 @@ fn run(args: &[String]) -> ExitCode {
             Ok(ip) => ping(ip),
             Err(_) => return usage(),
         },
+        (Some("frame-ping"), _) if args.len() == 5 || args.len() == 6 => {
+            let vlan = args.get(5).map(|v| v.parse());
+            match (args[2].parse(), args[3].parse(), vlan) {
+                (Ok(src), Ok(dst), None) => frame_ping(&args[1], src, dst, &args[4], None),
+                (Ok(src), Ok(dst), Some(Ok(id))) => {
+                    frame_ping(&args[1], src, dst, &args[4], Some(id))
+                }
+                _ => return usage(),
+            }
+        }
+        (Some("sockopts"), _) => sockopts(),
         _ => return usage(),
     };
     println!("{out}");
@@ -699,7 +873,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: egress-probe [--netns|--thread-netns PATH] MODE, MODE one of: \
          tcp|tcp-hold|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | \
-         bench-connect ADDR:PORT N | ping ADDR | transfer ADDR:PORT N | \
+         bench-connect ADDR:PORT N | ping ADDR | frame-ping IFACE SRC4 DST4 ip|arp [VLAN] | sockopts | transfer ADDR:PORT N | \
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
          hello-bulk ADDR:PORT NAME | hello-echo|hello-hold ADDR:PORT NAME N | \
          hello-rate ADDR:PORT NAME N C"
