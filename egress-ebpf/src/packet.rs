@@ -65,8 +65,8 @@ const AF_PACKET: u32 = 17;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const ETH_P_QINQ: u16 = 0x9100;
-/// VLAN tags walked at most (the verifier wants a bound); a frame with more is judged by the type
-/// the walk ends on, which is no IP type: it passes as link traffic, and no stack takes it for IP.
+/// VLAN tags walked at most (the verifier wants a bound). A frame with more ends the walk on a tag
+/// type and passes as a frame without IP does: such frames go no further than the link.
 const VLAN_TAGS_MAX: usize = 2;
 
 /// Where a packet's IP header is: `offset` bytes after a header the kernel tracks.
