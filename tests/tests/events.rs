@@ -247,6 +247,8 @@ async fn packet_socket_frames_are_judged_by_what_they_carry_and_cannot_skip_tc()
         .expect("agent starts");
     let (src, dst) = (w.v4(1).to_string(), w.v4(11).to_string());
     let dst_at = at(w.v4(11), 0);
+    let dropped = |r: &Record| r.kind == "packet" && r.dst.as_deref() == Some(dst_at.as_str());
+    let drops = || records(&log).iter().filter(|r| dropped(r)).count();
     for (n, label) in ["ip", "arp"].into_iter().enumerate() {
         let frame = ["frame-ping", w.iface(), &src, &dst, label];
         // Dropped by TC inside sendto().
@@ -254,20 +256,12 @@ async fn packet_socket_frames_are_judged_by_what_they_carry_and_cannot_skip_tc()
         wait_for(
             &format!("the {label}-labelled frame's packet event"),
             WAIT,
-            || {
-                records(&log)
-                    .iter()
-                    .filter(|r| r.kind == "packet" && r.dst.as_deref() == Some(dst_at.as_str()))
-                    .count()
-                    == n + 1
-            },
+            || drops() == n + 1,
         );
         // The same frame from outside the enforced cgroup reaches the host, which answers.
         assert_eq!(probe_in(None, &frame), "ok", "{label}-labelled frame");
     }
-    let r = wait_record(&log, "a frame's packet event", |r| {
-        r.kind == "packet" && r.dst.as_deref() == Some(dst_at.as_str())
-    });
+    let r = wait_record(&log, "a frame's packet event", dropped);
     assert_eq!(r.verdict.as_deref(), Some("deny"), "{r:?}");
     assert_eq!(r.proto.as_deref(), Some("icmp"), "{r:?}");
     assert_eq!(r.iface.as_deref(), Some(w.iface()), "{r:?}");
@@ -275,13 +269,7 @@ async fn packet_socket_frames_are_judged_by_what_they_carry_and_cannot_skip_tc()
     // devices, so nothing answers a tagged frame: outside the cgroup it leaves, unanswered.)
     let tagged = ["frame-ping", w.iface(), &src, &dst, "arp", "7"];
     assert_eq!(cg.probe(&tagged), "dropped", "tagged frame");
-    wait_for("the tagged frame's packet event", WAIT, || {
-        records(&log)
-            .iter()
-            .filter(|r| r.kind == "packet" && r.dst.as_deref() == Some(dst_at.as_str()))
-            .count()
-            == 3
-    });
+    wait_for("the tagged frame's packet event", WAIT, || drops() == 3);
     assert_eq!(probe_in(None, &tagged), "timeout", "tagged frame");
 
     // PACKET_QDISC_BYPASS may be turned off, not on; other options pass untouched, a value

@@ -395,14 +395,8 @@ fn frame_ping(
         frame.extend_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
         frame.extend_from_slice(&ip);
         frame.extend_from_slice(&icmp);
-        // SAFETY: plain socket(2); the descriptor is owned at once. Protocol 0: it receives
-        // nothing, it only sends.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a descriptor this function made and nothing else holds.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // Protocol 0: it receives nothing, it only sends.
+        let fd = packet_socket()?;
         // SAFETY: all-zero is a valid sockaddr_ll.
         let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         to.sll_family = libc::AF_PACKET as u16;
@@ -433,6 +427,17 @@ fn frame_ping(
     }
 }
 
+/// A packet socket of protocol 0: it receives nothing until bound to a protocol.
+fn packet_socket() -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+}
+
 /// Socket options: PACKET_QDISC_BYPASS turned on and off on a packet socket, and an option with
 /// a value larger than a page (SO_BINDTODEVICE, which reads only a name's worth of it) on a UDP
 /// socket; prints `on:WORD off:WORD large:WORD`.
@@ -447,20 +452,18 @@ fn sockopts() -> String {
             word(&io::Error::last_os_error())
         }
     };
-    // SAFETY: plain socket(2) calls; each descriptor is owned at once.
-    let (packet, udp) = unsafe {
-        (
-            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0),
-            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0),
+    let udp = || {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+        socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
         )
     };
-    if packet < 0 || udp < 0 {
-        return word(&io::Error::last_os_error());
-    }
-    // SAFETY: descriptors this function made and nothing else holds.
-    let (packet, udp) = unsafe {
-        use std::os::fd::{FromRawFd as _, OwnedFd};
-        (OwnedFd::from_raw_fd(packet), OwnedFd::from_raw_fd(udp))
+    let (packet, udp) = match (packet_socket(), udp()) {
+        (Ok(packet), Ok(udp)) => (packet, udp),
+        (Err(e), _) | (_, Err(e)) => return word(&io::Error::from(e)),
     };
     let bypass = |on: i32| {
         set(
