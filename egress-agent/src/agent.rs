@@ -12,7 +12,7 @@ use tokio::{
 pub use crate::metrics::Status;
 use crate::{
     datapath::{
-        Datapath, Loaded, cgroup,
+        self, Datapath, Loaded, cgroup,
         iface::{self, LinkWatch},
     },
     events::{Catalog, CgroupNames, LogWriter, Pipeline, Rotation},
@@ -147,13 +147,13 @@ fn sync(
 
 /// Puts the TC programs on every interface that is up and matches `--iface` (every one without
 /// it) and does not have them yet. One that vanished meanwhile is no way around the backstop.
-fn attach_found(datapath: &mut Datapath, patterns: Option<&[String]>) -> anyhow::Result<()> {
+fn attach_found(datapath: &datapath::Shared, patterns: Option<&[String]>) -> anyhow::Result<()> {
     let found = iface::egress_interfaces(patterns).context("listing network interfaces")?;
     for name in found {
-        if datapath.has_iface(&name) {
+        if datapath.with(|d| Ok(d.has_iface(&name)))? {
             continue;
         }
-        match datapath.attach_iface(&name) {
+        match datapath.with(|d| d.attach_iface(&name)) {
             Ok(()) => log::info!("TC backstop on {name}"),
             Err(e) if nix::net::if_::if_nametoindex(name.as_str()).is_err() => {
                 log::debug!("interface {name} went away before the TC programs: {e}");
@@ -166,6 +166,7 @@ fn attach_found(datapath: &mut Datapath, patterns: Option<&[String]>) -> anyhow:
 
 async fn start_relay(
     cfg: &AgentConfig,
+    datapath: &datapath::Shared,
     peers: relay::Peers,
     relay_netns: relay::netns::NetnsMaps,
     catalog: &watch::Sender<Arc<Catalog>>,
@@ -177,6 +178,7 @@ async fn start_relay(
     Relay::spawn(
         listeners,
         cfg.relay,
+        datapath.clone(),
         peers,
         relay_netns,
         cfg.cgroup.clone(),
@@ -216,7 +218,7 @@ impl Agent {
         refresh(&resolver, &mut table, &status).await;
 
         let Loaded {
-            mut datapath,
+            datapath,
             mut maps,
             counters,
             events,
@@ -255,8 +257,19 @@ impl Agent {
             Arc::clone(&status),
         )
         .context("watching the event ring buffer")?;
-        // The relay listens before anything is attached: the first steered connect finds it.
-        let relay = match start_relay(&cfg, peers, relay_netns, &catalog, &pipeline, &status).await
+        // The relay listens before anything is attached: the first steered connect finds it. It
+        // puts the TC programs in the workloads' namespaces it serves.
+        let datapath = datapath::Shared::new(datapath);
+        let relay = match start_relay(
+            &cfg,
+            &datapath,
+            peers,
+            relay_netns,
+            &catalog,
+            &pipeline,
+            &status,
+        )
+        .await
         {
             Ok(relay) => relay,
             Err(e) => {
@@ -285,30 +298,26 @@ impl Agent {
                 false => None,
             };
             datapath
-                .attach_cgroup(&cfg.cgroup)
+                .with(|d| d.attach_cgroup(&cfg.cgroup))
                 .context("attaching the eBPF programs")?;
             for name in iface::named(cfg.ifaces.as_deref().unwrap_or_default()) {
                 datapath
-                    .attach_iface(name)
+                    .with(|d| d.attach_iface(name))
                     .context("attaching the TC backstop")?;
             }
             if watch.is_some() {
-                attach_found(&mut datapath, cfg.ifaces.as_deref())
+                attach_found(&datapath, cfg.ifaces.as_deref())
                     .context("attaching the TC backstop")?;
             }
-            anyhow::Ok((
-                metrics_task.defuse(),
-                metrics_addr,
-                datapath.ifaces(),
-                watch,
-            ))
+            let ifaces = datapath.with(|d| Ok(d.ifaces())).unwrap_or_default();
+            anyhow::Ok((metrics_task.defuse(), metrics_addr, ifaces, watch))
         }
         .await;
         let (metrics_task, metrics_addr, ifaces, mut watch) = match attached {
             Ok(ok) => ok,
             Err(e) => {
                 // Nothing may outlive a failed start: detach what was attached, stop the tasks.
-                drop(datapath);
+                datapath.detach();
                 relay.stop().await;
                 pipeline.stop().await;
                 return Err(e);
@@ -333,8 +342,7 @@ impl Agent {
         let (reload, mut reload_rx) = mpsc::channel(1);
         let st = Arc::clone(&status);
         let task = tokio::spawn(async move {
-            // Holding the datapath keeps the programs attached until the loop ends.
-            let mut datapath = datapath;
+            // The programs stay attached until the loop ends.
             loop {
                 let next = table
                     .next_due()
@@ -370,7 +378,7 @@ impl Agent {
                     } => {
                         match changed {
                             Ok(()) => {
-                                if let Err(e) = attach_found(&mut datapath, cfg.ifaces.as_deref()) {
+                                if let Err(e) = attach_found(&datapath, cfg.ifaces.as_deref()) {
                                     log::error!("{e:#}; packets leaving by it are not judged");
                                 }
                             }
@@ -389,7 +397,7 @@ impl Agent {
             }
             // Detach first, then end the relay's connections, then drain: every decision taken
             // is in the log before we return.
-            drop(datapath);
+            datapath.detach();
             relay.stop().await;
             pipeline.stop().await;
             if let Some(task) = metrics_task {

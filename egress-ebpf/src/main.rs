@@ -222,7 +222,25 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
 
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
-    if packet::egress(ctx.skb.skb, Hook::Tc) {
+    tc_verdict(packet::egress(ctx.skb.skb, Hook::Tc))
+}
+
+/// TC egress on an Ethernet interface of a workload's own namespace (see `packet::frames`).
+#[classifier]
+pub fn tc_netns_ether(ctx: TcContext) -> i32 {
+    tc_verdict(packet::frames(ctx.skb.skb, true))
+}
+
+/// TC egress on an interface without link header (tun, WireGuard, …) of a workload's own
+/// namespace.
+#[classifier]
+pub fn tc_netns_bare(ctx: TcContext) -> i32 {
+    tc_verdict(packet::frames(ctx.skb.skb, false))
+}
+
+#[inline(always)]
+fn tc_verdict(passes: bool) -> i32 {
+    if passes {
         packet::TC_PASS
     } else {
         packet::TC_DROP

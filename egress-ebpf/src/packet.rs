@@ -7,6 +7,10 @@
 //! Each packet is handled by one of them: TC for the sockets of the agent's namespace (it names
 //! the interface a packet was dropped on), the cgroup programs for every other.
 //!
+//! Packet sockets (AF_PACKET) send below IP, past the cgroup programs. In the agent's namespace TC
+//! judges them with the rest; in a workload's own namespace TC programs on that namespace's
+//! interfaces judge them alone (`frames`).
+//!
 //! Egress: packets of sockets in the enforced cgroup. A tracked flow's packets are counted. TCP and
 //! UDP sockets were judged by the socket hooks (or accepted an inbound connection), so the rest of
 //! their packets pass. Every other IP packet of an enforced socket (raw sockets, ping sockets, …)
@@ -180,7 +184,11 @@ pub fn egress(skb: *mut __sk_buff, hook: Hook) -> bool {
     // A packet socket labels its frame with any protocol it likes; the receiver goes by the frame.
     // SAFETY: a full socket the helper returned.
     let parsed = if unsafe { (*full).family } == AF_PACKET {
-        parse_frame(skb, &mut pkt)
+        // SAFETY: the kernel hands a valid __sk_buff.
+        let ifindex = unsafe { (*skb).ifindex };
+        // SAFETY: a valid map value, copied out.
+        let ether = unsafe { LINKS.get(&ifindex) } == Some(&ARPHRD_ETHER);
+        parse_frame(skb, &mut pkt, ether)
     } else {
         parse(skb, &mut pkt)
     };
@@ -188,7 +196,56 @@ pub fn egress(skb: *mut __sk_buff, hook: Hook) -> bool {
         // Not IP: no policy speaks of it.
         return true;
     }
-    if link_control(&pkt) {
+    // An interface of another namespace than the agent's cannot be named by it.
+    // SAFETY: the kernel hands a valid __sk_buff.
+    let ifindex = match hook {
+        Hook::Tc => unsafe { (*skb).ifindex },
+        Hook::Cgroup => 0,
+    };
+    permits(skb, &pkt, cookie, ifindex)
+}
+
+/// TC in a workload's own network namespace: whether a frame may leave. Only the enforced cgroup's
+/// packet sockets are judged here, by what their frames carry (`ether`: the interface's frames
+/// start with an Ethernet header); their frames pass every other hook. The cgroup's other sockets
+/// are the cgroup programs' (see the module's text), everyone else's pass.
+#[inline(always)]
+pub fn frames(skb: *mut __sk_buff, ether: bool) -> bool {
+    // SAFETY: the kernel hands a valid __sk_buff; `sk` is read whole, as the verifier requires.
+    let sk: *mut bpf_sock = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return true;
+    }
+    // SAFETY: `sk` is non-null and came from the context.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    // SAFETY: a full socket the helper returned.
+    if full.is_null() || unsafe { (*full).family } != AF_PACKET {
+        return true;
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return true;
+    };
+    // SAFETY: a helper allowed in TC, given the program's own context.
+    if config.cgroup_id == 0
+        || unsafe { bpf_skb_ancestor_cgroup_id(skb, config.cgroup_level as i32) }
+            != config.cgroup_id
+    {
+        return true;
+    }
+    let mut pkt = Packet::default();
+    if parse_frame(skb, &mut pkt, ether).is_none() {
+        return true;
+    }
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    permits(skb, &pkt, cookie, 0)
+}
+
+/// Whether the policy lets the packet of an enforced socket that no socket hook judged leave; a
+/// denied one is evented (on interface `ifindex`, 0 when the agent cannot name it).
+#[inline(always)]
+fn permits(skb: *mut __sk_buff, pkt: &Packet, cookie: u64, ifindex: u32) -> bool {
+    if link_control(pkt) {
         return true;
     }
     let decision = decide::judge(pkt.proto, pkt.dst_port_be, pkt.dst);
@@ -203,18 +260,13 @@ pub fn egress(skb: *mut __sk_buff, hook: Hook) -> bool {
             rule_id: decision.rule_id,
             pid: 0,
             tid: 0,
-            // An interface of another namespace than the agent's cannot be named by it.
-            // SAFETY: as above.
-            ifindex: match hook {
-                Hook::Tc => unsafe { (*skb).ifindex },
-                Hook::Cgroup => 0,
-            },
+            ifindex,
             proto: pkt.proto,
             family: pkt.family,
             src_port_be: pkt.src_port_be,
             dst_port_be: pkt.dst_port_be,
             pad: 0,
-            // SAFETY: as above.
+            // SAFETY: a helper allowed in both program types, given the program's own context.
             cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
             cookie,
             time_ns: now,
@@ -400,14 +452,11 @@ fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Option<()> {
 }
 
 /// Fills `pkt` from a packet socket's frame, by what the frame carries whatever its label: on an
-/// Ethernet interface the frame's own type (after any VLAN tags), elsewhere (no link header: tun,
-/// WireGuard, IP tunnels) the IP version. TC only: packet sockets bypass the IP stack.
+/// Ethernet interface (`ether`) the frame's own type (after any VLAN tags), elsewhere (no link
+/// header: tun, WireGuard, IP tunnels) the IP version. TC only: packet sockets bypass the IP stack.
 #[inline(always)]
-fn parse_frame(skb: *mut __sk_buff, pkt: &mut Packet) -> Option<()> {
-    // SAFETY: the kernel hands a valid __sk_buff.
-    let ifindex = unsafe { (*skb).ifindex };
-    // SAFETY: a valid map value, copied out.
-    if unsafe { LINKS.get(&ifindex) } == Some(&ARPHRD_ETHER) {
+fn parse_frame(skb: *mut __sk_buff, pkt: &mut Packet, ether: bool) -> Option<()> {
+    if ether {
         // The type field after the two addresses; at TC the link header is where data starts.
         let mut at = At {
             start: BPF_HDR_START_MAC,

@@ -411,6 +411,34 @@ impl Pod {
         format!("/run/netns/{}", self.name)
     }
 
+    /// Its end of the veth pair to the world.
+    pub fn iface(&self) -> String {
+        format!("egp{}x{}", std::process::id() % 100_000, self.index)
+    }
+
+    /// Runs `args` (a command and its arguments) in this namespace; panics unless it succeeds.
+    pub fn exec(&self, args: &[&str]) {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full);
+    }
+
+    /// The names of the programs attached to `iface` of this namespace as TCX egress links.
+    pub fn tcx_egress(&self, iface: &str) -> Vec<String> {
+        let iface = iface.to_owned();
+        in_netns(self.path(), move || {
+            let (_, programs) = aya::programs::SchedClassifier::query_tcx(
+                &iface,
+                aya::programs::TcAttachType::Egress,
+            )
+            .expect("query the TCX programs");
+            programs
+                .iter()
+                .filter_map(|p| p.name_as_str().map(str::to_owned))
+                .collect()
+        })
+    }
+
     /// A listener on `addr` in this namespace, made by the test itself (no workload).
     pub fn listen(&self, addr: SocketAddr) -> TcpListener {
         in_netns(self.path(), move || {
@@ -463,15 +491,15 @@ impl World {
             index: self.index,
         };
         let (in_pod, in_world) = (
-            format!("egp{}x{}", std::process::id() % 100_000, self.index),
+            pod.iface(),
             format!("egq{}x{}", std::process::id() % 100_000, self.index),
         );
         let i = self.index;
         sh(&["ip", "netns", "add", &pod.name]);
         let pod_ip = |args: &[&str]| {
-            let mut full = vec!["ip", "netns", "exec", &pod.name, "ip"];
+            let mut full = vec!["ip"];
             full.extend_from_slice(args);
-            sh(&full);
+            pod.exec(&full);
         };
         pod_ip(&[
             "link", "add", &in_pod, "type", "veth", "peer", "name", &in_world,

@@ -288,9 +288,9 @@ async fn packet_socket_frames_are_judged_by_what_they_carry_and_cannot_skip_tc()
 }
 
 /// A workload in a network namespace of its own (a pod, a container) sends by that namespace's
-/// interfaces, where the agent has no TC program, and its packets reach the agent's interfaces, if
-/// at all, without their socket: the cgroup's own packet programs judge its raw packets and count
-/// its flows' bytes. The pod here is linked to the world directly, past the agent's interfaces.
+/// interfaces, where the agent's TC program judges packet sockets only, and its packets reach the
+/// agent's interfaces, if at all, without their socket: the cgroup's own packet programs judge its
+/// raw packets and count its flows' bytes. The pod here is linked to the world directly, past the agent's interfaces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_in_its_own_namespace_is_backstopped_and_counted_there() {
     let w = world();
@@ -340,6 +340,103 @@ async fn a_workload_in_its_own_namespace_is_backstopped_and_counted_there() {
         let src = r.src.as_deref().and_then(|s| s.parse::<SocketAddr>().ok());
         assert_eq!(src.map(|s| s.ip()), Some(from), "{r:?}");
     }
+    a.shutdown().await;
+}
+
+/// A packet socket in a workload's own namespace sends frames by that namespace's interfaces, past
+/// the cgroup's packet programs and the agent's TC. The agent puts a TC program on that
+/// namespace's interfaces (those added later too, by their link type) as the relay starts serving
+/// it, and takes it off when no process of the cgroup is left there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_sockets_in_a_pod_are_judged_by_tc_on_the_pods_interfaces() {
+    let w = world();
+    let pod = w.pod();
+    let ns = pod.path();
+    let cg = TestCgroup::new("pod-frames");
+    let log = log_path("events-pod-frames");
+    let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
+        .await
+        .expect("agent starts");
+    let served = |n| {
+        wait_for(&format!("{n} namespace(s) served"), WAIT, || {
+            a.status.relay_namespaces.get() == n
+        });
+    };
+    let iface = pod.iface();
+    let (src, dst) = (pod.v4().to_string(), w.v4(11).to_string());
+    let frame = |cgroup: Option<&TestCgroup>, iface: &str, label: &str| {
+        let args = ["--netns", &ns, "frame-ping", iface, &src, &dst, label];
+        probe_in(cgroup.map(|c| c.path.as_path()), &args)
+    };
+    served(1);
+    assert!(
+        pod.tcx_egress(&iface).is_empty(),
+        "no program before the pod is served"
+    );
+
+    let mut workload = pod
+        .command(Some(&cg), "sleep")
+        .arg("60")
+        .spawn()
+        .expect("run sleep");
+    served(2);
+    assert_eq!(pod.tcx_egress(&iface), ["tc_netns_ether"]);
+    let dst_at = at(w.v4(11), 0);
+    let dropped = |r: &Record| r.kind == "packet" && r.dst.as_deref() == Some(dst_at.as_str());
+    for label in ["ip", "arp"] {
+        assert_eq!(
+            frame(Some(&cg), &iface, label),
+            "dropped",
+            "{label}-labelled frame"
+        );
+        // From the same namespace, outside the enforced cgroup: answered.
+        assert_eq!(
+            frame(None, &iface, label),
+            "ok",
+            "{label}-labelled frame, not enforced"
+        );
+    }
+    let r = wait_record(&log, "a pod frame's packet event", dropped);
+    assert_eq!(r.verdict.as_deref(), Some("deny"), "{r:?}");
+    assert_eq!(r.proto.as_deref(), Some("icmp"), "{r:?}");
+    // The pod's interface is not one the agent's namespace can name.
+    assert_eq!(r.iface, None, "{r:?}");
+    assert!(r.cgroup.is_some(), "{r:?}");
+
+    // A tun device added to the pod later (no link header: the IP packet alone) gets the
+    // program for such links. Nothing reads the tun, so what leaves by it goes unanswered.
+    let tun = format!("egt{}", std::process::id() % 100_000);
+    pod.exec(&["ip", "tuntap", "add", "mode", "tun", "name", &tun]);
+    pod.exec(&["ip", "link", "set", &tun, "up"]);
+    wait_for("the program on the pod's tun", WAIT, || {
+        pod.tcx_egress(&tun) == ["tc_netns_bare"]
+    });
+    assert_eq!(
+        frame(Some(&cg), &tun, "ip"),
+        "dropped",
+        "a packet by the pod's tun"
+    );
+    wait_for("the tun packet's event", WAIT, || {
+        records(&log).iter().filter(|r| dropped(r)).count() == 3
+    });
+    assert_eq!(
+        frame(None, &tun, "ip"),
+        "timeout",
+        "a packet by the tun, not enforced"
+    );
+
+    // No process of the cgroup is left in the pod: the programs come off.
+    workload.kill().expect("kill sleep");
+    workload.wait().expect("wait for sleep");
+    served(1);
+    assert!(
+        pod.tcx_egress(&iface).is_empty(),
+        "the program is off the pod's veth"
+    );
+    assert!(
+        pod.tcx_egress(&tun).is_empty(),
+        "the program is off the pod's tun"
+    );
     a.shutdown().await;
 }
 

@@ -1,5 +1,9 @@
 //! Which interfaces the TC programs go on, and a watch for interfaces that appear later.
-use std::{collections::BTreeSet, io, os::fd::OwnedFd};
+use std::{
+    collections::BTreeSet,
+    io,
+    os::fd::{AsRawFd as _, OwnedFd},
+};
 
 use nix::{
     ifaddrs::getifaddrs,
@@ -32,6 +36,31 @@ pub fn named(list: &[String]) -> impl Iterator<Item = &String> {
     list.iter().filter(|n| !is_pattern(n))
 }
 
+/// The link type (ARPHRD_*) of interface `iface` of the calling thread's namespace. Asked of the
+/// kernel: sysfs shows the namespace it was mounted in, whatever the thread's.
+pub fn link_type(iface: &str) -> io::Result<u32> {
+    let probe = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: all-zero is a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if iface.len() >= req.ifr_name.len() {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    for (to, &from) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
+        *to = from as libc::c_char;
+    }
+    // SAFETY: a valid socket and an ifreq naming the interface, as SIOCGIFHWADDR takes.
+    if unsafe { libc::ioctl(probe.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR filled in the hardware address, whose family is the link type.
+    Ok(u32::from(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family }))
+}
+
 /// Whether interfaces may appear later that the programs must go on: by default every one,
 /// with `--iface` those its patterns match.
 pub fn watched(list: Option<&[String]>) -> bool {
@@ -53,7 +82,7 @@ impl LinkWatch {
             SockProtocol::NetlinkRoute,
         )?;
         bind(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            fd.as_raw_fd(),
             &NetlinkAddr::new(0, libc::RTMGRP_LINK as u32),
         )?;
         // SAFETY: the AsyncFd owns the descriptor and keeps it open, unreplaced, while registered.
@@ -68,7 +97,7 @@ impl LinkWatch {
         let mut buf = [0u8; 8192];
         loop {
             match recv(
-                std::os::fd::AsRawFd::as_raw_fd(guard.get_inner()),
+                guard.get_inner().as_raw_fd(),
                 &mut buf,
                 MsgFlags::MSG_DONTWAIT,
             ) {

@@ -3,18 +3,26 @@
 pub mod cgroup;
 pub mod iface;
 
-use std::{fs::File, path::Path};
+use std::{
+    collections::HashMap,
+    fs::File,
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        CgroupSockopt, ProgramError, SchedClassifier, SockOps, TcAttachType, tc,
+        CgroupSockopt, ProgramError, SchedClassifier, SockOps, TcAttachType,
+        tc::{self, SchedClassifierLinkId},
     },
     util::KernelVersion,
 };
-use egress_common::{EVENTS_MAP, LINKS_MAP, RELAY_NETNS_MAP, RELAY_PEERS_MAP, RELAY_WANTED_MAP};
+use egress_common::{
+    ARPHRD_ETHER, EVENTS_MAP, LINKS_MAP, RELAY_NETNS_MAP, RELAY_PEERS_MAP, RELAY_WANTED_MAP,
+};
 
 use crate::{
     maps::{self, Counters, KernelMaps, MapsError},
@@ -44,6 +52,9 @@ const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("tc_egress", TcAttachType::Egress),
     ("tc_ingress", TcAttachType::Ingress),
 ];
+/// TC egress in a workload's own namespace, on Ethernet interfaces and on the others.
+const NETNS_TC_ETHER: &str = "tc_netns_ether";
+const NETNS_TC_BARE: &str = "tc_netns_bare";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -78,6 +89,16 @@ pub enum DatapathError {
         #[source]
         source: tc::TcError,
     },
+    #[error("listing the network interfaces")]
+    Interfaces(#[source] nix::Error),
+    #[error("the link type of {iface}")]
+    LinkType {
+        iface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the programs were detached")]
+    Detached,
     #[error(transparent)]
     Maps(#[from] MapsError),
 }
@@ -89,6 +110,37 @@ pub struct Datapath {
     ifaces: std::collections::BTreeSet<u32>,
     /// Their link types, for the TC programs (`LINKS_MAP`).
     links: aya::maps::HashMap<MapData, u32, u32>,
+    /// Workloads' own namespaces (by inode) the TC programs are in: by interface index, the
+    /// program on it and its link.
+    netns: HashMap<u64, HashMap<u32, (&'static str, SchedClassifierLinkId)>>,
+}
+
+/// The datapath, shared by the agent (its own namespace's interfaces) and the relay (the
+/// workloads' namespaces it serves). Empty once detached.
+#[derive(Clone)]
+pub struct Shared(Arc<Mutex<Option<Datapath>>>);
+
+impl Shared {
+    pub fn new(datapath: Datapath) -> Shared {
+        Shared(Arc::new(Mutex::new(Some(datapath))))
+    }
+
+    /// Runs `f` on the datapath; fails once it is detached.
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Datapath) -> Result<T, DatapathError>,
+    ) -> Result<T, DatapathError> {
+        match self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(datapath) => f(datapath),
+            None => Err(DatapathError::Detached),
+        }
+    }
+
+    /// Detaches every program, for every holder.
+    pub fn detach(&self) {
+        let taken = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(taken);
+    }
 }
 
 /// What loading hands to the agent: the maps it writes and the event stream it reads.
@@ -157,7 +209,11 @@ impl Datapath {
         program::<CgroupSockopt>(&mut ebpf, SOCKOPT_PROGRAM)?
             .load()
             .map_err(loading(SOCKOPT_PROGRAM))?;
-        for (name, _) in TC_PROGRAMS {
+        for name in TC_PROGRAMS
+            .map(|(name, _)| name)
+            .into_iter()
+            .chain([NETNS_TC_ETHER, NETNS_TC_BARE])
+        {
             program::<SchedClassifier>(&mut ebpf, name)?
                 .load()
                 .map_err(loading(name))?;
@@ -176,6 +232,7 @@ impl Datapath {
                 ebpf,
                 ifaces: Default::default(),
                 links,
+                netns: HashMap::new(),
             },
             maps,
             counters,
@@ -246,6 +303,100 @@ impl Datapath {
         if self.has_iface(iface) {
             return Ok(());
         }
+        for (name, direction) in TC_PROGRAMS {
+            self.attach_tc(name, iface, direction)?;
+        }
+        if let Ok(index) = nix::net::if_::if_nametoindex(iface) {
+            self.ifaces.insert(index);
+            // Unknown, the programs judge a packet socket's frames by their IP version alone.
+            if let Ok(kind) = iface::link_type(iface) {
+                let _ = self.links.insert(index, kind, 0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the TC egress program for a workload's namespace on every interface of the calling
+    /// thread's namespace (inode `ino`) that lacks it, loopback aside, up or not: the one for
+    /// Ethernet framing or the one for none, by the interface's link type. Forgets the interfaces
+    /// gone (their links went with them). Returns the names of the interfaces it attached to.
+    pub fn cover_netns(&mut self, ino: u64) -> Result<Vec<String>, DatapathError> {
+        let mut found = HashMap::new();
+        for ifa in nix::ifaddrs::getifaddrs().map_err(DatapathError::Interfaces)? {
+            if ifa
+                .flags
+                .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
+            {
+                continue;
+            }
+            // An interface gone meanwhile has no index: nothing leaves by it.
+            if let Ok(index) = nix::net::if_::if_nametoindex(ifa.interface_name.as_str()) {
+                found.entry(index).or_insert(ifa.interface_name);
+            }
+        }
+        let (mut links, gone): (HashMap<_, _>, HashMap<_, _>) = self
+            .netns
+            .remove(&ino)
+            .unwrap_or_default()
+            .into_iter()
+            .partition(|(index, _)| found.contains_key(index));
+        self.detach_tc(gone.into_values());
+        let mut attached = Vec::new();
+        let mut result = Ok(());
+        for (index, iface) in found {
+            if links.contains_key(&index) {
+                continue;
+            }
+            let gone = || nix::net::if_::if_nametoindex(iface.as_str()) != Ok(index);
+            // Never guessed: the program for the wrong framing would misread every frame.
+            let name = match iface::link_type(&iface) {
+                Ok(ARPHRD_ETHER) => NETNS_TC_ETHER,
+                Ok(_) => NETNS_TC_BARE,
+                Err(_) if gone() => continue,
+                Err(source) => {
+                    result = Err(DatapathError::LinkType { iface, source });
+                    break;
+                }
+            };
+            match self.attach_tc(name, &iface, TcAttachType::Egress) {
+                Ok(link) => {
+                    links.insert(index, (name, link));
+                    attached.push(iface);
+                }
+                Err(_) if gone() => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.netns.insert(ino, links);
+        result.map(|()| attached)
+    }
+
+    /// Takes the TC programs off a workload's namespace (inode `ino`).
+    pub fn uncover_netns(&mut self, ino: u64) {
+        let links = self.netns.remove(&ino).unwrap_or_default();
+        self.detach_tc(links.into_values());
+    }
+
+    /// Detaches TC links, each from its program.
+    fn detach_tc(&mut self, links: impl Iterator<Item = (&'static str, SchedClassifierLinkId)>) {
+        for (name, link) in links {
+            if let Ok(program) = program::<SchedClassifier>(&mut self.ebpf, name) {
+                // An interface gone took its link with it: what is left is closing our end.
+                let _ = program.detach(link);
+            }
+        }
+    }
+
+    /// Attaches TC program `name` to `iface` of the calling thread's namespace, in `direction`.
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        direction: TcAttachType,
+    ) -> Result<SchedClassifierLinkId, DatapathError> {
         if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
@@ -258,33 +409,14 @@ impl Datapath {
                 }
             }
         }
-        for (name, direction) in TC_PROGRAMS {
-            program::<SchedClassifier>(&mut self.ebpf, name)?
-                .attach(iface, direction)
-                .map_err(|source| DatapathError::Attach {
-                    name,
-                    target: format!("interface {iface}"),
-                    source,
-                })?;
-        }
-        if let Ok(index) = nix::net::if_::if_nametoindex(iface) {
-            self.ifaces.insert(index);
-            // Unknown, the programs judge a packet socket's frames by their IP version alone.
-            if let Some(kind) = link_type(iface) {
-                let _ = self.links.insert(index, kind, 0);
-            }
-        }
-        Ok(())
+        program::<SchedClassifier>(&mut self.ebpf, name)?
+            .attach(iface, direction)
+            .map_err(|source| DatapathError::Attach {
+                name,
+                target: format!("interface {iface}"),
+                source,
+            })
     }
-}
-
-/// The interface's link type (ARPHRD_*), as sysfs gives it.
-fn link_type(iface: &str) -> Option<u32> {
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/type"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 fn page_size() -> u32 {

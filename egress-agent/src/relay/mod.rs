@@ -38,6 +38,7 @@ use tokio::{
 use self::netns::{Netns, NetnsMap, NetnsMaps};
 use crate::{
     agent::Status,
+    datapath::{self, iface::LinkWatch},
     events::{Catalog, CgroupNames, Record, Upstream},
     policy::compile::RelayRoute,
 };
@@ -176,12 +177,14 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 
 impl Relay {
     /// Serves `listeners`, in the agent's own network namespace, and tells the kernel (`netns`)
-    /// so steered connects from there come to them; also listens in the other namespaces the
-    /// processes of the enforced cgroup (`cgroup`, its directory) are in, as they come and go.
+    /// so steered connects from there come to them; also serves the other namespaces the
+    /// processes of the enforced cgroup (`cgroup`, its directory) are in, as they come and go:
+    /// listens there, and puts the `datapath`'s TC programs on their interfaces.
     #[expect(clippy::too_many_arguments, reason = "the relay's parts, each once")]
     pub fn spawn(
         listeners: Vec<TcpListener>,
         config: RelayConfig,
+        datapath: datapath::Shared,
         peers: Peers,
         mut netns: NetnsMaps,
         cgroup: PathBuf,
@@ -210,8 +213,14 @@ impl Relay {
         });
         let tasks = Arc::new(Tasks(Mutex::new(Some(JoinSet::new()))));
         accept_on(listeners, &home, &shared, &tasks);
-        let watcher =
-            watch_namespaces(cgroup, port, netns, Arc::clone(&shared), Arc::clone(&tasks));
+        let watcher = watch_namespaces(
+            cgroup,
+            port,
+            netns,
+            datapath,
+            Arc::clone(&shared),
+            Arc::clone(&tasks),
+        );
         tasks.spawn(Box::pin(watcher));
         Ok(Relay { port, tasks })
     }
@@ -255,15 +264,17 @@ fn accept_on(
         .collect()
 }
 
-/// Keeps the relay listening in every namespace a process of the enforced cgroup is in: scans
-/// the cgroup, and serves at once a namespace the kernel says a steered connect waits in. Listens
-/// in the namespaces that appeared and tells the kernel; for the ones no process is left in, tells
-/// the kernel first and then closes the listeners (connections in progress go on). Runs until the
-/// relay stops.
+/// Keeps the relay serving every namespace a process of the enforced cgroup is in: scans the
+/// cgroup, and serves at once a namespace the kernel says a steered connect waits in. Serves the
+/// namespaces that appeared (listens there, puts the TC programs on their interfaces and on the
+/// ones added later) and tells the kernel; for the ones no process is left in, tells the kernel
+/// first, then closes the listeners (connections in progress go on) and takes the TC programs off.
+/// Runs until the relay stops.
 async fn watch_namespaces(
     cgroup: PathBuf,
     port: u16,
     maps: NetnsMaps,
+    datapath: datapath::Shared,
     shared: Arc<Shared>,
     tasks: Arc<Tasks>,
 ) {
@@ -291,10 +302,13 @@ async fn watch_namespaces(
             return;
         }
     };
+    let (links_tx, mut links_rx) = mpsc::unbounded_channel();
     let mut w = Watcher {
         home,
         port,
         map,
+        datapath,
+        links: links_tx,
         served: HashMap::new(),
         failed: std::collections::HashSet::new(),
         hinted: HashMap::new(),
@@ -318,6 +332,7 @@ async fn watch_namespaces(
         };
         tokio::select! {
             _ = tick.tick() => w.scan(&cgroup).await,
+            Some(ino) = links_rx.recv() => w.cover(ino),
             paths = asked => match paths {
                 Ok(paths) => {
                     for path in paths {
@@ -354,8 +369,11 @@ struct Watcher {
     home: u64,
     port: u16,
     map: NetnsMap,
-    /// By namespace inode: its cookie and the listeners there.
-    served: HashMap<u64, (u64, Vec<Arc<Listener>>)>,
+    datapath: datapath::Shared,
+    /// Where each served namespace's link watch says (by inode) that its interfaces changed.
+    links: mpsc::UnboundedSender<u64>,
+    /// By namespace inode.
+    served: HashMap<u64, ServedNetns>,
     /// Namespaces whose failure was logged: logged once, retried at every scan.
     failed: std::collections::HashSet<u64>,
     /// By namespace inode: the threads whose hints it is served on (their namespace files). The
@@ -385,15 +403,16 @@ impl Watcher {
         };
         self.hinted = scan.hinted;
         for ino in scan.gone {
-            let Some((cookie, listeners)) = self.served.remove(&ino) else {
+            let Some(served) = self.served.remove(&ino) else {
                 continue;
             };
-            if let Err(e) = self.map.remove(&cookie) {
+            if let Err(e) = self.map.remove(&served.netns.cookie) {
                 log::warn!("relay: forgetting network namespace {ino}: {e}");
             }
-            for listener in listeners {
+            for listener in served.listeners {
                 listener.close();
             }
+            self.uncover(ino);
             log::info!("relay: network namespace {ino} has no enforced process left; not served");
         }
         // Forget the failures of namespaces gone meanwhile: an inode may name a new one later.
@@ -404,38 +423,139 @@ impl Watcher {
         }
     }
 
-    /// Listens in namespace `ino`, opened through `path`, and tells the kernel. Returns whether it
-    /// does.
+    /// Serves namespace `ino`, opened through `path`: listens there and puts the TC programs on
+    /// its interfaces, then tells the kernel. Returns whether it does.
     fn serve(&mut self, ino: u64, path: &std::path::Path) -> bool {
         let made = netns::serve(ino, path, self.port, bind).and_then(|s| {
-            self.map
-                .insert(s.netns.cookie, u32::from(s.port), 0)
-                .map_err(io::Error::other)?;
-            Ok(s)
+            let covered = s
+                .netns
+                .within(|| {
+                    // Watching before listing: an interface added in between is not missed.
+                    let watch = LinkWatch::new()?;
+                    let ifaces = self
+                        .datapath
+                        .with(|d| d.cover_netns(ino))
+                        .map_err(io::Error::other)?;
+                    Ok((watch, ifaces))
+                })
+                .and_then(|covered| {
+                    self.map
+                        .insert(s.netns.cookie, u32::from(s.port), 0)
+                        .map_err(io::Error::other)?;
+                    Ok(covered)
+                });
+            if covered.is_err() {
+                // Whatever was attached comes off: the namespace is not served.
+                self.uncover(ino);
+            }
+            covered.map(|(watch, ifaces)| (s, watch, ifaces))
         });
         match made {
-            Ok(s) => {
+            Ok((s, watch, ifaces)) => {
                 log::info!(
-                    "relay: listening on port {} in network namespace {ino} (of {})",
+                    "relay: listening on port {} in network namespace {ino} (of {}), TC on [{}]",
                     s.port,
-                    path.display()
+                    path.display(),
+                    ifaces.join(", ")
                 );
                 self.failed.remove(&ino);
                 let listeners = accept_on(s.listeners, &s.netns, &self.shared, &self.tasks);
-                self.served.insert(ino, (s.netns.cookie, listeners));
+                let (stop, stopped) = tokio::sync::oneshot::channel();
+                self.tasks.spawn(Box::pin(watch_links(
+                    ino,
+                    watch,
+                    self.links.clone(),
+                    stopped,
+                )));
+                self.served.insert(
+                    ino,
+                    ServedNetns {
+                        netns: s.netns,
+                        listeners,
+                        _watch: stop,
+                    },
+                );
                 true
             }
             Err(e) => {
                 if self.failed.insert(ino) {
                     log::warn!(
-                        "relay: cannot listen in network namespace {ino} (of {}): {e}; its \
-                         steered connections wait, then fail",
+                        "relay: cannot serve network namespace {ino} (of {}): {e}; its steered \
+                         connections wait, then fail",
                         path.display()
                     );
                 }
                 false
             }
         }
+    }
+
+    /// Puts the TC programs on the interfaces added to served namespace `ino`.
+    fn cover(&mut self, ino: u64) {
+        let Some(served) = self.served.get(&ino) else {
+            return;
+        };
+        let datapath = &self.datapath;
+        match served.netns.within(|| {
+            datapath
+                .with(|d| d.cover_netns(ino))
+                .map_err(io::Error::other)
+        }) {
+            Ok(ifaces) if ifaces.is_empty() => {}
+            Ok(ifaces) => log::info!(
+                "relay: TC on [{}] in network namespace {ino}",
+                ifaces.join(", ")
+            ),
+            Err(e) => log::error!(
+                "relay: putting the TC programs on new interfaces of network namespace {ino}: \
+                 {e}; packet sockets there may send by them unjudged"
+            ),
+        }
+    }
+
+    /// Takes the TC programs off namespace `ino`.
+    fn uncover(&self, ino: u64) {
+        // Detached already when the agent stops.
+        let _ = self.datapath.with(|d| {
+            d.uncover_netns(ino);
+            Ok(())
+        });
+    }
+}
+
+/// A namespace the relay serves besides the agent's own.
+struct ServedNetns {
+    netns: Arc<Netns>,
+    listeners: Vec<Arc<Listener>>,
+    /// Dropped with the entry, it ends the namespace's link watch.
+    _watch: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Tells `changed` (with the namespace's inode `ino`) whenever `watch` sees the namespace's
+/// interfaces change, until `stop`'s sender is dropped.
+async fn watch_links(
+    ino: u64,
+    mut watch: LinkWatch,
+    changed: mpsc::UnboundedSender<u64>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let watching = async {
+        loop {
+            if let Err(e) = watch.changed().await {
+                log::error!(
+                    "relay: watching the interfaces of network namespace {ino}: {e}; new ones \
+                     get no TC programs"
+                );
+                return;
+            }
+            if changed.send(ino).is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = stop => {}
+        () = watching => {}
     }
 }
 

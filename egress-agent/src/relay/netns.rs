@@ -4,7 +4,8 @@
 //! every namespace a process of the enforced cgroup is in (found by scanning the cgroup), tells
 //! the kernel each one's port (`RELAY_NETNS_MAP`, by namespace cookie), and makes each relayed
 //! connection's upstream socket in the client's namespace, so it leaves as the client's own would
-//! have: by that namespace's routes and interfaces, from its addresses. A namespace the relay does
+//! have: by that namespace's routes and interfaces, from its addresses. Serving a namespace also
+//! puts the agent's TC program for packet sockets on its interfaces. A namespace the relay does
 //! not serve yet (a process that has just entered it) has its steered connects held in the
 //! kernel and the relay asked to serve it at once (`RELAY_WANTED_MAP`); the scan finds it too.
 use std::{

@@ -13,8 +13,9 @@
 //!                                         ns per round
 //!   egress-probe ping ADDR                ICMP echo from a raw socket (no socket hook sees it)
 //!   egress-probe frame-ping IFACE SRC4 DST4 ip|arp [VLAN]   an ICMP echo as a whole Ethernet
-//!                                         frame from a packet socket on IFACE, labelled ip or
-//!                                         arp, tagged with VLAN if given
+//!                                         frame (the IP packet alone on a tun) from a packet
+//!                                         socket on IFACE, labelled ip or arp, tagged with VLAN
+//!                                         if given
 //!   egress-probe sockopts                 PACKET_QDISC_BYPASS on and off, and a larger than a
 //!                                         page option value; `on:W off:W large:W`
 //!   egress-probe solicit ADDR6            an ICMPv6 neighbour solicitation for ADDR6, sent to it
@@ -355,7 +356,8 @@ fn echo_reply(fd: &std::os::fd::OwnedFd, ip: IpAddr) -> nix::Result<bool> {
 }
 
 /// An ICMP echo request from `src` to `dst`, as a whole Ethernet frame (to the broadcast address,
-/// tagged with `vlan` if given) sent from a packet socket on `iface`, labelled with protocol
+/// tagged with `vlan` if given; on a link without Ethernet header, such as tun, the IP packet
+/// alone) sent from a packet socket on `iface`, labelled with protocol
 /// `label` (`ip` or `arp`) whatever it carries: the receiver goes by the frame. `ok` once the
 /// reply comes (to a raw socket).
 fn frame_ping(
@@ -372,11 +374,17 @@ fn frame_ping(
     };
     let run = || -> io::Result<bool> {
         let index = nix::net::if_::if_nametoindex(iface)?;
-        let mac: Vec<u8> = std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))?
-            .trim()
-            .split(':')
-            .map(|b| u8::from_str_radix(b, 16).map_err(io::Error::other))
-            .collect::<io::Result<_>>()?;
+        // From the namespace itself: sysfs shows the one it was mounted in. Links other than
+        // Ethernet (ARPHRD_ETHER, 1), such as tun, carry the IP packet alone.
+        let mac = match egress_agent::datapath::iface::link_type(iface)? {
+            1 => Some(
+                nix::ifaddrs::getifaddrs()?
+                    .filter(|ifa| ifa.interface_name == iface)
+                    .find_map(|ifa| ifa.address?.as_link_addr()?.addr())
+                    .ok_or_else(|| io::Error::other("no link address"))?,
+            ),
+            _ => None,
+        };
         let replies = echo_socket(IpAddr::V4(dst))?;
         let icmp = echo_request(IpAddr::V4(dst));
         let mut ip = vec![0x45, 0];
@@ -386,13 +394,16 @@ fn frame_ping(
         ip.extend_from_slice(&dst.octets());
         let sum = checksum(&ip);
         ip[10..12].copy_from_slice(&sum.to_be_bytes());
-        let mut frame = vec![0xff; 6];
-        frame.extend_from_slice(&mac);
-        if let Some(id) = vlan {
-            frame.extend_from_slice(&(libc::ETH_P_8021Q as u16).to_be_bytes());
-            frame.extend_from_slice(&id.to_be_bytes());
+        let mut frame = Vec::new();
+        if let Some(mac) = mac {
+            frame.extend_from_slice(&[0xff; 6]);
+            frame.extend_from_slice(&mac);
+            if let Some(id) = vlan {
+                frame.extend_from_slice(&(libc::ETH_P_8021Q as u16).to_be_bytes());
+                frame.extend_from_slice(&id.to_be_bytes());
+            }
+            frame.extend_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
         }
-        frame.extend_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
         frame.extend_from_slice(&ip);
         frame.extend_from_slice(&icmp);
         // Protocol 0: it receives nothing, it only sends.
@@ -402,8 +413,10 @@ fn frame_ping(
         to.sll_family = libc::AF_PACKET as u16;
         to.sll_protocol = label.to_be();
         to.sll_ifindex = index as i32;
-        to.sll_halen = 6;
-        to.sll_addr[..6].fill(0xff);
+        if mac.is_some() {
+            to.sll_halen = 6;
+            to.sll_addr[..6].fill(0xff);
+        }
         // SAFETY: the frame and the address are valid for the lengths given.
         let sent = unsafe {
             libc::sendto(
