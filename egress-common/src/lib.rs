@@ -110,6 +110,8 @@ pub const RULE_LOOPBACK: u32 = 1;
 pub const RULE_RESOLVER: u32 = 2;
 /// A packet socket asked to skip the queueing layer (PACKET_QDISC_BYPASS), where TC is.
 pub const RULE_QDISC_BYPASS: u32 = 3;
+/// An AF_XDP socket being set up (any SOL_XDP option): its frames go to the driver past TC.
+pub const RULE_AF_XDP: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -206,7 +208,7 @@ pub enum EventKind {
     Packet = 3,
     /// A tracked flow ended; carries its byte and packet totals.
     Close = 4,
-    /// A socket option refused (see [`RULE_QDISC_BYPASS`]); no destination.
+    /// A socket option refused (see [`RULE_QDISC_BYPASS`], [`RULE_AF_XDP`]); no destination.
     Sockopt = 5,
 }
 

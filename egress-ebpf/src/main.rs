@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowTuple, PolicyKey, PolicyValue,
-    RELAY_MARK, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered, Verdict, map_v4,
+    RELAY_MARK, RULE_AF_XDP, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered, Verdict, map_v4,
 };
 
 use crate::{
@@ -356,13 +356,16 @@ pub fn sock_release(ctx: SockContext) -> i32 {
 
 const SOL_PACKET: i32 = 263;
 const PACKET_QDISC_BYPASS: i32 = 20;
+const SOL_XDP: i32 = 283;
 /// The smallest page size: beyond a page the program sees only the first one, and a kernel
 /// before 6.5 fails the call unless the program hands the caller's own buffer on (`optlen` 0).
 const OPTLEN_SEEN_MAX: i32 = 4096;
 
 /// Every setsockopt() of the enforced cgroup's sockets: refuses to turn on PACKET_QDISC_BYPASS,
 /// which sends a packet socket's frames past the queueing layer and with it past TC, the only hook
-/// that sees them. Every other option passes untouched.
+/// that sees them; and refuses every AF_XDP option, without which an AF_XDP socket has no memory
+/// or rings to send from (it hands frames to the driver, past TC too). Every other option passes
+/// untouched.
 #[cgroup_sockopt(setsockopt)]
 pub fn setsockopt(ctx: SockoptContext) -> i32 {
     let opt = ctx.sockopt;
@@ -370,6 +373,10 @@ pub fn setsockopt(ctx: SockoptContext) -> i32 {
     let (level, name, len) = unsafe { ((*opt).level, (*opt).optname, (*opt).optlen) };
     if level == SOL_PACKET && name == PACKET_QDISC_BYPASS && turns_on(opt) {
         refuse_option(RULE_QDISC_BYPASS);
+        return 0;
+    }
+    if level == SOL_XDP {
+        refuse_option(RULE_AF_XDP);
         return 0;
     }
     if len > OPTLEN_SEEN_MAX {

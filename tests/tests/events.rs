@@ -274,16 +274,23 @@ async fn packet_socket_frames_are_judged_by_what_they_carry_and_cannot_skip_tc()
 
     // PACKET_QDISC_BYPASS may be turned off, not on; other options pass untouched, a value
     // larger than a page included.
+    // Nor may it set up an AF_XDP socket, which hands frames to the driver past TC.
     let (out, pid) = probe_with_pid(Some(&cg.path), &["sockopts"]);
-    assert_eq!(out, "on:denied off:ok large:ok");
-    let r = wait_record(&log, "the refused option's event", |r| r.kind == "sockopt");
-    assert_eq!(r.verdict.as_deref(), Some("deny"), "{r:?}");
-    assert_eq!(r.reason.as_deref(), Some("packet-qdisc-bypass"), "{r:?}");
-    assert_eq!(r.pid, Some(pid), "{r:?}");
-    assert_eq!(r.comm.as_deref(), Some("egress-probe"), "{r:?}");
-    assert!(r.cgroup.is_some(), "{r:?}");
-    assert_eq!(r.dst, None, "{r:?}");
-    assert_eq!(probe_in(None, &["sockopts"]), "on:ok off:ok large:ok");
+    assert_eq!(out, "on:denied off:ok xdp:denied large:ok");
+    for reason in ["packet-qdisc-bypass", "af-xdp"] {
+        let r = wait_record(&log, &format!("the {reason} event"), |r| {
+            r.kind == "sockopt" && r.reason.as_deref() == Some(reason)
+        });
+        assert_eq!(r.verdict.as_deref(), Some("deny"), "{r:?}");
+        assert_eq!(r.pid, Some(pid), "{r:?}");
+        assert_eq!(r.comm.as_deref(), Some("egress-probe"), "{r:?}");
+        assert!(r.cgroup.is_some(), "{r:?}");
+        assert_eq!(r.dst, None, "{r:?}");
+    }
+    assert_eq!(
+        probe_in(None, &["sockopts"]),
+        "on:ok off:ok xdp:ok large:ok"
+    );
     a.shutdown().await;
 }
 

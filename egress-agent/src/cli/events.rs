@@ -166,7 +166,7 @@ impl Printer {
                 r.lost_total.unwrap_or(0)
             ),
             "packet" => format!("on {}", dash(&r.iface)),
-            "sockopt" => "packet socket option refused".to_owned(),
+            "sockopt" => "socket option refused".to_owned(),
             "relay" => {
                 let mut d = format!(
                     "{} sni {} -> {}, up {} B, down {} B, {} ms",

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_common::{RULE_LOOPBACK, RULE_MODE, RULE_QDISC_BYPASS, RULE_RESOLVER};
+use egress_common::{RULE_AF_XDP, RULE_LOOPBACK, RULE_MODE, RULE_QDISC_BYPASS, RULE_RESOLVER};
 
 use super::Record;
 use crate::policy::{
@@ -145,6 +145,7 @@ impl Catalog {
             RULE_LOOPBACK => r.reason = Some("loopback".to_owned()),
             RULE_RESOLVER => r.reason = Some("resolver".to_owned()),
             RULE_QDISC_BYPASS => r.reason = Some("packet-qdisc-bypass".to_owned()),
+            RULE_AF_XDP => r.reason = Some("af-xdp".to_owned()),
             RULE_MODE => r.reason = Some(format!("mode {}", self.mode)),
             _ => {}
         }

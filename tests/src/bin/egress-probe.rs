@@ -16,7 +16,8 @@
 //!                                         frame (the IP packet alone on a tun) from a packet
 //!                                         socket on IFACE, labelled ip or arp, tagged with VLAN
 //!                                         if given
-//!   egress-probe sockopts                 PACKET_QDISC_BYPASS on and off, and a larger than a
+//!   egress-probe sockopts                 PACKET_QDISC_BYPASS on and off, an AF_XDP socket's
+//!                                         memory (XDP_UMEM_REG), and a larger than a
 //!                                         page option value; `on:W off:W large:W`
 //!   egress-probe solicit ADDR6            an ICMPv6 neighbour solicitation for ADDR6, sent to it
 //!                                         from a raw socket; `sent`
@@ -489,9 +490,10 @@ fn sockopts() -> String {
     let mut large = vec![0u8; 3 * 4096];
     large[..2].copy_from_slice(b"lo");
     format!(
-        "on:{} off:{} large:{}",
+        "on:{} off:{} xdp:{} large:{}",
         bypass(1),
         bypass(0),
+        xdp_umem(&set),
         set(
             udp.as_raw_fd(),
             libc::SOL_SOCKET,
@@ -499,6 +501,37 @@ fn sockopts() -> String {
             &large
         )
     )
+}
+
+/// Registers 16 pages as an AF_XDP socket's memory (XDP_UMEM_REG), the first step of setting one
+/// up; the word `set` gives for it.
+fn xdp_umem(set: &impl Fn(i32, i32, i32, &[u8]) -> String) -> String {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const LEN: usize = 16 * 4096;
+    // nix has no AF_XDP family.
+    // SAFETY: plain socket(2); the descriptor is owned below at once.
+    let fd = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return word(&io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Page-aligned, as the kernel wants it; kept until the process ends.
+    let memory: &'static mut [u8] = Vec::leak(vec![0u8; LEN + 4096]);
+    let offset = memory.as_ptr().align_offset(4096);
+    // SAFETY: all-zero is a valid xdp_umem_reg.
+    let mut reg: libc::xdp_umem_reg = unsafe { std::mem::zeroed() };
+    reg.addr = memory[offset..].as_ptr() as u64;
+    reg.len = LEN as u64;
+    reg.chunk_size = 4096;
+    // SAFETY: the struct is plain data, viewed as its bytes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&raw const reg).cast::<u8>(),
+            size_of::<libc::xdp_umem_reg>(),
+        )
+    };
+    set(socket.as_raw_fd(), libc::SOL_XDP, libc::XDP_UMEM_REG, bytes)
 }
 
 fn checksum(data: &[u8]) -> u16 {
