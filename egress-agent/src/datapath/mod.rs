@@ -319,7 +319,8 @@ impl Datapath {
     /// Puts the TC egress program for a workload's namespace on every interface of the calling
     /// thread's namespace (inode `ino`) that lacks it, loopback aside, up or not: the one for
     /// Ethernet framing or the one for none, by the interface's link type. Forgets the interfaces
-    /// gone (their links went with them). Returns the names of the interfaces it attached to.
+    /// gone (their links went with them). Returns the names of the interfaces it attached to, or
+    /// the first failure (after trying every interface).
     pub fn cover_netns(&mut self, ino: u64) -> Result<Vec<String>, DatapathError> {
         let mut found = HashMap::new();
         for ifa in nix::ifaddrs::getifaddrs().map_err(DatapathError::Interfaces)? {
@@ -354,8 +355,8 @@ impl Datapath {
                 Ok(_) => NETNS_TC_BARE,
                 Err(_) if gone() => continue,
                 Err(source) => {
-                    result = Err(DatapathError::LinkType { iface, source });
-                    break;
+                    result = result.and(Err(DatapathError::LinkType { iface, source }));
+                    continue;
                 }
             };
             match self.attach_tc(name, &iface, TcAttachType::Egress) {
@@ -364,10 +365,7 @@ impl Datapath {
                     attached.push(iface);
                 }
                 Err(_) if gone() => {}
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
+                Err(e) => result = result.and(Err(e)),
             }
         }
         self.netns.insert(ino, links);
