@@ -18,7 +18,7 @@
 //!                                         if given
 //!   egress-probe sockopts                 PACKET_QDISC_BYPASS on and off, an AF_XDP socket's
 //!                                         memory (XDP_UMEM_REG), and a larger than a
-//!                                         page option value; `on:W off:W large:W`
+//!                                         page option value; `on:W off:W xdp:W large:W`
 //!   egress-probe solicit ADDR6            an ICMPv6 neighbour solicitation for ADDR6, sent to it
 //!                                         from a raw socket; `sent`
 //!   egress-probe transfer ADDR:PORT N     send N bytes, half-close, expect N bytes back
@@ -376,15 +376,18 @@ fn frame_ping(
     let run = || -> io::Result<bool> {
         let index = nix::net::if_::if_nametoindex(iface)?;
         // From the namespace itself: sysfs shows the one it was mounted in. Links other than
-        // Ethernet (ARPHRD_ETHER, 1), such as tun, carry the IP packet alone.
-        let mac = match egress_agent::datapath::iface::link_type(iface)? {
-            1 => Some(
+        // Ethernet, such as tun, carry the IP packet alone.
+        let ether =
+            egress_agent::datapath::iface::link_type(iface)? == u32::from(libc::ARPHRD_ETHER);
+        let mac = if ether {
+            Some(
                 nix::ifaddrs::getifaddrs()?
                     .filter(|ifa| ifa.interface_name == iface)
                     .find_map(|ifa| ifa.address?.as_link_addr()?.addr())
                     .ok_or_else(|| io::Error::other("no link address"))?,
-            ),
-            _ => None,
+            )
+        } else {
+            None
         };
         let replies = echo_socket(IpAddr::V4(dst))?;
         let icmp = echo_request(IpAddr::V4(dst));
