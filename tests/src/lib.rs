@@ -416,6 +416,17 @@ impl Pod {
         format!("egp{}x{}", std::process::id() % 100_000, self.index)
     }
 
+    /// A process of `cgroup` that stays in this namespace (a pod's long-lived process) until it
+    /// leaves.
+    pub fn workload(&self, cgroup: &TestCgroup) -> Workload {
+        let child = self
+            .command(Some(cgroup), "sleep")
+            .arg("60")
+            .spawn()
+            .expect("run sleep");
+        Workload(child)
+    }
+
     /// Runs `args` (a command and its arguments) in this namespace; panics unless it succeeds.
     pub fn exec(&self, args: &[&str]) {
         let mut full = vec!["ip", "netns", "exec", &self.name];
@@ -459,6 +470,24 @@ impl Pod {
             join_cgroup(&mut cmd, &cg.path);
         }
         cmd
+    }
+}
+
+/// A process held in a [`Pod`]; it ends when it leaves or is dropped.
+pub struct Workload(Child);
+
+impl Workload {
+    /// Ends the process and waits for it: no process of its cgroup is left in the namespace.
+    pub fn leave(mut self) {
+        self.0.kill().expect("kill sleep");
+        self.0.wait().expect("wait for sleep");
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

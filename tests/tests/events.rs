@@ -381,11 +381,7 @@ async fn packet_sockets_in_a_pod_are_judged_by_tc_on_the_pods_interfaces() {
         "no program before the pod is served"
     );
 
-    let mut workload = pod
-        .command(Some(&cg), "sleep")
-        .arg("60")
-        .spawn()
-        .expect("run sleep");
+    let workload = pod.workload(&cg);
     served(2);
     assert_eq!(pod.tcx_egress(&iface), ["tc_netns_ether"]);
     let dst_at = at(w.v4(11), 0);
@@ -433,8 +429,7 @@ async fn packet_sockets_in_a_pod_are_judged_by_tc_on_the_pods_interfaces() {
     );
 
     // No process of the cgroup is left in the pod: the programs come off.
-    workload.kill().expect("kill sleep");
-    workload.wait().expect("wait for sleep");
+    workload.leave();
     served(1);
     assert!(
         pod.tcx_egress(&iface).is_empty(),

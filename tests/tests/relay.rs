@@ -513,11 +513,7 @@ async fn a_workload_in_its_own_network_namespace_is_relayed_from_there() {
         "the relay listens in the pod before any workload"
     );
 
-    let mut workload = pod
-        .command(Some(&cg), "sleep")
-        .arg("60")
-        .spawn()
-        .expect("run sleep");
+    let workload = pod.workload(&cg);
     served(2);
     assert_eq!(
         dial(),
@@ -538,8 +534,7 @@ async fn a_workload_in_its_own_network_namespace_is_relayed_from_there() {
     }
 
     // No process of the cgroup is left in the pod's namespace: the relay stops listening there.
-    workload.kill().expect("kill sleep");
-    workload.wait().expect("wait for sleep");
+    workload.leave();
     served(1);
     assert_eq!(
         dial(),
@@ -628,19 +623,14 @@ async fn a_namespace_a_thread_entered_alone_stays_served_while_the_thread_is_the
     );
     // A process of the cgroup in a third namespace: once the scan has found it, it has also
     // judged the pod's, and kept it for the thread still there.
-    let mut workload = other_pod
-        .command(Some(&cg), "sleep")
-        .arg("60")
-        .spawn()
-        .expect("run sleep");
+    let workload = other_pod.workload(&cg);
     served(3, "the pod's namespace kept beside the new one");
     assert_eq!(a.status.relay_namespaces_wanted.get(), 1, "served once");
 
     // The thread ends: the pod's namespace is no longer served; the other one still is.
     thread.release();
     served(2, "the pod's namespace dropped with its thread");
-    workload.kill().expect("kill sleep");
-    workload.wait().expect("wait for sleep");
+    workload.leave();
     served(1, "only the agent's own namespace served");
     a.shutdown().await;
 }

@@ -36,15 +36,21 @@ pub fn named(list: &[String]) -> impl Iterator<Item = &String> {
     list.iter().filter(|n| !is_pattern(n))
 }
 
-/// The link type (ARPHRD_*) of interface `iface` of the calling thread's namespace. Asked of the
-/// kernel: sysfs shows the namespace it was mounted in, whatever the thread's.
-pub fn link_type(iface: &str) -> io::Result<u32> {
-    let probe = socket(
+/// An unbound UDP socket in the calling thread's namespace, to ask the kernel about that
+/// namespace: it takes no port and needs no address.
+pub fn query_socket() -> nix::Result<OwnedFd> {
+    socket(
         AddressFamily::Inet,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
+    )
+}
+
+/// The link type (ARPHRD_*) of interface `iface` of the calling thread's namespace. Asked of the
+/// kernel: sysfs shows the namespace it was mounted in, whatever the thread's.
+pub fn link_type(iface: &str) -> io::Result<u32> {
+    let probe = query_socket()?;
     // SAFETY: all-zero is a valid ifreq.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     if iface.len() >= req.ifr_name.len() {

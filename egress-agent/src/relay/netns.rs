@@ -103,14 +103,8 @@ fn within<T>(ns: BorrowedFd, make: impl FnOnce() -> io::Result<T>) -> io::Result
 
 /// The kernel's cookie for the calling thread's network namespace.
 pub fn own_cookie() -> io::Result<u64> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
-    // Any socket tells; an unbound one takes no port and needs no address.
-    let probe = socket(
-        AddressFamily::Inet,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    // Any socket tells.
+    let probe = crate::datapath::iface::query_socket()?;
     cookie(probe.as_fd())
 }
 
