@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use egress_common::{COUNTER_LOST, EventKind, Flow, FlowEvent, FlowTuple};
 
-use crate::{COUNTERS, EVENTS, FLOWS, TUPLES, decide::Decision};
+use crate::{COUNTERS, DENIALS, EVENTS, FLOWS, TUPLES, decide::Decision};
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -145,6 +145,68 @@ pub fn reconnect(cookie: u64, proto: u8, port_be: u16, addr: &[u8; 16], rule_id:
         add(&raw mut (*event).connects, 1);
     }
     true
+}
+
+/// How long a socket's denial folds the same call denied again: a loop retrying a denied
+/// destination writes about two records a second, not one per call, and the log still shows
+/// every second that it goes on.
+const DENIAL_FOLD_NS: u64 = 1_000_000_000;
+
+/// Whether the socket's last denied call, within [`DENIAL_FOLD_NS`], was this same call (kind,
+/// destination, rule); if so it is counted in that denial. Otherwise the denial is closed and the
+/// call gets its own record. A deny flood from one socket then cannot fill the ring buffer and
+/// crowd out other records; every call is still counted (`connects` in the denial's close).
+#[inline(always)]
+pub fn deny_again(
+    cookie: u64,
+    kind: EventKind,
+    proto: u8,
+    port_be: u16,
+    addr: &[u8; 16],
+    rule_id: u32,
+) -> bool {
+    let Some(denial) = DENIALS.get_ptr_mut(&cookie) else {
+        return false;
+    };
+    // SAFETY: a valid map value; `connects` is added to atomically (two threads may share the
+    // socket), the rest was written once when the denial was opened.
+    unsafe {
+        if (*denial).kind == kind as u32
+            && (*denial).proto == proto
+            && (*denial).dst_port_be == port_be
+            && (*denial).rule_id == rule_id
+            && same_addr(&(*denial).dst_addr, addr)
+            && now_ns().wrapping_sub((*denial).start_ns) < DENIAL_FOLD_NS
+        {
+            add(&raw mut (*denial).connects, 1);
+            return true;
+        }
+    }
+    close_denial(cookie);
+    false
+}
+
+/// Remembers a denied call's event, to fold the same call denied again into it.
+#[inline(always)]
+pub fn open_denial(cookie: u64, event: &FlowEvent) {
+    // A full table evicts its least recently used denial: its folded calls go unreported.
+    let _ = DENIALS.insert(&cookie, event, 0);
+}
+
+/// Ends the socket's denial: when calls were folded into it, a `close` with their count.
+#[inline(always)]
+pub fn close_denial(cookie: u64) {
+    let Some(denial) = DENIALS.get_ptr_mut(&cookie) else {
+        return;
+    };
+    // SAFETY: a valid map value.
+    let denial = unsafe { &mut *denial };
+    if denial.connects > 1 {
+        denial.kind = EventKind::Close as u32;
+        denial.time_ns = now_ns();
+        emit(denial);
+    }
+    let _ = DENIALS.remove(&cookie);
 }
 
 /// Two addresses compared as two words: a slice comparison would call memcmp, which BPF lacks.

@@ -34,8 +34,9 @@ use aya_ebpf::{
     },
 };
 use egress_common::{
-    CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowTuple, PolicyKey, PolicyValue,
-    RELAY_MARK, RULE_AF_XDP, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered, Verdict, map_v4,
+    CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowEvent, FlowTuple, PolicyKey,
+    PolicyValue, RELAY_MARK, RULE_AF_XDP, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered,
+    Verdict, map_v4,
 };
 
 use crate::{
@@ -63,6 +64,11 @@ const FLOWS_MAX_ENTRIES: u32 = 1 << 16;
 
 #[map(name = "EGRESS_FLOWS_V4")]
 static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
+/// Sockets whose last call was denied, by cookie: the deny's event, `connects` counting the same
+/// call denied again since (see `events::deny_again`).
+#[map(name = "EGRESS_DENIALS_V1")]
+static DENIALS: LruHashMap<u64, FlowEvent> = LruHashMap::with_max_entries(1 << 14, 0);
 
 #[map(name = "EGRESS_TUPLES_V1")]
 static TUPLES: LruHashMap<FlowTuple, u64> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
@@ -190,6 +196,11 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     if config.is_some_and(|c| c.flags & CONFIG_EVENTS_OFF != 0) {
         return decide::hook_return(decision.verdict);
     }
+    let denied = !decision.verdict.permits();
+    // The same call denied again: counted in the socket's denial, reported with its close.
+    if denied && events::deny_again(cookie, kind, proto, port_be, &addr, decision.rule_id) {
+        return decide::hook_return(decision.verdict);
+    }
     let tracked = matches!(kind, EventKind::Connect)
         && matches!(decision.verdict, Verdict::Allow)
         && decision.rule_id != RULE_LOOPBACK
@@ -214,6 +225,10 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
             let foreign = config.is_some_and(|c| c.in_agent_netns(netns) == Some(false));
             // SAFETY: initialised just above.
             events::open_flow(cookie, unsafe { &*event }, foreign);
+        }
+        if denied {
+            // SAFETY: initialised just above.
+            events::open_denial(cookie, unsafe { &*event });
         }
         entry.submit(events::wakeup());
     }
@@ -344,6 +359,7 @@ pub fn sock_release(ctx: SockContext) -> i32 {
         let _ = HOME_SOCKETS.remove(&cookie);
         return 1;
     }
+    events::close_denial(cookie);
     if proto != IPPROTO_TCP as u32 || state == BPF_TCP_CLOSE {
         events::close_flow(cookie);
     }

@@ -548,6 +548,69 @@ async fn a_socket_connected_again_is_one_flow_with_a_count() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_denied_again_is_counted_in_one_denial() {
+    let w = world();
+    let cg = TestCgroup::new("denied-again");
+    let log = log_path("events-denied-again");
+    let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
+        .await
+        .expect("agent starts");
+    let (unregistered, other) = (at(w.v4(11), 5353), at(w.v4(11), 5354));
+    let of = |pid: u32, kind: &str| -> Vec<Record> {
+        records(&log)
+            .into_iter()
+            .filter(|r| r.kind == kind && r.pid == Some(pid))
+            .collect()
+    };
+    // A thousand sends to a denied destination from one socket: its first deny has a record,
+    // the rest are counted in the socket's denial, reported by a close when the socket goes.
+    let (out, pid) = probe_with_pid(Some(&cg.path), &["sendto-repeat", &unregistered, "1000"]);
+    assert_eq!(out, "denied:1000", "sendto-repeat");
+    let close = wait_record(&log, "the denial's close", |r| {
+        r.kind == "close" && r.pid == Some(pid)
+    });
+    assert_eq!(close.verdict.as_deref(), Some("deny"), "{close:?}");
+    assert_eq!(close.connects, Some(1000), "{close:?}");
+    assert_eq!(
+        close.dst.as_deref(),
+        Some(unregistered.as_str()),
+        "{close:?}"
+    );
+    assert_eq!(close.rule, of(pid, "sendmsg")[0].rule, "{close:?}");
+    assert_eq!(close.bytes_out, Some(0), "{close:?}");
+    assert_eq!(
+        of(pid, "sendmsg").len(),
+        1,
+        "the first deny has its own record"
+    );
+    // Past the fold's second the same call opens a new denial: the old one is closed first.
+    let (out, pid) = probe_with_pid(
+        Some(&cg.path),
+        &["sendto-repeat", &unregistered, "5", "1200"],
+    );
+    assert_eq!(out, "denied:10", "sendto-repeat with a pause");
+    wait_for("two denials closed", WAIT, || of(pid, "close").len() == 2);
+    assert!(
+        of(pid, "close").iter().all(|r| r.connects == Some(5)),
+        "{:?}",
+        of(pid, "close")
+    );
+    assert_eq!(of(pid, "sendmsg").len(), 2);
+    // A lone deny is its record alone.
+    let (out, pid) = probe_with_pid(Some(&cg.path), &["udp-sendto", &other]);
+    assert_eq!(out, "denied", "udp-sendto");
+    wait_record(&log, "the lone deny", |r| {
+        r.kind == "sendmsg" && r.pid == Some(pid)
+    });
+    a.shutdown().await;
+    let closes = records(&log)
+        .into_iter()
+        .filter(|r| r.kind == "close" && r.verdict.as_deref() == Some("deny"))
+        .count();
+    assert_eq!(closes, 3, "no close for a denial nothing was folded into");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_open_across_a_reload_keeps_its_rule() {
     let w = world();
     let cg = TestCgroup::new("reload-flow");
@@ -754,17 +817,22 @@ async fn metrics_agree_with_the_log() {
         ("udp-sendto", at(w.v6(10), 5353)),
         ("transfer", at(w.v4(10), 9000)),
         ("bench-connect", at(w.v4(10), 5353)),
+        ("sendto-repeat", at(w.v4(11), 5353)),
     ] {
         let mut args = vec![mode, dst.as_str()];
         match mode {
             "transfer" => args.push("100000"),
             "bench-connect" => args.push("50"),
+            "sendto-repeat" => args.push("70"),
             _ => {}
         }
         cg.probe(&args);
     }
     wait_record(&log, "the reconnects' close event", |r| {
         r.kind == "close" && r.connects == Some(50)
+    });
+    wait_record(&log, "the repeated denial's close event", |r| {
+        r.kind == "close" && r.connects == Some(70)
     });
     let from_log = || {
         let mut m = BTreeMap::new();

@@ -146,6 +146,12 @@ impl Printer {
         let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".to_owned());
         let rule = r.rule.clone().or_else(|| r.reason.clone());
         let detail = match r.kind.as_str() {
+            // A socket's denial that folded the same call denied again (see `connects`).
+            "close" if r.verdict.as_deref() == Some("deny") => format!(
+                "{} calls denied in {} ms",
+                r.connects.unwrap_or(1),
+                r.duration_ms.unwrap_or(0)
+            ),
             "close" => {
                 let mut d = format!(
                     "out {} B/{} pkt, in {} B/{} pkt, {} ms",

@@ -7,6 +7,9 @@
 //!   egress-probe udp-sendto ADDR:PORT     unconnected sendto, wait for the echo
 //!   egress-probe dns SERVER NAME          A/AAAA lookup through SERVER (port 53)
 //!   egress-probe bench-connect ADDR:PORT N   N UDP connect() calls; prints ns per call
+//!   egress-probe sendto-repeat ADDR:PORT N [PAUSE_MS]   one UDP socket, N unconnected sendto()
+//!                                         calls (N more after PAUSE_MS if given); prints each
+//!                                         outcome's word with its count, `denied:N`
 //!   egress-probe udp-alternate A:PORT B:PORT N   one UDP socket connected to A, then
 //!                                         B, N times over; `ok`
 //!   egress-probe bench-socket ADDR:PORT N    N times a new UDP socket, connect(), close; prints
@@ -198,6 +201,32 @@ fn bench_connect(addr: SocketAddr, n: u64) -> String {
         Ok(ns) => format!("{ns:.1}"),
         Err(e) => word(&e),
     }
+}
+
+fn sendto_repeat(addr: SocketAddr, n: u64, pause: Option<Duration>) -> String {
+    let s = match bind_for(addr) {
+        Ok(s) => s,
+        Err(e) => return word(&e),
+    };
+    let mut seen = std::collections::BTreeMap::<String, u64>::new();
+    let mut send = || {
+        for _ in 0..n {
+            let outcome = match s.send_to(b"again", addr) {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => word(&e),
+            };
+            *seen.entry(outcome).or_default() += 1;
+        }
+    };
+    send();
+    if let Some(pause) = pause {
+        std::thread::sleep(pause);
+        send();
+    }
+    seen.iter()
+        .map(|(w, c)| format!("{w}:{c}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn udp_alternate(a: SocketAddr, b: SocketAddr, n: u64) -> String {
@@ -856,6 +885,13 @@ fn run(args: &[String]) -> ExitCode {
             Ok(n) => bench_connect(a, n),
             Err(_) => return usage(),
         },
+        (Some("sendto-repeat"), Some(a)) if matches!(args.len(), 3 | 4) => {
+            let pause = args.get(3).map(|p| p.parse().map(Duration::from_millis));
+            match (args[2].parse(), pause.transpose()) {
+                (Ok(n), Ok(pause)) => sendto_repeat(a, n, pause),
+                _ => return usage(),
+            }
+        }
         (Some("udp-alternate"), Some(a)) if args.len() == 4 => {
             match (args[2].parse(), args[3].parse()) {
                 (Ok(b), Ok(n)) => udp_alternate(a, b, n),
