@@ -201,6 +201,8 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     if denied && events::deny_again(cookie, kind, proto, port_be, &addr, decision.rule_id) {
         return decide::hook_return(decision.verdict);
     }
+    // Steered connections are not flows: they end in a relay event, with the bytes the relay
+    // carried.
     let tracked = matches!(kind, EventKind::Connect)
         && matches!(decision.verdict, Verdict::Allow)
         && decision.rule_id != RULE_LOOPBACK
@@ -209,29 +211,44 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     if tracked && events::reconnect(cookie, proto, port_be, &addr, decision.rule_id) {
         return decide::hook_return(decision.verdict);
     }
-    // A full ring buffer loses the event (counted) and the flow's tracking, never the decision.
-    if let Some(mut entry) = events::reserve() {
-        let event = entry.as_mut_ptr();
-        // SAFETY: the entry is FlowEvent-sized and aligned; written whole before it is read.
-        unsafe {
-            event.write(events::from_task(
-                kind, decision, proto, family, port_be, addr, cookie,
-            ))
-        };
-        // Steered connections end in a relay event, with the bytes the relay carried.
+    let foreign = || {
+        // SAFETY: the program's own context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+        config.is_some_and(|c| c.in_agent_netns(netns) == Some(false))
+    };
+    let Some(mut entry) = events::reserve() else {
+        // A full ring buffer loses the event (counted), never the decision nor the tracking: the
+        // flow's close, or the denial's, still reports the call. Built on the stack here, one
+        // at a time (it has no room for more).
         if tracked {
-            // SAFETY: the program's own context.
-            let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-            let foreign = config.is_some_and(|c| c.in_agent_netns(netns) == Some(false));
-            // SAFETY: initialised just above.
-            events::open_flow(cookie, unsafe { &*event }, foreign);
+            events::open_flow(
+                cookie,
+                &events::from_task(kind, decision, proto, family, port_be, addr, cookie),
+                foreign(),
+            );
+        } else if denied {
+            events::open_denial(
+                cookie,
+                &events::from_task(kind, decision, proto, family, port_be, addr, cookie),
+            );
         }
-        if denied {
-            // SAFETY: initialised just above.
-            events::open_denial(cookie, unsafe { &*event });
-        }
-        entry.submit(events::wakeup());
+        return decide::hook_return(decision.verdict);
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: the entry is FlowEvent-sized and aligned; written whole before it is read.
+    unsafe {
+        event.write(events::from_task(
+            kind, decision, proto, family, port_be, addr, cookie,
+        ))
+    };
+    if tracked {
+        // SAFETY: initialised just above.
+        events::open_flow(cookie, unsafe { &*event }, foreign());
+    } else if denied {
+        // SAFETY: initialised just above.
+        events::open_denial(cookie, unsafe { &*event });
     }
+    entry.submit(events::wakeup());
     decide::hook_return(decision.verdict)
 }
 

@@ -673,15 +673,31 @@ async fn a_full_ring_buffer_is_counted_and_reported() {
         cg.probe(&["bench-socket", &target, "2000"]);
         a.status.events_lost.get() > 0
     });
+    // A flow opened while the ring is full: its connect event is lost, not its tracking.
+    let lost_before = a.status.events_lost.get();
+    let held = HeldProbe::start(
+        Some(&cg.path),
+        // The sink keeps the connection until the probe closes it (the 443 server closes at once).
+        &["hello-hold", &at(w.v4(10), 9000), "api.test", "1"],
+        "held",
+    );
+    let held_pid = held.pid();
+    wait_for("the held connect's event lost", WAIT, || {
+        a.status.events_lost.get() > lost_before
+    });
     // Now read: the loss appears in the log as a `lost` record.
     let deadline = Instant::now() + WAIT;
     let mut text = String::new();
-    let mut lost_logged = 0;
-    while lost_logged == 0 || lost_logged < a.status.events_lost.get() {
-        assert!(
-            Instant::now() < deadline,
-            "no complete lost report in the log"
-        );
+    let mut read_until = |what: &str, done: &dyn Fn(&[Record]) -> bool| loop {
+        let (complete, _) = text.rsplit_once('\n').unwrap_or(("", ""));
+        let records: Vec<Record> = complete
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Record>(l).ok())
+            .collect();
+        if done(&records) {
+            return records;
+        }
+        assert!(Instant::now() < deadline, "{what}: not in the log");
         let mut buf = vec![0u8; 1 << 16];
         match reader.read(&mut buf) {
             Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
@@ -690,15 +706,39 @@ async fn a_full_ring_buffer_is_counted_and_reported() {
             }
             Err(e) => panic!("reading the fifo: {e}"),
         }
-        let (complete, _) = text.rsplit_once('\n').unwrap_or(("", ""));
-        lost_logged = complete
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Record>(l).ok())
+    };
+    let lost_logged = |records: &[Record]| -> u64 {
+        records
+            .iter()
             .filter(|r| r.kind == "lost")
             .map(|r| r.lost.expect("lost count"))
-            .sum();
-    }
-    assert_eq!(lost_logged, a.status.events_lost.get());
+            .sum()
+    };
+    let records = read_until("a complete lost report", &|records| {
+        let logged = lost_logged(records);
+        logged > 0 && logged >= a.status.events_lost.get()
+    });
+    assert_eq!(lost_logged(&records), a.status.events_lost.get());
+    // The ring has room again: the held flow ends with its close, though its connect went
+    // unreported.
+    held.release();
+    let records = read_until("the held flow's close", &|records| {
+        records
+            .iter()
+            .any(|r| r.kind == "close" && r.pid == Some(held_pid))
+    });
+    let close = records
+        .iter()
+        .find(|r| r.kind == "close" && r.pid == Some(held_pid))
+        .expect("close");
+    assert_eq!(close.host.as_deref(), Some("api.test"), "{close:?}");
+    assert!(close.bytes_out.is_some_and(|b| b > 0), "{close:?}");
+    assert!(
+        !records
+            .iter()
+            .any(|r| r.kind == "connect" && r.pid == Some(held_pid)),
+        "the held connect's own event was lost"
+    );
     // Keep reading until the agent has stopped and closed its end.
     let drain = std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 16];
