@@ -360,7 +360,8 @@ pub fn sock_create(ctx: SockContext) -> i32 {
 }
 
 /// Reports UDP flows when their socket is released, and TCP ones that never left CLOSE (a connect
-/// that failed before sending anything); other TCP flows end in `tcp_state`.
+/// that failed before sending anything); other TCP flows end in `tcp_state`. Closes the socket's
+/// denial, if any.
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the program's own context; a valid socket.
@@ -372,11 +373,12 @@ pub fn sock_release(ctx: SockContext) -> i32 {
             (*ctx.sock).state,
         )
     };
+    // Any socket the connect hooks judge: ICMP ping sockets too.
+    events::close_denial(cookie);
     if !packet::tcp_or_udp(kind, proto) {
         let _ = HOME_SOCKETS.remove(&cookie);
         return 1;
     }
-    events::close_denial(cookie);
     if proto != IPPROTO_TCP as u32 || state == BPF_TCP_CLOSE {
         events::close_flow(cookie);
     }
