@@ -69,6 +69,8 @@ const AF_PACKET: u32 = 17;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const ETH_P_QINQ: u16 = 0x9100;
+/// An Ethernet header's length.
+const ETH_HLEN: u32 = 14;
 /// VLAN tags walked at most (the verifier wants a bound). A frame with more ends the walk on a tag
 /// type and passes as a frame without IP does: such frames go no further than the link.
 const VLAN_TAGS_MAX: usize = 2;
@@ -138,7 +140,7 @@ pub fn egress(skb: *mut __sk_buff, hook: Hook) -> bool {
         // SAFETY: a valid map value; `foreign` was written when the flow was opened.
         if owns_flow(hook, unsafe { (*flow).foreign }) {
             let mut pkt = Packet::default();
-            if parse(skb, &mut pkt).is_some() {
+            if parse(skb, &mut pkt, hook).is_some() {
                 // SAFETY: a valid map value; counters are added atomically as every CPU may write
                 // them.
                 unsafe {
@@ -190,7 +192,7 @@ pub fn egress(skb: *mut __sk_buff, hook: Hook) -> bool {
         let ether = unsafe { LINKS.get(&ifindex) } == Some(&ARPHRD_ETHER);
         parse_frame(skb, &mut pkt, ether)
     } else {
-        parse(skb, &mut pkt)
+        parse(skb, &mut pkt, hook)
     };
     if parsed.is_none() {
         // Not IP: no policy speaks of it.
@@ -291,7 +293,7 @@ pub fn ingress(skb: *mut __sk_buff, hook: Hook) {
     let mut pkt = Packet::default();
     match hook {
         Hook::Tc => {
-            if parse(skb, &mut pkt).is_none() {
+            if parse(skb, &mut pkt, hook).is_none() {
                 return;
             }
             let tuple = FlowTuple {
@@ -319,7 +321,7 @@ pub fn ingress(skb: *mut __sk_buff, hook: Hook) {
             // SAFETY: a valid map value; `foreign` was written when the flow was opened.
             if let Some(flow) = FLOWS.get_ptr_mut(&cookie)
                 && owns_flow(hook, unsafe { (*flow).foreign })
-                && parse(skb, &mut pkt).is_some()
+                && parse(skb, &mut pkt, hook).is_some()
             {
                 count_in(flow, &pkt);
             }
@@ -445,10 +447,28 @@ fn be16(b0: u8, b1: u8) -> u16 {
 
 /// Fills `pkt` from the packet's network header, as the stack labelled it.
 #[inline(always)]
-fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Option<()> {
+fn parse(skb: *mut __sk_buff, pkt: &mut Packet, hook: Hook) -> Option<()> {
     // SAFETY: the kernel hands a valid __sk_buff.
     let protocol_be = unsafe { (*skb).protocol };
-    parse_at(skb, pkt, u16::from_be(protocol_be as u16), NETWORK)
+    parse_at(
+        skb,
+        pkt,
+        u16::from_be(protocol_be as u16),
+        NETWORK,
+        || match hook {
+            // The cgroup's programs see the packet from its network header on.
+            Hook::Cgroup => 0,
+            // TC from its link header: Ethernet's, or none.
+            Hook::Tc => {
+                // Copied: a map key may not point into the context.
+                // SAFETY: the kernel hands a valid __sk_buff.
+                let ifindex = unsafe { (*skb).ifindex };
+                // SAFETY: a valid map value, copied out.
+                let ether = unsafe { LINKS.get(&ifindex) } == Some(&ARPHRD_ETHER);
+                if ether { ETH_HLEN } else { 0 }
+            }
+        },
+    )
 }
 
 /// Fills `pkt` from a packet socket's frame, by what the frame carries whatever its label: on an
@@ -476,7 +496,7 @@ fn parse_frame(skb: *mut __sk_buff, pkt: &mut Packet, ether: bool) -> Option<()>
             i += 1;
         }
         at.offset += 2;
-        return parse_at(skb, pkt, be16(kind[0], kind[1]), at);
+        return parse_at(skb, pkt, be16(kind[0], kind[1]), at, || at.offset);
     }
     let mut first = [0u8; 1];
     load(skb, NETWORK, 0, &mut first)?;
@@ -485,16 +505,32 @@ fn parse_frame(skb: *mut __sk_buff, pkt: &mut Packet, ether: bool) -> Option<()>
         6 => ETH_P_IPV6,
         _ => return None,
     };
-    parse_at(skb, pkt, ethertype, NETWORK)
+    parse_at(skb, pkt, ethertype, NETWORK, || 0)
 }
 
 /// Fills `pkt` in place from an IP header of type `ethertype` at `at` (addresses are loaded
-/// straight into it: the stack is small).
+/// straight into it: the stack is small). `link_len`: what precedes that header in the skb's
+/// length, asked for only for a BIG TCP packet.
 #[inline(always)]
-fn parse_at(skb: *mut __sk_buff, pkt: &mut Packet, ethertype: u16, at: At) -> Option<()> {
+fn parse_at(
+    skb: *mut __sk_buff,
+    pkt: &mut Packet,
+    ethertype: u16,
+    at: At,
+    link_len: impl Fn() -> u32,
+) -> Option<()> {
     // SAFETY: the kernel hands a valid __sk_buff.
-    let gso_segs = unsafe { (*skb).gso_segs };
+    let (gso_segs, skb_len) = unsafe { ((*skb).gso_segs, (*skb).len) };
     pkt.segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
+    // BIG TCP: a GSO packet longer than an IP header's length field can say has 0 there (IPv4's
+    // total length, IPv6's payload length); its length is then the skb's from the IP header on.
+    let big = |stated: u32| {
+        if stated == 0 && gso_segs > 1 {
+            Some(skb_len.saturating_sub(link_len()))
+        } else {
+            None
+        }
+    };
     let (l4, total, first_fragment) = match ethertype {
         ETH_P_IP => {
             let mut h = [0u8; 20];
@@ -504,9 +540,10 @@ fn parse_at(skb: *mut __sk_buff, pkt: &mut Packet, ethertype: u16, at: At) -> Op
             pkt.src = map_v4([h[12], h[13], h[14], h[15]]);
             pkt.dst = map_v4([h[16], h[17], h[18], h[19]]);
             let frag_offset = be16(h[6], h[7]) & 0x1fff;
+            let stated = be16(h[2], h[3]) as u32;
             (
                 ((h[0] & 0x0f) as u32) * 4,
-                be16(h[2], h[3]) as u32,
+                big(stated).unwrap_or(stated),
                 frag_offset == 0,
             )
         }
@@ -516,7 +553,8 @@ fn parse_at(skb: *mut __sk_buff, pkt: &mut Packet, ethertype: u16, at: At) -> Op
             load(skb, at, 8, &mut pkt.src)?;
             load(skb, at, 24, &mut pkt.dst)?;
             pkt.family = 6;
-            let total = 40 + be16(h[4], h[5]) as u32;
+            let stated = be16(h[4], h[5]) as u32;
+            let total = big(stated).unwrap_or(40 + stated);
             let (mut next, mut offset, mut first_fragment) = (h[6], 40u32, true);
             let mut i = 0;
             while i < IPV6_EXT_MAX {

@@ -136,6 +136,15 @@ impl World {
         &self.veth_host
     }
 
+    /// Lets TCP over the veth send and receive IPv6 packets of up to `size` bytes (BIG TCP: larger
+    /// than an IP header's length field can say), both ways. For connections made afterwards.
+    pub fn big_tcp(&self, size: u32) {
+        let size = size.to_string();
+        let set = ["gso_max_size", &size, "gro_max_size", &size];
+        sh(&[&["ip", "link", "set", "dev", &self.veth_host][..], &set].concat());
+        self.exec(&[&["ip", "link", "set", "dev", &self.veth_world][..], &set].concat());
+    }
+
     /// Runs a command inside the world.
     pub fn exec(&self, args: &[&str]) {
         let mut full = vec!["ip", "netns", "exec", &self.name];

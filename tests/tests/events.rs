@@ -508,6 +508,28 @@ async fn a_flow_ends_with_its_byte_totals() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_tcp_packets_are_counted_whole() {
+    let w = world();
+    // Packets of up to 185,000 bytes: an IPv6 header's payload length reads 0 for them.
+    w.big_tcp(185_000);
+    let cg = TestCgroup::new("big-tcp");
+    let log = log_path("events-big-tcp");
+    let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
+        .await
+        .expect("agent starts");
+    const N: usize = 8 << 20;
+    let dst = at(w.v6(10), 9000);
+    let (got, pid) = probe_with_pid(Some(&cg.path), &["transfer", &dst, &N.to_string()]);
+    assert_eq!(got, "ok", "transfer to {dst}");
+    let r = wait_record(&log, "the close", |r| {
+        r.kind == "close" && r.pid == Some(pid)
+    });
+    assert_eq!(r.bytes_out, Some(N as u64), "{r:?}");
+    assert_eq!(r.bytes_in, Some(N as u64), "{r:?}");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_connected_again_is_one_flow_with_a_count() {
     let w = world();
     let cg = TestCgroup::new("reconnect");
@@ -668,10 +690,18 @@ async fn a_full_ring_buffer_is_counted_and_reported() {
     .await
     .expect("agent starts");
     let target = at(w.v4(10), 5353);
-    wait_for("events to be lost", WAIT, || {
-        // New sockets: a connect and a close event apiece (reconnects would fold into one flow).
-        cg.probe(&["bench-socket", &target, "2000"]);
-        a.status.events_lost.get() > 0
+    // Until the pipeline has stalled: every event of a round lost, none drained meanwhile (the
+    // writer blocked, the queue full, the reader waiting on it). New sockets: a connect and a
+    // close event apiece (reconnects would fold into one flow).
+    wait_for("the pipeline to stall", 3 * WAIT, || {
+        let before = a.status.events_lost.get();
+        cg.probe(&["bench-socket", &target, "1000"]);
+        // The metric follows the kernel's counter within a second.
+        let polled = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < polled && a.status.events_lost.get() < before + 2000 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        a.status.events_lost.get() >= before + 2000
     });
     // A flow opened while the ring is full: its connect event is lost, not its tracking.
     let lost_before = a.status.events_lost.get();
