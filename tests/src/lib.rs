@@ -136,13 +136,24 @@ impl World {
         &self.veth_host
     }
 
-    /// Lets TCP over the veth send and receive IPv6 packets of up to `size` bytes (BIG TCP: larger
-    /// than an IP header's length field can say), both ways. For connections made afterwards.
+    /// Lets TCP over the veth send and receive packets of up to `size` bytes (BIG TCP: larger than
+    /// an IP header's length field can say), IPv4 and IPv6, both ways. For connections made
+    /// afterwards.
     pub fn big_tcp(&self, size: u32) {
-        let size = size.to_string();
-        let set = ["gso_max_size", &size, "gro_max_size", &size];
+        let text = size.to_string();
+        let set = ["gso_max_size", &text, "gro_max_size", &text];
         sh(&[&["ip", "link", "set", "dev", &self.veth_host][..], &set].concat());
         self.exec(&[&["ip", "link", "set", "dev", &self.veth_world][..], &set].concat());
+        // IPv4's own limits (kernel 6.3): Debian's iproute2 6.1 cannot set them.
+        let v4 = [
+            (IFLA_GSO_IPV4_MAX_SIZE, size),
+            (IFLA_GRO_IPV4_MAX_SIZE, size),
+        ];
+        set_link_u32(&self.veth_host, &v4);
+        let world = self.veth_world.clone();
+        in_netns(format!("/run/netns/{}", self.name), move || {
+            set_link_u32(&world, &v4)
+        });
     }
 
     /// Runs a command inside the world.
@@ -502,6 +513,67 @@ impl Drop for Workload {
 
 /// Runs `f` on a thread that lives in network namespace `path`, so the sockets it makes belong
 /// there.
+/// linux/if_link.h, not in the libc crate for Linux.
+const IFLA_GSO_IPV4_MAX_SIZE: u16 = 63;
+const IFLA_GRO_IPV4_MAX_SIZE: u16 = 64;
+
+/// Sets u32 attributes of link `iface` in the calling thread's namespace (an RTM_NEWLINK request
+/// by rtnetlink), and checks the kernel's answer.
+fn set_link_u32(iface: &str, attrs: &[(u16, u32)]) {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+    let index = nix::net::if_::if_nametoindex(iface).expect("interface index");
+    let len = 16 + 16 + 8 * attrs.len();
+    let mut msg = Vec::with_capacity(len);
+    // nlmsghdr: length, type, flags, sequence, port.
+    msg.extend((len as u32).to_ne_bytes());
+    msg.extend(libc::RTM_NEWLINK.to_ne_bytes());
+    msg.extend(((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+    msg.extend(1u32.to_ne_bytes());
+    msg.extend(0u32.to_ne_bytes());
+    // ifinfomsg: family, padding, type, index, flags, change.
+    msg.extend([libc::AF_UNSPEC as u8, 0, 0, 0]);
+    msg.extend((index as i32).to_ne_bytes());
+    msg.extend([0u8; 8]);
+    for &(kind, value) in attrs {
+        msg.extend(8u16.to_ne_bytes());
+        msg.extend(kind.to_ne_bytes());
+        msg.extend(value.to_ne_bytes());
+    }
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )
+    .expect("rtnetlink socket");
+    sendto(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &msg,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .expect("send to rtnetlink");
+    let mut answer = [0u8; 1024];
+    let n = recv(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &mut answer,
+        MsgFlags::empty(),
+    )
+    .expect("rtnetlink's answer");
+    // An NLMSG_ERROR whose error is 0 acknowledges the request.
+    assert!(n >= 20, "short rtnetlink answer");
+    let kind = u16::from_ne_bytes([answer[4], answer[5]]);
+    let error = i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]);
+    assert!(
+        kind == libc::NLMSG_ERROR as u16 && error == 0,
+        "setting {attrs:?} on {iface}: {}",
+        std::io::Error::from_raw_os_error(-error)
+    );
+}
+
 fn in_netns<T: Send + 'static>(path: String, f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
         let ns = fs::File::open(&path).expect("open netns");

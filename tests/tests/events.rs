@@ -510,7 +510,7 @@ async fn a_flow_ends_with_its_byte_totals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_tcp_packets_are_counted_whole() {
     let w = world();
-    // Packets of up to 185,000 bytes: an IPv6 header's payload length reads 0 for them.
+    // Packets of up to 185,000 bytes: an IP header's length field reads 0 for them.
     w.big_tcp(185_000);
     let cg = TestCgroup::new("big-tcp");
     let log = log_path("events-big-tcp");
@@ -518,14 +518,16 @@ async fn big_tcp_packets_are_counted_whole() {
         .await
         .expect("agent starts");
     const N: usize = 8 << 20;
-    let dst = at(w.v6(10), 9000);
-    let (got, pid) = probe_with_pid(Some(&cg.path), &["transfer", &dst, &N.to_string()]);
-    assert_eq!(got, "ok", "transfer to {dst}");
-    let r = wait_record(&log, "the close", |r| {
-        r.kind == "close" && r.pid == Some(pid)
-    });
-    assert_eq!(r.bytes_out, Some(N as u64), "{r:?}");
-    assert_eq!(r.bytes_in, Some(N as u64), "{r:?}");
+    for ip in [w.v4(10), w.v6(10)] {
+        let dst = at(ip, 9000);
+        let (got, pid) = probe_with_pid(Some(&cg.path), &["transfer", &dst, &N.to_string()]);
+        assert_eq!(got, "ok", "transfer to {dst}");
+        let r = wait_record(&log, &format!("the close for {dst}"), |r| {
+            r.kind == "close" && r.pid == Some(pid)
+        });
+        assert_eq!(r.bytes_out, Some(N as u64), "{r:?}");
+        assert_eq!(r.bytes_in, Some(N as u64), "{r:?}");
+    }
     a.shutdown().await;
 }
 
