@@ -135,16 +135,33 @@ pub fn reconnect(cookie: u64, proto: u8, port_be: u16, addr: &[u8; 16], rule_id:
     // socket), the rest was written once when the flow was opened.
     unsafe {
         let event = &raw mut (*flow).event;
-        if (*event).proto != proto
-            || (*event).dst_port_be != port_be
-            || (*event).rule_id != rule_id
-            || !same_addr(&(*event).dst_addr, addr)
-        {
+        if !same_call(event, proto, port_be, addr, rule_id) {
             return false;
         }
         add(&raw mut (*event).connects, 1);
     }
     true
+}
+
+/// Whether `event` was about this destination under this rule.
+///
+/// # Safety
+/// `event` points to a valid FlowEvent (a map value).
+#[inline(always)]
+unsafe fn same_call(
+    event: *const FlowEvent,
+    proto: u8,
+    port_be: u16,
+    addr: &[u8; 16],
+    rule_id: u32,
+) -> bool {
+    // SAFETY: as the caller promises.
+    unsafe {
+        (*event).proto == proto
+            && (*event).dst_port_be == port_be
+            && (*event).rule_id == rule_id
+            && same_addr(&(*event).dst_addr, addr)
+    }
 }
 
 /// How long a socket's denial folds the same call denied again: a loop retrying a denied
@@ -172,10 +189,7 @@ pub fn deny_again(
     // socket), the rest was written once when the denial was opened.
     unsafe {
         if (*denial).kind == kind as u32
-            && (*denial).proto == proto
-            && (*denial).dst_port_be == port_be
-            && (*denial).rule_id == rule_id
-            && same_addr(&(*denial).dst_addr, addr)
+            && same_call(denial, proto, port_be, addr, rule_id)
             && now_ns().wrapping_sub((*denial).start_ns) < DENIAL_FOLD_NS
         {
             add(&raw mut (*denial).connects, 1);

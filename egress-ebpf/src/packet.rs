@@ -186,11 +186,7 @@ pub fn egress(skb: *mut __sk_buff, hook: Hook) -> bool {
     // A packet socket labels its frame with any protocol it likes; the receiver goes by the frame.
     // SAFETY: a full socket the helper returned.
     let parsed = if unsafe { (*full).family } == AF_PACKET {
-        // SAFETY: the kernel hands a valid __sk_buff.
-        let ifindex = unsafe { (*skb).ifindex };
-        // SAFETY: a valid map value, copied out.
-        let ether = unsafe { LINKS.get(&ifindex) } == Some(&ARPHRD_ETHER);
-        parse_frame(skb, &mut pkt, ether)
+        parse_frame(skb, &mut pkt, ether_link(skb))
     } else {
         parse(skb, &mut pkt, hook)
     };
@@ -445,6 +441,17 @@ fn be16(b0: u8, b1: u8) -> u16 {
     u16::from_be_bytes([b0, b1])
 }
 
+/// Whether the agent's-namespace interface TC runs on has Ethernet framing (`EGRESS_LINKS_V1`).
+#[inline(always)]
+fn ether_link(skb: *mut __sk_buff) -> bool {
+    // Copied: a map key may not point into the context.
+    // SAFETY: the kernel hands a valid __sk_buff.
+    let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: a valid map value, copied out.
+    let kind = unsafe { LINKS.get(&ifindex) };
+    kind == Some(&ARPHRD_ETHER)
+}
+
 /// Fills `pkt` from the packet's network header, as the stack labelled it.
 #[inline(always)]
 fn parse(skb: *mut __sk_buff, pkt: &mut Packet, hook: Hook) -> Option<()> {
@@ -460,12 +467,11 @@ fn parse(skb: *mut __sk_buff, pkt: &mut Packet, hook: Hook) -> Option<()> {
             Hook::Cgroup => 0,
             // TC from its link header: Ethernet's, or none.
             Hook::Tc => {
-                // Copied: a map key may not point into the context.
-                // SAFETY: the kernel hands a valid __sk_buff.
-                let ifindex = unsafe { (*skb).ifindex };
-                // SAFETY: a valid map value, copied out.
-                let ether = unsafe { LINKS.get(&ifindex) } == Some(&ARPHRD_ETHER);
-                if ether { ETH_HLEN } else { 0 }
+                if ether_link(skb) {
+                    ETH_HLEN
+                } else {
+                    0
+                }
             }
         },
     )
