@@ -379,11 +379,13 @@ pub fn sock_release(ctx: SockContext) -> i32 {
         let _ = HOME_SOCKETS.remove(&cookie);
         return 1;
     }
-    if proto != IPPROTO_TCP as u32 || state == BPF_TCP_CLOSE {
+    if proto != IPPROTO_TCP as u32 {
         events::close_flow(cookie);
-    }
-    if proto == IPPROTO_TCP as u32 {
-        // A steered connect that failed before TCP chose a port left only this record.
+    } else if state == BPF_TCP_CLOSE {
+        events::close_flow(cookie);
+        // A steered connect that failed before TCP chose a port left only this record. Any other
+        // steered socket is not closed yet: its records go at CLOSE (`tcp_state`), the relay's
+        // with the socket's, which is found through this one.
         let _ = STEERED.remove(&cookie);
     }
     1

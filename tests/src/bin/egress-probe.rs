@@ -3,6 +3,9 @@
 //! below the socket as it was sent), or `error:<detail>`.
 //!
 //!   egress-probe tcp ADDR:PORT            connect, read the server's greeting
+//!   egress-probe redial ADDR:PORT THEN:PORT   connect to ADDR and reset that connection, then
+//!                                         connect to THEN from the same port, as `tcp`;
+//!                                         prints `PORT WORD`
 //!   egress-probe udp ADDR:PORT            connect, send, wait for the echo
 //!   egress-probe udp-sendto ADDR:PORT     unconnected sendto, wait for the echo
 //!   egress-probe dns SERVER NAME          A/AAAA lookup through SERVER (port 53)
@@ -69,18 +72,55 @@ fn word(e: &io::Error) -> String {
 
 fn tcp(addr: SocketAddr) -> String {
     match TcpStream::connect_timeout(&addr, TIMEOUT) {
-        Ok(mut s) => {
-            let _ = s.set_read_timeout(Some(TIMEOUT));
-            let mut buf = [0u8; 64];
-            // Ok only once the server's greeting arrived: the connection really reached it.
-            match s.read(&mut buf) {
-                Ok(0) => "error:closed before the greeting".into(),
-                Ok(_) => "ok".into(),
-                Err(e) => word(&e),
-            }
-        }
+        Ok(s) => greeting(s),
         Err(e) => word(&e),
     }
+}
+
+/// Ok only once the server's greeting arrived: the connection really reached it.
+fn greeting(mut s: TcpStream) -> String {
+    let _ = s.set_read_timeout(Some(TIMEOUT));
+    match s.read(&mut [0u8; 64]) {
+        Ok(0) => "error:closed before the greeting".into(),
+        Ok(_) => "ok".into(),
+        Err(e) => word(&e),
+    }
+}
+
+/// Connects to `addr`, resets that connection (so its port is free at once, no TIME_WAIT), then
+/// connects to `then` from the same address and port; prints that port and what the second
+/// connection saw, as `tcp`.
+fn redial(addr: SocketAddr, then: SocketAddr) -> String {
+    use nix::sys::socket::{self, sockopt};
+    let run = || -> io::Result<String> {
+        let first = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        let local = first.local_addr()?;
+        let abort = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        socket::setsockopt(&first, sockopt::Linger, &abort)?;
+        drop(first);
+        let family = match local {
+            SocketAddr::V4(_) => socket::AddressFamily::Inet,
+            SocketAddr::V6(_) => socket::AddressFamily::Inet6,
+        };
+        let fd = socket::socket(
+            family,
+            socket::SockType::Stream,
+            socket::SockFlag::empty(),
+            None,
+        )?;
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        socket::bind(fd.as_raw_fd(), &socket::SockaddrStorage::from(local))?;
+        socket::connect(fd.as_raw_fd(), &socket::SockaddrStorage::from(then))?;
+        Ok(format!(
+            "{} {}",
+            local.port(),
+            greeting(TcpStream::from(fd))
+        ))
+    };
+    run().unwrap_or_else(|e| word(&e))
 }
 
 /// As `tcp`, then says `connected` and keeps the connection open until a line comes on stdin:
@@ -878,6 +918,10 @@ fn run(args: &[String]) -> ExitCode {
     let out = match (args.first().map(String::as_str), addr(1)) {
         (Some("tcp"), Some(a)) => tcp(a),
         (Some("tcp-hold"), Some(a)) => tcp_hold(a),
+        (Some("redial"), Some(a)) if args.len() == 3 => match args[2].parse() {
+            Ok(then) => redial(a, then),
+            Err(_) => return usage(),
+        },
         (Some("udp"), Some(a)) => udp(a, true),
         (Some("udp-sendto"), Some(a)) => udp(a, false),
         (Some("dns"), Some(a)) if args.len() == 3 => dns(a, &args[2]),
@@ -960,7 +1004,8 @@ fn run(args: &[String]) -> ExitCode {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: egress-probe [--netns|--thread-netns PATH] MODE, MODE one of: \
-         tcp|tcp-hold|udp|udp-sendto ADDR:PORT | dns SERVER:PORT NAME | \
+         tcp|tcp-hold|udp|udp-sendto ADDR:PORT | redial ADDR:PORT THEN:PORT | \
+         dns SERVER:PORT NAME | \
          bench-connect ADDR:PORT N | ping ADDR | frame-ping IFACE SRC4 DST4 ip|arp [VLAN] | sockopts | transfer ADDR:PORT N | \
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
          hello-bulk ADDR:PORT NAME | hello-echo|hello-hold ADDR:PORT NAME N | \
