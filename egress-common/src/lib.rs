@@ -11,7 +11,7 @@ pub const COUNTERS_MAP: &str = "EGRESS_COUNTERS_V1";
 /// Name of the ring buffer of [`FlowEvent`]s.
 pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V2";
 /// Name of the LRU hash of open flows: socket cookie → [`Flow`].
-pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V4";
+pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V5";
 /// Name of the LRU hash of steered connections by socket cookie → [`Steered`]: written at
 /// connect, read by getpeername, removed when the socket closes.
 pub const STEERED_MAP: &str = "EGRESS_STEERED_V3";
@@ -33,8 +33,6 @@ pub const RELAY_WANTED_MAP: &str = "EGRESS_RELAY_WANTED_V1";
 /// takes CAP_NET_ADMIN, which could detach the programs anyway.
 pub const RELAY_MARK: u32 = 0x6567_7273;
 
-/// Name of the LRU hash that lets TC ingress find a flow: [`FlowTuple`] → socket cookie.
-pub const TUPLES_MAP: &str = "EGRESS_TUPLES_V1";
 /// Name of the LRU hash of the enforced cgroup's sockets that are neither TCP nor UDP (raw, ping,
 /// …) and were made in the agent's own network namespace: socket cookie → 0. Their packets leave
 /// by interfaces the TC programs are on, and TC judges them; every other such socket's packets
@@ -171,7 +169,7 @@ pub struct Config {
     pub held_syn_rto: u16,
     /// Cookie of the agent's own network namespace, where the TC programs are. Packets of sockets
     /// in other namespaces (a pod's, a container's) never pass them with their socket; the
-    /// cgroup's packet programs judge and count those instead.
+    /// cgroup's packet programs judge those instead.
     pub netns_cookie: u64,
 }
 
@@ -257,7 +255,7 @@ pub struct FlowEvent {
     /// CLOCK_BOOTTIME of the flow's connect, for [`EventKind::Close`].
     pub start_ns: u64,
     /// L4 payload bytes (TCP: each sequence byte once, retransmissions aside) and packets (GSO
-    /// segments counted one by one, retransmitted ones too) the TC programs saw.
+    /// segments counted one by one, retransmitted ones too) the cgroup's packet programs saw.
     pub bytes_out: u64,
     pub bytes_in: u64,
     pub packets_out: u64,
@@ -274,9 +272,9 @@ pub struct FlowEvent {
     pub connects: u64,
 }
 
-/// A tracked flow, the value of [`FLOWS_MAP`]: its connect event, whose counters the TC programs
-/// grow, and how far each direction's TCP sequence has been counted, so that a retransmitted
-/// segment adds no bytes a second time.
+/// A tracked flow, the value of [`FLOWS_MAP`]: its connect event, whose counters the cgroup's
+/// packet programs grow, and how far each direction's TCP sequence has been counted, so that a
+/// retransmitted segment adds no bytes a second time.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
@@ -289,10 +287,7 @@ pub struct Flow {
     /// directions are counted on different CPUs, so they never share a word they write.
     pub seq_out_known: u8,
     pub seq_in_known: u8,
-    /// 1 when the socket is in another network namespace than the agent's: its packets are
-    /// counted by the cgroup's packet programs, not by TC.
-    pub foreign: u8,
-    pub pad: [u8; 5],
+    pub pad: [u8; 6],
 }
 
 /// The original destination of a steered connection, and who made it.
@@ -347,19 +342,6 @@ pub struct RelayPeer {
     pub pad2: u32,
     /// Cookie of the namespace.
     pub netns: u64,
-}
-
-/// A flow as TC sees its packets: from the enforced host's side, so egress packets give it as is
-/// and ingress packets with source and destination swapped.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowTuple {
-    pub proto: u8,
-    pub pad: [u8; 3],
-    pub local_port_be: u16,
-    pub remote_port_be: u16,
-    pub local_addr: [u8; 16],
-    pub remote_addr: [u8; 16],
 }
 
 /// Whether an IPv6 (or IPv4-mapped) address is loopback or unspecified, which is not egress.
@@ -422,8 +404,6 @@ const _: () = {
     assert!(core::mem::size_of::<RelayWanted>() == 16);
     assert!(core::mem::size_of::<RelayPeer>() == 32);
     assert!(core::mem::offset_of!(RelayPeer, netns) == 24);
-    assert!(core::mem::size_of::<FlowTuple>() == 40);
-    assert!(core::mem::offset_of!(FlowTuple, local_addr) == 8);
     assert!(KEY_FIXED_BITS as usize == core::mem::offset_of!(PolicyKey, addr) * 8);
 };
 
@@ -435,7 +415,6 @@ mod user {
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FlowEvent {}
-    unsafe impl aya::Pod for super::FlowTuple {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::Steered {}
     unsafe impl aya::Pod for super::RelayPeer {}

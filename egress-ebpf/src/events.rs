@@ -8,9 +8,9 @@ use aya_ebpf::{
     },
     maps::ring_buf::RingBufEntry,
 };
-use egress_common::{COUNTER_LOST, EventKind, Flow, FlowEvent, FlowTuple};
+use egress_common::{COUNTER_LOST, EventKind, Flow, FlowEvent};
 
-use crate::{COUNTERS, DENIALS, EVENTS, FLOWS, TUPLES, decide::Decision};
+use crate::{COUNTERS, DENIALS, EVENTS, FLOWS, decide::Decision};
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -101,12 +101,11 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
-/// Starts tracking a permitted connect; `foreign`: of a socket in another network namespace than
-/// the agent's. A socket connected again reports its previous flow first.
+/// Starts tracking a permitted connect. A socket connected again reports its previous flow first.
 /// `cookie` is the event's, passed on the stack: the verifier refuses a key and a value that both
 /// point into one ring buffer entry ("more than one arg with ref_obj_id").
 #[inline(always)]
-pub fn open_flow(cookie: u64, event: &FlowEvent, foreign: bool) {
+pub fn open_flow(cookie: u64, event: &FlowEvent) {
     close_flow(cookie);
     // A full table evicts its least recently used flow (LRU): that flow's close goes unreported,
     // which is better than refusing to track the new one.
@@ -116,8 +115,7 @@ pub fn open_flow(cookie: u64, event: &FlowEvent, foreign: bool) {
         next_seq_in: 0,
         seq_out_known: 0,
         seq_in_known: 0,
-        foreign: u8::from(foreign),
-        pad: [0; 5],
+        pad: [0; 6],
     };
     let _ = FLOWS.insert(&cookie, &flow, 0);
 }
@@ -248,28 +246,12 @@ pub fn close_flow(cookie: u64) {
     let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
         return;
     };
-    // SAFETY: a valid map value; TC may still add to its counters, a benign race.
+    // SAFETY: a valid map value; a packet program may still add to its counters, a benign race.
     let flow = unsafe { &mut (*flow).event };
     flow.kind = EventKind::Close as u32;
     flow.time_ns = now_ns();
     emit(flow);
-    if flow.src_port_be != 0 {
-        let _ = TUPLES.remove(&tuple(flow));
-    }
     let _ = FLOWS.remove(&cookie);
-}
-
-/// The flow's tuple from the enforced side.
-#[inline(always)]
-pub fn tuple(event: &FlowEvent) -> FlowTuple {
-    FlowTuple {
-        proto: event.proto,
-        pad: [0; 3],
-        local_port_be: event.src_port_be,
-        remote_port_be: event.dst_port_be,
-        local_addr: event.src_addr,
-        remote_addr: event.dst_addr,
-    }
 }
 
 /// Atomic add: every CPU may count the same flow. core's AtomicU64 has no fetch_add on BPF (no

@@ -34,9 +34,8 @@ use aya_ebpf::{
     },
 };
 use egress_common::{
-    CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowEvent, FlowTuple, PolicyKey,
-    PolicyValue, RELAY_MARK, RULE_AF_XDP, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered,
-    Verdict, map_v4,
+    CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowEvent, PolicyKey, PolicyValue,
+    RELAY_MARK, RULE_AF_XDP, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered, Verdict, map_v4,
 };
 
 use crate::{
@@ -62,16 +61,13 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 const FLOWS_MAX_ENTRIES: u32 = 1 << 16;
 
-#[map(name = "EGRESS_FLOWS_V4")]
+#[map(name = "EGRESS_FLOWS_V5")]
 static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
 /// Sockets whose last call was denied, by cookie: the deny's event, `connects` counting the same
 /// call denied again since (see `events::deny_again`).
 #[map(name = "EGRESS_DENIALS_V1")]
 static DENIALS: LruHashMap<u64, FlowEvent> = LruHashMap::with_max_entries(1 << 14, 0);
-
-#[map(name = "EGRESS_TUPLES_V1")]
-static TUPLES: LruHashMap<FlowTuple, u64> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
 /// Raw, ping and other sockets that are neither TCP nor UDP are rare: a few thousand at once is
 /// plenty, and one the table forgot is judged by both packet hooks, never by none.
@@ -138,8 +134,8 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Judges a connect or sendmsg, reports it, and tracks a permitted connect as a flow (loopback
-/// aside: its packets never reach the TC programs). The event is built in the ring buffer itself:
-/// the 512-byte stack has no room for copies.
+/// aside: it is not egress). The event is built in the ring buffer itself: the 512-byte stack has
+/// no room for copies.
 #[inline(always)]
 fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16]) -> i32 {
     // The relay's own upstream connections were judged when their client connected.
@@ -211,11 +207,6 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     if tracked && events::reconnect(cookie, proto, port_be, &addr, decision.rule_id) {
         return decide::hook_return(decision.verdict);
     }
-    let foreign = || {
-        // SAFETY: the program's own context.
-        let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-        config.is_some_and(|c| c.in_agent_netns(netns) == Some(false))
-    };
     let Some(mut entry) = events::reserve() else {
         // A full ring buffer loses the event (counted), never the decision nor the tracking: the
         // flow's close, or the denial's, still reports the call. Built on the stack here, one
@@ -224,7 +215,6 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
             events::open_flow(
                 cookie,
                 &events::from_task(kind, decision, proto, family, port_be, addr, cookie),
-                foreign(),
             );
         } else if denied {
             events::open_denial(
@@ -243,7 +233,7 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     };
     if tracked {
         // SAFETY: initialised just above.
-        events::open_flow(cookie, unsafe { &*event }, foreign());
+        events::open_flow(cookie, unsafe { &*event });
     } else if denied {
         // SAFETY: initialised just above.
         events::open_denial(cookie, unsafe { &*event });
@@ -279,15 +269,9 @@ fn tc_verdict(passes: bool) -> i32 {
     }
 }
 
-#[classifier]
-pub fn tc_ingress(ctx: TcContext) -> i32 {
-    packet::ingress(ctx.skb.skb, Hook::Tc);
-    packet::TC_PASS
-}
-
 /// Files a steered connection's record for the relay once its source port is known, asks for TCP
 /// state changes of tracked and steered sockets, and at CLOSE reports the flow (by then every
-/// byte it carried has passed the TC programs) and forgets the steering records.
+/// byte it carried has passed the cgroup's packet programs) and forgets the steering records.
 #[sock_ops]
 pub fn tcp_state(ctx: SockOpsContext) -> u32 {
     // SAFETY: the program's own context.
@@ -317,19 +301,18 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
 }
 
 /// Every packet the enforced cgroup's sockets send, in any network namespace: holds the SYN of a
-/// steered connect from a namespace the relay did not serve when it connected, and is the packet
-/// backstop and byte count for sockets outside the agent's namespace (see `packet`).
+/// steered connect from a namespace the relay did not serve when it connected, counts tracked
+/// flows, and is the packet backstop for sockets outside the agent's namespace (see `packet`).
 #[cgroup_skb(egress)]
 pub fn cgroup_egress(ctx: SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
     i32::from(steer::syn_passes(skb) && packet::egress(skb, Hook::Cgroup))
 }
 
-/// Every packet delivered to the enforced cgroup's sockets: counted for tracked flows outside the
-/// agent's namespace.
+/// Every packet delivered to the enforced cgroup's sockets: counted for tracked flows.
 #[cgroup_skb(ingress)]
 pub fn cgroup_ingress(ctx: SkBuffContext) -> i32 {
-    packet::ingress(ctx.skb.skb, Hook::Cgroup);
+    packet::ingress(ctx.skb.skb);
     1
 }
 

@@ -1,22 +1,25 @@
 //! The packet-level backstop and byte accounting.
 //!
-//! Two hooks run it. The TC programs, on the interfaces of the agent's network namespace that
-//! traffic leaves by; and the enforced cgroup's own packet programs (cgroup_skb), which see its
-//! sockets' packets in whatever namespace they are: a pod's or a container's packets leave by
+//! Two hooks run it. The TC egress program, on the interfaces of the agent's network namespace
+//! that traffic leaves by; and the enforced cgroup's own packet programs (cgroup_skb), which see
+//! its sockets' packets in whatever namespace they are: a pod's or a container's packets leave by
 //! interfaces of their own namespace, and cross into the agent's, if at all, without their socket.
-//! Each packet is handled by one of them: TC for the sockets of the agent's namespace (it names
+//! Each packet is judged by one of them: TC for the sockets of the agent's namespace (it names
 //! the interface a packet was dropped on), the cgroup programs for every other.
 //!
 //! Packet sockets (AF_PACKET) send below IP, past the cgroup programs. In the agent's namespace TC
 //! judges them with the rest; in a workload's own namespace TC programs on that namespace's
 //! interfaces judge them alone (`frames`).
 //!
-//! Egress: packets of sockets in the enforced cgroup. A tracked flow's packets are counted. TCP and
-//! UDP sockets were judged by the socket hooks (or accepted an inbound connection), so the rest of
-//! their packets pass. Every other IP packet of an enforced socket (raw sockets, ping sockets, …)
-//! is judged here by the same policy map: denied ones are dropped and evented. A packet socket's
-//! frame is judged by what it carries, not by the protocol the socket labelled it with.
-//! Ingress: packets of tracked flows are counted; nothing is judged.
+//! Egress: packets of sockets in the enforced cgroup. TCP and UDP sockets were judged by the
+//! socket hooks (or accepted an inbound connection), so the rest of their packets pass. Every
+//! other IP packet of an enforced socket (raw sockets, ping sockets, …) is judged here by the
+//! same policy map: denied ones are dropped and evented. A packet socket's frame is judged by
+//! what it carries, not by the protocol the socket labelled it with.
+//!
+//! Bytes: the cgroup programs count every tracked flow's packets, both ways, in every namespace.
+//! They run for the enforced cgroup's sockets only, and find the flow by the packet's socket; TC
+//! would run for every packet of the host and, on ingress, find the flow by its addresses.
 use aya_ebpf::{
     bindings::{
         __sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC,
@@ -28,10 +31,10 @@ use aya_ebpf::{
         bpf_skb_load_bytes_relative,
     },
 };
-use egress_common::{ARPHRD_ETHER, EventKind, FlowEvent, FlowTuple, Verdict, map_v4};
+use egress_common::{ARPHRD_ETHER, EventKind, FlowEvent, Verdict, map_v4};
 
 use crate::{
-    CONFIG, FLOWS, HOME_SOCKETS, LINKS, TUPLES, decide,
+    CONFIG, FLOWS, HOME_SOCKETS, LINKS, decide,
     events::{self, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -136,31 +139,26 @@ pub fn egress(skb: *mut __sk_buff, hook: Hook) -> bool {
     }
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-    if let Some(flow) = FLOWS.get_ptr_mut(&cookie) {
-        // SAFETY: a valid map value; `foreign` was written when the flow was opened.
-        if owns_flow(hook, unsafe { (*flow).foreign }) {
-            let mut pkt = Packet::default();
-            if parse(skb, &mut pkt, hook).is_some() {
-                // SAFETY: a valid map value; counters are added atomically as every CPU may write
-                // them.
-                unsafe {
-                    let fresh = fresh_bytes(
-                        &pkt,
-                        &raw mut (*flow).next_seq_out,
-                        &raw mut (*flow).seq_out_known,
-                    );
-                    let event = &raw mut (*flow).event;
-                    events::add(&raw mut (*event).bytes_out, fresh);
-                    events::add(&raw mut (*event).packets_out, pkt.segments);
-                    if (*event).src_port_be == 0 {
-                        (*event).src_port_be = pkt.src_port_be;
-                        (*event).src_addr = pkt.src;
-                        // TC ingress finds the flow by its addresses; the cgroup program by the
-                        // socket the packet is delivered to.
-                        if hook == Hook::Tc {
-                            let _ = TUPLES.insert(&events::tuple(&*event), &cookie, 0);
-                        }
-                    }
+    if hook == Hook::Cgroup
+        && let Some(flow) = FLOWS.get_ptr_mut(&cookie)
+    {
+        // A tracked flow's socket is TCP or UDP: counted, and passes.
+        let mut pkt = Packet::default();
+        if parse(skb, &mut pkt, hook).is_some() {
+            // SAFETY: a valid map value; counters are added atomically as every CPU may write
+            // them.
+            unsafe {
+                let fresh = fresh_bytes(
+                    &pkt,
+                    &raw mut (*flow).next_seq_out,
+                    &raw mut (*flow).seq_out_known,
+                );
+                let event = &raw mut (*flow).event;
+                events::add(&raw mut (*event).bytes_out, fresh);
+                events::add(&raw mut (*event).packets_out, pkt.segments);
+                if (*event).src_port_be == 0 {
+                    (*event).src_port_be = pkt.src_port_be;
+                    (*event).src_addr = pkt.src;
                 }
             }
         }
@@ -283,45 +281,19 @@ fn permits(skb: *mut __sk_buff, pkt: &Packet, cookie: u64, ifindex: u32) -> bool
     false
 }
 
-/// Counts an incoming packet of a tracked flow, in the hook that owns the flow.
+/// Counts a packet delivered to a tracked flow's socket (the cgroup's ingress program).
 #[inline(always)]
-pub fn ingress(skb: *mut __sk_buff, hook: Hook) {
+pub fn ingress(skb: *mut __sk_buff) {
+    if on_loopback(skb) {
+        return;
+    }
+    // SAFETY: the program's own context; the receiving socket is the packet's here.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
     let mut pkt = Packet::default();
-    match hook {
-        Hook::Tc => {
-            if parse(skb, &mut pkt, hook).is_none() {
-                return;
-            }
-            let tuple = FlowTuple {
-                proto: pkt.proto,
-                pad: [0; 3],
-                local_port_be: pkt.dst_port_be,
-                remote_port_be: pkt.src_port_be,
-                local_addr: pkt.dst,
-                remote_addr: pkt.src,
-            };
-            // Only TC egress files tuples, for the flows it counts.
-            // SAFETY: map values are valid while the program runs.
-            if let Some(&cookie) = unsafe { TUPLES.get(&tuple) }
-                && let Some(flow) = FLOWS.get_ptr_mut(&cookie)
-            {
-                count_in(flow, &pkt);
-            }
-        }
-        Hook::Cgroup => {
-            if on_loopback(skb) {
-                return;
-            }
-            // SAFETY: the program's own context; the receiving socket is the packet's here.
-            let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-            // SAFETY: a valid map value; `foreign` was written when the flow was opened.
-            if let Some(flow) = FLOWS.get_ptr_mut(&cookie)
-                && owns_flow(hook, unsafe { (*flow).foreign })
-                && parse(skb, &mut pkt, hook).is_some()
-            {
-                count_in(flow, &pkt);
-            }
-        }
+    if let Some(flow) = FLOWS.get_ptr_mut(&cookie)
+        && parse(skb, &mut pkt, Hook::Cgroup).is_some()
+    {
+        count_in(flow, &pkt);
     }
 }
 
@@ -339,13 +311,6 @@ fn on_loopback(skb: *mut __sk_buff) -> bool {
 pub fn tcp_or_udp(sock_type: u32, proto: u32) -> bool {
     (sock_type == SOCK_STREAM && proto == IPPROTO_TCP as u32)
         || (sock_type == SOCK_DGRAM && proto == IPPROTO_UDP as u32)
-}
-
-/// Whether `hook` counts a flow's packets: TC those of the agent's namespace, the cgroup program
-/// the others' (`foreign`), so each packet is counted once.
-#[inline(always)]
-fn owns_flow(hook: Hook, foreign: u8) -> bool {
-    (foreign != 0) == (hook == Hook::Cgroup)
 }
 
 #[inline(always)]

@@ -163,8 +163,9 @@ impl World {
         sh(&full);
     }
 
-    /// Drops every `every`-th data-carrying TCP packet to and from `port` after the host's TC programs have
-    /// seen it (netfilter input, on each side of the veth), so the sender has to retransmit it.
+    /// Drops every `every`-th data-carrying TCP packet to and from `port` at netfilter input, on
+    /// each side of the veth: an outgoing one after the host's programs saw it leave, so the
+    /// sender has to retransmit it.
     /// Undone when the guard is dropped.
     pub fn lossy(&self, port: u16, every: u32) -> Lossy {
         let table = format!("egress_lossy_{}", self.veth_host);

@@ -479,7 +479,8 @@ async fn a_flow_ends_with_its_byte_totals() {
         .await
         .expect("agent starts");
     const N: usize = 3 << 20;
-    // Lose segments both ways after TC saw them: the retransmissions must not count again.
+    // Lose segments both ways, outgoing ones after they were counted: their retransmissions must
+    // not count again.
     let loss = w.lossy(9000, 8);
     for ip in [w.v4(10), w.v6(10)] {
         let dst = at(ip, 9000);

@@ -48,10 +48,8 @@ const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
 ];
 /// The cgroup_sockopt program (setsockopt).
 const SOCKOPT_PROGRAM: &str = "setsockopt";
-const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
-    ("tc_egress", TcAttachType::Egress),
-    ("tc_ingress", TcAttachType::Ingress),
-];
+/// TC egress in the agent's namespace, the packet backstop (the cgroup's programs count bytes).
+const TC_PROGRAM: &str = "tc_egress";
 /// TC egress in a workload's own namespace, on Ethernet interfaces and on the others.
 const NETNS_TC_ETHER: &str = "tc_netns_ether";
 const NETNS_TC_BARE: &str = "tc_netns_bare";
@@ -209,11 +207,7 @@ impl Datapath {
         program::<CgroupSockopt>(&mut ebpf, SOCKOPT_PROGRAM)?
             .load()
             .map_err(loading(SOCKOPT_PROGRAM))?;
-        for name in TC_PROGRAMS
-            .map(|(name, _)| name)
-            .into_iter()
-            .chain([NETNS_TC_ETHER, NETNS_TC_BARE])
-        {
+        for name in [TC_PROGRAM, NETNS_TC_ETHER, NETNS_TC_BARE] {
             program::<SchedClassifier>(&mut ebpf, name)?
                 .load()
                 .map_err(loading(name))?;
@@ -303,9 +297,7 @@ impl Datapath {
         if self.has_iface(iface) {
             return Ok(());
         }
-        for (name, direction) in TC_PROGRAMS {
-            self.attach_tc(name, iface, direction)?;
-        }
+        self.attach_tc(TC_PROGRAM, iface)?;
         if let Ok(index) = nix::net::if_::if_nametoindex(iface) {
             self.ifaces.insert(index);
             // Unknown, the programs judge a packet socket's frames by their IP version alone.
@@ -359,7 +351,7 @@ impl Datapath {
                     continue;
                 }
             };
-            match self.attach_tc(name, &iface, TcAttachType::Egress) {
+            match self.attach_tc(name, &iface) {
                 Ok(link) => {
                     links.insert(index, (name, link));
                     attached.push(iface);
@@ -393,7 +385,6 @@ impl Datapath {
         &mut self,
         name: &'static str,
         iface: &str,
-        direction: TcAttachType,
     ) -> Result<SchedClassifierLinkId, DatapathError> {
         if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
             match tc::qdisc_add_clsact(iface) {
@@ -408,7 +399,7 @@ impl Datapath {
             }
         }
         program::<SchedClassifier>(&mut self.ebpf, name)?
-            .attach(iface, direction)
+            .attach(iface, TcAttachType::Egress)
             .map_err(|source| DatapathError::Attach {
                 name,
                 target: format!("interface {iface}"),
