@@ -167,8 +167,7 @@ fn attach_found(datapath: &datapath::Shared, patterns: Option<&[String]>) -> any
 async fn start_relay(
     cfg: &AgentConfig,
     datapath: &datapath::Shared,
-    peers: relay::Peers,
-    relay_netns: relay::netns::NetnsMaps,
+    maps: relay::RelayMaps,
     catalog: &watch::Sender<Arc<Catalog>>,
     pipeline: &Pipeline,
     status: &Arc<Status>,
@@ -179,8 +178,7 @@ async fn start_relay(
         listeners,
         cfg.relay,
         datapath.clone(),
-        peers,
-        relay_netns,
+        maps,
         cfg.cgroup.clone(),
         catalog.subscribe(),
         pipeline.records(),
@@ -222,8 +220,7 @@ impl Agent {
             mut maps,
             counters,
             events,
-            peers,
-            relay_netns,
+            relay: relay_maps,
         } = Datapath::load(cfg.ring_bytes).context("loading the eBPF programs")?;
         let (catalog, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
         sync(&plan, &table, &resolver, &mut maps, &catalog, &status)?;
@@ -260,23 +257,14 @@ impl Agent {
         // The relay listens before anything is attached: the first steered connect finds it. It
         // puts the TC programs in the workloads' namespaces it serves.
         let datapath = datapath::Shared::new(datapath);
-        let relay = match start_relay(
-            &cfg,
-            &datapath,
-            peers,
-            relay_netns,
-            &catalog,
-            &pipeline,
-            &status,
-        )
-        .await
-        {
-            Ok(relay) => relay,
-            Err(e) => {
-                pipeline.stop().await;
-                return Err(e);
-            }
-        };
+        let relay =
+            match start_relay(&cfg, &datapath, relay_maps, &catalog, &pipeline, &status).await {
+                Ok(relay) => relay,
+                Err(e) => {
+                    pipeline.stop().await;
+                    return Err(e);
+                }
+            };
         let relay_port = relay.port;
         let attached = async {
             maps.set_relay_port(relay_port)

@@ -28,10 +28,12 @@ pub const RELAY_NETNS_MAP: &str = "EGRESS_RELAY_NETNS_V1";
 /// relay to serve at once rather than at its next scan. A hint: one lost to a full ring is
 /// found by that scan.
 pub const RELAY_WANTED_MAP: &str = "EGRESS_RELAY_WANTED_V1";
-/// Socket mark of the relay's own upstream connections: the hooks pass them as they are, or a
-/// relay enforcing on its own cgroup would steer its upstream calls back to itself. Setting a mark
-/// takes CAP_NET_ADMIN, which could detach the programs anyway.
-pub const RELAY_MARK: u32 = 0x6567_7273;
+/// Name of the LRU hash of the relay's own upstream sockets: socket cookie → 0, written by the
+/// relay before it connects. A steered destination's connect from one of them is let through as
+/// it is: it continues a connection judged when its client connected, and steering it would
+/// bring it back to the relay when the relay runs in the cgroup it enforces. Only the agent can
+/// write the map, where a socket option (a firewall mark, say) would be anyone's to set.
+pub const RELAY_SOCKETS_MAP: &str = "EGRESS_RELAY_SOCKETS_V1";
 
 /// Name of the LRU hash of the enforced cgroup's sockets that are neither TCP nor UDP (raw, ping,
 /// …) and were made in the agent's own network namespace: socket cookie → 0. Their packets leave

@@ -18,15 +18,22 @@ pub struct Decision {
 #[inline(always)]
 pub fn judge(proto: u8, port_be: u16, addr: [u8; 16]) -> Decision {
     let decision = lookup(proto, port_be, addr);
-    if let Some(slot) = COUNTERS.get_ptr_mut(decision.verdict as u32) {
-        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
-        unsafe { *slot += 1 };
-    }
+    count(decision.verdict);
     decision
 }
 
+/// Counts a decision with verdict `verdict`.
 #[inline(always)]
-fn lookup(proto: u8, port_be: u16, addr: [u8; 16]) -> Decision {
+pub fn count(verdict: Verdict) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(verdict as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Decision for a destination, not counted.
+#[inline(always)]
+pub fn lookup(proto: u8, port_be: u16, addr: [u8; 16]) -> Decision {
     if is_local(&addr) {
         return Decision {
             verdict: Verdict::Allow,

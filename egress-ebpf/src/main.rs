@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowEvent, PolicyKey, PolicyValue,
-    RELAY_MARK, RULE_AF_XDP, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered, Verdict, map_v4,
+    RULE_AF_XDP, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered, Verdict, map_v4,
 };
 
 use crate::{
@@ -85,6 +85,9 @@ static STEERED: LruHashMap<u64, Steered> = LruHashMap::with_max_entries(FLOWS_MA
 #[map(name = "EGRESS_RELAY_PEERS_V3")]
 static RELAY_PEERS: LruHashMap<RelayPeer, Steered> =
     LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
+#[map(name = "EGRESS_RELAY_SOCKETS_V1")]
+static RELAY_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
 const RELAY_NETNS_MAX_ENTRIES: u32 = 1 << 14;
 
@@ -138,15 +141,20 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 /// no room for copies.
 #[inline(always)]
 fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16]) -> i32 {
-    // The relay's own upstream connections were judged when their client connected.
-    // SAFETY: the program's own context; `sk` is a full socket in sock_addr programs.
-    if unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark } == RELAY_MARK {
-        return 1;
-    }
     let (proto, port_be) = (ctx.proto(), ctx.port_be());
-    let mut decision = decide::judge(proto, port_be, addr);
+    let mut decision = decide::lookup(proto, port_be, addr);
     // SAFETY: the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // The relay's own upstream connect, when the relay runs in the cgroup it enforces: it
+    // continues a connection judged when its client connected, and the relay reports it.
+    if matches!(decision.verdict, Verdict::Steer)
+        && matches!(kind, EventKind::Connect)
+        // SAFETY: a valid map value, only tested.
+        && unsafe { RELAY_SOCKETS.get(&cookie) }.is_some()
+    {
+        return 1;
+    }
+    decide::count(decision.verdict);
     let config = CONFIG.get(0);
     if matches!(decision.verdict, Verdict::Steer) {
         // Only a TCP connect can be steered (the compiler never steers UDP). Without a relay, or

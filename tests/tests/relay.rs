@@ -402,6 +402,86 @@ async fn a_direct_dial_of_the_relay_is_refused() {
     a.shutdown().await;
 }
 
+#[test]
+fn a_relay_in_the_cgroup_it_enforces_connects_upstream_unsteered() {
+    use std::io::BufRead as _;
+    let f = fixture("inside");
+    let cg = TestCgroup::new("relay-inside");
+    let log = log_path("relay-inside");
+    let policies = egress_tests::policy_dir(POLICY);
+    let dns = f.w.dns_addr().to_string();
+    // `egress run` itself in the cgroup it enforces: its upstream connects to the steered
+    // destination would be steered back to it, were they not its own.
+    let mut agent = cg
+        .command(target_bin("egress"))
+        .args(["run", "--cgroup"])
+        .arg(&cg.path)
+        .arg("--policies")
+        .arg(&policies)
+        .args([
+            "--dns",
+            &dns,
+            "--mode",
+            "registry-only",
+            "--iface",
+            f.w.iface(),
+        ])
+        .arg("--events")
+        .arg(&log)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start egress run");
+    let stderr = agent.stderr.take().expect("stderr");
+    let (ready, readied) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("ready:") {
+                let _ = ready.send(());
+            }
+        }
+    });
+    readied
+        .recv_timeout(Duration::from_secs(30))
+        .expect("egress run became ready");
+    tls_test_through_relay(&f, cg.command("curl"), &log, f.w.v4(20), &f.tls4, &[]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(agent.wait().expect("egress run ends").success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_mark_takes_no_one_past_the_hooks() {
+    let f = fixture("mark");
+    let cg = TestCgroup::new("relay-mark");
+    let log = log_path("relay-mark");
+    let a = agent(&f, &cg, &log).await;
+    let (denied, steered) = (at(f.w.v4(99), 443), at(f.w.v4(20), 443));
+    // Any mark a workload with CAP_NET_ADMIN may set, the one the relay's own connections once
+    // carried among them.
+    for mark in ["0x65677273", "0x4000", "1"] {
+        let got = probe_in(Some(&cg.path), &["tcp-mark", &denied, mark]);
+        assert_eq!(got, "denied", "{denied} with mark {mark}");
+        // Steered to the relay, which waits for a ClientHello in vain: never the server itself.
+        let got = probe_in(Some(&cg.path), &["tcp-mark", &steered, mark]);
+        assert_eq!(
+            got, "error:closed before the greeting",
+            "{steered} with mark {mark}"
+        );
+    }
+    assert_eq!(
+        f.tls4.accepted(),
+        0,
+        "a marked socket reached the server directly"
+    );
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_hello_split_byte_by_byte_is_relayed() {
     let f = fixture("split");

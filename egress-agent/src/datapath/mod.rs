@@ -21,12 +21,13 @@ use aya::{
     util::KernelVersion,
 };
 use egress_common::{
-    ARPHRD_ETHER, EVENTS_MAP, LINKS_MAP, RELAY_NETNS_MAP, RELAY_PEERS_MAP, RELAY_WANTED_MAP,
+    ARPHRD_ETHER, EVENTS_MAP, LINKS_MAP, RELAY_NETNS_MAP, RELAY_PEERS_MAP, RELAY_SOCKETS_MAP,
+    RELAY_WANTED_MAP,
 };
 
 use crate::{
     maps::{self, Counters, KernelMaps, MapsError},
-    relay::{Peers, netns::NetnsMaps},
+    relay::{RelayMaps, netns::NetnsMaps},
 };
 
 /// The cgroup sock_addr programs, by their function names in egress-ebpf.
@@ -147,10 +148,8 @@ pub struct Loaded {
     pub maps: KernelMaps,
     pub counters: Counters,
     pub events: RingBuf<MapData>,
-    /// The relay's view of steered connections.
-    pub peers: Peers,
-    /// Where the relay listens, by network namespace, and where it is wanted.
-    pub relay_netns: NetnsMaps,
+    /// The relay's: steered connections, its own sockets, the namespaces it serves.
+    pub relay: RelayMaps,
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
@@ -216,10 +215,13 @@ impl Datapath {
         let maps = KernelMaps::take(&mut ebpf)?;
         let counters = Counters::take(&mut ebpf)?;
         let events = maps::open(&mut ebpf, EVENTS_MAP)?;
-        let peers = maps::open(&mut ebpf, RELAY_PEERS_MAP)?;
-        let relay_netns = NetnsMaps {
-            served: maps::open(&mut ebpf, RELAY_NETNS_MAP)?,
-            wanted: maps::open(&mut ebpf, RELAY_WANTED_MAP)?,
+        let relay = RelayMaps {
+            peers: maps::open(&mut ebpf, RELAY_PEERS_MAP)?,
+            own_sockets: maps::open(&mut ebpf, RELAY_SOCKETS_MAP)?,
+            netns: NetnsMaps {
+                served: maps::open(&mut ebpf, RELAY_NETNS_MAP)?,
+                wanted: maps::open(&mut ebpf, RELAY_WANTED_MAP)?,
+            },
         };
         Ok(Loaded {
             datapath: Self {
@@ -231,8 +233,7 @@ impl Datapath {
             maps,
             counters,
             events,
-            peers,
-            relay_netns,
+            relay,
         })
     }
 

@@ -25,7 +25,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use egress_common::{RELAY_MARK, RelayPeer, Steered};
+use egress_common::{RelayPeer, Steered};
 use jiff::Timestamp;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
@@ -87,6 +87,49 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 /// The kernel's records of steered connections, by the client's end.
 pub type Peers = BpfHashMap<MapData, RelayPeer, Steered>;
 
+/// The relay's own upstream sockets, by cookie (see `egress_common::RELAY_SOCKETS_MAP`).
+pub type OwnSockets = BpfHashMap<MapData, u64, u8>;
+
+/// The kernel's maps the relay works with.
+pub struct RelayMaps {
+    pub peers: Peers,
+    pub own_sockets: OwnSockets,
+    /// Where the relay listens, by network namespace, and where it is wanted.
+    pub netns: NetnsMaps,
+}
+
+/// Tells the kernel which upstream sockets are the relay's own.
+struct Own(Mutex<OwnSockets>);
+
+impl Own {
+    /// Makes `socket` the relay's own before it connects: the connect hook lets it through to
+    /// the steered destination instead of steering it back to the relay.
+    fn admit(&self, socket: &TcpSocket) -> io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let mut cookie: u64 = 0;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        // SAFETY: a valid socket, and a u64 buffer with its length, as SO_COOKIE fills.
+        let got = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&raw mut cookie).cast(),
+                &raw mut len,
+            )
+        };
+        if got != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // An LRU: the oldest entries, of sockets long connected, make room.
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cookie, 0, 0)
+            .map_err(io::Error::other)
+    }
+}
+
 /// The running relay. Dropping it does not stop it: call [`Relay::stop`].
 pub struct Relay {
     pub port: u16,
@@ -98,6 +141,7 @@ struct Shared {
     /// CPUs the agent may run on.
     cpus: i64,
     peers: Peers,
+    own: Arc<Own>,
     catalog: watch::Receiver<Arc<Catalog>>,
     records: mpsc::Sender<Record>,
     cgroups: Arc<Mutex<CgroupNames>>,
@@ -130,8 +174,9 @@ impl Listener {
 #[derive(Clone)]
 struct Leave {
     netns: Arc<Netns>,
+    own: Arc<Own>,
     bound_if: u32,
-    /// Send the handshake's last ACK with the relay's first bytes (see `connect_marked`).
+    /// Send the handshake's last ACK with the relay's first bytes (see `connect_own`).
     ack_with_data: bool,
 }
 
@@ -197,14 +242,18 @@ impl Relay {
         listeners: Vec<TcpListener>,
         config: RelayConfig,
         datapath: datapath::Shared,
-        peers: Peers,
-        mut netns: NetnsMaps,
+        maps: RelayMaps,
         cgroup: PathBuf,
         catalog: watch::Receiver<Arc<Catalog>>,
         records: mpsc::Sender<Record>,
         cgroups: Arc<Mutex<CgroupNames>>,
         status: Arc<Status>,
     ) -> io::Result<Relay> {
+        let RelayMaps {
+            peers,
+            own_sockets,
+            mut netns,
+        } = maps;
         let first = listeners
             .first()
             .ok_or_else(|| io::Error::other("the relay has no listener"))?;
@@ -218,6 +267,7 @@ impl Relay {
             config,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as i64),
             peers,
+            own: Arc::new(Own(Mutex::new(own_sockets))),
             catalog,
             records,
             cgroups,
@@ -691,6 +741,7 @@ async fn handle(
     let dst = dst_of(&steered);
     let leave = Leave {
         netns,
+        own: Arc::clone(&shared.own),
         bound_if: steered.bound_if,
         // Only when more connections are open than there are CPUs: then they are busy and a
         // packet and a wakeup fewer is throughput. On an idle machine the upstream's wakeup by
@@ -890,13 +941,11 @@ async fn connect(
     let mut last = String::new();
     loop {
         match attempts.next().await {
-            Next::Try { target, limit } => {
-                match within(limit, connect_marked(target, leave)).await {
-                    Some(Ok(stream)) => return Ok((stream, target, attempts.made)),
-                    Some(Err(e)) => last = format!("{target}: {e}"),
-                    None => last = format!("{target}: connect timed out"),
-                }
-            }
+            Next::Try { target, limit } => match within(limit, connect_own(target, leave)).await {
+                Some(Ok(stream)) => return Ok((stream, target, attempts.made)),
+                Some(Err(e)) => last = format!("{target}: {e}"),
+                None => last = format!("{target}: connect timed out"),
+            },
             Next::TimedOut => {
                 return Err((attempts.made, format!("route timeout reached; {last}")));
             }
@@ -911,12 +960,12 @@ async fn connect(
 /// A connect the kernel hooks let through as it is: the connection it continues was judged when
 /// the client connected. Made in the client's network namespace, and bound to the interface the
 /// client's socket was bound to until the kernel steered it, if any.
-async fn connect_marked(target: SocketAddr, leave: &Leave) -> io::Result<TcpStream> {
+async fn connect_own(target: SocketAddr, leave: &Leave) -> io::Result<TcpStream> {
     let socket = leave.netns.within(|| match target {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     })?;
-    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &RELAY_MARK)?;
+    leave.own.admit(&socket)?;
     if leave.bound_if != 0 {
         set_int(
             &socket,

@@ -36,7 +36,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::{Activity, Attempts, Leave, Next, Shared, connect_marked, refuse, within};
+use super::{Activity, Attempts, Leave, Next, Shared, connect_own, refuse, within};
 use crate::{
     events::{Catalog, Record},
     policy::compile::Origination,
@@ -147,7 +147,7 @@ struct Stats {
 struct State {
     dst: SocketAddr,
     rule_id: u32,
-    /// Where upstream connections leave from (see `connect_marked`).
+    /// Where upstream connections leave from (see `connect_own`).
     leave: Leave,
     origin: Origination,
     /// The policy as it was when the connection arrived.
@@ -374,7 +374,7 @@ impl State {
         target: SocketAddr,
         name: ServerName<'static>,
     ) -> Result<SendRequest<Body>, Failure> {
-        let tcp = timeout(self.connect_timeout, connect_marked(target, &self.leave))
+        let tcp = timeout(self.connect_timeout, connect_own(target, &self.leave))
             .await
             .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
             .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;

@@ -3,6 +3,8 @@
 //! below the socket as it was sent), or `error:<detail>`.
 //!
 //!   egress-probe tcp ADDR:PORT            connect, read the server's greeting
+//!   egress-probe tcp-mark ADDR:PORT MARK  as `tcp`, from a socket with firewall mark MARK
+//!                                         (decimal or 0x hex)
 //!   egress-probe redial ADDR:PORT THEN:PORT   connect to ADDR and reset that connection, then
 //!                                         connect to THEN from the same port, as `tcp`;
 //!                                         prints `PORT WORD`
@@ -85,6 +87,27 @@ fn greeting(mut s: TcpStream) -> String {
         Ok(_) => "ok".into(),
         Err(e) => word(&e),
     }
+}
+
+/// As `tcp`, from a socket carrying firewall mark `mark` (SO_MARK).
+fn tcp_mark(addr: SocketAddr, mark: u32) -> String {
+    use nix::sys::socket::{self, sockopt};
+    let run = || -> io::Result<String> {
+        let family = match addr {
+            SocketAddr::V4(_) => socket::AddressFamily::Inet,
+            SocketAddr::V6(_) => socket::AddressFamily::Inet6,
+        };
+        let fd = socket::socket(
+            family,
+            socket::SockType::Stream,
+            socket::SockFlag::empty(),
+            None,
+        )?;
+        socket::setsockopt(&fd, sockopt::Mark, &mark)?;
+        socket::connect(fd.as_raw_fd(), &socket::SockaddrStorage::from(addr))?;
+        Ok(greeting(TcpStream::from(fd)))
+    };
+    run().unwrap_or_else(|e| word(&e))
 }
 
 /// Connects to `addr`, resets that connection (so its port is free at once, no TIME_WAIT), then
@@ -918,6 +941,10 @@ fn run(args: &[String]) -> ExitCode {
     let out = match (args.first().map(String::as_str), addr(1)) {
         (Some("tcp"), Some(a)) => tcp(a),
         (Some("tcp-hold"), Some(a)) => tcp_hold(a),
+        (Some("tcp-mark"), Some(a)) if args.len() == 3 => match parse_u32(&args[2]) {
+            Some(mark) => tcp_mark(a, mark),
+            None => return usage(),
+        },
         (Some("redial"), Some(a)) if args.len() == 3 => match args[2].parse() {
             Ok(then) => redial(a, then),
             Err(_) => return usage(),
@@ -1001,10 +1028,19 @@ fn run(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// A decimal or `0x` hexadecimal u32.
+fn parse_u32(s: &str) -> Option<u32> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
 fn usage() -> ExitCode {
     eprintln!(
         "usage: egress-probe [--netns|--thread-netns PATH] MODE, MODE one of: \
-         tcp|tcp-hold|udp|udp-sendto ADDR:PORT | redial ADDR:PORT THEN:PORT | \
+         tcp|tcp-hold|udp|udp-sendto ADDR:PORT | tcp-mark ADDR:PORT MARK | \
+         redial ADDR:PORT THEN:PORT | \
          dns SERVER:PORT NAME | \
          bench-connect ADDR:PORT N | ping ADDR | frame-ping IFACE SRC4 DST4 ip|arp [VLAN] | sockopts | transfer ADDR:PORT N | \
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
