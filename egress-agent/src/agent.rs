@@ -311,6 +311,14 @@ impl Agent {
                 return Err(e);
             }
         };
+        // Enforcing now: what an agent that died left on the cgroup can go.
+        let stale = datapath.release_stale();
+        if stale > 0 {
+            log::warn!(
+                "took over {}: detached {stale} link(s) an agent that did not stop cleanly left",
+                cfg.cgroup.display()
+            );
+        }
         let summary = format!(
             "enforcing {} ({}) on {}: {} rule(s), {} map entries, resolvers {:?}, TC on [{}], \
              relay on port {relay_port}, flow log {}",

@@ -909,6 +909,32 @@ pub fn policy_dir(yaml: &str) -> PathBuf {
 }
 
 /// A workspace binary built beside this test (`cargo xtask test` builds them first).
+/// Starts `egress run` as `cmd` (the binary, its arguments, maybe a cgroup to run in) and returns
+/// once it says it is ready. Its log is discarded after that.
+pub fn egress_run(mut cmd: Command) -> Child {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start egress run");
+    let stderr = child.stderr.take().expect("stderr");
+    let (said, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = said.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut log = Vec::new();
+    loop {
+        match heard.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains("ready:") => return child,
+            Ok(line) => log.push(line),
+            Err(e) => panic!("egress run did not become ready ({e}):\n{}", log.join("\n")),
+        }
+    }
+}
+
 pub fn target_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> or target/<profile>/<bin> → target/<profile>/<name>

@@ -2,7 +2,7 @@
 //! read files only. DNS, where asked at all, goes to loopback or to the test's own world.
 use std::{path::Path, process::Command};
 
-use egress_tests::{World, policy_dir, target_bin};
+use egress_tests::{TestCgroup, World, egress_run, policy_dir, target_bin};
 
 fn egress(args: &[&str]) -> (i32, String) {
     let out = Command::new(target_bin("egress"))
@@ -201,6 +201,89 @@ fn exec_exit_statuses_and_enforcement() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("egress-exec-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over() {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut w = World::new();
+    w.host(10);
+    w.tcp_server(std::net::SocketAddr::new(w.v4(10), 443));
+    w.start_dns(&[], 60);
+    let dir = policy_dir(STATIC_DB);
+    let cg = TestCgroup::new("cli-pinned");
+    let dns = w.dns_addr().to_string();
+    let run = || {
+        let mut cmd = Command::new(target_bin("egress"));
+        cmd.args(["run", "--cgroup"])
+            .arg(&cg.path)
+            .arg("--policies")
+            .arg(&dir)
+            .args([
+                "--dns",
+                &dns,
+                "--mode",
+                "registry-only",
+                "--iface",
+                w.iface(),
+            ])
+            .arg("--events")
+            .arg(std::env::temp_dir().join(format!("egress-cli-pinned-{}.jsonl", w.name)));
+        egress_run(cmd)
+    };
+    let signal = |child: &std::process::Child, signal| {
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal egress run");
+    };
+    // Where the links are pinned: the cgroup's path under the cgroup2 mount, and its id.
+    let mount = egress_agent::datapath::cgroup::cgroup2_mount().expect("cgroup2 mount");
+    let rel = cg.path.strip_prefix(&mount).expect("under the mount");
+    let ino = std::fs::metadata(&cg.path).expect("cgroup").ino();
+    let pins = Path::new("/sys/fs/bpf/egress").join(format!(
+        "{}@{ino}",
+        rel.to_string_lossy()
+            .replace('/', "%2F")
+            .replace('.', "%2E")
+    ));
+    let pinned = || -> Vec<String> {
+        std::fs::read_dir(&pins)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let dest = format!("{}:443", w.v4(10));
+
+    let mut first = run();
+    assert_eq!(cg.probe(&["tcp", &dest]), "denied");
+    // The cgroup's 12 programs and the TC program on the world's interface.
+    assert_eq!(pinned().len(), 13, "{:?}", pinned());
+    signal(&first, nix::sys::signal::Signal::SIGKILL);
+    first.wait().expect("reap");
+    assert_eq!(
+        cg.probe(&["tcp", &dest]),
+        "denied",
+        "the policy in force stays when the agent dies"
+    );
+
+    let mut second = run();
+    assert_eq!(cg.probe(&["tcp", &dest]), "denied");
+    let mine = format!("{}-", second.id());
+    let left = pinned();
+    assert!(
+        left.len() == 13 && left.iter().all(|p| p.starts_with(&mine)),
+        "the dead agent's links are gone, the new one's pinned: {left:?}"
+    );
+    signal(&second, nix::sys::signal::Signal::SIGTERM);
+    assert!(second.wait().expect("reap").success());
+    assert!(!pins.exists(), "a clean stop leaves nothing pinned");
+    assert_eq!(
+        cg.probe(&["tcp", &dest]),
+        "ok",
+        "a clean stop detaches everything"
+    );
 }
 
 /// A flow log as the agent writes it (two rotations' worth: FILE.1 holds the older lines).

@@ -16,7 +16,8 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    HeldProbe, TestCgroup, World, at, log_path, probe_in, probe_with_pid, records, target_bin,
+    HeldProbe, TestCgroup, World, at, egress_run, log_path, probe_in, probe_with_pid, records,
+    target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -404,7 +405,6 @@ async fn a_direct_dial_of_the_relay_is_refused() {
 
 #[test]
 fn a_relay_in_the_cgroup_it_enforces_connects_upstream_unsteered() {
-    use std::io::BufRead as _;
     let f = fixture("inside");
     let cg = TestCgroup::new("relay-inside");
     let log = log_path("relay-inside");
@@ -412,9 +412,8 @@ fn a_relay_in_the_cgroup_it_enforces_connects_upstream_unsteered() {
     let dns = f.w.dns_addr().to_string();
     // `egress run` itself in the cgroup it enforces: its upstream connects to the steered
     // destination would be steered back to it, were they not its own.
-    let mut agent = cg
-        .command(target_bin("egress"))
-        .args(["run", "--cgroup"])
+    let mut run = cg.command(target_bin("egress"));
+    run.args(["run", "--cgroup"])
         .arg(&cg.path)
         .arg("--policies")
         .arg(&policies)
@@ -427,25 +426,8 @@ fn a_relay_in_the_cgroup_it_enforces_connects_upstream_unsteered() {
             f.w.iface(),
         ])
         .arg("--events")
-        .arg(&log)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start egress run");
-    let stderr = agent.stderr.take().expect("stderr");
-    let (ready, readied) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("ready:") {
-                let _ = ready.send(());
-            }
-        }
-    });
-    readied
-        .recv_timeout(Duration::from_secs(30))
-        .expect("egress run became ready");
+        .arg(&log);
+    let mut agent = egress_run(run);
     tls_test_through_relay(&f, cg.command("curl"), &log, f.w.v4(20), &f.tls4, &[]);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.id() as i32),

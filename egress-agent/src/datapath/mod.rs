@@ -2,6 +2,7 @@
 //! cgroup, the TC programs to the interfaces traffic leaves by.
 pub mod cgroup;
 pub mod iface;
+mod pins;
 
 use std::{
     collections::HashMap,
@@ -96,15 +97,25 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("pinning the link of `{name}`")]
+    Pin {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the programs were detached")]
     Detached,
     #[error(transparent)]
     Maps(#[from] MapsError),
 }
 
-/// The loaded programs. Dropping it detaches every program it attached.
+/// The loaded programs. Dropping it detaches the programs in workloads' namespaces; those on the
+/// enforced cgroup and on the agent's own interfaces stay, pinned, until [`Shared::detach`]: an
+/// agent that dies leaves the cgroup enforced.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Where the cgroup's and the interfaces' links are pinned; `None` where they cannot be.
+    pins: Option<pins::Pins>,
     /// Interfaces (by index: a name may be reused) the TC programs are on.
     ifaces: std::collections::BTreeSet<u32>,
     /// Their link types, for the TC programs (`LINKS_MAP`).
@@ -135,10 +146,21 @@ impl Shared {
         }
     }
 
-    /// Detaches every program, for every holder.
+    /// Detaches every program, for every holder: the clean stop.
     pub fn detach(&self) {
         let taken = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(taken);
+        if let Some(mut datapath) = taken
+            && let Some(pins) = datapath.pins.take()
+        {
+            pins.release();
+        }
+    }
+
+    /// Detaches what an agent that did not stop cleanly left on the cgroup: once this one
+    /// enforces there. Returns how many links.
+    pub fn release_stale(&self) -> usize {
+        self.with(|d| Ok(d.pins.as_ref().map_or(0, pins::Pins::release_stale)))
+            .unwrap_or(0)
     }
 }
 
@@ -150,6 +172,48 @@ pub struct Loaded {
     pub events: RingBuf<MapData>,
     /// The relay's: steered connections, its own sockets, the namespaces it serves.
     pub relay: RelayMaps,
+}
+
+/// The pins for the enforced cgroup at `cgroup`, or `None` (logged) where the kernel cannot keep
+/// them: its programs then end with the agent.
+fn open_pins(cgroup: &Path) -> Option<pins::Pins> {
+    let opened = if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(5, 7, 0)) {
+        Err(std::io::Error::other(
+            "the kernel has no cgroup bpf_links (5.7)",
+        ))
+    } else {
+        cgroup::cgroup2_mount()
+            .map_err(std::io::Error::other)
+            .and_then(|mount| {
+                use std::os::unix::fs::MetadataExt as _;
+                let id = std::fs::metadata(cgroup)?.ino();
+                pins::Pins::open(&mount, cgroup, id)
+            })
+    };
+    opened
+        .inspect_err(|e| {
+            log::error!(
+                "the programs cannot be pinned ({e}): if the agent dies, {} is no longer enforced",
+                cgroup.display()
+            );
+        })
+        .ok()
+}
+
+/// Pins the link `taken` from program `name` as `file`.
+fn pin<L>(
+    pins: &mut pins::Pins,
+    name: &'static str,
+    file: &str,
+    taken: Result<L, ProgramError>,
+) -> Result<(), DatapathError>
+where
+    aya::programs::links::FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    let pin_err = |source| DatapathError::Pin { name, source };
+    let link = aya::programs::links::FdLink::try_from(taken.map_err(loading(name))?)
+        .map_err(|e| pin_err(std::io::Error::other(e)))?;
+    pins.pin(file, link).map_err(pin_err)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
@@ -226,6 +290,7 @@ impl Datapath {
         Ok(Loaded {
             datapath: Self {
                 ebpf,
+                pins: None,
                 ifaces: Default::default(),
                 links,
                 netns: HashMap::new(),
@@ -237,15 +302,16 @@ impl Datapath {
         })
     }
 
-    /// Attaches the cgroup programs as bpf_links. The kernel attaches links in multi mode (and
-    /// rejects an explicit BPF_F_ALLOW_MULTI, hence `Single`): they run for the cgroup's
-    /// descendants too, which cannot override them, beside other tools' programs.
+    /// Attaches the cgroup programs as bpf_links, pinned (see `pins`). The kernel attaches links
+    /// in multi mode (and rejects an explicit BPF_F_ALLOW_MULTI, hence `Single`): they run for the
+    /// cgroup's descendants too, which cannot override them, beside other tools' programs.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
         let target = format!("cgroup {}", cgroup.display());
         let file = File::open(cgroup).map_err(|source| DatapathError::OpenCgroup {
             path: cgroup.display().to_string(),
             source,
         })?;
+        self.pins = open_pins(cgroup);
         let attach_err = |name| {
             let target = target.clone();
             move |source| DatapathError::Attach {
@@ -254,27 +320,58 @@ impl Datapath {
                 source,
             }
         };
+        let pins = &mut self.pins;
         for name in SOCK_ADDR_PROGRAMS {
-            program::<CgroupSockAddr>(&mut self.ebpf, name)?
+            let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            let link = prog
                 .attach(&file, CgroupAttachMode::Single)
                 .map_err(attach_err(name))?;
+            if let Some(pins) = pins {
+                pin(pins, name, name, prog.take_link(link))?;
+            }
         }
-        program::<SockOps>(&mut self.ebpf, SOCK_OPS_PROGRAM)?
+        let prog = program::<SockOps>(&mut self.ebpf, SOCK_OPS_PROGRAM)?;
+        let link = prog
             .attach(&file, CgroupAttachMode::Single)
             .map_err(attach_err(SOCK_OPS_PROGRAM))?;
+        if let Some(pins) = pins {
+            pin(
+                pins,
+                SOCK_OPS_PROGRAM,
+                SOCK_OPS_PROGRAM,
+                prog.take_link(link),
+            )?;
+        }
         for name in SOCK_PROGRAMS {
-            program::<CgroupSock>(&mut self.ebpf, name)?
+            let prog = program::<CgroupSock>(&mut self.ebpf, name)?;
+            let link = prog
                 .attach(&file, CgroupAttachMode::Single)
                 .map_err(attach_err(name))?;
+            if let Some(pins) = pins {
+                pin(pins, name, name, prog.take_link(link))?;
+            }
         }
         for (name, attach) in SKB_PROGRAMS {
-            program::<CgroupSkb>(&mut self.ebpf, name)?
+            let prog = program::<CgroupSkb>(&mut self.ebpf, name)?;
+            let link = prog
                 .attach(&file, attach, CgroupAttachMode::Single)
                 .map_err(attach_err(name))?;
+            if let Some(pins) = pins {
+                pin(pins, name, name, prog.take_link(link))?;
+            }
         }
-        program::<CgroupSockopt>(&mut self.ebpf, SOCKOPT_PROGRAM)?
-            .attach(&file, CgroupAttachMode::Single)
+        let prog = program::<CgroupSockopt>(&mut self.ebpf, SOCKOPT_PROGRAM)?;
+        prog.attach(&file, CgroupAttachMode::Single)
             .map_err(attach_err(SOCKOPT_PROGRAM))?;
+        if let Some(pins) = pins {
+            // aya keeps this link type to itself: pinned through the kernel's list of links.
+            let id = prog.info().map_err(loading(SOCKOPT_PROGRAM))?.id();
+            pins.pin_program_link(SOCKOPT_PROGRAM, id)
+                .map_err(|source| DatapathError::Pin {
+                    name: SOCKOPT_PROGRAM,
+                    source,
+                })?;
+        }
         Ok(())
     }
 
@@ -298,8 +395,19 @@ impl Datapath {
         if self.has_iface(iface) {
             return Ok(());
         }
-        self.attach_tc(TC_PROGRAM, iface)?;
-        if let Ok(index) = nix::net::if_::if_nametoindex(iface) {
+        let link = self.attach_tc(TC_PROGRAM, iface)?;
+        let index = nix::net::if_::if_nametoindex(iface);
+        // TCX links (6.6+) are pinned with the cgroup's; a clsact filter stays anyway until it
+        // is taken off.
+        if let Some(pins) = self.pins.as_mut()
+            && KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+        {
+            let taken = program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?.take_link(link);
+            // bpffs takes no dots in names.
+            let file = format!("{TC_PROGRAM}-{}", index.unwrap_or(0));
+            pin(pins, TC_PROGRAM, &file, taken)?;
+        }
+        if let Ok(index) = index {
             self.ifaces.insert(index);
             // Unknown, the programs judge a packet socket's frames by their IP version alone.
             if let Ok(kind) = iface::link_type(iface) {

@@ -1,0 +1,292 @@
+//! The programs' links pinned in bpffs, so that enforcement outlives the agent. Killed, crashed or
+//! out of memory, it leaves its cgroup enforced by the policy last in force (steered connections
+//! are refused, the relay being gone; events are lost, and counted) until an agent takes over or
+//! one stops cleanly. Only a clean stop unpins.
+//!
+//! One directory per enforced cgroup, `/sys/fs/bpf/egress/<cgroup path>@<cgroup id>`, holding
+//! each agent's links under its own prefix.
+use std::{
+    ffi::CString,
+    fs, io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    },
+    path::{Path, PathBuf},
+};
+
+use aya::programs::links::{FdLink, PinnedLink};
+
+use super::cgroup;
+
+/// Where bpffs is mounted; the agent mounts it there if nothing is.
+const BPFFS: &str = "/sys/fs/bpf";
+const ROOT: &str = "egress";
+/// `egress exec` names its cgroups so.
+const EXEC_PREFIX: &str = "egress-exec-";
+
+/// One agent's pins for one cgroup.
+pub struct Pins {
+    dir: PathBuf,
+    /// This agent's prefix: its pid and start time, unique across restarts.
+    me: String,
+    pinned: Vec<PinnedLink>,
+}
+
+impl Pins {
+    /// The pin directory of the cgroup at `cgroup` (under the cgroup2 `mount`) with id `id`,
+    /// made (and bpffs mounted) if need be. Clears the directories of cgroups that are gone.
+    pub fn open(mount: &Path, cgroup: &Path, id: u64) -> io::Result<Pins> {
+        let root = Path::new(BPFFS).join(ROOT);
+        mount_bpffs()?;
+        fs::create_dir_all(&root)?;
+        sweep(&root, mount);
+        let rel = cgroup.strip_prefix(mount).map_err(io::Error::other)?;
+        let dir = root.join(format!("{}@{id}", escape(rel)));
+        match fs::create_dir(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Ok(Pins {
+            dir,
+            me: format!("{}-{started}-", std::process::id()),
+            pinned: Vec::new(),
+        })
+    }
+
+    /// Pins `link` as `name`.
+    pub fn pin(&mut self, name: &str, link: FdLink) -> io::Result<()> {
+        let pinned = link
+            .pin(self.dir.join(format!("{}{name}", self.me)))
+            .map_err(io::Error::other)?;
+        self.pinned.push(pinned);
+        Ok(())
+    }
+
+    /// Pins as `name` the link the kernel has for program `program_id`: for the link types aya
+    /// does not hand over as an [`FdLink`].
+    pub fn pin_program_link(&mut self, name: &str, program_id: u32) -> io::Result<()> {
+        for info in aya::programs::loaded_links() {
+            let info = info.map_err(io::Error::other)?;
+            if info.program_id() == program_id {
+                let path = self.dir.join(format!("{}{name}", self.me));
+                obj_pin(&link_fd(info.id())?, &path)?;
+                self.pinned
+                    .push(PinnedLink::from_pin(&path).map_err(io::Error::other)?);
+                return Ok(());
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no link of program {program_id}"),
+        ))
+    }
+
+    /// Detaches what an agent that did not stop cleanly left for this cgroup: called once this
+    /// one enforces, so the cgroup is never left without programs. Returns how many links.
+    pub fn release_stale(&self) -> usize {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| !e.file_name().as_bytes().starts_with(self.me.as_bytes()))
+            .filter(|e| unpin(&e.path()))
+            .count()
+    }
+
+    /// Unpins this agent's links (each detaches as its last reference goes) and removes the
+    /// directory once empty. The clean stop.
+    pub fn release(self) {
+        for pinned in self.pinned {
+            if let Err(e) = pinned.unpin() {
+                log::warn!("unpinning a link in {}: {e}", self.dir.display());
+            }
+        }
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// Mounts bpffs where it belongs, unless it is there.
+fn mount_bpffs() -> io::Result<()> {
+    let mounted = nix::sys::statfs::statfs(BPFFS)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+    if mounted {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| io::Error::other(format!("mounting bpffs on {BPFFS}: {e}")))
+}
+
+/// Releases the directories of cgroups that are gone (an agent's cgroup removed after it died),
+/// and of `egress exec` cgroups whose egress died and whose command has ended (removing the
+/// cgroup too).
+fn sweep(root: &Path, mount: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for dir in entries.flatten().map(|e| e.path()) {
+        let Some((rel, id)) = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.rsplit_once('@'))
+            .and_then(|(rel, id)| Some((unescape(rel), id.parse::<u64>().ok()?)))
+        else {
+            continue;
+        };
+        let path = mount.join(&rel);
+        let alive = fs::metadata(&path).is_ok_and(|m| m.ino() == id);
+        let abandoned = alive
+            && rel
+                .strip_prefix(EXEC_PREFIX)
+                .and_then(|pid| pid.parse::<i32>().ok())
+                .is_some_and(|pid| !process_alive(pid) && !populated(&path));
+        if alive && !abandoned {
+            continue;
+        }
+        if let Ok(pins) = fs::read_dir(&dir) {
+            for pin in pins.flatten() {
+                unpin(&pin.path());
+            }
+        }
+        let _ = fs::remove_dir(&dir);
+        if abandoned && let Err(e) = cgroup::kill_and_remove(&path) {
+            log::warn!("removing the abandoned cgroup {}: {e}", path.display());
+        }
+        log::info!("released the programs left on cgroup {}", path.display());
+    }
+}
+
+fn unpin(path: &Path) -> bool {
+    match PinnedLink::from_pin(path).map(PinnedLink::unpin) {
+        Ok(Ok(_detached)) => true,
+        Ok(Err(e)) => {
+            log::warn!("unpinning {}: {e}", path.display());
+            false
+        }
+        Err(e) => {
+            log::warn!("opening the pinned link {}: {e}", path.display());
+            false
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
+fn populated(cgroup: &Path) -> bool {
+    fs::read_to_string(cgroup.join("cgroup.events"))
+        .map(|s| s.lines().any(|l| l == "populated 1"))
+        .unwrap_or(true)
+}
+
+/// A cgroup path relative to the mount as one directory name ("" for the root). bpffs refuses
+/// dots in names (EPERM), and a directory name has no slash.
+fn escape(rel: &Path) -> String {
+    rel.to_string_lossy()
+        .replace('%', "%25")
+        .replace('/', "%2F")
+        .replace('.', "%2E")
+}
+
+fn unescape(name: &str) -> String {
+    name.replace("%2E", ".")
+        .replace("%2F", "/")
+        .replace("%25", "%")
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+/// A new descriptor of link `id` (BPF_LINK_GET_FD_BY_ID).
+fn link_fd(id: u32) -> io::Result<OwnedFd> {
+    // The command's part of bpf_attr.
+    #[repr(C)]
+    struct GetId {
+        link_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let attr = GetId {
+        link_id: id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    // SAFETY: the command's part of bpf_attr, with its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_GET_FD_BY_ID,
+            &raw const attr,
+            size_of::<GetId>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just returned, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the BPF object `fd` at `path` (BPF_OBJ_PIN).
+fn obj_pin(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+    // The command's part of bpf_attr.
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let attr = Pin {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: the command's part of bpf_attr, with its size; `path` outlives the call.
+    let pinned = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &raw const attr,
+            size_of::<Pin>(),
+        )
+    };
+    if pinned < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_paths_make_one_directory_name_and_back() {
+        for rel in [
+            "",
+            "egress",
+            "kubepods/burstable/pod1",
+            "system.slice/egress.service",
+            "odd%2Fname/x%2E",
+        ] {
+            let name = escape(Path::new(rel));
+            assert!(!name.contains('/') && !name.contains('.'), "{name}");
+            assert_eq!(unescape(&name), rel);
+        }
+    }
+}
