@@ -110,8 +110,8 @@ pub enum DatapathError {
 }
 
 /// The loaded programs. Dropping it detaches the programs in workloads' namespaces; those on the
-/// enforced cgroup and on the agent's own interfaces stay, pinned, until [`Shared::detach`]: an
-/// agent that dies leaves the cgroup enforced.
+/// enforced cgroup and on the agent's own interfaces stay, pinned where they could be, until
+/// [`Shared::detach`]: an agent that dies leaves the cgroup enforced.
 pub struct Datapath {
     ebpf: Ebpf,
     /// Where the cgroup's and the interfaces' links are pinned; `None` where they cannot be.
