@@ -216,7 +216,7 @@ impl Agent {
         refresh(&resolver, &mut table, &status).await;
 
         let Loaded {
-            datapath,
+            mut datapath,
             mut maps,
             counters,
             events,
@@ -255,12 +255,15 @@ impl Agent {
         )
         .context("watching the event ring buffer")?;
         // The relay listens before anything is attached: the first steered connect finds it. It
-        // puts the TC programs in the workloads' namespaces it serves.
+        // puts the TC programs in the workloads' namespaces it serves. Pinned, as everything
+        // attached from here on.
+        datapath.pin_for(&cfg.cgroup);
         let datapath = datapath::Shared::new(datapath);
         let relay =
             match start_relay(&cfg, &datapath, relay_maps, &catalog, &pipeline, &status).await {
                 Ok(relay) => relay,
                 Err(e) => {
+                    datapath.detach();
                     pipeline.stop().await;
                     return Err(e);
                 }

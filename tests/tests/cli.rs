@@ -2,7 +2,7 @@
 //! read files only. DNS, where asked at all, goes to loopback or to the test's own world.
 use std::{path::Path, process::Command};
 
-use egress_tests::{TestCgroup, World, egress_run, policy_dir, target_bin};
+use egress_tests::{TestCgroup, World, egress_run, policy_dir, target_bin, wait_for};
 
 fn egress(args: &[&str]) -> (i32, String) {
     let out = Command::new(target_bin("egress"))
@@ -255,11 +255,24 @@ fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over() {
             .unwrap_or_default()
     };
     let dest = format!("{}:443", w.v4(10));
+    // A workload of the cgroup in a namespace of its own: the TC program on its interface.
+    let pod = w.pod();
+    let _workload = pod.workload(&cg);
+    let pod_iface = pod.iface();
+    let wait = std::time::Duration::from_secs(10);
+    let pod_programs = |n| {
+        wait_for(
+            &format!("{n} program(s) on the pod's interface"),
+            wait,
+            || pod.tcx_egress(&pod_iface).len() == n,
+        );
+    };
 
     let mut first = run();
     assert_eq!(cg.probe(&["tcp", &dest]), "denied");
-    // The cgroup's 12 programs and the TC program on the world's interface.
-    assert_eq!(pinned().len(), 13, "{:?}", pinned());
+    pod_programs(1);
+    // The cgroup's 12 programs, the TC programs on the world's interface and on the pod's.
+    assert_eq!(pinned().len(), 14, "{:?}", pinned());
     signal(&first, nix::sys::signal::Signal::SIGKILL);
     first.wait().expect("reap");
     assert_eq!(
@@ -267,18 +280,20 @@ fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over() {
         "denied",
         "the policy in force stays when the agent dies"
     );
+    assert_eq!(pod.tcx_egress(&pod_iface), ["tc_netns_ether"]);
 
     let mut second = run();
     assert_eq!(cg.probe(&["tcp", &dest]), "denied");
     let mine = format!("{}-", second.id());
-    let left = pinned();
-    assert!(
-        left.len() == 13 && left.iter().all(|p| p.starts_with(&mine)),
-        "the dead agent's links are gone, the new one's pinned: {left:?}"
-    );
+    wait_for("the new agent's pins alone", wait, || {
+        let left = pinned();
+        left.len() == 14 && left.iter().all(|p| p.starts_with(&mine))
+    });
+    assert_eq!(pod.tcx_egress(&pod_iface), ["tc_netns_ether"]);
     signal(&second, nix::sys::signal::Signal::SIGTERM);
     assert!(second.wait().expect("reap").success());
     assert!(!pins.exists(), "a clean stop leaves nothing pinned");
+    assert!(pod.tcx_egress(&pod_iface).is_empty());
     assert_eq!(
         cg.probe(&["tcp", &dest]),
         "ok",

@@ -122,7 +122,13 @@ pub struct Datapath {
     links: aya::maps::HashMap<MapData, u32, u32>,
     /// Workloads' own namespaces (by inode) the TC programs are in: by interface index, the
     /// program on it and its link.
-    netns: HashMap<u64, HashMap<u32, (&'static str, SchedClassifierLinkId)>>,
+    netns: HashMap<u64, HashMap<u32, TcLink>>,
+}
+
+/// A TC link in a workload's namespace: aya's, or pinned (its name among the pins).
+enum TcLink {
+    Owned(&'static str, SchedClassifierLinkId),
+    Pinned(String),
 }
 
 /// The datapath, shared by the agent (its own namespace's interfaces) and the relay (the
@@ -302,6 +308,12 @@ impl Datapath {
         })
     }
 
+    /// Pins the links attached from now on in the pin directory of the enforced cgroup at
+    /// `cgroup` (see `pins`), where the kernel allows.
+    pub fn pin_for(&mut self, cgroup: &Path) {
+        self.pins = open_pins(cgroup);
+    }
+
     /// Attaches the cgroup programs as bpf_links, pinned (see `pins`). The kernel attaches links
     /// in multi mode (and rejects an explicit BPF_F_ALLOW_MULTI, hence `Single`): they run for the
     /// cgroup's descendants too, which cannot override them, beside other tools' programs.
@@ -311,7 +323,6 @@ impl Datapath {
             path: cgroup.display().to_string(),
             source,
         })?;
-        self.pins = open_pins(cgroup);
         let attach_err = |name| {
             let target = target.clone();
             move |source| DatapathError::Attach {
@@ -460,9 +471,12 @@ impl Datapath {
                     continue;
                 }
             };
-            match self.attach_tc(name, &iface) {
+            match self
+                .attach_tc(name, &iface)
+                .and_then(|link| self.keep(name, ino, index, link))
+            {
                 Ok(link) => {
-                    links.insert(index, (name, link));
+                    links.insert(index, link);
                     attached.push(iface);
                 }
                 Err(_) if gone() => {}
@@ -479,12 +493,43 @@ impl Datapath {
         self.detach_tc(links.into_values());
     }
 
-    /// Detaches TC links, each from its program.
-    fn detach_tc(&mut self, links: impl Iterator<Item = (&'static str, SchedClassifierLinkId)>) {
-        for (name, link) in links {
-            if let Ok(program) = program::<SchedClassifier>(&mut self.ebpf, name) {
-                // An interface gone took its link with it: what is left is closing our end.
-                let _ = program.detach(link);
+    /// Pins TCX link `link` of program `name`, on interface `index` of namespace `ino`, where
+    /// the agent pins its links: the program then outlives the agent, as the cgroup's do.
+    fn keep(
+        &mut self,
+        name: &'static str,
+        ino: u64,
+        index: u32,
+        link: SchedClassifierLinkId,
+    ) -> Result<TcLink, DatapathError> {
+        let Some(pins) = self.pins.as_mut() else {
+            return Ok(TcLink::Owned(name, link));
+        };
+        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+            return Ok(TcLink::Owned(name, link));
+        }
+        let file = format!("{name}-{ino}-{index}");
+        let taken = program::<SchedClassifier>(&mut self.ebpf, name)?.take_link(link);
+        pin(pins, name, &file, taken)?;
+        Ok(TcLink::Pinned(file))
+    }
+
+    /// Detaches TC links, each from its program or its pin.
+    fn detach_tc(&mut self, links: impl Iterator<Item = TcLink>) {
+        for link in links {
+            match link {
+                TcLink::Owned(name, link) => {
+                    if let Ok(program) = program::<SchedClassifier>(&mut self.ebpf, name) {
+                        // An interface gone took its link with it: what is left is closing our
+                        // end.
+                        let _ = program.detach(link);
+                    }
+                }
+                TcLink::Pinned(file) => {
+                    if let Some(pins) = self.pins.as_mut() {
+                        pins.unpin(&file);
+                    }
+                }
             }
         }
     }

@@ -30,7 +30,8 @@ pub struct Pins {
     dir: PathBuf,
     /// This agent's prefix: its pid and start time, unique across restarts.
     me: String,
-    pinned: Vec<PinnedLink>,
+    /// By file name, without the prefix.
+    pinned: std::collections::HashMap<String, PinnedLink>,
 }
 
 impl Pins {
@@ -53,7 +54,7 @@ impl Pins {
         Ok(Pins {
             dir,
             me: format!("{}-{started}-", std::process::id()),
-            pinned: Vec::new(),
+            pinned: std::collections::HashMap::new(),
         })
     }
 
@@ -62,8 +63,17 @@ impl Pins {
         let pinned = link
             .pin(self.dir.join(format!("{}{name}", self.me)))
             .map_err(io::Error::other)?;
-        self.pinned.push(pinned);
+        self.pinned.insert(name.to_owned(), pinned);
         Ok(())
+    }
+
+    /// Unpins the link pinned as `name`: it detaches.
+    pub fn unpin(&mut self, name: &str) {
+        if let Some(pinned) = self.pinned.remove(name)
+            && let Err(e) = pinned.unpin()
+        {
+            log::warn!("unpinning {name} in {}: {e}", self.dir.display());
+        }
     }
 
     /// Pins as `name` the link the kernel has for program `program_id`: for the link types aya
@@ -74,8 +84,10 @@ impl Pins {
             if info.program_id() == program_id {
                 let path = self.dir.join(format!("{}{name}", self.me));
                 obj_pin(&link_fd(info.id())?, &path)?;
-                self.pinned
-                    .push(PinnedLink::from_pin(&path).map_err(io::Error::other)?);
+                self.pinned.insert(
+                    name.to_owned(),
+                    PinnedLink::from_pin(&path).map_err(io::Error::other)?,
+                );
                 return Ok(());
             }
         }
@@ -101,7 +113,7 @@ impl Pins {
     /// Unpins this agent's links (each detaches as its last reference goes) and removes the
     /// directory once empty. The clean stop.
     pub fn release(self) {
-        for pinned in self.pinned {
+        for pinned in self.pinned.into_values() {
             if let Err(e) = pinned.unpin() {
                 log::warn!("unpinning a link in {}: {e}", self.dir.display());
             }
@@ -110,8 +122,11 @@ impl Pins {
     }
 }
 
-/// Mounts bpffs where it belongs, unless it is there.
+/// Mounts bpffs where it belongs, unless it is there. One agent at a time per process: a second
+/// mount would hide the first one's pins.
 fn mount_bpffs() -> io::Result<()> {
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
     let mounted = nix::sys::statfs::statfs(BPFFS)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
     if mounted {
