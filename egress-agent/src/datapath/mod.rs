@@ -484,6 +484,15 @@ impl Datapath {
             }
         }
         self.netns.insert(ino, links);
+        // Covered now: what an agent that died left here can go.
+        if result.is_ok()
+            && let Some(pins) = self.pins.as_ref()
+        {
+            let stale = pins.release_stale_in(ino);
+            if stale > 0 {
+                log::info!("network namespace {ino}: detached {stale} link(s) a dead agent left");
+            }
+        }
         result.map(|()| attached)
     }
 

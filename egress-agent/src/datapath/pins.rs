@@ -24,6 +24,8 @@ const BPFFS: &str = "/sys/fs/bpf";
 const ROOT: &str = "egress";
 /// `egress exec` names its cgroups so.
 const EXEC_PREFIX: &str = "egress-exec-";
+/// The names of the links in workloads' namespaces start so (the programs' names).
+const NETNS_PREFIX: &str = "tc_netns_";
 
 /// One agent's pins for one cgroup.
 pub struct Pins {
@@ -97,27 +99,47 @@ impl Pins {
         ))
     }
 
-    /// Detaches what an agent that did not stop cleanly left for this cgroup: called once this
-    /// one enforces, so the cgroup is never left without programs. Returns how many links.
+    /// Detaches what an agent that did not stop cleanly left for this cgroup, but for its links
+    /// in workloads' namespaces (see [`Pins::release_stale_in`]): called once this one enforces,
+    /// so the cgroup is never left without programs. Returns how many links.
     pub fn release_stale(&self) -> usize {
+        self.release_others(|name| !name.starts_with(NETNS_PREFIX))
+    }
+
+    /// Detaches what an agent that did not stop cleanly left in the workloads' namespace with
+    /// inode `ino`: called once this one covers it. Returns how many links.
+    pub fn release_stale_in(&self, ino: u64) -> usize {
+        let infix = format!("-{ino}-");
+        self.release_others(|name| name.starts_with(NETNS_PREFIX) && name.contains(&infix))
+    }
+
+    /// Unpins the other agents' links whose name (without their prefix) `pick` picks.
+    fn release_others(&self, pick: impl Fn(&str) -> bool) -> usize {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return 0;
         };
         entries
             .flatten()
-            .filter(|e| !e.file_name().as_bytes().starts_with(self.me.as_bytes()))
+            .filter(|e| {
+                let file = e.file_name();
+                let file = file.to_string_lossy();
+                // Another agent's prefix: its pid and start time.
+                !file.starts_with(&self.me) && file.splitn(3, '-').nth(2).is_some_and(&pick)
+            })
             .filter(|e| unpin(&e.path()))
             .count()
     }
 
-    /// Unpins this agent's links (each detaches as its last reference goes) and removes the
-    /// directory once empty. The clean stop.
-    pub fn release(self) {
-        for pinned in self.pinned.into_values() {
+    /// Unpins this agent's links (each detaches as its last reference goes), and whatever
+    /// another left in namespaces this one did not cover, and removes the directory. The clean
+    /// stop.
+    pub fn release(mut self) {
+        for pinned in std::mem::take(&mut self.pinned).into_values() {
             if let Err(e) = pinned.unpin() {
                 log::warn!("unpinning a link in {}: {e}", self.dir.display());
             }
         }
+        self.release_others(|_| true);
         let _ = fs::remove_dir(&self.dir);
     }
 }
