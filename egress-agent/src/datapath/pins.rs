@@ -144,11 +144,16 @@ impl Pins {
     }
 }
 
-/// Mounts bpffs where it belongs, unless it is there. One agent at a time per process: a second
-/// mount would hide the first one's pins.
+/// Mounts bpffs where it belongs, unless it is there. One agent at a time, in this process or
+/// another, where /run takes the lock file: a second mount would hide the first one's pins.
 fn mount_bpffs() -> io::Result<()> {
-    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    let _only = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/egress-bpffs.lock")
+        .ok()
+        .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok());
     let mounted = nix::sys::statfs::statfs(BPFFS)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
     if mounted {
