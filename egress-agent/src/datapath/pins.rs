@@ -24,7 +24,8 @@ const BPFFS: &str = "/sys/fs/bpf";
 const ROOT: &str = "egress";
 /// `egress exec` names its cgroups so.
 const EXEC_PREFIX: &str = "egress-exec-";
-/// The names of the links in workloads' namespaces start so (the programs' names).
+/// The names of the links in workloads' namespaces: the program's name (which starts so), the
+/// namespace's inode and the interface's index, between dashes.
 const NETNS_PREFIX: &str = "tc_netns_";
 
 /// One agent's pins for one cgroup.
@@ -103,14 +104,13 @@ impl Pins {
     /// in workloads' namespaces (see [`Pins::release_stale_in`]): called once this one enforces,
     /// so the cgroup is never left without programs. Returns how many links.
     pub fn release_stale(&self) -> usize {
-        self.release_others(|name| !name.starts_with(NETNS_PREFIX))
+        self.release_others(|name| netns_of(name).is_none())
     }
 
     /// Detaches what an agent that did not stop cleanly left in the workloads' namespace with
     /// inode `ino`: called once this one covers it. Returns how many links.
     pub fn release_stale_in(&self, ino: u64) -> usize {
-        let infix = format!("-{ino}-");
-        self.release_others(|name| name.starts_with(NETNS_PREFIX) && name.contains(&infix))
+        self.release_others(|name| netns_of(name) == Some(ino))
     }
 
     /// Unpins the other agents' links whose name (without their prefix) `pick` picks.
@@ -120,12 +120,7 @@ impl Pins {
         };
         entries
             .flatten()
-            .filter(|e| {
-                let file = e.file_name();
-                let file = file.to_string_lossy();
-                // Another agent's prefix: its pid and start time.
-                !file.starts_with(&self.me) && file.splitn(3, '-').nth(2).is_some_and(&pick)
-            })
+            .filter(|e| other_agents(&e.file_name().to_string_lossy(), &self.me).is_some_and(&pick))
             .filter(|e| unpin(&e.path()))
             .count()
     }
@@ -142,6 +137,24 @@ impl Pins {
         self.release_others(|_| true);
         let _ = fs::remove_dir(&self.dir);
     }
+}
+
+/// The name of another agent's link pinned as `file` (without its prefix: its pid and start
+/// time); `None` for this agent's (`me` is its prefix).
+fn other_agents<'a>(file: &'a str, me: &str) -> Option<&'a str> {
+    if file.starts_with(me) {
+        return None;
+    }
+    file.splitn(3, '-').nth(2)
+}
+
+/// The namespace (inode) of a link named `name` in a workload's namespace, `None` for the others.
+fn netns_of(name: &str) -> Option<u64> {
+    name.strip_prefix(NETNS_PREFIX)?
+        .split('-')
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Mounts bpffs where it belongs, unless it is there. One agent at a time, in this process or
@@ -316,6 +329,18 @@ fn obj_pin(fd: &OwnedFd, path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_agents_links_are_told_by_prefix_and_namespace_links_by_inode() {
+        let me = "42-1000-";
+        assert_eq!(other_agents("42-1000-connect4", me), None);
+        assert_eq!(other_agents("7-999-connect4", me), Some("connect4"));
+        assert_eq!(other_agents("7-999-tc_egress-3", me), Some("tc_egress-3"));
+        assert_eq!(netns_of("tc_netns_ether-4026532000-7"), Some(4_026_532_000));
+        assert_eq!(netns_of("tc_netns_bare-12-3"), Some(12));
+        assert_eq!(netns_of("tc_egress-3"), None);
+        assert_eq!(netns_of("connect4"), None);
+    }
 
     #[test]
     fn cgroup_paths_make_one_directory_name_and_back() {
