@@ -47,6 +47,12 @@ pub struct RelayLabels {
     pub host: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The record's reason: `packet-qdisc-bypass`, `af-xdp`.
+    pub reason: String,
+}
+
 /// Counters others can watch: tests poll them, `/metrics` serves them.
 #[derive(Debug, Default)]
 pub struct Status {
@@ -59,6 +65,7 @@ pub struct Status {
     pub connections: Family<DecisionLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
     pub relayed: Family<RelayLabels, Counter>,
+    pub sockopts_refused: Family<ReasonLabels, Counter>,
     pub events: Counter,
     pub events_lost: Counter,
     pub log_errors: Counter,
@@ -110,6 +117,13 @@ impl Status {
                         .inc_by(n.unwrap_or(0));
                 }
             }
+            "sockopt" => {
+                self.sockopts_refused
+                    .get_or_create(&ReasonLabels {
+                        reason: r.reason.clone().unwrap_or_default(),
+                    })
+                    .inc();
+            }
             // `events_lost` follows the kernel's counter directly (see events::pipeline).
             _ => {}
         }
@@ -121,6 +135,12 @@ impl Status {
             "connections",
             "Decisions on connections and packets, by verdict, host and rule",
             self.connections.clone(),
+        );
+        r.register(
+            "sockopts_refused",
+            "Socket options refused to the enforced cgroup, by reason: each a way past the packet \
+             backstop",
+            self.sockopts_refused.clone(),
         );
         r.register(
             "bytes",

@@ -15,6 +15,7 @@ use std::{
 use egress_agent::{
     agent::{Agent, AgentConfig},
     events::Record,
+    metrics::ReasonLabels,
     policy::Mode,
     relay::RelayConfig,
 };
@@ -286,6 +287,14 @@ async fn packet_socket_frames_are_judged_by_what_they_carry_and_cannot_skip_tc()
         assert_eq!(r.comm.as_deref(), Some("egress-probe"), "{r:?}");
         assert!(r.cgroup.is_some(), "{r:?}");
         assert_eq!(r.dst, None, "{r:?}");
+        let refused = a
+            .status
+            .sockopts_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .get();
+        assert_eq!(refused, 1, "egress_sockopts_refused_total for {reason}");
     }
     assert_eq!(
         probe_in(None, &["sockopts"]),
