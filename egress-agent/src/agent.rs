@@ -12,7 +12,7 @@ use tokio::{
 pub use crate::metrics::Status;
 use crate::{
     datapath::{
-        self, Datapath, Loaded, cgroup,
+        self, Datapath, Heartbeat, Loaded, cgroup,
         iface::{self, LinkWatch},
     },
     events::{Catalog, CgroupNames, LogWriter, Pipeline, Rotation},
@@ -221,6 +221,7 @@ impl Agent {
             counters,
             events,
             relay: relay_maps,
+            alive,
         } = Datapath::load(cfg.ring_bytes).context("loading the eBPF programs")?;
         let (catalog, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
         sync(&plan, &table, &resolver, &mut maps, &catalog, &status)?;
@@ -236,6 +237,8 @@ impl Agent {
             .context("writing the agent's network namespace")?;
         maps.set_events_off(cfg.kernel_events_off)
             .context("writing the event switch")?;
+        // Stamped before anything is attached: the programs steer only while the agent is alive.
+        let heartbeat = Heartbeat::start(alive).context("stamping the agent alive")?;
 
         // The reader runs before anything is attached, so the first decision is reported.
         let log = match &cfg.events {
@@ -397,6 +400,7 @@ impl Agent {
             // Detach first, then end the relay's connections, then drain: every decision taken
             // is in the log before we return.
             datapath.detach();
+            drop(heartbeat);
             relay.stop().await;
             pipeline.stop().await;
             if let Some(task) = metrics_task {

@@ -8,6 +8,12 @@ pub const POLICY_MAP: &str = "EGRESS_POLICY_V1";
 pub const CONFIG_MAP: &str = "EGRESS_CONFIG_V5";
 /// Name of the per-CPU counters: slot 0 counts events lost, slots 1..=3 decisions by [`Verdict`].
 pub const COUNTERS_MAP: &str = "EGRESS_COUNTERS_V1";
+/// Name of the one-entry array where the agent stamps that it is alive (CLOCK_BOOTTIME ns, every
+/// [`ALIVE_EVERY_NS`]). The programs outlive a dead agent (pinned); with no stamp newer than
+/// [`ALIVE_WITHIN_NS`] they refuse steered connects, which only the agent's relay may take.
+pub const ALIVE_MAP: &str = "EGRESS_ALIVE_V1";
+pub const ALIVE_EVERY_NS: u64 = 1_000_000_000;
+pub const ALIVE_WITHIN_NS: u64 = 5 * ALIVE_EVERY_NS;
 /// Name of the ring buffer of [`FlowEvent`]s.
 pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V2";
 /// Name of the LRU hash of open flows: socket cookie → [`Flow`].

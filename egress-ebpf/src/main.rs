@@ -34,8 +34,9 @@ use aya_ebpf::{
     },
 };
 use egress_common::{
-    CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowEvent, PolicyKey, PolicyValue,
-    RULE_AF_XDP, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered, Verdict, map_v4,
+    ALIVE_WITHIN_NS, CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowEvent,
+    PolicyKey, PolicyValue, RULE_AF_XDP, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered,
+    Verdict, map_v4,
 };
 
 use crate::{
@@ -51,6 +52,9 @@ static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(POLIC
 
 #[map(name = "EGRESS_CONFIG_V5")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "EGRESS_ALIVE_V1")]
+static ALIVE: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "EGRESS_COUNTERS_V1")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -156,6 +160,11 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     }
     decide::count(decision.verdict);
     let config = CONFIG.get(0);
+    if matches!(decision.verdict, Verdict::Steer) && !agent_alive() {
+        // The agent died (its programs stay, pinned): nothing listens for the relay, and
+        // whatever binds its port next must not receive steered connections.
+        decision.verdict = Verdict::Deny;
+    }
     if matches!(decision.verdict, Verdict::Steer) {
         // Only a TCP connect can be steered (the compiler never steers UDP). Without a relay, or
         // a record of the original destination, the connection is refused, never let through.
@@ -248,6 +257,14 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     }
     entry.submit(events::wakeup());
     decide::hook_return(decision.verdict)
+}
+
+/// Whether the agent stamped that it is alive lately (see `egress_common::ALIVE_MAP`).
+#[inline(always)]
+fn agent_alive() -> bool {
+    ALIVE
+        .get(0)
+        .is_some_and(|&stamp| events::now_ns().wrapping_sub(stamp) < ALIVE_WITHIN_NS)
 }
 
 #[classifier]

@@ -908,7 +908,22 @@ pub fn policy_dir(yaml: &str) -> PathBuf {
     dir
 }
 
-/// A workspace binary built beside this test (`cargo xtask test` builds them first).
+/// Where the agents enforcing `cgroup` pin their links: its path under the cgroup2 mount and
+/// its id (bpffs takes no dots or slashes in a name).
+pub fn pin_dir(cgroup: &TestCgroup) -> PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    let mount = cgroup::cgroup2_mount().expect("cgroup2 mount");
+    let rel = cgroup.path.strip_prefix(&mount).expect("under the mount");
+    let ino = fs::metadata(&cgroup.path).expect("cgroup").ino();
+    Path::new("/sys/fs/bpf/egress").join(format!(
+        "{}@{ino}",
+        rel.to_string_lossy()
+            .replace('%', "%25")
+            .replace('/', "%2F")
+            .replace('.', "%2E")
+    ))
+}
+
 /// Starts `egress run` as `cmd` (the binary, its arguments, maybe a cgroup to run in) and returns
 /// once it says it is ready. Its log is discarded after that.
 pub fn egress_run(mut cmd: Command) -> Child {
@@ -935,6 +950,7 @@ pub fn egress_run(mut cmd: Command) -> Child {
     }
 }
 
+/// A workspace binary built beside this test (`cargo xtask test` builds them first).
 pub fn target_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> or target/<profile>/<bin> → target/<profile>/<name>

@@ -1,8 +1,10 @@
-//! The `egress` binary's exit statuses (design.md §3). `exec` is root-only; `check` and `validate`
-//! read files only. DNS, where asked at all, goes to loopback or to the test's own world.
+//! The `egress` binary's exit statuses (design.md §3), and what `run` leaves when it is killed.
+//! `exec` and `run` are root-only; `check` and `validate` read files only. DNS, where asked at all, goes to loopback or to the test's own world.
 use std::{path::Path, process::Command};
 
-use egress_tests::{TestCgroup, World, egress_run, policy_dir, target_bin, wait_for};
+use egress_tests::{
+    TestCgroup, World, egress_run, log_path, pin_dir, policy_dir, target_bin, wait_for,
+};
 
 fn egress(args: &[&str]) -> (i32, String) {
     let out = Command::new(target_bin("egress"))
@@ -205,7 +207,6 @@ fn exec_exit_statuses_and_enforcement() {
 
 #[test]
 fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over() {
-    use std::os::unix::fs::MetadataExt as _;
     let mut w = World::new();
     w.host(10);
     w.tcp_server(std::net::SocketAddr::new(w.v4(10), 443));
@@ -213,6 +214,7 @@ fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over() {
     let dir = policy_dir(STATIC_DB);
     let cg = TestCgroup::new("cli-pinned");
     let dns = w.dns_addr().to_string();
+    let log = log_path("cli-pinned");
     let run = || {
         let mut cmd = Command::new(target_bin("egress"));
         cmd.args(["run", "--cgroup"])
@@ -228,23 +230,14 @@ fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over() {
                 w.iface(),
             ])
             .arg("--events")
-            .arg(std::env::temp_dir().join(format!("egress-cli-pinned-{}.jsonl", w.name)));
+            .arg(&log);
         egress_run(cmd)
     };
     let signal = |child: &std::process::Child, signal| {
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, signal).expect("signal egress run");
     };
-    // Where the links are pinned: the cgroup's path under the cgroup2 mount, and its id.
-    let mount = egress_agent::datapath::cgroup::cgroup2_mount().expect("cgroup2 mount");
-    let rel = cg.path.strip_prefix(&mount).expect("under the mount");
-    let ino = std::fs::metadata(&cg.path).expect("cgroup").ino();
-    let pins = Path::new("/sys/fs/bpf/egress").join(format!(
-        "{}@{ino}",
-        rel.to_string_lossy()
-            .replace('/', "%2F")
-            .replace('.', "%2E")
-    ));
+    let pins = pin_dir(&cg);
     let pinned = || -> Vec<String> {
         std::fs::read_dir(&pins)
             .map(|d| {

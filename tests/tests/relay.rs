@@ -16,8 +16,8 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    HeldProbe, TestCgroup, World, at, egress_run, log_path, probe_in, probe_with_pid, records,
-    target_bin,
+    HeldProbe, TestCgroup, World, at, egress_run, log_path, pin_dir, probe_in, probe_with_pid,
+    records, target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -435,6 +435,64 @@ fn a_relay_in_the_cgroup_it_enforces_connects_upstream_unsteered() {
     )
     .expect("SIGTERM");
     assert!(agent.wait().expect("egress run ends").success());
+}
+
+#[test]
+fn a_dead_agents_programs_steer_nothing_to_whatever_takes_the_relays_port() {
+    let f = fixture("dead");
+    let cg = TestCgroup::new("relay-dead");
+    let log = log_path("relay-dead");
+    let policies = egress_tests::policy_dir(POLICY);
+    let dns = f.w.dns_addr().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+        .to_string();
+    let mut run = Command::new(target_bin("egress"));
+    run.args(["run", "--cgroup"])
+        .arg(&cg.path)
+        .arg("--policies")
+        .arg(&policies)
+        .args([
+            "--dns",
+            &dns,
+            "--mode",
+            "registry-only",
+            "--iface",
+            f.w.iface(),
+        ])
+        .args(["--relay-port", &port, "--relay-hello-timeout", "500ms"])
+        .arg("--events")
+        .arg(&log);
+    let mut agent = egress_run(run);
+    let steered = at(f.w.v4(20), 443);
+    // Relayed: the relay waits for a ClientHello that never comes, and closes.
+    let probe = || probe_in(Some(&cg.path), &["tcp", &steered]);
+    assert_eq!(probe(), "error:closed before the greeting");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
+    agent.wait().expect("reap");
+    // Its programs stay (pinned), but once its last stamp is stale they refuse steered connects
+    // rather than hand them to whoever listens on the relay's port now.
+    let squatter =
+        std::net::TcpListener::bind(format!("127.0.0.1:{port}")).expect("take the relay's port");
+    wait_for("steered connects refused", Duration::from_secs(20), || {
+        probe() == "denied"
+    });
+    squatter.set_nonblocking(true).expect("nonblocking");
+    while squatter.accept().is_ok() {}
+    assert_eq!(probe(), "denied");
+    assert!(
+        squatter.accept().is_err(),
+        "a steered connect reached the relay's port"
+    );
+    assert_eq!(f.tls4.accepted(), 0);
+    // Enforcement stays until an agent stops cleanly, or by hand.
+    std::fs::remove_dir_all(pin_dir(&cg)).expect("unpin");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

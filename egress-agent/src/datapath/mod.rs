@@ -22,8 +22,8 @@ use aya::{
     util::KernelVersion,
 };
 use egress_common::{
-    ARPHRD_ETHER, EVENTS_MAP, LINKS_MAP, RELAY_NETNS_MAP, RELAY_PEERS_MAP, RELAY_SOCKETS_MAP,
-    RELAY_WANTED_MAP,
+    ALIVE_EVERY_NS, ALIVE_MAP, ARPHRD_ETHER, EVENTS_MAP, LINKS_MAP, RELAY_NETNS_MAP,
+    RELAY_PEERS_MAP, RELAY_SOCKETS_MAP, RELAY_WANTED_MAP,
 };
 
 use crate::{
@@ -103,18 +103,20 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("starting the thread that stamps the agent alive")]
+    Heartbeat(#[source] std::io::Error),
     #[error("the programs were detached")]
     Detached,
     #[error(transparent)]
     Maps(#[from] MapsError),
 }
 
-/// The loaded programs. Dropping it detaches the programs in workloads' namespaces; those on the
-/// enforced cgroup and on the agent's own interfaces stay, pinned where they could be, until
-/// [`Shared::detach`]: an agent that dies leaves the cgroup enforced.
+/// The loaded programs. Dropping it leaves every pinned link attached (the cgroup's, the TC links
+/// on the agent's interfaces and in the workloads' namespaces; see `pins`) until
+/// [`Shared::detach`]: an agent that dies leaves the cgroup enforced. Unpinned ones go with it.
 pub struct Datapath {
     ebpf: Ebpf,
-    /// Where the cgroup's and the interfaces' links are pinned; `None` where they cannot be.
+    /// Where the links are pinned; `None` where they cannot be.
     pins: Option<pins::Pins>,
     /// Interfaces (by index: a name may be reused) the TC programs are on.
     ifaces: std::collections::BTreeSet<u32>,
@@ -178,6 +180,51 @@ pub struct Loaded {
     pub events: RingBuf<MapData>,
     /// The relay's: steered connections, its own sockets, the namespaces it serves.
     pub relay: RelayMaps,
+    /// Where the agent stamps that it is alive ([`Heartbeat`]).
+    pub alive: aya::maps::Array<MapData, u64>,
+}
+
+/// Stamps, every [`ALIVE_EVERY_NS`], that the agent is alive (see `egress_common::ALIVE_MAP`), on
+/// a thread of its own: a busy runtime must not make the programs think the agent is dead. Stops
+/// when dropped.
+pub struct Heartbeat {
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Heartbeat {
+    /// Stamps once, then keeps stamping.
+    pub fn start(mut map: aya::maps::Array<MapData, u64>) -> Result<Heartbeat, DatapathError> {
+        let mut stamp = move || {
+            let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+                t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+            });
+            map.set(0, now, 0).map_err(|source| {
+                DatapathError::Maps(MapsError::Write {
+                    name: ALIVE_MAP,
+                    source,
+                })
+            })
+        };
+        stamp()?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let every = std::time::Duration::from_nanos(ALIVE_EVERY_NS);
+        std::thread::Builder::new()
+            .name("egress-alive".to_owned())
+            .spawn(move || {
+                let mut failed = false;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(every)
+                {
+                    if let Err(e) = stamp()
+                        && !std::mem::replace(&mut failed, true)
+                    {
+                        log::error!("{e}: steered connects are refused while it fails");
+                    }
+                }
+            })
+            .map_err(DatapathError::Heartbeat)?;
+        Ok(Heartbeat { _stop: stop })
+    }
 }
 
 /// The pins for the enforced cgroup at `cgroup`, or `None` (logged) where the kernel cannot keep
@@ -285,6 +332,7 @@ impl Datapath {
         let maps = KernelMaps::take(&mut ebpf)?;
         let counters = Counters::take(&mut ebpf)?;
         let events = maps::open(&mut ebpf, EVENTS_MAP)?;
+        let alive = maps::open(&mut ebpf, ALIVE_MAP)?;
         let relay = RelayMaps {
             peers: maps::open(&mut ebpf, RELAY_PEERS_MAP)?,
             own_sockets: maps::open(&mut ebpf, RELAY_SOCKETS_MAP)?,
@@ -305,6 +353,7 @@ impl Datapath {
             counters,
             events,
             relay,
+            alive,
         })
     }
 
