@@ -158,13 +158,13 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     {
         return 1;
     }
-    decide::count(decision.verdict);
-    let config = CONFIG.get(0);
     if matches!(decision.verdict, Verdict::Steer) && !agent_alive() {
         // The agent died (its programs stay, pinned): nothing listens for the relay, and
         // whatever binds its port next must not receive steered connections.
         decision.verdict = Verdict::Deny;
     }
+    decide::count(decision.verdict);
+    let config = CONFIG.get(0);
     if matches!(decision.verdict, Verdict::Steer) {
         // Only a TCP connect can be steered (the compiler never steers UDP). Without a relay, or
         // a record of the original destination, the connection is refused, never let through.
