@@ -924,6 +924,33 @@ pub fn pin_dir(cgroup: &TestCgroup) -> PathBuf {
     ))
 }
 
+/// `cmd` (the `egress` binary, maybe set to run in a cgroup) made `egress run` enforcing
+/// registry-only on `cgroup` with the policies in `policies`, this world's DNS and interface, and
+/// its flow log at `log`.
+pub fn egress_run_command(
+    mut cmd: Command,
+    world: &World,
+    cgroup: &TestCgroup,
+    policies: &Path,
+    log: &Path,
+) -> Command {
+    cmd.args(["run", "--cgroup"])
+        .arg(&cgroup.path)
+        .arg("--policies")
+        .arg(policies)
+        .args(["--dns", &world.dns_addr().to_string()])
+        .args(["--mode", "registry-only", "--iface", world.iface()])
+        .arg("--events")
+        .arg(log);
+    cmd
+}
+
+/// Sends `signal` to `child`.
+pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, signal).expect("signal the child");
+}
+
 /// Starts `egress run` as `cmd` (the binary, its arguments, maybe a cgroup to run in) and returns
 /// once it says it is ready. Its log is discarded after that.
 pub fn egress_run(mut cmd: Command) -> Child {

@@ -3,7 +3,8 @@
 use std::{path::Path, process::Command};
 
 use egress_tests::{
-    TestCgroup, World, egress_run, log_path, pin_dir, policy_dir, target_bin, wait_for,
+    TestCgroup, World, egress_run, egress_run_command, log_path, pin_dir, policy_dir, signal,
+    target_bin, wait_for,
 };
 
 fn egress(args: &[&str]) -> (i32, String) {
@@ -213,29 +214,15 @@ fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over() {
     w.start_dns(&[], 60);
     let dir = policy_dir(STATIC_DB);
     let cg = TestCgroup::new("cli-pinned");
-    let dns = w.dns_addr().to_string();
     let log = log_path("cli-pinned");
     let run = || {
-        let mut cmd = Command::new(target_bin("egress"));
-        cmd.args(["run", "--cgroup"])
-            .arg(&cg.path)
-            .arg("--policies")
-            .arg(&dir)
-            .args([
-                "--dns",
-                &dns,
-                "--mode",
-                "registry-only",
-                "--iface",
-                w.iface(),
-            ])
-            .arg("--events")
-            .arg(&log);
-        egress_run(cmd)
-    };
-    let signal = |child: &std::process::Child, signal| {
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, signal).expect("signal egress run");
+        egress_run(egress_run_command(
+            Command::new(target_bin("egress")),
+            &w,
+            &cg,
+            &dir,
+            &log,
+        ))
     };
     let pins = pin_dir(&cg);
     let pinned = || -> Vec<String> {

@@ -16,8 +16,8 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    HeldProbe, TestCgroup, World, at, egress_run, log_path, pin_dir, probe_in, probe_with_pid,
-    records, target_bin,
+    HeldProbe, TestCgroup, World, at, egress_run, egress_run_command, log_path, pin_dir, probe_in,
+    probe_with_pid, records, signal, target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -409,31 +409,12 @@ fn a_relay_in_the_cgroup_it_enforces_connects_upstream_unsteered() {
     let cg = TestCgroup::new("relay-inside");
     let log = log_path("relay-inside");
     let policies = egress_tests::policy_dir(POLICY);
-    let dns = f.w.dns_addr().to_string();
     // `egress run` itself in the cgroup it enforces: its upstream connects to the steered
     // destination would be steered back to it, were they not its own.
-    let mut run = cg.command(target_bin("egress"));
-    run.args(["run", "--cgroup"])
-        .arg(&cg.path)
-        .arg("--policies")
-        .arg(&policies)
-        .args([
-            "--dns",
-            &dns,
-            "--mode",
-            "registry-only",
-            "--iface",
-            f.w.iface(),
-        ])
-        .arg("--events")
-        .arg(&log);
+    let run = egress_run_command(cg.command(target_bin("egress")), &f.w, &cg, &policies, &log);
     let mut agent = egress_run(run);
     tls_test_through_relay(&f, cg.command("curl"), &log, f.w.v4(20), &f.tls4, &[]);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    signal(&agent, nix::sys::signal::Signal::SIGTERM);
     assert!(agent.wait().expect("egress run ends").success());
 }
 
@@ -443,38 +424,25 @@ fn a_dead_agents_programs_steer_nothing_to_whatever_takes_the_relays_port() {
     let cg = TestCgroup::new("relay-dead");
     let log = log_path("relay-dead");
     let policies = egress_tests::policy_dir(POLICY);
-    let dns = f.w.dns_addr().to_string();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port()
         .to_string();
-    let mut run = Command::new(target_bin("egress"));
-    run.args(["run", "--cgroup"])
-        .arg(&cg.path)
-        .arg("--policies")
-        .arg(&policies)
-        .args([
-            "--dns",
-            &dns,
-            "--mode",
-            "registry-only",
-            "--iface",
-            f.w.iface(),
-        ])
-        .args(["--relay-port", &port, "--relay-hello-timeout", "500ms"])
-        .arg("--events")
-        .arg(&log);
+    let mut run = egress_run_command(
+        Command::new(target_bin("egress")),
+        &f.w,
+        &cg,
+        &policies,
+        &log,
+    );
+    run.args(["--relay-port", &port, "--relay-hello-timeout", "500ms"]);
     let mut agent = egress_run(run);
     let steered = at(f.w.v4(20), 443);
     // Relayed: the relay waits for a ClientHello that never comes, and closes.
     let probe = || probe_in(Some(&cg.path), &["tcp", &steered]);
     assert_eq!(probe(), "error:closed before the greeting");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("SIGKILL");
+    signal(&agent, nix::sys::signal::Signal::SIGKILL);
     agent.wait().expect("reap");
     // Its programs stay (pinned), but once its last stamp is stale they refuse steered connects
     // rather than hand them to whoever listens on the relay's port now.

@@ -72,14 +72,15 @@ pub fn resolve(arg: &Path) -> Result<PathBuf, CgroupError> {
     Ok(path)
 }
 
+/// Whether a process is in the cgroup at `path` or below it (`cgroup.events`).
+pub fn populated(path: &Path) -> std::io::Result<bool> {
+    fs::read_to_string(path.join("cgroup.events")).map(|s| s.lines().any(|l| l == "populated 1"))
+}
+
 /// Kills every process left in a cgroup and removes it. Used when enforcement of that cgroup
 /// ends: a process left behind would run unenforced.
 pub fn kill_and_remove(path: &Path) -> Result<(), CgroupError> {
-    let populated = || {
-        fs::read_to_string(path.join("cgroup.events"))
-            .map(|s| s.lines().any(|l| l == "populated 1"))
-            .unwrap_or(false)
-    };
+    let populated = || populated(path).unwrap_or(false);
     if populated() {
         fs::write(path.join("cgroup.kill"), "1").map_err(|source| CgroupError::Kill {
             path: path.to_owned(),

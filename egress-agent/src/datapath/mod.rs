@@ -236,12 +236,9 @@ fn open_pins(cgroup: &Path) -> Option<pins::Pins> {
         ))
     } else {
         cgroup::cgroup2_mount()
+            .and_then(|mount| Ok((cgroup::identity(&mount, cgroup)?.0, mount)))
             .map_err(std::io::Error::other)
-            .and_then(|mount| {
-                use std::os::unix::fs::MetadataExt as _;
-                let id = std::fs::metadata(cgroup)?.ino();
-                pins::Pins::open(&mount, cgroup, id)
-            })
+            .and_then(|(id, mount)| pins::Pins::open(&mount, cgroup, id))
     };
     opened
         .inspect_err(|e| {

@@ -204,7 +204,10 @@ fn sweep(root: &Path, mount: &Path) {
             && rel
                 .strip_prefix(EXEC_PREFIX)
                 .and_then(|pid| pid.parse::<i32>().ok())
-                .is_some_and(|pid| !process_alive(pid) && !populated(&path));
+                .is_some_and(|pid| {
+                    // Unknown counts as populated: a command may still run there.
+                    !process_alive(pid) && !cgroup::populated(&path).unwrap_or(true)
+                });
         if alive && !abandoned {
             continue;
         }
@@ -242,12 +245,6 @@ fn process_alive(pid: i32) -> bool {
     )
 }
 
-fn populated(cgroup: &Path) -> bool {
-    fs::read_to_string(cgroup.join("cgroup.events"))
-        .map(|s| s.lines().any(|l| l == "populated 1"))
-        .unwrap_or(true)
-}
-
 /// A cgroup path relative to the mount as one directory name ("" for the root). bpffs refuses
 /// dots in names (EPERM), and a directory name has no slash.
 fn escape(rel: &Path) -> String {
@@ -266,6 +263,18 @@ fn unescape(name: &str) -> String {
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 
+/// bpf(2) command `cmd` with `attr`, the command's part of bpf_attr (a `repr(C)` struct).
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live value of its full size, which is what the kernel reads.
+    let got =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_ref(attr), size_of::<T>()) };
+    if got < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(got)
+    }
+}
+
 /// A new descriptor of link `id` (BPF_LINK_GET_FD_BY_ID).
 fn link_fd(id: u32) -> io::Result<OwnedFd> {
     // The command's part of bpf_attr.
@@ -280,18 +289,7 @@ fn link_fd(id: u32) -> io::Result<OwnedFd> {
         next_id: 0,
         open_flags: 0,
     };
-    // SAFETY: the command's part of bpf_attr, with its size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_GET_FD_BY_ID,
-            &raw const attr,
-            size_of::<GetId>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = bpf(BPF_LINK_GET_FD_BY_ID, &attr)?;
     // SAFETY: a descriptor the kernel just returned, owned by no one else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -311,19 +309,8 @@ fn obj_pin(fd: &OwnedFd, path: &Path) -> io::Result<()> {
         bpf_fd: fd.as_raw_fd() as u32,
         file_flags: 0,
     };
-    // SAFETY: the command's part of bpf_attr, with its size; `path` outlives the call.
-    let pinned = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &raw const attr,
-            size_of::<Pin>(),
-        )
-    };
-    if pinned < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // `path` outlives the call.
+    bpf(BPF_OBJ_PIN, &attr).map(drop)
 }
 
 #[cfg(test)]

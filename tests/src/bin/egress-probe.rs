@@ -89,20 +89,26 @@ fn greeting(mut s: TcpStream) -> String {
     }
 }
 
+/// A TCP socket of `addr`'s family, for options to be set before it connects.
+fn stream_socket(addr: SocketAddr) -> io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket;
+    let family = match addr {
+        SocketAddr::V4(_) => socket::AddressFamily::Inet,
+        SocketAddr::V6(_) => socket::AddressFamily::Inet6,
+    };
+    Ok(socket::socket(
+        family,
+        socket::SockType::Stream,
+        socket::SockFlag::empty(),
+        None,
+    )?)
+}
+
 /// As `tcp`, from a socket carrying firewall mark `mark` (SO_MARK).
 fn tcp_mark(addr: SocketAddr, mark: u32) -> String {
     use nix::sys::socket::{self, sockopt};
     let run = || -> io::Result<String> {
-        let family = match addr {
-            SocketAddr::V4(_) => socket::AddressFamily::Inet,
-            SocketAddr::V6(_) => socket::AddressFamily::Inet6,
-        };
-        let fd = socket::socket(
-            family,
-            socket::SockType::Stream,
-            socket::SockFlag::empty(),
-            None,
-        )?;
+        let fd = stream_socket(addr)?;
         socket::setsockopt(&fd, sockopt::Mark, &mark)?;
         socket::connect(fd.as_raw_fd(), &socket::SockaddrStorage::from(addr))?;
         Ok(greeting(TcpStream::from(fd)))
@@ -124,16 +130,7 @@ fn redial(addr: SocketAddr, then: SocketAddr) -> String {
         };
         socket::setsockopt(&first, sockopt::Linger, &abort)?;
         drop(first);
-        let family = match local {
-            SocketAddr::V4(_) => socket::AddressFamily::Inet,
-            SocketAddr::V6(_) => socket::AddressFamily::Inet6,
-        };
-        let fd = socket::socket(
-            family,
-            socket::SockType::Stream,
-            socket::SockFlag::empty(),
-            None,
-        )?;
+        let fd = stream_socket(local)?;
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         socket::bind(fd.as_raw_fd(), &socket::SockaddrStorage::from(local))?;
         socket::connect(fd.as_raw_fd(), &socket::SockaddrStorage::from(then))?;
