@@ -237,3 +237,62 @@ async fn a_failed_start_leaves_nothing_behind() {
     assert_eq!(cg.probe(&["tcp", &at(w.v4(11), 443)]), "ok");
     std::net::TcpListener::bind(("127.0.0.1", relay_port)).expect("the relay's port is free");
 }
+
+/// Another process making and dropping links at the same moment must not fail a start: the
+/// kernel lists half-made links, which cannot be opened yet (EAGAIN), and links about to go
+/// (ENOENT). A link on a cgroup with many descendants stays half-made while the kernel recomputes
+/// each one's programs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_start_while_links_are_being_made_elsewhere() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    use egress_agent::datapath::Datapath;
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+    let busy = TestCgroup::new("busy");
+    let targets: Vec<_> = (0..8)
+        .map(|i| {
+            let target = busy.path.join(format!("t{i}"));
+            for j in 0..200 {
+                std::fs::create_dir_all(target.join(format!("d{j}"))).expect("a cgroup");
+            }
+            target
+        })
+        .collect();
+    // Each round holds its 12 links' descriptors until a fresh load frees them, and a cgroup
+    // takes 64 programs of a kind.
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    let rounds_per_load = (hard / 4 / 12).min(targets.len() as u64 * 60);
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = std::thread::spawn({
+        let stop = Arc::clone(&stop);
+        move || {
+            let mut made = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let mut loaded = Datapath::load(None).expect("loads");
+                for target in targets.iter().cycle().take(rounds_per_load as usize) {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    loaded.datapath.attach_cgroup(target).expect("attaches");
+                    made += 12;
+                }
+            }
+            made
+        }
+    });
+    let w = world(300);
+    for _ in 0..5 {
+        let cg = TestCgroup::new("beside-churn");
+        let a = agent(&w, &cg, Mode::RegistryOnly).await;
+        assert_eq!(cg.probe(&["tcp", &at(w.v4(11), 443)]), "denied");
+        a.shutdown().await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let made = churn.join().expect("the churn thread");
+    assert!(made > 0, "no link was made beside the starts");
+}

@@ -7,6 +7,7 @@ mod pins;
 use std::{
     collections::HashMap,
     fs::File,
+    os::fd::AsFd as _,
     path::Path,
     sync::{Arc, Mutex},
 };
@@ -19,6 +20,7 @@ use aya::{
         CgroupSockopt, ProgramError, SchedClassifier, SockOps, TcAttachType,
         tc::{self, SchedClassifierLinkId},
     },
+    sys::SyscallError,
     util::KernelVersion,
 };
 use egress_common::{
@@ -50,6 +52,8 @@ const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
 ];
 /// The cgroup_sockopt program (setsockopt).
 const SOCKOPT_PROGRAM: &str = "setsockopt";
+/// Its attach type (uapi `enum bpf_attach_type`).
+const BPF_CGROUP_SETSOCKOPT: u32 = 22;
 /// TC egress in the agent's namespace, the packet backstop (the cgroup's programs count bytes).
 const TC_PROGRAM: &str = "tc_egress";
 /// TC egress in a workload's own namespace, on Ethernet interfaces and on the others.
@@ -418,16 +422,30 @@ impl Datapath {
             }
         }
         let prog = program::<CgroupSockopt>(&mut self.ebpf, SOCKOPT_PROGRAM)?;
-        prog.attach(&file, CgroupAttachMode::Single)
-            .map_err(attach_err(SOCKOPT_PROGRAM))?;
-        if let Some(pins) = pins {
-            // aya keeps this link type to itself: pinned through the kernel's list of links.
-            let id = prog.info().map_err(loading(SOCKOPT_PROGRAM))?.id();
-            pins.pin_program_link(SOCKOPT_PROGRAM, id)
-                .map_err(|source| DatapathError::Pin {
-                    name: SOCKOPT_PROGRAM,
-                    source,
-                })?;
+        match pins {
+            // aya keeps this link type to itself: made here, to be pinned.
+            Some(pins) => {
+                let program = prog.fd().map_err(loading(SOCKOPT_PROGRAM))?;
+                let link = pins::link_create(program.as_fd(), file.as_fd(), BPF_CGROUP_SETSOCKOPT)
+                    .map_err(|io_error| {
+                        attach_err(SOCKOPT_PROGRAM)(
+                            SyscallError {
+                                call: "bpf_link_create",
+                                io_error,
+                            }
+                            .into(),
+                        )
+                    })?;
+                pins.pin_fd(SOCKOPT_PROGRAM, &link)
+                    .map_err(|source| DatapathError::Pin {
+                        name: SOCKOPT_PROGRAM,
+                        source,
+                    })?;
+            }
+            None => {
+                prog.attach(&file, CgroupAttachMode::Single)
+                    .map_err(attach_err(SOCKOPT_PROGRAM))?;
+            }
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::{
     ffi::CString,
     fs, io,
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
     },
     path::{Path, PathBuf},
@@ -79,25 +79,16 @@ impl Pins {
         }
     }
 
-    /// Pins as `name` the link the kernel has for program `program_id`: for the link types aya
-    /// does not hand over as an [`FdLink`].
-    pub fn pin_program_link(&mut self, name: &str, program_id: u32) -> io::Result<()> {
-        for info in aya::programs::loaded_links() {
-            let info = info.map_err(io::Error::other)?;
-            if info.program_id() == program_id {
-                let path = self.dir.join(format!("{}{name}", self.me));
-                obj_pin(&link_fd(info.id())?, &path)?;
-                self.pinned.insert(
-                    name.to_owned(),
-                    PinnedLink::from_pin(&path).map_err(io::Error::other)?,
-                );
-                return Ok(());
-            }
-        }
-        Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no link of program {program_id}"),
-        ))
+    /// Pins `link` as `name`: for the link types aya does not hand over as an [`FdLink`] (see
+    /// [`link_create`]).
+    pub fn pin_fd(&mut self, name: &str, link: &OwnedFd) -> io::Result<()> {
+        let path = self.dir.join(format!("{}{name}", self.me));
+        obj_pin(link, &path)?;
+        self.pinned.insert(
+            name.to_owned(),
+            PinnedLink::from_pin(&path).map_err(io::Error::other)?,
+        );
+        Ok(())
     }
 
     /// Detaches what an agent that did not stop cleanly left for this cgroup, but for its links
@@ -261,7 +252,7 @@ fn unescape(name: &str) -> String {
 }
 
 const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_CREATE: libc::c_long = 28;
 
 /// bpf(2) command `cmd` with `attr`, the command's part of bpf_attr (a `repr(C)` struct).
 fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
@@ -275,21 +266,29 @@ fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
     }
 }
 
-/// A new descriptor of link `id` (BPF_LINK_GET_FD_BY_ID).
-fn link_fd(id: u32) -> io::Result<OwnedFd> {
+/// A new link of `program` to `target` for `attach_type` (BPF_LINK_CREATE), attached until
+/// its last reference goes: for the link types aya keeps to itself, made here rather than found
+/// among the kernel's links, where another process's half-made link fails the search (EAGAIN).
+pub fn link_create(
+    program: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
     // The command's part of bpf_attr.
     #[repr(C)]
-    struct GetId {
-        link_id: u32,
-        next_id: u32,
-        open_flags: u32,
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
     }
-    let attr = GetId {
-        link_id: id,
-        next_id: 0,
-        open_flags: 0,
+    let attr = LinkCreate {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
     };
-    let fd = bpf(BPF_LINK_GET_FD_BY_ID, &attr)?;
+    let fd = bpf(BPF_LINK_CREATE, &attr)?;
     // SAFETY: a descriptor the kernel just returned, owned by no one else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
