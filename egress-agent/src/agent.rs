@@ -12,7 +12,7 @@ use tokio::{
 pub use crate::metrics::Status;
 use crate::{
     datapath::{
-        self, Datapath, Heartbeat, Loaded, cgroup,
+        self, Datapath, Heartbeat, Loaded, Sizes, cgroup,
         iface::{self, LinkWatch},
     },
     events::{Catalog, CgroupNames, LogWriter, Pipeline, Rotation},
@@ -35,8 +35,8 @@ pub struct AgentConfig {
     /// The flow log (JSON lines, appended); `None`: events feed the metrics only.
     pub events: Option<PathBuf>,
     pub rotation: Rotation,
-    /// Event ring buffer size in bytes; `None`: the programs' default (4 MiB).
-    pub ring_bytes: Option<u32>,
+    /// The kernel's event ring buffer and flow table.
+    pub sizes: Sizes,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
     /// No kernel events at all (decisions unchanged): the events benchmark's baseline only.
@@ -222,7 +222,7 @@ impl Agent {
             events,
             relay: relay_maps,
             alive,
-        } = Datapath::load(cfg.ring_bytes).context("loading the eBPF programs")?;
+        } = Datapath::load(&cfg.sizes).context("loading the eBPF programs")?;
         let (catalog, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
         sync(&plan, &table, &resolver, &mut maps, &catalog, &status)?;
         maps.set_mode(plan.mode.kernel())

@@ -68,6 +68,7 @@ pub struct Status {
     pub sockopts_refused: Family<ReasonLabels, Counter>,
     pub events: Counter,
     pub events_lost: Counter,
+    pub flows_untracked: Counter,
     pub log_errors: Counter,
     pub relay_namespaces: Gauge,
     pub relay_namespaces_wanted: Counter,
@@ -177,6 +178,11 @@ impl Status {
             "events_lost",
             "Flow events the kernel could not write (ring buffer full)",
             self.events_lost.clone(),
+        );
+        r.register(
+            "flows_untracked",
+            "Flows the kernel's flow table had no room for: a connect record each, no close",
+            self.flows_untracked.clone(),
         );
         r.register(
             "log_write_errors",

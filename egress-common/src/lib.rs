@@ -17,7 +17,7 @@ pub const ALIVE_WITHIN_NS: u64 = 5 * ALIVE_EVERY_NS;
 /// Name of the ring buffer of [`FlowEvent`]s.
 pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V2";
 /// Name of the LRU hash of open flows: socket cookie → [`Flow`].
-pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V5";
+pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V6";
 /// Name of the LRU hash of steered connections by socket cookie → [`Steered`]: written at
 /// connect, read by getpeername, removed when the socket closes.
 pub const STEERED_MAP: &str = "EGRESS_STEERED_V3";
@@ -197,10 +197,12 @@ impl Config {
 /// unchanged). Only the events benchmark's baseline sets it; zero, the default, reports.
 pub const CONFIG_EVENTS_OFF: u32 = 1;
 
-/// Slots in [`COUNTERS_MAP`]: [`COUNTER_LOST`], then one per verdict value.
-pub const COUNTER_SLOTS: u32 = 4;
+/// Slots in [`COUNTERS_MAP`]: [`COUNTER_LOST`], one per verdict value, [`COUNTER_UNTRACKED`].
+pub const COUNTER_SLOTS: u32 = 5;
 /// Events the programs could not write to the ring buffer (it was full).
 pub const COUNTER_LOST: u32 = 0;
+/// Flows the flow table had no room for: their connect has its record, their close none.
+pub const COUNTER_UNTRACKED: u32 = 4;
 
 /// What an event reports. Stable numbers: they cross the ring buffer.
 #[repr(u32)]

@@ -8,7 +8,7 @@ use aya_ebpf::{
     },
     maps::ring_buf::RingBufEntry,
 };
-use egress_common::{COUNTER_LOST, EventKind, Flow, FlowEvent};
+use egress_common::{COUNTER_LOST, COUNTER_UNTRACKED, EventKind, Flow, FlowEvent};
 
 use crate::{COUNTERS, DENIALS, EVENTS, FLOWS, decide::Decision};
 
@@ -16,8 +16,8 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
 #[inline(always)]
-fn count_lost() {
-    if let Some(slot) = COUNTERS.get_ptr_mut(COUNTER_LOST) {
+fn count(counter: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter) {
         // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
         unsafe { *slot += 1 };
     }
@@ -28,7 +28,7 @@ fn count_lost() {
 pub fn reserve() -> Option<RingBufEntry<FlowEvent>> {
     let entry = EVENTS.reserve::<FlowEvent>(0);
     if entry.is_none() {
-        count_lost();
+        count(COUNTER_LOST);
     }
     entry
 }
@@ -50,7 +50,7 @@ pub fn wakeup() -> u64 {
 #[inline(always)]
 fn emit(event: &FlowEvent) {
     if EVENTS.output::<FlowEvent>(event, wakeup()).is_err() {
-        count_lost();
+        count(COUNTER_LOST);
     }
 }
 
@@ -107,8 +107,6 @@ pub fn now_ns() -> u64 {
 #[inline(always)]
 pub fn open_flow(cookie: u64, event: &FlowEvent) {
     close_flow(cookie);
-    // A full table evicts its least recently used flow (LRU): that flow's close goes unreported,
-    // which is better than refusing to track the new one.
     let flow = Flow {
         event: *event,
         next_seq_out: 0,
@@ -117,7 +115,10 @@ pub fn open_flow(cookie: u64, event: &FlowEvent) {
         seq_in_known: 0,
         pad: [0; 6],
     };
-    let _ = FLOWS.insert(&cookie, &flow, 0);
+    // A full table: the flow's connect has its record, its close will have none.
+    if FLOWS.insert(&cookie, &flow, 0).is_err() {
+        count(COUNTER_UNTRACKED);
+    }
 }
 
 /// Whether the socket's tracked flow already goes to this destination under this rule; if so,
@@ -201,7 +202,7 @@ pub fn deny_again(
 /// Remembers a denied call's event, to fold the same call denied again into it.
 #[inline(always)]
 pub fn open_denial(cookie: u64, event: &FlowEvent) {
-    // A full table evicts its least recently used denial: its folded calls go unreported.
+    // A full table: nothing is folded into this denial, the same call again gets its own record.
     let _ = DENIALS.insert(&cookie, event, 0);
 }
 

@@ -65,13 +65,16 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 const FLOWS_MAX_ENTRIES: u32 = 1 << 16;
 
-#[map(name = "EGRESS_FLOWS_V5")]
-static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+/// Not LRU: an evicted flow's close would go unreported without a trace. A flow that finds the
+/// table full is counted instead (`COUNTER_UNTRACKED`). Entries go with their sockets.
+#[map(name = "EGRESS_FLOWS_V6")]
+static FLOWS: HashMap<u64, Flow> = HashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
 /// Sockets whose last call was denied, by cookie: the deny's event, `connects` counting the same
-/// call denied again since (see `events::deny_again`).
-#[map(name = "EGRESS_DENIALS_V1")]
-static DENIALS: LruHashMap<u64, FlowEvent> = LruHashMap::with_max_entries(1 << 14, 0);
+/// call denied again since (see `events::deny_again`). Not LRU: an evicted denial's count would be
+/// lost; one that finds the table full is not opened, and its calls get a record each.
+#[map(name = "EGRESS_DENIALS_V2")]
+static DENIALS: HashMap<u64, FlowEvent> = HashMap::with_max_entries(1 << 14, 0);
 
 /// Raw, ping and other sockets that are neither TCP nor UDP are rare: a few thousand at once is
 /// plenty, and one the table forgot is judged by both packet hooks, never by none.

@@ -14,6 +14,7 @@ use std::{
 
 use egress_agent::{
     agent::{Agent, AgentConfig},
+    datapath::Sizes,
     events::Record,
     metrics::ReasonLabels,
     policy::Mode,
@@ -644,6 +645,119 @@ async fn a_call_denied_again_is_counted_in_one_denial() {
     assert_eq!(closes, 3, "no close for a denial nothing was folded into");
 }
 
+/// More sockets in denial at once than the kernel's denial table holds (16,384): every call is
+/// still counted. A socket whose denial finds the table full gets a record per call instead of
+/// one folded close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_denials_at_once_than_the_table_holds_lose_no_call() {
+    const SOCKETS: u64 = 17_000;
+    const CALLS: u64 = 3;
+    let w = world();
+    let cg = TestCgroup::new("many-denials");
+    let log = log_path("events-many-denials");
+    // Room for every record of the burst of closes as the probe exits.
+    let a = Agent::start(AgentConfig {
+        sizes: Sizes {
+            ring_bytes: Some(32 << 20),
+            ..Sizes::default()
+        },
+        ..config(&w, &cg, Mode::RegistryOnly, Some(&log))
+    })
+    .await
+    .expect("agent starts");
+    let unregistered = at(w.v4(11), 5353);
+    let sockets = SOCKETS.to_string();
+    let calls = CALLS.to_string();
+    let (out, pid) = probe_with_pid(
+        Some(&cg.path),
+        &["udp-many", &unregistered, &sockets, &calls],
+    );
+    assert_eq!(out, format!("denied:{}", SOCKETS * CALLS), "udp-many");
+    // Each folded denial's first call has its record and its close counts them all; an unfolded
+    // call is its record alone.
+    let accounted = || {
+        let (mut calls, mut records) = (0, 0);
+        for r in records_of(&log, pid) {
+            match r.kind.as_str() {
+                "connect" => {
+                    calls += 1;
+                    records += 1;
+                }
+                "close" => calls += r.connects.unwrap_or(0) - 1,
+                _ => {}
+            }
+        }
+        (calls, records)
+    };
+    wait_for("every denied call accounted for", WAIT, || {
+        accounted().0 == SOCKETS * CALLS
+    });
+    assert!(
+        accounted().1 > SOCKETS,
+        "the table never filled: {:?}",
+        accounted()
+    );
+    assert_eq!(a.status.events_lost.get(), 0);
+    a.shutdown().await;
+}
+
+/// More flows at once than the flow table holds: each connect beyond is counted untracked (its
+/// record stands, no close follows), every tracked flow is closed with its count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_beyond_the_flow_table_are_counted_untracked() {
+    const TABLE: u64 = 1000;
+    const SOCKETS: u64 = 1200;
+    let w = world();
+    let cg = TestCgroup::new("many-flows");
+    let log = log_path("events-many-flows");
+    let a = Agent::start(AgentConfig {
+        sizes: Sizes {
+            flows: Some(TABLE as u32),
+            ..Sizes::default()
+        },
+        ..config(&w, &cg, Mode::RegistryOnly, Some(&log))
+    })
+    .await
+    .expect("agent starts");
+    let api = at(w.v4(10), 5353);
+    let sockets = SOCKETS.to_string();
+    let (out, pid) = probe_with_pid(Some(&cg.path), &["udp-many", &api, &sockets, "2"]);
+    assert_eq!(out, format!("ok:{}", SOCKETS * 2), "udp-many");
+    // The first sockets fill the table, each reconnect counted in its flow. Past them a
+    // reconnect finds no flow: a connect record of its own, untracked too.
+    let beyond = SOCKETS - TABLE;
+    let count = |kind: &str| {
+        records_of(&log, pid)
+            .iter()
+            .filter(|r| r.kind == kind)
+            .count() as u64
+    };
+    wait_for("every tracked flow closed", WAIT, || {
+        count("close") == TABLE
+    });
+    wait_for("the untracked ones counted", WAIT, || {
+        a.status.flows_untracked.get() == 2 * beyond
+    });
+    let records = records_of(&log, pid);
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.kind == "close")
+            .all(|r| r.connects == Some(2)),
+        "a tracked flow counts its reconnect"
+    );
+    assert_eq!(count("connect"), TABLE + 2 * beyond);
+    assert_eq!(a.status.events_lost.get(), 0);
+    a.shutdown().await;
+}
+
+fn records_of(log: &Path, pid: u32) -> Vec<Record> {
+    records(log)
+        .into_iter()
+        .filter(|r| r.pid == Some(pid))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_open_across_a_reload_keeps_its_rule() {
     let w = world();
@@ -696,7 +810,10 @@ async fn a_full_ring_buffer_is_counted_and_reported() {
         .open(&fifo)
         .expect("open fifo");
     let a = Agent::start(AgentConfig {
-        ring_bytes: Some(4096),
+        sizes: Sizes {
+            ring_bytes: Some(4096),
+            ..Sizes::default()
+        },
         ..config(&w, &cg, Mode::RegistryOnly, Some(&fifo))
     })
     .await

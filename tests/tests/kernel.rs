@@ -273,7 +273,7 @@ async fn agents_start_while_links_are_being_made_elsewhere() {
         move || {
             let mut made = 0;
             while !stop.load(Ordering::Relaxed) {
-                let mut loaded = Datapath::load(None).expect("loads");
+                let mut loaded = Datapath::load(&Default::default()).expect("loads");
                 for target in targets.iter().cycle().take(rounds_per_load as usize) {
                     if stop.load(Ordering::Relaxed) {
                         break;

@@ -109,6 +109,10 @@ pub struct EnforceArgs {
     /// Event ring buffer size (a power of two, at least a page; K and M suffixes).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub ring_size: Option<u64>,
+    /// Flows the kernel tracks at once, for their close records and byte counts (default 65536);
+    /// flows beyond are counted in egress_flows_untracked_total.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub flow_table: Option<u32>,
     /// Port of the gateway relay on 127.0.0.1 and ::1, where steered connections go (default: a
     /// free port, which the kernel programs are told).
     #[arg(long, value_name = "PORT", default_value_t = 0)]
@@ -210,7 +214,10 @@ impl EnforceArgs {
                 max_bytes: self.events_max_size,
                 keep: self.events_keep,
             },
-            ring_bytes,
+            sizes: crate::datapath::Sizes {
+                ring_bytes,
+                flows: self.flow_table,
+            },
             metrics: self.metrics,
             relay: crate::relay::RelayConfig {
                 port: self.relay_port,

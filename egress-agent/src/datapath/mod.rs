@@ -24,7 +24,7 @@ use aya::{
     util::KernelVersion,
 };
 use egress_common::{
-    ALIVE_EVERY_NS, ALIVE_MAP, ARPHRD_ETHER, EVENTS_MAP, LINKS_MAP, RELAY_NETNS_MAP,
+    ALIVE_EVERY_NS, ALIVE_MAP, ARPHRD_ETHER, EVENTS_MAP, FLOWS_MAP, LINKS_MAP, RELAY_NETNS_MAP,
     RELAY_PEERS_MAP, RELAY_SOCKETS_MAP, RELAY_WANTED_MAP,
 };
 
@@ -68,6 +68,8 @@ pub enum DatapathError {
     MissingProgram(&'static str),
     #[error("ring buffer size {0} is not a power of two multiple of the page size")]
     RingSize(u32),
+    #[error("a flow table of no entries")]
+    FlowTable,
     #[error("loading program `{name}` into the kernel")]
     Program {
         name: &'static str,
@@ -113,6 +115,15 @@ pub enum DatapathError {
     Detached,
     #[error(transparent)]
     Maps(#[from] MapsError),
+}
+
+/// The sizes of the kernel's tables the agent may choose; `None` keeps the object's default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sizes {
+    /// The event ring buffer, in bytes: a power-of-two multiple of the page size (4 MiB).
+    pub ring_bytes: Option<u32>,
+    /// Flows tracked at once (65,536); one more is counted untracked.
+    pub flows: Option<u32>,
 }
 
 /// The loaded programs. Dropping it leaves every pinned link attached (the cgroup's, the TC links
@@ -286,16 +297,21 @@ fn loading(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
 }
 
 impl Datapath {
-    /// Loads and verifies every program; attaches nothing yet. `ring_bytes` sizes the event ring
-    /// buffer (a power-of-two multiple of the page size); `None` keeps the object's default.
-    pub fn load(ring_bytes: Option<u32>) -> Result<Loaded, DatapathError> {
+    /// Loads and verifies every program, its maps sized by `sizes`; attaches nothing yet.
+    pub fn load(sizes: &Sizes) -> Result<Loaded, DatapathError> {
         let mut loader = EbpfLoader::new();
-        if let Some(size) = ring_bytes {
+        if let Some(size) = sizes.ring_bytes {
             let page = page_size();
             if !size.is_power_of_two() || size < page {
                 return Err(DatapathError::RingSize(size));
             }
             loader.map_max_entries(EVENTS_MAP, size);
+        }
+        if let Some(flows) = sizes.flows {
+            if flows == 0 {
+                return Err(DatapathError::FlowTable);
+            }
+            loader.map_max_entries(FLOWS_MAP, flows);
         }
         let mut ebpf = loader
             .load(aya::include_bytes_aligned!(concat!(

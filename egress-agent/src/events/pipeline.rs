@@ -40,8 +40,9 @@ pub struct Pipeline {
     poller: JoinHandle<()>,
 }
 
-/// The kernel's lost-event counter, carried into the metrics. Polled on its own schedule too, so
-/// the metrics show a loss while the pipeline itself is backed up.
+/// What the kernel could not record, carried into the metrics: lost events (polled on their own
+/// schedule too, so the metrics show a loss while the pipeline itself is backed up) and flows the
+/// flow table had no room for.
 struct Lost {
     counters: Counters,
     seen: Mutex<u64>,
@@ -61,6 +62,23 @@ impl Lost {
             Err(e) => log::error!("reading the lost-event counter: {e}"),
         }
         *seen
+    }
+
+    /// The kernel's untracked flows since `seen`: counted, and logged (once a poll).
+    fn poll_untracked(&self, seen: &mut u64) {
+        match self.counters.flows_untracked() {
+            Ok(total) if total > *seen => {
+                let new = total - *seen;
+                self.status.flows_untracked.inc_by(new);
+                log::warn!(
+                    "the kernel's flow table is full: {new} more flows untracked (each has its \
+                     connect record but will have no close, nor bytes counted)"
+                );
+                *seen = total;
+            }
+            Ok(_) => {}
+            Err(e) => log::error!("reading the untracked-flow counter: {e}"),
+        }
     }
 }
 
@@ -101,9 +119,11 @@ impl Pipeline {
         let l = Arc::clone(&lost);
         let poller = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut untracked = l.counters.flows_untracked().unwrap_or(0);
             loop {
                 tick.tick().await;
                 l.poll();
+                l.poll_untracked(&mut untracked);
             }
         });
         let reader = Reader {

@@ -9,8 +9,8 @@ use aya::{
     },
 };
 use egress_common::{
-    CONFIG_EVENTS_OFF, CONFIG_MAP, COUNTER_LOST, COUNTER_SLOTS, COUNTERS_MAP, Config, Mode,
-    POLICY_MAP, PolicyKey, PolicyValue, Verdict,
+    CONFIG_EVENTS_OFF, CONFIG_MAP, COUNTER_LOST, COUNTER_SLOTS, COUNTER_UNTRACKED, COUNTERS_MAP,
+    Config, Mode, POLICY_MAP, PolicyKey, PolicyValue, Verdict,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,11 @@ impl Counters {
     /// Events the programs could not write (ring buffer full), summed over CPUs.
     pub fn events_lost(&self) -> Result<u64, MapsError> {
         self.counter(COUNTER_LOST)
+    }
+
+    /// Flows the kernel's flow table had no room for, summed over CPUs.
+    pub fn flows_untracked(&self) -> Result<u64, MapsError> {
+        self.counter(COUNTER_UNTRACKED)
     }
 
     /// Decisions taken so far, summed over CPUs.

@@ -15,6 +15,8 @@
 //!   egress-probe sendto-repeat ADDR:PORT N [PAUSE_MS]   one UDP socket, N unconnected sendto()
 //!                                         calls (N more after PAUSE_MS if given); prints each
 //!                                         outcome's word with its count, `denied:N`
+//!   egress-probe udp-many ADDR:PORT SOCKETS N   SOCKETS UDP sockets open at once, each
+//!                                         connected N times, then closed; as sendto-repeat
 //!   egress-probe udp-alternate A:PORT B:PORT N   one UDP socket connected to A, then
 //!                                         B, N times over; `ok`
 //!   egress-probe bench-socket ADDR:PORT N    N times a new UDP socket, connect(), close; prints
@@ -89,8 +91,11 @@ fn greeting(mut s: TcpStream) -> String {
     }
 }
 
-/// A TCP socket of `addr`'s family, for options to be set before it connects.
-fn stream_socket(addr: SocketAddr) -> io::Result<std::os::fd::OwnedFd> {
+/// A socket of `addr`'s family, for options to be set before it connects.
+fn socket_for(
+    addr: SocketAddr,
+    kind: nix::sys::socket::SockType,
+) -> io::Result<std::os::fd::OwnedFd> {
     use nix::sys::socket;
     let family = match addr {
         SocketAddr::V4(_) => socket::AddressFamily::Inet,
@@ -98,10 +103,63 @@ fn stream_socket(addr: SocketAddr) -> io::Result<std::os::fd::OwnedFd> {
     };
     Ok(socket::socket(
         family,
-        socket::SockType::Stream,
-        socket::SockFlag::empty(),
+        kind,
+        socket::SockFlag::SOCK_CLOEXEC,
         None,
     )?)
+}
+
+/// A TCP socket of `addr`'s family, for options to be set before it connects.
+fn stream_socket(addr: SocketAddr) -> io::Result<std::os::fd::OwnedFd> {
+    socket_for(addr, nix::sys::socket::SockType::Stream)
+}
+
+/// `sockets` UDP sockets open at once, each connected `calls` times to `addr`, then all closed;
+/// prints the outcomes' tally as `sendto-repeat`. The sockets share one local port
+/// (SO_REUSEADDR), so their number is not bounded by the ephemeral port range.
+fn udp_many(addr: SocketAddr, sockets: u64, calls: u64) -> String {
+    use nix::sys::{
+        resource::{Resource, setrlimit},
+        socket::{self, SockType, SockaddrStorage, sockopt},
+    };
+    let mut seen = std::collections::BTreeMap::<String, u64>::new();
+    let mut run = || -> io::Result<()> {
+        let room = sockets + 64;
+        setrlimit(Resource::RLIMIT_NOFILE, room, room)?;
+        let to = SockaddrStorage::from(addr);
+        let mut local = SockaddrStorage::from(SocketAddr::new(
+            match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            },
+            0,
+        ));
+        let mut open = Vec::new();
+        for i in 0..sockets {
+            let fd = socket_for(addr, SockType::Datagram)?;
+            socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            socket::bind(fd.as_raw_fd(), &local)?;
+            if i == 0 {
+                local = socket::getsockname(fd.as_raw_fd())?;
+            }
+            for _ in 0..calls {
+                let outcome = match socket::connect(fd.as_raw_fd(), &to) {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) => word(&e.into()),
+                };
+                *seen.entry(outcome).or_default() += 1;
+            }
+            open.push(fd);
+        }
+        Ok(())
+    };
+    if let Err(e) = run() {
+        return word(&e);
+    }
+    seen.iter()
+        .map(|(w, c)| format!("{w}:{c}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// As `tcp`, from a socket carrying firewall mark `mark` (SO_MARK).
@@ -957,6 +1015,12 @@ fn run(args: &[String]) -> ExitCode {
             let pause = args.get(3).map(|p| p.parse().map(Duration::from_millis));
             match (args[2].parse(), pause.transpose()) {
                 (Ok(n), Ok(pause)) => sendto_repeat(a, n, pause),
+                _ => return usage(),
+            }
+        }
+        (Some("udp-many"), Some(a)) if args.len() == 4 => {
+            match (args[2].parse(), args[3].parse()) {
+                (Ok(sockets), Ok(calls)) => udp_many(a, sockets, calls),
                 _ => return usage(),
             }
         }
