@@ -325,7 +325,9 @@ pub struct Steered {
     /// port the connect was pointed at there ([`Config::relay_port`]). Its SYN is dropped (and
     /// retried by TCP) until the relay serves that namespace on that port.
     pub held_port: u16,
-    pub pad2: u16,
+    /// The relay port the connect was pointed at: a later connect of the same socket elsewhere
+    /// (after this one failed before TCP took a port) shows the record to be stale.
+    pub relay_port: u16,
     /// The cookie of the client's network namespace, where the relay listens for it.
     pub netns: u64,
 }

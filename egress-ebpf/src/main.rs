@@ -308,8 +308,11 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             if steer::connecting(ctx.ops, cookie) || FLOWS.get_ptr(&cookie).is_some() {
                 let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
-                // Failing leaves the flow to sock_release or to the LRU.
-                let _ = ctx.set_cb_flags(flags as i32);
+                // Without the CLOSE callback nothing would end the flow (sock_release ends only
+                // closed ones): it ends now, its bytes uncounted.
+                if ctx.set_cb_flags(flags as i32).is_err() {
+                    events::close_flow(cookie);
+                }
             }
         }
         // Before the first SYN: a held connect's is dropped until the relay serves its

@@ -86,7 +86,7 @@ pub fn redirect(
             bound_if
         },
         held_port: if relay.held { relay.port } else { 0 },
-        pad2: 0,
+        relay_port: relay.port,
         netns: relay.netns,
     };
     if STEERED.insert(&cookie, &record, 0).is_err() {
@@ -164,6 +164,9 @@ pub fn syn_passes(skb: *mut __sk_buff) -> bool {
 
 /// Once TCP has chosen the source port (TCP_CONNECT_CB), files the record under the client's
 /// address and port, where the relay's accept() finds it. Returns whether the socket is steered.
+/// A record of an earlier connect of the socket that failed before TCP took a port (no state
+/// change forgot it) is dropped here, when this connect goes elsewhere: getpeername would show
+/// its destination.
 #[inline(always)]
 pub fn connecting(ops: *mut bpf_sock_ops, cookie: u64) -> bool {
     let Some(record) = STEERED.get_ptr(&cookie) else {
@@ -171,6 +174,10 @@ pub fn connecting(ops: *mut bpf_sock_ops, cookie: u64) -> bool {
     };
     // SAFETY: a valid map value.
     let record = unsafe { &*record };
+    if !to_relay(ops, record.relay_port) {
+        let _ = STEERED.remove(&cookie);
+        return false;
+    }
     let peer = local_end(ops, record.netns);
     // A failed insert leaves the relay without a record: it refuses.
     let _ = RELAY_PEERS.insert(&peer, record, 0);
@@ -186,6 +193,45 @@ pub fn forget(ops: *mut bpf_sock_ops, cookie: u64) {
         let _ = RELAY_PEERS.remove(&local_end(ops, netns));
         let _ = STEERED.remove(&cookie);
     }
+}
+
+/// Whether the socket connects to loopback on `port`, where steering points it.
+#[inline(always)]
+fn to_relay(ops: *mut bpf_sock_ops, port: u16) -> bool {
+    // SAFETY: the program's own context, read field by field as `local_end` does.
+    let (family, port_word, ip4, ip6) = unsafe {
+        use core::ptr::read_volatile as rd;
+        (
+            rd(&raw const (*ops).family),
+            rd(&raw const (*ops).remote_port),
+            rd(&raw const (*ops).remote_ip4),
+            [
+                rd(&raw const (*ops).remote_ip6[0]),
+                rd(&raw const (*ops).remote_ip6[1]),
+                rd(&raw const (*ops).remote_ip6[2]),
+                rd(&raw const (*ops).remote_ip6[3]),
+            ],
+        )
+    };
+    // remote_port holds the port in network order in its upper half on little-endian hosts,
+    // its lower half on big-endian ones.
+    let port_be = if cfg!(target_endian = "little") {
+        (port_word >> 16) as u16
+    } else {
+        port_word as u16
+    };
+    if port_be != port.to_be() {
+        return false;
+    }
+    if family == AF_INET {
+        return ip4 == LOOPBACK4;
+    }
+    // ::1, or 127.0.0.1 mapped (an IPv6 socket steered to the relay's IPv4 listener).
+    ip6[0] == 0
+        && ((ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1]))
+            || (ip6[1] == 0
+                && ip6[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+                && ip6[3] == LOOPBACK4))
 }
 
 /// The socket's local address and port in namespace `netns`, as the relay sees its peer.

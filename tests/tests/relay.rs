@@ -16,8 +16,8 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    HeldProbe, TestCgroup, World, at, egress_run, egress_run_command, log_path, pin_dir, probe_in,
-    probe_with_pid, records, signal, target_bin,
+    HeldProbe, TestCgroup, World, at, egress_run, egress_run_command, log_path, loopback_server,
+    pin_dir, probe_in, probe_with_pid, records, signal, target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -400,6 +400,29 @@ async fn a_direct_dial_of_the_relay_is_refused() {
             && records.iter().any(|r| unknown(r, &redialed))
     });
     assert_eq!(f.tls4.accepted(), 0);
+    a.shutdown().await;
+}
+
+/// A steered connect that fails before TCP takes a port leaves its record (no state change
+/// forgets it). The socket's next connect, elsewhere, must not be taken for steered: getpeername
+/// shows where it went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_connects_elsewhere_after_a_failed_steered_connect_is_not_steered() {
+    let f = fixture("collide");
+    let cg = TestCgroup::new("relay-collide");
+    let log = log_path("relay-collide");
+    let a = agent(&f, &cg, &log).await;
+    let direct = loopback_server("127.0.0.1:0");
+    let steered = at(f.w.v4(20), 443);
+    let (got, _) = probe_with_pid(Some(&cg.path), &["collide", &steered, &direct.to_string()]);
+    assert_eq!(
+        got,
+        format!("error:Cannot assign requested address (os error 99) ok:{direct}"),
+        "a connect to {steered} from a taken port, then to {direct}"
+    );
+    // Steering itself is unchanged: getpeername shows a steered connection's destination.
+    let (got, _) = probe_with_pid(Some(&cg.path), &["peer", &steered]);
+    assert_eq!(got, format!("ok:{steered}"));
     a.shutdown().await;
 }
 

@@ -37,6 +37,9 @@
 //!   egress-probe tls-hold ADDR:PORT NAME CA N    N handshakes held open together, then a GET on
 //!                                         each; `ok` when every answer came
 //!   egress-probe peer ADDR:PORT           connect; print what getpeername() says
+//!   egress-probe collide ADDR:PORT THEN:PORT   a connect to ADDR from a taken address and port
+//!                                         fails; the socket connects to THEN; prints the
+//!                                         failure's word and getpeername() as `peer`
 //!   egress-probe hello-bulk ADDR:PORT NAME    send a ClientHello for NAME, read to EOF; prints
 //!                                         `BYTES SECONDS`
 //!   egress-probe hello-echo ADDR:PORT NAME N   send a ClientHello for NAME and N patterned
@@ -196,6 +199,43 @@ fn redial(addr: SocketAddr, then: SocketAddr) -> String {
             "{} {}",
             local.port(),
             greeting(TcpStream::from(fd))
+        ))
+    };
+    run().unwrap_or_else(|e| word(&e))
+}
+
+/// Connects to `addr` and keeps that connection. A second socket bound to the first's port
+/// (SO_REUSEADDR) connects to `addr` too, which fails before TCP takes a port (that address and
+/// port pair is taken), then to `then`. Prints the failure's word and, as `peer`, the second
+/// socket's peer name.
+fn collide(addr: SocketAddr, then: SocketAddr) -> String {
+    use nix::sys::socket::{self, SockaddrStorage, sockopt};
+    let run = || -> io::Result<String> {
+        let bound = |port| -> io::Result<std::os::fd::OwnedFd> {
+            let fd = stream_socket(addr)?;
+            socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            let any: std::net::IpAddr = match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            };
+            socket::bind(
+                fd.as_raw_fd(),
+                &SockaddrStorage::from(SocketAddr::new(any, port)),
+            )?;
+            Ok(fd)
+        };
+        let first = bound(0)?;
+        socket::connect(first.as_raw_fd(), &SockaddrStorage::from(addr))?;
+        let port = TcpStream::from(first.try_clone()?).local_addr()?.port();
+        let second = bound(port)?;
+        let failed = match socket::connect(second.as_raw_fd(), &SockaddrStorage::from(addr)) {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => word(&e.into()),
+        };
+        socket::connect(second.as_raw_fd(), &SockaddrStorage::from(then))?;
+        Ok(format!(
+            "{failed} ok:{}",
+            TcpStream::from(second).peer_addr()?
         ))
     };
     run().unwrap_or_else(|e| word(&e))
@@ -1045,6 +1085,10 @@ fn run(args: &[String]) -> ExitCode {
             Err(_) => return usage(),
         },
         (Some("peer"), Some(a)) => peer(a),
+        (Some("collide"), Some(a)) if args.len() == 3 => match args[2].parse() {
+            Ok(then) => collide(a, then),
+            Err(_) => return usage(),
+        },
         (Some("solicit"), _) => match args.get(1).and_then(|a| a.parse().ok()) {
             Some(ip) => solicit(ip),
             None => return usage(),
