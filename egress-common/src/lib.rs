@@ -16,7 +16,7 @@ pub const ALIVE_EVERY_NS: u64 = 1_000_000_000;
 pub const ALIVE_WITHIN_NS: u64 = 5 * ALIVE_EVERY_NS;
 /// Name of the ring buffer of [`FlowEvent`]s.
 pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V2";
-/// Name of the LRU hash of open flows: socket cookie → [`Flow`].
+/// Name of the hash of open flows: socket cookie → [`Flow`].
 pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V6";
 /// Name of the LRU hash of steered connections by socket cookie → [`Steered`]: written at
 /// connect, read by getpeername, removed when the socket closes.

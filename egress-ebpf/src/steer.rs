@@ -228,10 +228,9 @@ fn to_relay(ops: *mut bpf_sock_ops, port: u16) -> bool {
     }
     // ::1, or 127.0.0.1 mapped (an IPv6 socket steered to the relay's IPv4 listener).
     ip6[0] == 0
-        && ((ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1]))
-            || (ip6[1] == 0
-                && ip6[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
-                && ip6[3] == LOOPBACK4))
+        && ip6[1] == 0
+        && ((ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1]))
+            || (ip6[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) && ip6[3] == LOOPBACK4))
 }
 
 /// The socket's local address and port in namespace `netns`, as the relay sees its peer.

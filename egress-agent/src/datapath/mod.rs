@@ -122,7 +122,7 @@ pub enum DatapathError {
 pub struct Sizes {
     /// The event ring buffer, in bytes: a power-of-two multiple of the page size (4 MiB).
     pub ring_bytes: Option<u32>,
-    /// Flows tracked at once (65,536); one more is counted untracked.
+    /// Flows tracked at once (65,536); a connect beyond is counted untracked.
     pub flows: Option<u32>,
 }
 

@@ -268,7 +268,8 @@ fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
 
 /// A new link of `program` to `target` for `attach_type` (BPF_LINK_CREATE), attached until
 /// its last reference goes: for the link types aya keeps to itself, made here rather than found
-/// among the kernel's links, where another process's half-made link fails the search (EAGAIN).
+/// among the kernel's links, where other processes' links, half-made (EAGAIN) or going (ENOENT),
+/// fail the search.
 pub fn link_create(
     program: BorrowedFd<'_>,
     target: BorrowedFd<'_>,
