@@ -251,8 +251,9 @@ fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over() {
     let mut first = run();
     assert_eq!(cg.probe(&["tcp", &dest]), "denied");
     pod_programs(1);
-    // The cgroup's 12 programs, the TC programs on the world's interface and on the pod's.
-    assert_eq!(pinned().len(), 14, "{:?}", pinned());
+    // The cgroup's 12 programs, the TC programs on the world's interface and on the pod's (that
+    // one pinned just after it is attached).
+    wait_for("the first agent's 14 pins", wait, || pinned().len() == 14);
     signal(&first, nix::sys::signal::Signal::SIGKILL);
     first.wait().expect("reap");
     assert_eq!(
