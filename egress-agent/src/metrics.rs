@@ -69,6 +69,7 @@ pub struct Status {
     pub events: Counter,
     pub events_lost: Counter,
     pub flows_untracked: Counter,
+    pub flows_open: Gauge,
     pub log_errors: Counter,
     pub relay_namespaces: Gauge,
     pub relay_namespaces_wanted: Counter,
@@ -178,6 +179,11 @@ impl Status {
             "events_lost",
             "Flow events the kernel could not write (ring buffer full)",
             self.events_lost.clone(),
+        );
+        r.register(
+            "flows_open",
+            "Flows in the kernel's flow table (its size is --flow-table)",
+            self.flows_open.clone(),
         );
         r.register(
             "flows_untracked",

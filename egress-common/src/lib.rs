@@ -197,12 +197,16 @@ impl Config {
 /// unchanged). Only the events benchmark's baseline sets it; zero, the default, reports.
 pub const CONFIG_EVENTS_OFF: u32 = 1;
 
-/// Slots in [`COUNTERS_MAP`]: [`COUNTER_LOST`], one per verdict value, [`COUNTER_UNTRACKED`].
-pub const COUNTER_SLOTS: u32 = 5;
+/// Slots in [`COUNTERS_MAP`]: [`COUNTER_LOST`], one per verdict value, [`COUNTER_UNTRACKED`],
+/// [`COUNTER_FLOWS_OPENED`], [`COUNTER_FLOWS_CLOSED`].
+pub const COUNTER_SLOTS: u32 = 7;
 /// Events the programs could not write to the ring buffer (it was full).
 pub const COUNTER_LOST: u32 = 0;
 /// Flows the flow table had no room for: their connect has its record, their close none.
 pub const COUNTER_UNTRACKED: u32 = 4;
+/// Flows put in the flow table and taken out: the difference is how full it is.
+pub const COUNTER_FLOWS_OPENED: u32 = 5;
+pub const COUNTER_FLOWS_CLOSED: u32 = 6;
 
 /// What an event reports. Stable numbers: they cross the ring buffer.
 #[repr(u32)]

@@ -8,7 +8,10 @@ use aya_ebpf::{
     },
     maps::ring_buf::RingBufEntry,
 };
-use egress_common::{COUNTER_LOST, COUNTER_UNTRACKED, EventKind, Flow, FlowEvent};
+use egress_common::{
+    COUNTER_FLOWS_CLOSED, COUNTER_FLOWS_OPENED, COUNTER_LOST, COUNTER_UNTRACKED, EventKind, Flow,
+    FlowEvent,
+};
 
 use crate::{COUNTERS, DENIALS, EVENTS, FLOWS, decide::Decision};
 
@@ -116,7 +119,9 @@ pub fn open_flow(cookie: u64, event: &FlowEvent) {
         pad: [0; 6],
     };
     // A full table: the flow's connect has its record, its close will have none.
-    if FLOWS.insert(&cookie, &flow, 0).is_err() {
+    if FLOWS.insert(&cookie, &flow, 0).is_ok() {
+        count(COUNTER_FLOWS_OPENED);
+    } else {
         count(COUNTER_UNTRACKED);
     }
 }
@@ -252,7 +257,9 @@ pub fn close_flow(cookie: u64) {
     flow.kind = EventKind::Close as u32;
     flow.time_ns = now_ns();
     emit(flow);
-    let _ = FLOWS.remove(&cookie);
+    if FLOWS.remove(&cookie).is_ok() {
+        count(COUNTER_FLOWS_CLOSED);
+    }
 }
 
 /// Atomic add: every CPU may count the same flow. core's AtomicU64 has no fetch_add on BPF (no

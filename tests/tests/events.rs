@@ -178,6 +178,10 @@ async fn every_verdict_is_logged_with_process_destination_host_and_rule() {
         (r.verdict.as_deref(), r.reason.as_deref()),
         (Some("allow"), Some("loopback"))
     );
+    // Every probe has ended: every flow it opened is out of the kernel's table.
+    wait_for("the flow table empty again", WAIT, || {
+        a.status.flows_open.get() == 0
+    });
     a.shutdown().await;
 }
 
@@ -710,12 +714,13 @@ async fn flows_beyond_the_flow_table_are_counted_untracked() {
     let w = world();
     let cg = TestCgroup::new("many-flows");
     let log = log_path("events-many-flows");
+    // Allow-any: a flow to a port nothing listens on is tracked too, and ends refused.
     let a = Agent::start(AgentConfig {
         sizes: Sizes {
             flows: Some(TABLE as u32),
             ..Sizes::default()
         },
-        ..config(&w, &cg, Mode::RegistryOnly, Some(&log))
+        ..config(&w, &cg, Mode::AllowAny, Some(&log))
     })
     .await
     .expect("agent starts");
@@ -748,6 +753,24 @@ async fn flows_beyond_the_flow_table_are_counted_untracked() {
     );
     assert_eq!(count("connect"), TABLE + 2 * beyond);
     assert_eq!(a.status.events_lost.get(), 0);
+    // The table empties as the sockets go, however their flows ended: it is not LRU, a flow
+    // left behind would stay for good. One held open shows the count live; once it goes, none
+    // of those that ended meanwhile may be left.
+    let held = HeldProbe::start(
+        Some(&cg.path),
+        &["tcp-hold", &at(w.v4(10), 443)],
+        "connected",
+    );
+    wait_for("the held flow counted", WAIT, || {
+        a.status.flows_open.get() == 1
+    });
+    assert_eq!(cg.probe(&["tcp", &at(w.v4(11), 444)]), "refused");
+    assert_eq!(cg.probe(&["transfer", &at(w.v4(10), 9000), "100000"]), "ok");
+    assert_eq!(cg.probe(&["udp-many", &api, "1", "3"]), "ok:3");
+    held.release();
+    wait_for("the flow table empty again", WAIT, || {
+        a.status.flows_open.get() == 0
+    });
     a.shutdown().await;
 }
 

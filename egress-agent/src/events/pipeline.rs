@@ -64,8 +64,17 @@ impl Lost {
         *seen
     }
 
-    /// The kernel's untracked flows since `seen`: counted, and logged (once a poll).
-    fn poll_untracked(&self, seen: &mut u64) {
+    /// The flow table: how full it is, and the flows it had no room for since `seen` (counted,
+    /// and logged once a poll).
+    fn poll_flows(&self, seen: &mut u64) {
+        match self.counters.flows_open() {
+            Ok(open) => {
+                self.status
+                    .flows_open
+                    .set(i64::try_from(open).unwrap_or(i64::MAX));
+            }
+            Err(e) => log::error!("reading the flow table's counters: {e}"),
+        }
         match self.counters.flows_untracked() {
             Ok(total) if total > *seen => {
                 let new = total - *seen;
@@ -123,7 +132,7 @@ impl Pipeline {
             loop {
                 tick.tick().await;
                 l.poll();
-                l.poll_untracked(&mut untracked);
+                l.poll_flows(&mut untracked);
             }
         });
         let reader = Reader {

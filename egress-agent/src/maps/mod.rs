@@ -9,8 +9,9 @@ use aya::{
     },
 };
 use egress_common::{
-    CONFIG_EVENTS_OFF, CONFIG_MAP, COUNTER_LOST, COUNTER_SLOTS, COUNTER_UNTRACKED, COUNTERS_MAP,
-    Config, Mode, POLICY_MAP, PolicyKey, PolicyValue, Verdict,
+    CONFIG_EVENTS_OFF, CONFIG_MAP, COUNTER_FLOWS_CLOSED, COUNTER_FLOWS_OPENED, COUNTER_LOST,
+    COUNTER_SLOTS, COUNTER_UNTRACKED, COUNTERS_MAP, Config, Mode, POLICY_MAP, PolicyKey,
+    PolicyValue, Verdict,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,12 @@ impl Counters {
     /// Flows the kernel's flow table had no room for, summed over CPUs.
     pub fn flows_untracked(&self) -> Result<u64, MapsError> {
         self.counter(COUNTER_UNTRACKED)
+    }
+
+    /// Flows in the kernel's flow table now.
+    pub fn flows_open(&self) -> Result<u64, MapsError> {
+        let opened = self.counter(COUNTER_FLOWS_OPENED)?;
+        Ok(opened.saturating_sub(self.counter(COUNTER_FLOWS_CLOSED)?))
     }
 
     /// Decisions taken so far, summed over CPUs.
