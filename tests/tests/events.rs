@@ -178,10 +178,6 @@ async fn every_verdict_is_logged_with_process_destination_host_and_rule() {
         (r.verdict.as_deref(), r.reason.as_deref()),
         (Some("allow"), Some("loopback"))
     );
-    // Every probe has ended: every flow it opened is out of the kernel's table.
-    wait_for("the flow table empty again", WAIT, || {
-        a.status.flows_open.get() == 0
-    });
     a.shutdown().await;
 }
 
