@@ -73,6 +73,8 @@ pub struct Status {
     pub log_errors: Counter,
     pub relay_namespaces: Gauge,
     pub relay_namespaces_wanted: Counter,
+    pub relay_namespace_hints: Counter,
+    pub relay_namespace_failures: Counter,
     pub relay_open: Gauge,
 }
 
@@ -159,6 +161,18 @@ impl Status {
             "Network namespaces the relay started serving because a steered connect waited there \
              (the others were found by its scan of the cgroup)",
             self.relay_namespaces_wanted.clone(),
+        );
+        r.register(
+            "relay_namespace_hints",
+            "Steered connects that waited in a network namespace the relay did not serve (the \
+             kernel's hints)",
+            self.relay_namespace_hints.clone(),
+        );
+        r.register(
+            "relay_namespace_failures",
+            "Attempts to serve a network namespace that failed: its steered connections wait, then \
+             fail",
+            self.relay_namespace_failures.clone(),
         );
         r.register(
             "relay_connections",

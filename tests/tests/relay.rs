@@ -698,6 +698,60 @@ async fn a_steered_connect_from_a_namespace_not_served_yet_waits_for_the_relay()
     a.shutdown().await;
 }
 
+/// A namespace the relay cannot serve (its loopback has no 127.0.0.1: nothing can listen there)
+/// is tried again on the kernel's hints once a second at most, however many steered connects
+/// hint: each attempt costs the agent far more than the connect costs the workload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_that_cannot_be_served_is_tried_again_once_a_second_at_most() {
+    let f = fixture("netns-unservable");
+    let cg = TestCgroup::new("relay-netns-unservable");
+    let log = log_path("relay-netns-unservable");
+    let pod = f.w.pod();
+    // Without a default route either, a connect there fails at once (ENETUNREACH).
+    for args in [
+        &["addr", "del", "127.0.0.1/8", "dev", "lo"][..],
+        &["route", "del", "default"],
+    ] {
+        let done = std::process::Command::new("ip")
+            .args(["-n", &pod.name])
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(done.success(), "ip {args:?}");
+    }
+    let a = agent_without_scan(&f, &cg, &log).await;
+    let dst = at(f.w.v4(20), 443);
+    let status = &a.status;
+    // Twenty steered connects at once, from a thread that stays there: twenty hints, one attempt.
+    let held = HeldProbe::start(
+        Some(&cg.path),
+        &["--netns", &pod.path(), "tcp-repeat", &dst, "20"],
+        "done",
+    );
+    wait_for("the twenty hints", Duration::from_secs(5), || {
+        status.relay_namespace_hints.get() == 20
+    });
+    assert_eq!(status.relay_namespace_failures.get(), 1, "one attempt");
+    assert_eq!(status.relay_namespaces.get(), 1, "the pod is not served");
+    // A second later a hint tries again.
+    wait_for("a second attempt", Duration::from_secs(5), || {
+        let hints = status.relay_namespace_hints.get();
+        let again = HeldProbe::start(
+            Some(&cg.path),
+            &["--netns", &pod.path(), "tcp-repeat", &dst, "1"],
+            "done",
+        );
+        wait_for("its hint", Duration::from_secs(5), || {
+            status.relay_namespace_hints.get() > hints
+        });
+        again.release();
+        status.relay_namespace_failures.get() == 2
+    });
+    held.release();
+    assert!(f.tls4.names().is_empty(), "nothing reached the upstream");
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_a_thread_entered_alone_stays_served_while_the_thread_is_there() {
     let f = fixture("netns-thread");

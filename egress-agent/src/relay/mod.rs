@@ -372,7 +372,7 @@ async fn watch_namespaces(
         datapath,
         links: links_tx,
         served: HashMap::new(),
-        failed: std::collections::HashSet::new(),
+        failed: HashMap::new(),
         hinted: HashMap::new(),
         shared,
         tasks,
@@ -403,6 +403,17 @@ async fn watch_namespaces(
                         if ino == w.home {
                             continue;
                         }
+                        w.shared.status.relay_namespace_hints.inc();
+                        // A namespace that could not be served is tried again on a hint once a
+                        // second at most: each steered connect from it hints, and each attempt
+                        // costs the agent far more than the connect costs the workload.
+                        if w
+                            .failed
+                            .get(&ino)
+                            .is_some_and(|at| at.elapsed() < HINTED_RETRY_AFTER)
+                        {
+                            continue;
+                        }
                         if !w.served.contains_key(&ino) {
                             if !w.serve(ino, &path) {
                                 continue;
@@ -425,6 +436,9 @@ async fn watch_namespaces(
     }
 }
 
+/// How soon a hint may retry a namespace that could not be served.
+const HINTED_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// The namespaces the relay serves besides the agent's own.
 struct Watcher {
     /// The agent's own namespace (its inode), served from the start.
@@ -436,8 +450,9 @@ struct Watcher {
     links: mpsc::UnboundedSender<u64>,
     /// By namespace inode.
     served: HashMap<u64, ServedNetns>,
-    /// Namespaces whose failure was logged: logged once, retried at every scan.
-    failed: std::collections::HashSet<u64>,
+    /// Namespaces that could not be served, by inode: when they last failed. Logged once,
+    /// retried at every scan and on hints (at most every [`HINTED_RETRY_AFTER`]).
+    failed: HashMap<u64, Instant>,
     /// By namespace inode: the threads whose hints it is served on (their namespace files). The
     /// scan sees each process's main thread only; a thread that entered a namespace alone keeps
     /// it served while it is there.
@@ -479,7 +494,7 @@ impl Watcher {
         }
         // Forget the failures of namespaces gone meanwhile: an inode may name a new one later.
         self.failed
-            .retain(|ino| scan.new.iter().any(|(new, _)| new == ino));
+            .retain(|ino, _| scan.new.iter().any(|(new, _)| new == ino));
         for (ino, path) in scan.new {
             self.serve(ino, &path);
         }
@@ -540,7 +555,8 @@ impl Watcher {
                 true
             }
             Err(e) => {
-                if self.failed.insert(ino) {
+                self.shared.status.relay_namespace_failures.inc();
+                if self.failed.insert(ino, Instant::now()).is_none() {
                     log::warn!(
                         "relay: cannot serve network namespace {ino} (of {}): {e}; its steered \
                          connections wait, then fail",

@@ -37,6 +37,8 @@
 //!   egress-probe tls-hold ADDR:PORT NAME CA N    N handshakes held open together, then a GET on
 //!                                         each; `ok` when every answer came
 //!   egress-probe peer ADDR:PORT           connect; print what getpeername() says
+//!   egress-probe tcp-repeat ADDR:PORT N   N connects, whatever their outcome, then says `done`
+//!                                         and waits for a line on stdin
 //!   egress-probe collide ADDR:PORT THEN:PORT   a connect to ADDR from a taken address and port
 //!                                         fails; the socket connects to THEN; prints the
 //!                                         failure's word and getpeername() as `peer`
@@ -253,6 +255,18 @@ fn tcp_hold(addr: SocketAddr) -> String {
         hold("connected")
     };
     match run() {
+        Ok(()) => "ok".into(),
+        Err(e) => word(&e),
+    }
+}
+
+/// `n` TCP connects to `addr`, each from a new socket and whatever their outcome; then says
+/// `done` and stays (as `hold`), so the thread that made them is still there to be looked at.
+fn tcp_repeat(addr: SocketAddr, n: u64) -> String {
+    for _ in 0..n {
+        let _ = TcpStream::connect_timeout(&addr, TIMEOUT);
+    }
+    match hold("done") {
         Ok(()) => "ok".into(),
         Err(e) => word(&e),
     }
@@ -1085,6 +1099,10 @@ fn run(args: &[String]) -> ExitCode {
             Err(_) => return usage(),
         },
         (Some("peer"), Some(a)) => peer(a),
+        (Some("tcp-repeat"), Some(a)) if args.len() == 3 => match args[2].parse() {
+            Ok(n) => tcp_repeat(a, n),
+            Err(_) => return usage(),
+        },
         (Some("collide"), Some(a)) if args.len() == 3 => match args[2].parse() {
             Ok(then) => collide(a, then),
             Err(_) => return usage(),
