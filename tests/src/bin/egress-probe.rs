@@ -114,6 +114,23 @@ fn socket_for(
     )?)
 }
 
+/// The unspecified address of `addr`'s family, with `port`.
+fn unspecified(addr: SocketAddr, port: u16) -> nix::sys::socket::SockaddrStorage {
+    let any: std::net::IpAddr = match addr {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    SocketAddr::new(any, port).into()
+}
+
+/// Each outcome's word with its count, `denied:3 ok:2`.
+fn tally(seen: &std::collections::BTreeMap<String, u64>) -> String {
+    seen.iter()
+        .map(|(w, c)| format!("{w}:{c}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A TCP socket of `addr`'s family, for options to be set before it connects.
 fn stream_socket(addr: SocketAddr) -> io::Result<std::os::fd::OwnedFd> {
     socket_for(addr, nix::sys::socket::SockType::Stream)
@@ -132,13 +149,7 @@ fn udp_many(addr: SocketAddr, sockets: u64, calls: u64) -> String {
         let room = sockets + 64;
         setrlimit(Resource::RLIMIT_NOFILE, room, room)?;
         let to = SockaddrStorage::from(addr);
-        let mut local = SockaddrStorage::from(SocketAddr::new(
-            match addr {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-            },
-            0,
-        ));
+        let mut local = unspecified(addr, 0);
         let mut open = Vec::new();
         for i in 0..sockets {
             let fd = socket_for(addr, SockType::Datagram)?;
@@ -158,13 +169,10 @@ fn udp_many(addr: SocketAddr, sockets: u64, calls: u64) -> String {
         }
         Ok(())
     };
-    if let Err(e) = run() {
-        return word(&e);
+    match run() {
+        Ok(()) => tally(&seen),
+        Err(e) => word(&e),
     }
-    seen.iter()
-        .map(|(w, c)| format!("{w}:{c}"))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// As `tcp`, from a socket carrying firewall mark `mark` (SO_MARK).
@@ -216,14 +224,7 @@ fn collide(addr: SocketAddr, then: SocketAddr) -> String {
         let bound = |port| -> io::Result<std::os::fd::OwnedFd> {
             let fd = stream_socket(addr)?;
             socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-            let any: std::net::IpAddr = match addr {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-            };
-            socket::bind(
-                fd.as_raw_fd(),
-                &SockaddrStorage::from(SocketAddr::new(any, port)),
-            )?;
+            socket::bind(fd.as_raw_fd(), &unspecified(addr, port))?;
             Ok(fd)
         };
         let first = bound(0)?;
@@ -395,10 +396,7 @@ fn sendto_repeat(addr: SocketAddr, n: u64, pause: Option<Duration>) -> String {
         std::thread::sleep(pause);
         send();
     }
-    seen.iter()
-        .map(|(w, c)| format!("{w}:{c}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    tally(&seen)
 }
 
 fn udp_alternate(a: SocketAddr, b: SocketAddr, n: u64) -> String {
@@ -1163,7 +1161,8 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: egress-probe [--netns|--thread-netns PATH] MODE, MODE one of: \
          tcp|tcp-hold|udp|udp-sendto ADDR:PORT | tcp-mark ADDR:PORT MARK | \
-         redial ADDR:PORT THEN:PORT | \
+         redial|collide ADDR:PORT THEN:PORT | tcp-repeat ADDR:PORT N | \
+         sendto-repeat ADDR:PORT N [PAUSE_MS] | udp-many ADDR:PORT SOCKETS N | \
          dns SERVER:PORT NAME | \
          bench-connect ADDR:PORT N | ping ADDR | frame-ping IFACE SRC4 DST4 ip|arp [VLAN] | sockopts | transfer ADDR:PORT N | \
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
