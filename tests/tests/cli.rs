@@ -19,6 +19,16 @@ fn egress(args: &[&str]) -> (i32, String) {
 const STATIC_DB: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db}\nspec:\n  hosts: [db.internal]\n  ports: [{number: 5432, name: pg, protocol: TCP}]\n  resolution: STATIC\n  endpoints: [{address: 192.0.2.40}]\n";
 const BAD: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db}\nspec:\n  hosts: [db.internal]\n  ports: [{number: 99999}]\n";
 
+/// A world with a server on 443/TCP at host 10, which no policy here registers, and a DNS server
+/// that knows no name.
+fn unregistered_world() -> World {
+    let mut w = World::new();
+    w.host(10);
+    w.tcp_server(std::net::SocketAddr::new(w.v4(10), 443));
+    w.start_dns(&[], 60);
+    w
+}
+
 #[test]
 fn validate_exit_statuses() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
@@ -84,10 +94,7 @@ fn check_exit_statuses() {
 
 #[test]
 fn exec_exit_statuses_and_enforcement() {
-    let mut w = World::new();
-    w.host(10);
-    w.tcp_server(std::net::SocketAddr::new(w.v4(10), 443));
-    w.start_dns(&[], 60);
+    let w = unregistered_world();
     let dir = policy_dir(STATIC_DB);
     let dns = w.dns_addr().to_string();
     let exec = |mode: &str, cmd: &[&str]| {
@@ -208,10 +215,7 @@ fn exec_exit_statuses_and_enforcement() {
 
 #[test]
 fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over() {
-    let mut w = World::new();
-    w.host(10);
-    w.tcp_server(std::net::SocketAddr::new(w.v4(10), 443));
-    w.start_dns(&[], 60);
+    let w = unregistered_world();
     let dir = policy_dir(STATIC_DB);
     let cg = TestCgroup::new("cli-pinned");
     let log = log_path("cli-pinned");

@@ -94,6 +94,16 @@ fn config(w: &World, cg: &TestCgroup, mode: Mode, log: Option<&Path>) -> AgentCo
     }
 }
 
+/// An agent as `config` makes it, its kernel tables sized by `sizes`.
+async fn agent_sized(w: &World, cg: &TestCgroup, mode: Mode, log: &Path, sizes: Sizes) -> Agent {
+    Agent::start(AgentConfig {
+        sizes,
+        ..config(w, cg, mode, Some(log))
+    })
+    .await
+    .expect("agent starts")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_verdict_is_logged_with_process_destination_host_and_rule() {
     let w = world();
@@ -656,15 +666,11 @@ async fn more_denials_at_once_than_the_table_holds_lose_no_call() {
     let cg = TestCgroup::new("many-denials");
     let log = log_path("events-many-denials");
     // Room for every record of the burst of closes as the probe exits.
-    let a = Agent::start(AgentConfig {
-        sizes: Sizes {
-            ring_bytes: Some(32 << 20),
-            ..Sizes::default()
-        },
-        ..config(&w, &cg, Mode::RegistryOnly, Some(&log))
-    })
-    .await
-    .expect("agent starts");
+    let sizes = Sizes {
+        ring_bytes: Some(32 << 20),
+        ..Sizes::default()
+    };
+    let a = agent_sized(&w, &cg, Mode::RegistryOnly, &log, sizes).await;
     let unregistered = at(w.v4(11), 5353);
     let sockets = SOCKETS.to_string();
     let calls = CALLS.to_string();
@@ -710,16 +716,12 @@ async fn flows_beyond_the_flow_table_are_counted_untracked() {
     let w = world();
     let cg = TestCgroup::new("many-flows");
     let log = log_path("events-many-flows");
+    let sizes = Sizes {
+        flows: Some(TABLE as u32),
+        ..Sizes::default()
+    };
     // Allow-any: a flow to a port nothing listens on is tracked too, and ends refused.
-    let a = Agent::start(AgentConfig {
-        sizes: Sizes {
-            flows: Some(TABLE as u32),
-            ..Sizes::default()
-        },
-        ..config(&w, &cg, Mode::AllowAny, Some(&log))
-    })
-    .await
-    .expect("agent starts");
+    let a = agent_sized(&w, &cg, Mode::AllowAny, &log, sizes).await;
     let api = at(w.v4(10), 5353);
     let sockets = SOCKETS.to_string();
     let (out, pid) = probe_with_pid(Some(&cg.path), &["udp-many", &api, &sockets, "2"]);
@@ -828,15 +830,11 @@ async fn a_full_ring_buffer_is_counted_and_reported() {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
         .expect("open fifo");
-    let a = Agent::start(AgentConfig {
-        sizes: Sizes {
-            ring_bytes: Some(4096),
-            ..Sizes::default()
-        },
-        ..config(&w, &cg, Mode::RegistryOnly, Some(&fifo))
-    })
-    .await
-    .expect("agent starts");
+    let sizes = Sizes {
+        ring_bytes: Some(4096),
+        ..Sizes::default()
+    };
+    let a = agent_sized(&w, &cg, Mode::RegistryOnly, &fifo, sizes).await;
     let target = at(w.v4(10), 5353);
     // Until the pipeline has stalled: every event of a round lost, none drained meanwhile (the
     // writer blocked, the queue full, the reader waiting on it). New sockets: a connect and a

@@ -105,22 +105,7 @@ impl Own {
     /// Makes `socket` the relay's own before it connects: the connect hook lets it through to
     /// the steered destination instead of steering it back to the relay.
     fn admit(&self, socket: &TcpSocket) -> io::Result<()> {
-        use std::os::fd::AsRawFd as _;
-        let mut cookie: u64 = 0;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        // SAFETY: a valid socket, and a u64 buffer with its length, as SO_COOKIE fills.
-        let got = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                (&raw mut cookie).cast(),
-                &raw mut len,
-            )
-        };
-        if got != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let cookie = netns::get_u64(socket.as_fd(), libc::SO_COOKIE)?;
         // An LRU: the oldest entries, of sockets long connected, make room.
         self.0
             .lock()

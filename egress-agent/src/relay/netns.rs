@@ -110,14 +110,19 @@ pub fn own_cookie() -> io::Result<u64> {
 
 /// The kernel's cookie for the namespace of `socket`.
 fn cookie(socket: BorrowedFd) -> io::Result<u64> {
+    get_u64(socket, libc::SO_NETNS_COOKIE)
+}
+
+/// A u64 socket option at SOL_SOCKET (a cookie) that nix has no type for.
+pub(super) fn get_u64(socket: BorrowedFd, name: libc::c_int) -> io::Result<u64> {
     let mut value = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid socket and a u64 out-value with its length, as SO_NETNS_COOKIE takes.
+    // SAFETY: a valid socket and a u64 out-value with its length, as the cookie options take.
     let got = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
+            name,
             (&raw mut value).cast(),
             &raw mut len,
         )
