@@ -70,12 +70,54 @@ fn main() {
     }
 }
 
+/// CPU seconds, in user space and in the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Cpu {
+    user: f64,
+    system: f64,
+}
+
+impl Cpu {
+    fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Add for Cpu {
+    type Output = Cpu;
+    fn add(self, o: Cpu) -> Cpu {
+        Cpu {
+            user: self.user + o.user,
+            system: self.system + o.system,
+        }
+    }
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, o: Cpu) -> Cpu {
+        Cpu {
+            user: self.user - o.user,
+            system: self.system - o.system,
+        }
+    }
+}
+
+impl std::iter::Sum for Cpu {
+    fn sum<I: Iterator<Item = Cpu>>(iter: I) -> Cpu {
+        iter.fold(Cpu::default(), |a, b| a + b)
+    }
+}
+
 /// CPU time this process (the agent's threads: the benches run clients as child processes).
-fn cpu_seconds() -> f64 {
+fn cpu_seconds() -> Cpu {
     let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
         .expect("getrusage");
     let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
-    t(u.user_time()) + t(u.system_time())
+    Cpu {
+        user: t(u.user_time()),
+        system: t(u.system_time()),
+    }
 }
 
 fn clock_ticks() -> f64 {
@@ -85,20 +127,27 @@ fn clock_ticks() -> f64 {
         .map_or(100.0, |t| t as f64)
 }
 
-/// A /proc/PID/stat line's parent and CPU seconds (user and system). The name, in parentheses,
-/// may hold spaces and parentheses itself: the fields follow the last `)`.
-fn proc_stat(text: &str) -> Option<(i32, f64)> {
+/// A /proc/PID/stat line's parent and CPU seconds. The name, in parentheses, may hold spaces and
+/// parentheses itself: the fields follow the last `)`.
+fn proc_stat(text: &str) -> Option<(i32, Cpu)> {
     let fields: Vec<&str> = text
         .get(text.rfind(')')? + 1..)?
         .split_whitespace()
         .collect();
     let ppid = fields.get(1)?.parse().ok()?;
-    let cpu: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some((ppid, cpu / clock_ticks()))
+    let seconds =
+        |i: usize| -> Option<f64> { Some(fields.get(i)?.parse::<f64>().ok()? / clock_ticks()) };
+    Some((
+        ppid,
+        Cpu {
+            user: seconds(11)?,
+            system: seconds(12)?,
+        },
+    ))
 }
 
 /// CPU seconds of a process and of its children (nginx's workers).
-fn process_tree_seconds(root: u32) -> f64 {
+fn process_tree_seconds(root: u32) -> Cpu {
     let root = root as i32;
     std::fs::read_dir("/proc")
         .expect("read /proc")
@@ -113,8 +162,8 @@ fn process_tree_seconds(root: u32) -> f64 {
 
 /// CPU seconds of the agent this process runs: all of the process's but for the upstream
 /// servers' threads (named `upstream`); the main thread only waits for the clients.
-fn agent_seconds() -> f64 {
-    let upstream: f64 = std::fs::read_dir("/proc/self/task")
+fn agent_seconds() -> Cpu {
+    let upstream: Cpu = std::fs::read_dir("/proc/self/task")
         .expect("read /proc/self/task")
         .flatten()
         .filter(|e| {
@@ -213,7 +262,7 @@ fn events_round(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (cpu, secs) = (cpu_seconds() - cpu0, t0.elapsed().as_secs_f64());
+    let (cpu, secs) = ((cpu_seconds() - cpu0).total(), t0.elapsed().as_secs_f64());
     let run = EventRun {
         connects_per_sec: (EVENT_CONNECTS * clients as u64) as f64 / connect_secs,
         events: agent.status.events.get(),
@@ -650,6 +699,9 @@ struct Figures {
     /// the agent with its relay, or both; the agent's until it has written the phase's last
     /// record): steadier than the rate, which the whole machine's load moves.
     proxy_us: Vec<f64>,
+    /// The part of it in user space: what the proxies' own code costs, beside the kernel's work
+    /// for their system calls and the packets they handle.
+    proxy_user_us: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
 }
@@ -694,11 +746,11 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
         figures.mb_per_sec.push(bulk[0] / bulk[1] / 1e6);
     }
     let proxy_seconds = || {
-        path.peer.map_or(0.0, process_tree_seconds)
+        path.peer.map_or_else(Cpu::default, process_tree_seconds)
             + if path.agent.is_some() {
                 agent_seconds()
             } else {
-                0.0
+                Cpu::default()
             }
     };
     let proxy = proxy_seconds();
@@ -715,7 +767,9 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
         settle(agent);
     }
     if path.peer.is_some() || path.agent.is_some() {
-        figures.proxy_us.push((proxy_seconds() - proxy) / n * 1e6);
+        let used = proxy_seconds() - proxy;
+        figures.proxy_us.push(used.total() / n * 1e6);
+        figures.proxy_user_us.push(used.user / n * 1e6);
     }
     let ttfb = probe(&[
         "hello-rate",
@@ -873,7 +927,7 @@ fn relay(options: &RelayOptions) {
             median(v.to_vec())
         }
     };
-    let m: Vec<[f64; 5]> = figures
+    let m: Vec<[f64; 6]> = figures
         .iter()
         .map(|f| {
             [
@@ -882,6 +936,7 @@ fn relay(options: &RelayOptions) {
                 med(&f.p50_us),
                 med(&f.p99_us),
                 med(&f.proxy_us),
+                med(&f.proxy_user_us),
             ]
         })
         .collect();
@@ -894,17 +949,26 @@ fn relay(options: &RelayOptions) {
         }
     };
     println!(
-        "{:<24} {:>9} {:>6} {:>7} {:>8} {:>8} {:>9} {:>9}",
-        "path", "bulk MB/s", "vs dir", "conn/s", "proxy us", "TTFB p50", "added p50", "added p99"
+        "{:<24} {:>9} {:>6} {:>7} {:>8} {:>7} {:>8} {:>9} {:>9}",
+        "path",
+        "bulk MB/s",
+        "vs dir",
+        "conn/s",
+        "proxy us",
+        "user us",
+        "TTFB p50",
+        "added p50",
+        "added p99"
     );
     for (k, f) in m.iter().enumerate().filter(|(k, _)| runs[*k]) {
         println!(
-            "{:<24} {} {} {} {} {}us {}us {}us",
+            "{:<24} {} {} {} {} {} {}us {}us {}us",
             paths[k].name,
             num(f[0], 9, 0),
             num(f[0] / direct[0], 6, 2),
             num(f[1], 7, 0),
             num(f[4], 8, 0),
+            num(f[5], 7, 0),
             num(f[2], 6, 0),
             num(f[2] - direct[2], 7, 0),
             num(f[3] - direct[3], 7, 0)
@@ -912,12 +976,13 @@ fn relay(options: &RelayOptions) {
     }
     println!(
         "(proxy us: the proxy's CPU time per connection in the connection-rate phase, the \
-         agent's included where it runs)"
+         agent's included where it runs; user us: the part of it in user space)"
     );
     // The spread behind each median: on a small shared machine it is often wider than the
     // differences between the paths.
     println!(
-        "\nby round (as run): connections/s | proxy CPU us per connection | added TTFB p99 us"
+        "\nby round (as run): connections/s | proxy CPU us per connection (user) | added TTFB \
+         p99 us"
     );
     for (k, f) in figures.iter().enumerate().filter(|(k, _)| runs[*k]) {
         let list = |v: &[f64], sub: f64| -> String {
@@ -927,10 +992,11 @@ fn relay(options: &RelayOptions) {
                 .join(" ")
         };
         println!(
-            "{:<24} {}  |  {}  |  {}",
+            "{:<24} {}  |  {} ({})  |  {}",
             paths[k].name,
             list(&f.conns_per_sec, 0.0),
             list(&f.proxy_us, 0.0),
+            list(&f.proxy_user_us, 0.0),
             list(&f.p99_us, direct[3])
         );
     }
@@ -1006,10 +1072,12 @@ fn relay(options: &RelayOptions) {
             String::new()
         };
         println!(
-            "egress vs {name}: {bulk}conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us{outcome}",
+            "egress vs {name}: {bulk}conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, {:.0} vs {:.0} in user space), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us{outcome}",
             egress[1] / p[1],
             egress[4],
             p[4],
+            egress[5],
+            p[5],
             egress[2] - direct[2],
             p[2] - direct[2],
             egress[3] - direct[3],
