@@ -12,45 +12,48 @@ use prometheus_client::{
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::events::Record;
+use crate::events::{Name, Record, Word};
+
+// Label values are the records' own words and shared names: counting a record allocates nothing
+// but a label set seen for the first time.
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
-    pub verdict: String,
+    pub verdict: Option<Word>,
     /// Empty when the destination belongs to no registered host.
-    pub host: String,
+    pub host: Option<Name>,
     /// Empty when no rule decided (the mode, loopback or a resolver did).
-    pub rule: String,
+    pub rule: Option<Name>,
 }
 
 impl DecisionLabels {
-    fn of(r: &Record, host: String) -> DecisionLabels {
+    fn of(r: &Record) -> DecisionLabels {
         DecisionLabels {
-            verdict: r.verdict.clone().unwrap_or_default(),
-            host,
-            rule: r.rule.clone().unwrap_or_default(),
+            verdict: r.verdict.clone(),
+            host: r.host.clone(),
+            rule: r.rule.clone(),
         }
     }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
-    pub host: String,
+    pub host: Option<Name>,
     /// `out` (sent) or `in` (received).
-    pub direction: String,
+    pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayLabels {
     /// The relay record's outcome: `ok`, `refused`, `upstream-failed`, ….
-    pub outcome: String,
-    pub host: String,
+    pub outcome: Option<Word>,
+    pub host: Option<Name>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     /// The record's reason: `packet-qdisc-bypass`, `af-xdp`.
-    pub reason: String,
+    pub reason: Option<Word>,
 }
 
 /// Counters others can watch: tests poll them, `/metrics` serves them.
@@ -82,54 +85,48 @@ impl Status {
     /// Counts what a record reports.
     pub fn observe(&self, r: &Record) {
         self.events.inc();
-        let host = r.host.clone().unwrap_or_default();
-        match r.kind.as_str() {
+        match &*r.kind {
             "connect" | "sendmsg" | "packet" => {
-                self.connections
-                    .get_or_create(&DecisionLabels::of(r, host))
-                    .inc();
+                self.connections.get_or_create(&DecisionLabels::of(r)).inc();
             }
             "close" => {
                 // The flow's first connect was counted from its own record; reconnects only here.
                 if let Some(again) = r.connects.and_then(|n| n.checked_sub(1)).filter(|&n| n > 0) {
                     self.connections
-                        .get_or_create(&DecisionLabels::of(r, host.clone()))
+                        .get_or_create(&DecisionLabels::of(r))
                         .inc_by(again);
                 }
-                for (direction, n) in [("out", r.bytes_out), ("in", r.bytes_in)] {
-                    self.bytes
-                        .get_or_create(&BytesLabels {
-                            host: host.clone(),
-                            direction: direction.to_owned(),
-                        })
-                        .inc_by(n.unwrap_or(0));
-                }
+                self.count_bytes(r, r.bytes_out, r.bytes_in);
             }
             "relay" => {
                 self.relayed
                     .get_or_create(&RelayLabels {
-                        outcome: r.outcome.clone().unwrap_or_default(),
-                        host: host.clone(),
+                        outcome: r.outcome.clone(),
+                        host: r.host.clone(),
                     })
                     .inc();
-                for (direction, n) in [("out", r.bytes_up), ("in", r.bytes_down)] {
-                    self.bytes
-                        .get_or_create(&BytesLabels {
-                            host: host.clone(),
-                            direction: direction.to_owned(),
-                        })
-                        .inc_by(n.unwrap_or(0));
-                }
+                self.count_bytes(r, r.bytes_up, r.bytes_down);
             }
             "sockopt" => {
                 self.sockopts_refused
                     .get_or_create(&ReasonLabels {
-                        reason: r.reason.clone().unwrap_or_default(),
+                        reason: r.reason.clone(),
                     })
                     .inc();
             }
             // `events_lost` follows the kernel's counter directly (see events::pipeline).
             _ => {}
+        }
+    }
+
+    fn count_bytes(&self, r: &Record, out: Option<u64>, into: Option<u64>) {
+        for (direction, n) in [("out", out), ("in", into)] {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    host: r.host.clone(),
+                    direction,
+                })
+                .inc_by(n.unwrap_or(0));
         }
     }
 

@@ -875,6 +875,12 @@ pub fn at(ip: IpAddr, port: u16) -> String {
     SocketAddr::new(ip, port).to_string()
 }
 
+/// An address of a flow record as the log writes it (empty when it has none), to compare with
+/// [`at`].
+pub fn shown(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(String::new, |a| a.to_string())
+}
+
 /// Makes the child join `cgroup` before it runs its program (only the child joins it).
 fn join_cgroup(cmd: &mut Command, cgroup: &Path) {
     let procs = cgroup.join("cgroup.procs");

@@ -17,7 +17,7 @@ use egress_agent::{
 };
 use egress_tests::{
     HeldProbe, TestCgroup, World, at, egress_run, egress_run_command, log_path, loopback_server,
-    pin_dir, probe_in, probe_with_pid, records, signal, target_bin,
+    pin_dir, probe_in, probe_with_pid, records, shown, signal, target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -183,7 +183,7 @@ fn tls_test_through_relay(
     assert_eq!(seen.names(), [Some("tls.test".to_owned())]);
     let dst = at(ip, 443);
     let r = relay_record(log, &format!("relay record for {dst}"), |r| {
-        r.dst.as_deref() == Some(dst.as_str())
+        shown(r.dst) == dst
     });
     assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
     r
@@ -200,23 +200,20 @@ async fn steered_tls_reaches_the_upstream_with_its_server_name() {
         let r = tls_test_through_relay(&f, cg.command("curl"), &log, ip, seen, &[]);
         let dst = at(ip, 443);
         assert_eq!(r.sni.as_deref(), Some("tls.test"), "{r:?}");
-        assert_eq!(r.upstream.as_deref(), Some(dst.as_str()), "{r:?}");
+        assert_eq!(shown(r.upstream), dst, "{r:?}");
         assert_eq!(r.host.as_deref(), Some("tls.test"), "{r:?}");
         assert_eq!(r.rule.as_deref(), Some("ServiceEntry/shop/tls"), "{r:?}");
         assert_eq!(r.comm.as_deref(), Some("curl"), "{r:?}");
         assert_eq!(
-            r.cgroup,
-            Some(format!(
-                "/{}",
-                cg.path.file_name().expect("name").to_string_lossy()
-            )),
+            r.cgroup.as_deref(),
+            Some(format!("/{}", cg.path.file_name().expect("name").to_string_lossy()).as_str()),
             "{r:?}"
         );
         assert_eq!(r.attempts, Some(1), "{r:?}");
         assert!(r.bytes_up.is_some_and(|b| b > 200), "{r:?}");
         assert!(r.bytes_down.is_some_and(|b| b > 200), "{r:?}");
         let c = wait_record(&log, "steer connect", |r| {
-            r.kind == "connect" && r.dst.as_deref() == Some(dst.as_str())
+            r.kind == "connect" && shown(r.dst) == dst
         });
         assert_eq!(c.verdict.as_deref(), Some("steer"), "{c:?}");
     }
@@ -343,7 +340,7 @@ async fn a_server_name_not_allowed_for_the_destination_never_reaches_upstream() 
             r.reason.as_deref().is_some_and(|s| s.contains(why)),
             "{r:?}"
         );
-        assert_eq!(r.dst.as_deref(), Some(dst.as_str()), "{r:?}");
+        assert_eq!(shown(r.dst), dst, "{r:?}");
         assert_eq!(r.upstream, None, "{r:?}");
     }
     assert_eq!(
@@ -650,7 +647,7 @@ async fn a_workload_in_its_own_network_namespace_is_relayed_from_there() {
         let peers: Vec<IpAddr> = seen.peers().iter().map(SocketAddr::ip).collect();
         assert_eq!(peers, [from], "the upstream connection left from the pod");
         let dst = at(ip, 443);
-        assert_eq!(r.upstream.as_deref(), Some(dst.as_str()), "{r:?}");
+        assert_eq!(shown(r.upstream), dst, "{r:?}");
         assert_eq!(r.comm.as_deref(), Some("curl"), "{r:?}");
     }
 
@@ -684,11 +681,9 @@ async fn a_steered_connect_from_a_namespace_not_served_yet_waits_for_the_relay()
         Duration::from_secs(5),
         || a.status.relay_namespaces_wanted.get() == 1 && a.status.relay_namespaces.get() == 2,
     );
-    let r = relay_record(&log, "relay record", |r| {
-        r.dst.as_deref() == Some(dst.as_str())
-    });
+    let r = relay_record(&log, "relay record", |r| shown(r.dst) == dst);
     assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
-    assert_eq!(r.upstream.as_deref(), Some(dst.as_str()), "{r:?}");
+    assert_eq!(shown(r.upstream), dst, "{r:?}");
     let peers: Vec<IpAddr> = f.tls4.peers().iter().map(SocketAddr::ip).collect();
     assert_eq!(
         peers,
@@ -884,7 +879,7 @@ async fn a_refusing_upstream_is_retried_as_configured_then_fails_cleanly() {
     });
     assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
     assert_eq!(r.attempts, Some(2), "{r:?}");
-    assert_eq!(r.upstream, Some(at(f.w.v4(23), 443)), "{r:?}");
+    assert_eq!(shown(r.upstream), at(f.w.v4(23), 443), "{r:?}");
     assert_eq!(f.retry.names(), [Some("retry.test".to_owned())]);
 
     // fail.test's only address refuses: 1 + 2 attempts, then the client's connection is closed.

@@ -95,7 +95,7 @@ impl Filter {
     }
 
     fn matches(&self, r: &Record) -> bool {
-        if self.verdict.is_some() && r.verdict != self.verdict {
+        if self.verdict.is_some() && r.verdict.as_deref() != self.verdict.as_deref() {
             return false;
         }
         if self.kind.as_ref().is_some_and(|k| *k != r.kind) {
@@ -110,7 +110,7 @@ impl Filter {
             return false;
         }
         if let Some(dst) = &self.dst {
-            let Some(sa) = r.dst_addr() else { return false };
+            let Some(sa) = r.dst else { return false };
             let ok = match dst {
                 Dst::Exact(want) => *want == sa,
                 Dst::Ip(ip) => *ip == sa.ip(),
@@ -143,9 +143,8 @@ impl Printer {
                 "TIME", "KIND", "VERDICT", "PROTO", "DST", "HOST", "RULE", "PID", "COMM"
             )?;
         }
-        let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".to_owned());
-        let rule = r.rule.clone().or_else(|| r.reason.clone());
-        let detail = match r.kind.as_str() {
+        let rule = r.rule.as_deref().or(r.reason.as_deref());
+        let detail = match &*r.kind {
             // A socket's denial that folded the same call denied again (see `connects`).
             "close" if r.verdict.as_deref() == Some("deny") => format!(
                 "{} calls denied in {} ms",
@@ -209,12 +208,17 @@ impl Printer {
             dash(&r.proto),
             dash(&r.dst),
             dash(&r.host),
-            dash(&rule),
+            rule.unwrap_or("-"),
             r.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             dash(&r.comm),
             detail
         )
     }
+}
+
+/// A field as the table shows it: `-` when absent.
+fn dash<T: std::fmt::Display>(o: &Option<T>) -> String {
+    o.as_ref().map_or_else(|| "-".to_owned(), T::to_string)
 }
 
 /// Prints the matching lines `reader` has now. Unparseable lines are counted on stderr.

@@ -5,12 +5,16 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use egress_common::{RULE_AF_XDP, RULE_LOOPBACK, RULE_MODE, RULE_QDISC_BYPASS, RULE_RESOLVER};
 
-use super::Record;
+use super::{
+    Record,
+    record::{Name, Word},
+};
 use crate::policy::{
     Plan,
     compile::{Origination, RelayRoute},
@@ -22,19 +26,20 @@ use crate::policy::{
 pub struct Catalog {
     /// By rule id.
     rules: HashMap<u32, Rule>,
-    mode: String,
+    /// Why the mode decided, for the records it did.
+    mode: &'static str,
     /// Resolved names of each address.
-    names: HashMap<IpAddr, Vec<String>>,
+    names: HashMap<IpAddr, Vec<Name>>,
     /// Resolved addresses of each name.
     addrs: HashMap<String, Vec<IpAddr>>,
 }
 
 #[derive(Debug)]
 struct Rule {
-    label: String,
-    hosts: Vec<String>,
+    label: Name,
+    hosts: Vec<Name>,
     /// How the relay connects upstream.
-    route: RelayRoute,
+    route: Arc<RelayRoute>,
     originate: Vec<Origination>,
 }
 
@@ -42,8 +47,8 @@ struct Rule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     /// The registered host the server name matched (a pattern, for a wildcard host).
-    pub host: String,
-    pub route: RelayRoute,
+    pub host: Name,
+    pub route: Arc<RelayRoute>,
     /// Other addresses of the same host, for retries.
     pub alternates: Vec<IpAddr>,
 }
@@ -65,10 +70,11 @@ impl Upstream {
 
 impl Catalog {
     pub fn new(plan: &Plan, resolved: &HashMap<String, Vec<IpAddr>>) -> Catalog {
-        let mut names: HashMap<IpAddr, Vec<String>> = HashMap::new();
+        let mut names: HashMap<IpAddr, Vec<Name>> = HashMap::new();
         for (name, addrs) in resolved {
+            let name = Name::from(name.as_str());
             for ip in addrs {
-                names.entry(*ip).or_default().push(name.clone());
+                names.entry(*ip).or_default().push(Name::clone(&name));
             }
         }
         for v in names.values_mut() {
@@ -80,15 +86,15 @@ impl Catalog {
                 .iter()
                 .map(|r| {
                     let rule = Rule {
-                        label: r.label.clone(),
-                        hosts: r.hosts.clone(),
-                        route: r.relay.clone(),
+                        label: r.label.as_str().into(),
+                        hosts: r.hosts.iter().map(|h| h.as_str().into()).collect(),
+                        route: Arc::new(r.relay.clone()),
                         originate: r.originate.clone(),
                     };
                     (r.id, rule)
                 })
                 .collect(),
-            mode: plan.mode.to_string(),
+            mode: plan.mode.reason(),
             names,
             addrs: resolved.clone(),
         }
@@ -107,15 +113,18 @@ impl Catalog {
         } = self
             .rule(rule_id)
             .ok_or_else(|| format!("rule #{rule_id} is not in the policy in force"))?;
-        let sni = sni.trim_end_matches('.').to_ascii_lowercase();
-        let host = hosts
-            .iter()
-            .find(|h| host_matches(h, &sni))
-            .ok_or_else(|| format!("server name {sni} is not a host of {label}"))?;
-        let alternates = match self.addrs.get(host) {
+        let sni = sni.trim_end_matches('.');
+        let host = hosts.iter().find(|h| host_matches(h, sni)).ok_or_else(|| {
+            format!(
+                "server name {} is not a host of {label}",
+                sni.to_ascii_lowercase()
+            )
+        })?;
+        let alternates = match self.addrs.get(&**host) {
             Some(addrs) if !addrs.contains(&dst) => {
                 return Err(format!(
-                    "server name {sni} does not resolve to the destination {dst}"
+                    "server name {} does not resolve to the destination {dst}",
+                    sni.to_ascii_lowercase()
                 ));
             }
             Some(addrs) => addrs.iter().copied().filter(|a| *a != dst).collect(),
@@ -123,7 +132,7 @@ impl Catalog {
         };
         Ok(Upstream {
             host: host.clone(),
-            route: route.clone(),
+            route: Arc::clone(route),
             alternates,
         })
     }
@@ -139,15 +148,17 @@ impl Catalog {
     /// Fills host, rule and reason from the rule id and destination.
     pub fn annotate(&self, r: &mut Record) {
         let Some(rule_id) = r.rule_id else { return };
-        let ip = r.dst_addr().map(|sa| sa.ip());
-        let names = ip.and_then(|ip| self.names.get(&ip));
-        match rule_id {
-            RULE_LOOPBACK => r.reason = Some("loopback".to_owned()),
-            RULE_RESOLVER => r.reason = Some("resolver".to_owned()),
-            RULE_QDISC_BYPASS => r.reason = Some("packet-qdisc-bypass".to_owned()),
-            RULE_AF_XDP => r.reason = Some("af-xdp".to_owned()),
-            RULE_MODE => r.reason = Some(format!("mode {}", self.mode)),
-            _ => {}
+        let names = r.dst.and_then(|sa| self.names.get(&sa.ip()));
+        let reason = match rule_id {
+            RULE_LOOPBACK => "loopback",
+            RULE_RESOLVER => "resolver",
+            RULE_QDISC_BYPASS => "packet-qdisc-bypass",
+            RULE_AF_XDP => "af-xdp",
+            RULE_MODE => self.mode,
+            _ => "",
+        };
+        if !reason.is_empty() {
+            r.reason = Some(Word::Borrowed(reason));
         }
         let rule = self.rule(rule_id);
         r.host = match (rule, names) {
@@ -163,7 +174,7 @@ impl Catalog {
             (None, Some(names)) => names.first().cloned(),
             (None, None) => None,
         };
-        r.rule = rule.map(|rule| rule.label.clone());
+        r.rule = rule.map(|rule| Name::clone(&rule.label));
     }
 
     fn rule(&self, rule_id: u32) -> Option<&Rule> {
@@ -171,14 +182,17 @@ impl Catalog {
     }
 }
 
-/// Istio host matching: exact, or `*.suffix` for any name below the suffix.
-fn host_matches(host: &str, name: &str) -> bool {
+/// Istio host matching: exact, or `*.suffix` for any name below the suffix. Names match in any
+/// case (hosts are lower case).
+pub fn host_matches(host: &str, name: &str) -> bool {
+    let name = name.as_bytes();
     match host.strip_prefix('*') {
         Some(suffix) if suffix.starts_with('.') => {
-            name.len() > suffix.len() && name.ends_with(suffix)
+            name.len() > suffix.len()
+                && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
         }
         Some(_) => host == "*",
-        None => host == name,
+        None => name.eq_ignore_ascii_case(host.as_bytes()),
     }
 }
 
@@ -187,7 +201,7 @@ fn host_matches(host: &str, name: &str) -> bool {
 pub struct CgroupNames {
     mount: PathBuf,
     root: PathBuf,
-    known: HashMap<u64, String>,
+    known: HashMap<u64, Name>,
     last_scan: Option<Instant>,
 }
 
@@ -203,7 +217,7 @@ impl CgroupNames {
         names
     }
 
-    pub fn name(&mut self, id: u64) -> Option<String> {
+    pub fn name(&mut self, id: u64) -> Option<Name> {
         if !self.known.contains_key(&id)
             && self
                 .last_scan
@@ -221,7 +235,8 @@ impl CgroupNames {
             let Ok(meta) = std::fs::metadata(&dir) else {
                 continue;
             };
-            self.known.insert(meta.ino(), display(&self.mount, &dir));
+            self.known
+                .insert(meta.ino(), display(&self.mount, &dir).into());
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
@@ -238,5 +253,22 @@ fn display(mount: &Path, dir: &Path) -> String {
     match dir.strip_prefix(mount) {
         Ok(rel) => format!("/{}", rel.display()),
         Err(_) => dir.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_matches;
+
+    #[test]
+    fn wildcards_and_case() {
+        assert!(host_matches("*.example.com", "a.example.com"));
+        assert!(host_matches("*.example.com", "A.Example.COM"));
+        assert!(!host_matches("*.example.com", "example.com"));
+        assert!(!host_matches("*.example.com", "aexample.com"));
+        assert!(host_matches("a.example.com", "a.example.com"));
+        assert!(host_matches("a.example.com", "A.EXAMPLE.com"));
+        assert!(!host_matches("a.example.com", "b.example.com"));
+        assert!(host_matches("*", "anything.test"));
     }
 }

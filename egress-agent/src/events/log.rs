@@ -198,7 +198,7 @@ mod tests {
     fn record(n: u64) -> Record {
         // Every line the same length, so sizes count lines.
         let mut r = Record::lost(jiff::Timestamp::UNIX_EPOCH, 0, 0);
-        r.kind = format!("test-{n:03}");
+        r.kind = format!("test-{n:03}").into();
         r
     }
 

@@ -5,7 +5,7 @@ pub mod log;
 mod pipeline;
 mod record;
 
-pub use catalog::{Catalog, CgroupNames, Upstream};
+pub use catalog::{Catalog, CgroupNames, Upstream, host_matches};
 pub use log::{LogReader, LogWriter, Rotation};
 pub use pipeline::{DRAIN_INTERVAL, Pipeline};
-pub use record::Record;
+pub use record::{Name, Record, Word};

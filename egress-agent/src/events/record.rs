@@ -1,11 +1,25 @@
 //! One line of the flow log, design.md §4. Keys are never renamed; new ones may be added. Every
 //! key is always present (null when it does not apply), so a line's shape is the same for every
 //! kind.
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+//!
+//! Built for every event at up to hundreds of thousands a second, so a record allocates little:
+//! words from a fixed set are static, names (hosts, rules, cgroups) are shared with the catalog,
+//! addresses are kept as addresses and written as text only into the log line.
+use std::{
+    borrow::Cow,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
 
 use egress_common::{EventKind, FlowEvent, Verdict};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+
+/// A word from a fixed set (`connect`, `allow`, `tcp`, `ok`, …); owned only when read back from a
+/// log.
+pub type Word = Cow<'static, str>;
+/// A name many records share (a host, a rule, a cgroup path): cloned by reference.
+pub type Name = Arc<str>;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -13,22 +27,22 @@ pub struct Record {
     /// `connect`, `sendmsg`, `packet` (judged by TC), `close` (a flow ended, with totals),
     /// `relay` (a steered connection through the relay ended), `sockopt` (a socket option
     /// refused, see `reason`), `lost` (events the kernel could not write).
-    pub kind: String,
+    pub kind: Word,
     #[serde(default)]
-    pub verdict: Option<String>,
+    pub verdict: Option<Word>,
     #[serde(default)]
-    pub proto: Option<String>,
+    pub proto: Option<Word>,
     #[serde(default)]
-    pub src: Option<String>,
+    pub src: Option<SocketAddr>,
     #[serde(default)]
-    pub dst: Option<String>,
+    pub dst: Option<SocketAddr>,
     #[serde(default)]
-    pub host: Option<String>,
+    pub host: Option<Name>,
     #[serde(default)]
-    pub rule: Option<String>,
+    pub rule: Option<Name>,
     /// Why a built-in rule decided: `loopback`, `resolver`, or the mode.
     #[serde(default)]
-    pub reason: Option<String>,
+    pub reason: Option<Word>,
     #[serde(default)]
     pub rule_id: Option<u32>,
     #[serde(default)]
@@ -38,7 +52,7 @@ pub struct Record {
     #[serde(default)]
     pub comm: Option<String>,
     #[serde(default)]
-    pub cgroup: Option<String>,
+    pub cgroup: Option<Name>,
     #[serde(default)]
     pub cgroup_id: Option<u64>,
     #[serde(default)]
@@ -70,7 +84,7 @@ pub struct Record {
     #[serde(default)]
     pub alpn: Option<Vec<String>>,
     #[serde(default)]
-    pub upstream: Option<String>,
+    pub upstream: Option<SocketAddr>,
     #[serde(default)]
     pub bytes_up: Option<u64>,
     #[serde(default)]
@@ -78,11 +92,11 @@ pub struct Record {
     #[serde(default)]
     pub attempts: Option<u32>,
     #[serde(default)]
-    pub outcome: Option<String>,
+    pub outcome: Option<Word>,
     /// For a `relay` connection whose TLS the relay originated: `SIMPLE` or `MUTUAL`, the HTTP
     /// requests it carried and the status of the last answer.
     #[serde(default)]
-    pub origination: Option<String>,
+    pub origination: Option<Word>,
     #[serde(default)]
     pub requests: Option<u64>,
     #[serde(default)]
@@ -90,10 +104,10 @@ pub struct Record {
 }
 
 impl Record {
-    fn empty(time: Timestamp, kind: &str) -> Record {
+    fn empty(time: Timestamp, kind: &'static str) -> Record {
         Record {
             time,
-            kind: kind.to_owned(),
+            kind: Cow::Borrowed(kind),
             verdict: None,
             proto: None,
             src: None,
@@ -133,10 +147,10 @@ impl Record {
     /// in the rest.
     pub fn relay(time: Timestamp, steered: &egress_common::Steered) -> Record {
         let mut r = Record::empty(time, "relay");
-        r.verdict = Some("steer".to_owned());
-        r.proto = Some("tcp".to_owned());
+        r.verdict = Some(Cow::Borrowed("steer"));
+        r.proto = Some(Cow::Borrowed("tcp"));
         r.rule_id = Some(steered.rule_id);
-        r.dst = Some(endpoint(steered.dst_addr, steered.dst_port_be).to_string());
+        r.dst = Some(endpoint(steered.dst_addr, steered.dst_port_be));
         r.set_task(steered.pid, steered.tid, &steered.comm);
         r.cgroup_id = (steered.cgroup_id != 0).then_some(steered.cgroup_id);
         // A client bound to an interface: its relayed connection leaves through that one.
@@ -184,7 +198,7 @@ impl Record {
             None => "unknown",
         };
         let mut r = Record::empty(time, kind);
-        r.verdict = Some(verdict_name(ev.verdict).to_owned());
+        r.verdict = Some(Cow::Borrowed(verdict_name(ev.verdict)));
         r.rule_id = Some(ev.rule_id);
         r.set_task(ev.pid, ev.tid, &ev.comm);
         r.cgroup_id = (ev.cgroup_id != 0).then_some(ev.cgroup_id);
@@ -193,9 +207,9 @@ impl Record {
             return r;
         }
         r.proto = Some(proto_name(ev.proto));
-        r.dst = Some(endpoint(ev.dst_addr, ev.dst_port_be).to_string());
+        r.dst = Some(endpoint(ev.dst_addr, ev.dst_port_be));
         if ev.src_addr != [0; 16] {
-            r.src = Some(endpoint(ev.src_addr, ev.src_port_be).to_string());
+            r.src = Some(endpoint(ev.src_addr, ev.src_port_be));
         }
         if matches!(kernel_kind, Some(EventKind::Close)) {
             r.bytes_out = Some(ev.bytes_out);
@@ -208,9 +222,10 @@ impl Record {
         r
     }
 
-    /// The destination's address, if the record has one.
-    pub fn dst_addr(&self) -> Option<SocketAddr> {
-        self.dst.as_deref()?.parse().ok()
+    /// Sets why the record ended as it did: `outcome`, and `reason` if there is one to tell.
+    pub fn ended(&mut self, outcome: &'static str, reason: Option<String>) {
+        self.outcome = Some(Cow::Borrowed(outcome));
+        self.reason = reason.map(Cow::Owned);
     }
 }
 
@@ -223,15 +238,15 @@ pub fn verdict_name(v: u32) -> &'static str {
     }
 }
 
-fn proto_name(proto: u8) -> String {
-    match proto {
-        6 => "tcp".to_owned(),
-        17 => "udp".to_owned(),
-        1 => "icmp".to_owned(),
-        58 => "icmpv6".to_owned(),
-        132 => "sctp".to_owned(),
-        n => format!("ip-proto-{n}"),
-    }
+fn proto_name(proto: u8) -> Word {
+    Cow::Borrowed(match proto {
+        6 => "tcp",
+        17 => "udp",
+        1 => "icmp",
+        58 => "icmpv6",
+        132 => "sctp",
+        n => return Cow::Owned(format!("ip-proto-{n}")),
+    })
 }
 
 /// An address as the kernel stores it (IPv4 mapped), shown in its own family; port 0 for
@@ -243,4 +258,39 @@ fn endpoint(addr: [u8; 16], port_be: u16) -> SocketAddr {
         None => IpAddr::V6(v6),
     };
     SocketAddr::new(ip, u16::from_be(port_be))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The contract's shape (design.md §4): every key present, addresses as `ip:port` text, IPv6
+    /// in brackets; and a line read back is the record written.
+    #[test]
+    fn a_line_has_every_key_and_addresses_as_text() {
+        let mut r = Record::relay_unknown(Timestamp::UNIX_EPOCH);
+        r.dst = Some("[2001:db8::1]:443".parse().expect("address"));
+        r.src = Some("192.0.2.1:40000".parse().expect("address"));
+        r.host = Some("api.test".into());
+        r.ended("refused", Some("no kernel record".to_owned()));
+        let line = serde_json::to_string(&r).expect("json");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("parse");
+        assert_eq!(v["kind"], "relay");
+        assert_eq!(v["dst"], "[2001:db8::1]:443");
+        assert_eq!(v["src"], "192.0.2.1:40000");
+        assert_eq!(v["host"], "api.test");
+        assert_eq!(v["outcome"], "refused");
+        assert_eq!(v["reason"], "no kernel record");
+        let keys = v.as_object().expect("an object");
+        assert_eq!(v["time"], "1970-01-01T00:00:00Z");
+        for key in [
+            "verdict", "proto", "rule", "pid", "comm", "cgroup", "upstream",
+        ] {
+            assert!(
+                keys.get(key).is_some_and(|v| v.is_null()),
+                "{key} in {line}"
+            );
+        }
+        assert_eq!(serde_json::from_str::<Record>(&line).expect("record"), r);
+    }
 }

@@ -62,6 +62,16 @@ impl Mode {
     }
 }
 
+impl Mode {
+    /// A flow record's `reason` when the mode decided.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Mode::AllowAny => "mode allow-any",
+            Mode::RegistryOnly => "mode registry-only",
+        }
+    }
+}
+
 impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str(match self {

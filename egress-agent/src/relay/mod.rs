@@ -36,11 +36,14 @@ use tokio::{
     time::{Instant, sleep, timeout_at},
 };
 
-use self::netns::{Netns, NetnsMap, NetnsMaps};
+use self::{
+    hello::Hello,
+    netns::{Netns, NetnsMap, NetnsMaps},
+};
 use crate::{
     agent::Status,
     datapath::{self, iface::LinkWatch},
-    events::{Catalog, CgroupNames, Record, Upstream},
+    events::{Catalog, CgroupNames, Name, Record, Upstream},
     policy::compile::RelayRoute,
 };
 
@@ -708,14 +711,13 @@ fn dst_of(steered: &Steered) -> SocketAddr {
     SocketAddr::new(ip, u16::from_be(steered.dst_port_be))
 }
 
-fn refuse(mut record: Record, outcome: &str, reason: String) -> Record {
+fn refuse(mut record: Record, outcome: &'static str, reason: String) -> Record {
     log::info!(
         "relay: {outcome} {} ({}): {reason}",
-        record.dst.as_deref().unwrap_or("?"),
+        record.dst.map_or("?".to_owned(), |d| d.to_string()),
         record.comm.as_deref().unwrap_or("?")
     );
-    record.outcome = Some(outcome.to_owned());
-    record.reason = Some(reason);
+    record.ended(outcome, Some(reason));
     record
 }
 
@@ -728,7 +730,7 @@ async fn handle(
 ) -> Record {
     let started = Instant::now();
     let finish = |mut r: Record| {
-        r.src = Some(peer.to_string());
+        r.src = Some(peer);
         r.duration_ms = Some(started.elapsed().as_millis() as u64);
         r
     };
@@ -793,26 +795,28 @@ async fn handle(
         Ok(h) => h,
         Err(e) => return finish(refuse(new_record(), "refused", e.to_string())),
     };
-    let with_hello = || {
+    let Hello { sni, alpn, bytes } = hello;
+    // The hello's names move into the record the connection ends with.
+    let with_hello = |sni, alpn| {
         let mut record = new_record();
-        record.sni = hello.sni.clone();
-        record.alpn = Some(hello.alpn.clone());
+        record.sni = sni;
+        record.alpn = Some(alpn);
         record
     };
-    let Some(sni) = hello.sni.as_deref() else {
+    let Some(name) = sni.as_deref() else {
         return finish(refuse(
-            with_hello(),
+            with_hello(None, alpn),
             "refused",
             "ClientHello without a server name".to_owned(),
         ));
     };
-    let upstream = match catalog.upstream(steered.rule_id, sni, dst.ip()) {
+    let upstream = match catalog.upstream(steered.rule_id, name, dst.ip()) {
         Ok(u) => u,
-        Err(reason) => return finish(refuse(with_hello(), "refused", reason)),
+        Err(reason) => return finish(refuse(with_hello(sni, alpn), "refused", reason)),
     };
-    let with_upstream = |attempts| {
-        let mut record = with_hello();
-        record.host = Some(upstream.host.clone());
+    let with_upstream = |attempts, sni, alpn| {
+        let mut record = with_hello(sni, alpn);
+        record.host = Some(Name::clone(&upstream.host));
         record.attempts = Some(attempts);
         record
     };
@@ -821,17 +825,18 @@ async fn handle(
         match connect(dst, &upstream, &leave, shared.config.connect_timeout).await {
             Ok(ok) => ok,
             Err((attempts, reason)) => {
-                return finish(refuse(with_upstream(attempts), "upstream-failed", reason));
+                let record = with_upstream(attempts, sni, alpn);
+                return finish(refuse(record, "upstream-failed", reason));
             }
         };
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
-    let sent = server.write_all(&hello.bytes).await;
-    let mut record = with_upstream(attempts);
-    record.upstream = Some(connected.to_string());
-    let hello_len = hello.bytes.len() as u64;
+    let sent = server.write_all(&bytes).await;
+    let mut record = with_upstream(attempts, sni, alpn);
+    record.upstream = Some(connected);
+    let hello_len = bytes.len() as u64;
     // Not held for the connection's life.
-    drop(hello);
+    drop(bytes);
     let outcome = match sent {
         Ok(()) => {
             up.fetch_add(hello_len, Ordering::Relaxed);
@@ -842,12 +847,9 @@ async fn handle(
     record.bytes_up = Some(up.load(Ordering::Relaxed));
     record.bytes_down = Some(down.load(Ordering::Relaxed));
     match outcome {
-        Ok(Ended::Closed) => record.outcome = Some("ok".to_owned()),
-        Ok(Ended::Idle) => record.outcome = Some("idle-timeout".to_owned()),
-        Err(e) => {
-            record.outcome = Some("error".to_owned());
-            record.reason = Some(e.to_string());
-        }
+        Ok(Ended::Closed) => record.ended("ok", None),
+        Ok(Ended::Idle) => record.ended("idle-timeout", None),
+        Err(e) => record.ended("error", Some(e.to_string())),
     }
     finish(record)
 }

@@ -38,7 +38,7 @@ use tokio_rustls::TlsConnector;
 
 use super::{Activity, Attempts, Leave, Next, Shared, connect_own, refuse, within};
 use crate::{
-    events::{Catalog, Record},
+    events::{Catalog, Name, Record, Word},
     policy::compile::Origination,
 };
 
@@ -58,7 +58,7 @@ pub(super) async fn serve(
     mut record: Record,
     shared: &Shared,
 ) -> Record {
-    record.origination = Some(origin.mode.to_owned());
+    record.origination = Some(Word::Borrowed(origin.mode));
     let activity = Arc::new(Activity::new());
     let up = Arc::new(AtomicU64::new(0));
     let down = Arc::new(AtomicU64::new(0));
@@ -95,9 +95,9 @@ pub(super) async fn serve(
             // The header timeout also ends a kept-alive connection that waits for its next
             // request: after a request, that is a normal end.
             Err(e) if e.is_timeout() && state.stats().requests > 0 => Ok(()),
-            done => done.map_err(|e| e.to_string()),
+            done => done.map_err(|e| Failed::Http(e.to_string())),
         },
-        () = activity.quiet(shared.config.idle_timeout) => Err("idle-timeout".to_owned()),
+        () = activity.quiet(shared.config.idle_timeout) => Err(Failed::Idle),
     };
 
     record.bytes_up = Some(up.load(Ordering::Relaxed));
@@ -106,7 +106,7 @@ pub(super) async fn serve(
     record.requests = Some(stats.requests);
     record.status = stats.status;
     record.attempts = Some(stats.attempts);
-    record.upstream = stats.upstream.map(|a| a.to_string());
+    record.upstream = stats.upstream;
     record.sni = stats.sni;
     if stats.host.is_some() {
         record.host = stats.host;
@@ -114,20 +114,25 @@ pub(super) async fn serve(
     match (stats.failure, ended) {
         (Some((outcome, reason)), _) => refuse(record, outcome, reason),
         (None, Ok(())) => {
-            record.outcome = Some("ok".to_owned());
+            record.ended("ok", None);
             record
         }
-        (None, Err(e)) if e == "idle-timeout" => {
-            record.outcome = Some(e);
+        (None, Err(Failed::Idle)) => {
+            record.ended("idle-timeout", None);
             record
         }
-        (None, Err(e)) if stats.requests == 0 => refuse(record, "refused", e),
-        (None, Err(e)) => {
-            record.outcome = Some("error".to_owned());
-            record.reason = Some(e);
+        (None, Err(Failed::Http(e))) if stats.requests == 0 => refuse(record, "refused", e),
+        (None, Err(Failed::Http(e))) => {
+            record.ended("error", Some(e));
             record
         }
     }
+}
+
+/// Why the connection ended early.
+enum Failed {
+    Idle,
+    Http(String),
 }
 
 /// What the connection's record reports.
@@ -139,7 +144,7 @@ struct Stats {
     status: Option<u16>,
     upstream: Option<SocketAddr>,
     sni: Option<String>,
-    host: Option<String>,
+    host: Option<Name>,
     /// The first request that failed: outcome and reason.
     failure: Option<(&'static str, String)>,
 }

@@ -243,9 +243,9 @@ fn events_round(
         .status
         .connections
         .get_or_create(&DecisionLabels {
-            verdict: "allow".into(),
-            host: "bench.test".into(),
-            rule: "ServiceEntry/default/bench".into(),
+            verdict: Some("allow".into()),
+            host: Some("bench.test".into()),
+            rule: Some("ServiceEntry/default/bench".into()),
         })
         .clone();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -840,8 +840,8 @@ fn relay(options: &RelayOptions) {
                     .status
                     .relayed
                     .get_or_create(&RelayLabels {
-                        outcome: "ok".to_owned(),
-                        host: (*host).to_owned(),
+                        outcome: Some("ok".into()),
+                        host: Some((*host).into()),
                     })
                     .get()
             })
