@@ -34,12 +34,16 @@ pub const RELAY_NETNS_MAP: &str = "EGRESS_RELAY_NETNS_V1";
 /// relay to serve at once rather than at its next scan. A hint: one lost to a full ring is
 /// found by that scan.
 pub const RELAY_WANTED_MAP: &str = "EGRESS_RELAY_WANTED_V1";
-/// Name of the LRU hash of the relay's own upstream sockets: socket cookie → 0, written by the
-/// relay before it connects. A steered destination's connect from one of them is let through as
-/// it is: it continues a connection judged when its client connected, and steering it would
-/// bring it back to the relay when the relay runs in the cgroup it enforces. Only the agent can
-/// write the map, where a socket option (a firewall mark, say) would be anyone's to set.
-pub const RELAY_SOCKETS_MAP: &str = "EGRESS_RELAY_SOCKETS_V1";
+/// Name of the one-slot array of the agent's process id as the kernel counts it (its tgid in the
+/// initial pid namespace, whatever namespace the agent runs in), written by [`WHOAMI_PROGRAM`]. A
+/// steered destination's connect by the agent itself (the relay's upstream connection) is let
+/// through as it is: it continues a connection judged when its client connected, and steering it
+/// would bring it back to the relay when the relay runs in the cgroup it enforces. Only the
+/// kernel writes the slot, and only for the process that runs the program.
+pub const AGENT_MAP: &str = "EGRESS_AGENT_V1";
+/// The program that writes [`AGENT_MAP`]: never attached, run once by the agent (BPF_PROG_TEST_RUN
+/// runs a raw tracepoint program in the caller's own context).
+pub const WHOAMI_PROGRAM: &str = "whoami";
 
 /// Name of the LRU hash of the enforced cgroup's sockets that are neither TCP nor UDP (raw, ping,
 /// …) and were made in the agent's own network namespace: socket cookie → 0. Their packets leave

@@ -24,13 +24,18 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    },
     macros::{
-        cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, map, sock_ops,
+        cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, map, raw_tracepoint,
+        sock_ops,
     },
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{
-        SkBuffContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext, TcContext,
+        RawTracePointContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext,
+        SockoptContext, TcContext,
     },
 };
 use egress_common::{
@@ -93,8 +98,8 @@ static STEERED: LruHashMap<u64, Steered> = LruHashMap::with_max_entries(FLOWS_MA
 static RELAY_PEERS: LruHashMap<RelayPeer, Steered> =
     LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
-#[map(name = "EGRESS_RELAY_SOCKETS_V1")]
-static RELAY_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+#[map(name = "EGRESS_AGENT_V1")]
+static AGENT: Array<u32> = Array::with_max_entries(1, 0);
 
 const RELAY_NETNS_MAX_ENTRIES: u32 = 1 << 14;
 
@@ -156,8 +161,8 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     // continues a connection judged when its client connected, and the relay reports it.
     if matches!(decision.verdict, Verdict::Steer)
         && matches!(kind, EventKind::Connect)
-        // SAFETY: a valid map value, only tested.
-        && unsafe { RELAY_SOCKETS.get(&cookie) }.is_some()
+        && is_agent()
+        && agent_alive()
     {
         return 1;
     }
@@ -264,6 +269,26 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
 
 /// Whether the agent stamped that it is alive lately (see `egress_common::ALIVE_MAP`).
 #[inline(always)]
+/// Whether the calling process is the agent (see `whoami`).
+#[inline(always)]
+fn is_agent() -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    AGENT
+        .get(0)
+        .is_some_and(|&agent| agent != 0 && agent == tgid)
+}
+
+/// Run once by the agent, never attached: notes its process id as the socket hooks see it
+/// ([`egress_common::AGENT_MAP`]).
+#[raw_tracepoint]
+pub fn whoami(_ctx: RawTracePointContext) -> i32 {
+    if let Some(slot) = AGENT.get_ptr_mut(0) {
+        // SAFETY: a valid map value.
+        unsafe { *slot = (bpf_get_current_pid_tgid() >> 32) as u32 };
+    }
+    0
+}
+
 fn agent_alive() -> bool {
     ALIVE
         .get(0)

@@ -438,6 +438,37 @@ fn a_relay_in_the_cgroup_it_enforces_connects_upstream_unsteered() {
     assert!(agent.wait().expect("egress run ends").success());
 }
 
+/// The kernel knows the agent by its process id as the kernel counts it, which a pid namespace
+/// does not change (inside one the agent is pid 1).
+#[test]
+fn a_relay_in_a_pid_namespace_in_the_cgroup_it_enforces_connects_upstream_unsteered() {
+    let f = fixture("pidns");
+    let cg = TestCgroup::new("relay-pidns");
+    let log = log_path("relay-pidns");
+    let policies = egress_tests::policy_dir(POLICY);
+    let mut unshare = cg.command("unshare");
+    unshare
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+        .arg(target_bin("egress"));
+    let mut unshare = egress_run(egress_run_command(unshare, &f.w, &cg, &policies, &log));
+    tls_test_through_relay(&f, cg.command("curl"), &log, f.w.v4(20), &f.tls4, &[]);
+    // unshare ignores SIGTERM while its child runs: the agent is told to end, and unshare ends
+    // with it.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id()))
+        .expect("unshare's children");
+    let agent: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the agent, unshare's child");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("signal the agent");
+    assert!(unshare.wait().expect("unshare ends").success());
+}
+
 #[test]
 fn a_dead_agents_programs_steer_nothing_to_whatever_takes_the_relays_port() {
     let f = fixture("dead");

@@ -13,11 +13,11 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
+    Ebpf, EbpfError, EbpfLoader, RawTracePointRunOptions, TestRun as _,
     maps::{MapData, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        CgroupSockopt, ProgramError, SchedClassifier, SockOps, TcAttachType,
+        CgroupSockopt, ProgramError, RawTracePoint, SchedClassifier, SockOps, TcAttachType,
         tc::{self, SchedClassifierLinkId},
     },
     sys::SyscallError,
@@ -25,7 +25,7 @@ use aya::{
 };
 use egress_common::{
     ALIVE_EVERY_NS, ALIVE_MAP, ARPHRD_ETHER, EVENTS_MAP, FLOWS_MAP, LINKS_MAP, RELAY_NETNS_MAP,
-    RELAY_PEERS_MAP, RELAY_SOCKETS_MAP, RELAY_WANTED_MAP,
+    RELAY_PEERS_MAP, RELAY_WANTED_MAP, WHOAMI_PROGRAM,
 };
 
 use crate::{
@@ -193,7 +193,7 @@ pub struct Loaded {
     pub maps: KernelMaps,
     pub counters: Counters,
     pub events: RingBuf<MapData>,
-    /// The relay's: steered connections, its own sockets, the namespaces it serves.
+    /// The relay's: steered connections and the namespaces it serves.
     pub relay: RelayMaps,
     /// Where the agent stamps that it is alive ([`Heartbeat`]).
     pub alive: aya::maps::Array<MapData, u64>,
@@ -345,6 +345,12 @@ impl Datapath {
                 .load()
                 .map_err(loading(name))?;
         }
+        // Before anything is attached: the hooks know the relay's own connects by it.
+        let whoami = program::<RawTracePoint>(&mut ebpf, WHOAMI_PROGRAM)?;
+        whoami.load().map_err(loading(WHOAMI_PROGRAM))?;
+        whoami
+            .test_run(RawTracePointRunOptions::new())
+            .map_err(loading(WHOAMI_PROGRAM))?;
         let links = maps::open(&mut ebpf, LINKS_MAP)?;
         let maps = KernelMaps::take(&mut ebpf)?;
         let counters = Counters::take(&mut ebpf)?;
@@ -352,7 +358,6 @@ impl Datapath {
         let alive = maps::open(&mut ebpf, ALIVE_MAP)?;
         let relay = RelayMaps {
             peers: maps::open(&mut ebpf, RELAY_PEERS_MAP)?,
-            own_sockets: maps::open(&mut ebpf, RELAY_SOCKETS_MAP)?,
             netns: NetnsMaps {
                 served: maps::open(&mut ebpf, RELAY_NETNS_MAP)?,
                 wanted: maps::open(&mut ebpf, RELAY_WANTED_MAP)?,

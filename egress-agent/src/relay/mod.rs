@@ -90,32 +90,11 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 /// The kernel's records of steered connections, by the client's end.
 pub type Peers = BpfHashMap<MapData, RelayPeer, Steered>;
 
-/// The relay's own upstream sockets, by cookie (see `egress_common::RELAY_SOCKETS_MAP`).
-pub type OwnSockets = BpfHashMap<MapData, u64, u8>;
-
 /// The kernel's maps the relay works with.
 pub struct RelayMaps {
     pub peers: Peers,
-    pub own_sockets: OwnSockets,
     /// Where the relay listens, by network namespace, and where it is wanted.
     pub netns: NetnsMaps,
-}
-
-/// Tells the kernel which upstream sockets are the relay's own.
-struct Own(Mutex<OwnSockets>);
-
-impl Own {
-    /// Makes `socket` the relay's own before it connects: the connect hook lets it through to
-    /// the steered destination instead of steering it back to the relay.
-    fn admit(&self, socket: &TcpSocket) -> io::Result<()> {
-        let cookie = netns::get_u64(socket.as_fd(), libc::SO_COOKIE)?;
-        // An LRU: the oldest entries, of sockets long connected, make room.
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(cookie, 0, 0)
-            .map_err(io::Error::other)
-    }
 }
 
 /// The running relay. Dropping it does not stop it: call [`Relay::stop`].
@@ -129,7 +108,6 @@ struct Shared {
     /// CPUs the agent may run on.
     cpus: i64,
     peers: Peers,
-    own: Arc<Own>,
     catalog: watch::Receiver<Arc<Catalog>>,
     records: mpsc::Sender<Record>,
     cgroups: Arc<Mutex<CgroupNames>>,
@@ -162,7 +140,6 @@ impl Listener {
 #[derive(Clone)]
 struct Leave {
     netns: Arc<Netns>,
-    own: Arc<Own>,
     bound_if: u32,
     /// Send the handshake's last ACK with the relay's first bytes (see `connect_own`).
     ack_with_data: bool,
@@ -237,11 +214,7 @@ impl Relay {
         cgroups: Arc<Mutex<CgroupNames>>,
         status: Arc<Status>,
     ) -> io::Result<Relay> {
-        let RelayMaps {
-            peers,
-            own_sockets,
-            mut netns,
-        } = maps;
+        let RelayMaps { peers, mut netns } = maps;
         let first = listeners
             .first()
             .ok_or_else(|| io::Error::other("the relay has no listener"))?;
@@ -255,7 +228,6 @@ impl Relay {
             config,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as i64),
             peers,
-            own: Arc::new(Own(Mutex::new(own_sockets))),
             catalog,
             records,
             cgroups,
@@ -744,7 +716,6 @@ async fn handle(
     let dst = dst_of(&steered);
     let leave = Leave {
         netns,
-        own: Arc::clone(&shared.own),
         bound_if: steered.bound_if,
         // Only when more connections are open than there are CPUs: then they are busy and a
         // packet and a wakeup fewer is throughput. On an idle machine the upstream's wakeup by
@@ -968,7 +939,6 @@ async fn connect_own(target: SocketAddr, leave: &Leave) -> io::Result<TcpStream>
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     })?;
-    leave.own.admit(&socket)?;
     if leave.bound_if != 0 {
         set_int(
             &socket,
