@@ -267,8 +267,6 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     decide::hook_return(decision.verdict)
 }
 
-/// Whether the agent stamped that it is alive lately (see `egress_common::ALIVE_MAP`).
-#[inline(always)]
 /// Whether the calling process is the agent (see `whoami`).
 #[inline(always)]
 fn is_agent() -> bool {
@@ -289,6 +287,8 @@ pub fn whoami(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Whether the agent stamped that it is alive lately (see `egress_common::ALIVE_MAP`).
+#[inline(always)]
 fn agent_alive() -> bool {
     ALIVE
         .get(0)

@@ -60,9 +60,7 @@ impl Mode {
             Mode::RegistryOnly => egress_common::Mode::RegistryOnly,
         }
     }
-}
 
-impl Mode {
     /// A flow record's `reason` when the mode decided.
     pub fn reason(self) -> &'static str {
         match self {
