@@ -425,48 +425,56 @@ async fn a_socket_that_connects_elsewhere_after_a_failed_steered_connect_is_not_
 
 #[test]
 fn a_relay_in_the_cgroup_it_enforces_connects_upstream_unsteered() {
-    let f = fixture("inside");
-    let cg = TestCgroup::new("relay-inside");
-    let log = log_path("relay-inside");
-    let policies = egress_tests::policy_dir(POLICY);
-    // `egress run` itself in the cgroup it enforces: its upstream connects to the steered
-    // destination would be steered back to it, were they not its own.
-    let run = egress_run_command(cg.command(target_bin("egress")), &f.w, &cg, &policies, &log);
-    let mut agent = egress_run(run);
-    tls_test_through_relay(&f, cg.command("curl"), &log, f.w.v4(20), &f.tls4, &[]);
-    signal(&agent, nix::sys::signal::Signal::SIGTERM);
-    assert!(agent.wait().expect("egress run ends").success());
+    relay_in_its_cgroup("inside", &[]);
 }
 
 /// The kernel knows the agent by its process id as the kernel counts it, which a pid namespace
 /// does not change (inside one the agent is pid 1).
 #[test]
 fn a_relay_in_a_pid_namespace_in_the_cgroup_it_enforces_connects_upstream_unsteered() {
-    let f = fixture("pidns");
-    let cg = TestCgroup::new("relay-pidns");
-    let log = log_path("relay-pidns");
+    relay_in_its_cgroup(
+        "pidns",
+        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+    );
+}
+
+/// `egress run` itself in the cgroup it enforces, started by `launcher` (a program and its
+/// arguments, egress's own after them) if any: its upstream connects to the steered destination
+/// would be steered back to it, were they not its own. A steered call completes, and the agent
+/// ends cleanly when told to.
+fn relay_in_its_cgroup(tag: &str, launcher: &[&str]) {
+    let f = fixture(tag);
+    let cg = TestCgroup::new(&format!("relay-{tag}"));
+    let log = log_path(&format!("relay-{tag}"));
     let policies = egress_tests::policy_dir(POLICY);
-    let mut unshare = cg.command("unshare");
-    unshare
-        .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
-        .arg(target_bin("egress"));
-    let mut unshare = egress_run(egress_run_command(unshare, &f.w, &cg, &policies, &log));
+    let run = match launcher.split_first() {
+        None => cg.command(target_bin("egress")),
+        Some((program, args)) => {
+            let mut run = cg.command(program);
+            run.args(args).arg(target_bin("egress"));
+            run
+        }
+    };
+    let mut run = egress_run(egress_run_command(run, &f.w, &cg, &policies, &log));
     tls_test_through_relay(&f, cg.command("curl"), &log, f.w.v4(20), &f.tls4, &[]);
-    // unshare ignores SIGTERM while its child runs: the agent is told to end, and unshare ends
-    // with it.
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id()))
-        .expect("unshare's children");
-    let agent: i32 = children
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("the agent, unshare's child");
+    // A launcher (unshare) ignores SIGTERM while its child runs: the agent, its child, is told to
+    // end, and the launcher ends with it.
+    let agent = if launcher.is_empty() {
+        run.id() as i32
+    } else {
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", run.id()))
+            .expect("the launcher's children")
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("the agent, the launcher's child")
+    };
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent),
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("signal the agent");
-    assert!(unshare.wait().expect("unshare ends").success());
+    assert!(run.wait().expect("egress run ends").success());
 }
 
 #[test]
