@@ -79,7 +79,7 @@ impl LogWriter {
     /// Buffers one line; [`LogWriter::flush`] makes it visible.
     pub fn write(&mut self, record: &Record) -> io::Result<()> {
         self.line.clear();
-        serde_json::to_writer(&mut self.line, record).map_err(io::Error::other)?;
+        record.write_json(&mut self.line);
         self.line.push(b'\n');
         let len = self.line.len() as u64;
         if self.size > 0 && self.size + len > self.rotation.max_bytes {
