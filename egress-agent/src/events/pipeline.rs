@@ -1,8 +1,10 @@
 //! From the ring buffer to the log: a reader task that drains the ring buffer every
 //! [`READ_INTERVAL`], and at once when the kernel wakes it (epoll on the ring) because the ring is
-//! filling up, and a writer thread. Between them a bounded channel: when the writer falls
-//! behind, the reader stops draining, the ring fills, and the kernel counts what it cannot write;
-//! those counts are reported as `lost` records. Nothing grows without bound, nothing is silent.
+//! filling up, and a writer thread. The reader only copies the events out: it runs on a runtime
+//! worker, which relayed connections wait behind. The writer makes them records, counts them in
+//! the metrics and writes them. Between the two a bounded channel: when the writer falls behind,
+//! the reader stops draining, the ring fills, and the kernel counts what it cannot write; those
+//! counts are reported as `lost` records. Nothing grows without bound, nothing is silent.
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
@@ -21,9 +23,9 @@ use tokio::{
 use super::{Catalog, CgroupNames, LogWriter, Record};
 use crate::{agent::Status, maps::Counters};
 
-/// Records in flight between reader and writer.
+/// Events and records in flight between reader and writer.
 const CHANNEL: usize = 1024;
-/// Records the reader takes from the ring buffer before handing them on.
+/// Events the reader hands on before it looks whether it should stop.
 const BATCH: usize = 256;
 /// How long a written record may wait in the writer's buffer, and how often kernel losses are
 /// reported. Waking for each event would cost a context switch per connection (see `wakeup` in
@@ -31,16 +33,35 @@ const BATCH: usize = 256;
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the reader drains the ring buffer (losses are reported at [`DRAIN_INTERVAL`]).
 /// Short, so that each drain is short: a drain holds a runtime worker, which relayed connections
-/// wait behind, while it makes its events records; and a small batch's records are still in the
-/// CPU's caches when the writer takes them (`cargo xtask bench relay`: lower proxy CPU per
+/// wait behind; and a small batch's events are still in the CPU's caches when the writer takes
+/// them (`cargo xtask bench relay`: lower proxy CPU per
 /// connection than at 100 ms in six alternating pairs of seven; round medians 80–91 µs against
 /// 82–95).
 const READ_INTERVAL: Duration = Duration::from_millis(10);
 
+/// What the writer takes: a kernel event, made a record there, or a record made elsewhere.
+enum Entry {
+    Kernel(FlowEvent),
+    /// Boxed: a record is four times an event's size, and most entries are events.
+    Record(Box<Record>),
+}
+
+/// Sends records made elsewhere (the relay's) to the flow log; they are already counted in the
+/// metrics.
+#[derive(Clone)]
+pub struct Records(mpsc::Sender<Entry>);
+
+impl Records {
+    /// Waits while the writer is behind. False once the log is closed.
+    pub async fn send(&self, record: Record) -> bool {
+        self.0.send(Entry::Record(Box::new(record))).await.is_ok()
+    }
+}
+
 pub struct Pipeline {
     stop: Option<oneshot::Sender<()>>,
     /// For records from elsewhere (the relay); the writer ends once every sender is gone.
-    records: mpsc::Sender<Record>,
+    records: Records,
     cgroups: Arc<Mutex<CgroupNames>>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
@@ -100,10 +121,8 @@ impl Lost {
 
 struct Reader {
     lost: Arc<Lost>,
-    catalog: watch::Receiver<Arc<Catalog>>,
-    cgroups: Arc<Mutex<CgroupNames>>,
     status: Arc<Status>,
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<Entry>,
     /// The kernel's total as of the last `lost` record.
     lost_logged: u64,
 }
@@ -125,7 +144,11 @@ impl Pipeline {
         let (stop, stop_rx) = oneshot::channel();
         let st = Arc::clone(&status);
         let handle = tokio::runtime::Handle::current();
-        let writer = tokio::task::spawn_blocking(move || write(rx, log, &st, &handle));
+        let enricher = Enricher {
+            catalog,
+            cgroups: Arc::clone(&cgroups),
+        };
+        let writer = tokio::task::spawn_blocking(move || write(rx, log, &enricher, &st, &handle));
         let start = counters.events_lost().unwrap_or(0);
         let lost = Arc::new(Lost {
             counters,
@@ -144,8 +167,6 @@ impl Pipeline {
         });
         let reader = Reader {
             lost,
-            catalog,
-            cgroups: Arc::clone(&cgroups),
             status,
             tx: tx.clone(),
             lost_logged: start,
@@ -153,7 +174,7 @@ impl Pipeline {
         let reader = tokio::spawn(reader.run(fd, stop_rx));
         Ok(Pipeline {
             stop: Some(stop),
-            records: tx,
+            records: Records(tx),
             cgroups,
             reader,
             writer,
@@ -162,7 +183,7 @@ impl Pipeline {
     }
 
     /// A sender of records to the log, beside the kernel's.
-    pub fn records(&self) -> mpsc::Sender<Record> {
+    pub fn records(&self) -> Records {
         self.records.clone()
     }
 
@@ -177,7 +198,7 @@ impl Pipeline {
             let _ = stop.send(());
         }
         let (closed, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.records, closed));
+        drop(std::mem::replace(&mut self.records, Records(closed)));
         if let Err(e) = (&mut self.reader).await {
             log::error!("event reader ended abnormally: {e}");
         }
@@ -239,11 +260,10 @@ impl Reader {
 
     /// Hands on up to one batch. Returns whether there may be more.
     async fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
-        let offset = boot_to_wall();
-        let catalog = Arc::clone(&self.catalog.borrow());
-        let mut batch = Vec::new();
-        while batch.len() < BATCH {
-            let Some(item) = ring.next() else { break };
+        for _ in 0..BATCH {
+            let Some(item) = ring.next() else {
+                return false;
+            };
             if item.len() < size_of::<FlowEvent>() {
                 log::warn!("short event of {} bytes ignored", item.len());
                 continue;
@@ -251,29 +271,11 @@ impl Reader {
             // SAFETY: the programs write whole FlowEvents; read unaligned from the ring's bytes.
             let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
-            let mut record = Record::from_kernel(&ev, wall(ev.time_ns, offset));
-            catalog.annotate(&mut record);
-            record.cgroup = record.cgroup_id.and_then(|id| {
-                self.cgroups
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .name(id)
-            });
-            if ev.ifindex != 0 {
-                record.iface = nix::net::if_::if_indextoname(ev.ifindex)
-                    .ok()
-                    .map(|n| n.to_string_lossy().into_owned());
-            }
-            self.status.observe(&record);
-            batch.push(record);
-        }
-        let full = batch.len() == BATCH;
-        for record in batch {
-            if self.tx.send(record).await.is_err() {
+            if self.tx.send(Entry::Kernel(ev)).await.is_err() {
                 return false;
             }
         }
-        full
+        true
     }
 
     async fn report_lost(&mut self) {
@@ -284,7 +286,7 @@ impl Reader {
             log::warn!("{lost} flow event(s) lost in the kernel: the ring buffer was full");
             let record = Record::lost(Timestamp::now(), lost, total);
             self.status.observe(&record);
-            let _ = self.tx.send(record).await;
+            let _ = self.tx.send(Entry::Record(Box::new(record))).await;
         }
     }
 }
@@ -296,12 +298,39 @@ impl Reader {
 const FEW: usize = CHANNEL / 4;
 const NAP: Duration = Duration::from_millis(10);
 
-/// The writer thread: buffered, and flushed once the oldest unflushed record is
-/// [`DRAIN_INTERVAL`] old, so a burst costs one write per batch and every record is on disk
-/// within that interval.
+/// What only the agent knows of a kernel event: host, rule and cgroup path.
+struct Enricher {
+    catalog: watch::Receiver<Arc<Catalog>>,
+    cgroups: Arc<Mutex<CgroupNames>>,
+}
+
+impl Enricher {
+    /// `ev` as a record, dated by `offset` (see [`boot_to_wall`]).
+    fn record(&self, ev: &FlowEvent, offset: i128, catalog: &Catalog) -> Record {
+        let mut record = Record::from_kernel(ev, wall(ev.time_ns, offset));
+        catalog.annotate(&mut record);
+        record.cgroup = record.cgroup_id.and_then(|id| {
+            self.cgroups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .name(id)
+        });
+        if ev.ifindex != 0 {
+            record.iface = nix::net::if_::if_indextoname(ev.ifindex)
+                .ok()
+                .map(|n| n.to_string_lossy().into_owned());
+        }
+        record
+    }
+}
+
+/// The writer thread: makes the kernel's events records and counts them, and writes every
+/// record; buffered, and flushed once the oldest unflushed record is [`DRAIN_INTERVAL`] old, so
+/// a burst costs one write per batch and every record is on disk within that interval.
 fn write(
-    mut rx: mpsc::Receiver<Record>,
+    mut rx: mpsc::Receiver<Entry>,
     mut log: Option<LogWriter>,
+    enricher: &Enricher,
     status: &Status,
     runtime: &tokio::runtime::Handle,
 ) {
@@ -329,15 +358,27 @@ fn write(
         if got == 0 {
             break;
         }
-        if let Some(out) = log.as_mut() {
-            for record in batch.drain(..) {
-                if let Err(e) = out.write(&record) {
+        // Per batch: the wall clock may be stepped, and the policy reloaded.
+        let offset = boot_to_wall();
+        let catalog = Arc::clone(&enricher.catalog.borrow());
+        let mut put = |record: &Record| {
+            if let Some(out) = log.as_mut() {
+                if let Err(e) = out.write(record) {
                     failed(out, status, &e);
                 }
+                unflushed.get_or_insert_with(std::time::Instant::now);
             }
-            unflushed.get_or_insert_with(std::time::Instant::now);
+        };
+        for entry in batch.drain(..) {
+            match entry {
+                Entry::Kernel(ev) => {
+                    let record = enricher.record(&ev, offset, &catalog);
+                    status.observe(&record);
+                    put(&record);
+                }
+                Entry::Record(record) => put(&record),
+            }
         }
-        batch.clear();
         if got < FEW {
             std::thread::sleep(NAP);
         }

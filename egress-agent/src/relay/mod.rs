@@ -43,7 +43,7 @@ use self::{
 use crate::{
     agent::Status,
     datapath::{self, iface::LinkWatch},
-    events::{Catalog, CgroupNames, Name, Record, Upstream},
+    events::{Catalog, CgroupNames, Name, Record, Records, Upstream},
     policy::compile::RelayRoute,
 };
 
@@ -109,7 +109,7 @@ struct Shared {
     cpus: i64,
     peers: Peers,
     catalog: watch::Receiver<Arc<Catalog>>,
-    records: mpsc::Sender<Record>,
+    records: Records,
     cgroups: Arc<Mutex<CgroupNames>>,
     status: Arc<Status>,
 }
@@ -210,7 +210,7 @@ impl Relay {
         maps: RelayMaps,
         cgroup: PathBuf,
         catalog: watch::Receiver<Arc<Catalog>>,
-        records: mpsc::Sender<Record>,
+        records: Records,
         cgroups: Arc<Mutex<CgroupNames>>,
         status: Arc<Status>,
     ) -> io::Result<Relay> {
