@@ -34,9 +34,8 @@ pub const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the reader drains the ring buffer (losses are reported at [`DRAIN_INTERVAL`]).
 /// Short, so that each drain is short: a drain holds a runtime worker, which relayed connections
 /// wait behind; and a small batch's events are still in the CPU's caches when the writer takes
-/// them (`cargo xtask bench relay`: lower proxy CPU per
-/// connection than at 100 ms in six alternating pairs of seven; round medians 80–91 µs against
-/// 82–95).
+/// them (`cargo xtask bench relay`: lower proxy CPU per connection than at 100 ms in six
+/// alternating pairs of seven; round medians 80–91 µs against 82–95).
 const READ_INTERVAL: Duration = Duration::from_millis(10);
 
 /// What the writer takes: a kernel event, made a record there, or a record made elsewhere.
