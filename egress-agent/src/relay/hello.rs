@@ -560,6 +560,50 @@ mod tests {
         );
     }
 
+    /// Hellos with bytes changed at random: the reader never panics, and where both it and
+    /// rustls's server side read a hello, they read the same server name (or both none). The
+    /// cases built to be ambiguous are in the test above.
+    #[test]
+    fn changed_hellos_never_yield_a_name_rustls_reads_otherwise() {
+        // xorshift64: a fixed sequence, so a failure repeats.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let hellos = [
+            client_hello("mutate.example.com"),
+            hello_with("a.b", &[], true),
+            crafted(Some(&[
+                (SERVER_NAME, sni_data(&[(0, b"crafted.example.com")])),
+                (ALPN, alpn_data(&[b"h2"])),
+            ])),
+        ];
+        let mut agreed = 0;
+        for round in 0..6000 {
+            let mut bytes = hellos[round % hellos.len()].clone();
+            for _ in 0..1 + next() % 3 {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] = next() as u8;
+            }
+            let Ok(Some(ours)) = parse(&bytes) else {
+                continue;
+            };
+            let mut acceptor = rustls::server::Acceptor::default();
+            let mut rest = &bytes[..];
+            while !rest.is_empty() && acceptor.read_tls(&mut rest).is_ok() {}
+            if let Ok(Some(accepted)) = acceptor.accept() {
+                let theirs = accepted.client_hello().server_name().map(str::to_owned);
+                assert_eq!(ours.sni, theirs, "{bytes:02x?}");
+                agreed += 1;
+            }
+        }
+        // Most changes fall outside the names: both read them, and agree.
+        assert!(agreed > 1500, "only {agreed} hellos read by both");
+    }
+
     #[tokio::test]
     async fn reads_sni_and_alpn_and_keeps_every_byte() {
         let mut bytes = client_hello("api.example.com");
