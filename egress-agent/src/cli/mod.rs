@@ -284,9 +284,10 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// One worker per CPU (tokio's default), as the peers run a worker per CPU: the relay's
+/// connections spread over the node's cores. Idle workers cost nothing.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
         .enable_all()
         .build()
 }
