@@ -285,7 +285,7 @@ pub fn main() -> ExitCode {
 }
 
 /// One worker per CPU (tokio's default), as the peers run a worker per CPU: the relay's
-/// connections spread over the node's cores. Idle workers cost nothing.
+/// connections spread over the node's cores. Idle workers sleep.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
