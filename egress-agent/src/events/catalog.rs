@@ -150,14 +150,14 @@ impl Catalog {
         let Some(rule_id) = r.rule_id else { return };
         let names = r.dst.and_then(|sa| self.names.get(&sa.ip()));
         let reason = match rule_id {
-            RULE_LOOPBACK => "loopback",
-            RULE_RESOLVER => "resolver",
-            RULE_QDISC_BYPASS => "packet-qdisc-bypass",
-            RULE_AF_XDP => "af-xdp",
-            RULE_MODE => self.mode,
-            _ => "",
+            RULE_LOOPBACK => Some("loopback"),
+            RULE_RESOLVER => Some("resolver"),
+            RULE_QDISC_BYPASS => Some("packet-qdisc-bypass"),
+            RULE_AF_XDP => Some("af-xdp"),
+            RULE_MODE => Some(self.mode),
+            _ => None,
         };
-        if !reason.is_empty() {
+        if let Some(reason) = reason {
             r.reason = Some(Word::Borrowed(reason));
         }
         let rule = self.rule(rule_id);
