@@ -209,6 +209,8 @@ impl Agent {
     /// Starts enforcing. Returns once the programs are attached with the maps filled.
     pub async fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
         let mut plan = load_plan(&cfg.policies, cfg.mode, &RuleIds::default())?;
+        // Before anything runs: a cgroup another agent enforces is refused, untouched.
+        let pins = datapath::open_pins(&cfg.cgroup)?;
         let resolver = Arc::new(Resolver::new(cfg.dns).context("setting up DNS resolution")?);
         let status = Arc::new(Status::default());
         let mut table = HostTable::default();
@@ -230,6 +232,7 @@ impl Agent {
         let mount = cgroup::cgroup2_mount().context("finding the cgroup2 mount")?;
         let (cgroup_id, cgroup_level) =
             cgroup::identity(&mount, &cfg.cgroup).context("identifying the enforced cgroup")?;
+        datapath.pin_with(pins);
         maps.set_cgroup(cgroup_id, cgroup_level)
             .context("writing the enforced cgroup")?;
         let netns = relay::netns::own_cookie().context("the agent's network namespace")?;
@@ -260,7 +263,6 @@ impl Agent {
         // The relay listens before anything is attached: the first steered connect finds it. It
         // puts the TC programs in the workloads' namespaces it serves. Pinned, as everything
         // attached from here on.
-        datapath.pin_for(&cfg.cgroup);
         let datapath = datapath::Shared::new(datapath);
         let relay =
             match start_relay(&cfg, &datapath, relay_maps, &catalog, &pipeline, &status).await {

@@ -214,7 +214,8 @@ fn exec_exit_statuses_and_enforcement() {
 }
 
 #[test]
-fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over() {
+fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over_and_a_live_one_is_not_taken_over()
+ {
     let w = unregistered_world();
     let dir = policy_dir(STATIC_DB);
     let cg = TestCgroup::new("cli-pinned");
@@ -258,6 +259,41 @@ fn a_killed_agent_leaves_its_cgroup_enforced_until_another_takes_over() {
     // The cgroup's 12 programs, the TC programs on the world's interface and on the pod's (that
     // one pinned just after it is attached).
     wait_for("the first agent's 14 pins", wait, || pinned().len() == 14);
+
+    // A second agent on the cgroup while the first lives is refused, and touches nothing.
+    let mut refused = egress_run_command(Command::new(target_bin("egress")), &w, &cg, &dir, &log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start a second egress run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while refused.try_wait().expect("poll").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = refused.kill();
+            let _ = refused.wait();
+            panic!("a second agent on an enforced cgroup did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = refused.wait_with_output().expect("reap");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!(
+            "is enforced by a running egress agent (pid {}); stop that one first",
+            first.id()
+        )),
+        "{said}"
+    );
+    let firsts = format!("{}-", first.id());
+    let left = pinned();
+    assert!(
+        left.len() == 14 && left.iter().all(|p| p.starts_with(&firsts)),
+        "{left:?}"
+    );
+    assert_eq!(cg.probe(&["tcp", &dest]), "denied");
+    assert_eq!(pod.tcx_egress(&pod_iface), ["tc_netns_ether"]);
+
     signal(&first, nix::sys::signal::Signal::SIGKILL);
     first.wait().expect("reap");
     assert_eq!(

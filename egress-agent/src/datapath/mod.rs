@@ -82,6 +82,12 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cgroup {cgroup}")]
+    Enforced {
+        cgroup: String,
+        #[source]
+        source: pins::OpenError,
+    },
     #[error("attaching `{name}` to {target}")]
     Attach {
         name: &'static str,
@@ -243,26 +249,32 @@ impl Heartbeat {
 }
 
 /// The pins for the enforced cgroup at `cgroup`, or `None` (logged) where the kernel cannot keep
-/// them: its programs then end with the agent.
-fn open_pins(cgroup: &Path) -> Option<pins::Pins> {
+/// them: its programs then end with the agent. Refused while another agent enforces the cgroup.
+pub fn open_pins(cgroup: &Path) -> Result<Option<pins::Pins>, DatapathError> {
     let opened = if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(5, 7, 0)) {
-        Err(std::io::Error::other(
+        Err(pins::OpenError::Io(std::io::Error::other(
             "the kernel has no cgroup bpf_links (5.7)",
-        ))
+        )))
     } else {
         cgroup::cgroup2_mount()
             .and_then(|mount| Ok((cgroup::identity(&mount, cgroup)?.0, mount)))
-            .map_err(std::io::Error::other)
+            .map_err(|e| pins::OpenError::Io(std::io::Error::other(e)))
             .and_then(|(id, mount)| pins::Pins::open(&mount, cgroup, id))
     };
-    opened
-        .inspect_err(|e| {
+    match opened {
+        Ok(pins) => Ok(Some(pins)),
+        Err(e @ pins::OpenError::Enforced(_)) => Err(DatapathError::Enforced {
+            cgroup: cgroup.display().to_string(),
+            source: e,
+        }),
+        Err(e) => {
             log::error!(
                 "the programs cannot be pinned ({e}): if the agent dies, {} is no longer enforced",
                 cgroup.display()
             );
-        })
-        .ok()
+            Ok(None)
+        }
+    }
 }
 
 /// Pins the link `taken` from program `name` as `file`.
@@ -379,10 +391,9 @@ impl Datapath {
         })
     }
 
-    /// Pins the links attached from now on in the pin directory of the enforced cgroup at
-    /// `cgroup` (see `pins`), where the kernel allows.
-    pub fn pin_for(&mut self, cgroup: &Path) {
-        self.pins = open_pins(cgroup);
+    /// Pins the links attached from now on with `pins` (see [`open_pins`]).
+    pub fn pin_with(&mut self, pins: Option<pins::Pins>) {
+        self.pins = pins;
     }
 
     /// Attaches the cgroup programs as bpf_links, pinned (see `pins`). The kernel attaches links

@@ -16,6 +16,7 @@ use std::{
 };
 
 use aya::programs::links::{FdLink, PinnedLink};
+use nix::fcntl::{Flock, FlockArg};
 
 use super::cgroup;
 
@@ -35,22 +36,38 @@ pub struct Pins {
     me: String,
     /// By file name, without the prefix.
     pinned: std::collections::HashMap<String, PinnedLink>,
+    /// The directory, locked while this agent enforces the cgroup: a second agent started on
+    /// it is refused instead of taking it over. The kernel drops the lock with the process, so
+    /// an agent that died leaves nothing to clear by hand.
+    _lock: Flock<fs::File>,
+}
+
+/// Why the pin directory could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Another agent holds the directory, its pid if this pid namespace sees it: it enforces
+    /// the cgroup now.
+    #[error(
+        "it is enforced by a running egress agent{}; stop that one first",
+        .0.map_or(String::new(), |pid| format!(" (pid {pid})"))
+    )]
+    Enforced(Option<u32>),
+    #[error(transparent)]
+    Io(#[from] io::Error),
 }
 
 impl Pins {
     /// The pin directory of the cgroup at `cgroup` (under the cgroup2 `mount`) with id `id`,
     /// made (and bpffs mounted) if need be. Clears the directories of cgroups that are gone.
-    pub fn open(mount: &Path, cgroup: &Path, id: u64) -> io::Result<Pins> {
+    /// Refused while another agent enforces the cgroup ([`OpenError::Enforced`]).
+    pub fn open(mount: &Path, cgroup: &Path, id: u64) -> Result<Pins, OpenError> {
         let root = Path::new(BPFFS).join(ROOT);
         mount_bpffs()?;
         fs::create_dir_all(&root)?;
         sweep(&root, mount);
         let rel = cgroup.strip_prefix(mount).map_err(io::Error::other)?;
         let dir = root.join(format!("{}@{id}", escape(rel)));
-        match fs::create_dir(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
-        }
+        let lock = lock(&dir)?;
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -58,6 +75,7 @@ impl Pins {
             dir,
             me: format!("{}-{started}-", std::process::id()),
             pinned: std::collections::HashMap::new(),
+            _lock: lock,
         })
     }
 
@@ -130,6 +148,65 @@ impl Pins {
     }
 }
 
+/// Makes the pin directory `dir` if need be and locks it. An agent that stops cleanly removes
+/// its directory: one locked just as it went is made anew.
+fn lock(dir: &Path) -> Result<Flock<fs::File>, OpenError> {
+    loop {
+        match fs::create_dir(dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e.into()),
+            _ => {}
+        }
+        let file = match fs::File::open(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            opened => opened?,
+        };
+        let locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(OpenError::Enforced(holder(dir)));
+            }
+            Err((_, e)) => return Err(io::Error::from(e).into()),
+        };
+        let still_there =
+            fs::metadata(dir).is_ok_and(|m| locked.metadata().is_ok_and(|l| l.ino() == m.ino()));
+        if still_there {
+            return Ok(locked);
+        }
+    }
+}
+
+/// The process holding a lock on `dir`, from /proc/locks, as this pid namespace numbers it:
+/// `None` where it does not see it.
+fn holder(dir: &Path) -> Option<u32> {
+    let meta = fs::metadata(dir).ok()?;
+    let dev = meta.dev();
+    // As the kernel writes it: "MAJ:MIN:INODE", the device numbers in hex.
+    let file = format!(
+        "{:02x}:{:02x}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        meta.ino()
+    );
+    lock_holder(&fs::read_to_string("/proc/locks").ok()?, &file)
+}
+
+/// The pid holding a FLOCK lock on `file` by `locks` (the text of /proc/locks), where a line
+/// is "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE ...", and "N: -> ..." one waiting for it.
+fn lock_holder(locks: &str, file: &str) -> Option<u32> {
+    locks.lines().find_map(|line| {
+        let mut words = line.split_whitespace().skip(1);
+        if words.next()? != "FLOCK" {
+            return None;
+        }
+        let (pid, at) = (words.nth(2)?, words.next()?);
+        // 0: a process this pid namespace does not see.
+        (at == file)
+            .then(|| pid.parse().ok())
+            .flatten()
+            .filter(|&pid| pid != 0)
+    })
+}
+
 /// The name of another agent's link pinned as `file` (without its prefix: its pid and start
 /// time); `None` for this agent's (`me` is its prefix).
 fn other_agents<'a>(file: &'a str, me: &str) -> Option<&'a str> {
@@ -157,7 +234,7 @@ fn mount_bpffs() -> io::Result<()> {
         .write(true)
         .open("/run/egress-bpffs.lock")
         .ok()
-        .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok());
+        .and_then(|f| Flock::lock(f, FlockArg::LockExclusive).ok());
     let mounted = nix::sys::statfs::statfs(BPFFS)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
     if mounted {
@@ -327,6 +404,19 @@ mod tests {
         assert_eq!(netns_of("tc_netns_bare-12-3"), Some(12));
         assert_eq!(netns_of("tc_egress-3"), None);
         assert_eq!(netns_of("connect4"), None);
+    }
+
+    #[test]
+    fn the_lock_holder_is_read_from_the_flock_line_on_the_file() {
+        let locks = "1: POSIX  ADVISORY  WRITE 311 00:1e:120 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 99 00:1e:1200 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 0 00:1f:120 0 EOF\n\
+                     4: FLOCK  ADVISORY  WRITE 20615 00:1e:120 0 EOF\n\
+                     4: -> FLOCK  ADVISORY  WRITE 777 00:1e:120 0 EOF\n";
+        assert_eq!(lock_holder(locks, "00:1e:120"), Some(20615));
+        assert_eq!(lock_holder(locks, "00:1f:120"), None, "not seen here");
+        assert_eq!(lock_holder(locks, "00:1e:12"), None);
+        assert_eq!(lock_holder("", "00:1e:120"), None);
     }
 
     #[test]
