@@ -137,7 +137,10 @@ fn sync(
     let resolved = table.addresses();
     let desired = plan.entries(&resolved, resolver.servers());
     // The catalog first: an event about a new address may follow the map write at once.
-    catalog.send_replace(Arc::new(Catalog::new(plan, &resolved)));
+    let next = catalog
+        .borrow()
+        .next(plan, &resolved, std::time::Instant::now());
+    catalog.send_replace(Arc::new(next));
     let stats = maps.sync(&desired).context("updating the policy map")?;
     status.syncs.inc();
     status.entries.set(stats.total as i64);

@@ -26,6 +26,10 @@ use crate::policy::{
 pub struct Catalog {
     /// By rule id.
     rules: HashMap<u32, Rule>,
+    /// Rules that reloads removed within [`RETIRED_FOR`], by id: the kernel may have decided by
+    /// them just before, and those decisions' records are written after the swap. They name
+    /// such records; they judge nothing. Ids are never reused, so none names another rule.
+    retired: HashMap<u32, Retired>,
     /// Why the mode decided, for the records it did.
     mode: &'static str,
     /// Resolved names of each address.
@@ -42,6 +46,16 @@ struct Rule {
     route: Arc<RelayRoute>,
     originate: Vec<Origination>,
 }
+
+#[derive(Debug, Clone)]
+struct Retired {
+    label: Name,
+    hosts: Vec<Name>,
+    since: Instant,
+}
+
+/// How long a removed rule still names records: far longer than a record waits to be written.
+const RETIRED_FOR: Duration = Duration::from_secs(60);
 
 /// What the relay may do with a steered connection whose ClientHello passed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,10 +108,40 @@ impl Catalog {
                     (r.id, rule)
                 })
                 .collect(),
+            retired: HashMap::new(),
             mode: plan.mode.reason(),
             names,
             addrs: resolved.clone(),
         }
+    }
+
+    /// The catalog that replaces this one, at `now`: for `plan` and `resolved`, naming too the
+    /// rules that this one had and `plan` has not (see `retired`).
+    pub fn next(
+        &self,
+        plan: &Plan,
+        resolved: &HashMap<String, Vec<IpAddr>>,
+        now: Instant,
+    ) -> Catalog {
+        let mut next = Catalog::new(plan, resolved);
+        let removed = self.rules.iter().map(|(id, rule)| {
+            let retired = Retired {
+                label: Name::clone(&rule.label),
+                hosts: rule.hosts.clone(),
+                since: now,
+            };
+            (*id, retired)
+        });
+        let still = self
+            .retired
+            .iter()
+            .filter(|(_, r)| now.saturating_duration_since(r.since) < RETIRED_FOR)
+            .map(|(id, r)| (*id, r.clone()));
+        next.retired = still
+            .chain(removed)
+            .filter(|(id, _)| !next.rules.contains_key(id))
+            .collect();
+        next
     }
 
     /// Whether a steered connection to `dst`, decided by `rule_id`, may go on with this TLS
@@ -160,21 +204,24 @@ impl Catalog {
         if let Some(reason) = reason {
             r.reason = Some(Word::Borrowed(reason));
         }
-        let rule = self.rule(rule_id);
+        let rule = match self.rule(rule_id) {
+            Some(Rule { label, hosts, .. }) => Some((label, hosts)),
+            None => self.retired.get(&rule_id).map(|r| (&r.label, &r.hosts)),
+        };
         r.host = match (rule, names) {
             // The name this address was resolved from, among the rule's hosts.
-            (Some(Rule { hosts, .. }), Some(names)) => names
+            (Some((_, hosts)), Some(names)) => names
                 .iter()
                 .find(|n| hosts.contains(n))
                 .or(hosts.first())
                 .cloned(),
             // An address the rule lists itself (STATIC endpoints, CIDRs).
-            (Some(Rule { hosts, .. }), None) => hosts.first().cloned(),
+            (Some((_, hosts)), None) => hosts.first().cloned(),
             // No rule decided, but the address belongs to a registered name.
             (None, Some(names)) => names.first().cloned(),
             (None, None) => None,
         };
-        r.rule = rule.map(|rule| Name::clone(&rule.label));
+        r.rule = rule.map(|(label, _)| Name::clone(label));
     }
 
     fn rule(&self, rule_id: u32) -> Option<&Rule> {
@@ -258,7 +305,92 @@ fn display(mount: &Path, dir: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::host_matches;
+    use std::{
+        collections::HashMap,
+        net::SocketAddr,
+        path::Path,
+        time::{Duration, Instant},
+    };
+
+    use jiff::Timestamp;
+
+    use super::{Catalog, host_matches};
+    use crate::{
+        events::Record,
+        policy::{Plan, RuleIds, compile_after, load_str},
+    };
+
+    /// One ServiceEntry per name, `<name>.test` at 10.0.0.<octet>:443.
+    fn plan(entries: &[(&str, u8)], prev: &RuleIds) -> Plan {
+        let yaml: String = entries
+            .iter()
+            .map(|(name, octet)| {
+                format!(
+                    "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\n\
+                     spec:\n  hosts: [{name}.test]\n  addresses: [10.0.0.{octet}]\n  \
+                     ports: [{{number: 443, name: https, protocol: TLS}}]\n  resolution: NONE\n---\n"
+                )
+            })
+            .collect();
+        let (policy, d) = load_str(&yaml, Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = compile_after(&policy, None, prev);
+        assert!(d.is_empty(), "{d:?}");
+        plan
+    }
+
+    /// The host and rule `catalog` names for a decision by rule `id` on `dst`.
+    fn named(catalog: &Catalog, id: u32, dst: SocketAddr) -> (Option<String>, Option<String>) {
+        let mut record = Record::relay_unknown(Timestamp::now());
+        record.rule_id = Some(id);
+        record.dst = Some(dst);
+        catalog.annotate(&mut record);
+        (
+            record.host.map(|h| h.to_string()),
+            record.rule.map(|r| r.to_string()),
+        )
+    }
+
+    #[test]
+    fn a_removed_rule_names_the_records_of_its_last_decisions_for_a_while_and_judges_nothing() {
+        let first = plan(&[("a", 1), ("b", 2)], &RuleIds::default());
+        let second = plan(&[("a", 1)], &first.ids);
+        let b = first.rules[1].id;
+        let dst: SocketAddr = "10.0.0.2:443".parse().expect("address");
+        let none = HashMap::new();
+        let at = Instant::now();
+        let b_named = (
+            Some("b.test".to_owned()),
+            Some("ServiceEntry/default/b".to_owned()),
+        );
+
+        let before = Catalog::new(&first, &none);
+        assert_eq!(named(&before, b, dst), b_named);
+        let after = before.next(&second, &none, at);
+        assert_eq!(
+            named(&after, b, dst),
+            b_named,
+            "a decision made just before"
+        );
+        assert_eq!(
+            after.upstream(b, "b.test", dst.ip()),
+            Err(format!("rule #{b} is not in the policy in force"))
+        );
+        assert_eq!(
+            named(
+                &after,
+                second.rules[0].id,
+                "10.0.0.1:443".parse().expect("address")
+            )
+            .1,
+            Some("ServiceEntry/default/a".to_owned())
+        );
+        // Carried through the syncs that follow, until it has been gone for a minute.
+        let later = after.next(&second, &none, at + Duration::from_secs(59));
+        assert_eq!(named(&later, b, dst), b_named);
+        let gone = later.next(&second, &none, at + Duration::from_secs(61));
+        assert_eq!(named(&gone, b, dst), (None, None));
+    }
 
     #[test]
     fn wildcards_and_case() {
