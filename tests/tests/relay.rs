@@ -250,6 +250,22 @@ async fn steered_tls_reaches_the_upstream_with_its_server_name() {
         format!("ok:{}", at(f.w.v6(20), 443))
     );
     a.shutdown().await;
+
+    // Each connection's relay record (its end) comes after its steered connect (its start),
+    // though the relay writes it at once and the kernel's event waits for the next drain.
+    let all = records(&log);
+    let relayed: Vec<usize> = (0..all.len()).filter(|&i| all[i].kind == "relay").collect();
+    assert!(relayed.len() >= 5, "{all:?}");
+    for i in relayed {
+        let r = &all[i];
+        assert!(
+            all[..i].iter().any(|c| c.kind == "connect"
+                && c.verdict.as_deref() == Some("steer")
+                && c.dst == r.dst
+                && c.pid == r.pid),
+            "relay record {i} before its connect: {all:#?}"
+        );
+    }
 }
 
 /// A socket bound to an interface (SO_BINDTODEVICE, as `curl --interface` does) could not reach

@@ -6,12 +6,13 @@
 //! the reader stops draining, the ring fills, and the kernel counts what it cannot write; those
 //! counts are reported as `lost` records. Nothing grows without bound, nothing is silent.
 use std::{
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
-use egress_common::FlowEvent;
+use egress_common::{EventKind, FlowEvent, Verdict};
 use jiff::Timestamp;
 use nix::time::{ClockId, clock_gettime};
 use tokio::{
@@ -43,6 +44,18 @@ enum Entry {
     Kernel(FlowEvent),
     /// Boxed: a record is four times an event's size, and most entries are events.
     Record(Box<Record>),
+    /// A relay's record (see [`Records::send_relay`]).
+    Relay(Box<Record>, Relayed),
+}
+
+/// The kernel's side of a relayed connection, for the writer to put its relay record after the
+/// connection's `connect` record.
+#[derive(Clone, Copy)]
+pub struct Relayed {
+    /// The client socket's cookie, as its `connect` event has it.
+    pub cookie: u64,
+    /// When the relay took the connection.
+    pub taken: Instant,
 }
 
 /// Sends records made elsewhere (the relay's) to the flow log; they are already counted in the
@@ -54,6 +67,96 @@ impl Records {
     /// Waits while the writer is behind. False once the log is closed.
     pub async fn send(&self, record: Record) -> bool {
         self.0.send(Entry::Record(Box::new(record))).await.is_ok()
+    }
+
+    /// A relayed connection's record, written after the `connect` record of `steered`: the relay
+    /// sends it as the connection ends, often before the reader has drained that connect.
+    pub async fn send_relay(&self, record: Record, relayed: Relayed) -> bool {
+        self.0
+            .send(Entry::Relay(Box::new(record), relayed))
+            .await
+            .is_ok()
+    }
+}
+
+/// How long a relay record waits for its connection's `connect` record, from when the relay took
+/// the connection: far longer than an event waits in the ring buffer (the reader drains it every
+/// [`READ_INTERVAL`]). A connection that lasted longer had its connect written long before; an
+/// event that never comes (lost to a full ring) holds its relay record no longer.
+const CONNECT_WAIT: Duration = Duration::from_secs(1);
+
+/// Puts each relay record after its connection's `connect` record.
+#[derive(Default)]
+struct Order {
+    /// Steered connects written within [`CONNECT_WAIT`] whose relay record has not come, by
+    /// cookie, with when they were written.
+    connects: HashMap<u64, Instant>,
+    /// The same, oldest first, to forget them.
+    written: VecDeque<(Instant, u64)>,
+    /// Relay records waiting for their connect, by cookie, with when they stop waiting.
+    held: HashMap<u64, (Box<Record>, Instant)>,
+}
+
+impl Order {
+    /// A steered connect was just written: its relay record, if it waits, goes now.
+    fn connect_written(&mut self, cookie: u64, now: Instant, put: impl FnOnce(&Record)) {
+        match self.held.remove(&cookie) {
+            Some((record, _)) => put(&record),
+            None => {
+                self.connects.insert(cookie, now);
+                self.written.push_back((now, cookie));
+            }
+        }
+    }
+
+    /// A relay record came: written now if its connect was, or long ago; else held.
+    fn relay(
+        &mut self,
+        record: Box<Record>,
+        relayed: Relayed,
+        now: Instant,
+        put: impl FnOnce(&Record),
+    ) {
+        let until = relayed.taken + CONNECT_WAIT;
+        if self.connects.remove(&relayed.cookie).is_some() || until <= now {
+            put(&record);
+        } else {
+            self.held.insert(relayed.cookie, (record, until));
+        }
+    }
+
+    /// Forgets the connects written too long ago to wait for, and writes the relay records that
+    /// have waited long enough (`None`: all of them, at the end).
+    fn expire(&mut self, now: Option<Instant>, mut put: impl FnMut(&Record)) {
+        while let Some(&(at, cookie)) = self.written.front() {
+            if now.is_some_and(|now| now.saturating_duration_since(at) < CONNECT_WAIT) {
+                break;
+            }
+            self.written.pop_front();
+            if self.connects.get(&cookie) == Some(&at) {
+                self.connects.remove(&cookie);
+            }
+        }
+        if self
+            .held
+            .values()
+            .any(|(_, until)| now.is_none_or(|now| *until <= now))
+        {
+            let mut due: Vec<_> = self
+                .held
+                .extract_if(|_, (_, until)| now.is_none_or(|now| *until <= now))
+                .map(|(_, held)| held)
+                .collect();
+            due.sort_by_key(|(_, until)| *until);
+            for (record, _) in due {
+                put(&record);
+            }
+        }
+    }
+
+    /// When the next held record stops waiting.
+    fn deadline(&self) -> Option<Instant> {
+        self.held.values().map(|(_, until)| *until).min()
     }
 }
 
@@ -334,16 +437,32 @@ fn write(
     runtime: &tokio::runtime::Handle,
 ) {
     // When the oldest record not yet flushed was written.
-    let mut unflushed: Option<std::time::Instant> = None;
+    let mut unflushed: Option<Instant> = None;
+    let put = |log: &mut Option<LogWriter>, unflushed: &mut Option<Instant>, record: &Record| {
+        if let Some(out) = log.as_mut() {
+            if let Err(e) = out.write(record) {
+                failed(out, status, &e);
+            }
+            unflushed.get_or_insert_with(Instant::now);
+        }
+    };
+    let mut order = Order::default();
     let mut batch = Vec::with_capacity(CHANNEL);
     loop {
-        if unflushed.is_some_and(|t| t.elapsed() >= DRAIN_INTERVAL) {
+        let now = Instant::now();
+        order.expire(Some(now), |r| put(&mut log, &mut unflushed, r));
+        if unflushed.is_some_and(|t| now.saturating_duration_since(t) >= DRAIN_INTERVAL) {
             flush(&mut log, status);
             unflushed = None;
         }
-        let got = match unflushed {
+        let wake = unflushed
+            .map(|t| t + DRAIN_INTERVAL)
+            .into_iter()
+            .chain(order.deadline())
+            .min();
+        let got = match wake {
             Some(t) => {
-                let left = DRAIN_INTERVAL.saturating_sub(t.elapsed());
+                let left = t.saturating_duration_since(Instant::now());
                 match runtime.block_on(tokio::time::timeout(
                     left,
                     rx.recv_many(&mut batch, CHANNEL),
@@ -360,28 +479,30 @@ fn write(
         // Per batch: the wall clock may be stepped, and the policy reloaded.
         let offset = boot_to_wall();
         let catalog = Arc::clone(&enricher.catalog.borrow());
-        let mut put = |record: &Record| {
-            if let Some(out) = log.as_mut() {
-                if let Err(e) = out.write(record) {
-                    failed(out, status, &e);
-                }
-                unflushed.get_or_insert_with(std::time::Instant::now);
-            }
-        };
+        let now = Instant::now();
         for entry in batch.drain(..) {
             match entry {
                 Entry::Kernel(ev) => {
                     let record = enricher.record(&ev, offset, &catalog);
                     status.observe(&record);
-                    put(&record);
+                    put(&mut log, &mut unflushed, &record);
+                    if ev.kind == EventKind::Connect as u32 && ev.verdict == Verdict::Steer as u32 {
+                        order.connect_written(ev.cookie, now, |r| {
+                            put(&mut log, &mut unflushed, r);
+                        });
+                    }
                 }
-                Entry::Record(record) => put(&record),
+                Entry::Record(record) => put(&mut log, &mut unflushed, &record),
+                Entry::Relay(record, relayed) => {
+                    order.relay(record, relayed, now, |r| put(&mut log, &mut unflushed, r));
+                }
             }
         }
         if got < FEW {
             std::thread::sleep(NAP);
         }
     }
+    order.expire(None, |r| put(&mut log, &mut unflushed, r));
     flush(&mut log, status);
 }
 
@@ -397,5 +518,78 @@ fn flush(log: &mut Option<LogWriter>, status: &Status) {
 fn failed(out: &LogWriter, status: &Status, e: &std::io::Error) {
     if status.log_errors.inc() == 0 {
         log::error!("writing {}: {e}", out.path().display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use jiff::Timestamp;
+
+    use super::{CONNECT_WAIT, Order, Record, Relayed};
+
+    /// A relay record told apart by its pid.
+    fn relay(pid: u32) -> Box<Record> {
+        let mut record = Record::relay_unknown(Timestamp::now());
+        record.pid = Some(pid);
+        Box::new(record)
+    }
+
+    #[test]
+    fn a_relay_record_follows_its_connect_whichever_comes_first() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let taken = |cookie, at| Relayed { cookie, taken: at };
+        let mut order = Order::default();
+        let mut out: Vec<String> = Vec::new();
+
+        // The relay's record first: held until its connect is written, then right after it.
+        order.relay(relay(1), taken(10, ms(0)), ms(2), |r| {
+            out.push(format!("relay {:?}", r.pid));
+        });
+        assert!(out.is_empty());
+        assert_eq!(order.deadline(), Some(t0 + CONNECT_WAIT));
+        order.connect_written(11, ms(5), |r| out.push(format!("relay {:?}", r.pid)));
+        assert!(out.is_empty(), "another connection's connect");
+        order.connect_written(10, ms(9), |r| out.push(format!("relay {:?}", r.pid)));
+        assert_eq!(out, ["relay Some(1)"]);
+
+        // The connect first: its record goes at once.
+        order.relay(relay(2), taken(11, ms(6)), ms(12), |r| {
+            out.push(format!("relay {:?}", r.pid));
+        });
+        assert_eq!(out, ["relay Some(1)", "relay Some(2)"]);
+
+        // A connection taken longer ago than the wait: its connect went long before.
+        let late = t0 + CONNECT_WAIT + Duration::from_millis(1);
+        order.relay(relay(3), taken(12, ms(0)), late, |r| {
+            out.push(format!("relay {:?}", r.pid));
+        });
+        assert_eq!(out.len(), 3);
+
+        // A connect that never comes holds its record only until the wait is over.
+        order.relay(relay(4), taken(13, ms(20)), ms(21), |r| {
+            out.push(format!("relay {:?}", r.pid));
+        });
+        order.expire(Some(ms(500)), |r| out.push(format!("relay {:?}", r.pid)));
+        assert_eq!(out.len(), 3);
+        order.expire(Some(ms(20) + CONNECT_WAIT), |r| {
+            out.push(format!("relay {:?}", r.pid));
+        });
+        assert_eq!(out.last().map(String::as_str), Some("relay Some(4)"));
+        assert_eq!(order.deadline(), None);
+
+        // Connects are forgotten after the wait: a record for one is held, not matched.
+        order.connect_written(14, ms(30), |_| unreachable!("nothing waits"));
+        order.expire(Some(ms(30) + CONNECT_WAIT), |_| {
+            unreachable!("nothing held")
+        });
+        assert!(order.connects.is_empty() && order.written.is_empty());
+
+        // At the end everything held is written.
+        order.relay(relay(5), taken(15, late), late, |_| unreachable!("held"));
+        order.expire(None, |r| out.push(format!("relay {:?}", r.pid)));
+        assert_eq!(out.last().map(String::as_str), Some("relay Some(5)"));
     }
 }

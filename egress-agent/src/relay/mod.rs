@@ -43,7 +43,7 @@ use self::{
 use crate::{
     agent::Status,
     datapath::{self, iface::LinkWatch},
-    events::{Catalog, CgroupNames, Name, Record, Records, Upstream},
+    events::{Catalog, CgroupNames, Name, Record, Records, Relayed, Upstream},
     policy::compile::RelayRoute,
 };
 
@@ -637,11 +637,19 @@ fn serve_next(
             Arc::clone(&shared),
             Arc::clone(&tasks),
         ));
+        let taken = std::time::Instant::now();
         let open = Open::new(&shared.status.relay_open);
-        let record = handle(stream, peer, netns, &shared).await;
+        let mut cookie = None;
+        let record = handle(stream, peer, netns, &shared, &mut cookie).await;
         drop(open);
         shared.status.observe(&record);
-        let _ = shared.records.send(record).await;
+        let _ = match cookie {
+            Some(cookie) => {
+                let relayed = Relayed { cookie, taken };
+                shared.records.send_relay(record, relayed).await
+            }
+            None => shared.records.send(record).await,
+        };
     })
 }
 
@@ -693,12 +701,14 @@ fn refuse(mut record: Record, outcome: &'static str, reason: String) -> Record {
     record
 }
 
-/// One steered connection, start to end. Returns its record.
+/// One steered connection, start to end. Returns its record; sets `cookie` to the client
+/// socket's, where the kernel steered it.
 async fn handle(
     mut client: TcpStream,
     peer: SocketAddr,
     netns: Arc<Netns>,
     shared: &Shared,
+    cookie: &mut Option<u64>,
 ) -> Record {
     let started = Instant::now();
     let finish = |mut r: Record| {
@@ -713,6 +723,7 @@ async fn handle(
             format!("no kernel record for {peer}: not a steered connection"),
         ));
     };
+    *cookie = Some(steered.cookie);
     let dst = dst_of(&steered);
     let leave = Leave {
         netns,
