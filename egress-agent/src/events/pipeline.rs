@@ -69,7 +69,7 @@ impl Records {
         self.0.send(Entry::Record(Box::new(record))).await.is_ok()
     }
 
-    /// A relayed connection's record, written after the `connect` record of `steered`: the relay
+    /// A relayed connection's record, written after the `connect` record of `relayed`: the relay
     /// sends it as the connection ends, often before the reader has drained that connect.
     pub async fn send_relay(&self, record: Record, relayed: Relayed) -> bool {
         self.0
