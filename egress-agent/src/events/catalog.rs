@@ -308,7 +308,6 @@ mod tests {
     use std::{
         collections::HashMap,
         net::SocketAddr,
-        path::Path,
         time::{Duration, Instant},
     };
 
@@ -317,27 +316,8 @@ mod tests {
     use super::{Catalog, host_matches};
     use crate::{
         events::Record,
-        policy::{Plan, RuleIds, compile_after, load_str},
+        policy::{RuleIds, tests::tls_entries as plan},
     };
-
-    /// One ServiceEntry per name, `<name>.test` at 10.0.0.<octet>:443.
-    fn plan(entries: &[(&str, u8)], prev: &RuleIds) -> Plan {
-        let yaml: String = entries
-            .iter()
-            .map(|(name, octet)| {
-                format!(
-                    "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\n\
-                     spec:\n  hosts: [{name}.test]\n  addresses: [10.0.0.{octet}]\n  \
-                     ports: [{{number: 443, name: https, protocol: TLS}}]\n  resolution: NONE\n---\n"
-                )
-            })
-            .collect();
-        let (policy, d) = load_str(&yaml, Path::new("p.yaml"));
-        assert!(d.is_empty(), "{d:?}");
-        let (plan, d) = compile_after(&policy, None, prev);
-        assert!(d.is_empty(), "{d:?}");
-        plan
-    }
 
     /// The host and rule `catalog` names for a decision by rule `id` on `dst`.
     fn named(catalog: &Catalog, id: u32, dst: SocketAddr) -> (Option<String>, Option<String>) {

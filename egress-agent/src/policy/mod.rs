@@ -85,4 +85,4 @@ pub fn has_errors(diags: &[Diagnostic]) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -531,29 +531,29 @@ fn the_most_specific_destination_rule_applies_as_in_istio() {
     assert_eq!(chosen(&[dr("sub", "*.api.example.test", "SIMPLE")]), None);
 }
 
+/// The plan, compiled after one with `prev`'s ids, of one ServiceEntry per (name, last octet):
+/// `<name>.test` at 10.0.0.<octet>:443 (TLS). A name twice is two rules.
+pub(crate) fn tls_entries(entries: &[(&str, u8)], prev: &super::RuleIds) -> super::Plan {
+    let yaml: String = entries
+        .iter()
+        .map(|(name, octet)| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\n\
+                 spec:\n  hosts: [{name}.test]\n  addresses: [10.0.0.{octet}]\n  \
+                 ports: [{{number: 443, name: https, protocol: TLS}}]\n  resolution: NONE\n---\n"
+            )
+        })
+        .collect();
+    let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = super::compile_after(&pol, None, prev);
+    assert!(d.is_empty(), "{d:?}");
+    plan
+}
+
 #[test]
 fn a_rule_keeps_its_id_across_reloads_and_an_id_never_names_another_rule() {
-    // One ServiceEntry per (name, last octet); a name twice is two rules.
-    let policy = |entries: &[(&str, u8)]| {
-        let yaml: String = entries
-            .iter()
-            .map(|(name, octet)| {
-                format!(
-                    "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\n\
-                     spec:\n  hosts: [{name}.test]\n  addresses: [10.0.0.{octet}]\n  \
-                     ports: [{{number: 443, name: https, protocol: TLS}}]\n  resolution: NONE\n---\n"
-                )
-            })
-            .collect();
-        let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
-        assert!(d.is_empty(), "{d:?}");
-        pol
-    };
-    let compile_after = |entries: &[(&str, u8)], prev: &super::RuleIds| {
-        let (plan, d) = super::compile_after(&policy(entries), None, prev);
-        assert!(d.is_empty(), "{d:?}");
-        plan
-    };
+    let compile_after = tls_entries;
     // Each rule's id, and the id its map entry carries, by label.
     let ids = |plan: &super::Plan| -> Vec<(String, u32, u32)> {
         plan.rules
@@ -595,7 +595,10 @@ fn a_rule_keeps_its_id_across_reloads_and_an_id_never_names_another_rule() {
     let third = compile_after(&[("b", 2), ("a", 1)], &second.ids);
     assert_eq!(ids(&third), [(label("b"), 21, 21), (label("a"), 16, 16)]);
     // A fresh compile (check, validate, a new agent) numbers from the start.
-    assert_eq!(compile(&policy(&[("b", 2)]), None).0.rules[0].id, 16);
+    assert_eq!(
+        tls_entries(&[("b", 2)], &Default::default()).rules[0].id,
+        16
+    );
 }
 
 #[test]
