@@ -6,7 +6,7 @@
 //! the reader stops draining, the ring fills, and the kernel counts what it cannot write; those
 //! counts are reported as `lost` records. Nothing grows without bound, nothing is silent.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -89,9 +89,9 @@ const CONNECT_WAIT: Duration = Duration::from_secs(1);
 #[derive(Default)]
 struct Order {
     /// Steered connects written within [`CONNECT_WAIT`] whose relay record has not come, by
-    /// cookie, with when they were written.
-    connects: HashMap<u64, Instant>,
-    /// The same, oldest first, to forget them.
+    /// cookie (a socket's, so each connects once).
+    connects: HashSet<u64>,
+    /// When each of them was written, oldest first, to forget them.
     written: VecDeque<(Instant, u64)>,
     /// Relay records waiting for their connect, by cookie, with when they stop waiting.
     held: HashMap<u64, (Box<Record>, Instant)>,
@@ -103,7 +103,7 @@ impl Order {
         match self.held.remove(&cookie) {
             Some((record, _)) => put(&record),
             None => {
-                self.connects.insert(cookie, now);
+                self.connects.insert(cookie);
                 self.written.push_back((now, cookie));
             }
         }
@@ -118,7 +118,7 @@ impl Order {
         put: impl FnOnce(&Record),
     ) {
         let until = relayed.taken + CONNECT_WAIT;
-        if self.connects.remove(&relayed.cookie).is_some() || until <= now {
+        if self.connects.remove(&relayed.cookie) || until <= now {
             put(&record);
         } else {
             self.held.insert(relayed.cookie, (record, until));
@@ -133,24 +133,16 @@ impl Order {
                 break;
             }
             self.written.pop_front();
-            if self.connects.get(&cookie) == Some(&at) {
-                self.connects.remove(&cookie);
-            }
+            self.connects.remove(&cookie);
         }
-        if self
+        let mut due: Vec<_> = self
             .held
-            .values()
-            .any(|(_, until)| now.is_none_or(|now| *until <= now))
-        {
-            let mut due: Vec<_> = self
-                .held
-                .extract_if(|_, (_, until)| now.is_none_or(|now| *until <= now))
-                .map(|(_, held)| held)
-                .collect();
-            due.sort_by_key(|(_, until)| *until);
-            for (record, _) in due {
-                put(&record);
-            }
+            .extract_if(|_, (_, until)| now.is_none_or(|now| *until <= now))
+            .map(|(_, held)| held)
+            .collect();
+        due.sort_by_key(|(_, until)| *until);
+        for (record, _) in due {
+            put(&record);
         }
     }
 
