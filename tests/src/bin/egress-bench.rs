@@ -160,10 +160,9 @@ fn process_tree_seconds(root: u32) -> Cpu {
         .sum()
 }
 
-/// CPU seconds of the agent this process runs: all of the process's but for the upstream
-/// servers' threads (named `upstream`); the main thread only waits for the clients.
-fn agent_seconds() -> Cpu {
-    let upstream: Cpu = std::fs::read_dir("/proc/self/task")
+/// CPU seconds of the upstream servers' threads (named `upstream`) in this process.
+fn upstream_seconds() -> Cpu {
+    std::fs::read_dir("/proc/self/task")
         .expect("read /proc/self/task")
         .flatten()
         .filter(|e| {
@@ -171,8 +170,37 @@ fn agent_seconds() -> Cpu {
         })
         .filter_map(|e| proc_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?))
         .map(|(_, cpu)| cpu)
-        .sum();
-    cpu_seconds() - upstream
+        .sum()
+}
+
+/// CPU seconds of the agent this process runs: all of the process's but for the upstream
+/// servers' threads; the main thread only waits for the clients.
+fn agent_seconds() -> Cpu {
+    cpu_seconds() - upstream_seconds()
+}
+
+/// CPU seconds a cgroup's processes have used (`cpu.stat`, kept by every cgroup v2).
+fn cgroup_seconds(cgroup: &std::path::Path) -> f64 {
+    let stat = std::fs::read_to_string(cgroup.join("cpu.stat")).expect("read cpu.stat");
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("usage_usec in cpu.stat")
+        / 1e6
+}
+
+/// Seconds the machine's CPUs have been idle (idle and iowait, summed over the CPUs).
+fn idle_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("read /proc/stat");
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .expect("the cpu line of /proc/stat")
+        .split_whitespace()
+        .map(|v| v.parse().expect("a tick count"))
+        .collect();
+    (ticks[3] + ticks[4]) / clock_ticks()
 }
 
 const EVENT_CONNECTS: u64 = 200_000;
@@ -704,6 +732,12 @@ struct Figures {
     proxy_user_us: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
+    /// The rest of the machine's time per connection in the connection-rate phase: the client's
+    /// CPU (its cgroup's), the upstream servers', and the CPUs' idle time. With the proxy's they
+    /// add up to the machine's time per connection, nearly all of it.
+    client_us: Vec<f64>,
+    upstream_us: Vec<f64>,
+    idle_us: Vec<f64>,
 }
 
 /// Waits until the agent has caught up with a phase: no new flow record for longer than its
@@ -754,6 +788,11 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
             }
     };
     let proxy = proxy_seconds();
+    let (client, upstream, idle) = (
+        cgroup_seconds(&path.cgroup.path),
+        upstream_seconds(),
+        idle_seconds(),
+    );
     let rate = probe(&[
         "hello-rate",
         &path.small.to_string(),
@@ -763,6 +802,13 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
     ]);
     let n = options.rate_connections as f64;
     figures.conns_per_sec.push(n / rate[0]);
+    figures
+        .client_us
+        .push((cgroup_seconds(&path.cgroup.path) - client) / n * 1e6);
+    figures
+        .upstream_us
+        .push((upstream_seconds() - upstream).total() / n * 1e6);
+    figures.idle_us.push((idle_seconds() - idle) / n * 1e6);
     if let Some(agent) = agent {
         settle(agent);
     }
@@ -978,11 +1024,39 @@ fn relay(options: &RelayOptions) {
         "(proxy us: the proxy's CPU time per connection in the connection-rate phase, the \
          agent's included where it runs; user us: the part of it in user space)"
     );
+    // Where the machine's time per connection went: a path's rate is the CPUs' time over it.
+    println!(
+        "\nthe machine's time per connection in the connection-rate phase, us (medians): the \
+         client's CPU (its cgroup's), the proxy's (above), the upstream servers', the CPUs' idle \
+         time"
+    );
+    println!(
+        "{:<24} {:>7} {:>7} {:>8} {:>6} {:>6}",
+        "path", "client", "proxy", "upstream", "idle", "sum"
+    );
+    for (k, f) in figures.iter().enumerate().filter(|(k, _)| runs[*k]) {
+        let proxy = if m[k][4].is_finite() { m[k][4] } else { 0.0 };
+        let parts = [
+            med(&f.client_us),
+            proxy,
+            med(&f.upstream_us),
+            med(&f.idle_us),
+        ];
+        println!(
+            "{:<24} {} {} {} {} {}",
+            paths[k].name,
+            num(parts[0], 7, 0),
+            num(m[k][4], 7, 0),
+            num(parts[2], 8, 0),
+            num(parts[3], 6, 0),
+            num(parts.iter().sum(), 6, 0)
+        );
+    }
     // The spread behind each median: on a small shared machine it is often wider than the
     // differences between the paths.
     println!(
-        "\nby round (as run): connections/s | proxy CPU us per connection (user) | added TTFB \
-         p99 us"
+        "\nby round (as run): connections/s | proxy CPU us per connection (user) | idle us per \
+         connection | added TTFB p99 us"
     );
     for (k, f) in figures.iter().enumerate().filter(|(k, _)| runs[*k]) {
         let list = |v: &[f64], sub: f64| -> String {
@@ -992,11 +1066,12 @@ fn relay(options: &RelayOptions) {
                 .join(" ")
         };
         println!(
-            "{:<24} {}  |  {} ({})  |  {}",
+            "{:<24} {}  |  {} ({})  |  {}  |  {}",
             paths[k].name,
             list(&f.conns_per_sec, 0.0),
             list(&f.proxy_us, 0.0),
             list(&f.proxy_user_us, 0.0),
+            list(&f.idle_us, 0.0),
             list(&f.p99_us, direct[3])
         );
     }
