@@ -1,6 +1,6 @@
 //! `egress events`: reads or follows the flow log, filtered, as a table or as the raw lines.
 use std::{
-    io::{self, Write as _},
+    io,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -124,95 +124,145 @@ impl Filter {
     }
 }
 
+/// The table's columns before DETAIL: name, first width, right-aligned.
+const COLUMNS: [(&str, usize, bool); 9] = [
+    ("TIME", 24, false),
+    ("KIND", 7, false),
+    ("VERDICT", 7, false),
+    ("PROTO", 6, false),
+    ("DST", 30, false),
+    ("HOST", 24, false),
+    ("RULE", 36, false),
+    ("PID", 7, true),
+    ("COMM", 15, false),
+];
+
 struct Printer {
     json: bool,
-    header_done: bool,
+    /// The columns' widths once the header is out. A value wider than its column widens it and
+    /// the header is printed again, so the lines below it line up (a log read or followed is
+    /// not known ahead).
+    widths: Option<[usize; COLUMNS.len()]>,
 }
 
 impl Printer {
+    fn new(json: bool) -> Self {
+        Printer { json, widths: None }
+    }
+
     fn line(&mut self, raw: &str, r: &Record) -> io::Result<()> {
-        let mut out = io::stdout().lock();
+        self.write(&mut io::stdout().lock(), raw, r)
+    }
+
+    fn write(&mut self, out: &mut impl io::Write, raw: &str, r: &Record) -> io::Result<()> {
         if self.json {
             return writeln!(out, "{raw}");
         }
-        if !self.header_done {
-            self.header_done = true;
-            writeln!(
-                out,
-                "{:<24} {:<7} {:<7} {:<6} {:<30} {:<24} {:<36} {:>7} {:<15} DETAIL",
-                "TIME", "KIND", "VERDICT", "PROTO", "DST", "HOST", "RULE", "PID", "COMM"
-            )?;
-        }
-        let rule = r.rule.as_deref().or(r.reason.as_deref());
-        let detail = match &*r.kind {
-            // A socket's denial that folded the same call denied again (see `connects`).
-            "close" if r.verdict.as_deref() == Some("deny") => format!(
-                "{} calls denied in {} ms",
-                r.connects.unwrap_or(1),
-                r.duration_ms.unwrap_or(0)
-            ),
-            "close" => {
-                let mut d = format!(
-                    "out {} B/{} pkt, in {} B/{} pkt, {} ms",
-                    r.bytes_out.unwrap_or(0),
-                    r.packets_out.unwrap_or(0),
-                    r.bytes_in.unwrap_or(0),
-                    r.packets_in.unwrap_or(0),
-                    r.duration_ms.unwrap_or(0)
-                );
-                if let Some(n) = r.connects.filter(|&n| n > 1) {
-                    d.push_str(&format!(", {n} connects"));
-                }
-                d
-            }
-            "lost" => format!(
-                "{} event(s) lost in the kernel ({} in all)",
-                r.lost.unwrap_or(0),
-                r.lost_total.unwrap_or(0)
-            ),
-            "packet" => format!("on {}", dash(&r.iface)),
-            "sockopt" => "socket option refused".to_owned(),
-            "relay" => {
-                let mut d = format!(
-                    "{} sni {} -> {}, up {} B, down {} B, {} ms",
-                    dash(&r.outcome),
-                    dash(&r.sni),
-                    dash(&r.upstream),
-                    r.bytes_up.unwrap_or(0),
-                    r.bytes_down.unwrap_or(0),
-                    r.duration_ms.unwrap_or(0)
-                );
-                if let Some(mode) = &r.origination {
-                    d.push_str(&format!(
-                        ", TLS {mode} originated, {} request(s), last {}",
-                        r.requests.unwrap_or(0),
-                        r.status.map_or_else(|| "-".to_owned(), |s| s.to_string())
-                    ));
-                }
-                if r.outcome.as_deref() != Some("ok")
-                    && let Some(reason) = &r.reason
-                {
-                    d.push_str(": ");
-                    d.push_str(reason);
-                }
-                d
-            }
-            _ => String::new(),
-        };
-        writeln!(
-            out,
-            "{:<24} {:<7} {:<7} {:<6} {:<30} {:<24} {:<36} {:>7} {:<15} {}",
+        let cells = [
             r.time.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-            r.kind,
+            r.kind.to_string(),
             dash(&r.verdict),
             dash(&r.proto),
             dash(&r.dst),
             dash(&r.host),
-            rule.unwrap_or("-"),
+            r.rule
+                .as_deref()
+                .or(r.reason.as_deref())
+                .unwrap_or("-")
+                .to_owned(),
             r.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             dash(&r.comm),
-            detail
+        ];
+        let mut widths = self.widths.unwrap_or(COLUMNS.map(|(_, w, _)| w));
+        for (w, cell) in widths.iter_mut().zip(&cells) {
+            *w = (*w).max(cell.chars().count());
+        }
+        if self.widths != Some(widths) {
+            self.widths = Some(widths);
+            row(out, &widths, COLUMNS.map(|(name, _, _)| name), "DETAIL")?;
+        }
+        row(
+            out,
+            &widths,
+            cells.each_ref().map(String::as_str),
+            &detail(r),
         )
+    }
+}
+
+/// One line of the table: the cells padded to `widths`, then the detail.
+fn row(
+    out: &mut impl io::Write,
+    widths: &[usize; COLUMNS.len()],
+    cells: [&str; COLUMNS.len()],
+    detail: &str,
+) -> io::Result<()> {
+    for ((cell, width), (_, _, right)) in cells.iter().zip(widths).zip(COLUMNS) {
+        if right {
+            write!(out, "{cell:>width$} ")?;
+        } else {
+            write!(out, "{cell:<width$} ")?;
+        }
+    }
+    writeln!(out, "{detail}")
+}
+
+/// The table's last column: what the record's kind says beyond the columns.
+fn detail(r: &Record) -> String {
+    match &*r.kind {
+        // A socket's denial that folded the same call denied again (see `connects`).
+        "close" if r.verdict.as_deref() == Some("deny") => format!(
+            "{} calls denied in {} ms",
+            r.connects.unwrap_or(1),
+            r.duration_ms.unwrap_or(0)
+        ),
+        "close" => {
+            let mut d = format!(
+                "out {} B/{} pkt, in {} B/{} pkt, {} ms",
+                r.bytes_out.unwrap_or(0),
+                r.packets_out.unwrap_or(0),
+                r.bytes_in.unwrap_or(0),
+                r.packets_in.unwrap_or(0),
+                r.duration_ms.unwrap_or(0)
+            );
+            if let Some(n) = r.connects.filter(|&n| n > 1) {
+                d.push_str(&format!(", {n} connects"));
+            }
+            d
+        }
+        "lost" => format!(
+            "{} event(s) lost in the kernel ({} in all)",
+            r.lost.unwrap_or(0),
+            r.lost_total.unwrap_or(0)
+        ),
+        "packet" => format!("on {}", dash(&r.iface)),
+        "sockopt" => "socket option refused".to_owned(),
+        "relay" => {
+            let mut d = format!(
+                "{} sni {} -> {}, up {} B, down {} B, {} ms",
+                dash(&r.outcome),
+                dash(&r.sni),
+                dash(&r.upstream),
+                r.bytes_up.unwrap_or(0),
+                r.bytes_down.unwrap_or(0),
+                r.duration_ms.unwrap_or(0)
+            );
+            if let Some(mode) = &r.origination {
+                d.push_str(&format!(
+                    ", TLS {mode} originated, {} request(s), last {}",
+                    r.requests.unwrap_or(0),
+                    r.status.map_or_else(|| "-".to_owned(), |s| s.to_string())
+                ));
+            }
+            if r.outcome.as_deref() != Some("ok")
+                && let Some(reason) = &r.reason
+            {
+                d.push_str(": ");
+                d.push_str(reason);
+            }
+            d
+        }
+        _ => String::new(),
     }
 }
 
@@ -245,10 +295,7 @@ fn print_available(
 
 fn run(args: &EventsArgs) -> anyhow::Result<()> {
     let filter = Filter::new(args)?;
-    let mut printer = Printer {
-        json: args.json,
-        header_done: false,
-    };
+    let mut printer = Printer::new(args.json);
     let mut bad = 0;
     let path: &Path = &args.file;
     if !args.follow {
@@ -297,4 +344,74 @@ fn open_when_present(path: &Path) -> anyhow::Result<LogReader> {
 /// The default log of `egress run`.
 pub fn default_log() -> PathBuf {
     PathBuf::from("/var/log/egress/flows.jsonl")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(line: &str) -> Record {
+        serde_json::from_str(line).expect("a flow record")
+    }
+
+    /// A value wider than its column widens it, and the header is printed again above the
+    /// lines that follow: every line's columns start where its header's do.
+    #[test]
+    fn a_wide_value_widens_its_column_under_a_new_header() {
+        let short = r#"{"time":"2026-01-01T10:00:00Z","kind":"connect","verdict":"allow","proto":"tcp","dst":"198.18.0.10:443","host":"api.example.com","rule":"ServiceEntry/default/api","pid":7,"comm":"curl"}"#;
+        let long = r#"{"time":"2026-01-01T10:00:01Z","kind":"connect","verdict":"steer","proto":"tcp","dst":"[fd00:e9e5:aaaa:bbbb:cccc:dddd:eeee:ffff]:443","host":"api.example.com","rule":"ServiceEntry/default/external-weather-api","pid":4194304,"comm":"curl"}"#;
+        let mut printer = Printer::new(false);
+        let mut out = Vec::new();
+        for line in [short, long, short] {
+            printer.write(&mut out, line, &record(line)).expect("write");
+        }
+        let out = String::from_utf8(out).expect("utf8");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 5, "two headers and three lines:\n{out}");
+        assert!(
+            lines[0].starts_with("TIME") && lines[2].starts_with("TIME"),
+            "{out}"
+        );
+        // Where each column starts, from the header above the line.
+        let starts = |header: &str| -> Vec<usize> {
+            COLUMNS
+                .iter()
+                .map(|(name, _, _)| header.find(&format!(" {name} ")).map_or(0, |i| i + 1))
+                .collect()
+        };
+        let (first, second) = (starts(lines[0]), starts(lines[2]));
+        assert!(
+            second[4] == first[4] && second[5] > first[5],
+            "DST widened:\n{out}"
+        );
+        for (line, starts) in [(lines[1], &first), (lines[3], &second), (lines[4], &second)] {
+            // COMM is left-aligned: its value starts at its column.
+            assert_eq!(line.find(" curl ").map(|i| i + 1), Some(starts[8]), "{out}");
+            // PID is right-aligned: it ends one before COMM.
+            let pid = if line == lines[3] { "4194304" } else { "7" };
+            assert_eq!(
+                line.find(&format!(" {pid} ")).map(|i| i + 1 + pid.len()),
+                Some(starts[8] - 1),
+                "{out}"
+            );
+            // The rule starts at RULE's column.
+            assert_eq!(
+                line.find(" ServiceEntry/").map(|i| i + 1),
+                Some(starts[6]),
+                "{out}"
+            );
+        }
+        // The widths stay: a narrow line after a wide one keeps the wide columns, no new header.
+        assert_eq!(lines[3].find(" curl "), lines[4].find(" curl "), "{out}");
+    }
+
+    #[test]
+    fn json_prints_the_line_as_logged() {
+        let line = r#"{"time":"2026-01-01T10:00:00Z","kind":"connect"}"#;
+        let mut out = Vec::new();
+        Printer::new(true)
+            .write(&mut out, line, &record(line))
+            .expect("write");
+        assert_eq!(String::from_utf8(out).expect("utf8"), format!("{line}\n"));
+    }
 }
