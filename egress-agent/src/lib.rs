@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod resolve;
+pub mod text;

@@ -1,5 +1,6 @@
 //! `egress events`: reads or follows the flow log, filtered, as a table or as the raw lines.
 use std::{
+    borrow::Cow,
     io,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -15,6 +16,7 @@ use jiff::{SignedDuration, Timestamp};
 use super::EventsArgs;
 use crate::events::{LogReader, Record, log::rotated};
 use crate::glob::glob_match;
+use crate::text::printable;
 
 /// How often a follower looks for new lines and rotations.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -158,6 +160,7 @@ impl Printer {
         if self.json {
             return writeln!(out, "{raw}");
         }
+        // Escaped: a workload names its own process and interfaces.
         let cells = [
             r.time.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
             r.kind.to_string(),
@@ -172,7 +175,11 @@ impl Printer {
                 .to_owned(),
             r.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             dash(&r.comm),
-        ];
+        ]
+        .map(|cell| match printable(&cell) {
+            Cow::Borrowed(_) => cell,
+            Cow::Owned(escaped) => escaped,
+        });
         let mut widths = self.widths.unwrap_or(COLUMNS.map(|(_, w, _)| w));
         for (w, cell) in widths.iter_mut().zip(&cells) {
             *w = (*w).max(cell.chars().count());
@@ -185,7 +192,7 @@ impl Printer {
             out,
             &widths,
             cells.each_ref().map(String::as_str),
-            &detail(r),
+            &printable(&detail(r)),
         )
     }
 }
@@ -403,6 +410,21 @@ mod tests {
         }
         // The widths stay: a narrow line after a wide one keeps the wide columns, no new header.
         assert_eq!(lines[3].find(" curl "), lines[4].find(" curl "), "{out}");
+    }
+
+    /// A process's own name cannot reach the reader's terminal as an escape sequence.
+    #[test]
+    fn the_table_escapes_what_workloads_name() {
+        let line = r#"{"time":"2026-01-01T10:00:00Z","kind":"packet","verdict":"deny","proto":"icmp","dst":"198.18.0.66:0","pid":7,"comm":"\u001b]0;owned\u0007x","iface":"eth\u001b[2J"}"#;
+        let mut out = Vec::new();
+        Printer::new(false)
+            .write(&mut out, line, &record(line))
+            .expect("write");
+        let out = String::from_utf8(out).expect("utf8");
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+        let row = out.lines().nth(1).expect("a row");
+        assert!(row.contains(" \\u{1b}]0;owned\\u{7}x "), "{row}");
+        assert!(row.ends_with("on eth\\u{1b}[2J"), "{row}");
     }
 
     #[test]

@@ -540,13 +540,15 @@ impl Watcher {
                 .map_err(io::Error::other)
         }) {
             Ok(ifaces) if ifaces.is_empty() => {}
+            // Its interfaces are named by the workload.
             Ok(ifaces) => log::info!(
                 "relay: TC on [{}] in network namespace {ino}",
-                ifaces.join(", ")
+                crate::text::printable(&ifaces.join(", "))
             ),
             Err(e) => log::error!(
                 "relay: putting the TC programs on new interfaces of network namespace {ino}: \
-                 {e}; packet sockets there may send by them unjudged"
+                 {}; packet sockets there may send by them unjudged",
+                crate::text::printable(&e.to_string())
             ),
         }
     }
@@ -695,7 +697,7 @@ fn refuse(mut record: Record, outcome: &'static str, reason: String) -> Record {
     log::info!(
         "relay: {outcome} {} ({}): {reason}",
         record.dst.map_or("?".to_owned(), |d| d.to_string()),
-        record.comm.as_deref().unwrap_or("?")
+        crate::text::printable(record.comm.as_deref().unwrap_or("?"))
     );
     record.ended(outcome, Some(reason));
     record
