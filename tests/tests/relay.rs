@@ -252,10 +252,15 @@ async fn steered_tls_reaches_the_upstream_with_its_server_name() {
     a.shutdown().await;
 
     // Each connection's relay record (its end) comes after its steered connect (its start),
-    // though the relay writes it at once and the kernel's event waits for the next drain.
+    // though the relay writes it at once and the kernel's event waits for the next drain. A
+    // getpeername probe closes at once, and may have taken its kernel record with it before the
+    // relay looked (see the next test): such a record names no client to order it by.
     let all = records(&log);
-    let relayed: Vec<usize> = (0..all.len()).filter(|&i| all[i].kind == "relay").collect();
-    assert!(relayed.len() >= 5, "{all:?}");
+    let relayed: Vec<usize> = (0..all.len())
+        .filter(|&i| all[i].kind == "relay" && all[i].pid.is_some())
+        .collect();
+    // curl twice and openssl s_client at least.
+    assert!(relayed.len() >= 3, "{all:?}");
     for i in relayed {
         let r = &all[i];
         assert!(
@@ -406,12 +411,62 @@ async fn a_direct_dial_of_the_relay_is_refused() {
                 .is_some_and(|s| s.contains(&format!("no kernel record for {peer}")))
     };
     let redialed = format!("127.0.0.1:{port}");
-    // The reset connection may have been refused the same way, if its record was gone first.
+    // The dials wait for a greeting: the relay finds them open, never steered. The reset
+    // connection may have been refused too, if its record was gone first, as a client gone.
+    let dial = |r: &Record, peer: &str| {
+        unknown(r, peer)
+            && r.reason
+                .as_deref()
+                .is_some_and(|s| s.ends_with(": not a steered connection"))
+    };
     wait_for("the refusals", Duration::from_secs(10), || {
         let records = records(&log);
-        records.iter().filter(|r| unknown(r, "")).count() >= 3
-            && records.iter().any(|r| unknown(r, &redialed))
+        records.iter().filter(|r| dial(r, "")).count() >= 3
+            && records.iter().any(|r| dial(r, &redialed))
     });
+    assert_eq!(f.tls4.accepted(), 0);
+    a.shutdown().await;
+}
+
+/// A steered client that connects and closes at once (a port check) takes its kernel record with
+/// it, maybe before the relay has looked it up. The relay then knows nothing of it, but must not
+/// report it as a dial of the relay that was never steered: that is an operator's alarm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steered_client_that_closes_at_once_is_not_taken_for_a_direct_dial() {
+    const CHECKS: usize = 300;
+    let f = fixture("port-check");
+    let cg = TestCgroup::new("relay-port-check");
+    let log = log_path("relay-port-check");
+    let a = agent(&f, &cg, &log).await;
+    let checks = HeldProbe::start(
+        Some(&cg.path),
+        &["tcp-repeat", &at(f.w.v4(20), 443), &CHECKS.to_string()],
+        "done",
+    );
+    let pid = checks.pid();
+    checks.release();
+    let ended = |r: &Record| {
+        r.kind == "relay"
+            && (r.pid == Some(pid)
+                || r.reason
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with("no kernel record")))
+    };
+    wait_for("a relay record per check", Duration::from_secs(10), || {
+        records(&log).iter().filter(|r| ended(r)).count() >= CHECKS
+    });
+    let all = records(&log);
+    let ended: Vec<&Record> = all.iter().filter(|r| ended(r)).collect();
+    assert_eq!(ended.len(), CHECKS, "{ended:#?}");
+    for r in ended {
+        assert_eq!(r.outcome.as_deref(), Some("refused"), "{r:?}");
+        let reason = r.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.ends_with("connection closed before a complete ClientHello")
+                || reason.ends_with("the client had closed before the relay took the connection"),
+            "{r:?}"
+        );
+    }
     assert_eq!(f.tls4.accepted(), 0);
     a.shutdown().await;
 }

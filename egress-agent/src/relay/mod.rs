@@ -719,10 +719,17 @@ async fn handle(
         r
     };
     let Ok(steered) = shared.peers.get(&peer_key(peer, netns.cookie), 0) else {
+        // The kernel forgets a steered socket's record when the socket closes: a client that
+        // connected and closed at once (a port check) can be gone before the relay looks.
+        let why = if client_gone(&client) {
+            "the client had closed before the relay took the connection"
+        } else {
+            "not a steered connection"
+        };
         return finish(refuse(
             Record::relay_unknown(Timestamp::now()),
             "refused",
-            format!("no kernel record for {peer}: not a steered connection"),
+            format!("no kernel record for {peer}: {why}"),
         ));
     };
     *cookie = Some(steered.cookie);
@@ -969,6 +976,29 @@ async fn connect_own(target: SocketAddr, leave: &Leave) -> io::Result<TcpStream>
     let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Whether the client end has closed or reset its connection already (the kernel's TCP state
+/// of the accepted socket).
+fn client_gone(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    // include/net/tcp_states.h
+    const TCP_CLOSE: u8 = 7;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    // SAFETY: tcp_info is plain integers; all zeroes is a value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a buffer of `len` bytes that outlives the call.
+    let got = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    got == 0 && matches!(info.tcpi_state, TCP_CLOSE | TCP_CLOSE_WAIT)
 }
 
 /// An int socket option nix has no type for.
