@@ -254,7 +254,8 @@ async fn steered_tls_reaches_the_upstream_with_its_server_name() {
     // Each connection's relay record (its end) comes after its steered connect (its start),
     // though the relay writes it at once and the kernel's event waits for the next drain. A
     // getpeername probe closes at once, and may have taken its kernel record with it before the
-    // relay looked (see the next test): such a record names no client to order it by.
+    // relay looked (`a_steered_client_that_closes_at_once_is_not_taken_for_a_direct_dial`): such
+    // a record names no client to order it by.
     let all = records(&log);
     let relayed: Vec<usize> = (0..all.len())
         .filter(|&i| all[i].kind == "relay" && all[i].pid.is_some())
