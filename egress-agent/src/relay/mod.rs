@@ -981,24 +981,15 @@ async fn connect_own(target: SocketAddr, leave: &Leave) -> io::Result<TcpStream>
 /// Whether the client end has closed or reset its connection already (the kernel's TCP state
 /// of the accepted socket).
 fn client_gone(stream: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd as _;
     // include/net/tcp_states.h
     const TCP_CLOSE: u8 = 7;
     const TCP_CLOSE_WAIT: u8 = 8;
     // SAFETY: tcp_info is plain integers; all zeroes is a value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid socket, and a buffer of `len` bytes that outlives the call.
-    let got = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    got == 0 && matches!(info.tcpi_state, TCP_CLOSE | TCP_CLOSE_WAIT)
+    // SAFETY: TCP_INFO takes a tcp_info (a shorter one from an older kernel leaves the rest 0).
+    let got =
+        unsafe { netns::get_option(stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, &mut info) };
+    got.is_ok() && matches!(info.tcpi_state, TCP_CLOSE | TCP_CLOSE_WAIT)
 }
 
 /// An int socket option nix has no type for.

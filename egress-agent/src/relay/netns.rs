@@ -110,25 +110,36 @@ pub fn own_cookie() -> io::Result<u64> {
 
 /// The kernel's cookie for the namespace of `socket`.
 fn cookie(socket: BorrowedFd) -> io::Result<u64> {
-    get_u64(socket, libc::SO_NETNS_COOKIE)
+    let mut value = 0u64;
+    // SAFETY: the cookie options take a u64, which any bytes are.
+    unsafe { get_option(socket, libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, &mut value) }?;
+    Ok(value)
 }
 
-/// A u64 socket option at SOL_SOCKET (a cookie) that nix has no type for.
-pub(super) fn get_u64(socket: BorrowedFd, name: libc::c_int) -> io::Result<u64> {
-    let mut value = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid socket and a u64 out-value with its length, as the cookie options take.
+/// Reads a socket option nix has no type for into `value`.
+///
+/// # Safety
+/// `T` must be the option's type, and valid whatever bytes the kernel writes (plain integers).
+pub(super) unsafe fn get_option<T>(
+    socket: BorrowedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &mut T,
+) -> io::Result<()> {
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: a valid socket, and an out-value of `len` bytes of the option's type (the caller's
+    // promise).
     let got = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             name,
-            (&raw mut value).cast(),
+            std::ptr::from_mut(value).cast(),
             &raw mut len,
         )
     };
     if got == 0 {
-        Ok(value)
+        Ok(())
     } else {
         Err(io::Error::last_os_error())
     }
