@@ -269,8 +269,9 @@ impl World {
         self.in_world(move || TcpListener::bind(addr).expect("bind in world"))
     }
 
-    /// A server at `addr` in the world that reads one TLS record (a ClientHello), then sends back
-    /// every byte that follows it until the client half-closes, then closes its side: what a
+    /// A server at `addr` in the world that reads one TLS record (a ClientHello) and sends it
+    /// back, then every byte that follows it until the client half-closes, then closes its side:
+    /// what a
     /// relay does with either direction and with each end's half-close shows, byte for byte.
     /// Returns, for each connection in the order accepted, whether its first bytes had arrived
     /// when accept() returned it.
@@ -289,7 +290,10 @@ impl World {
                     let mut head = [0u8; 5];
                     s.read_exact(&mut head)?;
                     let len = u16::from_be_bytes([head[3], head[4]]);
-                    std::io::copy(&mut (&s).take(u64::from(len)), &mut std::io::sink())?;
+                    // The hello is answered before anything else is read, as a TLS server
+                    // answers one: with itself.
+                    s.write_all(&head)?;
+                    std::io::copy(&mut (&s).take(u64::from(len)), &mut &s)?;
                     std::io::copy(&mut &s, &mut &s)?;
                     s.shutdown(std::net::Shutdown::Write)
                 });

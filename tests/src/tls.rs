@@ -2,8 +2,8 @@
 //! record what each connection brought (the server name above all) and answer HTTP/1.1.
 use std::{
     fs,
-    io::{BufRead as _, BufReader, Write as _},
-    net::SocketAddr,
+    io::{self, BufRead as _, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -63,11 +63,30 @@ impl Pki {
         self.server_with(names, Some(clients))
     }
 
+    /// As [`Pki::server`], but taking key shares for P-256 alone: a client that offers X25519
+    /// first, as rustls and OpenSSL do, is asked for its hello again (a HelloRetryRequest).
+    pub fn retrying_server(&self, names: &[&str]) -> Arc<ServerConfig> {
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: vec![rustls::crypto::ring::kx_group::SECP256R1],
+            ..rustls::crypto::ring::default_provider()
+        };
+        self.server_of(names, None, provider)
+    }
+
     fn server_with(&self, names: &[&str], clients: Option<&Pki>) -> Arc<ServerConfig> {
+        self.server_of(names, clients, rustls::crypto::ring::default_provider())
+    }
+
+    fn server_of(
+        &self,
+        names: &[&str],
+        clients: Option<&Pki>,
+        provider: rustls::crypto::CryptoProvider,
+    ) -> Arc<ServerConfig> {
         let (cert, key) = self.issue(names);
         let chain = vec![cert.der().clone(), self.issuer.der().clone()];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider);
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .expect("protocol versions");
@@ -113,9 +132,21 @@ pub struct Seen {
     pub names: Mutex<Vec<Option<String>>>,
     /// Where each connection came from.
     pub peers: Mutex<Vec<SocketAddr>>,
+    /// Connections whose first answer was a HelloRetryRequest.
+    pub retries: AtomicUsize,
+    /// The bytes each ended connection read.
+    pub read: Mutex<Vec<usize>>,
 }
 
 impl Seen {
+    pub fn retries(&self) -> usize {
+        self.retries.load(Ordering::SeqCst)
+    }
+
+    pub fn read(&self) -> Vec<usize> {
+        self.read.lock().expect("read").clone()
+    }
+
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
@@ -148,34 +179,96 @@ impl World {
                     let Ok(conn) = ServerConnection::new(config) else {
                         return;
                     };
-                    let mut tls = StreamOwned::new(conn, tcp);
-                    while tls.conn.is_handshaking() {
-                        if tls.conn.complete_io(&mut tls.sock).is_err() {
-                            return;
-                        }
+                    let mut tls = StreamOwned::new(conn, Watched::new(tcp));
+                    answer(&mut tls, &s);
+                    let Watched { read, first, .. } = tls.sock;
+                    if is_retry_request(&first) {
+                        s.retries.fetch_add(1, Ordering::SeqCst);
                     }
-                    let name = tls.conn.server_name().map(str::to_owned);
-                    s.names.lock().expect("names").push(name.clone());
-                    let mut reader = BufReader::new(tls);
-                    let mut line = String::new();
-                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                        if line == "\r\n" {
-                            break;
-                        }
-                        line.clear();
-                    }
-                    let body = format!("sni={}\n", name.unwrap_or_default());
-                    let mut tls = reader.into_inner();
-                    let _ = write!(
-                        tls,
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    tls.conn.send_close_notify();
-                    let _ = tls.flush();
+                    s.read.lock().expect("read").push(read);
                 });
             }
         });
         seen
     }
+}
+
+/// The handshake, then one HTTP/1.1 request answered `200` with the body `sni=<server name>\n`.
+fn answer(tls: &mut StreamOwned<ServerConnection, Watched>, s: &Seen) {
+    while tls.conn.is_handshaking() {
+        if tls.conn.complete_io(&mut tls.sock).is_err() {
+            return;
+        }
+    }
+    let name = tls.conn.server_name().map(str::to_owned);
+    s.names.lock().expect("names").push(name.clone());
+    let mut reader = BufReader::new(&mut *tls);
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+        if line == "\r\n" {
+            break;
+        }
+        line.clear();
+    }
+    drop(reader);
+    let body = format!("sni={}\n", name.unwrap_or_default());
+    let _ = write!(
+        tls,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+}
+
+/// A server's socket, counting the bytes it reads and keeping the first it writes.
+struct Watched {
+    tcp: TcpStream,
+    read: usize,
+    first: Vec<u8>,
+}
+
+/// A record header, a ServerHello's type, length and version, and its random.
+const ANSWER_HEAD: usize = 5 + 4 + 2 + 32;
+
+impl Watched {
+    fn new(tcp: TcpStream) -> Watched {
+        Watched {
+            tcp,
+            read: 0,
+            first: Vec::with_capacity(ANSWER_HEAD),
+        }
+    }
+}
+
+impl Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.tcp.read(buf)?;
+        self.read += n;
+        Ok(n)
+    }
+}
+
+impl Write for Watched {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.tcp.write(buf)?;
+        let keep = n.min(ANSWER_HEAD - self.first.len());
+        self.first.extend_from_slice(&buf[..keep]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// Whether a server's first bytes are a HelloRetryRequest: a ServerHello (in a handshake
+/// record) with the random RFC 8446 §4.1.3 sets apart.
+fn is_retry_request(first: &[u8]) -> bool {
+    const RETRY_RANDOM: [u8; 32] = [
+        0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8,
+        0x91, 0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8,
+        0x33, 0x9c,
+    ];
+    first.len() == ANSWER_HEAD && first[0] == 22 && first[5] == 2 && first[11..] == RETRY_RANDOM
 }

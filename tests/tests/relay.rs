@@ -22,9 +22,10 @@ use egress_tests::{
     wait_for, wait_record,
 };
 
-/// Five steered hosts (a VirtualService gives them retries and a timeout):
+/// Six steered hosts (a VirtualService gives them retries and a timeout):
 /// tls.test at host 20 (both families), other.test at 21, retry.test at 22 (nothing listens) and
-/// 23, fail.test at 24 (nothing listens), echo.test at 25 (an echo after the ClientHello).
+/// 23, fail.test at 24 (nothing listens), echo.test at 25 (an echo, the ClientHello first),
+/// again.test at 26 (a server that asks for the hello again).
 const POLICY: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -59,10 +60,18 @@ spec:
   resolution: DNS
 ---
 apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: again, namespace: shop}
+spec:
+  hosts: [again.test]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: through-relay, namespace: shop}
 spec:
-  hosts: [tls.test, other.test, retry.test, fail.test, echo.test]
+  hosts: [tls.test, other.test, retry.test, fail.test, echo.test, again.test]
   http:
   - route: [{destination: {host: tls.test}}]
     retries: {attempts: 2, perTryTimeout: 1s}
@@ -79,11 +88,13 @@ struct Fixture {
     retry: Arc<Seen>,
     /// The echo server's connections: whether their first bytes came with the handshake.
     echo: Arc<Mutex<Vec<bool>>>,
+    /// The server at host 26, which takes P-256 key shares only.
+    again: Arc<Seen>,
 }
 
 fn fixture(tag: &str) -> Fixture {
     let w = World::new();
-    for h in 20..=25 {
+    for h in 20..=26 {
         w.host(h);
     }
     let echo = w.hello_echo(SocketAddr::new(w.v4(25), 443));
@@ -94,6 +105,10 @@ fn fixture(tag: &str) -> Fixture {
         tls6: w.tls_server(SocketAddr::new(w.v6(20), 443), Arc::clone(&config)),
         other: w.tls_server(SocketAddr::new(w.v4(21), 443), Arc::clone(&config)),
         retry: w.tls_server(SocketAddr::new(w.v4(23), 443), config),
+        again: w.tls_server(
+            SocketAddr::new(w.v4(26), 443),
+            pki.retrying_server(&["again.test"]),
+        ),
         echo,
         pki,
         w,
@@ -107,6 +122,7 @@ fn fixture(tag: &str) -> Fixture {
         ("retry.test", w.v4(23)),
         ("fail.test", w.v4(24)),
         ("echo.test", w.v4(25)),
+        ("again.test", w.v4(26)),
     ];
     let mut f = f;
     f.w.start_dns(&records, 300);
@@ -383,6 +399,91 @@ async fn a_server_name_not_allowed_for_the_destination_never_reaches_upstream() 
     a.shutdown().await;
 }
 
+/// A server that takes none of the key shares a client offers first answers its ClientHello with
+/// a HelloRetryRequest, and the client sends a second hello: curl (OpenSSL) and rustls both get
+/// through the relay so, each asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_asked_for_again_is_relayed() {
+    let f = fixture("again");
+    let cg = TestCgroup::new("relay-again");
+    let log = log_path("relay-again");
+    let a = agent(&f, &cg, &log).await;
+    let ip = f.w.v4(26);
+    let out = curl(&cg, &f.pki.ca_pem, "again.test", ip);
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=again.test\n");
+    let ca = f.pki.ca_pem.to_string_lossy().into_owned();
+    let got = cg.probe(&["tls", &at(ip, 443), "again.test", &ca]);
+    assert_eq!(got, "ok:sni=again.test");
+    wait_for("both connections' end", Duration::from_secs(10), || {
+        f.again.read().len() == 2
+    });
+    assert_eq!(f.again.retries(), 2, "a client was not asked again");
+    let dst = at(ip, 443);
+    wait_for("both relay records", Duration::from_secs(10), || {
+        records(&log)
+            .iter()
+            .filter(|r| r.kind == "relay" && shown(r.dst) == dst)
+            .count()
+            == 2
+    });
+    for r in records(&log)
+        .iter()
+        .filter(|r| r.kind == "relay" && shown(r.dst) == dst)
+    {
+        assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+        assert_eq!(r.sni.as_deref(), Some("again.test"), "{r:?}");
+    }
+    a.shutdown().await;
+}
+
+/// The hello a client sends again must name the server its first named: one naming another
+/// (a host the destination's server may serve too, as a CDN's does) is refused, and the
+/// upstream reads nothing past the first hello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_hello_naming_another_server_never_reaches_upstream() {
+    let f = fixture("again-other");
+    let cg = TestCgroup::new("relay-again-other");
+    let log = log_path("relay-again-other");
+    let a = agent(&f, &cg, &log).await;
+    let ip = f.w.v4(26);
+    let got = cg.probe(&["hello-again", &at(ip, 443), "again.test", "other.test"]);
+    let (first, ended) = got.split_once(' ').expect("LENGTH WORD");
+    let first: usize = first.parse().expect("the first hello's length");
+    assert!(
+        ["closed", "error:Connection reset by peer (os error 104)"].contains(&ended)
+            || ended.starts_with("error:Broken pipe"),
+        "{got}"
+    );
+    let r = relay_record(&log, "the refusal", |r| {
+        r.sni.as_deref() == Some("again.test")
+    });
+    assert_eq!(r.outcome.as_deref(), Some("refused"), "{r:?}");
+    assert_eq!(
+        r.reason.as_deref(),
+        Some(
+            "the ClientHello after a HelloRetryRequest names other.test, the first named \
+             again.test"
+        ),
+        "{r:?}"
+    );
+    wait_for("the upstream's end", Duration::from_secs(10), || {
+        f.again.read().len() == 1
+    });
+    assert_eq!(f.again.retries(), 1, "the upstream did not ask again");
+    assert_eq!(
+        f.again.read(),
+        [first],
+        "the upstream read past the first hello"
+    );
+    assert_eq!(f.again.names(), [], "a handshake completed");
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_dial_of_the_relay_is_refused() {
     let f = fixture("direct");
@@ -653,13 +754,13 @@ async fn bytes_cross_the_relay_exactly_both_ways_with_each_half_close() {
             r.pid == Some(pid)
         });
         assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
-        assert_eq!(r.bytes_down, Some(n as u64), "{r:?}");
-        // The ClientHello, then the bytes.
+        // The ClientHello, then the bytes, each way.
         assert!(
             r.bytes_up
                 .is_some_and(|b| b > n as u64 && b < n as u64 + 4096),
             "{r:?}"
         );
+        assert_eq!(r.bytes_down, r.bytes_up, "{r:?}");
     }
     a.shutdown().await;
 }

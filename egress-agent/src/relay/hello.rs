@@ -21,6 +21,8 @@ pub struct Hello {
     pub alpn: Vec<String>,
     /// Every byte read so far: the hello and whatever followed it in the same reads.
     pub bytes: Vec<u8>,
+    /// Where the hello's records end in `bytes`: what follows came after the hello.
+    pub end: usize,
 }
 
 /// Why no ClientHello was read. The text goes into the relay event's `reason`.
@@ -48,12 +50,52 @@ pub async fn read<R: AsyncRead + Unpin>(
     limit: usize,
     wait: Duration,
 ) -> Result<Hello, HelloError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut records = Records::default();
     // Read straight into `bytes`: a buffer held across the await would sit in every relay
     // connection's future, which is moved (copied) when the connection's task is spawned.
-    let mut bytes = Vec::with_capacity(READ);
+    read_from(
+        stream,
+        Vec::with_capacity(READ),
+        Records::default(),
+        limit,
+        wait,
+    )
+    .await
+}
+
+/// Reads the ClientHello a client sends in answer to a HelloRetryRequest, starting with `held`,
+/// the bytes it sent after its first hello: a ChangeCipherSpec may come first (TLS 1.3's
+/// middlebox compatibility, RFC 8446 §D.4), then the hello, as [`read`] reads it.
+pub async fn read_again<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    held: Vec<u8>,
+    limit: usize,
+    wait: Duration,
+) -> Result<Hello, HelloError> {
+    let records = Records {
+        change_cipher_spec: true,
+        ..Records::default()
+    };
+    read_from(stream, held, records, limit, wait).await
+}
+
+async fn read_from<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    mut bytes: Vec<u8>,
+    mut records: Records,
+    limit: usize,
+    wait: Duration,
+) -> Result<Hello, HelloError> {
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
+        if let Some(Names { sni, alpn }) = records.feed(&bytes).map_err(HelloError::NotTls)? {
+            let end = records.next;
+            return Ok(Hello {
+                sni,
+                alpn,
+                bytes,
+                end,
+            });
+        }
         let room = (limit + 1).saturating_sub(bytes.len()).min(READ);
         bytes.reserve(room);
         let n = timeout_at(
@@ -68,10 +110,44 @@ pub async fn read<R: AsyncRead + Unpin>(
         if bytes.len() > limit {
             return Err(HelloError::TooLarge(limit));
         }
-        if let Some(Names { sni, alpn }) = records.feed(&bytes).map_err(HelloError::NotTls)? {
-            return Ok(Hello { sni, alpn, bytes });
-        }
     }
+}
+
+/// The random of a ServerHello that is a HelloRetryRequest (RFC 8446 §4.1.3).
+const RETRY_RANDOM: [u8; 32] = [
+    0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
+    0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+];
+/// Handshake message type of a ServerHello.
+const SERVER_HELLO: u8 = 2;
+
+/// Whether a server's first bytes are a HelloRetryRequest, which lets the client send a second
+/// ClientHello; `None` until enough of them have come. The message may be split across records
+/// as a hello may; anything but a handshake record first is no HelloRetryRequest.
+pub fn retry_request(bytes: &[u8]) -> Option<bool> {
+    // Message type, length, version and random.
+    const HEAD: usize = 4 + 2 + 32;
+    let mut head = [0u8; HEAD];
+    let mut got = 0;
+    let mut at = 0;
+    while got < HEAD {
+        let header = bytes.get(at..at + 5)?;
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        // Empty handshake records are forbidden (RFC 8446 §5.1); taking them would let a
+        // server keep the relay reading for ever.
+        if header[0] != HANDSHAKE || len == 0 {
+            return Some(false);
+        }
+        let fragment = &bytes[(at + 5).min(bytes.len())..(at + 5 + len).min(bytes.len())];
+        let take = fragment.len().min(HEAD - got);
+        head[got..got + take].copy_from_slice(&fragment[..take]);
+        got += take;
+        if fragment.len() < len && got < HEAD {
+            return None;
+        }
+        at += 5 + len;
+    }
+    Some(head[0] == SERVER_HELLO && head[6..] == RETRY_RANDOM)
 }
 
 /// The names the relay judges a connection by.
@@ -87,11 +163,16 @@ struct Names {
 struct Records {
     /// Where the next record starts in the bytes read.
     next: usize,
+    /// Where the hello's first record starts.
+    first: usize,
+    /// Whether a ChangeCipherSpec record may come before the hello.
+    change_cipher_spec: bool,
     /// The handshake bytes of the records read, once the hello has outgrown the first record.
     joined: Vec<u8>,
 }
 
-/// TLS record content type of a handshake.
+/// TLS record content types.
+const CHANGE_CIPHER_SPEC: u8 = 20;
 const HANDSHAKE: u8 = 22;
 /// Handshake message type of a ClientHello.
 const CLIENT_HELLO: u8 = 1;
@@ -105,6 +186,21 @@ impl Records {
     /// Takes the records complete in `bytes` (all bytes read so far, growing) that it has not
     /// taken yet; the names once the ClientHello is complete.
     fn feed(&mut self, bytes: &[u8]) -> Result<Option<Names>, &'static str> {
+        if self.change_cipher_spec {
+            let Some(&kind) = bytes.first() else {
+                return Ok(None);
+            };
+            if kind == CHANGE_CIPHER_SPEC {
+                let Some(record) = bytes.get(..6) else {
+                    return Ok(None);
+                };
+                if record[1] != 3 || record[3..] != [0, 1, 1] {
+                    return Err("a malformed ChangeCipherSpec");
+                }
+                (self.next, self.first) = (6, 6);
+            }
+            self.change_cipher_spec = false;
+        }
         loop {
             let Some(header) = bytes.get(self.next..self.next + 5) else {
                 return Ok(None);
@@ -125,7 +221,7 @@ impl Records {
             };
             self.next = start + len;
             // Mostly the hello fits in its first record: read where it lies.
-            if start == 5 {
+            if start == self.first + 5 {
                 if let Some(names) = client_hello(fragment)? {
                     return Ok(Some(names));
                 }
@@ -150,6 +246,9 @@ fn client_hello(handshake: &[u8]) -> Result<Option<Names>, &'static str> {
     }
     let len = usize::from(header[1]) << 16 | usize::from(header[2]) << 8 | usize::from(header[3]);
     match handshake.get(4..4 + len) {
+        // A hello is alone in its flight: a message after it in its record would pass on to
+        // the upstream unjudged (a second hello, read after a HelloRetryRequest).
+        Some(_) if handshake.len() > 4 + len => Err("handshake data after the ClientHello"),
         Some(body) => names(body).map(Some),
         None => Ok(None),
     }
@@ -604,6 +703,146 @@ mod tests {
         assert!(agreed > 1500, "only {agreed} hellos read by both");
     }
 
+    /// A server that takes key shares for P-256 only: rustls's client offers one for X25519
+    /// first, so the server answers its hello with a HelloRetryRequest.
+    fn p256_server(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::ServerConnection {
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: vec![rustls::crypto::ring::kx_group::SECP256R1],
+            ..rustls::crypto::ring::default_provider()
+        };
+        let cert = rcgen::generate_simple_self_signed(vec!["api.example.com".to_owned()])
+            .expect("certificate");
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(provider))
+            .with_protocol_versions(versions)
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .expect("server config");
+        rustls::ServerConnection::new(std::sync::Arc::new(config)).expect("server")
+    }
+
+    /// What a server writes in answer to `hello`.
+    fn answer_to(server: &mut rustls::ServerConnection, hello: &[u8]) -> Vec<u8> {
+        let mut rest = hello;
+        while !rest.is_empty() {
+            server.read_tls(&mut rest).expect("read");
+        }
+        // A hello refused leaves an alert to write.
+        let _ = server.process_new_packets();
+        let mut out = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut out).expect("write");
+        }
+        out
+    }
+
+    /// A record holding `handshake`, a handshake message.
+    fn record(handshake: &[u8]) -> Vec<u8> {
+        let mut out = vec![HANDSHAKE, 3, 3];
+        out.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+        out.extend_from_slice(handshake);
+        out
+    }
+
+    /// A HelloRetryRequest is told from a ServerHello however its records split it, and only
+    /// once enough of it has come.
+    #[test]
+    fn a_hello_retry_request_is_told_from_a_server_hello() {
+        use rustls::version::{TLS12, TLS13};
+        let retry = answer_to(
+            &mut p256_server(&[&TLS13, &TLS12]),
+            &client_hello("api.example.com"),
+        );
+        assert_eq!(retry_request(&retry), Some(true));
+        // TLS 1.2 has no retry: its hello gets a ServerHello, or an alert from a server
+        // without TLS 1.2.
+        let tls12 = hello_with("api.example.com", &[], true);
+        let server_hello = answer_to(&mut p256_server(&[&TLS13, &TLS12]), &tls12);
+        assert_eq!(server_hello[5], SERVER_HELLO);
+        assert_eq!(retry_request(&server_hello), Some(false));
+        let alert = answer_to(&mut p256_server(&[&TLS13]), &tls12);
+        assert_eq!(alert[0], 21);
+        assert_eq!(retry_request(&alert), Some(false));
+        for bytes in [retry.clone(), reframed(&retry, 1), reframed(&retry, 5)] {
+            let whole = retry_request(&bytes);
+            assert_eq!(whole, Some(true));
+            let needed = (0..bytes.len())
+                .find(|&end| retry_request(&bytes[..end]).is_some())
+                .expect("told before the end");
+            assert!(
+                (0..needed).all(|end| retry_request(&bytes[..end]).is_none()),
+                "told at {needed}"
+            );
+            assert_eq!(retry_request(&bytes[..needed]), Some(true));
+        }
+        // A ServerHello with any other random, a message of another type, an empty record.
+        let mut server_hello = retry.clone();
+        server_hello[20] ^= 1;
+        assert_eq!(retry_request(&server_hello), Some(false));
+        let mut other = retry.clone();
+        other[5] = CLIENT_HELLO;
+        assert_eq!(retry_request(&other), Some(false));
+        let mut empty_first = vec![HANDSHAKE, 3, 3, 0, 0];
+        empty_first.extend_from_slice(&retry);
+        assert_eq!(retry_request(&empty_first), Some(false));
+    }
+
+    /// The hello a client sends again is read after a ChangeCipherSpec or without one, from the
+    /// bytes held back and those still to come.
+    #[tokio::test]
+    async fn a_second_hello_is_read_after_a_change_cipher_spec() {
+        let hello = client_hello("again.example.com");
+        let ccs = [CHANGE_CIPHER_SPEC, 3, 3, 0, 1, 1];
+        for (held, rest) in [
+            (Vec::new(), [&ccs[..], &hello].concat()),
+            (ccs[..3].to_vec(), [&ccs[3..], &hello].concat()),
+            ([&ccs[..], &hello[..10]].concat(), hello[10..].to_vec()),
+            (Vec::new(), hello.clone()),
+        ] {
+            let again = read_again(&mut &rest[..], held.clone(), 65536, Duration::from_secs(1))
+                .await
+                .expect("hello");
+            assert_eq!(again.sni.as_deref(), Some("again.example.com"));
+            assert_eq!(again.end, held.len() + rest.len());
+        }
+        let bad_ccs = [&[CHANGE_CIPHER_SPEC, 3, 3, 0, 1, 2][..], &hello].concat();
+        assert!(matches!(
+            read_again(&mut &bad_ccs[..], Vec::new(), 65536, Duration::from_secs(1)).await,
+            Err(HelloError::NotTls("a malformed ChangeCipherSpec"))
+        ));
+        // One ChangeCipherSpec at most, and none before a first hello.
+        let twice = [&ccs[..], &ccs, &hello].concat();
+        assert!(matches!(
+            read_again(&mut &twice[..], Vec::new(), 65536, Duration::from_secs(1)).await,
+            Err(HelloError::NotTls("not a handshake record"))
+        ));
+        let first = [&ccs[..], &hello].concat();
+        assert!(matches!(
+            read(&mut &first[..], 65536, Duration::from_secs(1)).await,
+            Err(HelloError::NotTls("not a handshake record"))
+        ));
+    }
+
+    /// A message after the hello in the hello's own record would reach the upstream unjudged.
+    #[test]
+    fn handshake_data_after_the_hello_in_its_record_is_refused() {
+        let hello = client_hello("api.example.com");
+        let message = &hello[5..];
+        let two = record(&[message, message].concat());
+        assert_eq!(parse(&two), Err("handshake data after the ClientHello"));
+        // Split over records, the second message starting in the hello's last record.
+        let joined = reframed(&two, 100);
+        assert_eq!(parse(&joined), Err("handshake data after the ClientHello"));
+        // In a record of its own it is after the hello's end, held back.
+        let apart = [&hello[..], &hello].concat();
+        let mut records = Records::default();
+        assert!(matches!(records.feed(&apart), Ok(Some(_))));
+        assert_eq!(records.next, hello.len());
+    }
+
     #[tokio::test]
     async fn reads_sni_and_alpn_and_keeps_every_byte() {
         let mut bytes = client_hello("api.example.com");
@@ -614,6 +853,7 @@ mod tests {
         assert_eq!(hello.sni.as_deref(), Some("api.example.com"));
         assert_eq!(hello.alpn, ["h2", "http/1.1"]);
         assert!(bytes.starts_with(&hello.bytes));
+        assert_eq!(hello.end, bytes.len() - b"trailing".len());
     }
 
     #[tokio::test]

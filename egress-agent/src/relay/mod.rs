@@ -786,7 +786,14 @@ async fn handle(
         Ok(h) => h,
         Err(e) => return finish(refuse(new_record(), "refused", e.to_string())),
     };
-    let Hello { sni, alpn, bytes } = hello;
+    let Hello {
+        sni,
+        alpn,
+        mut bytes,
+        end,
+    } = hello;
+    // What the client sent after its hello waits for the upstream's answer (`answer`).
+    let held = bytes.split_off(end);
     // The hello's names move into the record the connection ends with.
     let with_hello = |sni, alpn| {
         let mut record = new_record();
@@ -831,18 +838,109 @@ async fn handle(
     let outcome = match sent {
         Ok(()) => {
             up.fetch_add(hello_len, Ordering::Relaxed);
-            carry(client, server, &up, &down, &shared.config).await
+            let name = record.sni.as_deref().unwrap_or_default();
+            let config = &shared.config;
+            match answer(&mut client, &mut server, held, name, &up, &down, config).await {
+                Ok(Answered::Go) => carry(client, server, &up, &down, config)
+                    .await
+                    .map_err(Stop::Io),
+                Ok(Answered::Idle) => Ok(Ended::Idle),
+                Ok(Answered::Refused(reason)) => Err(Stop::Refused(reason)),
+                Err(e) => Err(Stop::Io(e)),
+            }
         }
-        Err(e) => Err(e),
+        Err(e) => Err(Stop::Io(e)),
     };
     record.bytes_up = Some(up.load(Ordering::Relaxed));
     record.bytes_down = Some(down.load(Ordering::Relaxed));
     match outcome {
         Ok(Ended::Closed) => record.ended("ok", None),
         Ok(Ended::Idle) => record.ended("idle-timeout", None),
-        Err(e) => record.ended("error", Some(e.to_string())),
+        Err(Stop::Refused(reason)) => return finish(refuse(record, "refused", reason)),
+        Err(Stop::Io(e)) => record.ended("error", Some(e.to_string())),
     }
     finish(record)
+}
+
+/// How a connection stopped short of its end.
+enum Stop {
+    Refused(String),
+    Io(io::Error),
+}
+
+enum Answered {
+    /// Carry on: the bytes may flow.
+    Go,
+    /// The upstream did not answer within the idle limit.
+    Idle,
+    Refused(String),
+}
+
+/// Passes the upstream's first answer to the client, then `held` (what the client sent after
+/// its hello) to the upstream. After a HelloRetryRequest the client sends a second ClientHello,
+/// which must name the server its first named (RFC 8446 §4.1.2): it is read and judged as the
+/// first was, or a client could name an allowed host first and another host of the same
+/// destination's server (a CDN's) second, and reach that one.
+async fn answer(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    held: Vec<u8>,
+    name: &str,
+    up: &AtomicU64,
+    down: &AtomicU64,
+    config: &RelayConfig,
+) -> io::Result<Answered> {
+    let mut first = Vec::with_capacity(16 << 10);
+    let read = async {
+        loop {
+            server.readable().await?;
+            if first.len() == first.capacity() {
+                first.reserve(4096);
+            }
+            match server.try_read_buf(&mut first) {
+                // An upstream that closed at once answered nothing to judge; carrying passes
+                // its end on.
+                Ok(0) => return Ok(false),
+                Ok(_) => {
+                    if let Some(retry) = hello::retry_request(&first) {
+                        return Ok(retry);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let Ok(retry) = tokio::time::timeout(config.idle_timeout, read).await else {
+        return Ok(Answered::Idle);
+    };
+    let retry = retry?;
+    client.write_all(&first).await?;
+    down.fetch_add(first.len() as u64, Ordering::Relaxed);
+    drop(first);
+    let onward = if retry {
+        let again =
+            match hello::read_again(client, held, config.hello_limit, config.hello_timeout).await {
+                Ok(again) => again,
+                Err(e) => {
+                    return Ok(Answered::Refused(format!("after a HelloRetryRequest: {e}")));
+                }
+            };
+        if again.sni.as_deref() != Some(name) {
+            return Ok(Answered::Refused(format!(
+                "the ClientHello after a HelloRetryRequest names {}, the first named {name}",
+                again.sni.as_deref().unwrap_or("no server")
+            )));
+        }
+        again.bytes
+    } else {
+        held
+    };
+    if !onward.is_empty() {
+        server.write_all(&onward).await?;
+        up.fetch_add(onward.len() as u64, Ordering::Relaxed);
+    }
+    Ok(Answered::Go)
 }
 
 /// The attempts a route allows, shared by passthrough connects and originated requests: each

@@ -44,8 +44,12 @@
 //!                                         failure's word and getpeername() as `peer`
 //!   egress-probe hello-bulk ADDR:PORT NAME    send a ClientHello for NAME, read to EOF; prints
 //!                                         `BYTES SECONDS`
+//!   egress-probe hello-again ADDR:PORT NAME SECOND   a ClientHello for NAME, then, once the
+//!                                         server has answered, one for SECOND; prints the first
+//!                                         hello's length and how the connection ended
 //!   egress-probe hello-echo ADDR:PORT NAME N   send a ClientHello for NAME and N patterned
-//!                                         bytes, half-close, expect the N bytes back then EOF
+//!                                         bytes, half-close, expect the hello and the N bytes
+//!                                         back then EOF
 //!   egress-probe hello-hold ADDR:PORT NAME N   N connections, each sent a ClientHello for NAME;
 //!                                         says `held`, keeps them open until a line comes on
 //!                                         stdin, then closes them; `ok`
@@ -867,7 +871,12 @@ fn tls_hold(addr: SocketAddr, name: &str, ca: &str, n: usize) -> String {
 
 /// A real ClientHello for `name`, as bytes: the proxies under benchmark read no further.
 fn client_hello(name: &str) -> io::Result<Vec<u8>> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    client_hello_with(name, rustls::crypto::ring::default_provider())
+}
+
+/// As [`client_hello`], from a client with `provider`'s algorithms.
+fn client_hello_with(name: &str, provider: rustls::crypto::CryptoProvider) -> io::Result<Vec<u8>> {
+    let provider = std::sync::Arc::new(provider);
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(io::Error::other)?
@@ -913,6 +922,42 @@ fn hello_bulk(addr: SocketAddr, name: &str) -> String {
     run().unwrap_or_else(|e| word(&e))
 }
 
+/// A ClientHello for `name` (offering an X25519 key share first, as rustls does), then, once the
+/// server has answered, one for `second` offering P-256 alone, as a client asked again would
+/// send. Prints the first hello's length and how the connection ended.
+fn hello_again(addr: SocketAddr, name: &str, second: &str) -> String {
+    let run = || -> io::Result<String> {
+        let first = client_hello(name)?;
+        let again = client_hello_with(
+            second,
+            rustls::crypto::CryptoProvider {
+                kx_groups: vec![rustls::crypto::ring::kx_group::SECP256R1],
+                ..rustls::crypto::ring::default_provider()
+            },
+        )?;
+        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT * 3))?;
+        s.write_all(&first)?;
+        let mut buf = [0u8; 4096];
+        if s.read(&mut buf)? == 0 {
+            return Ok(format!("{} closed before an answer", first.len()));
+        }
+        // The relay may have closed already: what the write meets is part of the outcome.
+        let ended = match s.write_all(&again) {
+            Err(e) => word(&e),
+            Ok(()) => loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break "closed".to_owned(),
+                    Ok(_) => {}
+                    Err(e) => break word(&e),
+                }
+            },
+        };
+        Ok(format!("{} {ended}", first.len()))
+    };
+    run().unwrap_or_else(|e| word(&e))
+}
+
 fn hello_hold(addr: SocketAddr, name: &str, n: usize) -> String {
     let run = || -> io::Result<()> {
         let hello = client_hello(name)?;
@@ -937,6 +982,7 @@ fn hello_echo(addr: SocketAddr, name: &str, n: usize) -> String {
     let run = || -> io::Result<String> {
         let hello = client_hello(name)?;
         let pattern: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        let expected = [&hello[..], &pattern].concat();
         let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut writer = s.try_clone()?;
@@ -947,21 +993,22 @@ fn hello_echo(addr: SocketAddr, name: &str, n: usize) -> String {
             writer.write_all(&sent)?;
             writer.shutdown(Shutdown::Write)
         });
-        let mut back = Vec::with_capacity(n);
+        let mut back = Vec::with_capacity(expected.len());
         (&s).read_to_end(&mut back)?;
         send.join()
             .map_err(|_| io::Error::other("sender panicked"))??;
-        Ok(if back == pattern {
+        Ok(if back == expected {
             "ok".to_owned()
         } else {
             let at = back
                 .iter()
-                .zip(&pattern)
+                .zip(&expected)
                 .take_while(|(a, b)| a == b)
                 .count();
             format!(
-                "error:{} bytes back of {n}, first difference at {at}",
-                back.len()
+                "error:{} bytes back of {}, first difference at {at}",
+                back.len(),
+                expected.len()
             )
         })
     };
@@ -1110,6 +1157,7 @@ fn run(args: &[String]) -> ExitCode {
             None => return usage(),
         },
         (Some("hello-bulk"), Some(a)) if args.len() == 3 => hello_bulk(a, &args[2]),
+        (Some("hello-again"), Some(a)) if args.len() == 4 => hello_again(a, &args[2], &args[3]),
         (Some("hello-echo"), Some(a)) if args.len() == 4 => match args[3].parse() {
             Ok(n) => hello_echo(a, &args[2], n),
             Err(_) => return usage(),
@@ -1166,7 +1214,8 @@ fn usage() -> ExitCode {
          dns SERVER:PORT NAME | \
          bench-connect ADDR:PORT N | ping ADDR | frame-ping IFACE SRC4 DST4 ip|arp [VLAN] | sockopts | transfer ADDR:PORT N | \
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
-         hello-bulk ADDR:PORT NAME | hello-echo|hello-hold ADDR:PORT NAME N | \
+         hello-bulk ADDR:PORT NAME | hello-again ADDR:PORT NAME SECOND | \
+         hello-echo|hello-hold ADDR:PORT NAME N | \
          hello-rate ADDR:PORT NAME N C"
     );
     ExitCode::from(2)
