@@ -20,12 +20,14 @@ pub const EVENTS_MAP: &str = "EGRESS_EVENTS_V2";
 pub const FLOWS_MAP: &str = "EGRESS_FLOWS_V6";
 /// Name of the LRU hash of steered connections by socket cookie → [`Steered`]: written at
 /// connect, read by getpeername, removed when the socket closes.
-pub const STEERED_MAP: &str = "EGRESS_STEERED_V3";
+pub const STEERED_MAP: &str = "EGRESS_STEERED_V4";
 /// Name of the LRU hash the relay reads: the client's end of a steered connection ([`RelayPeer`],
 /// as the relay's accept() sees it) → [`Steered`]. Written once the source port is known (sock_ops
 /// TCP_CONNECT_CB), removed when the client's socket closes: a record never outlives its
-/// connection.
-pub const RELAY_PEERS_MAP: &str = "EGRESS_RELAY_PEERS_V3";
+/// connection. A connection that closes having carried nothing (a port check) may still wait in
+/// the relay's accept queue: its record stays, marked closed ([`Steered::closed_ns`]), until the
+/// relay takes the connection.
+pub const RELAY_PEERS_MAP: &str = "EGRESS_RELAY_PEERS_V4";
 /// Name of the hash of the network namespaces the relay listens in: netns cookie → the relay's
 /// port on 127.0.0.1 and ::1 there (host order). A steered connect from a namespace without an
 /// entry is pointed at [`Config::relay_port`] there and held (see [`Steered::held_port`]).
@@ -338,6 +340,10 @@ pub struct Steered {
     pub relay_port: u16,
     /// The cookie of the client's network namespace, where the relay listens for it.
     pub netns: u64,
+    /// 0 while the client's socket is open. Set (CLOCK_BOOTTIME ns) in the relay's record when it
+    /// closed having sent nothing, before the relay may have taken the connection: the relay
+    /// never serves such a record, it only names whom it refuses, and removes it.
+    pub closed_ns: u64,
 }
 
 /// A steered connect waits in network namespace `netns`, which the relay does not serve yet;
@@ -417,7 +423,8 @@ const _: () = {
     assert!(core::mem::offset_of!(FlowEvent, src_addr) == 96);
     assert!(core::mem::offset_of!(FlowEvent, comm) == 128);
     assert!(core::mem::size_of::<Flow>() == 176);
-    assert!(core::mem::size_of::<Steered>() == 80);
+    assert!(core::mem::size_of::<Steered>() == 88);
+    assert!(core::mem::offset_of!(Steered, closed_ns) == 80);
     assert!(core::mem::offset_of!(Steered, netns) == 72);
     assert!(core::mem::offset_of!(Steered, cookie) == 24);
     assert!(core::mem::offset_of!(Steered, held_port) == 68);

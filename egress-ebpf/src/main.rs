@@ -91,10 +91,10 @@ static HOME_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(1 << 12,
 #[map(name = "EGRESS_LINKS_V1")]
 static LINKS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 14, 0);
 
-#[map(name = "EGRESS_STEERED_V3")]
+#[map(name = "EGRESS_STEERED_V4")]
 static STEERED: LruHashMap<u64, Steered> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
-#[map(name = "EGRESS_RELAY_PEERS_V3")]
+#[map(name = "EGRESS_RELAY_PEERS_V4")]
 static RELAY_PEERS: LruHashMap<RelayPeer, Steered> =
     LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
@@ -348,7 +348,7 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            steer::forget(ctx.ops, cookie);
+            steer::forget(ctx.ops, cookie, ctx.arg(0));
             events::close_flow(cookie);
         }
         _ => {}

@@ -12,7 +12,9 @@ use aya_ebpf::{
     bindings::{__sk_buff, BPF_RB_FORCE_WAKEUP, BPF_TCP_SYN_SENT, bpf_sock_addr, bpf_sock_ops},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_setsockopt},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_setsockopt,
+        },
     },
 };
 use egress_common::{RelayPeer, RelayWanted, Steered, map_v4};
@@ -88,6 +90,7 @@ pub fn redirect(
         held_port: if relay.held { relay.port } else { 0 },
         relay_port: relay.port,
         netns: relay.netns,
+        closed_ns: 0,
     };
     if STEERED.insert(&cookie, &record, 0).is_err() {
         return false;
@@ -184,13 +187,29 @@ pub fn connecting(ops: *mut bpf_sock_ops, cookie: u64) -> bool {
     true
 }
 
-/// Forgets a steered socket's records (it is closing).
+/// Forgets a steered socket's records (it is closing, from TCP state `was`). A connection that
+/// was made and carried nothing (a port check) can close before the relay has taken it from its
+/// accept queue: the relay's record then stays, marked closed, for the relay to say whom it
+/// refuses; the relay never serves it, and removes it.
 #[inline(always)]
-pub fn forget(ops: *mut bpf_sock_ops, cookie: u64) {
+pub fn forget(ops: *mut bpf_sock_ops, cookie: u64, was: u32) {
     if let Some(record) = STEERED.get_ptr(&cookie) {
         // SAFETY: a valid map value.
         let netns = unsafe { (*record).netns };
-        let _ = RELAY_PEERS.remove(&local_end(ops, netns));
+        let peer = local_end(ops, netns);
+        // SAFETY: the program's own context; a field of full sockets, which a CLOSE callback's is.
+        let sent = unsafe { core::ptr::read_volatile(&raw const (*ops).data_segs_out) };
+        let kept = match RELAY_PEERS.get_ptr_mut(&peer) {
+            Some(relay) if sent == 0 && was != BPF_TCP_SYN_SENT => {
+                // SAFETY: a valid map value; no argument.
+                unsafe { (*relay).closed_ns = bpf_ktime_get_boot_ns() };
+                true
+            }
+            _ => false,
+        };
+        if !kept {
+            let _ = RELAY_PEERS.remove(&peer);
+        }
         let _ = STEERED.remove(&cookie);
     }
 }

@@ -846,6 +846,33 @@ pub fn log_path(tag: &str) -> PathBuf {
 }
 
 /// Every complete record in a flow log.
+/// The client ports of the kernel's records for the relay from 127.0.0.1, in every agent's map
+/// (tests run side by side; a port names one connection while it lives).
+pub fn relay_record_ports() -> Vec<u16> {
+    // The kernel keeps a map's name to 15 bytes.
+    let name = &egress_common::RELAY_PEERS_MAP[..15];
+    let loopback = std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+    let mut ports = Vec::new();
+    for info in aya::maps::loaded_maps().flatten() {
+        if info.name_as_str() != Some(name) {
+            continue;
+        }
+        // A map of an agent that stopped meanwhile is gone.
+        let Ok(data) = aya::maps::MapData::from_id(info.id()) else {
+            continue;
+        };
+        let map = egress_agent::relay::Peers::try_from(aya::maps::Map::LruHashMap(data))
+            .expect("the relay's records");
+        ports.extend(
+            map.keys()
+                .flatten()
+                .filter(|k| k.addr == loopback)
+                .map(|k| u16::from_be(k.port_be)),
+        );
+    }
+    ports
+}
+
 pub fn records(path: &Path) -> Vec<Record> {
     let text = fs::read_to_string(path).unwrap_or_default();
     // The agent may be writing the last line as we read: take complete lines only, as

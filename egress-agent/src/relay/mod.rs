@@ -107,11 +107,40 @@ struct Shared {
     config: RelayConfig,
     /// CPUs the agent may run on.
     cpus: i64,
-    peers: Peers,
+    /// Read by every connection; written only to take out a record the relay is done with.
+    peers: Mutex<Peers>,
     catalog: watch::Receiver<Arc<Catalog>>,
     records: Records,
     cgroups: Arc<Mutex<CgroupNames>>,
     status: Arc<Status>,
+}
+
+impl Shared {
+    fn peers(&self) -> std::sync::MutexGuard<'_, Peers> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes out the kernel's record of the connection from `key`, if it is still there.
+    fn forget(&self, key: &RelayPeer) {
+        match self.peers().remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => log::warn!("relay: removing a steered connection's record: {e}"),
+        }
+    }
+}
+
+/// How long after its client closed a record marked closed names it: far longer than a
+/// connection waits in the relay's accept queue. Only a record the relay never took (the relay
+/// was stopped meanwhile) is older; it may name another connection from the same address and
+/// port, and is not believed.
+const CLOSED_WITHIN: Duration = Duration::from_secs(10);
+
+/// Whether the record's client closed within [`CLOSED_WITHIN`].
+fn closed_lately(steered: &Steered) -> bool {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    });
+    now.saturating_sub(steered.closed_ns) < CLOSED_WITHIN.as_nanos() as u64
 }
 
 /// A listening socket of the relay, in namespace `netns`.
@@ -227,7 +256,7 @@ impl Relay {
         let shared = Arc::new(Shared {
             config,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as i64),
-            peers,
+            peers: Mutex::new(peers),
             catalog,
             records,
             cgroups,
@@ -718,10 +747,19 @@ async fn handle(
         r.duration_ms = Some(started.elapsed().as_millis() as u64);
         r
     };
-    let Ok(steered) = shared.peers.get(&peer_key(peer, netns.cookie), 0) else {
-        // The kernel forgets a steered socket's record when the socket closes: a client that
-        // connected and closed at once (a port check) can be gone before the relay looks.
-        let why = if client_gone(&client) {
+    let key = peer_key(peer, netns.cookie);
+    let found = shared.peers().get(&key, 0).ok();
+    // A record marked closed is never served: its client closed having sent nothing (a port
+    // check), and the kernel left the record for the relay to say whom it refuses.
+    let closed = found.is_some_and(|s| s.closed_ns != 0);
+    if closed {
+        shared.forget(&key);
+    }
+    let gone = (found.is_none() || closed) && client_gone(&client);
+    let Some(steered) = found.filter(|s| !closed || (gone && closed_lately(s))) else {
+        // The kernel forgets the record of a steered socket that closes having sent something:
+        // such a client can be gone before the relay looks.
+        let why = if gone {
             "the client had closed before the relay took the connection"
         } else {
             "not a steered connection"
@@ -759,6 +797,14 @@ async fn handle(
         record
     };
 
+    if closed {
+        return finish(refuse(
+            new_record(),
+            "refused",
+            "the client had closed before the relay took the connection".to_owned(),
+        ));
+    }
+
     if let Some(origin) = catalog.origination(steered.rule_id, dst.port()) {
         let origin = origin.clone();
         // Boxed: its state machine would otherwise enlarge every connection's future, moved
@@ -784,7 +830,12 @@ async fn handle(
     .await
     {
         Ok(h) => h,
-        Err(e) => return finish(refuse(new_record(), "refused", e.to_string())),
+        Err(e) => {
+            // The client may have sent nothing: closing so, it would leave its record to the
+            // relay, which is done with it.
+            shared.forget(&key);
+            return finish(refuse(new_record(), "refused", e.to_string()));
+        }
     };
     let Hello {
         sni,
