@@ -63,8 +63,10 @@ pub async fn read<R: AsyncRead + Unpin>(
 }
 
 /// Reads the ClientHello a client sends in answer to a HelloRetryRequest, starting with `held`,
-/// the bytes it sent after its first hello: a ChangeCipherSpec may come first (TLS 1.3's
-/// middlebox compatibility, RFC 8446 §D.4), then the hello, as [`read`] reads it.
+/// the bytes it sent after its first hello, as [`read`] reads a first one. Before it may come
+/// ChangeCipherSpec records (TLS 1.3's middlebox compatibility, RFC 8446 §D.4) and early data
+/// sent with the first hello, which the server skips after a HelloRetryRequest (§4.2.10); they
+/// pass on with the hello.
 pub async fn read_again<R: AsyncRead + Unpin>(
     stream: &mut R,
     held: Vec<u8>,
@@ -72,7 +74,7 @@ pub async fn read_again<R: AsyncRead + Unpin>(
     wait: Duration,
 ) -> Result<Hello, HelloError> {
     let records = Records {
-        change_cipher_spec: true,
+        after_retry: true,
         ..Records::default()
     };
     read_from(stream, held, records, limit, wait).await
@@ -165,8 +167,8 @@ struct Records {
     next: usize,
     /// Where the hello's first record starts.
     first: usize,
-    /// Whether a ChangeCipherSpec record may come before the hello.
-    change_cipher_spec: bool,
+    /// Whether ChangeCipherSpec and early data records may come before the hello.
+    after_retry: bool,
     /// The handshake bytes of the records read, once the hello has outgrown the first record.
     joined: Vec<u8>,
 }
@@ -174,6 +176,7 @@ struct Records {
 /// TLS record content types.
 const CHANGE_CIPHER_SPEC: u8 = 20;
 const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
 /// Handshake message type of a ClientHello.
 const CLIENT_HELLO: u8 = 1;
 /// Largest plaintext record (RFC 8446 §5.1).
@@ -186,20 +189,33 @@ impl Records {
     /// Takes the records complete in `bytes` (all bytes read so far, growing) that it has not
     /// taken yet; the names once the ClientHello is complete.
     fn feed(&mut self, bytes: &[u8]) -> Result<Option<Names>, &'static str> {
-        if self.change_cipher_spec {
-            let Some(&kind) = bytes.first() else {
+        while self.after_retry {
+            let Some(header) = bytes.get(self.next..self.next + 5) else {
                 return Ok(None);
             };
-            if kind == CHANGE_CIPHER_SPEC {
-                let Some(record) = bytes.get(..6) else {
-                    return Ok(None);
-                };
-                if record[1] != 3 || record[3..] != [0, 1, 1] {
+            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            let size = match header[0] {
+                CHANGE_CIPHER_SPEC if header[1] != 3 || len != 1 => {
                     return Err("a malformed ChangeCipherSpec");
                 }
-                (self.next, self.first) = (6, 6);
+                CHANGE_CIPHER_SPEC => 6,
+                // Encrypted: up to 256 bytes over the plaintext limit (RFC 8446 §5.2).
+                APPLICATION_DATA if header[1] != 3 || len > MAX_FRAGMENT + 256 => {
+                    return Err("a malformed early data record");
+                }
+                APPLICATION_DATA => 5 + len,
+                _ => {
+                    (self.first, self.after_retry) = (self.next, false);
+                    break;
+                }
+            };
+            let Some(record) = bytes.get(self.next..self.next + size) else {
+                return Ok(None);
+            };
+            if header[0] == CHANGE_CIPHER_SPEC && record[5] != 1 {
+                return Err("a malformed ChangeCipherSpec");
             }
-            self.change_cipher_spec = false;
+            self.next += size;
         }
         loop {
             let Some(header) = bytes.get(self.next..self.next + 5) else {
@@ -790,10 +806,10 @@ mod tests {
         assert_eq!(retry_request(&empty_first), Some(false));
     }
 
-    /// The hello a client sends again is read after a ChangeCipherSpec or without one, from the
-    /// bytes held back and those still to come.
+    /// The hello a client sends again is read after ChangeCipherSpecs and early data or without
+    /// them, from the bytes held back and those still to come.
     #[tokio::test]
-    async fn a_second_hello_is_read_after_a_change_cipher_spec() {
+    async fn a_second_hello_is_read_past_change_cipher_specs_and_early_data() {
         let hello = client_hello("again.example.com");
         let ccs = [CHANGE_CIPHER_SPEC, 3, 3, 0, 1, 1];
         for (held, rest) in [
@@ -808,17 +824,46 @@ mod tests {
             assert_eq!(again.sni.as_deref(), Some("again.example.com"));
             assert_eq!(again.end, held.len() + rest.len());
         }
-        let bad_ccs = [&[CHANGE_CIPHER_SPEC, 3, 3, 0, 1, 2][..], &hello].concat();
-        assert!(matches!(
-            read_again(&mut &bad_ccs[..], Vec::new(), 65536, Duration::from_secs(1)).await,
-            Err(HelloError::NotTls("a malformed ChangeCipherSpec"))
-        ));
-        // One ChangeCipherSpec at most, and none before a first hello.
-        let twice = [&ccs[..], &ccs, &hello].concat();
-        assert!(matches!(
-            read_again(&mut &twice[..], Vec::new(), 65536, Duration::from_secs(1)).await,
-            Err(HelloError::NotTls("not a handshake record"))
-        ));
+        // Early data sent with the first hello, and ChangeCipherSpecs around it, pass on.
+        let early = [APPLICATION_DATA, 3, 3, 0, 3, 7, 7, 7];
+        let before = [&ccs[..], &early, &early, &ccs, &hello].concat();
+        for split in [0, 7, 9, 20] {
+            let again = read_again(
+                &mut &before[split..],
+                before[..split].to_vec(),
+                65536,
+                Duration::from_secs(1),
+            )
+            .await
+            .expect("hello");
+            assert_eq!(again.sni.as_deref(), Some("again.example.com"));
+            assert_eq!(again.end, before.len());
+        }
+        for (bad, why) in [
+            (
+                [&[CHANGE_CIPHER_SPEC, 3, 3, 0, 1, 2][..], &hello].concat(),
+                "a malformed ChangeCipherSpec",
+            ),
+            (
+                [&[CHANGE_CIPHER_SPEC, 3, 3, 0, 2, 1, 1][..], &hello].concat(),
+                "a malformed ChangeCipherSpec",
+            ),
+            (
+                [&[APPLICATION_DATA, 3, 3, 0x48, 0x01][..], &hello].concat(),
+                "a malformed early data record",
+            ),
+            // An alert, not a hello.
+            (
+                [&[21, 3, 3, 0, 2, 2, 40][..], &hello].concat(),
+                "not a handshake record",
+            ),
+        ] {
+            match read_again(&mut &bad[..], Vec::new(), 65536, Duration::from_secs(1)).await {
+                Err(HelloError::NotTls(e)) => assert_eq!(e, why),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        // None of that before a first hello.
         let first = [&ccs[..], &hello].concat();
         assert!(matches!(
             read(&mut &first[..], 65536, Duration::from_secs(1)).await,
