@@ -164,6 +164,21 @@ impl World {
     /// A TLS server at `addr` in the world. After the handshake it reads one HTTP/1.1 request
     /// and answers `200` with the body `sni=<server name>\n`, then closes.
     pub fn tls_server(&self, addr: SocketAddr, config: Arc<ServerConfig>) -> Arc<Seen> {
+        self.tls_server_with(addr, config, false)
+    }
+
+    /// As [`World::tls_server`], but answering requests on a connection until the client
+    /// closes it.
+    pub fn tls_server_kept_alive(&self, addr: SocketAddr, config: Arc<ServerConfig>) -> Arc<Seen> {
+        self.tls_server_with(addr, config, true)
+    }
+
+    fn tls_server_with(
+        &self,
+        addr: SocketAddr,
+        config: Arc<ServerConfig>,
+        keep_alive: bool,
+    ) -> Arc<Seen> {
         let listener = self.listen(addr);
         let seen = Arc::new(Seen::default());
         let s = Arc::clone(&seen);
@@ -180,7 +195,7 @@ impl World {
                         return;
                     };
                     let mut tls = StreamOwned::new(conn, Watched::new(tcp));
-                    answer(&mut tls, &s);
+                    answer(&mut tls, &s, keep_alive);
                     let Watched { read, first, .. } = tls.sock;
                     if is_retry_request(&first) {
                         s.retries.fetch_add(1, Ordering::SeqCst);
@@ -193,8 +208,9 @@ impl World {
     }
 }
 
-/// The handshake, then one HTTP/1.1 request answered `200` with the body `sni=<server name>\n`.
-fn answer(tls: &mut StreamOwned<ServerConnection, Watched>, s: &Seen) {
+/// The handshake, then HTTP/1.1 requests answered `200` with the body `sni=<server name>\n`: one,
+/// or with `keep_alive` each until the client closes.
+fn answer(tls: &mut StreamOwned<ServerConnection, Watched>, s: &Seen, keep_alive: bool) {
     while tls.conn.is_handshaking() {
         if tls.conn.complete_io(&mut tls.sock).is_err() {
             return;
@@ -202,23 +218,35 @@ fn answer(tls: &mut StreamOwned<ServerConnection, Watched>, s: &Seen) {
     }
     let name = tls.conn.server_name().map(str::to_owned);
     s.names.lock().expect("names").push(name.clone());
-    let mut reader = BufReader::new(&mut *tls);
-    let mut line = String::new();
-    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-        if line == "\r\n" {
-            break;
-        }
-        line.clear();
-    }
-    drop(reader);
     let body = format!("sni={}\n", name.unwrap_or_default());
-    let _ = write!(
-        tls,
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tls.conn.send_close_notify();
-    let _ = tls.flush();
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    loop {
+        let mut reader = BufReader::new(&mut *tls);
+        let mut line = String::new();
+        let mut lines = 0;
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            lines += 1;
+            if line == "\r\n" {
+                break;
+            }
+            line.clear();
+        }
+        drop(reader);
+        if lines == 0 && keep_alive {
+            return;
+        }
+        let _ = write!(
+            tls,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+            body.len()
+        );
+        if !keep_alive {
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+            return;
+        }
+        let _ = tls.flush();
+    }
 }
 
 /// A server's socket, counting the bytes it reads and keeping the first it writes.

@@ -10,15 +10,16 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    TestCgroup, World, at, log_path, shown,
+    TestCgroup, World, at, log_path, records, shown,
     tls::{Pki, Seen},
-    wait_record,
+    wait_for, wait_record,
 };
 
 /// Port 80 of each host is plain HTTP for the application and TLS on 443 upstream:
 /// plain.test (host 20) with the run's CA; wrong-ca.test (21) whose server has a certificate of
 /// another CA; wrong-name.test (25) whose certificate names another host; mutual.test (24) that wants
-/// a client certificate; retry.test (22, refusing, and 23) with retries.
+/// a client certificate; retry.test (22, refusing, and 23) with retries; kept.test (26) whose
+/// server keeps connections open for more requests.
 fn policy(ca: &Path, client: &(std::path::PathBuf, std::path::PathBuf)) -> String {
     let ca = ca.display();
     let (cert, key) = (client.0.display(), client.1.display());
@@ -49,6 +50,11 @@ fn policy(ca: &Path, client: &(std::path::PathBuf, std::path::PathBuf)) -> Strin
         (
             "retry",
             "retry.test",
+            format!("{{mode: SIMPLE, caCertificates: {ca}}}"),
+        ),
+        (
+            "kept",
+            "kept.test",
             format!("{{mode: SIMPLE, caCertificates: {ca}}}"),
         ),
     ] {
@@ -94,12 +100,13 @@ struct Fixture {
     wrong_name: Arc<Seen>,
     mutual: Arc<Seen>,
     retry: Arc<Seen>,
+    kept: Arc<Seen>,
     policy: String,
 }
 
 fn fixture() -> Fixture {
     let mut w = World::new();
-    for h in 20..=25 {
+    for h in 20..=26 {
         w.host(h);
     }
     let dir = std::env::temp_dir().join(&w.name);
@@ -113,6 +120,10 @@ fn fixture() -> Fixture {
     let wrong_name = tls(25, pki.server(&["elsewhere.test"]));
     let mutual = tls(24, pki.mutual_server(&["mutual.test"], &clients));
     let retry = tls(23, pki.server(&["retry.test"]));
+    let kept = w.tls_server_kept_alive(
+        std::net::SocketAddr::new(w.v4(26), 443),
+        pki.server(&["kept.test"]),
+    );
     let records = [
         ("plain.test", w.v4(20)),
         ("wrong-ca.test", w.v4(21)),
@@ -120,6 +131,7 @@ fn fixture() -> Fixture {
         ("mutual.test", w.v4(24)),
         ("retry.test", w.v4(22)),
         ("retry.test", w.v4(23)),
+        ("kept.test", w.v4(26)),
     ];
     w.start_dns(&records, 300);
     Fixture {
@@ -130,6 +142,7 @@ fn fixture() -> Fixture {
         wrong_name,
         mutual,
         retry,
+        kept,
     }
 }
 
@@ -291,5 +304,79 @@ async fn an_originated_request_is_retried_on_the_hosts_other_address() {
     assert_eq!(r.attempts, Some(2), "{r:?}");
     assert_eq!(shown(r.upstream), at(f.w.v4(23), 443), "{r:?}");
     assert_eq!(f.retry.names(), [Some("retry.test".to_owned())]);
+    a.shutdown().await;
+}
+
+/// Upstream connections outlive the client connections they were opened for, as in Envoy's pool:
+/// a client that connects per request (curl run three times) costs the upstream one TLS
+/// handshake. They are kept per network namespace: a workload in a pod gets its own, from the
+/// pod, and it goes when the relay stops serving the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_one_after_another_share_an_upstream_connection() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-pool");
+    let log = log_path("originate-pool");
+    let pod = f.w.pod();
+    let a = agent(&f, &cg, &log).await;
+    let ip = f.w.v4(26);
+    for _ in 0..3 {
+        let out = curl(&cg, ip, &["http://kept.test/"], &[]);
+        assert_eq!(stdout(&out), "sni=kept.test\n200\n", "{out:?}");
+    }
+    assert_eq!(
+        f.kept.accepted(),
+        1,
+        "a client connection had an upstream of its own"
+    );
+    assert_eq!(f.kept.names(), [Some("kept.test".to_owned())]);
+    wait_for("three relay records", Duration::from_secs(10), || {
+        records(&log)
+            .iter()
+            .filter(|r| r.kind == "relay" && r.outcome.as_deref() == Some("ok"))
+            .count()
+            == 3
+    });
+    for r in records(&log).iter().filter(|r| r.kind == "relay") {
+        assert_eq!(r.requests, Some(1), "{r:?}");
+        assert_eq!(shown(r.upstream), at(ip, 443), "{r:?}");
+    }
+
+    let workload = pod.workload(&cg);
+    wait_for("the relay in the pod", Duration::from_secs(10), || {
+        a.status.relay_namespaces.get() == 2
+    });
+    let mut from_pod = pod.command(Some(&cg), "curl");
+    from_pod.args([
+        "-sS",
+        "--max-time",
+        "15",
+        "--resolve",
+        &format!("kept.test:80:{ip}"),
+        "http://kept.test/",
+    ]);
+    let out = from_pod.output().expect("run curl");
+    assert_eq!(stdout(&out), "sni=kept.test\n", "{out:?}");
+    assert_eq!(
+        f.kept.accepted(),
+        2,
+        "the pod's request took the host's connection"
+    );
+    let peers: Vec<IpAddr> = f.kept.peers().iter().map(|p| p.ip()).collect();
+    assert_eq!(
+        peers,
+        [f.w.v4(1), pod.v4()],
+        "where the upstream connections came from"
+    );
+    assert_eq!(f.kept.read().len(), 0, "a kept connection ended");
+    workload.leave();
+    wait_for(
+        "the pod's connection to end",
+        Duration::from_secs(10),
+        || f.kept.read().len() == 1,
+    );
+    // The host's is still kept: a fourth request from the host takes it.
+    let out = curl(&cg, ip, &["http://kept.test/"], &[]);
+    assert_eq!(stdout(&out), "sni=kept.test\n200\n", "{out:?}");
+    assert_eq!(f.kept.accepted(), 2);
     a.shutdown().await;
 }

@@ -30,6 +30,12 @@ impl PartialEq for TlsClient {
 }
 impl Eq for TlsClient {}
 
+impl std::hash::Hash for TlsClient {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.0).hash(state);
+    }
+}
+
 impl fmt::Debug for TlsClient {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("TlsClient")

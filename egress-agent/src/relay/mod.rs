@@ -109,6 +109,8 @@ struct Shared {
     cpus: i64,
     /// Read by every connection; written only to take out a record the relay is done with.
     peers: Mutex<Peers>,
+    /// TLS origination's upstream connections between client connections.
+    pool: Arc<originate::Pool>,
     catalog: watch::Receiver<Arc<Catalog>>,
     records: Records,
     cgroups: Arc<Mutex<CgroupNames>>,
@@ -257,6 +259,7 @@ impl Relay {
             config,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as i64),
             peers: Mutex::new(peers),
+            pool: Arc::default(),
             catalog,
             records,
             cgroups,
@@ -382,7 +385,10 @@ async fn watch_namespaces(
             }
         };
         tokio::select! {
-            _ = tick.tick() => w.scan(&cgroup).await,
+            _ = tick.tick() => {
+                w.scan(&cgroup).await;
+                w.shared.pool.sweep();
+            }
             Some(ino) = links_rx.recv() => w.cover(ino),
             paths = asked => match paths {
                 Ok(paths) => {
@@ -475,6 +481,7 @@ impl Watcher {
             if let Err(e) = self.map.remove(&served.netns.cookie) {
                 log::warn!("relay: forgetting network namespace {ino}: {e}");
             }
+            self.shared.pool.forget_netns(served.netns.cookie);
             for listener in served.listeners {
                 listener.close();
             }

@@ -3,6 +3,7 @@
 //! sends the request on over TLS it verifies, with the VirtualService's retries and timeout per
 //! request.
 use std::{
+    collections::HashMap,
     convert::Infallible,
     io,
     net::SocketAddr,
@@ -31,15 +32,14 @@ use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
-    task::JoinSet,
-    time::timeout,
+    time::{Instant, timeout},
 };
 use tokio_rustls::TlsConnector;
 
 use super::{Activity, Attempts, Leave, Next, Shared, connect_own, refuse, within};
 use crate::{
     events::{Catalog, Name, Record, Word},
-    policy::compile::Origination,
+    policy::{compile::Origination, tls::TlsClient},
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -77,7 +77,7 @@ pub(super) async fn serve(
         connect_timeout: shared.config.connect_timeout,
         stats: Mutex::new(Stats::default()),
         upstream: Mutex::new(None),
-        connections: Mutex::new(JoinSet::new()),
+        pool: Arc::clone(&shared.pool),
     });
     let service = {
         let state = Arc::clone(&state);
@@ -100,6 +100,15 @@ pub(super) async fn serve(
         () = activity.quiet(shared.config.idle_timeout) => Err(Failed::Idle),
     };
 
+    if let Some((key, upstream)) = state
+        .upstream
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        && !upstream.sender.is_closed()
+    {
+        state.pool.put(key, upstream);
+    }
     record.bytes_up = Some(up.load(Ordering::Relaxed));
     record.bytes_down = Some(down.load(Ordering::Relaxed));
     let stats = std::mem::take(&mut *state.stats.lock().unwrap_or_else(|e| e.into_inner()));
@@ -160,15 +169,89 @@ struct State {
     connect_timeout: Duration,
     stats: Mutex<Stats>,
     /// The upstream connection kept for the next request, with what it was opened for.
-    upstream: Mutex<Option<Kept>>,
-    /// The upstream connections' I/O tasks; they end with the client connection.
-    connections: Mutex<JoinSet<()>>,
+    upstream: Mutex<Option<(PoolKey, Upstream)>>,
+    /// Where the connection goes when the client's is done, for the next client.
+    pool: Arc<Pool>,
 }
 
-struct Kept {
+/// An upstream connection: what sends requests on it, and its I/O task, which ends with it.
+struct Upstream {
+    sender: SendRequest<Body>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        // An upstream that never answers would otherwise hold the task and its socket.
+        self.task.abort();
+    }
+}
+
+/// What makes upstream connections interchangeable: where they leave from (network namespace,
+/// interface), where they go (address, server name) and the TLS they were opened with (its CA,
+/// client certificate). Any request that may use one would open the same.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    netns: u64,
+    bound_if: u32,
     target: SocketAddr,
     name: ServerName<'static>,
-    sender: SendRequest<Body>,
+    tls: TlsClient,
+}
+
+/// Upstream connections of TLS origination kept between client connections (Envoy keeps its
+/// upstream connections in a pool too): a client that opens a connection per request, as many
+/// do, should not cost the upstream a TLS handshake each time.
+#[derive(Default)]
+pub(super) struct Pool(Mutex<HashMap<PoolKey, Vec<(Upstream, Instant)>>>);
+
+/// Idle connections kept per key.
+const POOL_PER_KEY: usize = 8;
+/// How long a connection is kept idle. Servers close idle connections themselves, most within a
+/// minute; a connection they closed is not taken.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+impl Pool {
+    fn idle(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<(Upstream, Instant)>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection used last for `key`, if one is open.
+    fn take(&self, key: &PoolKey) -> Option<Upstream> {
+        let mut idle = self.idle();
+        let kept = idle.get_mut(key)?;
+        let found = std::iter::from_fn(|| kept.pop())
+            .find(|(u, since)| !u.sender.is_closed() && since.elapsed() < POOL_IDLE);
+        if kept.is_empty() {
+            idle.remove(key);
+        }
+        found.map(|(u, _)| u)
+    }
+
+    /// Keeps `upstream` for the next request that would open the same.
+    fn put(&self, key: PoolKey, upstream: Upstream) {
+        self.sweep();
+        let mut idle = self.idle();
+        let kept = idle.entry(key).or_default();
+        if kept.len() == POOL_PER_KEY {
+            kept.remove(0);
+        }
+        kept.push((upstream, Instant::now()));
+    }
+
+    /// Lets go of what has been idle too long or was closed meanwhile.
+    pub(super) fn sweep(&self) {
+        self.idle().retain(|_, kept| {
+            kept.retain(|(u, since)| !u.sender.is_closed() && since.elapsed() < POOL_IDLE);
+            !kept.is_empty()
+        });
+    }
+
+    /// Lets go of the connections made from network namespace `netns` (no longer served): they
+    /// would keep it alive.
+    pub(super) fn forget_netns(&self, netns: u64) {
+        self.idle().retain(|key, _| key.netns != netns);
+    }
 }
 
 /// Why an attempt failed, and so whether another may follow.
@@ -336,41 +419,53 @@ impl State {
         )
     }
 
-    /// One try: a kept connection to the same target and name if it is still good, else a new
-    /// one.
+    /// One try: the connection this client used last, or one another client left in the pool,
+    /// if it goes to the same target with the same name and is still good, else a new one.
     async fn attempt(
         &self,
         target: SocketAddr,
         name: &ServerName<'static>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, Failure> {
-        let kept = self
+        let key = PoolKey {
+            netns: self.leave.netns.cookie,
+            bound_if: self.leave.bound_if,
+            target,
+            name: name.clone(),
+            tls: self.origin.tls.clone(),
+        };
+        let mine = self
             .upstream
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .filter(|k| k.target == target && &k.name == name && !k.sender.is_closed());
+            .take();
+        let kept = match mine {
+            Some((k, u)) if k == key && !u.sender.is_closed() => Some(u),
+            Some((k, u)) if !u.sender.is_closed() => {
+                // Another target's: another client may want it.
+                self.pool.put(k, u);
+                self.pool.take(&key)
+            }
+            _ => self.pool.take(&key),
+        };
         let mut reused = None;
-        if let Some(mut k) = kept
-            && timeout(Duration::from_millis(5), k.sender.ready())
+        if let Some(mut u) = kept
+            && timeout(Duration::from_millis(5), u.sender.ready())
                 .await
                 .is_ok_and(|r| r.is_ok())
         {
-            reused = Some(k.sender);
+            reused = Some(u);
         }
-        let mut sender = match reused {
-            Some(s) => s,
+        let mut upstream = match reused {
+            Some(u) => u,
             None => self.open(target, name.clone()).await?,
         };
-        let response = sender
+        let response = upstream
+            .sender
             .send_request(req)
             .await
             .map_err(|e| Failure::Reset(format!("{target}: {e}")))?;
-        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(Kept {
-            target,
-            name: name.clone(),
-            sender,
-        });
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, upstream));
         Ok(response)
     }
 
@@ -378,7 +473,7 @@ impl State {
         &self,
         target: SocketAddr,
         name: ServerName<'static>,
-    ) -> Result<SendRequest<Body>, Failure> {
+    ) -> Result<Upstream, Failure> {
         let tcp = timeout(self.connect_timeout, connect_own(target, &self.leave))
             .await
             .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
@@ -390,13 +485,11 @@ impl State {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
-        self.connections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .spawn(async move {
-                let _ = conn.await;
-            });
-        Ok(sender)
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        })
+        .abort_handle();
+        Ok(Upstream { sender, task })
     }
 
     fn answer(&self, target: SocketAddr, response: Response<Incoming>) -> Response<Body> {
