@@ -79,6 +79,8 @@ pub struct Status {
     pub relay_namespace_hints: Counter,
     pub relay_namespace_failures: Counter,
     pub relay_open: Gauge,
+    pub origination_opened: Counter,
+    pub origination_reused: Counter,
 }
 
 impl Status {
@@ -180,6 +182,17 @@ impl Status {
             "relay_connections_open",
             "Steered connections the relay holds now, from accept to their record",
             self.relay_open.clone(),
+        );
+        r.register(
+            "relay_origination_upstreams_opened",
+            "TLS connections TLS origination opened upstream",
+            self.origination_opened.clone(),
+        );
+        r.register(
+            "relay_origination_upstreams_reused",
+            "Requests TLS origination sent on an upstream connection an earlier request opened, \
+             of the same client connection or another",
+            self.origination_reused.clone(),
         );
         r.register(
             "events",

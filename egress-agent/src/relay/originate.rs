@@ -39,6 +39,7 @@ use tokio_rustls::TlsConnector;
 use super::{Activity, Attempts, Leave, Next, Shared, connect_own, refuse, within};
 use crate::{
     events::{Catalog, Name, Record, Word},
+    metrics::Status,
     policy::{compile::Origination, tls::TlsClient},
 };
 
@@ -78,6 +79,7 @@ pub(super) async fn serve(
         stats: Mutex::new(Stats::default()),
         upstream: Mutex::new(None),
         pool: Arc::clone(&shared.pool),
+        status: Arc::clone(&shared.status),
     });
     let service = {
         let state = Arc::clone(&state);
@@ -172,6 +174,7 @@ struct State {
     upstream: Mutex<Option<(PoolKey, Upstream)>>,
     /// Where the connection goes when the client's is done, for the next client.
     pool: Arc<Pool>,
+    status: Arc<Status>,
 }
 
 /// An upstream connection: what sends requests on it, and its I/O task, which ends with it.
@@ -457,8 +460,15 @@ impl State {
             reused = Some(u);
         }
         let mut upstream = match reused {
-            Some(u) => u,
-            None => self.open(target, name.clone()).await?,
+            Some(u) => {
+                self.status.origination_reused.inc();
+                u
+            }
+            None => {
+                let u = self.open(target, name.clone()).await?;
+                self.status.origination_opened.inc();
+                u
+            }
         };
         let response = upstream
             .sender
