@@ -10,7 +10,7 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    TestCgroup, World, at, log_path, records, shown,
+    HeldProbe, TestCgroup, World, at, log_path, records, relay_record_ports, shown,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -378,5 +378,47 @@ async fn client_connections_one_after_another_share_an_upstream_connection() {
     let out = curl(&cg, ip, &["http://kept.test/"], &[]);
     assert_eq!(stdout(&out), "sni=kept.test\n200\n", "{out:?}");
     assert_eq!(f.kept.accepted(), 2);
+    a.shutdown().await;
+}
+
+/// Port checks of a port with TLS origination (connect, close): each relay record names the
+/// checker, and no kernel record of those connections is left behind, whether the client closed
+/// before the relay took its connection or after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_checks_of_an_originated_port_leave_no_record_behind() {
+    const CHECKS: usize = 100;
+    let f = fixture();
+    let cg = TestCgroup::new("originate-port-check");
+    let log = log_path("originate-port-check");
+    let a = agent(&f, &cg, &log).await;
+    let dst = at(f.w.v4(20), 80);
+    let checks = HeldProbe::start(
+        Some(&cg.path),
+        &["tcp-repeat", &dst, &CHECKS.to_string()],
+        "done",
+    );
+    let pid = checks.pid();
+    checks.release();
+    wait_for("a relay record per check", Duration::from_secs(10), || {
+        records(&log).iter().filter(|r| r.kind == "relay").count() >= CHECKS
+    });
+    let all = records(&log);
+    let relayed: Vec<&Record> = all.iter().filter(|r| r.kind == "relay").collect();
+    assert_eq!(relayed.len(), CHECKS, "{relayed:#?}");
+    for r in &relayed {
+        assert_eq!(r.pid, Some(pid), "{r:?}");
+        assert_eq!(shown(r.dst), dst, "{r:?}");
+    }
+    let ports: Vec<u16> = relayed
+        .iter()
+        .filter_map(|r| r.src)
+        .map(|s| s.port())
+        .collect();
+    let left: Vec<u16> = relay_record_ports()
+        .into_iter()
+        .filter(|p| ports.contains(p))
+        .collect();
+    assert!(left.is_empty(), "records left behind, from ports {left:?}");
+    assert_eq!(f.plain.accepted(), 0, "a port check reached upstream");
     a.shutdown().await;
 }

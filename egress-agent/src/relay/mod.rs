@@ -826,6 +826,10 @@ async fn handle(
             shared,
         ))
         .await;
+        if record.requests == Some(0) {
+            // As for a hello that never came.
+            shared.forget(&key);
+        }
         return finish(record);
     }
 
