@@ -408,6 +408,15 @@ async fn port_checks_of_an_originated_port_leave_no_record_behind() {
     for r in &relayed {
         assert_eq!(r.pid, Some(pid), "{r:?}");
         assert_eq!(shown(r.dst), dst, "{r:?}");
+        assert_eq!(r.outcome.as_deref(), Some("refused"), "{r:?}");
+        assert!(
+            [
+                "the client had closed before the relay took the connection",
+                "connection closed before a request",
+            ]
+            .contains(&r.reason.as_deref().unwrap_or_default()),
+            "{r:?}"
+        );
     }
     let ports: Vec<u16> = relayed
         .iter()

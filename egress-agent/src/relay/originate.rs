@@ -124,6 +124,12 @@ pub(super) async fn serve(
     }
     match (stats.failure, ended) {
         (Some((outcome, reason)), _) => refuse(record, outcome, reason),
+        // As a passthrough connection without a ClientHello is (a port check, mostly).
+        (None, Ok(())) if stats.requests == 0 => refuse(
+            record,
+            "refused",
+            "connection closed before a request".to_owned(),
+        ),
         (None, Ok(())) => {
             record.ended("ok", None);
             record
