@@ -1,6 +1,7 @@
 //! From the ring buffer to the log: a reader task that drains the ring buffer every
-//! [`READ_INTERVAL`], and at once when the kernel wakes it (epoll on the ring) because the ring is
-//! filling up, and a writer thread. The reader only copies the events out: it runs on a runtime
+//! [`READ_INTERVAL`] while events come (less often while none do, see [`read_interval`]), and at
+//! once when the kernel wakes it (epoll on the ring) because the ring is filling up, and a writer
+//! thread. The reader only copies the events out: it runs on a runtime
 //! worker, which relayed connections wait behind. The writer makes them records, counts them in
 //! the metrics and writes them. Between the two a bounded channel: when the writer falls behind,
 //! the reader stops draining, the ring fills, and the kernel counts what it cannot write; those
@@ -38,6 +39,18 @@ pub const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 /// them (`cargo xtask bench relay`: lower proxy CPU per connection than at 100 ms in six
 /// alternating pairs of seven; round medians 80–91 µs against 82–95).
 const READ_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The reader's next pause after one of `last`: [`READ_INTERVAL`] once a drain found events, else
+/// twice the last, up to [`DRAIN_INTERVAL`]. An idle agent then wakes ten times a second, not a
+/// hundred; the first events after a quiet spell wait at most that long, and a burst wakes the
+/// reader at once (the kernel's wakeup).
+fn read_interval(last: Duration, found: bool) -> Duration {
+    if found {
+        READ_INTERVAL
+    } else {
+        (last * 2).min(DRAIN_INTERVAL)
+    }
+}
 
 /// What the writer takes: a kernel event, made a record there, or a record made elsewhere.
 enum Entry {
@@ -219,6 +232,8 @@ struct Reader {
     tx: mpsc::Sender<Entry>,
     /// The kernel's total as of the last `lost` record.
     lost_logged: u64,
+    /// Events handed on so far.
+    taken: u64,
 }
 
 impl Pipeline {
@@ -264,6 +279,7 @@ impl Pipeline {
             status,
             tx: tx.clone(),
             lost_logged: start,
+            taken: 0,
         };
         let reader = tokio::spawn(reader.run(fd, stop_rx));
         Ok(Pipeline {
@@ -320,7 +336,8 @@ fn wall(boot_ns: u64, offset: i128) -> Timestamp {
 
 impl Reader {
     async fn run(mut self, mut fd: AsyncFd<RingBuf<MapData>>, mut stop: oneshot::Receiver<()>) {
-        let mut tick = tokio::time::interval(READ_INTERVAL);
+        let mut every = READ_INTERVAL;
+        let mut next = tokio::time::Instant::now() + every;
         let mut reported = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -330,14 +347,19 @@ impl Reader {
                         // that arrives meanwhile.
                         while self.drain(guard.get_inner_mut()).await {}
                         guard.clear_ready();
+                        every = READ_INTERVAL;
+                        next = tokio::time::Instant::now() + every;
                     }
                     Err(e) => {
                         log::error!("waiting on the event ring buffer: {e}; events stop");
                         break;
                     }
                 },
-                _ = tick.tick() => {
+                () = tokio::time::sleep_until(next) => {
+                    let before = self.taken;
                     while self.drain(fd.get_mut()).await {}
+                    every = read_interval(every, self.taken > before);
+                    next = tokio::time::Instant::now() + every;
                     if reported.elapsed() >= DRAIN_INTERVAL {
                         reported = tokio::time::Instant::now();
                         self.report_lost().await;
@@ -368,6 +390,7 @@ impl Reader {
             if self.tx.send(Entry::Kernel(ev)).await.is_err() {
                 return false;
             }
+            self.taken += 1;
         }
         true
     }
@@ -519,13 +542,26 @@ mod tests {
 
     use jiff::Timestamp;
 
-    use super::{CONNECT_WAIT, Order, Record, Relayed};
+    use super::{CONNECT_WAIT, Order, READ_INTERVAL, Record, Relayed, read_interval};
 
     /// A relay record told apart by its pid.
     fn relay(pid: u32) -> Box<Record> {
         let mut record = Record::relay_unknown(Timestamp::now());
         record.pid = Some(pid);
         Box::new(record)
+    }
+
+    /// Short pauses while events come; doubling to the drain interval while none do.
+    #[test]
+    fn the_reader_waits_longer_while_no_event_comes() {
+        let mut every = READ_INTERVAL;
+        let mut pauses = Vec::new();
+        for _ in 0..6 {
+            every = read_interval(every, false);
+            pauses.push(every.as_millis());
+        }
+        assert_eq!(pauses, [20, 40, 80, 100, 100, 100]);
+        assert_eq!(read_interval(every, true), READ_INTERVAL);
     }
 
     #[test]
