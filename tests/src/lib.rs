@@ -873,6 +873,21 @@ pub fn relay_record_ports() -> Vec<u16> {
     ports
 }
 
+/// Asserts that the kernel holds no relay record of these relay records' connections (by their
+/// client ports): none outlives what the relay did with its connection.
+pub fn assert_no_relay_record_left(relayed: &[&Record]) {
+    let ports: Vec<u16> = relayed
+        .iter()
+        .filter_map(|r| r.src)
+        .map(|s| s.port())
+        .collect();
+    let left: Vec<u16> = relay_record_ports()
+        .into_iter()
+        .filter(|p| ports.contains(p))
+        .collect();
+    assert!(left.is_empty(), "records left behind, from ports {left:?}");
+}
+
 pub fn records(path: &Path) -> Vec<Record> {
     let text = fs::read_to_string(path).unwrap_or_default();
     // The agent may be writing the last line as we read: take complete lines only, as

@@ -10,7 +10,7 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    HeldProbe, TestCgroup, World, at, log_path, records, relay_record_ports, shown,
+    HeldProbe, TestCgroup, World, assert_no_relay_record_left, at, log_path, records, shown,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -418,16 +418,7 @@ async fn port_checks_of_an_originated_port_leave_no_record_behind() {
             "{r:?}"
         );
     }
-    let ports: Vec<u16> = relayed
-        .iter()
-        .filter_map(|r| r.src)
-        .map(|s| s.port())
-        .collect();
-    let left: Vec<u16> = relay_record_ports()
-        .into_iter()
-        .filter(|p| ports.contains(p))
-        .collect();
-    assert!(left.is_empty(), "records left behind, from ports {left:?}");
+    assert_no_relay_record_left(&relayed);
     assert_eq!(f.plain.accepted(), 0, "a port check reached upstream");
     a.shutdown().await;
 }

@@ -16,8 +16,9 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    HeldProbe, TestCgroup, World, at, egress_run, egress_run_command, log_path, loopback_server,
-    pin_dir, probe_in, probe_with_pid, records, relay_record_ports, shown, signal, target_bin,
+    HeldProbe, TestCgroup, World, assert_no_relay_record_left, at, egress_run, egress_run_command,
+    log_path, loopback_server, pin_dir, probe_in, probe_with_pid, records, shown, signal,
+    target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -570,16 +571,7 @@ async fn a_steered_client_that_closes_at_once_is_refused_by_name() {
         "no check closed before the relay took it"
     );
     // No record outlives what the relay did with its connection.
-    let ports: Vec<u16> = ended
-        .iter()
-        .filter_map(|r| r.src)
-        .map(|s| s.port())
-        .collect();
-    let left: Vec<u16> = relay_record_ports()
-        .into_iter()
-        .filter(|p| ports.contains(p))
-        .collect();
-    assert!(left.is_empty(), "records left behind, from ports {left:?}");
+    assert_no_relay_record_left(&ended);
     assert_eq!(f.tls4.accepted(), 0);
     a.shutdown().await;
 }

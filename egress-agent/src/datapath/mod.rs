@@ -205,6 +205,13 @@ pub struct Loaded {
     pub alive: aya::maps::Array<MapData, u64>,
 }
 
+/// Now on the programs' clock (`bpf_ktime_get_boot_ns`, CLOCK_BOOTTIME), in ns.
+pub fn boot_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
+}
+
 /// Stamps, every [`ALIVE_EVERY_NS`], that the agent is alive (see `egress_common::ALIVE_MAP`), on
 /// a thread of its own: a busy runtime must not make the programs think the agent is dead. Stops
 /// when dropped.
@@ -216,10 +223,7 @@ impl Heartbeat {
     /// Stamps once, then keeps stamping.
     pub fn start(mut map: aya::maps::Array<MapData, u64>) -> Result<Heartbeat, DatapathError> {
         let mut stamp = move || {
-            let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
-                t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-            });
-            map.set(0, now, 0).map_err(|source| {
+            map.set(0, boot_ns(), 0).map_err(|source| {
                 DatapathError::Maps(MapsError::Write {
                     name: ALIVE_MAP,
                     source,

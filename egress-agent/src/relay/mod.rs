@@ -139,10 +139,7 @@ const CLOSED_WITHIN: Duration = Duration::from_secs(10);
 
 /// Whether the record's client closed within [`CLOSED_WITHIN`].
 fn closed_lately(steered: &Steered) -> bool {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
-        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-    });
-    now.saturating_sub(steered.closed_ns) < CLOSED_WITHIN.as_nanos() as u64
+    datapath::boot_ns().saturating_sub(steered.closed_ns) < CLOSED_WITHIN.as_nanos() as u64
 }
 
 /// A listening socket of the relay, in namespace `netns`.
