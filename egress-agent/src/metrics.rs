@@ -79,6 +79,7 @@ pub struct Status {
     pub relay_namespace_hints: Counter,
     pub relay_namespace_failures: Counter,
     pub relay_open: Gauge,
+    pub relay_over_limit: Counter,
     pub origination_opened: Counter,
     pub origination_reused: Counter,
 }
@@ -182,6 +183,12 @@ impl Status {
             "relay_connections_open",
             "Steered connections the relay holds now, from accept to their record",
             self.relay_open.clone(),
+        );
+        r.register(
+            "relay_connections_over_limit",
+            "Steered connections refused because their workload, or the relay, held as many \
+             connections as it may (--relay-max-per-workload, --relay-max-connections)",
+            self.relay_over_limit.clone(),
         );
         r.register(
             "relay_origination_upstreams_opened",

@@ -845,7 +845,6 @@ pub fn log_path(tag: &str) -> PathBuf {
     dir.join("flows.jsonl")
 }
 
-/// Every complete record in a flow log.
 /// The client ports of the kernel's records for the relay from 127.0.0.1, in every agent's map
 /// (tests run side by side; a port names one connection while it lives).
 pub fn relay_record_ports() -> Vec<u16> {
@@ -888,6 +887,7 @@ pub fn assert_no_relay_record_left(relayed: &[&Record]) {
     assert!(left.is_empty(), "records left behind, from ports {left:?}");
 }
 
+/// Every complete record in a flow log.
 pub fn records(path: &Path) -> Vec<Record> {
     let text = fs::read_to_string(path).unwrap_or_default();
     // The agent may be writing the last line as we read: take complete lines only, as

@@ -813,6 +813,86 @@ async fn a_busy_relay_sends_its_first_bytes_with_the_handshakes_last_ack() {
     a.shutdown().await;
 }
 
+/// A workload holding as many relayed connections as one may is refused more, by name, and its
+/// refused connections never reach the upstream; another workload's go on, up to the relay's own
+/// limit. Without the share, one workload could take every descriptor the relay has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_at_its_connection_limit_leaves_the_others_theirs() {
+    let f = fixture("limits");
+    let cg = TestCgroup::new("relay-limits");
+    let log = log_path("relay-limits");
+    let relay = RelayConfig {
+        max_connections: Some(6),
+        max_per_workload: Some(4),
+        ..RelayConfig::default()
+    };
+    // Two workloads: cgroups under the enforced one, there before the agent, which names them.
+    let (one, two) = (cg.path.join("one"), cg.path.join("two"));
+    for dir in [&one, &two] {
+        std::fs::create_dir(dir).expect("a workload's cgroup");
+    }
+    let a = agent_with(&f, &cg, &log, relay).await;
+    let dst = at(f.w.v4(25), 443);
+    let hold = |cgroup: &Path, n: usize| {
+        HeldProbe::start(
+            Some(cgroup),
+            &["hello-hold", &dst, "echo.test", &n.to_string()],
+            "held",
+        )
+    };
+    let upstream = || f.echo.lock().expect("arrivals").len();
+    let reached = |n: usize| {
+        wait_for(
+            &format!("{n} connections upstream"),
+            Duration::from_secs(10),
+            || upstream() == n,
+        );
+    };
+    let echo =
+        |cgroup: &Path| probe_with_pid(Some(cgroup), &["hello-echo", &dst, "echo.test", "1000"]);
+    let refused = |cgroup: &Path, why: &str| {
+        let (got, pid) = echo(cgroup);
+        assert_ne!(got, "ok", "a connection over the limit was relayed");
+        let r = relay_record(&log, "the refusal", |r| r.pid == Some(pid));
+        assert_eq!(r.outcome.as_deref(), Some("refused"), "{r:?}");
+        assert!(
+            r.reason.as_deref().is_some_and(|s| s.contains(why)),
+            "{r:?}"
+        );
+        let name = cgroup.file_name().and_then(|n| n.to_str()).expect("name");
+        assert!(
+            r.cgroup.as_deref().is_some_and(|c| c.ends_with(name)),
+            "the refusal names the workload: {r:?}"
+        );
+        assert_eq!(r.dst.map(|d| d.to_string()), Some(dst.clone()), "{r:?}");
+        r
+    };
+
+    let first = hold(&one, 4);
+    reached(4);
+    let by_workload = refused(&one, "its workload holds 4 relay connections");
+    // The other workload is not held back by the first's connections.
+    assert_eq!(echo(&two).0, "ok");
+    reached(5);
+    let second = hold(&two, 2);
+    reached(7);
+    let by_relay = refused(&two, "the relay holds 6 connections");
+    assert_eq!(upstream(), 7, "a refused connection reached the upstream");
+    assert_eq!(a.status.relay_over_limit.get(), 2);
+    assert_no_relay_record_left(&[&by_workload, &by_relay]);
+
+    first.release();
+    second.release();
+    wait_for(
+        "no relayed connection open",
+        Duration::from_secs(10),
+        || a.status.relay_open.get() == 0,
+    );
+    // Its connections closed, the first workload has its share again.
+    assert_eq!(echo(&one).0, "ok");
+    a.shutdown().await;
+}
+
 /// A container's or pod's process: loopback is its own namespace's, so the relay must listen
 /// there, and the upstream connection must leave from there as the workload's own would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

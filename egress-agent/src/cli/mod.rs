@@ -123,6 +123,14 @@ pub struct EnforceArgs {
     /// Close a relayed connection after this long without a byte either way.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     pub relay_idle_timeout: std::time::Duration,
+    /// Relayed connections held at once (default: half the descriptors the agent may open, less
+    /// a reserve); more are refused.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub relay_max_connections: Option<u32>,
+    /// Relayed connections one workload (a cgroup) holds at once (default: half of
+    /// --relay-max-connections); more are refused, so one workload cannot take the others'.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub relay_max_per_workload: Option<u32>,
 }
 
 /// `500ms`, `10s`, `5m`, `1h`: as Istio writes durations.
@@ -223,6 +231,8 @@ impl EnforceArgs {
                 port: self.relay_port,
                 hello_timeout: self.relay_hello_timeout,
                 idle_timeout: self.relay_idle_timeout,
+                max_connections: self.relay_max_connections.map(|n| n as usize),
+                max_per_workload: self.relay_max_per_workload.map(|n| n as usize),
                 ..cfg.relay
             },
             ..cfg
@@ -290,4 +300,43 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay_of(args: &[&str]) -> Result<crate::relay::RelayConfig, clap::Error> {
+        let cli = Cli::try_parse_from(["egress", "run"].iter().chain(args))?;
+        let Command::Run { enforce, .. } = cli.command else {
+            unreachable!("parsed as run")
+        };
+        let cfg = enforce
+            .apply(crate::agent::AgentConfig::default(), None)
+            .expect("settings");
+        Ok(cfg.relay)
+    }
+
+    #[test]
+    fn the_relays_limits_are_set_or_left_to_the_descriptor_limit() {
+        let relay = relay_of(&[]).expect("defaults");
+        assert_eq!(
+            (relay.max_connections, relay.max_per_workload),
+            (None, None)
+        );
+        let relay = relay_of(&[
+            "--relay-max-connections",
+            "1000",
+            "--relay-max-per-workload",
+            "100",
+        ])
+        .expect("limits");
+        assert_eq!(
+            (relay.max_connections, relay.max_per_workload),
+            (Some(1000), Some(100))
+        );
+        // No limit of none: that would refuse every steered connection.
+        assert!(relay_of(&["--relay-max-per-workload", "0"]).is_err());
+        assert!(relay_of(&["--relay-max-connections", "0"]).is_err());
+    }
 }

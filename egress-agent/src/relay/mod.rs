@@ -5,6 +5,7 @@
 //! with TLS origination it reads plain HTTP instead and speaks TLS upstream (`originate`). Every
 //! connection ends in a `relay` record.
 pub mod hello;
+pub mod limits;
 pub mod netns;
 mod originate;
 mod splice;
@@ -66,6 +67,11 @@ pub struct RelayConfig {
     pub splice: bool,
     /// How often the enforced cgroup is scanned for network namespaces that came or went.
     pub scan_interval: Duration,
+    /// Connections the relay holds at once; `None`: as many as the descriptor limit allows
+    /// ([`limits::Limits::new`]).
+    pub max_connections: Option<usize>,
+    /// Connections one workload (cgroup) holds at once; `None`: half of `max_connections`.
+    pub max_per_workload: Option<usize>,
 }
 
 impl Default for RelayConfig {
@@ -80,6 +86,8 @@ impl Default for RelayConfig {
             connect_timeout: Duration::from_secs(10),
             splice: true,
             scan_interval: Duration::from_millis(500),
+            max_connections: None,
+            max_per_workload: None,
         }
     }
 }
@@ -111,6 +119,8 @@ struct Shared {
     peers: Mutex<Peers>,
     /// TLS origination's upstream connections between client connections.
     pool: Arc<originate::Pool>,
+    /// The connections each workload holds, against the limits.
+    admission: limits::Admission,
     catalog: watch::Receiver<Arc<Catalog>>,
     records: Records,
     cgroups: Arc<Mutex<CgroupNames>>,
@@ -252,11 +262,20 @@ impl Relay {
             .served
             .insert(home.cookie, u32::from(port), 0)
             .map_err(io::Error::other)?;
+        let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        let limits = limits::Limits::new(config.max_connections, config.max_per_workload, nofile);
+        log::info!(
+            "relay: holds up to {} connections, {} of one workload",
+            limits.connections,
+            limits.per_workload
+        );
         let shared = Arc::new(Shared {
             config,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as i64),
             peers: Mutex::new(peers),
             pool: Arc::default(),
+            admission: limits::Admission::new(limits),
             catalog,
             records,
             cgroups,
@@ -808,6 +827,29 @@ async fn handle(
             "the client had closed before the relay took the connection".to_owned(),
         ));
     }
+    let open = usize::try_from(shared.status.relay_open.get()).unwrap_or(0);
+    // Held to the connection's end, however it ends.
+    let _admitted = match shared.admission.admit(steered.cgroup_id, open) {
+        Ok(admitted) => admitted,
+        Err((refusal, warn)) => {
+            // Nothing of the client's is read: it may close having sent nothing.
+            shared.forget(&key);
+            shared.status.relay_over_limit.inc();
+            let mut record = new_record();
+            if let Some(n) = warn {
+                log::warn!(
+                    "relay: refused a connection of {} (cgroup {}): {refusal}; {n} refused so \
+                     since this was last logged",
+                    crate::text::printable(record.comm.as_deref().unwrap_or("?")),
+                    crate::text::printable(record.cgroup.as_deref().unwrap_or("?")),
+                );
+            }
+            // Logged above, not once per refusal: a workload at its limit may try many times
+            // a second.
+            record.ended("refused", Some(refusal.to_string()));
+            return finish(record);
+        }
+    };
 
     if let Some(origin) = catalog.origination(steered.rule_id, dst.port()) {
         let origin = origin.clone();
