@@ -266,6 +266,11 @@ async fn steered_tls_reaches_the_upstream_with_its_server_name() {
         cg.probe(&["peer", &at(f.w.v6(20), 443)]),
         format!("ok:{}", at(f.w.v6(20), 443))
     );
+    // curl twice, openssl s_client and the two probes. A probe is done before the relay may have
+    // taken its connection, and a relay that stops ends the connections it holds unrecorded.
+    wait_for("every relay record", Duration::from_secs(10), || {
+        records(&log).iter().filter(|r| r.kind == "relay").count() == 5
+    });
     a.shutdown().await;
 
     // Each connection's relay record (its end) comes after its steered connect (its start),
@@ -274,7 +279,6 @@ async fn steered_tls_reaches_the_upstream_with_its_server_name() {
     // records name them all the same (`a_steered_client_that_closes_at_once_is_refused_by_name`).
     let all = records(&log);
     let relayed: Vec<usize> = (0..all.len()).filter(|&i| all[i].kind == "relay").collect();
-    // curl twice, openssl s_client and the two probes.
     assert_eq!(relayed.len(), 5, "{all:?}");
     for i in relayed {
         let r = &all[i];
@@ -826,12 +830,13 @@ async fn a_workload_at_its_connection_limit_leaves_the_others_theirs() {
         max_per_workload: Some(4),
         ..RelayConfig::default()
     };
-    // Two workloads: cgroups under the enforced one, there before the agent, which names them.
+    let a = agent_with(&f, &cg, &log, relay).await;
+    // Two workloads: cgroups under the enforced one, made a moment before their first
+    // connections, as a new pod's are; the records name them all the same.
     let (one, two) = (cg.path.join("one"), cg.path.join("two"));
     for dir in [&one, &two] {
         std::fs::create_dir(dir).expect("a workload's cgroup");
     }
-    let a = agent_with(&f, &cg, &log, relay).await;
     let dst = at(f.w.v4(25), 443);
     let hold = |cgroup: &Path, n: usize| {
         HeldProbe::start(

@@ -243,18 +243,27 @@ pub fn host_matches(host: &str, name: &str) -> bool {
     }
 }
 
-/// cgroup id → path (relative to the cgroup2 mount, with a leading `/`), by scanning the enforced
-/// subtree. A miss rescans, at most once a second; cgroups that are gone stay unknown.
+/// cgroup id → path (relative to the cgroup2 mount, with a leading `/`). An id not known yet is
+/// opened by its id (cgroup2 hands out file handles that are the id), so a cgroup made a moment
+/// ago, a new pod's, is named in its first records; where that is refused, a miss rescans the
+/// enforced subtree, at most once a second. Cgroups that are gone stay unknown.
 pub struct CgroupNames {
     mount: PathBuf,
+    /// The mount, open: where ids are opened.
+    mount_dir: Option<std::fs::File>,
     root: PathBuf,
     known: HashMap<u64, Name>,
     last_scan: Option<Instant>,
 }
 
+/// Names kept at most: cgroups come and go with workloads, and a gone one's name is wanted only
+/// for its last records.
+const NAMES_KEPT: usize = 16 << 10;
+
 impl CgroupNames {
     pub fn new(mount: PathBuf, root: PathBuf) -> CgroupNames {
         let mut names = CgroupNames {
+            mount_dir: std::fs::File::open(&mount).ok(),
             mount,
             root,
             known: HashMap::new(),
@@ -265,18 +274,30 @@ impl CgroupNames {
     }
 
     pub fn name(&mut self, id: u64) -> Option<Name> {
-        if !self.known.contains_key(&id)
-            && self
-                .last_scan
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        if let Some(name) = self.known.get(&id) {
+            return Some(name.clone());
+        }
+        if let Some(dir) = self.mount_dir.as_ref().and_then(|m| cgroup_path(m, id)) {
+            let name: Name = display(&self.mount, &dir).into();
+            if self.known.len() >= NAMES_KEPT {
+                self.known.clear();
+            }
+            self.known.insert(id, name.clone());
+            return Some(name);
+        }
+        if self
+            .last_scan
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
         {
             self.scan();
         }
         self.known.get(&id).cloned()
     }
 
+    /// Names every cgroup of the enforced subtree, and forgets the ones gone.
     fn scan(&mut self) {
         self.last_scan = Some(Instant::now());
+        self.known.clear();
         let mut stack = vec![self.root.clone()];
         while let Some(dir) = stack.pop() {
             let Ok(meta) = std::fs::metadata(&dir) else {
@@ -294,6 +315,41 @@ impl CgroupNames {
             }
         }
     }
+}
+
+/// The path of the cgroup with id `id`, on the cgroup2 mount open as `mount`: the id is the
+/// cgroup's file handle (kernfs's, type `FILEID_KERNFS`). `None` if the cgroup is gone or the
+/// agent may not open handles (it needs CAP_DAC_READ_SEARCH).
+fn cgroup_path(mount: &std::fs::File, id: u64) -> Option<PathBuf> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    /// `struct file_handle` with the 8 bytes of a kernfs handle.
+    #[repr(C)]
+    struct KernfsHandle {
+        handle_bytes: u32,
+        handle_type: i32,
+        id: u64,
+    }
+    const FILEID_KERNFS: i32 = 0xfe;
+    let mut handle = KernfsHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id,
+    };
+    // SAFETY: `handle` is a file_handle header followed by its `handle_bytes` bytes, alive for
+    // the call; the kernel only reads it.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            (&raw mut handle).cast::<libc::file_handle>(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a descriptor just opened, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
 }
 
 fn display(mount: &Path, dir: &Path) -> String {
