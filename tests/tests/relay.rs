@@ -898,6 +898,77 @@ async fn a_workload_at_its_connection_limit_leaves_the_others_theirs() {
     a.shutdown().await;
 }
 
+/// An agent that stops ends the relayed connections in progress, and each has its record: a
+/// connection's end is never missing from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_in_progress_when_the_agent_stops_have_their_records() {
+    let f = fixture("stopped");
+    let cg = TestCgroup::new("relay-stopped");
+    let log = log_path("relay-stopped");
+    let a = Agent::start(AgentConfig {
+        // Long enough that the connection without a ClientHello is still waiting for it.
+        relay: RelayConfig {
+            hello_timeout: Duration::from_secs(60),
+            ..RelayConfig::default()
+        },
+        ..f.w
+            .agent_config(POLICY, Mode::RegistryOnly, &cg, Some(&log))
+    })
+    .await
+    .expect("agent starts");
+    let dst = at(f.w.v4(25), 443);
+    // Two past their ClientHello, answered and carrying; one that has sent nothing.
+    let carrying = HeldProbe::start(
+        Some(&cg.path),
+        &["hello-hold", &dst, "echo.test", "2"],
+        "held",
+    );
+    let waiting = HeldProbe::start(Some(&cg.path), &["connect-hold", &dst], "held");
+    wait_for(
+        "the relay holding all three",
+        Duration::from_secs(10),
+        || a.status.relay_open.get() == 3 && f.echo.lock().expect("arrivals").len() == 2,
+    );
+    let status = Arc::clone(&a.status);
+    a.shutdown().await;
+
+    let relayed: Vec<Record> = records(&log)
+        .into_iter()
+        .filter(|r| r.kind == "relay")
+        .collect();
+    assert_eq!(relayed.len(), 3, "{relayed:?}");
+    for r in &relayed {
+        assert_eq!(r.outcome.as_deref(), Some("stopped"), "{r:?}");
+        assert_eq!(r.reason.as_deref(), Some("the agent stopped"), "{r:?}");
+        assert_eq!(r.dst.map(|d| d.to_string()), Some(dst.clone()), "{r:?}");
+        assert!(r.src.is_some() && r.duration_ms.is_some(), "{r:?}");
+        assert_eq!(r.host.as_deref(), Some("echo.test"), "{r:?}");
+    }
+    let by = |pid| relayed.iter().filter(move |r| r.pid == Some(pid));
+    for r in by(carrying.pid()) {
+        assert_eq!(r.sni.as_deref(), Some("echo.test"), "{r:?}");
+        assert!(r.upstream.is_some() && r.attempts == Some(1), "{r:?}");
+        // The hello went up, and the upstream's answer (the hello again) came down.
+        assert!(r.bytes_up.is_some_and(|n| n > 0), "{r:?}");
+        assert_eq!(r.bytes_up, r.bytes_down, "{r:?}");
+    }
+    assert_eq!(by(carrying.pid()).count(), 2);
+    let r = by(waiting.pid())
+        .next()
+        .expect("the record of the one without a hello");
+    assert_eq!((r.sni.as_deref(), r.upstream), (None, None), "{r:?}");
+    let stopped = status
+        .relayed
+        .get_or_create(&egress_agent::metrics::RelayLabels {
+            outcome: Some("stopped".into()),
+            host: Some("echo.test".into()),
+        })
+        .get();
+    assert_eq!(stopped, 3, "counted in the metrics");
+    carrying.release();
+    waiting.release();
+}
+
 /// A container's or pod's process: loopback is its own namespace's, so the relay must listen
 /// there, and the upstream connection must leave from there as the workload's own would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@ use std::{
     path::PathBuf,
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -109,6 +109,7 @@ pub struct RelayMaps {
 pub struct Relay {
     pub port: u16,
     tasks: Arc<Tasks>,
+    shared: Arc<Shared>,
 }
 
 struct Shared {
@@ -121,6 +122,10 @@ struct Shared {
     pool: Arc<originate::Pool>,
     /// The connections each workload holds, against the limits.
     admission: limits::Admission,
+    /// Set as the relay stops: the connections it ends then are recorded as cut.
+    stopping: AtomicBool,
+    /// The records of connections ended as the relay stopped, for it to send.
+    cut: Mutex<Vec<(Record, Relayed)>>,
     catalog: watch::Receiver<Arc<Catalog>>,
     records: Records,
     cgroups: Arc<Mutex<CgroupNames>>,
@@ -276,6 +281,8 @@ impl Relay {
             peers: Mutex::new(peers),
             pool: Arc::default(),
             admission: limits::Admission::new(limits),
+            stopping: AtomicBool::new(false),
+            cut: Mutex::default(),
             catalog,
             records,
             cgroups,
@@ -292,11 +299,17 @@ impl Relay {
             Arc::clone(&tasks),
         );
         tasks.spawn(Box::pin(watcher));
-        Ok(Relay { port, tasks })
+        Ok(Relay {
+            port,
+            tasks,
+            shared,
+        })
     }
 
-    /// Stops accepting and ends every connection in progress.
+    /// Stops accepting and ends every connection in progress; each one admitted has its record,
+    /// outcome `stopped`.
     pub async fn stop(self) {
+        self.shared.stopping.store(true, Ordering::Release);
         let set = self
             .tasks
             .0
@@ -305,6 +318,17 @@ impl Relay {
             .take();
         if let Some(mut set) = set {
             set.shutdown().await;
+        }
+        let cut = std::mem::take(&mut *self.shared.cut.lock().unwrap_or_else(|e| e.into_inner()));
+        if !cut.is_empty() {
+            log::info!(
+                "relay: stopped with {} connection(s) in progress",
+                cut.len()
+            );
+        }
+        for (record, relayed) in cut {
+            self.shared.status.observe(&record);
+            self.shared.records.send_relay(record, relayed).await;
         }
     }
 }
@@ -755,10 +779,81 @@ fn refuse(mut record: Record, outcome: &'static str, reason: String) -> Record {
     record
 }
 
+/// A steered connection's record, before the connection's fate is known: the kernel's facts,
+/// the policy's names for them, and the client's cgroup.
+fn base_record(at: Timestamp, steered: &Steered, catalog: &Catalog, shared: &Shared) -> Record {
+    let mut record = Record::relay(at, steered);
+    catalog.annotate(&mut record);
+    record.cgroup = record.cgroup_id.and_then(|id| {
+        shared
+            .cgroups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .name(id)
+    });
+    record
+}
+
+/// What an admitted connection has come to. Should the relay stop while the connection is in
+/// progress (its task is then dropped), this makes its record, outcome `stopped`, for
+/// [`Relay::stop`] to send: every steered connection the relay took has an end in the log.
+struct Cut<'a> {
+    shared: &'a Shared,
+    steered: &'a Steered,
+    /// The client's end.
+    peer: SocketAddr,
+    at: Timestamp,
+    catalog: &'a Catalog,
+    up: &'a AtomicU64,
+    down: &'a AtomicU64,
+    sni: OnceLock<String>,
+    /// Where the upstream connection went, and in how many attempts.
+    upstream: OnceLock<(SocketAddr, u32)>,
+    taken: std::time::Instant,
+    armed: bool,
+}
+
+impl Cut<'_> {
+    /// The connection ended on its own, with its own record.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Cut<'_> {
+    fn drop(&mut self) {
+        // Only a stopping relay drops a connection's task; a task that panicked has no record
+        // to write here.
+        if !self.armed || !self.shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let mut record = base_record(self.at, self.steered, self.catalog, self.shared);
+        record.src = Some(self.peer);
+        record.sni = self.sni.take();
+        if let Some(&(upstream, attempts)) = self.upstream.get() {
+            record.upstream = Some(upstream);
+            record.attempts = Some(attempts);
+            record.bytes_up = Some(self.up.load(Ordering::Relaxed));
+            record.bytes_down = Some(self.down.load(Ordering::Relaxed));
+        }
+        record.duration_ms = Some(self.taken.elapsed().as_millis() as u64);
+        record.ended("stopped", Some("the agent stopped".to_owned()));
+        let relayed = Relayed {
+            cookie: self.steered.cookie,
+            taken: self.taken,
+        };
+        self.shared
+            .cut
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((record, relayed));
+    }
+}
+
 /// One steered connection, start to end. Returns its record; sets `cookie` to the client
 /// socket's, where the kernel steered it.
 async fn handle(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     netns: Arc<Netns>,
     shared: &Shared,
@@ -794,7 +889,6 @@ async fn handle(
         ));
     };
     *cookie = Some(steered.cookie);
-    let dst = dst_of(&steered);
     let leave = Leave {
         netns,
         bound_if: steered.bound_if,
@@ -807,18 +901,7 @@ async fn handle(
     let at = Timestamp::now();
     let catalog = Arc::clone(&shared.catalog.borrow());
     // Built when the connection no longer waits on the relay: no byte waits for its record.
-    let new_record = || {
-        let mut record = Record::relay(at, &steered);
-        catalog.annotate(&mut record);
-        record.cgroup = record.cgroup_id.and_then(|id| {
-            shared
-                .cgroups
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .name(id)
-        });
-        record
-    };
+    let new_record = || base_record(at, &steered, &catalog, shared);
 
     if closed {
         return finish(refuse(
@@ -851,25 +934,73 @@ async fn handle(
         }
     };
 
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let cut = Cut {
+        shared,
+        steered: &steered,
+        peer,
+        at,
+        catalog: &catalog,
+        up: &up,
+        down: &down,
+        sni: OnceLock::new(),
+        upstream: OnceLock::new(),
+        taken: std::time::Instant::now(),
+        armed: true,
+    };
+    let record = relay_admitted(
+        client,
+        &key,
+        &steered,
+        leave,
+        &catalog,
+        &new_record,
+        shared,
+        &cut,
+    )
+    .await;
+    cut.disarm();
+    finish(record)
+}
+
+/// A connection admitted, from its kernel record on: returns its record. What it has come to is
+/// noted in `cut`, for its record should the relay stop meanwhile.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the connection's parts, each once"
+)]
+async fn relay_admitted(
+    mut client: TcpStream,
+    key: &RelayPeer,
+    steered: &Steered,
+    leave: Leave,
+    catalog: &Arc<Catalog>,
+    new_record: &(dyn Fn() -> Record + Sync),
+    shared: &Shared,
+    cut: &Cut<'_>,
+) -> Record {
+    let dst = dst_of(steered);
+    let (up, down) = (cut.up, cut.down);
     if let Some(origin) = catalog.origination(steered.rule_id, dst.port()) {
         let origin = origin.clone();
         // Boxed: its state machine would otherwise enlarge every connection's future, moved
         // whole when the connection's task is spawned.
         let record = Box::pin(originate::serve(
             client,
-            &steered,
+            steered,
             leave,
             origin,
-            Arc::clone(&catalog),
+            Arc::clone(catalog),
             new_record(),
             shared,
         ))
         .await;
         if record.requests == Some(0) {
             // As for a hello that never came.
-            shared.forget(&key);
+            shared.forget(key);
         }
-        return finish(record);
+        return record;
     }
 
     let hello = match hello::read(
@@ -883,8 +1014,8 @@ async fn handle(
         Err(e) => {
             // The client may have sent nothing: closing so, it would leave its record to the
             // relay, which is done with it.
-            shared.forget(&key);
-            return finish(refuse(new_record(), "refused", e.to_string()));
+            shared.forget(key);
+            return refuse(new_record(), "refused", e.to_string());
         }
     };
     let Hello {
@@ -902,16 +1033,19 @@ async fn handle(
         record.alpn = Some(alpn);
         record
     };
+    if let Some(name) = &sni {
+        let _ = cut.sni.set(name.clone());
+    }
     let Some(name) = sni.as_deref() else {
-        return finish(refuse(
+        return refuse(
             with_hello(None, alpn),
             "refused",
             "ClientHello without a server name".to_owned(),
-        ));
+        );
     };
     let upstream = match catalog.upstream(steered.rule_id, name, dst.ip()) {
         Ok(u) => u,
-        Err(reason) => return finish(refuse(with_hello(sni, alpn), "refused", reason)),
+        Err(reason) => return refuse(with_hello(sni, alpn), "refused", reason),
     };
     let with_upstream = |attempts, sni, alpn| {
         let mut record = with_hello(sni, alpn);
@@ -925,11 +1059,10 @@ async fn handle(
             Ok(ok) => ok,
             Err((attempts, reason)) => {
                 let record = with_upstream(attempts, sni, alpn);
-                return finish(refuse(record, "upstream-failed", reason));
+                return refuse(record, "upstream-failed", reason);
             }
         };
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
+    let _ = cut.upstream.set((connected, attempts));
     let sent = server.write_all(&bytes).await;
     let mut record = with_upstream(attempts, sni, alpn);
     record.upstream = Some(connected);
@@ -941,8 +1074,8 @@ async fn handle(
             up.fetch_add(hello_len, Ordering::Relaxed);
             let name = record.sni.as_deref().unwrap_or_default();
             let config = &shared.config;
-            match answer(&mut client, &mut server, held, name, &up, &down, config).await {
-                Ok(Answered::Go) => carry(client, server, &up, &down, config)
+            match answer(&mut client, &mut server, held, name, up, down, config).await {
+                Ok(Answered::Go) => carry(client, server, up, down, config)
                     .await
                     .map_err(Stop::Io),
                 Ok(Answered::Idle) => Ok(Ended::Idle),
@@ -957,10 +1090,10 @@ async fn handle(
     match outcome {
         Ok(Ended::Closed) => record.ended("ok", None),
         Ok(Ended::Idle) => record.ended("idle-timeout", None),
-        Err(Stop::Refused(reason)) => return finish(refuse(record, "refused", reason)),
+        Err(Stop::Refused(reason)) => return refuse(record, "refused", reason),
         Err(Stop::Io(e)) => record.ended("error", Some(e.to_string())),
     }
-    finish(record)
+    record
 }
 
 /// How a connection stopped short of its end.

@@ -265,6 +265,18 @@ fn tcp_hold(addr: SocketAddr) -> String {
     }
 }
 
+/// Connects to `addr`, says `held` and keeps the connection, sending nothing, until released.
+fn connect_hold(addr: SocketAddr) -> String {
+    let run = || -> io::Result<()> {
+        let _held = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        hold("held")
+    };
+    match run() {
+        Ok(()) => "ok".into(),
+        Err(e) => word(&e),
+    }
+}
+
 /// `n` TCP connects to `addr`, each from a new socket and whatever their outcome; then says
 /// `done` and stays (as `hold`), so the thread that made them is still there to be looked at.
 fn tcp_repeat(addr: SocketAddr, n: u64) -> String {
@@ -1095,6 +1107,7 @@ fn run(args: &[String]) -> ExitCode {
     let out = match (args.first().map(String::as_str), addr(1)) {
         (Some("tcp"), Some(a)) => tcp(a),
         (Some("tcp-hold"), Some(a)) => tcp_hold(a),
+        (Some("connect-hold"), Some(a)) => connect_hold(a),
         (Some("tcp-mark"), Some(a)) if args.len() == 3 => match parse_u32(&args[2]) {
             Some(mark) => tcp_mark(a, mark),
             None => return usage(),
@@ -1208,7 +1221,7 @@ fn parse_u32(s: &str) -> Option<u32> {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: egress-probe [--netns|--thread-netns PATH] MODE, MODE one of: \
-         tcp|tcp-hold|udp|udp-sendto ADDR:PORT | tcp-mark ADDR:PORT MARK | \
+         tcp|tcp-hold|connect-hold|udp|udp-sendto ADDR:PORT | tcp-mark ADDR:PORT MARK | \
          redial|collide ADDR:PORT THEN:PORT | tcp-repeat ADDR:PORT N | \
          sendto-repeat ADDR:PORT N [PAUSE_MS] | udp-many ADDR:PORT SOCKETS N | \
          dns SERVER:PORT NAME | \
