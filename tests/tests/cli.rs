@@ -93,6 +93,60 @@ fn check_exit_statuses() {
 }
 
 #[test]
+fn check_shows_a_steered_destinations_connection_pool() {
+    let dir = policy_dir(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.pool.test]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.50}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api.pool.test]
+  http:
+  - route: [{destination: {host: api.pool.test}}]
+    timeout: 5s
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pool}
+spec:
+  host: api.pool.test
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 100
+        connectTimeout: 2s
+        idleTimeout: 30s
+        tcpKeepalive: {time: 60s, interval: 10s, probes: 3}
+"#,
+    );
+    let (code, out) = egress(&[
+        "check",
+        "192.0.2.50:443",
+        "--policies",
+        dir.to_str().expect("utf8"),
+        "--dns",
+        "127.0.0.1:9",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.lines().any(|l| l
+            == "  connection pool: at most 100 connections at once, connect timeout 2s, idle \
+                timeout 30s, TCP keepalive after 60s every 10s 3 probes \
+                (DestinationRule/default/pool)"),
+        "{out}"
+    );
+}
+
+#[test]
 fn exec_exit_statuses_and_enforcement() {
     let w = unregistered_world();
     let dir = policy_dir(STATIC_DB);

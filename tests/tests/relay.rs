@@ -969,6 +969,139 @@ async fn connections_in_progress_when_the_agent_stops_have_their_records() {
     waiting.release();
 }
 
+/// An agent on the test's policy with `more` (YAML documents) added.
+async fn agent_with_policy(f: &Fixture, cg: &TestCgroup, log: &Path, more: &str) -> Agent {
+    let policy = format!("{POLICY}---\n{more}");
+    Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, cg, Some(log)))
+        .await
+        .expect("agent starts")
+}
+
+/// A DestinationRule's `connectionPool.tcp`: `maxConnections` bounds the destination's
+/// connections through the relay (a connection over it is refused and never reaches the
+/// upstream), and `tcpKeepalive` is set on the relay's upstream connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rules_connection_pool_bounds_the_destinations_connections() {
+    let f = fixture("pool");
+    let cg = TestCgroup::new("relay-pool");
+    let log = log_path("relay-pool");
+    let a = agent_with_policy(
+        &f,
+        &cg,
+        &log,
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo-pool, namespace: shop}
+spec:
+  host: echo.test
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 2
+        tcpKeepalive: {time: 30s, interval: 5s, probes: 4}
+"#,
+    )
+    .await;
+    let dst = at(f.w.v4(25), 443);
+    let upstream = || f.echo.lock().expect("arrivals").len();
+    let held = HeldProbe::start(
+        Some(&cg.path),
+        &["hello-hold", &dst, "echo.test", "2"],
+        "held",
+    );
+    wait_for("two connections upstream", Duration::from_secs(10), || {
+        upstream() == 2
+    });
+    // The kernel's view of the relay's upstream sockets: each has the keepalive timer, armed
+    // with the DestinationRule's time.
+    let ss = Command::new("ss")
+        .args(["-tnoH", "state", "established", "dst", &dst])
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8_lossy(&ss.stdout);
+    let timers: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split("timer:(").nth(1))
+        .collect();
+    assert_eq!(timers.len(), 2, "{text}");
+    for t in timers {
+        let secs: u64 = t
+            .strip_prefix("keepalive,")
+            .and_then(|t| t.split("sec").next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not a keepalive timer: {t}"));
+        assert!((25..=30).contains(&secs), "{t}");
+    }
+
+    let (got, pid) = probe_with_pid(Some(&cg.path), &["hello-echo", &dst, "echo.test", "100"]);
+    assert_ne!(got, "ok", "a third connection was relayed");
+    let r = relay_record(&log, "the refusal", |r| r.pid == Some(pid));
+    assert_eq!(r.outcome.as_deref(), Some("refused"), "{r:?}");
+    assert_eq!(
+        r.reason.as_deref(),
+        Some(
+            "echo.test:443 has 2 connections through the relay, as many as \
+             DestinationRule/shop/echo-pool allows (connectionPool.tcp.maxConnections)"
+        ),
+        "{r:?}"
+    );
+    assert_eq!(r.sni.as_deref(), Some("echo.test"), "{r:?}");
+    assert_eq!(upstream(), 2, "the refused connection reached the upstream");
+
+    held.release();
+    wait_for(
+        "no relayed connection open",
+        Duration::from_secs(10),
+        || a.status.relay_open.get() == 0,
+    );
+    assert_eq!(
+        probe_in(Some(&cg.path), &["hello-echo", &dst, "echo.test", "100"]),
+        "ok"
+    );
+    a.shutdown().await;
+}
+
+/// A DestinationRule's `connectionPool.tcp.idleTimeout` replaces the relay's own for its host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rules_idle_timeout_closes_a_quiet_connection() {
+    let f = fixture("pool-idle");
+    let cg = TestCgroup::new("relay-pool-idle");
+    let log = log_path("relay-pool-idle");
+    let a = agent_with_policy(
+        &f,
+        &cg,
+        &log,
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo-idle, namespace: shop}
+spec:
+  host: echo.test
+  trafficPolicy:
+    connectionPool: {tcp: {idleTimeout: 300ms}}
+"#,
+    )
+    .await;
+    let dst = at(f.w.v4(25), 443);
+    let held = HeldProbe::start(
+        Some(&cg.path),
+        &["hello-hold", &dst, "echo.test", "1"],
+        "held",
+    );
+    let r = relay_record(&log, "the quiet connection's end", |r| {
+        r.pid == Some(held.pid())
+    });
+    assert_eq!(r.outcome.as_deref(), Some("idle-timeout"), "{r:?}");
+    // The relay's own idle timeout is an hour.
+    assert!(
+        r.duration_ms.is_some_and(|d| (300..10_000).contains(&d)),
+        "{r:?}"
+    );
+    held.release();
+    a.shutdown().await;
+}
+
 /// A container's or pod's process: loopback is its own namespace's, so the relay must listen
 /// there, and the upstream connection must leave from there as the workload's own would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,6 +117,9 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                 rule.label
             ),
         }
+        if let Some((_, pool)) = rule.pools.iter().find(|(p, _)| *p == port) {
+            println!("  connection pool: {} ({})", pool_text(pool), pool.by);
+        }
     }
     for n in notes {
         println!("  note: {n}");
@@ -125,6 +128,40 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// The settings a DestinationRule's connection pool gives the relay, in words.
+fn pool_text(pool: &crate::policy::compile::ConnectionPool) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = pool.max_connections {
+        parts.push(format!("at most {n} connections at once"));
+    }
+    if let Some(t) = pool.connect_timeout {
+        parts.push(format!("connect timeout {t:?}"));
+    }
+    match pool.idle_timeout {
+        Some(std::time::Duration::ZERO) => parts.push("no idle timeout".to_owned()),
+        Some(t) => parts.push(format!("idle timeout {t:?}")),
+        None => {}
+    }
+    if let Some(k) = pool.keepalive {
+        let mut words = vec!["TCP keepalive".to_owned()];
+        if let Some(t) = k.time {
+            words.push(format!("after {t:?}"));
+        }
+        if let Some(t) = k.interval {
+            words.push(format!("every {t:?}"));
+        }
+        if let Some(n) = k.probes {
+            words.push(format!("{n} probes"));
+        }
+        parts.push(words.join(" "));
+    }
+    if parts.is_empty() {
+        "nothing egress applies".to_owned()
+    } else {
+        parts.join(", ")
     }
 }
 

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::policy::{
     Plan,
-    compile::{Origination, RelayRoute},
+    compile::{ConnectionPool, Origination, RelayRoute},
 };
 
 /// A snapshot of the plan and the resolved addresses, replaced on every map sync. The relay reads
@@ -45,6 +45,7 @@ struct Rule {
     /// How the relay connects upstream.
     route: Arc<RelayRoute>,
     originate: Vec<Origination>,
+    pools: Vec<(u16, ConnectionPool)>,
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +105,7 @@ impl Catalog {
                         hosts: r.hosts.iter().map(|h| h.as_str().into()).collect(),
                         route: Arc::new(r.relay.clone()),
                         originate: r.originate.clone(),
+                        pools: r.pools.clone(),
                     };
                     (r.id, rule)
                 })
@@ -187,6 +189,14 @@ impl Catalog {
             .originate
             .iter()
             .find(|o| o.port == port)
+    }
+
+    /// The connection pool settings for steered connections to `port`, decided by `rule_id`.
+    pub fn pool(&self, rule_id: u32, port: u16) -> Option<&ConnectionPool> {
+        self.rule(rule_id)?
+            .pools
+            .iter()
+            .find_map(|(p, pool)| (*p == port).then_some(pool))
     }
 
     /// Fills host, rule and reason from the rule id and destination.

@@ -15,8 +15,8 @@ use ipnet::IpNet;
 use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{
-        DestinationRuleSpec, HttpRoute, IstioDuration, Protocol, Resolution, Retries,
-        ServiceEntrySpec, TlsMode, Transport,
+        ConnectionPoolSettings, DestinationRuleSpec, HttpRoute, IstioDuration, Protocol,
+        Resolution, Retries, ServiceEntrySpec, TlsMode, Transport,
     },
     tls::{TlsClient, client_config},
 };
@@ -56,7 +56,34 @@ pub struct RuleInfo {
     pub relay: RelayRoute,
     /// Ports on which the relay originates TLS for plain-HTTP clients.
     pub originate: Vec<Origination>,
+    /// The DestinationRule's connection pool settings the relay applies, by declared port (only
+    /// ports that have some).
+    pub pools: Vec<(u16, ConnectionPool)>,
     pub source: Source,
+}
+
+/// A DestinationRule's `connectionPool.tcp` on one port, as the relay applies it to that port's
+/// steered connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionPool {
+    /// Connections through the relay at once (`maxConnections`; passthrough only).
+    pub max_connections: Option<u32>,
+    /// Limit of one upstream connect (`connectTimeout`).
+    pub connect_timeout: Option<std::time::Duration>,
+    /// A connection with no byte either way for this long is closed (`idleTimeout`); zero: never.
+    pub idle_timeout: Option<std::time::Duration>,
+    /// TCP keepalive on the upstream connection (`tcpKeepalive`).
+    pub keepalive: Option<Keepalive>,
+    /// The DestinationRule that sets them.
+    pub by: String,
+}
+
+/// `tcpKeepalive`: each unset field keeps the host's setting (net.ipv4.tcp_keepalive_*).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: Option<std::time::Duration>,
+    pub interval: Option<std::time::Duration>,
+    pub probes: Option<u32>,
 }
 
 /// TLS origination on one port (Istio's "egress TLS origination"): the application speaks plain
@@ -412,6 +439,7 @@ fn compile_service_entry(
         steer_reason,
         relay: relay_route(policy, &hosts, diags),
         originate: originations(policy, spec, &hosts, diags),
+        pools: pools(policy, spec, &hosts, verdict == Verdict::Steer, diags),
         source: src.clone(),
     });
     let push_fixed = |plan: &mut Plan, net: IpNet, ports: &[(u16, Transport)]| {
@@ -720,6 +748,173 @@ fn originations(
         }
     }
     out
+}
+
+/// The connection pool settings of a ServiceEntry's DestinationRule (`destination_rule`), by
+/// port: a port-level `connectionPool` replaces the rule-wide one, as in Istio. The relay applies
+/// them to steered connections; on a rule that is not steered they do nothing, and say so.
+fn pools(
+    policy: &Policy,
+    spec: &ServiceEntrySpec,
+    hosts: &[String],
+    steered: bool,
+    diags: &mut Diags,
+) -> Vec<(u16, ConnectionPool)> {
+    let Some(dr) = destination_rule(policy, hosts) else {
+        return Vec::new();
+    };
+    let Some(tp) = &dr.spec.traffic_policy else {
+        return Vec::new();
+    };
+    let label = dr.label();
+    let mut warn = |severity, message: String| {
+        diag(diags, severity, &dr.source, format!("{label}: {message}"));
+    };
+    // Each setting once, however many ports it applies to.
+    let mut settings = Vec::new();
+    if let Some(pool) = &tp.connection_pool {
+        settings.push((None, "spec.trafficPolicy.connectionPool".to_owned(), pool));
+    }
+    for (i, pl) in tp.port_level_settings.iter().enumerate() {
+        if let Some(pool) = &pl.connection_pool {
+            let port = pl.port.as_ref().and_then(|p| p.number).map(|n| n.0);
+            let field = format!("spec.trafficPolicy.portLevelSettings[{i}].connectionPool");
+            settings.push((Some(port), field, pool));
+        }
+    }
+    if settings.is_empty() {
+        return Vec::new();
+    }
+    if !steered {
+        warn(
+            Severity::Warning,
+            "connectionPool applies to connections through the relay; this host's go direct \
+             (route them to an egress gateway to apply it)"
+                .to_owned(),
+        );
+        return Vec::new();
+    }
+    let mut compiled = Vec::new();
+    for (port, field, pool) in &settings {
+        match connection_pool(pool, &label) {
+            Ok((pool, unapplied)) => {
+                for name in unapplied {
+                    warn(
+                        Severity::Warning,
+                        format!("{field}.{name} is not applied by egress; ignored"),
+                    );
+                }
+                compiled.push((*port, pool));
+            }
+            Err(e) => warn(Severity::Error, format!("{field}: {e}")),
+        }
+    }
+    let rule_wide = compiled
+        .iter()
+        .find(|(port, _)| port.is_none())
+        .map(|(_, p)| p.clone());
+    let mut out = Vec::new();
+    for port in &spec.ports {
+        let n = port.number.0;
+        let level = compiled
+            .iter()
+            .find(|(p, _)| *p == Some(Some(n)))
+            .map(|(_, p)| p.clone());
+        let Some(pool) = level.or_else(|| rule_wide.clone()) else {
+            continue;
+        };
+        let originated = tp
+            .port_level_settings
+            .iter()
+            .find(|pl| pl.port.as_ref().and_then(|p| p.number) == Some(port.number))
+            .and_then(|pl| pl.tls.as_ref())
+            .or(tp.tls.as_ref())
+            .is_some_and(|t| matches!(t.mode, Some(TlsMode::Simple | TlsMode::Mutual)))
+            && port.protocol == Some(Protocol::Http);
+        if originated && pool.max_connections.is_some() {
+            warn(
+                Severity::Warning,
+                format!(
+                    "connectionPool.tcp.maxConnections is not applied on port {n}, where egress \
+                     originates TLS (Envoy queues the requests over it; egress does not)"
+                ),
+            );
+        }
+        out.push((n, pool));
+    }
+    out
+}
+
+/// One `connectionPool` compiled; with the names of the fields set that egress does not apply.
+fn connection_pool(
+    pool: &ConnectionPoolSettings,
+    label: &str,
+) -> Result<(ConnectionPool, Vec<&'static str>), String> {
+    let mut unapplied = Vec::new();
+    if pool.http.is_some() {
+        unapplied.push("http");
+    }
+    let Some(tcp) = &pool.tcp else {
+        return Ok((
+            ConnectionPool {
+                by: label.to_owned(),
+                ..ConnectionPool::default()
+            },
+            unapplied,
+        ));
+    };
+    if tcp.max_connection_duration.is_some() {
+        unapplied.push("tcp.maxConnectionDuration");
+    }
+    // Istio: 0 is unset, which Envoy takes as 2^32 - 1.
+    let max_connections = match tcp.max_connections {
+        None | Some(0) => None,
+        Some(n) => Some(
+            u32::try_from(n)
+                .map_err(|_| format!("tcp.maxConnections {n} is not a count of connections"))?,
+        ),
+    };
+    let connect_timeout = match tcp.connect_timeout {
+        Some(IstioDuration(d)) if d < std::time::Duration::from_millis(1) => {
+            return Err(format!(
+                "tcp.connectTimeout {d:?} is under 1ms, Istio's least"
+            ));
+        }
+        other => other.map(|d| d.0),
+    };
+    let keepalive = tcp.tcp_keepalive.as_ref().map(|k| Keepalive {
+        time: k.time.map(|d| d.0),
+        interval: k.interval.map(|d| d.0),
+        probes: k.probes,
+    });
+    if let Some(k) = &keepalive {
+        // The kernel's bounds (TCP_KEEPIDLE, TCP_KEEPINTVL: 1 to 32767 s; TCP_KEEPCNT: 1 to 127).
+        let seconds = 1..=32767;
+        for (name, d) in [("time", k.time), ("interval", k.interval)] {
+            if let Some(d) = d
+                && (!seconds.contains(&d.as_secs()) || d.subsec_nanos() != 0)
+            {
+                return Err(format!(
+                    "tcp.tcpKeepalive.{name} {d:?} is not a whole number of seconds from 1 to 32767"
+                ));
+            }
+        }
+        if let Some(p) = k.probes
+            && !(1..=127).contains(&p)
+        {
+            return Err(format!("tcp.tcpKeepalive.probes {p} is not from 1 to 127"));
+        }
+    }
+    Ok((
+        ConnectionPool {
+            max_connections,
+            connect_timeout,
+            idle_timeout: tcp.idle_timeout.map(|d| d.0),
+            keepalive,
+            by: label.to_owned(),
+        },
+        unapplied,
+    ))
 }
 
 impl Plan {

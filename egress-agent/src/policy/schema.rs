@@ -275,7 +275,7 @@ pub struct TrafficPolicy {
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
     pub load_balancer: Option<IgnoredAny>,
-    pub connection_pool: Option<IgnoredAny>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Option<IgnoredAny>,
     pub tunnel: Option<IgnoredAny>,
     pub proxy_protocol: Option<IgnoredAny>,
@@ -288,8 +288,35 @@ pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     pub tls: Option<ClientTls>,
     pub load_balancer: Option<IgnoredAny>,
-    pub connection_pool: Option<IgnoredAny>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Option<IgnoredAny>,
+}
+
+/// A DestinationRule's `connectionPool`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPoolSettings {
+    pub tcp: Option<TcpSettings>,
+    /// Not applied; read whole (not as an ignored field) so that the compiler says so itself.
+    pub http: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpSettings {
+    pub max_connections: Option<i64>,
+    pub connect_timeout: Option<IstioDuration>,
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    pub max_connection_duration: Option<IstioDuration>,
+    pub idle_timeout: Option<IstioDuration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpKeepalive {
+    pub probes: Option<u32>,
+    pub time: Option<IstioDuration>,
+    pub interval: Option<IstioDuration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -648,3 +648,113 @@ fn zero_timeouts_and_attempts_do_nothing_as_in_istio() {
         );
     }
 }
+
+#[test]
+fn a_destination_rules_connection_pool_applies_to_steered_ports() {
+    // api.example is steered (its VirtualService gives it a timeout); plain.example is not.
+    let yaml = |pool: &str| {
+        format!(
+            "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 443, name: https, protocol: HTTPS}}\n  - {{number: 8443, name: alt, protocol: HTTPS}}\n  - {{number: 80, name: http, protocol: HTTP}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - route: [{{destination: {{host: api.example}}}}]\n    timeout: 5s\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: ns}}\nspec:\n  host: api.example\n  trafficPolicy:\n{pool}"
+        )
+    };
+    let pools = |pool: &str| {
+        let (pol, d) = load_str(&yaml(pool), Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = compile(&pol, None);
+        let d: Vec<String> = d.iter().map(ToString::to_string).collect();
+        (plan.rules[0].pools.clone(), d)
+    };
+    let secs = |s| Some(std::time::Duration::from_secs(s));
+    let (p, d) = pools(
+        "    connectionPool:\n      tcp:\n        maxConnections: 100\n        connectTimeout: 2s\n        idleTimeout: 0s\n        tcpKeepalive: {time: 60s, interval: 10s, probes: 3}\n    portLevelSettings:\n    - port: {number: 8443}\n      connectionPool: {tcp: {maxConnections: 5}}\n",
+    );
+    assert!(d.is_empty(), "{d:?}");
+    let wide = super::compile::ConnectionPool {
+        max_connections: Some(100),
+        connect_timeout: secs(2),
+        idle_timeout: Some(std::time::Duration::ZERO),
+        keepalive: Some(super::compile::Keepalive {
+            time: secs(60),
+            interval: secs(10),
+            probes: Some(3),
+        }),
+        by: "DestinationRule/ns/d".to_owned(),
+    };
+    // A port-level pool replaces the rule-wide one, as in Istio.
+    let port = super::compile::ConnectionPool {
+        max_connections: Some(5),
+        by: "DestinationRule/ns/d".to_owned(),
+        ..Default::default()
+    };
+    assert_eq!(p, vec![(443, wide.clone()), (8443, port), (80, wide)]);
+
+    // Istio's 0 is unset; what egress does not apply is said.
+    let (p, d) = pools(
+        "    connectionPool:\n      tcp: {maxConnections: 0, maxConnectionDuration: 1h}\n      http: {http1MaxPendingRequests: 1}\n",
+    );
+    assert_eq!(p[0].1.max_connections, None);
+    assert_eq!(
+        d,
+        vec![
+            "p.yaml:22:1: warning: DestinationRule/ns/d: spec.trafficPolicy.connectionPool.http is not applied by egress; ignored",
+            "p.yaml:22:1: warning: DestinationRule/ns/d: spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration is not applied by egress; ignored",
+        ]
+    );
+
+    // TLS origination is HTTP: Envoy queues requests over maxConnections, egress does not.
+    let (p, d) = pools("    tls: {mode: SIMPLE}\n    connectionPool: {tcp: {maxConnections: 5}}\n");
+    assert_eq!(p.len(), 3);
+    assert!(
+        d.iter()
+            .any(|d| d
+                .contains("maxConnections is not applied on port 80, where egress originates TLS")),
+        "{d:?}"
+    );
+
+    // Values Istio or the kernel would refuse are errors, naming the field.
+    for (pool, error) in [
+        (
+            "{maxConnections: -1}",
+            "tcp.maxConnections -1 is not a count",
+        ),
+        (
+            "{connectTimeout: 500us}",
+            "tcp.connectTimeout 500µs is under 1ms",
+        ),
+        (
+            "{tcpKeepalive: {time: 500ms}}",
+            "tcp.tcpKeepalive.time 500ms is not a whole number",
+        ),
+        (
+            "{tcpKeepalive: {interval: 40000s}}",
+            "tcp.tcpKeepalive.interval 40000s is not",
+        ),
+        (
+            "{tcpKeepalive: {probes: 0}}",
+            "tcp.tcpKeepalive.probes 0 is not from 1 to 127",
+        ),
+    ] {
+        let (p, d) = pools(&format!("    connectionPool: {{tcp: {pool}}}\n"));
+        assert!(p.is_empty(), "{pool}: {p:?}");
+        assert!(
+            d.len() == 1
+                && d[0]
+                    .contains("error: DestinationRule/ns/d: spec.trafficPolicy.connectionPool: ")
+                && d[0].contains(error),
+            "{pool}: {d:?}"
+        );
+    }
+
+    // On a host that goes direct it does nothing, and says so.
+    let direct =
+        yaml("    connectionPool: {tcp: {maxConnections: 5}}\n").replace("    timeout: 5s\n", "");
+    let (pol, _) = load_str(&direct, Path::new("p.yaml"));
+    let (plan, d) = compile(&pol, None);
+    assert!(plan.rules[0].pools.is_empty());
+    assert!(
+        d.iter().any(|d| d
+            .to_string()
+            .contains("connectionPool applies to connections through the relay")),
+        "{d:?}"
+    );
+}

@@ -93,12 +93,36 @@ struct Workload {
     warned: Warned,
 }
 
-/// The connections each workload holds, by cgroup id.
+/// A destination's connections through the relay: by rule id, host and port.
+type HostKey = (u32, crate::events::Name, u16);
+
+/// The connections each workload holds, by cgroup id, and each destination with a limit of its
+/// own (a DestinationRule's `connectionPool.tcp.maxConnections`).
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
     workloads: Mutex<HashMap<u64, Workload>>,
     relay_warned: Mutex<Warned>,
+    hosts: Mutex<HashMap<HostKey, usize>>,
+}
+
+/// A connection counted against its destination's limit until dropped.
+#[must_use]
+pub struct HostAdmitted<'a> {
+    admission: &'a Admission,
+    key: HostKey,
+}
+
+impl Drop for HostAdmitted<'_> {
+    fn drop(&mut self) {
+        let mut hosts = self.admission.hosts();
+        if let Some(open) = hosts.get_mut(&self.key) {
+            *open -= 1;
+            if *open == 0 {
+                hosts.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// A connection admitted, counted against its workload until dropped.
@@ -126,6 +150,7 @@ impl Admission {
             limits,
             workloads: Mutex::default(),
             relay_warned: Mutex::default(),
+            hosts: Mutex::default(),
         }
     }
 
@@ -135,6 +160,36 @@ impl Admission {
 
     fn workloads(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Workload>> {
         self.workloads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn hosts(&self) -> std::sync::MutexGuard<'_, HashMap<HostKey, usize>> {
+        self.hosts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a connection to `host`:`port` under rule `rule_id`, which may have `max` at once;
+    /// else returns how many it has.
+    pub fn admit_host(
+        &self,
+        rule_id: u32,
+        host: &crate::events::Name,
+        port: u16,
+        max: u32,
+    ) -> Result<HostAdmitted<'_>, usize> {
+        let key = (rule_id, crate::events::Name::clone(host), port);
+        let mut hosts = self.hosts();
+        let open = hosts.entry(key.clone()).or_default();
+        if *open >= max as usize {
+            let open = *open;
+            if open == 0 {
+                hosts.remove(&key);
+            }
+            return Err(open);
+        }
+        *open += 1;
+        Ok(HostAdmitted {
+            admission: self,
+            key,
+        })
     }
 
     /// Admits a connection of the workload in cgroup `cgroup` while the relay holds `open`
@@ -245,6 +300,27 @@ mod tests {
         assert_eq!(warn, Some(1));
         assert_eq!(a.open(7), 0, "a refused connection is not counted");
         assert!(a.admit(7, 2).is_ok());
+    }
+
+    #[test]
+    fn a_destination_has_its_own_limit() {
+        let a = Admission::new(Limits {
+            connections: 10,
+            per_workload: 10,
+        });
+        let host: crate::events::Name = "api.example.com".into();
+        let first = a.admit_host(1, &host, 443, 1).expect("first");
+        assert_eq!(a.admit_host(1, &host, 443, 1).err(), Some(1));
+        // Another port, another rule: other destinations.
+        let other_port = a.admit_host(1, &host, 8443, 1).expect("another port");
+        let other_rule = a.admit_host(2, &host, 443, 1).expect("another rule");
+        drop(first);
+        let again = a.admit_host(1, &host, 443, 1).expect("a place freed");
+        drop((other_port, other_rule, again));
+        assert!(
+            a.hosts().is_empty(),
+            "no entry for a destination with none open"
+        );
     }
 
     #[test]

@@ -45,7 +45,7 @@ use crate::{
     agent::Status,
     datapath::{self, iface::LinkWatch},
     events::{Catalog, CgroupNames, Name, Record, Records, Relayed, Upstream},
-    policy::compile::RelayRoute,
+    policy::compile::{ConnectionPool, Keepalive, RelayRoute},
 };
 
 /// Limits of the relay. The defaults suit production; tests shorten them.
@@ -186,6 +186,8 @@ struct Leave {
     bound_if: u32,
     /// Send the handshake's last ACK with the relay's first bytes (see `connect_own`).
     ack_with_data: bool,
+    /// TCP keepalive as the DestinationRule sets it (`connectionPool.tcp.tcpKeepalive`).
+    keepalive: Option<Keepalive>,
 }
 
 /// Lifts the soft descriptor limit (often 1024) to the hard one: the relay holds two descriptors
@@ -804,8 +806,7 @@ struct Cut<'a> {
     peer: SocketAddr,
     at: Timestamp,
     catalog: &'a Catalog,
-    up: &'a AtomicU64,
-    down: &'a AtomicU64,
+    moved: &'a Moved,
     sni: OnceLock<String>,
     /// Where the upstream connection went, and in how many attempts.
     upstream: OnceLock<(SocketAddr, u32)>,
@@ -833,8 +834,8 @@ impl Drop for Cut<'_> {
         if let Some(&(upstream, attempts)) = self.upstream.get() {
             record.upstream = Some(upstream);
             record.attempts = Some(attempts);
-            record.bytes_up = Some(self.up.load(Ordering::Relaxed));
-            record.bytes_down = Some(self.down.load(Ordering::Relaxed));
+            record.bytes_up = Some(self.moved.up.load(Ordering::Relaxed));
+            record.bytes_down = Some(self.moved.down.load(Ordering::Relaxed));
         }
         record.duration_ms = Some(self.taken.elapsed().as_millis() as u64);
         record.ended("stopped", Some("the agent stopped".to_owned()));
@@ -897,6 +898,7 @@ async fn handle(
         // that ACK overlaps with the relay's own, and holding it back adds to the first byte's
         // wait (measured in `cargo xtask bench relay`).
         ack_with_data: shared.status.relay_open.get() > shared.cpus,
+        keepalive: None,
     };
     let at = Timestamp::now();
     let catalog = Arc::clone(&shared.catalog.borrow());
@@ -934,16 +936,14 @@ async fn handle(
         }
     };
 
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
+    let moved = Moved::default();
     let cut = Cut {
         shared,
         steered: &steered,
         peer,
         at,
         catalog: &catalog,
-        up: &up,
-        down: &down,
+        moved: &moved,
         sni: OnceLock::new(),
         upstream: OnceLock::new(),
         taken: std::time::Instant::now(),
@@ -974,14 +974,17 @@ async fn relay_admitted(
     mut client: TcpStream,
     key: &RelayPeer,
     steered: &Steered,
-    leave: Leave,
+    mut leave: Leave,
     catalog: &Arc<Catalog>,
     new_record: &(dyn Fn() -> Record + Sync),
     shared: &Shared,
     cut: &Cut<'_>,
 ) -> Record {
     let dst = dst_of(steered);
-    let (up, down) = (cut.up, cut.down);
+    let moved = cut.moved;
+    let pool = catalog.pool(steered.rule_id, dst.port());
+    leave.keepalive = pool.and_then(|p| p.keepalive);
+    let timeouts = Timeouts::of(pool, &shared.config);
     if let Some(origin) = catalog.origination(steered.rule_id, dst.port()) {
         let origin = origin.clone();
         // Boxed: its state machine would otherwise enlarge every connection's future, moved
@@ -994,6 +997,7 @@ async fn relay_admitted(
             Arc::clone(catalog),
             new_record(),
             shared,
+            timeouts,
         ))
         .await;
         if record.requests == Some(0) {
@@ -1053,9 +1057,31 @@ async fn relay_admitted(
         record.attempts = Some(attempts);
         record
     };
+    // Held to the connection's end, as Envoy counts a cluster's connections.
+    let _pooled = match pool.and_then(|p| Some((p, p.max_connections?))) {
+        Some((pool, max)) => {
+            match shared
+                .admission
+                .admit_host(steered.rule_id, &upstream.host, dst.port(), max)
+            {
+                Ok(admitted) => Some(admitted),
+                Err(open) => {
+                    let reason = format!(
+                        "{}:{} has {open} connections through the relay, as many as {} allows \
+                         (connectionPool.tcp.maxConnections)",
+                        upstream.host,
+                        dst.port(),
+                        pool.by
+                    );
+                    return refuse(with_upstream(0, sni, alpn), "refused", reason);
+                }
+            }
+        }
+        None => None,
+    };
 
     let (mut server, connected, attempts) =
-        match connect(dst, &upstream, &leave, shared.config.connect_timeout).await {
+        match connect(dst, &upstream, &leave, timeouts.connect).await {
             Ok(ok) => ok,
             Err((attempts, reason)) => {
                 let record = with_upstream(attempts, sni, alpn);
@@ -1071,11 +1097,21 @@ async fn relay_admitted(
     drop(bytes);
     let outcome = match sent {
         Ok(()) => {
-            up.fetch_add(hello_len, Ordering::Relaxed);
+            moved.up.fetch_add(hello_len, Ordering::Relaxed);
             let name = record.sni.as_deref().unwrap_or_default();
             let config = &shared.config;
-            match answer(&mut client, &mut server, held, name, up, down, config).await {
-                Ok(Answered::Go) => carry(client, server, up, down, config)
+            match answer(
+                &mut client,
+                &mut server,
+                held,
+                name,
+                moved,
+                config,
+                timeouts.idle,
+            )
+            .await
+            {
+                Ok(Answered::Go) => carry(client, server, moved, config, timeouts.idle)
                     .await
                     .map_err(Stop::Io),
                 Ok(Answered::Idle) => Ok(Ended::Idle),
@@ -1085,8 +1121,8 @@ async fn relay_admitted(
         }
         Err(e) => Err(Stop::Io(e)),
     };
-    record.bytes_up = Some(up.load(Ordering::Relaxed));
-    record.bytes_down = Some(down.load(Ordering::Relaxed));
+    record.bytes_up = Some(moved.up.load(Ordering::Relaxed));
+    record.bytes_down = Some(moved.down.load(Ordering::Relaxed));
     match outcome {
         Ok(Ended::Closed) => record.ended("ok", None),
         Ok(Ended::Idle) => record.ended("idle-timeout", None),
@@ -1120,9 +1156,9 @@ async fn answer(
     server: &mut TcpStream,
     held: Vec<u8>,
     name: &str,
-    up: &AtomicU64,
-    down: &AtomicU64,
+    moved: &Moved,
     config: &RelayConfig,
+    idle: Duration,
 ) -> io::Result<Answered> {
     let mut first = Vec::with_capacity(16 << 10);
     let read = async {
@@ -1145,12 +1181,12 @@ async fn answer(
             }
         }
     };
-    let Ok(retry) = tokio::time::timeout(config.idle_timeout, read).await else {
+    let Ok(retry) = tokio::time::timeout(idle, read).await else {
         return Ok(Answered::Idle);
     };
     let retry = retry?;
     client.write_all(&first).await?;
-    down.fetch_add(first.len() as u64, Ordering::Relaxed);
+    moved.down.fetch_add(first.len() as u64, Ordering::Relaxed);
     drop(first);
     let onward = if retry {
         let again =
@@ -1172,7 +1208,7 @@ async fn answer(
     };
     if !onward.is_empty() {
         server.write_all(&onward).await?;
-        up.fetch_add(onward.len() as u64, Ordering::Relaxed);
+        moved.up.fetch_add(onward.len() as u64, Ordering::Relaxed);
     }
     Ok(Answered::Go)
 }
@@ -1254,10 +1290,13 @@ async fn connect(
     dst: SocketAddr,
     upstream: &Upstream,
     leave: &Leave,
-    default_timeout: Duration,
+    connect_timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr, u32), (u32, String)> {
     let route = &upstream.route;
-    let per_try = route.per_try_timeout.unwrap_or(default_timeout);
+    // A connect is bounded by the connect timeout, as Envoy's are, whatever the per-try timeout.
+    let per_try = route
+        .per_try_timeout
+        .map_or(connect_timeout, |t| t.min(connect_timeout));
     let mut attempts = Attempts::new(
         route,
         route.retries.saturating_add(1),
@@ -1305,9 +1344,50 @@ async fn connect_own(target: SocketAddr, leave: &Leave) -> io::Result<TcpStream>
         // The kernel keeps this for the handshake only (HAProxy's tcp-smart-connect).
         set_int(&socket, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 0)?;
     }
+    if let Some(k) = leave.keepalive {
+        use nix::sys::socket::{setsockopt, sockopt};
+        setsockopt(&socket, sockopt::KeepAlive, &true)?;
+        // Bounds checked as the policy was compiled.
+        if let Some(t) = k.time {
+            setsockopt(&socket, sockopt::TcpKeepIdle, &(t.as_secs() as u32))?;
+        }
+        if let Some(t) = k.interval {
+            setsockopt(&socket, sockopt::TcpKeepInterval, &(t.as_secs() as u32))?;
+        }
+        if let Some(n) = k.probes {
+            setsockopt(&socket, sockopt::TcpKeepCount, &n)?;
+        }
+    }
     let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// A connection's timeouts: the DestinationRule's connection pool settings for its port, else
+/// the relay's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Timeouts {
+    /// Of one upstream connect.
+    connect: Duration,
+    /// With no byte either way.
+    idle: Duration,
+}
+
+impl Timeouts {
+    fn of(pool: Option<&ConnectionPool>, config: &RelayConfig) -> Timeouts {
+        let idle = match pool.and_then(|p| p.idle_timeout) {
+            // Istio: 0s turns the idle timeout off.
+            Some(Duration::ZERO) => Duration::MAX,
+            Some(idle) => idle,
+            None => config.idle_timeout,
+        };
+        Timeouts {
+            connect: pool
+                .and_then(|p| p.connect_timeout)
+                .unwrap_or(config.connect_timeout),
+            idle,
+        }
+    }
 }
 
 /// Whether the client end has closed or reset its connection already (the kernel's TCP state
@@ -1387,27 +1467,48 @@ impl Activity {
     }
 }
 
+/// Bytes a connection moved: client to upstream, and back.
+#[derive(Default)]
+struct Moved {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
 /// Carries bytes both ways until both sides have finished (each EOF passed on as a half-close),
 /// a side fails (both end), or nothing moves for the idle limit.
 async fn carry(
     client: TcpStream,
     server: TcpStream,
-    up: &AtomicU64,
-    down: &AtomicU64,
+    moved: &Moved,
     config: &RelayConfig,
+    idle: Duration,
 ) -> io::Result<Ended> {
     let activity = Activity::new();
     let ended = AtomicBool::new(false);
     let copy = async {
         tokio::try_join!(
-            splice::pump(&client, &server, up, &activity, &ended, config.splice),
-            splice::pump(&server, &client, down, &activity, &ended, config.splice),
+            splice::pump(
+                &client,
+                &server,
+                &moved.up,
+                &activity,
+                &ended,
+                config.splice
+            ),
+            splice::pump(
+                &server,
+                &client,
+                &moved.down,
+                &activity,
+                &ended,
+                config.splice
+            ),
         )
         .map(|_| ())
     };
     tokio::select! {
         done = copy => done.map(|()| Ended::Closed),
-        () = activity.quiet(config.idle_timeout) => Ok(Ended::Idle),
+        () = activity.quiet(idle) => Ok(Ended::Idle),
     }
 }
 

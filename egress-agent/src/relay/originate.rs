@@ -50,6 +50,10 @@ type Body = BoxBody<Bytes, hyper::Error>;
 const REPLAY_LIMIT: u64 = 1 << 20;
 
 /// Serves one steered plain-HTTP connection until the client is done, and returns its record.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the connection's parts, each once"
+)]
 pub(super) async fn serve(
     client: TcpStream,
     steered: &Steered,
@@ -58,6 +62,7 @@ pub(super) async fn serve(
     catalog: Arc<Catalog>,
     mut record: Record,
     shared: &Shared,
+    timeouts: super::Timeouts,
 ) -> Record {
     record.origination = Some(Word::Borrowed(origin.mode));
     let activity = Arc::new(Activity::new());
@@ -75,7 +80,7 @@ pub(super) async fn serve(
         leave,
         origin,
         catalog,
-        connect_timeout: shared.config.connect_timeout,
+        connect_timeout: timeouts.connect,
         stats: Mutex::new(Stats::default()),
         upstream: Mutex::new(None),
         pool: Arc::clone(&shared.pool),
@@ -99,7 +104,7 @@ pub(super) async fn serve(
             Err(e) if e.is_timeout() && state.stats().requests > 0 => Ok(()),
             done => done.map_err(|e| Failed::Http(e.to_string())),
         },
-        () = activity.quiet(shared.config.idle_timeout) => Err(Failed::Idle),
+        () = activity.quiet(timeouts.idle) => Err(Failed::Idle),
     };
 
     if let Some((key, upstream)) = state
