@@ -381,6 +381,77 @@ async fn client_connections_one_after_another_share_an_upstream_connection() {
     a.shutdown().await;
 }
 
+/// A DestinationRule's `connectionPool.http.maxRequestsPerConnection` caps the requests an
+/// upstream connection carries, across client connections: three requests, two at most on one,
+/// open two upstream connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_connection_carries_no_more_requests_than_its_destination_rule_allows() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-pool-max");
+    let log = log_path("originate-pool-max");
+    let policy = f.policy.replace(
+        "  host: kept.test\n  trafficPolicy:\n",
+        "  host: kept.test\n  trafficPolicy:\n    connectionPool: {http: {maxRequestsPerConnection: 2}}\n",
+    );
+    assert_ne!(policy, f.policy, "the kept.test rule found");
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let ip = f.w.v4(26);
+    // Two requests on one client connection, then one on another.
+    let out = curl(&cg, ip, &["http://kept.test/", "http://kept.test/"], &[]);
+    assert_eq!(
+        stdout(&out),
+        "sni=kept.test\n200\nsni=kept.test\n200\n",
+        "{out:?}"
+    );
+    assert_eq!(f.kept.accepted(), 1);
+    let out = curl(&cg, ip, &["http://kept.test/"], &[]);
+    assert_eq!(stdout(&out), "sni=kept.test\n200\n", "{out:?}");
+    assert_eq!(
+        f.kept.accepted(),
+        2,
+        "the first upstream connection carried a third request"
+    );
+    assert_eq!(
+        (
+            a.status.origination_opened.get(),
+            a.status.origination_reused.get()
+        ),
+        (2, 1)
+    );
+    a.shutdown().await;
+}
+
+/// A DestinationRule's `connectionPool.http.idleTimeout` bounds how long an upstream connection
+/// waits for the next client: at 1ms, gone before curl runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_connection_idle_past_its_destination_rules_limit_is_not_taken() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-pool-idle");
+    let log = log_path("originate-pool-idle");
+    let policy = f.policy.replace(
+        "  host: kept.test\n  trafficPolicy:\n",
+        "  host: kept.test\n  trafficPolicy:\n    connectionPool: {http: {idleTimeout: 1ms}}\n",
+    );
+    assert_ne!(policy, f.policy, "the kept.test rule found");
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let ip = f.w.v4(26);
+    for _ in 0..2 {
+        let out = curl(&cg, ip, &["http://kept.test/"], &[]);
+        assert_eq!(stdout(&out), "sni=kept.test\n200\n", "{out:?}");
+    }
+    assert_eq!(
+        f.kept.accepted(),
+        2,
+        "an expired upstream connection was taken"
+    );
+    assert_eq!(a.status.origination_reused.get(), 0);
+    a.shutdown().await;
+}
+
 /// Port checks of a port with TLS origination (connect, close): each relay record names the
 /// checker, and no kernel record of those connections is left behind, whether the client closed
 /// before the relay took its connection or after.

@@ -158,6 +158,12 @@ fn pool_text(pool: &crate::policy::compile::ConnectionPool) -> String {
         }
         parts.push(words.join(" "));
     }
+    if let Some(n) = pool.max_requests_per_connection {
+        parts.push(format!("at most {n} requests per upstream connection"));
+    }
+    if let Some(t) = pool.http_idle_timeout {
+        parts.push(format!("upstream connections kept idle for {t:?}"));
+    }
     if parts.is_empty() {
         "nothing egress applies".to_owned()
     } else {

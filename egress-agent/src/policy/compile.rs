@@ -74,6 +74,10 @@ pub struct ConnectionPool {
     pub idle_timeout: Option<std::time::Duration>,
     /// TCP keepalive on the upstream connection (`tcpKeepalive`).
     pub keepalive: Option<Keepalive>,
+    /// How long TLS origination keeps an upstream connection with no request (`http.idleTimeout`).
+    pub http_idle_timeout: Option<std::time::Duration>,
+    /// Requests TLS origination sends on one upstream connection (`http.maxRequestsPerConnection`).
+    pub max_requests_per_connection: Option<u32>,
     /// The DestinationRule that sets them.
     pub by: String,
 }
@@ -851,17 +855,37 @@ fn connection_pool(
     label: &str,
 ) -> Result<(ConnectionPool, Vec<&'static str>), String> {
     let mut unapplied = Vec::new();
-    if pool.http.is_some() {
-        unapplied.push("http");
+    let mut compiled = ConnectionPool {
+        by: label.to_owned(),
+        ..ConnectionPool::default()
+    };
+    if let Some(http) = &pool.http {
+        for (name, set) in [
+            (
+                "http.http1MaxPendingRequests",
+                &http.http1_max_pending_requests,
+            ),
+            ("http.http2MaxRequests", &http.http2_max_requests),
+            ("http.maxRetries", &http.max_retries),
+            ("http.h2UpgradePolicy", &http.h2_upgrade_policy),
+            ("http.useClientProtocol", &http.use_client_protocol),
+            ("http.maxConcurrentStreams", &http.max_concurrent_streams),
+        ] {
+            if set.is_some() {
+                unapplied.push(name);
+            }
+        }
+        compiled.http_idle_timeout = http.idle_timeout.map(|d| d.0);
+        // Istio: 0 is unlimited.
+        compiled.max_requests_per_connection = match http.max_requests_per_connection {
+            None | Some(0) => None,
+            Some(n) => Some(u32::try_from(n).map_err(|_| {
+                format!("http.maxRequestsPerConnection {n} is not a count of requests")
+            })?),
+        };
     }
     let Some(tcp) = &pool.tcp else {
-        return Ok((
-            ConnectionPool {
-                by: label.to_owned(),
-                ..ConnectionPool::default()
-            },
-            unapplied,
-        ));
+        return Ok((compiled, unapplied));
     };
     if tcp.max_connection_duration.is_some() {
         unapplied.push("tcp.maxConnectionDuration");
@@ -911,7 +935,7 @@ fn connection_pool(
             connect_timeout,
             idle_timeout: tcp.idle_timeout.map(|d| d.0),
             keepalive,
-            by: label.to_owned(),
+            ..compiled
         },
         unapplied,
     ))

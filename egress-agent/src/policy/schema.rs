@@ -297,8 +297,22 @@ pub struct PortTrafficPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionPoolSettings {
     pub tcp: Option<TcpSettings>,
-    /// Not applied; read whole (not as an ignored field) so that the compiler says so itself.
-    pub http: Option<serde_json::Value>,
+    pub http: Option<HttpSettings>,
+}
+
+/// `connectionPool.http`. The fields egress does not apply are read whole (not as ignored
+/// fields, which would be reported as unknown) so that the compiler names them itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSettings {
+    pub idle_timeout: Option<IstioDuration>,
+    pub max_requests_per_connection: Option<i64>,
+    pub http1_max_pending_requests: Option<serde_json::Value>,
+    pub http2_max_requests: Option<serde_json::Value>,
+    pub max_retries: Option<serde_json::Value>,
+    pub h2_upgrade_policy: Option<serde_json::Value>,
+    pub use_client_protocol: Option<serde_json::Value>,
+    pub max_concurrent_streams: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -679,6 +679,7 @@ fn a_destination_rules_connection_pool_applies_to_steered_ports() {
             probes: Some(3),
         }),
         by: "DestinationRule/ns/d".to_owned(),
+        ..Default::default()
     };
     // A port-level pool replaces the rule-wide one, as in Istio.
     let port = super::compile::ConnectionPool {
@@ -696,9 +697,18 @@ fn a_destination_rules_connection_pool_applies_to_steered_ports() {
     assert_eq!(
         d,
         vec![
-            "p.yaml:22:1: warning: DestinationRule/ns/d: spec.trafficPolicy.connectionPool.http is not applied by egress; ignored",
+            "p.yaml:22:1: warning: DestinationRule/ns/d: spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests is not applied by egress; ignored",
             "p.yaml:22:1: warning: DestinationRule/ns/d: spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration is not applied by egress; ignored",
         ]
+    );
+
+    // connectionPool.http applies to TLS origination's upstream connections.
+    let (p, d) =
+        pools("    connectionPool: {http: {idleTimeout: 90s, maxRequestsPerConnection: 1}}\n");
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(
+        (p[0].1.http_idle_timeout, p[0].1.max_requests_per_connection),
+        (secs(90), Some(1))
     );
 
     // TLS origination is HTTP: Envoy queues requests over maxConnections, egress does not.

@@ -998,6 +998,7 @@ async fn relay_admitted(
             new_record(),
             shared,
             timeouts,
+            pool,
         ))
         .await;
         if record.requests == Some(0) {

@@ -40,7 +40,10 @@ use super::{Activity, Attempts, Leave, Next, Shared, connect_own, refuse, within
 use crate::{
     events::{Catalog, Name, Record, Word},
     metrics::Status,
-    policy::{compile::Origination, tls::TlsClient},
+    policy::{
+        compile::{ConnectionPool, Origination},
+        tls::TlsClient,
+    },
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -63,6 +66,7 @@ pub(super) async fn serve(
     mut record: Record,
     shared: &Shared,
     timeouts: super::Timeouts,
+    pool: Option<&ConnectionPool>,
 ) -> Record {
     record.origination = Some(Word::Borrowed(origin.mode));
     let activity = Arc::new(Activity::new());
@@ -81,6 +85,8 @@ pub(super) async fn serve(
         origin,
         catalog,
         connect_timeout: timeouts.connect,
+        kept_idle: pool.and_then(|p| p.http_idle_timeout).unwrap_or(POOL_IDLE),
+        max_requests: pool.and_then(|p| p.max_requests_per_connection),
         stats: Mutex::new(Stats::default()),
         upstream: Mutex::new(None),
         pool: Arc::clone(&shared.pool),
@@ -112,9 +118,9 @@ pub(super) async fn serve(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take()
-        && !upstream.sender.is_closed()
+        && state.reusable(&upstream)
     {
-        state.pool.put(key, upstream);
+        state.pool.put(key, upstream, state.kept_idle);
     }
     record.bytes_up = Some(up.load(Ordering::Relaxed));
     record.bytes_down = Some(down.load(Ordering::Relaxed));
@@ -180,6 +186,10 @@ struct State {
     /// The policy as it was when the connection arrived.
     catalog: Arc<Catalog>,
     connect_timeout: Duration,
+    /// How long an upstream connection is kept with no request (`http.idleTimeout`).
+    kept_idle: Duration,
+    /// Requests sent on one upstream connection at most (`http.maxRequestsPerConnection`).
+    max_requests: Option<u32>,
     stats: Mutex<Stats>,
     /// The upstream connection kept for the next request, with what it was opened for.
     upstream: Mutex<Option<(PoolKey, Upstream)>>,
@@ -192,6 +202,8 @@ struct State {
 struct Upstream {
     sender: SendRequest<Body>,
     task: tokio::task::AbortHandle,
+    /// Requests sent on it.
+    sent: u32,
 }
 
 impl Drop for Upstream {
@@ -217,16 +229,30 @@ struct PoolKey {
 /// upstream connections in a pool too): a client that opens a connection per request, as many
 /// do, should not cost the upstream a TLS handshake each time.
 #[derive(Default)]
-pub(super) struct Pool(Mutex<HashMap<PoolKey, Vec<(Upstream, Instant)>>>);
+pub(super) struct Pool(Mutex<HashMap<PoolKey, Vec<Kept>>>);
+
+/// An idle upstream connection: since when, and for how long it may be taken.
+struct Kept {
+    upstream: Upstream,
+    since: Instant,
+    idle: Duration,
+}
+
+impl Kept {
+    fn usable(&self) -> bool {
+        !self.upstream.sender.is_closed() && self.since.elapsed() < self.idle
+    }
+}
 
 /// Idle connections kept per key.
 const POOL_PER_KEY: usize = 8;
-/// How long a connection is kept idle. Servers close idle connections themselves, most within a
-/// minute; a connection they closed is not taken.
+/// How long a connection is kept idle unless a DestinationRule says (`http.idleTimeout`). Servers
+/// close idle connections themselves, most within a minute; a connection they closed is not
+/// taken.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
 impl Pool {
-    fn idle(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<(Upstream, Instant)>>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Kept>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -234,29 +260,32 @@ impl Pool {
     fn take(&self, key: &PoolKey) -> Option<Upstream> {
         let mut idle = self.idle();
         let kept = idle.get_mut(key)?;
-        let found = std::iter::from_fn(|| kept.pop())
-            .find(|(u, since)| !u.sender.is_closed() && since.elapsed() < POOL_IDLE);
+        let found = std::iter::from_fn(|| kept.pop()).find(Kept::usable);
         if kept.is_empty() {
             idle.remove(key);
         }
-        found.map(|(u, _)| u)
+        found.map(|k| k.upstream)
     }
 
-    /// Keeps `upstream` for the next request that would open the same.
-    fn put(&self, key: PoolKey, upstream: Upstream) {
+    /// Keeps `upstream` for the next request that would open the same, for `for_up_to`.
+    fn put(&self, key: PoolKey, upstream: Upstream, for_up_to: Duration) {
         self.sweep();
         let mut idle = self.idle();
         let kept = idle.entry(key).or_default();
         if kept.len() == POOL_PER_KEY {
             kept.remove(0);
         }
-        kept.push((upstream, Instant::now()));
+        kept.push(Kept {
+            upstream,
+            since: Instant::now(),
+            idle: for_up_to,
+        });
     }
 
     /// Lets go of what has been idle too long or was closed meanwhile.
     pub(super) fn sweep(&self) {
         self.idle().retain(|_, kept| {
-            kept.retain(|(u, since)| !u.sender.is_closed() && since.elapsed() < POOL_IDLE);
+            kept.retain(Kept::usable);
             !kept.is_empty()
         });
     }
@@ -454,10 +483,10 @@ impl State {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         let kept = match mine {
-            Some((k, u)) if k == key && !u.sender.is_closed() => Some(u),
-            Some((k, u)) if !u.sender.is_closed() => {
+            Some((k, u)) if k == key && self.reusable(&u) => Some(u),
+            Some((k, u)) if self.reusable(&u) => {
                 // Another target's: another client may want it.
-                self.pool.put(k, u);
+                self.pool.put(k, u, self.kept_idle);
                 self.pool.take(&key)
             }
             _ => self.pool.take(&key),
@@ -481,6 +510,7 @@ impl State {
                 u
             }
         };
+        upstream.sent += 1;
         let response = upstream
             .sender
             .send_request(req)
@@ -510,7 +540,17 @@ impl State {
             let _ = conn.await;
         })
         .abort_handle();
-        Ok(Upstream { sender, task })
+        Ok(Upstream {
+            sender,
+            task,
+            sent: 0,
+        })
+    }
+
+    /// Whether another request may go on `upstream`: it is open, and has carried fewer than
+    /// `http.maxRequestsPerConnection`. One that may not is closed once its last answer is read.
+    fn reusable(&self, upstream: &Upstream) -> bool {
+        !upstream.sender.is_closed() && self.max_requests.is_none_or(|max| upstream.sent < max)
     }
 
     fn answer(&self, target: SocketAddr, response: Response<Incoming>) -> Response<Body> {
