@@ -56,6 +56,12 @@ pub struct ReasonLabels {
     pub reason: Option<Word>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// Which limit refused a connection: `workload`, `relay` or `destination`.
+    pub limit: &'static str,
+}
+
 /// Counters others can watch: tests poll them, `/metrics` serves them.
 #[derive(Debug, Default)]
 pub struct Status {
@@ -79,7 +85,7 @@ pub struct Status {
     pub relay_namespace_hints: Counter,
     pub relay_namespace_failures: Counter,
     pub relay_open: Gauge,
-    pub relay_over_limit: Counter,
+    pub relay_over_limit: Family<LimitLabels, Counter>,
     pub origination_opened: Counter,
     pub origination_reused: Counter,
 }
@@ -186,8 +192,9 @@ impl Status {
         );
         r.register(
             "relay_connections_over_limit",
-            "Steered connections refused because their workload, or the relay, held as many \
-             connections as it may (--relay-max-per-workload, --relay-max-connections)",
+            "Steered connections refused at a limit: their workload's (--relay-max-per-workload), \
+             the relay's (--relay-max-connections) or their destination's (a DestinationRule's \
+             connectionPool.tcp.maxConnections)",
             self.relay_over_limit.clone(),
         );
         r.register(

@@ -883,7 +883,13 @@ async fn a_workload_at_its_connection_limit_leaves_the_others_theirs() {
     reached(7);
     let by_relay = refused(&two, "the relay holds 6 connections");
     assert_eq!(upstream(), 7, "a refused connection reached the upstream");
-    assert_eq!(a.status.relay_over_limit.get(), 2);
+    let over = |limit| {
+        a.status
+            .relay_over_limit
+            .get_or_create(&egress_agent::metrics::LimitLabels { limit })
+            .get()
+    };
+    assert_eq!((over("workload"), over("relay")), (1, 1));
     assert_no_relay_record_left(&[&by_workload, &by_relay]);
 
     first.release();
@@ -1048,6 +1054,15 @@ spec:
     );
     assert_eq!(r.sni.as_deref(), Some("echo.test"), "{r:?}");
     assert_eq!(upstream(), 2, "the refused connection reached the upstream");
+    assert_eq!(
+        a.status
+            .relay_over_limit
+            .get_or_create(&egress_agent::metrics::LimitLabels {
+                limit: "destination"
+            })
+            .get(),
+        1
+    );
 
     held.release();
     wait_for(

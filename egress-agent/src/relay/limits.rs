@@ -45,6 +45,16 @@ pub enum Refusal {
     Workload(usize),
 }
 
+impl Refusal {
+    /// The limit's name in the metrics.
+    pub fn limit(&self) -> &'static str {
+        match self {
+            Refusal::Relay(_) => "relay",
+            Refusal::Workload(_) => "workload",
+        }
+    }
+}
+
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
