@@ -62,8 +62,8 @@ pub struct RuleInfo {
     pub source: Source,
 }
 
-/// A DestinationRule's `connectionPool.tcp` on one port, as the relay applies it to that port's
-/// steered connections.
+/// A DestinationRule's `connectionPool` on one port, as the relay applies it to that port's
+/// steered connections (`http`: where it originates TLS).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectionPool {
     /// Connections through the relay at once (`maxConnections`; passthrough only).
