@@ -50,6 +50,9 @@ struct Filter {
     kind: Option<String>,
     host: Option<String>,
     dst: Option<Dst>,
+    outcome: Option<String>,
+    cgroup: Option<String>,
+    pid: Option<u32>,
     since: Option<Timestamp>,
     until: Option<Timestamp>,
 }
@@ -91,6 +94,9 @@ impl Filter {
             kind: args.kind.clone(),
             host: args.host.as_ref().map(|h| h.to_ascii_lowercase()),
             dst,
+            outcome: args.outcome.clone(),
+            cgroup: args.cgroup.clone(),
+            pid: args.pid,
             since: args.since.as_deref().map(parse_time).transpose()?,
             until: args.until.as_deref().map(parse_time).transpose()?,
         })
@@ -121,6 +127,17 @@ impl Filter {
             if !ok {
                 return false;
             }
+        }
+        if self.outcome.is_some() && r.outcome.as_deref() != self.outcome.as_deref() {
+            return false;
+        }
+        if let Some(glob) = &self.cgroup
+            && !r.cgroup.as_deref().is_some_and(|c| glob_match(glob, c))
+        {
+            return false;
+        }
+        if self.pid.is_some() && r.pid != self.pid {
+            return false;
         }
         self.since.is_none_or(|t| r.time >= t) && self.until.is_none_or(|t| r.time <= t)
     }

@@ -158,6 +158,16 @@ pub struct EventsArgs {
     /// Destination: ADDR, ADDR:PORT or a CIDR.
     #[arg(long, value_name = "DEST")]
     pub dst: Option<String>,
+    /// Relay records' outcome: `ok`, `refused`, `upstream-failed`, `idle-timeout`, `error`,
+    /// `stopped`.
+    #[arg(long, value_name = "WORD")]
+    pub outcome: Option<String>,
+    /// The workload's cgroup path glob (`/kubepods/*`).
+    #[arg(long, value_name = "GLOB")]
+    pub cgroup: Option<String>,
+    /// The process id.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
     /// Events at or after TIME: RFC 3339, @UNIX-SECONDS, or a duration ago (`10m`).
     #[arg(long, value_name = "TIME")]
     pub since: Option<String>,
