@@ -1546,6 +1546,45 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_destination_rules_timeouts_replace_the_relays_and_zero_idle_is_none() {
+        let config = RelayConfig::default();
+        let pool = |connect, idle| ConnectionPool {
+            connect_timeout: connect,
+            idle_timeout: idle,
+            ..ConnectionPool::default()
+        };
+        assert_eq!(
+            Timeouts::of(None, &config),
+            Timeouts {
+                connect: config.connect_timeout,
+                idle: config.idle_timeout
+            }
+        );
+        let second = Duration::from_secs(1);
+        assert_eq!(
+            Timeouts::of(Some(&pool(Some(second), Some(second))), &config),
+            Timeouts {
+                connect: second,
+                idle: second
+            }
+        );
+        let none = Timeouts::of(Some(&pool(None, Some(Duration::ZERO))), &config);
+        assert_eq!(none.idle, Duration::MAX);
+        // Waiting that long is waiting for ever, not an overflow.
+        let activity = Activity::new();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), activity.quiet(none.idle))
+                .await
+                .is_err()
+        );
+        assert!(
+            tokio::time::timeout(none.idle, std::future::ready(()))
+                .await
+                .is_ok()
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn attempts_take_turns_over_the_targets_after_the_back_off_within_the_route_timeout() {
         let route = |timeout| RelayRoute {
