@@ -424,32 +424,42 @@ async fn an_upstream_connection_carries_no_more_requests_than_its_destination_ru
 }
 
 /// A DestinationRule's `connectionPool.http.idleTimeout` bounds how long an upstream connection
-/// waits for the next client: at 1ms, gone before curl runs again.
+/// waits for the next client, and its `tcp.maxConnectionDuration` how long one is used at all: at
+/// 1ms, either is past before curl runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_connection_idle_past_its_destination_rules_limit_is_not_taken() {
+async fn an_upstream_connection_past_its_destination_rules_limits_is_not_taken() {
     let f = fixture();
-    let cg = TestCgroup::new("originate-pool-idle");
-    let log = log_path("originate-pool-idle");
-    let policy = f.policy.replace(
-        "  host: kept.test\n  trafficPolicy:\n",
-        "  host: kept.test\n  trafficPolicy:\n    connectionPool: {http: {idleTimeout: 1ms}}\n",
-    );
-    assert_ne!(policy, f.policy, "the kept.test rule found");
-    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
-        .await
-        .expect("agent starts");
-    let ip = f.w.v4(26);
-    for _ in 0..2 {
-        let out = curl(&cg, ip, &["http://kept.test/"], &[]);
-        assert_eq!(stdout(&out), "sni=kept.test\n200\n", "{out:?}");
+    for (i, pool) in [
+        "{http: {idleTimeout: 1ms}}",
+        "{tcp: {maxConnectionDuration: 1ms}}",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cg = TestCgroup::new("originate-pool-age");
+        let log = log_path(&format!("originate-pool-age-{i}"));
+        let policy = f.policy.replace(
+            "  host: kept.test\n  trafficPolicy:\n",
+            &format!("  host: kept.test\n  trafficPolicy:\n    connectionPool: {pool}\n"),
+        );
+        assert_ne!(policy, f.policy, "the kept.test rule found");
+        let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+            .await
+            .expect("agent starts");
+        let ip = f.w.v4(26);
+        let before = f.kept.accepted();
+        for _ in 0..2 {
+            let out = curl(&cg, ip, &["http://kept.test/"], &[]);
+            assert_eq!(stdout(&out), "sni=kept.test\n200\n", "{pool}: {out:?}");
+        }
+        assert_eq!(
+            f.kept.accepted() - before,
+            2,
+            "{pool}: an upstream connection past its limit was taken"
+        );
+        assert_eq!(a.status.origination_reused.get(), 0, "{pool}");
+        a.shutdown().await;
     }
-    assert_eq!(
-        f.kept.accepted(),
-        2,
-        "an expired upstream connection was taken"
-    );
-    assert_eq!(a.status.origination_reused.get(), 0);
-    a.shutdown().await;
 }
 
 /// Port checks of a port with TLS origination (connect, close): each relay record names the

@@ -164,6 +164,9 @@ fn pool_text(pool: &crate::policy::compile::ConnectionPool) -> String {
     if let Some(t) = pool.http_idle_timeout {
         parts.push(format!("upstream connections kept idle for {t:?}"));
     }
+    if let Some(t) = pool.max_connection_duration {
+        parts.push(format!("upstream connections used for {t:?} at most"));
+    }
     if parts.is_empty() {
         "nothing egress applies".to_owned()
     } else {

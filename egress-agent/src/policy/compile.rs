@@ -78,6 +78,9 @@ pub struct ConnectionPool {
     pub http_idle_timeout: Option<std::time::Duration>,
     /// Requests TLS origination sends on one upstream connection (`http.maxRequestsPerConnection`).
     pub max_requests_per_connection: Option<u32>,
+    /// How long TLS origination uses one upstream connection (`tcp.maxConnectionDuration`, which
+    /// Istio gives Envoy's HTTP connections only).
+    pub max_connection_duration: Option<std::time::Duration>,
     /// The DestinationRule that sets them.
     pub by: String,
 }
@@ -887,9 +890,6 @@ fn connection_pool(
     let Some(tcp) = &pool.tcp else {
         return Ok((compiled, unapplied));
     };
-    if tcp.max_connection_duration.is_some() {
-        unapplied.push("tcp.maxConnectionDuration");
-    }
     // Istio: 0 is unset, which Envoy takes as 2^32 - 1.
     let max_connections = match tcp.max_connections {
         None | Some(0) => None,
@@ -935,6 +935,11 @@ fn connection_pool(
             connect_timeout,
             idle_timeout: tcp.idle_timeout.map(|d| d.0),
             keepalive,
+            // Istio: 0s is none.
+            max_connection_duration: tcp
+                .max_connection_duration
+                .map(|d| d.0)
+                .filter(|d| !d.is_zero()),
             ..compiled
         },
         unapplied,

@@ -694,11 +694,11 @@ fn a_destination_rules_connection_pool_applies_to_steered_ports() {
         "    connectionPool:\n      tcp: {maxConnections: 0, maxConnectionDuration: 1h}\n      http: {http1MaxPendingRequests: 1}\n",
     );
     assert_eq!(p[0].1.max_connections, None);
+    assert_eq!(p[0].1.max_connection_duration, secs(3600));
     assert_eq!(
         d,
         vec![
             "p.yaml:22:1: warning: DestinationRule/ns/d: spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests is not applied by egress; ignored",
-            "p.yaml:22:1: warning: DestinationRule/ns/d: spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration is not applied by egress; ignored",
         ]
     );
 

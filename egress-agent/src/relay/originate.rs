@@ -87,6 +87,7 @@ pub(super) async fn serve(
         connect_timeout: timeouts.connect,
         kept_idle: pool.and_then(|p| p.http_idle_timeout).unwrap_or(POOL_IDLE),
         max_requests: pool.and_then(|p| p.max_requests_per_connection),
+        max_age: pool.and_then(|p| p.max_connection_duration),
         stats: Mutex::new(Stats::default()),
         upstream: Mutex::new(None),
         pool: Arc::clone(&shared.pool),
@@ -190,6 +191,8 @@ struct State {
     kept_idle: Duration,
     /// Requests sent on one upstream connection at most (`http.maxRequestsPerConnection`).
     max_requests: Option<u32>,
+    /// How long one upstream connection is used (`tcp.maxConnectionDuration`).
+    max_age: Option<Duration>,
     stats: Mutex<Stats>,
     /// The upstream connection kept for the next request, with what it was opened for.
     upstream: Mutex<Option<(PoolKey, Upstream)>>,
@@ -204,6 +207,7 @@ struct Upstream {
     task: tokio::task::AbortHandle,
     /// Requests sent on it.
     sent: u32,
+    opened: Instant,
 }
 
 impl Drop for Upstream {
@@ -490,7 +494,9 @@ impl State {
                 self.pool.take(&key)
             }
             _ => self.pool.take(&key),
-        };
+        }
+        // Kept since, it may have grown too old.
+        .filter(|u| self.reusable(u));
         let mut reused = None;
         if let Some(mut u) = kept
             && timeout(Duration::from_millis(5), u.sender.ready())
@@ -544,13 +550,19 @@ impl State {
             sender,
             task,
             sent: 0,
+            opened: Instant::now(),
         })
     }
 
-    /// Whether another request may go on `upstream`: it is open, and has carried fewer than
-    /// `http.maxRequestsPerConnection`. One that may not is closed once its last answer is read.
+    /// Whether another request may go on `upstream`: it is open, has carried fewer than
+    /// `http.maxRequestsPerConnection`, and is younger than `tcp.maxConnectionDuration`. One that
+    /// may not is closed once its last answer is read.
     fn reusable(&self, upstream: &Upstream) -> bool {
-        !upstream.sender.is_closed() && self.max_requests.is_none_or(|max| upstream.sent < max)
+        !upstream.sender.is_closed()
+            && self.max_requests.is_none_or(|max| upstream.sent < max)
+            && self
+                .max_age
+                .is_none_or(|max| upstream.opened.elapsed() < max)
     }
 
     fn answer(&self, target: SocketAddr, response: Response<Incoming>) -> Response<Body> {
