@@ -287,35 +287,39 @@ fn load_object(obj: &Node, file: &Path, policy: &mut Policy, report: &mut Report
     }
     match kind {
         "ServiceEntry" => {
-            if let Some(s) = read_spec::<ServiceEntrySpec>(spec, report) {
+            if let Some(s) = read_spec::<ServiceEntrySpec>(spec, SERVICE_ENTRY_UNAPPLIED, report) {
                 policy
                     .service_entries
                     .push(resource(kind, name, namespace, &source, s));
             }
         }
         "Sidecar" => {
-            if let Some(s) = read_spec::<SidecarSpec>(spec, report) {
+            if let Some(s) = read_spec::<SidecarSpec>(spec, SIDECAR_UNAPPLIED, report) {
                 policy
                     .sidecars
                     .push(resource(kind, name, namespace, &source, s));
             }
         }
         "Gateway" => {
-            if let Some(s) = read_spec::<GatewaySpec>(spec, report) {
+            if let Some(s) = read_spec::<GatewaySpec>(spec, GATEWAY_UNAPPLIED, report) {
                 policy
                     .gateways
                     .push(resource(kind, name, namespace, &source, s));
             }
         }
         "VirtualService" => {
-            if let Some(s) = read_spec::<VirtualServiceSpec>(spec, report) {
+            if let Some(s) =
+                read_spec::<VirtualServiceSpec>(spec, VIRTUAL_SERVICE_UNAPPLIED, report)
+            {
                 policy
                     .virtual_services
                     .push(resource(kind, name, namespace, &source, s));
             }
         }
         "DestinationRule" => {
-            if let Some(s) = read_spec::<DestinationRuleSpec>(spec, report) {
+            if let Some(s) =
+                read_spec::<DestinationRuleSpec>(spec, DESTINATION_RULE_UNAPPLIED, report)
+            {
                 policy
                     .destination_rules
                     .push(resource(kind, name, namespace, &source, s));
@@ -325,8 +329,65 @@ fn load_object(obj: &Node, file: &Path, policy: &mut Policy, report: &mut Report
     }
 }
 
-/// Deserializes a spec, warning about every field the schema does not know.
-fn read_spec<T: for<'de> Deserialize<'de>>(spec: &Node, report: &mut Report) -> Option<T> {
+/// Istio fields that the schema reads and egress leaves, by kind: named as such, not as unknown
+/// fields (by their name, wherever the spec has them).
+const SERVICE_ENTRY_UNAPPLIED: &[&str] = &[
+    "workloadSelector",
+    "labels",
+    "network",
+    "locality",
+    "weight",
+    "serviceAccount",
+];
+const SIDECAR_UNAPPLIED: &[&str] = &[
+    "workloadSelector",
+    "ingress",
+    "egress",
+    "inboundConnectionPool",
+    "egressProxy",
+];
+const GATEWAY_UNAPPLIED: &[&str] = &["tls", "bind", "defaultEndpoint"];
+const VIRTUAL_SERVICE_UNAPPLIED: &[&str] = &[
+    "redirect",
+    "directResponse",
+    "delegate",
+    "rewrite",
+    "fault",
+    "mirror",
+    "mirrors",
+    "mirrorPercentage",
+    "corsPolicy",
+    "headers",
+    "uri",
+    "scheme",
+    "method",
+    "authority",
+    "queryParams",
+    "ignoreUriCase",
+    "withoutHeaders",
+    "sourceLabels",
+    "sourceNamespace",
+    "sourceSubnet",
+    "statPrefix",
+    "retryRemoteLocalities",
+];
+const DESTINATION_RULE_UNAPPLIED: &[&str] = &[
+    "workloadSelector",
+    "labels",
+    "loadBalancer",
+    "outlierDetection",
+    "tunnel",
+    "proxyProtocol",
+    "retryBudget",
+];
+
+/// Deserializes a spec, warning about every field the schema does not know, and about those
+/// (`unapplied`) that it knows and egress does not apply.
+fn read_spec<T: for<'de> Deserialize<'de>>(
+    spec: &Node,
+    unapplied: &[&str],
+    report: &mut Report,
+) -> Option<T> {
     let mut unknown = Vec::new();
     let result: Result<T, NodeError> = serde_ignored::deserialize(spec, |path| {
         unknown.push(segments(&path));
@@ -342,7 +403,13 @@ fn read_spec<T: for<'de> Deserialize<'de>>(spec: &Node, report: &mut Report) -> 
                 path.push_str(s);
             }
         }
-        report.warn(pos, format!("unknown field `{path}`; ignored"));
+        let message = match segs.last() {
+            Some(name) if unapplied.contains(&name.as_str()) => {
+                format!("`{path}` is not applied by egress; ignored")
+            }
+            _ => format!("unknown field `{path}`; ignored"),
+        };
+        report.warn(pos, message);
     }
     match result {
         Ok(v) => Some(v),

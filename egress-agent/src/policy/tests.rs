@@ -234,6 +234,17 @@ fn unknown_fields_and_kinds_are_warnings_with_positions() {
             "p.yaml:13:1: warning: kind `AuthorizationPolicy` (security.istio.io/v1) is not enforced by egress; ignored",
         ]
     );
+    // Istio's own fields that egress does not apply are named as such, where they are.
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [a.example]\n  http:\n  - match:\n    - uri: {prefix: /api}\n    route: [{destination: {host: a.example}}]\n    fault: {abort: {httpStatus: 500}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1}\n    loadBalancr: {simple: RANDOM}\n";
+    assert_eq!(
+        diags_of(yaml),
+        [
+            "p.yaml:8:7: warning: `spec.http[0].match[0].uri` is not applied by egress; ignored",
+            "p.yaml:10:5: warning: `spec.http[0].fault` is not applied by egress; ignored",
+            "p.yaml:18:5: warning: `spec.trafficPolicy.outlierDetection` is not applied by egress; ignored",
+            "p.yaml:19:5: warning: unknown field `spec.trafficPolicy.loadBalancr`; ignored",
+        ]
+    );
 }
 
 #[test]
