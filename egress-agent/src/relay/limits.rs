@@ -164,10 +164,6 @@ impl Admission {
         }
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     fn workloads(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Workload>> {
         self.workloads.lock().unwrap_or_else(|e| e.into_inner())
     }
