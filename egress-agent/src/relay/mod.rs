@@ -280,6 +280,16 @@ impl Relay {
         let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(1024, |(soft, _)| soft);
         let limits = limits::Limits::new(config.max_connections, config.max_per_workload, nofile);
+        let affordable = limits::Limits::new(None, None, nofile).connections;
+        if limits.connections > affordable {
+            log::warn!(
+                "relay: --relay-max-connections {} takes about {} descriptors and the agent may \
+                 open {nofile}; past {affordable} connections accept() may fail for want of \
+                 descriptors, and steered connections wait in its queue",
+                limits.connections,
+                2 * limits.connections
+            );
+        }
         log::info!(
             "relay: holds up to {} connections, {} of one workload",
             limits.connections,
