@@ -879,6 +879,12 @@ async fn a_workload_at_its_connection_limit_leaves_the_others_theirs() {
     // The other workload is not held back by the first's connections.
     assert_eq!(echo(&two).0, "ok");
     reached(5);
+    // Its connection counts until the relay has ended it.
+    wait_for(
+        "the echo's connection ended",
+        Duration::from_secs(10),
+        || a.status.relay_open.get() == 4,
+    );
     let second = hold(&two, 2);
     reached(7);
     let by_relay = refused(&two, "the relay holds 6 connections");
