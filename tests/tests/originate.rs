@@ -462,6 +462,36 @@ async fn an_upstream_connection_past_its_destination_rules_limits_is_not_taken()
     }
 }
 
+/// A connection to a port with TLS origination, still waiting for its request when the agent
+/// stops, has its record, which says it was to be originated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_originated_connection_in_progress_when_the_agent_stops_has_its_record() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-stopped");
+    let log = log_path("originate-stopped");
+    // The relay's own limit on the request's headers (10 s): still waiting at the stop.
+    let a = Agent::start(f.w.agent_config(&f.policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let dst = at(f.w.v4(20), 80);
+    let waiting = HeldProbe::start(Some(&cg.path), &["connect-hold", &dst], "held");
+    wait_for("the relay holding it", Duration::from_secs(10), || {
+        a.status.relay_open.get() == 1
+    });
+    a.shutdown().await;
+    let relayed: Vec<_> = records(&log)
+        .into_iter()
+        .filter(|r| r.kind == "relay")
+        .collect();
+    assert_eq!(relayed.len(), 1, "{relayed:?}");
+    let r = &relayed[0];
+    assert_eq!(r.outcome.as_deref(), Some("stopped"), "{r:?}");
+    assert_eq!(r.origination.as_deref(), Some("SIMPLE"), "{r:?}");
+    assert_eq!(r.pid, Some(waiting.pid()), "{r:?}");
+    assert_eq!(r.host.as_deref(), Some("plain.test"), "{r:?}");
+    waiting.release();
+}
+
 /// Port checks of a port with TLS origination (connect, close): each relay record names the
 /// checker, and no kernel record of those connections is left behind, whether the client closed
 /// before the relay took its connection or after.

@@ -44,7 +44,7 @@ use self::{
 use crate::{
     agent::Status,
     datapath::{self, iface::LinkWatch},
-    events::{Catalog, CgroupNames, Name, Record, Records, Relayed, Upstream},
+    events::{Catalog, CgroupNames, Name, Record, Records, Relayed, Upstream, Word},
     policy::compile::{ConnectionPool, Keepalive, RelayRoute},
 };
 
@@ -826,6 +826,8 @@ struct Cut<'a> {
     catalog: &'a Catalog,
     moved: &'a Moved,
     sni: OnceLock<String>,
+    /// The TLS origination's mode, on a port with one.
+    origination: OnceLock<&'static str>,
     /// Where the upstream connection went, and in how many attempts.
     upstream: OnceLock<(SocketAddr, u32)>,
     taken: std::time::Instant,
@@ -849,6 +851,7 @@ impl Drop for Cut<'_> {
         let mut record = base_record(self.at, self.steered, self.catalog, self.shared);
         record.src = Some(self.peer);
         record.sni = self.sni.take();
+        record.origination = self.origination.get().map(|&mode| Word::Borrowed(mode));
         if let Some(&(upstream, attempts)) = self.upstream.get() {
             record.upstream = Some(upstream);
             record.attempts = Some(attempts);
@@ -963,6 +966,7 @@ async fn handle(
         catalog: &catalog,
         moved: &moved,
         sni: OnceLock::new(),
+        origination: OnceLock::new(),
         upstream: OnceLock::new(),
         taken: std::time::Instant::now(),
         armed: true,
@@ -1005,6 +1009,7 @@ async fn relay_admitted(
     let timeouts = Timeouts::of(pool, &shared.config);
     if let Some(origin) = catalog.origination(steered.rule_id, dst.port()) {
         let origin = origin.clone();
+        let _ = cut.origination.set(origin.mode);
         // Boxed: its state machine would otherwise enlarge every connection's future, moved
         // whole when the connection's task is spawned.
         let record = Box::pin(originate::serve(
