@@ -789,6 +789,15 @@ pub fn spawn_probe(cgroup: Option<&Path>, args: &[&str]) -> Child {
         .expect("run egress-probe")
 }
 
+/// `n` port checks of `dst` (connect, close) from a process of `cgroup`; returns the process id
+/// once it has made them all.
+pub fn port_checks(cgroup: &Path, dst: &str, n: usize) -> u32 {
+    let checks = HeldProbe::start(Some(cgroup), &["tcp-repeat", dst, &n.to_string()], "done");
+    let pid = checks.pid();
+    checks.release();
+    pid
+}
+
 /// An egress-probe in a holding mode (`tcp-hold`, `hello-hold`): it has said its word and keeps
 /// what it opened until released.
 pub struct HeldProbe {

@@ -10,7 +10,8 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    HeldProbe, TestCgroup, World, assert_no_relay_record_left, at, log_path, records, shown,
+    HeldProbe, TestCgroup, World, assert_no_relay_record_left, at, log_path, port_checks, records,
+    shown,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -381,6 +382,19 @@ async fn client_connections_one_after_another_share_an_upstream_connection() {
     a.shutdown().await;
 }
 
+/// An agent on the fixture's policy, with kept.test's DestinationRule given `pool` as its
+/// `connectionPool` (YAML flow style).
+async fn agent_with_kept_pool(f: &Fixture, cg: &TestCgroup, log: &Path, pool: &str) -> Agent {
+    let policy = f.policy.replace(
+        "  host: kept.test\n  trafficPolicy:\n",
+        &format!("  host: kept.test\n  trafficPolicy:\n    connectionPool: {pool}\n"),
+    );
+    assert_ne!(policy, f.policy, "the kept.test rule found");
+    Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, cg, Some(log)))
+        .await
+        .expect("agent starts")
+}
+
 /// A DestinationRule's `connectionPool.http.maxRequestsPerConnection` caps the requests an
 /// upstream connection carries, across client connections: three requests, two at most on one,
 /// open two upstream connections.
@@ -389,14 +403,7 @@ async fn an_upstream_connection_carries_no_more_requests_than_its_destination_ru
     let f = fixture();
     let cg = TestCgroup::new("originate-pool-max");
     let log = log_path("originate-pool-max");
-    let policy = f.policy.replace(
-        "  host: kept.test\n  trafficPolicy:\n",
-        "  host: kept.test\n  trafficPolicy:\n    connectionPool: {http: {maxRequestsPerConnection: 2}}\n",
-    );
-    assert_ne!(policy, f.policy, "the kept.test rule found");
-    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
-        .await
-        .expect("agent starts");
+    let a = agent_with_kept_pool(&f, &cg, &log, "{http: {maxRequestsPerConnection: 2}}").await;
     let ip = f.w.v4(26);
     // Two requests on one client connection, then one on another.
     let out = curl(&cg, ip, &["http://kept.test/", "http://kept.test/"], &[]);
@@ -438,14 +445,7 @@ async fn an_upstream_connection_past_its_destination_rules_limits_is_not_taken()
     {
         let cg = TestCgroup::new("originate-pool-age");
         let log = log_path(&format!("originate-pool-age-{i}"));
-        let policy = f.policy.replace(
-            "  host: kept.test\n  trafficPolicy:\n",
-            &format!("  host: kept.test\n  trafficPolicy:\n    connectionPool: {pool}\n"),
-        );
-        assert_ne!(policy, f.policy, "the kept.test rule found");
-        let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
-            .await
-            .expect("agent starts");
+        let a = agent_with_kept_pool(&f, &cg, &log, pool).await;
         let ip = f.w.v4(26);
         let before = f.kept.accepted();
         for _ in 0..2 {
@@ -503,13 +503,7 @@ async fn port_checks_of_an_originated_port_leave_no_record_behind() {
     let log = log_path("originate-port-check");
     let a = agent(&f, &cg, &log).await;
     let dst = at(f.w.v4(20), 80);
-    let checks = HeldProbe::start(
-        Some(&cg.path),
-        &["tcp-repeat", &dst, &CHECKS.to_string()],
-        "done",
-    );
-    let pid = checks.pid();
-    checks.release();
+    let pid = port_checks(&cg.path, &dst, CHECKS);
     wait_for("a relay record per check", Duration::from_secs(10), || {
         records(&log).iter().filter(|r| r.kind == "relay").count() >= CHECKS
     });

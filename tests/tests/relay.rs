@@ -17,8 +17,8 @@ use egress_agent::{
 };
 use egress_tests::{
     HeldProbe, TestCgroup, World, assert_no_relay_record_left, at, egress_run, egress_run_command,
-    log_path, loopback_server, pin_dir, probe_in, probe_with_pid, records, shown, signal,
-    target_bin,
+    log_path, loopback_server, pin_dir, port_checks, probe_in, probe_with_pid, records, shown,
+    signal, target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -544,13 +544,7 @@ async fn a_steered_client_that_closes_at_once_is_refused_by_name() {
     let log = log_path("relay-port-check");
     let a = agent(&f, &cg, &log).await;
     let dst = at(f.w.v4(20), 443);
-    let checks = HeldProbe::start(
-        Some(&cg.path),
-        &["tcp-repeat", &dst, &CHECKS.to_string()],
-        "done",
-    );
-    let pid = checks.pid();
-    checks.release();
+    let pid = port_checks(&cg.path, &dst, CHECKS);
     let ended = |r: &Record| r.kind == "relay" && r.src.is_some();
     wait_for("a relay record per check", Duration::from_secs(10), || {
         records(&log).iter().filter(|r| ended(r)).count() >= CHECKS
