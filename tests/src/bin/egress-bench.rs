@@ -1055,8 +1055,8 @@ fn relay(options: &RelayOptions) {
     // The spread behind each median: on a small shared machine it is often wider than the
     // differences between the paths.
     println!(
-        "\nby round (as run): connections/s | proxy CPU us per connection (user) | idle us per \
-         connection | added TTFB p99 us"
+        "\nby round (as run): bulk MB/s | connections/s | proxy CPU us per connection (user) | \
+         idle us per connection | added TTFB p99 us"
     );
     for (k, f) in figures.iter().enumerate().filter(|(k, _)| runs[*k]) {
         let list = |v: &[f64], sub: f64| -> String {
@@ -1066,8 +1066,9 @@ fn relay(options: &RelayOptions) {
                 .join(" ")
         };
         println!(
-            "{:<24} {}  |  {} ({})  |  {}  |  {}",
+            "{:<24} {}  |  {}  |  {} ({})  |  {}  |  {}",
             paths[k].name,
+            list(&f.mb_per_sec, 0.0),
             list(&f.conns_per_sec, 0.0),
             list(&f.proxy_us, 0.0),
             list(&f.proxy_user_us, 0.0),
