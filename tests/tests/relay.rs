@@ -1077,6 +1077,82 @@ spec:
     a.shutdown().await;
 }
 
+/// A VirtualService that routes one port of a host to the egress gateway steers that port only:
+/// the host's plain port goes direct, as it does in Istio, instead of to a relay that would wait
+/// for a ClientHello it never gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_for_one_port_steers_that_port_alone() {
+    let f = fixture("one-port");
+    f.w.host(27);
+    let ip = f.w.v4(27);
+    let seen =
+        f.w.tls_server(SocketAddr::new(ip, 443), f.pki.server(&["mixed.test"]));
+    f.w.tcp_server(SocketAddr::new(ip, 80));
+    let cg = TestCgroup::new("relay-one-port");
+    let log = log_path("relay-one-port");
+    let a = agent_with_policy(
+        &f,
+        &cg,
+        &log,
+        &format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: mixed, namespace: shop}}
+spec:
+  hosts: [mixed.test]
+  ports:
+  - {{number: 80, name: http, protocol: HTTP}}
+  - {{number: 443, name: tls, protocol: TLS}}
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: mixed-tls, namespace: shop}}
+spec:
+  hosts: [mixed.test]
+  gateways: [mesh, egress]
+  tls:
+  - match: [{{gateways: [mesh], port: 443, sniHosts: [mixed.test]}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
+  - match: [{{gateways: [egress], port: 443, sniHosts: [mixed.test]}}]
+    route: [{{destination: {{host: mixed.test}}}}]
+"#
+        ),
+    )
+    .await;
+
+    let plain = at(ip, 80);
+    let (got, pid) = probe_with_pid(Some(&cg.path), &["tcp", &plain]);
+    assert_eq!(got, "ok", "the plain port's greeting");
+    let r = wait_record(&log, "the plain port's connect", |r| {
+        r.kind == "connect" && r.pid == Some(pid)
+    });
+    assert_eq!(r.verdict.as_deref(), Some("allow"), "{r:?}");
+    assert_eq!(shown(r.dst), plain, "{r:?}");
+
+    let out = curl(&cg, &f.pki.ca_pem, "mixed.test", ip);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=mixed.test\n");
+    assert_eq!(seen.names(), [Some("mixed.test".to_owned())]);
+    let r = relay_record(&log, "the TLS port's relay record", |r| {
+        shown(r.dst) == at(ip, 443)
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert!(
+        !records(&log)
+            .iter()
+            .any(|r| r.kind == "relay" && shown(r.dst) == plain),
+        "the plain port went through the relay"
+    );
+    a.shutdown().await;
+}
+
 /// A DestinationRule's `connectionPool.tcp.idleTimeout` replaces the relay's own for its host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_rules_idle_timeout_closes_a_quiet_connection() {

@@ -95,15 +95,15 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
         "{verdict} {transport} {shown} {}",
         plan.rule_label(decision.rule_id)
     );
+    let port = match dest {
+        Dest::Ip(_, port) | Dest::Name(_, port) => port,
+    };
     if decision.verdict == Verdict::Steer
         && let Some(rule) = plan.rule(decision.rule_id)
     {
-        if let Some(reason) = &rule.steer_reason {
+        if let Some(reason) = rule.steer_reason(port) {
             println!("  why: {reason}");
         }
-        let port = match dest {
-            Dest::Ip(_, port) | Dest::Name(_, port) => port,
-        };
         match rule.originate.iter().find(|o| o.port == port) {
             Some(o) => println!(
                 "  relay: plain HTTP in, TLS {} out to port {}, the certificate verified for {} ({})",
@@ -205,7 +205,7 @@ async fn decide(
                 let rule_id = rule.id;
                 let decision = if rule.ports.contains(&(*port, transport)) {
                     Decision {
-                        verdict: if rule.steer_reason.is_some() {
+                        verdict: if rule.steer_reason(*port).is_some() {
                             Verdict::Steer
                         } else {
                             Verdict::Allow

@@ -42,8 +42,8 @@ pub struct Catalog {
 struct Rule {
     label: Name,
     hosts: Vec<Name>,
-    /// How the relay connects upstream.
-    route: Arc<RelayRoute>,
+    /// How the relay connects upstream, by steered port.
+    routes: Vec<(u16, Arc<RelayRoute>)>,
     originate: Vec<Origination>,
     pools: Vec<(u16, ConnectionPool)>,
 }
@@ -103,7 +103,11 @@ impl Catalog {
                     let rule = Rule {
                         label: r.label.as_str().into(),
                         hosts: r.hosts.iter().map(|h| h.as_str().into()).collect(),
-                        route: Arc::new(r.relay.clone()),
+                        routes: r
+                            .steered
+                            .iter()
+                            .map(|s| (s.port, Arc::new(s.route.clone())))
+                            .collect(),
                         originate: r.originate.clone(),
                         pools: r.pools.clone(),
                     };
@@ -149,12 +153,13 @@ impl Catalog {
     /// Whether a steered connection to `dst`, decided by `rule_id`, may go on with this TLS
     /// server name: the name must be one of the rule's hosts, and a host resolved by DNS must
     /// have resolved to `dst` (the kernel's record, never the client's word). Hosts with fixed
-    /// addresses and wildcard hosts match by name. The error says why not.
-    pub fn upstream(&self, rule_id: u32, sni: &str, dst: IpAddr) -> Result<Upstream, String> {
+    /// addresses and wildcard hosts match by name. The error says why not. With the route of
+    /// `dst`'s port.
+    pub fn upstream(&self, rule_id: u32, sni: &str, dst: SocketAddr) -> Result<Upstream, String> {
         let Rule {
             label,
             hosts,
-            route,
+            routes,
             ..
         } = self
             .rule(rule_id)
@@ -166,6 +171,7 @@ impl Catalog {
                 sni.to_ascii_lowercase()
             )
         })?;
+        let (dst, port) = (dst.ip(), dst.port());
         let alternates = match self.addrs.get(&**host) {
             Some(addrs) if !addrs.contains(&dst) => {
                 return Err(format!(
@@ -176,9 +182,13 @@ impl Catalog {
             Some(addrs) => addrs.iter().copied().filter(|a| *a != dst).collect(),
             None => Vec::new(),
         };
+        let route = routes
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or_else(Arc::default, |(_, r)| Arc::clone(r));
         Ok(Upstream {
             host: host.clone(),
-            route: Arc::clone(route),
+            route,
             alternates,
         })
     }
@@ -419,7 +429,7 @@ mod tests {
             "a decision made just before"
         );
         assert_eq!(
-            after.upstream(b, "b.test", dst.ip()),
+            after.upstream(b, "b.test", dst),
             Err(format!("rule #{b} is not in the policy in force"))
         );
         assert_eq!(

@@ -12,11 +12,14 @@ use egress_common::{
 };
 use ipnet::IpNet;
 
+use crate::events::host_matches;
+
 use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{
-        ConnectionPoolSettings, DestinationRuleSpec, HttpRoute, IstioDuration, Protocol,
-        Resolution, Retries, ServiceEntrySpec, TlsMode, Transport,
+        ConnectionPoolSettings, DestinationRuleSpec, HttpRoute, IstioDuration, PortNumber,
+        Protocol, Resolution, Retries, RouteDestination, ServiceEntrySpec, ServicePort, TlsMode,
+        Transport, VirtualServiceSpec,
     },
     tls::{TlsClient, client_config},
 };
@@ -36,8 +39,8 @@ pub struct Entry {
 pub struct HostRule {
     /// Lower-case, no trailing dot.
     pub name: String,
-    pub ports: Vec<(u16, Transport)>,
-    pub verdict: Verdict,
+    /// Each port with its transport and verdict (allow, or steer on the ports routed so).
+    pub ports: Vec<(u16, Transport, Verdict)>,
     pub rule_id: u32,
 }
 
@@ -50,16 +53,25 @@ pub struct RuleInfo {
     pub hosts: Vec<String>,
     /// Declared ports with their transports, endpoint port mappings included.
     pub ports: Vec<(u16, Transport)>,
-    /// Why this rule's destinations are steered to the gateway, if they are.
-    pub steer_reason: Option<String>,
-    /// How the relay connects upstream for this rule's steered connections.
-    pub relay: RelayRoute,
+    /// The ports whose connections are steered to the relay (endpoint port mappings included);
+    /// the others go direct.
+    pub steered: Vec<SteeredPort>,
     /// Ports on which the relay originates TLS for plain-HTTP clients.
     pub originate: Vec<Origination>,
     /// The DestinationRule's connection pool settings the relay applies, by declared port (only
     /// ports that have some).
     pub pools: Vec<(u16, ConnectionPool)>,
     pub source: Source,
+}
+
+/// One port of a rule whose connections are steered to the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SteeredPort {
+    pub port: u16,
+    /// Why, naming the resource that asks for it.
+    pub why: String,
+    /// How the relay connects upstream: the route that covers the port.
+    pub route: RelayRoute,
 }
 
 /// A DestinationRule's `connectionPool` on one port, as the relay applies it to that port's
@@ -409,12 +421,7 @@ fn compile_service_entry(
         .expect("an unused key");
     let rule_id = plan.ids.assign(prev, key);
     let hosts: Vec<String> = spec.hosts.iter().map(|h| normalize_host(h)).collect();
-    let steer_reason = steer_reason(policy, &hosts);
-    let verdict = if steer_reason.is_some() {
-        Verdict::Steer
-    } else {
-        Verdict::Allow
-    };
+    let mut steered = steered_ports(policy, spec, &hosts, diags);
     let ports: Vec<(u16, Transport)> = spec
         .ports
         .iter()
@@ -433,24 +440,45 @@ fn compile_service_entry(
                     number.0,
                     p.protocol.map_or(Transport::Tcp, Protocol::transport),
                 ));
+                // An endpoint's number for a port is steered as the port is.
+                if let Some(s) = steered.iter().find(|s| s.port == p.number.0) {
+                    let mapped = SteeredPort {
+                        port: number.0,
+                        ..s.clone()
+                    };
+                    steered.push(mapped);
+                }
             }
         }
     }
     all_ports.sort();
     all_ports.dedup();
+    steered.sort_by_key(|s| s.port);
+    steered.dedup_by_key(|s| s.port);
+    let verdict = |port: u16| {
+        if steered.iter().any(|s| s.port == port) {
+            Verdict::Steer
+        } else {
+            Verdict::Allow
+        }
+    };
+    let with_verdicts = |ports: &[(u16, Transport)]| -> Vec<(u16, Transport, Verdict)> {
+        ports.iter().map(|&(p, t)| (p, t, verdict(p))).collect()
+    };
+    let pools = pools(policy, spec, &hosts, &steered, diags);
     plan.rules.push(RuleInfo {
         id: rule_id,
         label: label.clone(),
         hosts: hosts.clone(),
         ports: all_ports,
-        steer_reason,
-        relay: relay_route(policy, &hosts, diags),
+        steered: steered.clone(),
         originate: originations(policy, spec, &hosts, diags),
-        pools: pools(policy, spec, &hosts, verdict == Verdict::Steer, diags),
+        pools,
         source: src.clone(),
     });
     let push_fixed = |plan: &mut Plan, net: IpNet, ports: &[(u16, Transport)]| {
         for &(port, transport) in ports {
+            let verdict = verdict(port);
             plan.fixed.push(Entry {
                 net,
                 port,
@@ -518,8 +546,7 @@ fn compile_service_entry(
             for name in targets {
                 plan.hosts.push(HostRule {
                     name,
-                    ports: ports.clone(),
-                    verdict,
+                    ports: with_verdicts(&ports),
                     rule_id,
                 });
             }
@@ -527,10 +554,104 @@ fn compile_service_entry(
     }
 }
 
-/// Whether Istio would send this ServiceEntry's traffic through an egress gateway (or have the
-/// sidecar originate TLS, retry or time out, which egress does in its relay), and why.
-fn steer_reason(policy: &Policy, hosts: &[String]) -> Option<String> {
-    let names_host = |list: &[String]| list.iter().any(|h| hosts.contains(&normalize_host(h)));
+/// The ports of a ServiceEntry whose traffic Istio would send through an egress gateway (or have
+/// the sidecar originate TLS, retry or time out, which egress does in its relay), each with why.
+/// As in Istio, a port takes the first route of a mesh-bound VirtualService whose `match` covers
+/// it (its `port`, its `gateways`, a TLS match's `sniHosts`); a route without `match` covers every
+/// port. Of a match, only those fields are judged: an HTTP match on a path or a header covers its
+/// whole port, since egress steers connections, not requests.
+fn steered_ports(
+    policy: &Policy,
+    spec: &ServiceEntrySpec,
+    hosts: &[String],
+    diags: &mut Diags,
+) -> Vec<SteeredPort> {
+    // Each route's settings once, however many ports it covers (its warnings with them).
+    let mut routes: Vec<(*const HttpRoute, RelayRoute)> = Vec::new();
+    let mut out = Vec::new();
+    for p in &spec.ports {
+        let port = p.number.0;
+        let (why, http) = match route_reason(policy, hosts, port) {
+            Some((why, http)) => (why, http),
+            None => match origination_reason(policy, hosts, p) {
+                Some(why) => (why, http_route(policy, hosts, port)),
+                None => continue,
+            },
+        };
+        let route = match http.filter(|(_, _, r)| retries_or_timeout(r)) {
+            None => RelayRoute::default(),
+            Some((vs, i, r)) => {
+                let key = std::ptr::from_ref(r);
+                match routes.iter().find(|(k, _)| *k == key) {
+                    Some((_, route)) => route.clone(),
+                    None => {
+                        let route = relay_route(vs, i, r, diags);
+                        routes.push((key, route.clone()));
+                        route
+                    }
+                }
+            }
+        };
+        out.push(SteeredPort { port, why, route });
+    }
+    out
+}
+
+/// An HTTP route of a VirtualService, with the VirtualService and its index.
+type HttpAt<'a> = (&'a Resource<VirtualServiceSpec>, usize, &'a HttpRoute);
+
+/// The HTTP route that covers `port` of these hosts for the mesh, if any.
+fn http_route<'a>(policy: &'a Policy, hosts: &[String], port: u16) -> Option<HttpAt<'a>> {
+    mesh_services(policy, hosts).find_map(|vs| {
+        vs.spec
+            .http
+            .iter()
+            .enumerate()
+            .find(|(_, r)| http_covers(r, port))
+            .map(|(i, r)| (vs, i, r))
+    })
+}
+
+/// The VirtualServices that name one of these hosts and are bound to the mesh.
+fn mesh_services<'a>(
+    policy: &'a Policy,
+    hosts: &[String],
+) -> impl Iterator<Item = &'a Resource<VirtualServiceSpec>> {
+    policy.virtual_services.iter().filter(move |vs| {
+        vs.spec
+            .hosts
+            .iter()
+            .any(|h| hosts.contains(&normalize_host(h)))
+            && at_mesh(&vs.spec.gateways)
+    })
+}
+
+/// Whether a list of gateways (a match's own, which replace its VirtualService's, or a
+/// VirtualService's) takes in the sidecars: `mesh`, which is also what none means.
+fn at_mesh(gateways: &[String]) -> bool {
+    gateways.is_empty() || gateways.iter().any(|g| g == "mesh")
+}
+
+/// Whether an HTTP route covers `port` for the mesh.
+fn http_covers(r: &HttpRoute, port: u16) -> bool {
+    r.matches.is_empty()
+        || r.matches
+            .iter()
+            .any(|m| at_mesh(&m.gateways) && on_port(m.port.as_ref(), port))
+}
+
+/// Whether a match's `port` covers `port` (one unset covers all).
+fn on_port(matched: Option<&PortNumber>, port: u16) -> bool {
+    matched.is_none_or(|p| p.0 == port)
+}
+
+/// Why a mesh-bound VirtualService's routes steer connections to `port` of these hosts, if they
+/// do; with the HTTP route that does it, whose retries and timeout the relay applies.
+fn route_reason<'a>(
+    policy: &'a Policy,
+    hosts: &[String],
+    port: u16,
+) -> Option<(String, Option<HttpAt<'a>>)> {
     let gateway_services: Vec<String> = policy
         .gateways
         .iter()
@@ -543,44 +664,101 @@ fn steer_reason(policy: &Policy, hosts: &[String]) -> Option<String> {
                 .iter()
                 .any(|s| first == s || first == format!("istio-{s}"))
     };
-    for vs in &policy.virtual_services {
-        if !names_host(&vs.spec.hosts) {
-            continue;
-        }
-        // No gateways field means the mesh.
-        let bound_to_mesh =
-            vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
-        if !bound_to_mesh {
-            continue;
-        }
-        let routes = vs
-            .spec
-            .tls
+    let names_sni = |sni: &[String]| {
+        sni.is_empty()
+            || sni.iter().any(|s| {
+                let s = normalize_host(s);
+                hosts
+                    .iter()
+                    .any(|h| host_matches(&s, h) || host_matches(h, &s))
+            })
+    };
+    let to_gateway = |vs: &Resource<VirtualServiceSpec>, section, i, dests: &[RouteDestination]| {
+        dests
             .iter()
-            .flat_map(|r| &r.route)
-            .chain(vs.spec.tcp.iter().flat_map(|r| &r.route))
-            .chain(vs.spec.http.iter().flat_map(|r| &r.route));
-        for r in routes {
-            if is_gateway(&r.destination.host) {
-                return Some(format!(
-                    "{} routes it to the egress gateway {}",
+            .find(|r| is_gateway(&r.destination.host))
+            .map(|r| {
+                format!(
+                    "{} routes port {port} to the egress gateway {} (spec.{section}[{i}])",
                     vs.label(),
                     r.destination.host
-                ));
+                )
+            })
+    };
+    for vs in mesh_services(policy, hosts) {
+        let tls = vs.spec.tls.iter().enumerate().find(|(_, r)| {
+            r.matches.is_empty()
+                || r.matches.iter().any(|m| {
+                    at_mesh(&m.gateways)
+                        && on_port(m.port.as_ref(), port)
+                        && names_sni(&m.sni_hosts)
+                })
+        });
+        if let Some(why) = tls.and_then(|(i, r)| to_gateway(vs, "tls", i, &r.route)) {
+            return Some((why, None));
+        }
+        let tcp = vs.spec.tcp.iter().enumerate().find(|(_, r)| {
+            r.matches.is_empty()
+                || r.matches
+                    .iter()
+                    .any(|m| at_mesh(&m.gateways) && on_port(m.port.as_ref(), port))
+        });
+        if let Some(why) = tcp.and_then(|(i, r)| to_gateway(vs, "tcp", i, &r.route)) {
+            return Some((why, None));
+        }
+        let http = vs
+            .spec
+            .http
+            .iter()
+            .enumerate()
+            .find(|(_, r)| http_covers(r, port));
+        if let Some((i, r)) = http {
+            let why = to_gateway(vs, "http", i, &r.route).or_else(|| {
+                retries_or_timeout(r).then(|| {
+                    format!(
+                        "{} gives port {port} retries or a timeout (spec.http[{i}])",
+                        vs.label()
+                    )
+                })
+            });
+            if let Some(why) = why {
+                return Some((why, Some((vs, i, r))));
             }
         }
-        if vs.spec.http.iter().any(retries_or_timeout) {
-            return Some(format!("{} gives it retries or a timeout", vs.label()));
-        }
     }
+    None
+}
+
+/// Why `port` of these hosts is steered for TLS origination, if its DestinationRule asks for it
+/// there: the port's own `tls`, else the rule-wide one. On a port that is not HTTP the relay
+/// passes the client's TLS through instead (`originations` warns).
+fn origination_reason(policy: &Policy, hosts: &[String], port: &ServicePort) -> Option<String> {
+    let protocol = port.protocol;
+    let port = port.number.0;
     let dr = destination_rule(policy, hosts)?;
     let tp = dr.spec.traffic_policy.as_ref()?;
-    let originates = tp
-        .tls
+    let tls = tp
+        .port_level_settings
         .iter()
-        .chain(tp.port_level_settings.iter().filter_map(|p| p.tls.as_ref()))
-        .any(|t| matches!(t.mode, Some(TlsMode::Simple | TlsMode::Mutual)));
-    originates.then(|| format!("{} originates TLS", dr.label()))
+        .find(|pl| {
+            pl.port
+                .as_ref()
+                .and_then(|p| p.number)
+                .is_some_and(|n| n.0 == port)
+        })
+        .and_then(|pl| pl.tls.as_ref())
+        .or(tp.tls.as_ref())?;
+    if !matches!(tls.mode, Some(TlsMode::Simple | TlsMode::Mutual)) {
+        return None;
+    }
+    Some(if protocol == Some(Protocol::Http) {
+        format!("{} originates TLS on port {port}", dr.label())
+    } else {
+        format!(
+            "{} asks for TLS origination on port {port}, which is not HTTP: its TLS is passed through",
+            dr.label()
+        )
+    })
 }
 
 /// The DestinationRule for a ServiceEntry with these hosts, chosen as Istio chooses: one naming a
@@ -613,29 +791,13 @@ fn destination_rule<'a>(
     best.map(|(_, dr)| dr)
 }
 
-/// The retries and timeout of the first mesh-bound VirtualService HTTP route naming these hosts.
-fn relay_route(policy: &Policy, hosts: &[String], diags: &mut Diags) -> RelayRoute {
-    let found = policy
-        .virtual_services
-        .iter()
-        .filter(|vs| {
-            vs.spec
-                .hosts
-                .iter()
-                .any(|h| hosts.contains(&normalize_host(h)))
-        })
-        .filter(|vs| vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
-        .flat_map(|vs| {
-            vs.spec
-                .http
-                .iter()
-                .enumerate()
-                .map(move |(i, r)| (vs, i, r))
-        })
-        .find(|(_, _, r)| retries_or_timeout(r));
-    let Some((vs, i, r)) = found else {
-        return RelayRoute::default();
-    };
+/// The retries and timeout of an HTTP route, as the relay applies them.
+fn relay_route(
+    vs: &Resource<VirtualServiceSpec>,
+    i: usize,
+    r: &HttpRoute,
+    diags: &mut Diags,
+) -> RelayRoute {
     let retries = retries(r);
     let retry_on = match retries.and_then(|x| x.retry_on.as_deref()) {
         Some(list) => {
@@ -764,7 +926,7 @@ fn pools(
     policy: &Policy,
     spec: &ServiceEntrySpec,
     hosts: &[String],
-    steered: bool,
+    steered: &[SteeredPort],
     diags: &mut Diags,
 ) -> Vec<(u16, ConnectionPool)> {
     let Some(dr) = destination_rule(policy, hosts) else {
@@ -792,7 +954,7 @@ fn pools(
     if settings.is_empty() {
         return Vec::new();
     }
-    if !steered {
+    if steered.is_empty() {
         warn(
             Severity::Warning,
             "connectionPool applies to connections through the relay; this host's go direct \
@@ -821,6 +983,7 @@ fn pools(
         .find(|(port, _)| port.is_none())
         .map(|(_, p)| p.clone());
     let mut out = Vec::new();
+    let mut direct = Vec::new();
     for port in &spec.ports {
         let n = port.number.0;
         let level = compiled
@@ -830,6 +993,10 @@ fn pools(
         let Some(pool) = level.or_else(|| rule_wide.clone()) else {
             continue;
         };
+        if !steered.iter().any(|s| s.port == n) {
+            direct.push(n.to_string());
+            continue;
+        }
         let originated = tp
             .port_level_settings
             .iter()
@@ -848,6 +1015,16 @@ fn pools(
             );
         }
         out.push((n, pool));
+    }
+    if !direct.is_empty() {
+        warn(
+            Severity::Warning,
+            format!(
+                "connectionPool applies to connections through the relay; this host's port(s) {} \
+                 go direct",
+                direct.join(", ")
+            ),
+        );
     }
     out
 }
@@ -946,6 +1123,16 @@ fn connection_pool(
     ))
 }
 
+impl RuleInfo {
+    /// Why connections to `port` are steered, if they are.
+    pub fn steer_reason(&self, port: u16) -> Option<&str> {
+        self.steered
+            .iter()
+            .find(|s| s.port == port)
+            .map(|s| s.why.as_str())
+    }
+}
+
 impl Plan {
     pub fn rule(&self, rule_id: u32) -> Option<&RuleInfo> {
         self.rules.iter().find(|r| r.id == rule_id)
@@ -995,8 +1182,8 @@ impl Plan {
         }
         for h in &self.hosts {
             for ip in resolved.get(&h.name).into_iter().flatten() {
-                for &(port, transport) in &h.ports {
-                    put(IpNet::from(*ip), port, transport, h.verdict, h.rule_id);
+                for &(port, transport, verdict) in &h.ports {
+                    put(IpNet::from(*ip), port, transport, verdict, h.rule_id);
                 }
             }
         }

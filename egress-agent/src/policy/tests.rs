@@ -66,15 +66,16 @@ fn seeds_steer_through_the_gateway_and_for_retries() {
     let reasons: Vec<_> = plan
         .rules
         .iter()
-        .map(|r| r.steer_reason.clone().unwrap_or_default())
+        .map(|r| r.steer_reason(443).unwrap_or_default().to_owned())
         .collect();
     assert!(
-        reasons[0]
-            .contains("VirtualService/default/route-external routes it to the egress gateway"),
+        reasons[0].contains(
+            "VirtualService/default/route-external routes port 443 to the egress gateway"
+        ),
         "{reasons:?}"
     );
     assert!(
-        reasons[1].contains("VirtualService/default/weather-api-vs gives it retries"),
+        reasons[1].contains("VirtualService/default/weather-api-vs gives port 443 retries"),
         "{reasons:?}"
     );
     let api: IpAddr = "192.0.2.10".parse().expect("ip");
@@ -418,9 +419,8 @@ fn a_destination_rule_originates_tls_on_http_ports_and_its_files_are_checked() {
     );
     let rule = &plan.rules[0];
     assert!(
-        rule.steer_reason
-            .as_deref()
-            .is_some_and(|r| r.contains("originates TLS"))
+        rule.steer_reason(80)
+            .is_some_and(|r| r.contains("originates TLS on port 80"))
     );
     let o: Vec<_> = rule
         .originate
@@ -508,7 +508,7 @@ fn the_most_specific_destination_rule_applies_as_in_istio() {
         assert!(!super::has_errors(&d), "{d:?}");
         let rule = &plan.rules[0];
         let by = rule.originate.first().map(|o| o.by.clone());
-        assert_eq!(rule.steer_reason.is_some(), by.is_some(), "{rule:?}");
+        assert_eq!(rule.steer_reason(80).is_some(), by.is_some(), "{rule:?}");
         by
     };
     let all = [
@@ -623,10 +623,15 @@ fn zero_timeouts_and_attempts_do_nothing_as_in_istio() {
         let (plan, d) = compile(&pol, None);
         assert!(d.is_empty(), "{d:?}");
         let rule = &plan.rules[0];
-        let r = &rule.relay;
+        let r = rule
+            .steered
+            .iter()
+            .find(|s| s.port == 443)
+            .map(|s| s.route.clone())
+            .unwrap_or_default();
         (
             (r.retries, r.per_try_timeout, r.timeout),
-            rule.steer_reason.is_some(),
+            rule.steer_reason(443).is_some(),
         )
     };
     let secs = |s| Some(std::time::Duration::from_secs(s));
@@ -777,5 +782,164 @@ fn a_destination_rules_connection_pool_applies_to_steered_ports() {
             .to_string()
             .contains("connectionPool applies to connections through the relay")),
         "{d:?}"
+    );
+}
+
+/// A port is steered only when the route that covers it, as Istio matches routes for the mesh,
+/// goes to the gateway; the host's other ports go direct.
+#[test]
+fn routes_steer_the_ports_their_matches_cover() {
+    let vs = |routes: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  gateways: [mesh, egress]\n{routes}"
+        )
+    };
+    const GW: &str = "{destination: {host: istio-egressgateway.istio-system.svc.cluster.local}}";
+    const UP: &str = "{destination: {host: api.example}}";
+    let se = format!(
+        "{SE}  hosts: [api.example]\n  addresses: [192.0.2.7]\n  ports:\n  - {{number: 80, name: http, protocol: HTTP}}\n  - {{number: 443, name: https, protocol: HTTPS}}\n  - {{number: 8443, name: admin, protocol: TLS}}\n  resolution: STATIC\n  endpoints:\n  - address: 192.0.2.8\n    ports: {{https: 9443}}\n"
+    );
+    // The ports steered, the verdict of each address and port in the kernel's map agreeing.
+    let steered = |extra: &str| -> Vec<u16> {
+        let (pol, d) = load_str(&format!("{se}{extra}"), Path::new("p.yaml"));
+        assert!(!super::has_errors(&d), "{d:?}");
+        let (plan, d) = compile(&pol, Some(Mode::RegistryOnly));
+        assert!(d.is_empty(), "{d:?}");
+        let rule = &plan.rules[0];
+        let e = plan.entries(&HashMap::new(), &[]);
+        for (ip, port) in [
+            ("192.0.2.7", 80),
+            ("192.0.2.7", 443),
+            ("192.0.2.7", 8443),
+            ("192.0.2.8", 443),
+            ("192.0.2.8", 9443),
+        ] {
+            let verdict = plan
+                .decide(&e, ip.parse().expect("ip"), port, Transport::Tcp)
+                .verdict;
+            assert_eq!(
+                verdict == Verdict::Steer,
+                rule.steer_reason(port).is_some(),
+                "{ip}:{port} {verdict:?}, {extra}"
+            );
+            assert_ne!(verdict, Verdict::Deny, "{ip}:{port}");
+        }
+        rule.steered.iter().map(|s| s.port).collect()
+    };
+    // The seed's shape: the mesh's TLS on 443 to the gateway, the gateway's on to the host.
+    let tls = vs(&format!(
+        "  tls:\n  - match: [{{gateways: [mesh], port: 443, sniHosts: [api.example]}}]\n    route: [{GW}]\n  - match: [{{gateways: [egress], port: 443, sniHosts: [api.example]}}]\n    route: [{UP}]\n"
+    ));
+    assert_eq!(
+        steered(&tls),
+        [443, 9443],
+        "an endpoint's number as its port"
+    );
+    // A match without a port covers every port; a match for the gateway alone, none of the mesh's.
+    assert_eq!(
+        steered(&vs(&format!(
+            "  tcp:\n  - match: [{{gateways: [egress]}}]\n    route: [{UP}]\n  - route: [{GW}]\n"
+        ))),
+        [80, 443, 8443, 9443]
+    );
+    // The first route that covers a port decides it.
+    assert_eq!(
+        steered(&vs(&format!(
+            "  tcp:\n  - match: [{{port: 8443}}]\n    route: [{UP}]\n  - route: [{GW}]\n"
+        ))),
+        [80, 443, 9443]
+    );
+    // Another host's server name is not this host's route.
+    assert_eq!(
+        steered(&vs(&format!(
+            "  tls:\n  - match: [{{port: 443, sniHosts: [other.example]}}]\n    route: [{GW}]\n"
+        ))),
+        [] as [u16; 0]
+    );
+    assert_eq!(
+        steered(&vs(&format!(
+            "  tls:\n  - match: [{{port: 443, sniHosts: ['*.example']}}]\n    route: [{GW}]\n"
+        ))),
+        [443, 9443]
+    );
+    // Each port takes the retries of the route that covers it.
+    let (pol, _) = load_str(
+        &format!(
+            "{se}{}",
+            vs(&format!(
+                "  tls:\n  - match: [{{port: 443, sniHosts: [api.example]}}]\n    route: [{GW}]\n  http:\n  - match: [{{port: 8443}}]\n    route: [{UP}]\n    retries: {{attempts: 3}}\n  - route: [{UP}]\n    timeout: 2s\n"
+            ))
+        ),
+        Path::new("p.yaml"),
+    );
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    let routes: Vec<_> = plan.rules[0]
+        .steered
+        .iter()
+        .map(|s| (s.port, s.route.retries, s.route.timeout))
+        .collect();
+    let secs = |n| Some(std::time::Duration::from_secs(n));
+    assert_eq!(
+        routes,
+        [
+            (80, 0, secs(2)),
+            (443, 0, None),
+            (8443, 3, None),
+            (9443, 0, None)
+        ]
+    );
+    // HTTP retries on the plain port only; a path match (not applied) covers its whole port.
+    assert_eq!(
+        steered(&vs(&format!(
+            "  http:\n  - match: [{{port: 80, uri: {{prefix: /api}}}}]\n    route: [{UP}]\n    retries: {{attempts: 2}}\n"
+        ))),
+        [80]
+    );
+}
+
+/// A port's own `tls` replaces the DestinationRule's rule-wide one in deciding whether it is
+/// steered for origination; a connection pool on a port that goes direct is said to do nothing.
+#[test]
+fn origination_steers_the_ports_it_applies_to() {
+    let yaml = format!(
+        "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 80, name: http, protocol: HTTP, targetPort: 443}}\n  - {{number: 8080, name: alt, protocol: HTTP}}\n  - {{number: 8443, name: tls, protocol: TLS}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d}}\nspec:\n  host: api.example\n  trafficPolicy:\n    tls: {{mode: SIMPLE}}\n    connectionPool: {{tcp: {{maxConnections: 5}}}}\n    portLevelSettings:\n    - port: {{number: 8080}}\n      tls: {{mode: DISABLE}}\n"
+    );
+    let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    let d: Vec<String> = d.iter().map(ToString::to_string).collect();
+    assert!(
+        d.iter()
+            .any(|d| d.contains("connectionPool applies to connections through the relay; this host's port(s) 8080 go direct")),
+        "{d:?}"
+    );
+    let rule = &plan.rules[0];
+    let why: Vec<_> = rule
+        .steered
+        .iter()
+        .map(|s| format!("{}: {}", s.port, s.why))
+        .collect();
+    assert_eq!(
+        why,
+        [
+            "80: DestinationRule/default/d originates TLS on port 80",
+            "8443: DestinationRule/default/d asks for TLS origination on port 8443, which is not HTTP: its TLS is passed through"
+        ]
+    );
+    let pooled: Vec<u16> = rule.pools.iter().map(|(p, _)| *p).collect();
+    assert_eq!(pooled, [80, 8443]);
+    let hosts: Vec<_> = plan.hosts[0]
+        .ports
+        .iter()
+        .map(|&(p, _, v)| (p, v))
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            (80, Verdict::Steer),
+            (8080, Verdict::Allow),
+            (8443, Verdict::Steer)
+        ]
     );
 }

@@ -1071,7 +1071,7 @@ async fn relay_admitted(
             "ClientHello without a server name".to_owned(),
         );
     };
-    let upstream = match catalog.upstream(steered.rule_id, name, dst.ip()) {
+    let upstream = match catalog.upstream(steered.rule_id, name, dst) {
         Ok(u) => u,
         Err(reason) => return refuse(with_hello(sni, alpn), "refused", reason),
     };

@@ -351,7 +351,7 @@ impl State {
         };
         // The host must be one the policy allows for the kernel's destination, as a ClientHello's
         // server name must be.
-        let upstream = match self.catalog.upstream(self.rule_id, &host, self.dst.ip()) {
+        let upstream = match self.catalog.upstream(self.rule_id, &host, self.dst) {
             Ok(u) => u,
             Err(reason) => return self.fail(StatusCode::FORBIDDEN, "refused", reason),
         };
