@@ -208,6 +208,58 @@ impl World {
     }
 }
 
+impl World {
+    /// A plain HTTP/1.1 server at `addr` in the world: it answers each request on a connection
+    /// `200` with the body `host=<Host header>\n` until the client closes. `names` holds each
+    /// request's Host header.
+    pub fn http_server(&self, addr: SocketAddr) -> Arc<Seen> {
+        let listener = self.listen(addr);
+        let seen = Arc::new(Seen::default());
+        let s = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for tcp in listener.incoming().flatten() {
+                s.accepted.fetch_add(1, Ordering::SeqCst);
+                let s = Arc::clone(&s);
+                std::thread::spawn(move || {
+                    let Ok(mut out) = tcp.try_clone() else {
+                        return;
+                    };
+                    let mut reader = BufReader::new(tcp);
+                    loop {
+                        let (mut line, mut host, mut lines) = (String::new(), None, 0);
+                        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                            lines += 1;
+                            if line == "\r\n" {
+                                break;
+                            }
+                            if let Some((name, value)) = line.split_once(':')
+                                && name.eq_ignore_ascii_case("host")
+                            {
+                                host = Some(value.trim().to_owned());
+                            }
+                            line.clear();
+                        }
+                        if lines == 0 {
+                            return;
+                        }
+                        s.names.lock().expect("names").push(host.clone());
+                        let body = format!("host={}\n", host.unwrap_or_default());
+                        let answered = write!(
+                            out,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if answered.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        seen
+    }
+}
+
 /// The handshake, then HTTP/1.1 requests answered `200` with the body `sni=<server name>\n`: one,
 /// or with `keep_alive` each until the client closes.
 fn answer(tls: &mut StreamOwned<ServerConnection, Watched>, s: &Seen, keep_alive: bool) {

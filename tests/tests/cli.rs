@@ -93,7 +93,7 @@ fn check_exit_statuses() {
 }
 
 #[test]
-fn check_shows_a_steered_destinations_connection_pool() {
+fn check_shows_how_the_relay_serves_a_steered_destination() {
     let dir = policy_dir(
         r#"
 apiVersion: networking.istio.io/v1
@@ -101,7 +101,9 @@ kind: ServiceEntry
 metadata: {name: api}
 spec:
   hosts: [api.pool.test]
-  ports: [{number: 443, name: https, protocol: HTTPS}]
+  ports:
+  - {number: 443, name: https, protocol: HTTPS}
+  - {number: 80, name: http, protocol: HTTP}
   resolution: STATIC
   endpoints: [{address: 192.0.2.50}]
 ---
@@ -128,20 +130,42 @@ spec:
         tcpKeepalive: {time: 60s, interval: 10s, probes: 3}
 "#,
     );
-    let (code, out) = egress(&[
-        "check",
-        "192.0.2.50:443",
-        "--policies",
-        dir.to_str().expect("utf8"),
-        "--dns",
-        "127.0.0.1:9",
-    ]);
-    assert_eq!(code, 0, "{out}");
+    let check = |dest: &str| {
+        let (code, out) = egress(&[
+            "check",
+            dest,
+            "--policies",
+            dir.to_str().expect("utf8"),
+            "--dns",
+            "127.0.0.1:9",
+        ]);
+        assert_eq!(code, 0, "{out}");
+        out
+    };
+    let out = check("192.0.2.50:443");
+    assert!(
+        out.contains(
+            "\n  relay: TLS passed through; the server name must be a host of \
+             ServiceEntry/default/api\n"
+        ),
+        "{out}"
+    );
     assert!(
         out.lines().any(|l| l
             == "  connection pool: at most 100 connections at once, connect timeout 2s, idle \
                 timeout 30s, TCP keepalive after 60s every 10s 3 probes \
                 (DestinationRule/default/pool)"),
+        "{out}"
+    );
+    // The plain HTTP port is served as HTTP, each request's host checked.
+    let out = check("192.0.2.50:80");
+    assert!(
+        out.starts_with(
+            "steer tcp 192.0.2.50:80 ServiceEntry/default/api\n  why: \
+             VirtualService/default/api gives port 80 retries or a timeout (spec.http[0])\n  \
+             relay: plain HTTP in and out to port 80; each request's host must be a host of \
+             ServiceEntry/default/api\n"
+        ),
         "{out}"
     );
 }

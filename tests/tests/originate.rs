@@ -260,6 +260,90 @@ async fn plain_http_leaves_as_verified_tls_simple_and_mutual() {
     a.shutdown().await;
 }
 
+/// Istio's egress gateway for HTTP: a VirtualService routes a host's plain HTTP port to the
+/// gateway. The relay serves it as HTTP: each request's host is checked against the kernel's
+/// record, and the request goes on as plain HTTP, the route's timeout applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_routed_to_the_gateway_goes_on_as_plain_http() {
+    let f = fixture();
+    f.w.host(27);
+    let ip = f.w.v4(27);
+    let web = f.w.http_server(std::net::SocketAddr::new(ip, 80));
+    let cg = TestCgroup::new("originate-http");
+    let log = log_path("originate-http");
+    let policy = format!(
+        "{}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web.test]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web-via-gateway, namespace: shop}}
+spec:
+  hosts: [web.test]
+  gateways: [mesh, egress]
+  http:
+  - match: [{{gateways: [mesh], port: 80}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
+    timeout: 5s
+  - match: [{{gateways: [egress], port: 80}}]
+    route: [{{destination: {{host: web.test}}}}]
+",
+        f.policy
+    );
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+
+    let out = curl(&cg, ip, &["http://web.test/a", "http://web.test/b"], &[]);
+    assert_eq!(
+        stdout(&out),
+        "host=web.test\n200\nhost=web.test\n200\n",
+        "{out:?}"
+    );
+    assert_eq!(
+        web.names(),
+        [Some("web.test".to_owned()), Some("web.test".to_owned())]
+    );
+    let r = wait_record(&log, "the relay record of web.test", |r| {
+        r.kind == "relay" && r.host.as_deref() == Some("web.test")
+    });
+    assert_eq!(shown(r.dst), at(ip, 80), "{r:?}");
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(r.origination, None, "{r:?}");
+    assert_eq!(r.sni, None, "{r:?}");
+    assert_eq!(r.requests, Some(2), "{r:?}");
+    assert_eq!(r.attempts, Some(2), "{r:?}");
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(shown(r.upstream), at(ip, 80), "{r:?}");
+    assert_eq!(
+        web.accepted(),
+        1,
+        "the second request went on the first's upstream connection"
+    );
+
+    // Another rule's host, to web.test's address: refused, never sent.
+    let out = curl(&cg, ip, &["http://web.test/"], &["-H", "Host: plain.test"]);
+    assert!(stdout(&out).ends_with("403\n"), "{out:?}");
+    let r = wait_record(&log, "the forged host's refusal", |r| {
+        r.kind == "relay" && r.outcome.as_deref() == Some("refused")
+    });
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|s| s.contains("plain.test is not a host of ServiceEntry/shop/web")),
+        "{r:?}"
+    );
+    assert_eq!(web.names().len(), 2, "a refused request reached upstream");
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_that_does_not_verify_fails_the_request() {
     let f = fixture();

@@ -105,13 +105,19 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
             println!("  why: {reason}");
         }
         match rule.originate.iter().find(|o| o.port == port) {
-            Some(o) => println!(
-                "  relay: plain HTTP in, TLS {} out to port {}, the certificate verified for {} ({})",
-                o.mode,
-                o.target_port,
-                o.sni.as_deref().unwrap_or("the request's host"),
-                o.by
-            ),
+            Some(o) => match &o.tls {
+                Some(tls) => println!(
+                    "  relay: plain HTTP in, TLS {} out to port {}, the certificate verified for {} ({})",
+                    tls.mode,
+                    o.target_port,
+                    tls.sni.as_deref().unwrap_or("the request's host"),
+                    tls.by
+                ),
+                None => println!(
+                    "  relay: plain HTTP in and out to port {}; each request's host must be a host of {}",
+                    o.target_port, rule.label
+                ),
+            },
             None => println!(
                 "  relay: TLS passed through; the server name must be a host of {}",
                 rule.label

@@ -105,20 +105,28 @@ pub struct Keepalive {
     pub probes: Option<u32>,
 }
 
-/// TLS origination on one port (Istio's "egress TLS origination"): the application speaks plain
-/// HTTP/1.1 to `port`; the relay speaks TLS to `target_port` of the same destination.
+/// A steered HTTP port: the application speaks plain HTTP/1.1 to `port`, and the relay sends
+/// each request on to `target_port` of the same destination, over TLS it originates (Istio's
+/// "egress TLS origination") or as plain HTTP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origination {
     pub port: u16,
     /// The ServiceEntry port's `targetPort`, else `port`.
     pub target_port: u16,
+    /// The TLS the relay originates; none, for HTTP that goes on as it came.
+    pub tls: Option<OriginTls>,
+}
+
+/// TLS origination on a port, as a DestinationRule asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginTls {
     /// `SIMPLE` or `MUTUAL`.
     pub mode: &'static str,
     /// The server name to send and verify; the request's host when unset.
     pub sni: Option<String>,
     /// The DestinationRule that asks for it.
     pub by: String,
-    pub tls: TlsClient,
+    pub client: TlsClient,
 }
 
 /// The VirtualService settings the relay applies when it connects upstream.
@@ -465,6 +473,22 @@ fn compile_service_entry(
     let with_verdicts = |ports: &[(u16, Transport)]| -> Vec<(u16, Transport, Verdict)> {
         ports.iter().map(|&(p, t)| (p, t, verdict(p))).collect()
     };
+    let mut originate = originations(policy, spec, &hosts, diags);
+    // The other steered HTTP ports: the relay speaks HTTP to the application there too, as an
+    // egress gateway would, and sends the requests on as plain HTTP.
+    for port in &spec.ports {
+        let n = port.number.0;
+        if port.protocol == Some(Protocol::Http)
+            && steered.iter().any(|s| s.port == n)
+            && !originate.iter().any(|o| o.port == n)
+        {
+            originate.push(Origination {
+                port: n,
+                target_port: port.target_port.unwrap_or(port.number).0,
+                tls: None,
+            });
+        }
+    }
     let pools = pools(policy, spec, &hosts, &steered, diags);
     plan.rules.push(RuleInfo {
         id: rule_id,
@@ -472,7 +496,7 @@ fn compile_service_entry(
         hosts: hosts.clone(),
         ports: all_ports,
         steered: steered.clone(),
-        originate: originations(policy, spec, &hosts, diags),
+        originate,
         pools,
         source: src.clone(),
     });
@@ -908,10 +932,12 @@ fn originations(
             Ok(client) => out.push(Origination {
                 port: port.number.0,
                 target_port: port.target_port.unwrap_or(port.number).0,
-                mode,
-                sni: tls.sni.as_deref().map(normalize_host),
-                by: label.clone(),
-                tls: client,
+                tls: Some(OriginTls {
+                    mode,
+                    sni: tls.sni.as_deref().map(normalize_host),
+                    by: label.clone(),
+                    client,
+                }),
             }),
             Err(e) => diag(diags, Severity::Error, &dr.source, format!("{label}: {e}")),
         }

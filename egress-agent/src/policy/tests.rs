@@ -426,12 +426,13 @@ fn a_destination_rule_originates_tls_on_http_ports_and_its_files_are_checked() {
         .originate
         .iter()
         .map(|o| {
+            let tls = o.tls.as_ref().expect("TLS originated");
             (
                 o.port,
                 o.target_port,
-                o.mode,
-                o.sni.as_deref(),
-                o.by.as_str(),
+                tls.mode,
+                tls.sni.as_deref(),
+                tls.by.as_str(),
             )
         })
         .collect();
@@ -507,7 +508,11 @@ fn the_most_specific_destination_rule_applies_as_in_istio() {
         let (plan, d) = compile(&pol, None);
         assert!(!super::has_errors(&d), "{d:?}");
         let rule = &plan.rules[0];
-        let by = rule.originate.first().map(|o| o.by.clone());
+        let by = rule
+            .originate
+            .first()
+            .and_then(|o| o.tls.as_ref())
+            .map(|t| t.by.clone());
         assert_eq!(rule.steer_reason(80).is_some(), by.is_some(), "{rule:?}");
         by
     };
@@ -929,6 +934,12 @@ fn origination_steers_the_ports_it_applies_to() {
     );
     let pooled: Vec<u16> = rule.pools.iter().map(|(p, _)| *p).collect();
     assert_eq!(pooled, [80, 8443]);
+    let http: Vec<_> = rule
+        .originate
+        .iter()
+        .map(|o| (o.port, o.target_port, o.tls.as_ref().map(|t| t.mode)))
+        .collect();
+    assert_eq!(http, [(80, 443, Some("SIMPLE"))], "8080 goes direct");
     let hosts: Vec<_> = plan.hosts[0]
         .ports
         .iter()
@@ -942,4 +953,27 @@ fn origination_steers_the_ports_it_applies_to() {
             (8443, Verdict::Steer)
         ]
     );
+}
+
+/// A steered HTTP port without TLS origination is still served as HTTP: the relay checks each
+/// request's host and sends it on as plain HTTP, with the route's retries. Other steered ports
+/// are passed through.
+#[test]
+fn a_steered_http_port_is_served_as_http() {
+    let yaml = format!(
+        "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 80, name: http, protocol: HTTP}}\n  - {{number: 8080, name: alt, protocol: HTTP, targetPort: 8081}}\n  - {{number: 443, name: https, protocol: HTTPS}}\n  - {{number: 9000, name: grpc, protocol: GRPC}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - match: [{{port: 8080}}]\n    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]\n  - route: [{{destination: {{host: api.example}}}}]\n    retries: {{attempts: 2}}\n"
+    );
+    let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    let rule = &plan.rules[0];
+    let steered: Vec<_> = rule.steered.iter().map(|s| s.port).collect();
+    assert_eq!(steered, [80, 443, 8080, 9000]);
+    let http: Vec<_> = rule
+        .originate
+        .iter()
+        .map(|o| (o.port, o.target_port, o.tls.is_some()))
+        .collect();
+    assert_eq!(http, [(80, 80, false), (8080, 8081, false)]);
 }

@@ -1009,7 +1009,9 @@ async fn relay_admitted(
     let timeouts = Timeouts::of(pool, &shared.config);
     if let Some(origin) = catalog.origination(steered.rule_id, dst.port()) {
         let origin = origin.clone();
-        let _ = cut.origination.set(origin.mode);
+        if let Some(tls) = &origin.tls {
+            let _ = cut.origination.set(tls.mode);
+        }
         // Boxed: its state machine would otherwise enlarge every connection's future, moved
         // whole when the connection's task is spawned.
         let record = Box::pin(originate::serve(

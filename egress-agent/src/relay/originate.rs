@@ -1,7 +1,7 @@
-//! TLS origination (Istio's "egress TLS origination"): the application speaks plain HTTP/1.1 to
-//! the relay, which checks each request's host against the kernel's record of the connection and
-//! sends the request on over TLS it verifies, with the VirtualService's retries and timeout per
-//! request.
+//! Steered HTTP ports: the application speaks plain HTTP/1.1 to the relay, which checks each
+//! request's host against the kernel's record of the connection and sends the request on, with
+//! the VirtualService's retries and timeout per request: over TLS it originates and verifies
+//! (Istio's "egress TLS origination"), or as plain HTTP (an egress gateway for HTTP).
 use std::{
     collections::HashMap,
     convert::Infallible,
@@ -68,7 +68,7 @@ pub(super) async fn serve(
     timeouts: super::Timeouts,
     pool: Option<&ConnectionPool>,
 ) -> Record {
-    record.origination = Some(Word::Borrowed(origin.mode));
+    record.origination = origin.tls.as_ref().map(|t| Word::Borrowed(t.mode));
     let activity = Arc::new(Activity::new());
     let up = Arc::new(AtomicU64::new(0));
     let down = Arc::new(AtomicU64::new(0));
@@ -218,15 +218,14 @@ impl Drop for Upstream {
 }
 
 /// What makes upstream connections interchangeable: where they leave from (network namespace,
-/// interface), where they go (address, server name) and the TLS they were opened with (its CA,
-/// client certificate). Any request that may use one would open the same.
+/// interface), where they go (address) and the TLS they were opened with, if any (server name,
+/// CA, client certificate). Any request that may use one would open the same.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     netns: u64,
     bound_if: u32,
     target: SocketAddr,
-    name: ServerName<'static>,
-    tls: TlsClient,
+    tls: Option<(ServerName<'static>, TlsClient)>,
 }
 
 /// Upstream connections of TLS origination kept between client connections (Envoy keeps its
@@ -355,19 +354,22 @@ impl State {
             Ok(u) => u,
             Err(reason) => return self.fail(StatusCode::FORBIDDEN, "refused", reason),
         };
-        let sni = self.origin.sni.clone().unwrap_or_else(|| host.clone());
-        let Ok(name) = ServerName::try_from(sni.clone()) else {
-            return self.fail(
-                StatusCode::BAD_REQUEST,
-                "refused",
-                format!("{sni} is not a valid server name"),
-            );
+        let tls = match &self.origin.tls {
+            Some(tls) => {
+                let sni = tls.sni.clone().unwrap_or_else(|| host.clone());
+                let Ok(name) = ServerName::try_from(sni.clone()) else {
+                    return self.fail(
+                        StatusCode::BAD_REQUEST,
+                        "refused",
+                        format!("{sni} is not a valid server name"),
+                    );
+                };
+                self.stats().sni = Some(sni);
+                Some((name, tls.client.clone()))
+            }
+            None => None,
         };
-        {
-            let mut stats = self.stats();
-            stats.sni = Some(sni);
-            stats.host = Some(upstream.host.clone());
-        }
+        self.stats().host = Some(upstream.host.clone());
 
         let (parts, body) = req.into_parts();
         let headers = forwarded_headers(&parts.headers, &host);
@@ -433,7 +435,7 @@ impl State {
                 (None, Some(body)) => body.boxed(),
                 (None, None) => break,
             };
-            let result = within(limit, self.attempt(target, &name, build(body)))
+            let result = within(limit, self.attempt(target, &tls, build(body)))
                 .await
                 .unwrap_or(Err(Failure::Timeout));
             match result {
@@ -471,15 +473,14 @@ impl State {
     async fn attempt(
         &self,
         target: SocketAddr,
-        name: &ServerName<'static>,
+        tls: &Option<(ServerName<'static>, TlsClient)>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, Failure> {
         let key = PoolKey {
             netns: self.leave.netns.cookie,
             bound_if: self.leave.bound_if,
             target,
-            name: name.clone(),
-            tls: self.origin.tls.clone(),
+            tls: tls.clone(),
         };
         let mine = self
             .upstream
@@ -511,7 +512,7 @@ impl State {
                 u
             }
             None => {
-                let u = self.open(target, name.clone()).await?;
+                let u = self.open(target, tls.clone()).await?;
                 self.status.origination_opened.inc();
                 u
             }
@@ -529,23 +530,22 @@ impl State {
     async fn open(
         &self,
         target: SocketAddr,
-        name: ServerName<'static>,
+        tls: Option<(ServerName<'static>, TlsClient)>,
     ) -> Result<Upstream, Failure> {
         let tcp = timeout(self.connect_timeout, connect_own(target, &self.leave))
             .await
             .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
             .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
-        let tls = TlsConnector::from(Arc::clone(&self.origin.tls.0))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| tls_failure(target, e))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
-        let task = tokio::spawn(async move {
-            let _ = conn.await;
-        })
-        .abort_handle();
+        let (sender, task) = match tls {
+            Some((name, client)) => {
+                let tls = TlsConnector::from(client.0)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| tls_failure(target, e))?;
+                http1(target, tls).await?
+            }
+            None => http1(target, tcp).await?,
+        };
         Ok(Upstream {
             sender,
             task,
@@ -575,6 +575,21 @@ impl State {
         strip_hop_by_hop(&mut parts.headers);
         Response::from_parts(parts, body.boxed())
     }
+}
+
+/// An HTTP/1.1 client connection over `io`: what sends requests on it, and its I/O task.
+async fn http1<T: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    target: SocketAddr,
+    io: T,
+) -> Result<(SendRequest<Body>, tokio::task::AbortHandle), Failure> {
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    })
+    .abort_handle();
+    Ok((sender, task))
 }
 
 fn tls_failure(target: SocketAddr, e: io::Error) -> Failure {
