@@ -10,8 +10,8 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    HeldProbe, TestCgroup, World, assert_no_relay_record_left, at, log_path, port_checks, records,
-    shown,
+    HeldProbe, TestCgroup, World, assert_no_relay_record_left, at, log_path, port_checks,
+    probe_with_pid, records, shown,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -327,6 +327,17 @@ spec:
         1,
         "the second request went on the first's upstream connection"
     );
+    // A client that half-closes once its request is sent still gets its answer.
+    let (got, pid) = probe_with_pid(
+        Some(&cg.path),
+        &["http-half-close", &at(ip, 80), "web.test"],
+    );
+    assert_eq!(got, "ok:host=web.test");
+    let r = wait_record(&log, "the half-closing client's record", |r| {
+        r.kind == "relay" && r.pid == Some(pid)
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(r.requests, Some(1), "{r:?}");
 
     // Another rule's host, to web.test's address: refused, never sent.
     let out = curl(&cg, ip, &["http://web.test/"], &["-H", "Host: plain.test"]);
@@ -340,7 +351,7 @@ spec:
             .is_some_and(|s| s.contains("plain.test is not a host of ServiceEntry/shop/web")),
         "{r:?}"
     );
-    assert_eq!(web.names().len(), 2, "a refused request reached upstream");
+    assert_eq!(web.names().len(), 3, "a refused request reached upstream");
     a.shutdown().await;
 }
 

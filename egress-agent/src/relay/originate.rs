@@ -101,7 +101,10 @@ pub(super) async fn serve(
         })
     };
     let mut http = hyper::server::conn::http1::Builder::new();
+    // A client may half-close once its request is sent (`nc -N`, scripts): it still waits for
+    // the answer.
     http.timer(TokioTimer::new())
+        .half_close(true)
         .header_read_timeout(shared.config.hello_timeout);
     let conn = http.serve_connection(TokioIo::new(io), service);
     let ended = tokio::select! {

@@ -32,6 +32,8 @@
 //!   egress-probe solicit ADDR6            an ICMPv6 neighbour solicitation for ADDR6, sent to it
 //!                                         from a raw socket; `sent`
 //!   egress-probe transfer ADDR:PORT N     send N bytes, half-close, expect N bytes back
+//!   egress-probe http-half-close ADDR:PORT HOST   `GET /` for HOST, half-close, read to EOF;
+//!                                         prints `ok:<the answer's last line>`
 //!   egress-probe tls ADDR:PORT NAME CA [split]   TLS to NAME (CA: PEM file), GET /; prints
 //!                                         `ok:<body>`. `split` sends the ClientHello byte by byte
 //!   egress-probe tls-hold ADDR:PORT NAME CA N    N handshakes held open together, then a GET on
@@ -781,6 +783,30 @@ fn transfer(addr: SocketAddr, n: usize) -> String {
     }
 }
 
+/// One HTTP/1.1 request whose sender half-closes once it is sent, as `nc -N` and scripts do;
+/// the answer is read to its end.
+fn http_half_close(addr: SocketAddr, host: &str) -> String {
+    let run = || -> io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
+        s.shutdown(Shutdown::Write)?;
+        let mut back = String::new();
+        s.read_to_string(&mut back)?;
+        Ok(back)
+    };
+    match run() {
+        Ok(back) if back.starts_with("HTTP/1.1 200 ") => {
+            format!("ok:{}", back.lines().last().unwrap_or_default())
+        }
+        Ok(back) => format!(
+            "error:answered {:?}",
+            back.lines().next().unwrap_or_default()
+        ),
+        Err(e) => word(&e),
+    }
+}
+
 fn tls_config(ca: &str) -> io::Result<std::sync::Arc<rustls::ClientConfig>> {
     use rustls::pki_types::{CertificateDer, pem::PemObject as _};
     let mut roots = rustls::RootCertStore::empty();
@@ -1185,6 +1211,7 @@ fn run(args: &[String]) -> ExitCode {
                 _ => return usage(),
             }
         }
+        (Some("http-half-close"), Some(a)) if args.len() == 3 => http_half_close(a, &args[2]),
         (Some("transfer"), Some(a)) if args.len() == 3 => match args[2].parse() {
             Ok(n) => transfer(a, n),
             Err(_) => return usage(),
