@@ -104,6 +104,7 @@ spec:
   ports:
   - {number: 443, name: https, protocol: HTTPS}
   - {number: 80, name: http, protocol: HTTP}
+  - {number: 5432, name: pg, protocol: TCP}
   resolution: STATIC
   endpoints: [{address: 192.0.2.50}]
 ---
@@ -155,6 +156,14 @@ spec:
             == "  connection pool: at most 100 connections at once, connect timeout 2s, idle \
                 timeout 30s, TCP keepalive after 60s every 10s 3 probes \
                 (DestinationRule/default/pool)"),
+        "{out}"
+    );
+    let out = check("192.0.2.50:5432");
+    assert!(
+        out.contains(
+            "\n  relay: TCP carried as it comes, to the destination connected to (nothing in it \
+             names a host)\n"
+        ),
         "{out}"
     );
     // The plain HTTP port is served as HTTP, each request's host checked.

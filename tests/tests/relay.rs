@@ -1153,6 +1153,74 @@ spec:
     a.shutdown().await;
 }
 
+/// Istio's egress gateway for TCP: a route sends a host's TCP ports to the gateway. Their bytes
+/// carry no host name and the server may speak first (MySQL's greeting), so the relay carries
+/// them as they come, to the destination the kernel recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_port_routed_to_the_gateway_is_carried_as_it_comes() {
+    let f = fixture("tcp-port");
+    f.w.host(28);
+    let ip = f.w.v4(28);
+    // A server that speaks first, and one that answers what it was sent.
+    f.w.tcp_server(SocketAddr::new(ip, 3306));
+    f.w.tcp_sink_reply(SocketAddr::new(ip, 7000));
+    let cg = TestCgroup::new("relay-tcp-port");
+    let log = log_path("relay-tcp-port");
+    let a = agent_with_policy(
+        &f,
+        &cg,
+        &log,
+        &format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db, namespace: shop}}
+spec:
+  hosts: [db.test]
+  ports:
+  - {{number: 3306, name: mysql, protocol: MYSQL}}
+  - {{number: 7000, name: raw, protocol: TCP}}
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: db-via-gateway, namespace: shop}}
+spec:
+  hosts: [db.test]
+  tcp:
+  - route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
+"#
+        ),
+    )
+    .await;
+
+    for (port, mode) in [(3306, "tcp"), (7000, "transfer")] {
+        let dst = at(ip, port);
+        let mut args = vec![mode, &dst];
+        if mode == "transfer" {
+            args.push("100000");
+        }
+        let (got, pid) = probe_with_pid(Some(&cg.path), &args);
+        assert_eq!(got, "ok", "{mode} to {dst}");
+        let r = relay_record(&log, &format!("the relay record of {dst}"), |r| {
+            r.pid == Some(pid)
+        });
+        assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+        assert_eq!(r.verdict.as_deref(), Some("steer"), "{r:?}");
+        assert_eq!(shown(r.upstream), dst, "{r:?}");
+        assert_eq!(r.host.as_deref(), Some("db.test"), "{r:?}");
+        assert_eq!(r.sni, None, "{r:?}");
+        if mode == "transfer" {
+            assert_eq!(r.bytes_up, Some(100_000), "{r:?}");
+            assert_eq!(r.bytes_down, Some(100_000), "{r:?}");
+        } else {
+            assert_eq!(r.bytes_down, Some(6), "the greeting: {r:?}");
+        }
+    }
+    a.shutdown().await;
+}
+
 /// A DestinationRule's `connectionPool.tcp.idleTimeout` replaces the relay's own for its host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_rules_idle_timeout_closes_a_quiet_connection() {

@@ -118,6 +118,10 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                     o.target_port, rule.label
                 ),
             },
+            None if rule.steered.iter().any(|s| s.port == port && s.opaque) => println!(
+                "  relay: TCP carried as it comes, to the destination connected to (nothing in \
+                 it names a host)"
+            ),
             None => println!(
                 "  relay: TLS passed through; the server name must be a host of {}",
                 rule.label

@@ -44,6 +44,8 @@ struct Rule {
     hosts: Vec<Name>,
     /// How the relay connects upstream, by steered port.
     routes: Vec<(u16, Arc<RelayRoute>)>,
+    /// Steered ports whose bytes are carried as they come (`SteeredPort::opaque`).
+    opaque: Vec<u16>,
     originate: Vec<Origination>,
     pools: Vec<(u16, ConnectionPool)>,
 }
@@ -107,6 +109,12 @@ impl Catalog {
                             .steered
                             .iter()
                             .map(|s| (s.port, Arc::new(s.route.clone())))
+                            .collect(),
+                        opaque: r
+                            .steered
+                            .iter()
+                            .filter(|s| s.opaque)
+                            .map(|s| s.port)
                             .collect(),
                         originate: r.originate.clone(),
                         pools: r.pools.clone(),
@@ -182,14 +190,30 @@ impl Catalog {
             Some(addrs) => addrs.iter().copied().filter(|a| *a != dst).collect(),
             None => Vec::new(),
         };
-        let route = routes
-            .iter()
-            .find(|(p, _)| *p == port)
-            .map_or_else(Arc::default, |(_, r)| Arc::clone(r));
         Ok(Upstream {
             host: host.clone(),
-            route,
+            route: route_of(routes, port),
             alternates,
+        })
+    }
+
+    /// Where a steered connection to `dst`, decided by `rule_id`, goes when its port's bytes are
+    /// carried as they come (`SteeredPort::opaque`), if they are: to `dst` alone, under the name
+    /// the rule's host has there (a host that resolved to it, else the rule's first).
+    pub fn opaque(&self, rule_id: u32, dst: SocketAddr) -> Option<Upstream> {
+        let rule = self.rule(rule_id)?;
+        if !rule.opaque.contains(&dst.port()) {
+            return None;
+        }
+        let resolved = self.names.get(&dst.ip()).into_iter().flatten();
+        let host = resolved
+            .into_iter()
+            .find(|n| rule.hosts.contains(n))
+            .or(rule.hosts.first())?;
+        Some(Upstream {
+            host: Name::clone(host),
+            route: route_of(&rule.routes, dst.port()),
+            alternates: Vec::new(),
         })
     }
 
@@ -261,6 +285,14 @@ pub fn host_matches(host: &str, name: &str) -> bool {
         Some(_) => host == "*",
         None => name.eq_ignore_ascii_case(host.as_bytes()),
     }
+}
+
+/// The route of a steered port; none (the defaults) for a port the policy in force does not steer.
+fn route_of(routes: &[(u16, Arc<RelayRoute>)], port: u16) -> Arc<RelayRoute> {
+    routes
+        .iter()
+        .find(|(p, _)| *p == port)
+        .map_or_else(Arc::default, |(_, r)| Arc::clone(r))
 }
 
 /// cgroup id → path (relative to the cgroup2 mount, with a leading `/`). An id not known yet is

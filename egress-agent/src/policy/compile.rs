@@ -72,6 +72,11 @@ pub struct SteeredPort {
     pub why: String,
     /// How the relay connects upstream: the route that covers the port.
     pub route: RelayRoute,
+    /// Whether the relay carries the connection's bytes as they come, without a ClientHello: on
+    /// a port declared TCP, MONGO, REDIS or MYSQL nothing names a host, and the server may speak
+    /// first. The kernel's record of the destination is what is judged, as Istio's gateway
+    /// judges TCP by address and port.
+    pub opaque: bool,
 }
 
 /// A DestinationRule's `connectionPool` on one port, as the relay applies it to that port's
@@ -616,7 +621,16 @@ fn steered_ports(
                 }
             }
         };
-        out.push(SteeredPort { port, why, route });
+        let opaque = matches!(
+            p.protocol,
+            Some(Protocol::Tcp | Protocol::Mongo | Protocol::Redis | Protocol::Mysql)
+        );
+        out.push(SteeredPort {
+            port,
+            why,
+            route,
+            opaque,
+        });
     }
     out
 }

@@ -956,12 +956,12 @@ fn origination_steers_the_ports_it_applies_to() {
 }
 
 /// A steered HTTP port without TLS origination is still served as HTTP: the relay checks each
-/// request's host and sends it on as plain HTTP, with the route's retries. Other steered ports
-/// are passed through.
+/// request's host and sends it on as plain HTTP, with the route's retries. A TCP port's bytes are
+/// carried as they come; the others are passed through as TLS.
 #[test]
 fn a_steered_http_port_is_served_as_http() {
     let yaml = format!(
-        "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 80, name: http, protocol: HTTP}}\n  - {{number: 8080, name: alt, protocol: HTTP, targetPort: 8081}}\n  - {{number: 443, name: https, protocol: HTTPS}}\n  - {{number: 9000, name: grpc, protocol: GRPC}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - match: [{{port: 8080}}]\n    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]\n  - route: [{{destination: {{host: api.example}}}}]\n    retries: {{attempts: 2}}\n"
+        "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 80, name: http, protocol: HTTP}}\n  - {{number: 8080, name: alt, protocol: HTTP, targetPort: 8081}}\n  - {{number: 443, name: https, protocol: HTTPS}}\n  - {{number: 9000, name: grpc, protocol: GRPC}}\n  - {{number: 5432, name: pg, protocol: TCP}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - match: [{{port: 8080}}]\n    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]\n  - route: [{{destination: {{host: api.example}}}}]\n    retries: {{attempts: 2}}\n"
     );
     let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
     assert!(d.is_empty(), "{d:?}");
@@ -969,7 +969,14 @@ fn a_steered_http_port_is_served_as_http() {
     assert!(d.is_empty(), "{d:?}");
     let rule = &plan.rules[0];
     let steered: Vec<_> = rule.steered.iter().map(|s| s.port).collect();
-    assert_eq!(steered, [80, 443, 8080, 9000]);
+    assert_eq!(steered, [80, 443, 5432, 8080, 9000]);
+    let opaque: Vec<_> = rule
+        .steered
+        .iter()
+        .filter(|s| s.opaque)
+        .map(|s| s.port)
+        .collect();
+    assert_eq!(opaque, [5432], "carried as it comes: a TCP port");
     let http: Vec<_> = rule
         .originate
         .iter()

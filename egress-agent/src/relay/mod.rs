@@ -1033,52 +1033,70 @@ async fn relay_admitted(
         return record;
     }
 
-    let hello = match hello::read(
-        &mut client,
-        shared.config.hello_limit,
-        shared.config.hello_timeout,
-    )
-    .await
-    {
-        Ok(h) => h,
-        Err(e) => {
-            // The client may have sent nothing: closing so, it would leave its record to the
-            // relay, which is done with it.
-            shared.forget(key);
-            return refuse(new_record(), "refused", e.to_string());
+    // A TCP port's bytes are carried as they come: nothing in them names a host, and the server
+    // may speak first. The kernel's record of the destination is what is judged.
+    let (upstream, hello) = match catalog.opaque(steered.rule_id, dst) {
+        Some(upstream) => (upstream, None),
+        None => {
+            let hello = match hello::read(
+                &mut client,
+                shared.config.hello_limit,
+                shared.config.hello_timeout,
+            )
+            .await
+            {
+                Ok(h) => h,
+                Err(e) => {
+                    // The client may have sent nothing: closing so, it would leave its record
+                    // to the relay, which is done with it.
+                    shared.forget(key);
+                    return refuse(new_record(), "refused", e.to_string());
+                }
+            };
+            if let Some(name) = &hello.sni {
+                let _ = cut.sni.set(name.clone());
+            }
+            let named = |mut record: Record, hello: Hello| {
+                record.sni = hello.sni;
+                record.alpn = Some(hello.alpn);
+                record
+            };
+            let Some(name) = hello.sni.as_deref() else {
+                return refuse(
+                    named(new_record(), hello),
+                    "refused",
+                    "ClientHello without a server name".to_owned(),
+                );
+            };
+            match catalog.upstream(steered.rule_id, name, dst) {
+                Ok(u) => (u, Some(hello)),
+                Err(reason) => return refuse(named(new_record(), hello), "refused", reason),
+            }
         }
     };
-    let Hello {
-        sni,
-        alpn,
-        mut bytes,
-        end,
-    } = hello;
-    // What the client sent after its hello waits for the upstream's answer (`answer`).
-    let held = bytes.split_off(end);
-    // The hello's names move into the record the connection ends with.
-    let with_hello = |sni, alpn| {
-        let mut record = new_record();
-        record.sni = sni;
-        record.alpn = Some(alpn);
-        record
-    };
-    if let Some(name) = &sni {
-        let _ = cut.sni.set(name.clone());
+    let opaque = hello.is_none();
+    if opaque {
+        // The server may speak first: its accept() must not wait for bytes of the client's.
+        leave.ack_with_data = false;
     }
-    let Some(name) = sni.as_deref() else {
-        return refuse(
-            with_hello(None, alpn),
-            "refused",
-            "ClientHello without a server name".to_owned(),
-        );
-    };
-    let upstream = match catalog.upstream(steered.rule_id, name, dst) {
-        Ok(u) => u,
-        Err(reason) => return refuse(with_hello(sni, alpn), "refused", reason),
+    // The hello's names move into the record the connection ends with; what the client sent
+    // after its hello waits for the upstream's answer (`answer`).
+    let (sni, alpn, bytes, held) = match hello {
+        Some(Hello {
+            sni,
+            alpn,
+            mut bytes,
+            end,
+        }) => {
+            let held = bytes.split_off(end);
+            (sni, Some(alpn), bytes, held)
+        }
+        None => (None, None, Vec::new(), Vec::new()),
     };
     let with_upstream = |attempts, sni, alpn| {
-        let mut record = with_hello(sni, alpn);
+        let mut record = new_record();
+        record.sni = sni;
+        record.alpn = alpn;
         record.host = Some(Name::clone(&upstream.host));
         record.attempts = Some(attempts);
         record
@@ -1116,13 +1134,20 @@ async fn relay_admitted(
             }
         };
     let _ = cut.upstream.set((connected, attempts));
-    let sent = server.write_all(&bytes).await;
+    let sent = if opaque {
+        Ok(())
+    } else {
+        server.write_all(&bytes).await
+    };
     let mut record = with_upstream(attempts, sni, alpn);
     record.upstream = Some(connected);
     let hello_len = bytes.len() as u64;
     // Not held for the connection's life.
     drop(bytes);
     let outcome = match sent {
+        Ok(()) if opaque => carry(client, server, moved, &shared.config, timeouts.idle)
+            .await
+            .map_err(Stop::Io),
         Ok(()) => {
             moved.up.fetch_add(hello_len, Ordering::Relaxed);
             let name = record.sni.as_deref().unwrap_or_default();
