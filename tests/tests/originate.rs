@@ -355,6 +355,70 @@ spec:
     a.shutdown().await;
 }
 
+/// Istio's "egress gateway with TLS origination" as documented: the mesh's port 80 goes to the
+/// gateway, whose route sends it on to port 443 with the TLS a DestinationRule asks for there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_route_to_port_443_takes_that_ports_tls() {
+    let mut w = World::new();
+    w.host(20);
+    let pki = Pki::new(&std::env::temp_dir().join(&w.name), "gateway");
+    let ip = w.v4(20);
+    let seen = w.tls_server(
+        std::net::SocketAddr::new(ip, 443),
+        pki.server(&["edition.test"]),
+    );
+    w.start_dns(&[("edition.test", ip)], 300);
+    let cg = TestCgroup::new("originate-gateway");
+    let log = log_path("originate-gateway");
+    let policy = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: edition, namespace: shop}}
+spec:
+  hosts: [edition.test]
+  ports:
+  - {{number: 80, name: http-port, protocol: HTTP}}
+  - {{number: 443, name: https, protocol: HTTPS}}
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: direct-through-egress-gateway, namespace: shop}}
+spec:
+  hosts: [edition.test]
+  gateways: [istio-egressgateway, mesh]
+  http:
+  - match: [{{gateways: [mesh], port: 80}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local, port: {{number: 80}}}}}}]
+  - match: [{{gateways: [istio-egressgateway], port: 80}}]
+    route: [{{destination: {{host: edition.test, port: {{number: 443}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: originate-tls, namespace: shop}}
+spec:
+  host: edition.test
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 443}}
+      tls: {{mode: SIMPLE, caCertificates: {}}}
+",
+        pki.ca_pem.display()
+    );
+    let a = Agent::start(w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let out = curl(&cg, ip, &["http://edition.test/"], &[]);
+    assert_eq!(stdout(&out), "sni=edition.test\n200\n", "{out:?}");
+    assert_eq!(seen.names(), [Some("edition.test".to_owned())]);
+    let r = relay_record(&log, "edition.test");
+    assert_eq!(shown(r.dst), at(ip, 80), "{r:?}");
+    assert_eq!(shown(r.upstream), at(ip, 443), "{r:?}");
+    assert_eq!(r.origination.as_deref(), Some("SIMPLE"), "{r:?}");
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_that_does_not_verify_fails_the_request() {
     let f = fixture();

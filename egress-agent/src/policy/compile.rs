@@ -77,6 +77,10 @@ pub struct SteeredPort {
     /// first. The kernel's record of the destination is what is judged, as Istio's gateway
     /// judges TCP by address and port.
     pub opaque: bool,
+    /// Where the egress gateway's own route sends this HTTP port's requests on to, in place of
+    /// the port (`onward_port`): the relay sends them there, with the TLS the DestinationRule
+    /// asks for on that port.
+    pub onward: Option<u16>,
 }
 
 /// A DestinationRule's `connectionPool` on one port, as the relay applies it to that port's
@@ -478,7 +482,7 @@ fn compile_service_entry(
     let with_verdicts = |ports: &[(u16, Transport)]| -> Vec<(u16, Transport, Verdict)> {
         ports.iter().map(|&(p, t)| (p, t, verdict(p))).collect()
     };
-    let mut originate = originations(policy, spec, &hosts, diags);
+    let mut originate = originations(policy, spec, &hosts, &steered, diags);
     // The other steered HTTP ports: the relay speaks HTTP to the application there too, as an
     // egress gateway would, and sends the requests on as plain HTTP.
     for port in &spec.ports {
@@ -487,9 +491,10 @@ fn compile_service_entry(
             && steered.iter().any(|s| s.port == n)
             && !originate.iter().any(|o| o.port == n)
         {
+            let onward = steered.iter().find(|s| s.port == n).and_then(|s| s.onward);
             originate.push(Origination {
                 port: n,
-                target_port: port.target_port.unwrap_or(port.number).0,
+                target_port: onward.unwrap_or(port.target_port.unwrap_or(port.number).0),
                 tls: None,
             });
         }
@@ -600,10 +605,10 @@ fn steered_ports(
     let mut out = Vec::new();
     for p in &spec.ports {
         let port = p.number.0;
-        let (why, http) = match route_reason(policy, hosts, port) {
-            Some((why, http)) => (why, http),
+        let (why, http, onward) = match route_reason(policy, hosts, port) {
+            Some(r) => (r.why, r.http, r.onward),
             None => match origination_reason(policy, hosts, p) {
-                Some(why) => (why, http_route(policy, hosts, port)),
+                Some(why) => (why, http_route(policy, hosts, port), None),
                 None => continue,
             },
         };
@@ -630,6 +635,7 @@ fn steered_ports(
             why,
             route,
             opaque,
+            onward,
         });
     }
     out
@@ -683,13 +689,18 @@ fn on_port(matched: Option<&PortNumber>, port: u16) -> bool {
     matched.is_none_or(|p| p.0 == port)
 }
 
+/// How a mesh-bound VirtualService's route steers a port.
+struct Routed<'a> {
+    why: String,
+    /// The HTTP route that does it, whose retries and timeout the relay applies.
+    http: Option<HttpAt<'a>>,
+    /// The port the egress gateway sends an HTTP route's requests on to (`onward_port`).
+    onward: Option<u16>,
+}
+
 /// Why a mesh-bound VirtualService's routes steer connections to `port` of these hosts, if they
-/// do; with the HTTP route that does it, whose retries and timeout the relay applies.
-fn route_reason<'a>(
-    policy: &'a Policy,
-    hosts: &[String],
-    port: u16,
-) -> Option<(String, Option<HttpAt<'a>>)> {
+/// do.
+fn route_reason<'a>(policy: &'a Policy, hosts: &[String], port: u16) -> Option<Routed<'a>> {
     let gateway_services: Vec<String> = policy
         .gateways
         .iter()
@@ -711,17 +722,25 @@ fn route_reason<'a>(
                     .any(|h| host_matches(&s, h) || host_matches(h, &s))
             })
     };
+    // With the gateway's port it goes to.
     let to_gateway = |vs: &Resource<VirtualServiceSpec>, section, i, dests: &[RouteDestination]| {
         dests
             .iter()
             .find(|r| is_gateway(&r.destination.host))
             .map(|r| {
-                format!(
+                let why = format!(
                     "{} routes port {port} to the egress gateway {} (spec.{section}[{i}])",
                     vs.label(),
                     r.destination.host
-                )
+                );
+                let at = r.destination.port.as_ref().and_then(|p| p.number);
+                (why, at.map_or(port, |n| n.0))
             })
+    };
+    let passed = |(why, _)| Routed {
+        why,
+        http: None,
+        onward: None,
     };
     for vs in mesh_services(policy, hosts) {
         let tls = vs.spec.tls.iter().enumerate().find(|(_, r)| {
@@ -732,8 +751,8 @@ fn route_reason<'a>(
                         && names_sni(&m.sni_hosts)
                 })
         });
-        if let Some(why) = tls.and_then(|(i, r)| to_gateway(vs, "tls", i, &r.route)) {
-            return Some((why, None));
+        if let Some(to) = tls.and_then(|(i, r)| to_gateway(vs, "tls", i, &r.route)) {
+            return Some(passed(to));
         }
         let tcp = vs.spec.tcp.iter().enumerate().find(|(_, r)| {
             r.matches.is_empty()
@@ -741,8 +760,8 @@ fn route_reason<'a>(
                     .iter()
                     .any(|m| at_mesh(&m.gateways) && on_port(m.port.as_ref(), port))
         });
-        if let Some(why) = tcp.and_then(|(i, r)| to_gateway(vs, "tcp", i, &r.route)) {
-            return Some((why, None));
+        if let Some(to) = tcp.and_then(|(i, r)| to_gateway(vs, "tcp", i, &r.route)) {
+            return Some(passed(to));
         }
         let http = vs
             .spec
@@ -751,20 +770,63 @@ fn route_reason<'a>(
             .enumerate()
             .find(|(_, r)| http_covers(r, port));
         if let Some((i, r)) = http {
-            let why = to_gateway(vs, "http", i, &r.route).or_else(|| {
-                retries_or_timeout(r).then(|| {
-                    format!(
-                        "{} gives port {port} retries or a timeout (spec.http[{i}])",
-                        vs.label()
-                    )
-                })
-            });
-            if let Some(why) = why {
-                return Some((why, Some((vs, i, r))));
+            let routed = |why, onward| Routed {
+                why,
+                http: Some((vs, i, r)),
+                onward,
+            };
+            if let Some((why, at)) = to_gateway(vs, "http", i, &r.route) {
+                return Some(routed(why, onward_port(policy, hosts, at)));
+            }
+            if retries_or_timeout(r) {
+                let why = format!(
+                    "{} gives port {port} retries or a timeout (spec.http[{i}])",
+                    vs.label()
+                );
+                return Some(routed(why, None));
             }
         }
     }
     None
+}
+
+/// The port an egress gateway sends HTTP on to, when a mesh route sent it there on `at`: that of
+/// the destination among these hosts of an HTTP route bound to a gateway (not the mesh) that
+/// covers `at`. Istio's "egress gateway with TLS origination" sends port 80 on to 443, where a
+/// DestinationRule asks for TLS.
+fn onward_port(policy: &Policy, hosts: &[String], at: u16) -> Option<u16> {
+    let at_gateway = |gateways: &[String]| gateways.iter().any(|g| g != "mesh");
+    policy
+        .virtual_services
+        .iter()
+        .filter(|vs| {
+            vs.spec
+                .hosts
+                .iter()
+                .any(|h| hosts.contains(&normalize_host(h)))
+        })
+        .flat_map(|vs| vs.spec.http.iter().map(move |r| (vs, r)))
+        .filter(|(vs, r)| {
+            let covers = |gateways: &[String], port| {
+                let gateways = if gateways.is_empty() {
+                    &vs.spec.gateways[..]
+                } else {
+                    gateways
+                };
+                at_gateway(gateways) && on_port(port, at)
+            };
+            if r.matches.is_empty() {
+                covers(&[], None)
+            } else {
+                r.matches
+                    .iter()
+                    .any(|m| covers(&m.gateways, m.port.as_ref()))
+            }
+        })
+        .flat_map(|(_, r)| &r.route)
+        .find(|d| hosts.contains(&normalize_host(&d.destination.host)))
+        .and_then(|d| d.destination.port.as_ref()?.number)
+        .map(|n| n.0)
 }
 
 /// Why `port` of these hosts is steered for TLS origination, if its DestinationRule asks for it
@@ -886,6 +948,7 @@ fn originations(
     policy: &Policy,
     spec: &ServiceEntrySpec,
     hosts: &[String],
+    steered: &[SteeredPort],
     diags: &mut Diags,
 ) -> Vec<Origination> {
     let Some(dr) = destination_rule(policy, hosts) else {
@@ -897,13 +960,19 @@ fn originations(
     let label = dr.label();
     let mut out = Vec::new();
     for port in &spec.ports {
+        // Requests an egress gateway sends on to another port take that port's TLS.
+        let onward = steered
+            .iter()
+            .find(|s| s.port == port.number.0)
+            .and_then(|s| s.onward);
+        let at = onward.unwrap_or(port.number.0);
         let level = tp
             .port_level_settings
             .iter()
             .enumerate()
             .find_map(|(i, pl)| {
                 let tls = pl.tls.as_ref()?;
-                (pl.port.as_ref().and_then(|p| p.number) == Some(port.number)).then(|| {
+                (pl.port.as_ref().and_then(|p| p.number).map(|n| n.0) == Some(at)).then(|| {
                     (
                         tls,
                         format!("spec.trafficPolicy.portLevelSettings[{i}].tls"),
@@ -929,6 +998,11 @@ fn originations(
             );
         };
         let protocol = port.protocol.unwrap_or(Protocol::Tcp);
+        // The TLS of a port the gateway sends another port's requests on to is theirs.
+        let onward_of_another = steered.iter().any(|s| s.onward == Some(port.number.0));
+        if protocol != Protocol::Http && onward_of_another {
+            continue;
+        }
         if protocol != Protocol::Http {
             warn(format!(
                 "egress originates TLS for HTTP/1.1 ports only; port {} ({protocol:?}) is relayed as the client sends it",
@@ -945,7 +1019,7 @@ fn originations(
         match client_config(tls, &field, &dr.source.file) {
             Ok(client) => out.push(Origination {
                 port: port.number.0,
-                target_port: port.target_port.unwrap_or(port.number).0,
+                target_port: onward.unwrap_or(port.target_port.unwrap_or(port.number).0),
                 tls: Some(OriginTls {
                     mode,
                     sni: tls.sni.as_deref().map(normalize_host),

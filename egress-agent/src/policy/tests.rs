@@ -984,3 +984,97 @@ fn a_steered_http_port_is_served_as_http() {
         .collect();
     assert_eq!(http, [(80, 80, false), (8080, 8081, false)]);
 }
+
+/// Istio's "Egress Gateways with TLS Origination", as documented: the mesh's port 80 goes to the
+/// gateway, whose own route sends it on to port 443, where the DestinationRule asks for TLS. The
+/// relay originates that TLS, to port 443.
+#[test]
+fn an_egress_gateway_that_originates_tls_on_another_port() {
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cnn}
+spec:
+  hosts: [edition.cnn.com]
+  ports:
+  - {number: 80, name: http-port, protocol: HTTP}
+  - {number: 443, name: https, protocol: HTTPS}
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: istio-egressgateway}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 80, name: https-port-for-tls-origination, protocol: HTTPS}
+    hosts: [edition.cnn.com]
+    tls: {mode: ISTIO_MUTUAL}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: direct-cnn-through-egress-gateway}
+spec:
+  hosts: [edition.cnn.com]
+  gateways: [istio-egressgateway, mesh]
+  http:
+  - match:
+    - gateways: [mesh]
+      port: 80
+    route:
+    - destination:
+        host: istio-egressgateway.istio-system.svc.cluster.local
+        subset: cnn
+        port: {number: 80}
+      weight: 100
+  - match:
+    - gateways: [istio-egressgateway]
+      port: 80
+    route:
+    - destination:
+        host: edition.cnn.com
+        port: {number: 443}
+      weight: 100
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: originate-tls-for-edition-cnn-com}
+spec:
+  host: edition.cnn.com
+  trafficPolicy:
+    portLevelSettings:
+    - port: {number: 443}
+      tls: {mode: SIMPLE}
+";
+    let (pol, d) = load_str(yaml, Path::new("p.yaml"));
+    assert!(!super::has_errors(&d), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    let rule = &plan.rules[0];
+    let o: Vec<_> = rule
+        .originate
+        .iter()
+        .map(|o| {
+            (
+                o.port,
+                o.target_port,
+                o.tls.as_ref().map(|t| (t.mode, t.by.as_str())),
+            )
+        })
+        .collect();
+    assert_eq!(
+        o,
+        [(
+            80,
+            443,
+            Some((
+                "SIMPLE",
+                "DestinationRule/default/originate-tls-for-edition-cnn-com"
+            ))
+        )]
+    );
+    assert!(
+        rule.steer_reason(80).is_some_and(|r| r
+            .contains("direct-cnn-through-egress-gateway routes port 80 to the egress gateway")),
+        "{rule:?}"
+    );
+}
