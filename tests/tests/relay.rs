@@ -1221,6 +1221,106 @@ spec:
     a.shutdown().await;
 }
 
+/// A steered port without a declared protocol is told by the client's first bytes, as Istio
+/// detects it: TLS is read as TLS (its server name judged), HTTP/1.1 is served as HTTP (each
+/// request's host judged), anything else is carried as it comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_without_a_protocol_is_told_by_its_first_bytes() {
+    let f = fixture("detect");
+    f.w.host(29);
+    let ip = f.w.v4(29);
+    let tls =
+        f.w.tls_server(SocketAddr::new(ip, 443), f.pki.server(&["auto.test"]));
+    let web = f.w.http_server(SocketAddr::new(ip, 8080));
+    f.w.tcp_sink_reply(SocketAddr::new(ip, 7000));
+    let cg = TestCgroup::new("relay-detect");
+    let log = log_path("relay-detect");
+    let a = agent_with_policy(
+        &f,
+        &cg,
+        &log,
+        &format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: auto, namespace: shop}}
+spec:
+  hosts: [auto.test]
+  ports:
+  - {{number: 443, name: a}}
+  - {{number: 8080, name: b}}
+  - {{number: 7000, name: c}}
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: auto-via-gateway, namespace: shop}}
+spec:
+  hosts: [auto.test]
+  tcp:
+  - route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
+"#
+        ),
+    )
+    .await;
+
+    let out = curl(&cg, &f.pki.ca_pem, "auto.test", ip);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "sni=auto.test\n",
+        "{out:?}"
+    );
+    assert_eq!(tls.names(), [Some("auto.test".to_owned())]);
+    let r = relay_record(&log, "the TLS connection's record", |r| {
+        shown(r.dst) == at(ip, 443)
+    });
+    assert_eq!(r.sni.as_deref(), Some("auto.test"), "{r:?}");
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+
+    let http = |host: &str| {
+        cg.command("curl")
+            .args(["-sS", "--max-time", "10", "-H", &format!("Host: {host}")])
+            .arg(format!("http://{}/", at(ip, 8080)))
+            .output()
+            .expect("run curl")
+    };
+    let out = http("auto.test:8080");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "host=auto.test:8080\n",
+        "{out:?}"
+    );
+    let r = relay_record(&log, "the HTTP connection's record", |r| {
+        shown(r.dst) == at(ip, 8080)
+    });
+    assert_eq!((r.requests, r.status), (Some(1), Some(200)), "{r:?}");
+    let out = http("other.test");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("egress: "),
+        "{out:?}"
+    );
+    assert_eq!(
+        web.names().len(),
+        1,
+        "a request for another host reached the upstream"
+    );
+
+    let (got, pid) = probe_with_pid(Some(&cg.path), &["transfer", &at(ip, 7000), "100000"]);
+    assert_eq!(got, "ok");
+    let r = relay_record(&log, "the other connection's record", |r| {
+        r.pid == Some(pid)
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(
+        (r.bytes_up, r.bytes_down),
+        (Some(100_000), Some(100_000)),
+        "{r:?}"
+    );
+    assert_eq!(r.sni, None, "{r:?}");
+    a.shutdown().await;
+}
+
 /// A DestinationRule's `connectionPool.tcp.idleTimeout` replaces the relay's own for its host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_rules_idle_timeout_closes_a_quiet_connection() {

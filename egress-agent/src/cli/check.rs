@@ -9,7 +9,7 @@ use egress_common::Verdict;
 use super::{Global, runtime};
 use crate::{
     events::host_matches,
-    policy::{self, Decision, Plan, Severity, schema::Transport},
+    policy::{self, Decision, Plan, Severity, compile::Carry, schema::Transport},
     resolve::Resolver,
 };
 
@@ -118,14 +118,27 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                     o.target_port, rule.label
                 ),
             },
-            None if rule.steered.iter().any(|s| s.port == port && s.opaque) => println!(
-                "  relay: TCP carried as it comes, to the destination connected to (nothing in \
-                 it names a host)"
-            ),
-            None => println!(
-                "  relay: TLS passed through; the server name must be a host of {}",
-                rule.label
-            ),
+            None => match rule
+                .steered
+                .iter()
+                .find(|s| s.port == port)
+                .map(|s| s.carry)
+            {
+                Some(Carry::Opaque) => println!(
+                    "  relay: TCP carried as it comes, to the destination connected to \
+                     (nothing in it names a host)"
+                ),
+                Some(Carry::Detect) => println!(
+                    "  relay: no protocol declared, so told by the client's first bytes: TLS \
+                     passed through (the server name must be a host of {}), HTTP/1.1 served as \
+                     HTTP (each request's host checked), anything else carried as it comes",
+                    rule.label
+                ),
+                _ => println!(
+                    "  relay: TLS passed through; the server name must be a host of {}",
+                    rule.label
+                ),
+            },
         }
         if let Some((_, pool)) = rule.pools.iter().find(|(p, _)| *p == port) {
             println!("  connection pool: {} ({})", pool_text(pool), pool.by);

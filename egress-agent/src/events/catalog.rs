@@ -17,7 +17,7 @@ use super::{
 };
 use crate::policy::{
     Plan,
-    compile::{ConnectionPool, Origination, RelayRoute},
+    compile::{Carry, ConnectionPool, Origination, RelayRoute},
 };
 
 /// A snapshot of the plan and the resolved addresses, replaced on every map sync. The relay reads
@@ -44,8 +44,8 @@ struct Rule {
     hosts: Vec<Name>,
     /// How the relay connects upstream, by steered port.
     routes: Vec<(u16, Arc<RelayRoute>)>,
-    /// Steered ports whose bytes are carried as they come (`SteeredPort::opaque`).
-    opaque: Vec<u16>,
+    /// How the relay takes each steered port's connections.
+    carry: Vec<(u16, Carry)>,
     originate: Vec<Origination>,
     pools: Vec<(u16, ConnectionPool)>,
 }
@@ -110,12 +110,7 @@ impl Catalog {
                             .iter()
                             .map(|s| (s.port, Arc::new(s.route.clone())))
                             .collect(),
-                        opaque: r
-                            .steered
-                            .iter()
-                            .filter(|s| s.opaque)
-                            .map(|s| s.port)
-                            .collect(),
+                        carry: r.steered.iter().map(|s| (s.port, s.carry)).collect(),
                         originate: r.originate.clone(),
                         pools: r.pools.clone(),
                     };
@@ -197,20 +192,28 @@ impl Catalog {
         })
     }
 
-    /// Where a steered connection to `dst`, decided by `rule_id`, goes when its port's bytes are
-    /// carried as they come (`SteeredPort::opaque`), if they are: to `dst` alone, under the name
-    /// the rule's host has there (a host that resolved to it, else the rule's first).
-    pub fn opaque(&self, rule_id: u32, dst: SocketAddr) -> Option<Upstream> {
-        let rule = self.rule(rule_id)?;
-        if !rule.opaque.contains(&dst.port()) {
-            return None;
-        }
+    /// How the relay takes a steered connection to `port`, decided by `rule_id`: as TLS unless
+    /// the policy says otherwise.
+    pub fn carry(&self, rule_id: u32, port: u16) -> Carry {
+        self.rule(rule_id)
+            .and_then(|r| r.carry.iter().find(|(p, _)| *p == port))
+            .map_or(Carry::Tls, |(_, c)| *c)
+    }
+
+    /// Where a steered connection to `dst`, decided by `rule_id`, goes when its bytes are carried
+    /// as they come (`Carry::Opaque`): to `dst` alone, under the name the rule's host has there
+    /// (a host that resolved to it, else the rule's first). The error says why not.
+    pub fn carried(&self, rule_id: u32, dst: SocketAddr) -> Result<Upstream, String> {
+        let rule = self
+            .rule(rule_id)
+            .ok_or_else(|| format!("rule #{rule_id} is not in the policy in force"))?;
         let resolved = self.names.get(&dst.ip()).into_iter().flatten();
         let host = resolved
             .into_iter()
             .find(|n| rule.hosts.contains(n))
-            .or(rule.hosts.first())?;
-        Some(Upstream {
+            .or(rule.hosts.first())
+            .ok_or_else(|| format!("{} has no host", rule.label))?;
+        Ok(Upstream {
             host: Name::clone(host),
             route: route_of(&rule.routes, dst.port()),
             alternates: Vec::new(),

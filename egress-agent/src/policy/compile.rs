@@ -72,15 +72,28 @@ pub struct SteeredPort {
     pub why: String,
     /// How the relay connects upstream: the route that covers the port.
     pub route: RelayRoute,
-    /// Whether the relay carries the connection's bytes as they come, without a ClientHello: on
-    /// a port declared TCP, MONGO, REDIS or MYSQL nothing names a host, and the server may speak
-    /// first. The kernel's record of the destination is what is judged, as Istio's gateway
-    /// judges TCP by address and port.
-    pub opaque: bool,
+    /// How the relay takes the port's connections (an HTTP port's are served as HTTP, see
+    /// `RuleInfo::originate`).
+    pub carry: Carry,
     /// Where the egress gateway's own route sends this HTTP port's requests on to, in place of
     /// the port (`onward_port`): the relay sends them there, with the TLS the DestinationRule
     /// asks for on that port.
     pub onward: Option<u16>,
+}
+
+/// How the relay takes a steered port's connections, by the port's declared protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carry {
+    /// The ClientHello is read and its server name judged (HTTPS, TLS, HTTP2, GRPC, GRPC-WEB).
+    Tls,
+    /// The bytes are carried as they come (TCP, MONGO, REDIS, MYSQL): nothing in them names a
+    /// host, and the server may speak first. The kernel's record of the destination is what is
+    /// judged, as Istio's gateway judges TCP by address and port.
+    Opaque,
+    /// No protocol declared: told by the client's first bytes, as Istio detects it. A TLS
+    /// handshake is read as TLS, an HTTP/1.1 request is served as HTTP, anything else is carried
+    /// as it comes.
+    Detect,
 }
 
 /// A DestinationRule's `connectionPool` on one port, as the relay applies it to that port's
@@ -626,15 +639,18 @@ fn steered_ports(
                 }
             }
         };
-        let opaque = matches!(
-            p.protocol,
-            Some(Protocol::Tcp | Protocol::Mongo | Protocol::Redis | Protocol::Mysql)
-        );
+        let carry = match p.protocol {
+            Some(Protocol::Tcp | Protocol::Mongo | Protocol::Redis | Protocol::Mysql) => {
+                Carry::Opaque
+            }
+            None => Carry::Detect,
+            Some(_) => Carry::Tls,
+        };
         out.push(SteeredPort {
             port,
             why,
             route,
-            opaque,
+            carry,
             onward,
         });
     }

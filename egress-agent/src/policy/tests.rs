@@ -3,7 +3,7 @@ use std::{collections::HashMap, net::IpAddr, path::Path};
 
 use egress_common::Verdict;
 
-use super::{Mode, Severity, compile, load, load_str, schema::Transport};
+use super::{Mode, Severity, compile, compile::Carry, load, load_str, schema::Transport};
 
 /// Every diagnostic for one file: loading, then compiling if loading found no error.
 fn diagnostics(yaml: &str) -> Vec<super::Diagnostic> {
@@ -961,7 +961,7 @@ fn origination_steers_the_ports_it_applies_to() {
 #[test]
 fn a_steered_http_port_is_served_as_http() {
     let yaml = format!(
-        "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 80, name: http, protocol: HTTP}}\n  - {{number: 8080, name: alt, protocol: HTTP, targetPort: 8081}}\n  - {{number: 443, name: https, protocol: HTTPS}}\n  - {{number: 9000, name: grpc, protocol: GRPC}}\n  - {{number: 5432, name: pg, protocol: TCP}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - match: [{{port: 8080}}]\n    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]\n  - route: [{{destination: {{host: api.example}}}}]\n    retries: {{attempts: 2}}\n"
+        "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 80, name: http, protocol: HTTP}}\n  - {{number: 8080, name: alt, protocol: HTTP, targetPort: 8081}}\n  - {{number: 443, name: https, protocol: HTTPS}}\n  - {{number: 9000, name: grpc, protocol: GRPC}}\n  - {{number: 5432, name: pg, protocol: TCP}}\n  - {{number: 7000, name: any}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - match: [{{port: 8080}}]\n    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]\n  - route: [{{destination: {{host: api.example}}}}]\n    retries: {{attempts: 2}}\n"
     );
     let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
     assert!(d.is_empty(), "{d:?}");
@@ -969,14 +969,21 @@ fn a_steered_http_port_is_served_as_http() {
     assert!(d.is_empty(), "{d:?}");
     let rule = &plan.rules[0];
     let steered: Vec<_> = rule.steered.iter().map(|s| s.port).collect();
-    assert_eq!(steered, [80, 443, 5432, 8080, 9000]);
-    let opaque: Vec<_> = rule
-        .steered
-        .iter()
-        .filter(|s| s.opaque)
-        .map(|s| s.port)
-        .collect();
-    assert_eq!(opaque, [5432], "carried as it comes: a TCP port");
+    assert_eq!(steered, [80, 443, 5432, 7000, 8080, 9000]);
+    let carry: Vec<_> = rule.steered.iter().map(|s| (s.port, s.carry)).collect();
+    assert_eq!(
+        carry,
+        [
+            (80, Carry::Tls),
+            (443, Carry::Tls),
+            (5432, Carry::Opaque),
+            (7000, Carry::Detect),
+            (8080, Carry::Tls),
+            (9000, Carry::Tls)
+        ],
+        "a TCP port's bytes carried as they come, a port without protocol told by them; HTTP \
+         ports are served as HTTP whatever this says"
+    );
     let http: Vec<_> = rule
         .originate
         .iter()

@@ -30,10 +30,14 @@ pub struct Hello {
 pub enum HelloError {
     #[error("no complete ClientHello within {0:?}")]
     Timeout(Duration),
+    #[error("not enough bytes from the client to tell its protocol within {0:?}")]
+    Silent(Duration),
     #[error("ClientHello larger than {0} bytes")]
     TooLarge(usize),
     #[error("connection closed before a complete ClientHello")]
     Closed,
+    #[error("connection closed before enough bytes to tell its protocol")]
+    ClosedEarly,
     #[error("not a TLS ClientHello: {0}")]
     NotTls(&'static str),
     #[error("reading the ClientHello: {0}")]
@@ -112,6 +116,70 @@ async fn read_from<R: AsyncRead + Unpin>(
         if bytes.len() > limit {
             return Err(HelloError::TooLarge(limit));
         }
+    }
+}
+
+/// What a client's first bytes are, on a port whose protocol is not declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    /// A TLS handshake record.
+    Tls,
+    /// An HTTP/1.1 request line's method.
+    Http,
+    /// Anything else (HTTP/2's preface among it).
+    Other,
+}
+
+/// The methods an HTTP/1.1 request line starts with, with their space.
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"CONNECT ",
+    b"OPTIONS ",
+    b"TRACE ",
+    b"PATCH ",
+];
+
+/// Tells what `first` (a client's first bytes) are; `None` while they could still be the start of
+/// more than one.
+pub fn detect(first: &[u8]) -> Option<Detected> {
+    match first.first()? {
+        &HANDSHAKE => Some(Detected::Tls),
+        _ if METHODS.iter().any(|m| first.starts_with(m)) => Some(Detected::Http),
+        _ if METHODS
+            .iter()
+            .any(|m| m.starts_with(first) && first.len() < m.len()) =>
+        {
+            None
+        }
+        _ => Some(Detected::Other),
+    }
+}
+
+/// Waits for a client's first bytes, without taking them, until [`detect`] can tell what they
+/// are, at `wait` at the latest.
+pub async fn sniff(stream: &tokio::net::TcpStream, wait: Duration) -> Result<Detected, HelloError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    // The longest method and its space.
+    let mut first = [0u8; 8];
+    loop {
+        let n = timeout_at(deadline, stream.peek(&mut first))
+            .await
+            .map_err(|_| HelloError::Silent(wait))??;
+        if n == 0 {
+            return Err(HelloError::ClosedEarly);
+        }
+        if let Some(d) = detect(&first[..n]) {
+            return Ok(d);
+        }
+        // A request line's start that is still on its way: peek finds the same bytes until more
+        // come, so look again a little later rather than spin.
+        timeout_at(deadline, tokio::time::sleep(Duration::from_millis(1)))
+            .await
+            .map_err(|_| HelloError::Silent(wait))?;
     }
 }
 
@@ -413,6 +481,27 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clients_first_bytes_tell_its_protocol_once_they_can() {
+        for (first, want) in [
+            (&b"\x16\x03\x01"[..], Some(Detected::Tls)),
+            (b"\x16", Some(Detected::Tls)),
+            (b"GET / HTTP/1.1\r\n", Some(Detected::Http)),
+            (b"OPTIONS ", Some(Detected::Http)),
+            (b"PATCH /x", Some(Detected::Http)),
+            (b"PRI * HTTP/2.0\r\n", Some(Detected::Other)),
+            (b"GETX", Some(Detected::Other)),
+            (b"\x00\x00", Some(Detected::Other)),
+            (b"*1\r\n", Some(Detected::Other)),
+            (b"", None),
+            (b"P", None),
+            (b"PO", None),
+            (b"OPTIONS", None),
+        ] {
+            assert_eq!(detect(first), want, "{first:?}");
+        }
+    }
 
     /// A real ClientHello, as rustls's client writes it.
     fn client_hello(name: &str) -> Vec<u8> {

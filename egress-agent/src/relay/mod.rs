@@ -38,14 +38,14 @@ use tokio::{
 };
 
 use self::{
-    hello::Hello,
+    hello::{Detected, Hello},
     netns::{Netns, NetnsMap, NetnsMaps},
 };
 use crate::{
     agent::Status,
     datapath::{self, iface::LinkWatch},
     events::{Catalog, CgroupNames, Name, Record, Records, Relayed, Upstream, Word},
-    policy::compile::{ConnectionPool, Keepalive, RelayRoute},
+    policy::compile::{Carry, ConnectionPool, Keepalive, Origination, RelayRoute},
 };
 
 /// Limits of the relay. The defaults suit production; tests shorten them.
@@ -1007,8 +1007,27 @@ async fn relay_admitted(
     let pool = catalog.pool(steered.rule_id, dst.port());
     leave.keepalive = pool.and_then(|p| p.keepalive);
     let timeouts = Timeouts::of(pool, &shared.config);
-    if let Some(origin) = catalog.origination(steered.rule_id, dst.port()) {
-        let origin = origin.clone();
+    let mut taken = catalog.carry(steered.rule_id, dst.port());
+    let mut origin = catalog.origination(steered.rule_id, dst.port()).cloned();
+    if taken == Carry::Detect && origin.is_none() {
+        // No protocol declared: the client's first bytes tell, as Istio's sniffing does.
+        match hello::sniff(&client, shared.config.hello_timeout).await {
+            Ok(Detected::Tls) => taken = Carry::Tls,
+            Ok(Detected::Http) => {
+                origin = Some(Origination {
+                    port: dst.port(),
+                    target_port: dst.port(),
+                    tls: None,
+                });
+            }
+            Ok(Detected::Other) => taken = Carry::Opaque,
+            Err(e) => {
+                shared.forget(key);
+                return refuse(new_record(), "refused", e.to_string());
+            }
+        }
+    }
+    if let Some(origin) = origin {
         if let Some(tls) = &origin.tls {
             let _ = cut.origination.set(tls.mode);
         }
@@ -1035,9 +1054,12 @@ async fn relay_admitted(
 
     // A TCP port's bytes are carried as they come: nothing in them names a host, and the server
     // may speak first. The kernel's record of the destination is what is judged.
-    let (upstream, hello) = match catalog.opaque(steered.rule_id, dst) {
-        Some(upstream) => (upstream, None),
-        None => {
+    let (upstream, hello) = match taken {
+        Carry::Opaque => match catalog.carried(steered.rule_id, dst) {
+            Ok(upstream) => (upstream, None),
+            Err(reason) => return refuse(new_record(), "refused", reason),
+        },
+        Carry::Tls | Carry::Detect => {
             let hello = match hello::read(
                 &mut client,
                 shared.config.hello_limit,
