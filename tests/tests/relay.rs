@@ -1305,6 +1305,25 @@ spec:
         1,
         "a request for another host reached the upstream"
     );
+    // HTTP/2 without TLS names hosts the relay cannot check: refused, never sent on.
+    let out = cg
+        .command("curl")
+        .args(["-sS", "--max-time", "10", "--http2-prior-knowledge"])
+        .arg(format!("http://{}/", at(ip, 8080)))
+        .output()
+        .expect("run curl");
+    assert!(!out.status.success(), "{out:?}");
+    let r = relay_record(&log, "the HTTP/2 refusal", |r| {
+        r.reason
+            .as_deref()
+            .is_some_and(|s| s.starts_with("HTTP/2 without TLS"))
+    });
+    assert_eq!(r.outcome.as_deref(), Some("refused"), "{r:?}");
+    assert_eq!(
+        web.accepted(),
+        1,
+        "the HTTP/2 connection reached the upstream"
+    );
 
     let (got, pid) = probe_with_pid(Some(&cg.path), &["transfer", &at(ip, 7000), "100000"]);
     assert_eq!(got, "ok");

@@ -126,9 +126,14 @@ pub enum Detected {
     Tls,
     /// An HTTP/1.1 request line's method.
     Http,
-    /// Anything else (HTTP/2's preface among it).
+    /// HTTP/2 without TLS (its connection preface).
+    Http2,
+    /// Anything else.
     Other,
 }
+
+/// HTTP/2's connection preface, as far as it must be read to be told (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HT";
 
 /// The methods an HTTP/1.1 request line starts with, with their space.
 const METHODS: [&[u8]; 9] = [
@@ -149,8 +154,10 @@ pub fn detect(first: &[u8]) -> Option<Detected> {
     match first.first()? {
         &HANDSHAKE => Some(Detected::Tls),
         _ if METHODS.iter().any(|m| first.starts_with(m)) => Some(Detected::Http),
+        _ if first.starts_with(PREFACE) => Some(Detected::Http2),
         _ if METHODS
             .iter()
+            .chain([&PREFACE])
             .any(|m| m.starts_with(first) && first.len() < m.len()) =>
         {
             None
@@ -163,7 +170,7 @@ pub fn detect(first: &[u8]) -> Option<Detected> {
 /// are, at `wait` at the latest.
 pub async fn sniff(stream: &tokio::net::TcpStream, wait: Duration) -> Result<Detected, HelloError> {
     let deadline = tokio::time::Instant::now() + wait;
-    // The longest method and its space.
+    // The longest method and its space, as long as the preface's part that tells it.
     let mut first = [0u8; 8];
     loop {
         let n = timeout_at(deadline, stream.peek(&mut first))
@@ -490,7 +497,10 @@ mod tests {
             (b"GET / HTTP/1.1\r\n", Some(Detected::Http)),
             (b"OPTIONS ", Some(Detected::Http)),
             (b"PATCH /x", Some(Detected::Http)),
-            (b"PRI * HTTP/2.0\r\n", Some(Detected::Other)),
+            (b"PRI * HTTP/2.0\r\n", Some(Detected::Http2)),
+            (b"PRI * HT", Some(Detected::Http2)),
+            (b"PRI *", None),
+            (b"PRX", Some(Detected::Other)),
             (b"GETX", Some(Detected::Other)),
             (b"\x00\x00", Some(Detected::Other)),
             (b"*1\r\n", Some(Detected::Other)),

@@ -1021,6 +1021,17 @@ async fn relay_admitted(
                 });
             }
             Ok(Detected::Other) => taken = Carry::Opaque,
+            // Its requests name hosts that the relay, speaking HTTP/1.1, cannot check: carried
+            // unread, they could reach another host of the destination's server.
+            Ok(Detected::Http2) => {
+                return refuse(
+                    new_record(),
+                    "refused",
+                    "HTTP/2 without TLS on a port without a protocol: its hosts cannot be \
+                     checked (declare the port TCP to carry it as it comes)"
+                        .to_owned(),
+                );
+            }
             Err(e) => {
                 shared.forget(key);
                 return refuse(new_record(), "refused", e.to_string());
