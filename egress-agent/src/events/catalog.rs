@@ -207,9 +207,7 @@ impl Catalog {
         let rule = self
             .rule(rule_id)
             .ok_or_else(|| format!("rule #{rule_id} is not in the policy in force"))?;
-        let resolved = self.names.get(&dst.ip()).into_iter().flatten();
-        let host = resolved
-            .into_iter()
+        let host = (self.names.get(&dst.ip()).into_iter().flatten())
             .find(|n| rule.hosts.contains(n))
             .or(rule.hosts.first())
             .ok_or_else(|| format!("{} has no host", rule.label))?;

@@ -56,7 +56,8 @@ pub struct RuleInfo {
     /// The ports whose connections are steered to the relay (endpoint port mappings included);
     /// the others go direct.
     pub steered: Vec<SteeredPort>,
-    /// Ports on which the relay originates TLS for plain-HTTP clients.
+    /// The steered HTTP ports, which the relay serves as HTTP: with TLS it originates upstream,
+    /// or plain.
     pub originate: Vec<Origination>,
     /// The DestinationRule's connection pool settings the relay applies, by declared port (only
     /// ports that have some).
@@ -133,7 +134,8 @@ pub struct Keepalive {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origination {
     pub port: u16,
-    /// The ServiceEntry port's `targetPort`, else `port`.
+    /// The port the egress gateway's route sends on to (`SteeredPort::onward`), else the
+    /// ServiceEntry port's `targetPort`, else `port`.
     pub target_port: u16,
     /// The TLS the relay originates; none, for HTTP that goes on as it came.
     pub tls: Option<OriginTls>,
@@ -500,14 +502,15 @@ fn compile_service_entry(
     // egress gateway would, and sends the requests on as plain HTTP.
     for port in &spec.ports {
         let n = port.number.0;
-        if port.protocol == Some(Protocol::Http)
-            && steered.iter().any(|s| s.port == n)
-            && !originate.iter().any(|o| o.port == n)
-        {
-            let onward = steered.iter().find(|s| s.port == n).and_then(|s| s.onward);
+        let Some(s) = steered.iter().find(|s| s.port == n) else {
+            continue;
+        };
+        if port.protocol == Some(Protocol::Http) && !originate.iter().any(|o| o.port == n) {
             originate.push(Origination {
                 port: n,
-                target_port: onward.unwrap_or(port.target_port.unwrap_or(port.number).0),
+                target_port: s
+                    .onward
+                    .unwrap_or(port.target_port.unwrap_or(port.number).0),
                 tls: None,
             });
         }
@@ -677,13 +680,18 @@ fn mesh_services<'a>(
     policy: &'a Policy,
     hosts: &[String],
 ) -> impl Iterator<Item = &'a Resource<VirtualServiceSpec>> {
-    policy.virtual_services.iter().filter(move |vs| {
-        vs.spec
-            .hosts
-            .iter()
-            .any(|h| hosts.contains(&normalize_host(h)))
-            && at_mesh(&vs.spec.gateways)
-    })
+    policy
+        .virtual_services
+        .iter()
+        .filter(move |vs| names_host(vs, hosts) && at_mesh(&vs.spec.gateways))
+}
+
+/// Whether a VirtualService names one of these hosts.
+fn names_host(vs: &Resource<VirtualServiceSpec>, hosts: &[String]) -> bool {
+    vs.spec
+        .hosts
+        .iter()
+        .any(|h| hosts.contains(&normalize_host(h)))
 }
 
 /// Whether a list of gateways (a match's own, which replace its VirtualService's, or a
@@ -815,12 +823,7 @@ fn onward_port(policy: &Policy, hosts: &[String], at: u16) -> Option<u16> {
     policy
         .virtual_services
         .iter()
-        .filter(|vs| {
-            vs.spec
-                .hosts
-                .iter()
-                .any(|h| hosts.contains(&normalize_host(h)))
-        })
+        .filter(|vs| names_host(vs, hosts))
         .flat_map(|vs| vs.spec.http.iter().map(move |r| (vs, r)))
         .filter(|(vs, r)| {
             let covers = |gateways: &[String], port| {
