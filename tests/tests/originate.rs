@@ -262,7 +262,7 @@ async fn plain_http_leaves_as_verified_tls_simple_and_mutual() {
 
 /// Istio's egress gateway for HTTP: a VirtualService routes a host's plain HTTP port to the
 /// gateway. The relay serves it as HTTP: each request's host is checked against the kernel's
-/// record, and the request goes on as plain HTTP, the route's timeout applied.
+/// record, each takes the route its path matches, and goes on as plain HTTP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_routed_to_the_gateway_goes_on_as_plain_http() {
     let f = fixture();
@@ -289,7 +289,7 @@ spec:
   hosts: [web.test]
   gateways: [mesh, egress]
   http:
-  - match: [{{gateways: [mesh], port: 80}}]
+  - match: [{{gateways: [mesh], port: 80, uri: {{regex: '/[ab]?'}}}}]
     route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
     timeout: 5s
   - match: [{{gateways: [egress], port: 80}}]
@@ -352,6 +352,19 @@ spec:
         "{r:?}"
     );
     assert_eq!(web.names().len(), 3, "a refused request reached upstream");
+
+    // A path no route of the mesh's matches: 404, as Envoy answers it, and nothing sent on.
+    let out = curl(&cg, ip, &["http://web.test/c"], &[]);
+    assert!(stdout(&out).ends_with("404\n"), "{out:?}");
+    let r = wait_record(&log, "the unrouted request's refusal", |r| {
+        r.kind == "relay" && r.status == Some(404)
+    });
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("no route of VirtualService/shop/web-via-gateway matches GET /c"),
+        "{r:?}"
+    );
+    assert_eq!(web.names().len(), 3, "an unrouted request reached upstream");
     a.shutdown().await;
 }
 

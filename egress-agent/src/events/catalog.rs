@@ -17,7 +17,7 @@ use super::{
 };
 use crate::policy::{
     Plan,
-    compile::{Carry, ConnectionPool, Origination, RelayRoute},
+    compile::{Carry, ConnectionPool, Origination, RelayRoute, RequestRoute},
 };
 
 /// A snapshot of the plan and the resolved addresses, replaced on every map sync. The relay reads
@@ -46,6 +46,8 @@ struct Rule {
     routes: Vec<(u16, Arc<RelayRoute>)>,
     /// How the relay takes each steered port's connections.
     carry: Vec<(u16, Carry)>,
+    /// The routes of each request on a steered port served as HTTP (`SteeredPort::requests`).
+    requests: Vec<(u16, Arc<[RequestRoute]>)>,
     originate: Vec<Origination>,
     pools: Vec<(u16, ConnectionPool)>,
 }
@@ -111,6 +113,12 @@ impl Catalog {
                             .map(|s| (s.port, Arc::new(s.route.clone())))
                             .collect(),
                         carry: r.steered.iter().map(|s| (s.port, s.carry)).collect(),
+                        requests: r
+                            .steered
+                            .iter()
+                            .filter(|s| !s.requests.is_empty())
+                            .map(|s| (s.port, Arc::from(s.requests.as_slice())))
+                            .collect(),
                         originate: r.originate.clone(),
                         pools: r.pools.clone(),
                     };
@@ -216,6 +224,15 @@ impl Catalog {
             route: route_of(&rule.routes, dst.port()),
             alternates: Vec::new(),
         })
+    }
+
+    /// The routes each request on a steered connection to `port`, decided by `rule_id`, is
+    /// matched against, where the relay serves it as HTTP; none: every request takes the port's.
+    pub fn requests(&self, rule_id: u32, port: u16) -> Option<Arc<[RequestRoute]>> {
+        self.rule(rule_id)?
+            .requests
+            .iter()
+            .find_map(|(p, r)| (*p == port).then(|| Arc::clone(r)))
     }
 
     /// The TLS origination a steered connection to `port`, decided by `rule_id`, gets, if any.

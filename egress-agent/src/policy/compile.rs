@@ -18,8 +18,8 @@ use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{
         ConnectionPoolSettings, DestinationRuleSpec, HttpRoute, IstioDuration, PortNumber,
-        Protocol, Resolution, Retries, RouteDestination, ServiceEntrySpec, ServicePort, TlsMode,
-        Transport, VirtualServiceSpec,
+        Protocol, Resolution, Retries, RouteDestination, ServiceEntrySpec, ServicePort,
+        StringMatch, TlsMode, Transport, VirtualServiceSpec,
     },
     tls::{TlsClient, client_config},
 };
@@ -80,6 +80,101 @@ pub struct SteeredPort {
     /// the port (`onward_port`): the relay sends them there, with the TLS the DestinationRule
     /// asks for on that port.
     pub onward: Option<u16>,
+    /// Where the relay serves the port as HTTP, the routes that cover it, in order: each request
+    /// takes the first it matches (its retries and timeout), and one that matches none is
+    /// answered 404, as Envoy answers it. None: every request takes `route`.
+    pub requests: Vec<RequestRoute>,
+}
+
+/// An HTTP route of a VirtualService, as the relay applies it to each request on a port it
+/// serves as HTTP: the first route one of whose matches the request meets takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRoute {
+    /// The route's matches that apply to the port; none: every request.
+    pub matches: Vec<RequestMatch>,
+    pub route: RelayRoute,
+    /// `VirtualService/ns/name spec.http[i]`.
+    pub by: String,
+}
+
+/// An HTTP match's request fields that the relay judges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestMatch {
+    pub uri: Option<Text>,
+    pub ignore_uri_case: bool,
+    pub method: Option<Text>,
+    pub authority: Option<Text>,
+    /// By lower-case name; `None`: the header is present.
+    pub headers: Vec<(String, Option<Text>)>,
+}
+
+/// A StringMatch, compiled.
+#[derive(Debug, Clone)]
+pub enum Text {
+    Exact(String),
+    Prefix(String),
+    /// Anchored: the whole text must match, as RE2's full match in Envoy.
+    Regex(regex::Regex),
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Text) -> bool {
+        match (self, other) {
+            (Text::Exact(a), Text::Exact(b)) | (Text::Prefix(a), Text::Prefix(b)) => a == b,
+            (Text::Regex(a), Text::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Text {}
+
+impl Text {
+    /// Whether `text` matches; `fold`: exact and prefix ignore ASCII case.
+    fn matches(&self, text: &str, fold: bool) -> bool {
+        match self {
+            Text::Exact(e) if fold => e.eq_ignore_ascii_case(text),
+            Text::Exact(e) => e == text,
+            Text::Prefix(p) if fold => text
+                .as_bytes()
+                .get(..p.len())
+                .is_some_and(|t| t.eq_ignore_ascii_case(p.as_bytes())),
+            Text::Prefix(p) => text.starts_with(p.as_str()),
+            Text::Regex(r) => r.is_match(text),
+        }
+    }
+}
+
+impl RequestMatch {
+    /// Whether a request meets every field: `path` is the request's path without its query, as
+    /// Envoy matches it; `header` gives a header's value by lower-case name.
+    pub fn matches<'h>(
+        &self,
+        method: &str,
+        path: &str,
+        authority: Option<&str>,
+        header: impl Fn(&str) -> Option<&'h str>,
+    ) -> bool {
+        self.uri
+            .as_ref()
+            .is_none_or(|t| t.matches(path, self.ignore_uri_case))
+            && self
+                .method
+                .as_ref()
+                .is_none_or(|t| t.matches(method, false))
+            && self
+                .authority
+                .as_ref()
+                .is_none_or(|t| authority.is_some_and(|a| t.matches(a, false)))
+            && self
+                .headers
+                .iter()
+                .all(|(name, t)| match (header(name), t) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some(v), Some(t)) => t.matches(v, false),
+                })
+    }
 }
 
 /// How the relay takes a steered port's connections, by the port's declared protocol.
@@ -616,8 +711,17 @@ fn steered_ports(
     hosts: &[String],
     diags: &mut Diags,
 ) -> Vec<SteeredPort> {
-    // Each route's settings once, however many ports it covers (its warnings with them).
-    let mut routes: Vec<(*const HttpRoute, RelayRoute)> = Vec::new();
+    // Each route compiled once, however many ports it covers (its diagnostics with it).
+    let mut compiled: Vec<(*const HttpRoute, Compiled)> = Vec::new();
+    let mut compile = |vs: &Resource<VirtualServiceSpec>, i: usize, r: &HttpRoute| {
+        let key = std::ptr::from_ref(r);
+        if let Some((_, c)) = compiled.iter().find(|(k, _)| *k == key) {
+            return c.clone();
+        }
+        let c = compile_route(vs, i, r, diags);
+        compiled.push((key, c.clone()));
+        c
+    };
     let mut out = Vec::new();
     for p in &spec.ports {
         let port = p.number.0;
@@ -628,19 +732,33 @@ fn steered_ports(
                 None => continue,
             },
         };
-        let route = match http.filter(|(_, _, r)| retries_or_timeout(r)) {
+        let route = match http {
+            Some((vs, i, r)) => compile(vs, i, r).route,
             None => RelayRoute::default(),
-            Some((vs, i, r)) => {
-                let key = std::ptr::from_ref(r);
-                match routes.iter().find(|(k, _)| *k == key) {
-                    Some((_, route)) => route.clone(),
-                    None => {
-                        let route = relay_route(vs, i, r, diags);
-                        routes.push((key, route.clone()));
-                        route
+        };
+        // The requests' routes: those of the VirtualService whose route covers the port.
+        let requests = match http.or_else(|| http_route(policy, hosts, port)) {
+            Some((vs, _, _)) if p.protocol.is_none_or(|p| p == Protocol::Http) => vs
+                .spec
+                .http
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| http_covers(r, port))
+                .map(|(i, r)| {
+                    let c = compile(vs, i, r);
+                    RequestRoute {
+                        matches: c
+                            .matches
+                            .into_iter()
+                            .filter(|(at, _)| on_port(at.as_ref(), port))
+                            .map(|(_, m)| m)
+                            .collect(),
+                        route: c.route,
+                        by: format!("{} spec.http[{i}]", vs.label()),
                     }
-                }
-            }
+                })
+                .collect(),
+            _ => Vec::new(),
         };
         let carry = match p.protocol {
             Some(Protocol::Tcp | Protocol::Mongo | Protocol::Redis | Protocol::Mysql) => {
@@ -655,6 +773,7 @@ fn steered_ports(
             route,
             carry,
             onward,
+            requests,
         });
     }
     out
@@ -908,6 +1027,73 @@ fn destination_rule<'a>(
         }
     }
     best.map(|(_, dr)| dr)
+}
+
+/// An HTTP route compiled: its retries and timeout, and its matches for the mesh with the port
+/// each is for.
+#[derive(Clone)]
+struct Compiled {
+    route: RelayRoute,
+    matches: Vec<(Option<PortNumber>, RequestMatch)>,
+}
+
+fn compile_route(
+    vs: &Resource<VirtualServiceSpec>,
+    i: usize,
+    r: &HttpRoute,
+    diags: &mut Diags,
+) -> Compiled {
+    let mut matches = Vec::new();
+    for (j, m) in r.matches.iter().enumerate() {
+        if !at_mesh(&m.gateways) {
+            continue;
+        }
+        let mut error = |field: String, e: String| {
+            diag(
+                diags,
+                Severity::Error,
+                &vs.source,
+                format!("{}: spec.http[{i}].match[{j}].{field}: {e}", vs.label()),
+            );
+        };
+        let mut text = |field: &str, sm: Option<&StringMatch>| match sm.map(string_match) {
+            Some(Err(e)) => {
+                error(field.to_owned(), e);
+                None
+            }
+            Some(Ok(t)) => t,
+            None => None,
+        };
+        let mut compiled = RequestMatch {
+            uri: text("uri", m.uri.as_ref()),
+            ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
+            method: text("method", m.method.as_ref()),
+            authority: text("authority", m.authority.as_ref()),
+            headers: Vec::new(),
+        };
+        for (name, sm) in &m.headers {
+            let t = text(&format!("headers.{name}"), Some(sm));
+            compiled.headers.push((name.to_ascii_lowercase(), t));
+        }
+        matches.push((m.port, compiled));
+    }
+    Compiled {
+        route: relay_route(vs, i, r, diags),
+        matches,
+    }
+}
+
+/// A StringMatch: none set is `None` (any text; a header's presence).
+fn string_match(sm: &StringMatch) -> Result<Option<Text>, String> {
+    match (&sm.exact, &sm.prefix, &sm.regex) {
+        (None, None, None) => Ok(None),
+        (Some(e), None, None) => Ok(Some(Text::Exact(e.clone()))),
+        (None, Some(p), None) => Ok(Some(Text::Prefix(p.clone()))),
+        (None, None, Some(r)) => regex::Regex::new(&format!("^(?:{r})$"))
+            .map(|r| Some(Text::Regex(r)))
+            .map_err(|e| format!("regex `{r}`: {e}")),
+        _ => Err("set one of exact, prefix and regex".to_owned()),
+    }
 }
 
 /// The retries and timeout of an HTTP route, as the relay applies them.

@@ -167,17 +167,28 @@ pub struct HttpMatch {
     pub port: Option<PortNumber>,
     #[serde(default)]
     pub gateways: Vec<String>,
-    pub uri: Option<IgnoredAny>,
+    pub uri: Option<StringMatch>,
     pub scheme: Option<IgnoredAny>,
-    pub method: Option<IgnoredAny>,
-    pub authority: Option<IgnoredAny>,
-    pub headers: Option<IgnoredAny>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
     pub query_params: Option<IgnoredAny>,
-    pub ignore_uri_case: Option<IgnoredAny>,
+    pub ignore_uri_case: Option<bool>,
     pub without_headers: Option<IgnoredAny>,
     pub source_labels: Option<IgnoredAny>,
     pub source_namespace: Option<IgnoredAny>,
     pub stat_prefix: Option<IgnoredAny>,
+}
+
+/// Istio's StringMatch: one of `exact`, `prefix` and `regex` (RE2, matched whole); none set, on a
+/// header, asks for the header's presence.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StringMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -236,11 +236,11 @@ fn unknown_fields_and_kinds_are_warnings_with_positions() {
         ]
     );
     // Istio's own fields that egress does not apply are named as such, where they are.
-    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [a.example]\n  http:\n  - match:\n    - uri: {prefix: /api}\n    route: [{destination: {host: a.example}}]\n    fault: {abort: {httpStatus: 500}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1}\n    loadBalancr: {simple: RANDOM}\n";
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [a.example]\n  http:\n  - match:\n    - queryParams: {v: {exact: '1'}}\n    route: [{destination: {host: a.example}}]\n    fault: {abort: {httpStatus: 500}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1}\n    loadBalancr: {simple: RANDOM}\n";
     assert_eq!(
         diags_of(yaml),
         [
-            "p.yaml:8:7: warning: `spec.http[0].match[0].uri` is not applied by egress; ignored",
+            "p.yaml:8:7: warning: `spec.http[0].match[0].queryParams` is not applied by egress; ignored",
             "p.yaml:10:5: warning: `spec.http[0].fault` is not applied by egress; ignored",
             "p.yaml:18:5: warning: `spec.trafficPolicy.outlierDetection` is not applied by egress; ignored",
             "p.yaml:19:5: warning: unknown field `spec.trafficPolicy.loadBalancr`; ignored",
@@ -894,7 +894,8 @@ fn routes_steer_the_ports_their_matches_cover() {
             (9443, 0, None)
         ]
     );
-    // HTTP retries on the plain port only; a path match (not applied) covers its whole port.
+    // HTTP retries on the plain port only; a path match covers its whole port (each request
+    // then takes the route it matches).
     assert_eq!(
         steered(&vs(&format!(
             "  http:\n  - match: [{{port: 80, uri: {{prefix: /api}}}}]\n    route: [{UP}]\n    retries: {{attempts: 2}}\n"
@@ -1083,5 +1084,78 @@ spec:
         rule.steer_reason(80).is_some_and(|r| r
             .contains("direct-cnn-through-egress-gateway routes port 80 to the egress gateway")),
         "{rule:?}"
+    );
+}
+
+/// On a port the relay serves as HTTP, each request takes the first route it matches: by path
+/// (exact, prefix, regex, case folded or not), method, authority and headers.
+#[test]
+fn requests_take_the_first_route_they_match() {
+    let yaml = format!(
+        "{SE}  hosts: [api.example]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - match: [{{uri: {{prefix: /Slow}}, ignoreUriCase: true}}]\n    route: [{{destination: {{host: api.example}}}}]\n    timeout: 1s\n  - match:\n    - method: {{exact: POST}}\n      headers: {{X-Retry: {{}}}}\n    - uri: {{regex: '/r/[0-9]+'}}\n      authority: {{prefix: api.}}\n    route: [{{destination: {{host: api.example}}}}]\n    retries: {{attempts: 3}}\n  - match: [{{uri: {{exact: /}}}}, {{headers: {{tier: {{exact: gold}}}}}}]\n    route: [{{destination: {{host: api.example}}}}]\n"
+    );
+    let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    let requests = &plan.rules[0].steered[0].requests;
+    assert_eq!(requests.len(), 3);
+    // Which route a request takes: its index, or none.
+    let route = |method: &str, path: &str, authority: &str, headers: &[(&str, &str)]| {
+        requests.iter().position(|r| {
+            r.matches.iter().any(|m| {
+                m.matches(method, path, Some(authority), |n| {
+                    headers.iter().find(|(k, _)| *k == n).map(|(_, v)| *v)
+                })
+            })
+        })
+    };
+    assert_eq!(route("GET", "/slow/x", "api.example", &[]), Some(0));
+    assert_eq!(route("GET", "/SLOW", "api.example", &[]), Some(0));
+    assert_eq!(
+        route("POST", "/x", "api.example", &[("x-retry", "")]),
+        Some(1)
+    );
+    assert_eq!(route("POST", "/x", "api.example", &[]), None, "no header");
+    assert_eq!(route("GET", "/r/12", "api.example:80", &[]), Some(1));
+    assert_eq!(
+        route("GET", "/r/12/x", "api.example", &[]),
+        None,
+        "regex matched whole"
+    );
+    assert_eq!(route("GET", "/r/12", "other", &[]), None);
+    assert_eq!(route("GET", "/", "api.example", &[]), Some(2));
+    assert_eq!(
+        route("GET", "/x", "api.example", &[("tier", "gold")]),
+        Some(2)
+    );
+    assert_eq!(route("GET", "/x", "api.example", &[("tier", "Gold")]), None);
+    assert_eq!(
+        requests
+            .iter()
+            .map(|r| (r.route.retries, r.route.timeout))
+            .collect::<Vec<_>>(),
+        [
+            (0, Some(std::time::Duration::from_secs(1))),
+            (3, None),
+            (0, None)
+        ]
+    );
+    assert_eq!(requests[2].by, "VirtualService/default/v spec.http[2]");
+
+    // A regex that does not compile, and a match that sets two kinds: errors naming the field.
+    let bad = yaml
+        .replace("'/r/[0-9]+'", "'/r/[0-9'")
+        .replace("{exact: gold}", "{exact: gold, prefix: g}");
+    let errors = errors_of(&bad);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("VirtualService/default/v: spec.http[1].match[1].uri: regex `/r/[0-9`"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1]
+            .contains("spec.http[2].match[1].headers.tier: set one of exact, prefix and regex"),
+        "{errors:?}"
     );
 }

@@ -41,7 +41,7 @@ use crate::{
     events::{Catalog, Name, Record, Word},
     metrics::Status,
     policy::{
-        compile::{ConnectionPool, Origination},
+        compile::{ConnectionPool, Origination, RelayRoute, RequestRoute},
         tls::TlsClient,
     },
 };
@@ -78,9 +78,11 @@ pub(super) async fn serve(
         down: Arc::clone(&down),
         activity: Arc::clone(&activity),
     };
+    let dst = super::dst_of(steered);
     let state = Arc::new(State {
-        dst: super::dst_of(steered),
+        dst,
         rule_id: steered.rule_id,
+        requests: catalog.requests(steered.rule_id, dst.port()),
         leave,
         origin,
         catalog,
@@ -184,6 +186,8 @@ struct Stats {
 struct State {
     dst: SocketAddr,
     rule_id: u32,
+    /// The VirtualService's routes each request is matched against, if the port has them.
+    requests: Option<Arc<[RequestRoute]>>,
     /// Where upstream connections leave from (see `connect_own`).
     leave: Leave,
     origin: Origination,
@@ -375,6 +379,10 @@ impl State {
         self.stats().host = Some(upstream.host.clone());
 
         let (parts, body) = req.into_parts();
+        let route = match self.route(&parts, &upstream) {
+            Ok(route) => route,
+            Err(reason) => return self.fail(StatusCode::NOT_FOUND, "refused", reason),
+        };
         let headers = forwarded_headers(&parts.headers, &host);
         let uri = parts
             .uri
@@ -402,7 +410,6 @@ impl State {
             r
         };
 
-        let route = &upstream.route;
         let tries = if replay.is_some() {
             route.retries.saturating_add(1)
         } else {
@@ -469,6 +476,42 @@ impl State {
             "upstream-failed",
             format!("{} attempt(s) failed; last: {last}", attempts.made),
         )
+    }
+
+    /// The route a request takes: the first of the VirtualService's routes it matches, as
+    /// Envoy picks it; the port's own where it has none. The error says that none matches.
+    fn route<'a>(
+        &'a self,
+        parts: &http::request::Parts,
+        upstream: &'a crate::events::Upstream,
+    ) -> Result<&'a RelayRoute, String> {
+        let Some(requests) = &self.requests else {
+            return Ok(&upstream.route);
+        };
+        let path = parts.uri.path();
+        let authority = match parts.uri.authority() {
+            Some(a) => Some(a.as_str()),
+            None => parts
+                .headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok()),
+        };
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let method = parts.method.as_str();
+        requests
+            .iter()
+            .find(|r| {
+                r.matches.is_empty()
+                    || r.matches
+                        .iter()
+                        .any(|m| m.matches(method, path, authority, header))
+            })
+            .map(|r| &r.route)
+            .ok_or_else(|| {
+                let by = requests.first().map_or("", |r| r.by.as_str());
+                let vs = by.split(" spec.").next().unwrap_or(by);
+                format!("no route of {vs} matches {method} {path}")
+            })
     }
 
     /// One try: the connection this client used last, or one another client left in the pool,
