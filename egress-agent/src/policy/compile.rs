@@ -102,10 +102,15 @@ pub struct RequestRoute {
 pub struct RequestMatch {
     pub uri: Option<Text>,
     pub ignore_uri_case: bool,
+    pub scheme: Option<Text>,
     pub method: Option<Text>,
     pub authority: Option<Text>,
     /// By lower-case name; `None`: the header is present.
     pub headers: Vec<(String, Option<Text>)>,
+    /// Headers that must not match so (`withoutHeaders`).
+    pub without_headers: Vec<(String, Option<Text>)>,
+    /// By name, as the query has it; `None`: the parameter is present.
+    pub query: Vec<(String, Option<Text>)>,
 }
 
 /// A StringMatch, compiled.
@@ -147,17 +152,34 @@ impl Text {
 
 impl RequestMatch {
     /// Whether a request meets every field: `path` is the request's path without its query, as
-    /// Envoy matches it; `header` gives a header's value by lower-case name.
+    /// Envoy matches it; `query` its query, if any; `header` gives a header's value by lower-case
+    /// name. The scheme is `http`: the relay serves plain HTTP.
     pub fn matches<'h>(
         &self,
         method: &str,
         path: &str,
+        query: Option<&str>,
         authority: Option<&str>,
         header: impl Fn(&str) -> Option<&'h str>,
     ) -> bool {
+        let has = |(name, t): &(String, Option<Text>)| match (header(name), t) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(v), Some(t)) => t.matches(v, false),
+        };
+        let param = |name: &str| {
+            query?.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (k == name).then_some(v)
+            })
+        };
         self.uri
             .as_ref()
             .is_none_or(|t| t.matches(path, self.ignore_uri_case))
+            && self
+                .scheme
+                .as_ref()
+                .is_none_or(|t| t.matches("http", false))
             && self
                 .method
                 .as_ref()
@@ -166,14 +188,13 @@ impl RequestMatch {
                 .authority
                 .as_ref()
                 .is_none_or(|t| authority.is_some_and(|a| t.matches(a, false)))
-            && self
-                .headers
-                .iter()
-                .all(|(name, t)| match (header(name), t) {
-                    (None, _) => false,
-                    (Some(_), None) => true,
-                    (Some(v), Some(t)) => t.matches(v, false),
-                })
+            && self.headers.iter().all(has)
+            && !self.without_headers.iter().any(has)
+            && self.query.iter().all(|(name, t)| match (param(name), t) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(v), Some(t)) => t.matches(v, false),
+            })
     }
 }
 
@@ -1067,13 +1088,24 @@ fn compile_route(
         let mut compiled = RequestMatch {
             uri: text("uri", m.uri.as_ref()),
             ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
+            scheme: text("scheme", m.scheme.as_ref()),
             method: text("method", m.method.as_ref()),
             authority: text("authority", m.authority.as_ref()),
-            headers: Vec::new(),
+            ..RequestMatch::default()
         };
         for (name, sm) in &m.headers {
             let t = text(&format!("headers.{name}"), Some(sm));
             compiled.headers.push((name.to_ascii_lowercase(), t));
+        }
+        for (name, sm) in &m.without_headers {
+            let t = text(&format!("withoutHeaders.{name}"), Some(sm));
+            compiled
+                .without_headers
+                .push((name.to_ascii_lowercase(), t));
+        }
+        for (name, sm) in &m.query_params {
+            let t = text(&format!("queryParams.{name}"), Some(sm));
+            compiled.query.push((name.clone(), t));
         }
         matches.push((m.port, compiled));
     }

@@ -359,9 +359,6 @@ const VIRTUAL_SERVICE_UNAPPLIED: &[&str] = &[
     "corsPolicy",
     // A route's header operations; a match's `headers` are applied.
     "headers",
-    "scheme",
-    "queryParams",
-    "withoutHeaders",
     "sourceLabels",
     "sourceNamespace",
     "sourceSubnet",

@@ -168,14 +168,16 @@ pub struct HttpMatch {
     #[serde(default)]
     pub gateways: Vec<String>,
     pub uri: Option<StringMatch>,
-    pub scheme: Option<IgnoredAny>,
+    pub scheme: Option<StringMatch>,
     pub method: Option<StringMatch>,
     pub authority: Option<StringMatch>,
     #[serde(default)]
     pub headers: BTreeMap<String, StringMatch>,
-    pub query_params: Option<IgnoredAny>,
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
     pub ignore_uri_case: Option<bool>,
-    pub without_headers: Option<IgnoredAny>,
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatch>,
     pub source_labels: Option<IgnoredAny>,
     pub source_namespace: Option<IgnoredAny>,
     pub stat_prefix: Option<IgnoredAny>,

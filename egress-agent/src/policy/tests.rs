@@ -236,11 +236,11 @@ fn unknown_fields_and_kinds_are_warnings_with_positions() {
         ]
     );
     // Istio's own fields that egress does not apply are named as such, where they are.
-    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [a.example]\n  http:\n  - match:\n    - queryParams: {v: {exact: '1'}}\n    route: [{destination: {host: a.example}}]\n    fault: {abort: {httpStatus: 500}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1}\n    loadBalancr: {simple: RANDOM}\n";
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [a.example]\n  http:\n  - match:\n    - sourceLabels: {app: shop}\n    route: [{destination: {host: a.example}}]\n    fault: {abort: {httpStatus: 500}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1}\n    loadBalancr: {simple: RANDOM}\n";
     assert_eq!(
         diags_of(yaml),
         [
-            "p.yaml:8:7: warning: `spec.http[0].match[0].queryParams` is not applied by egress; ignored",
+            "p.yaml:8:7: warning: `spec.http[0].match[0].sourceLabels` is not applied by egress; ignored",
             "p.yaml:10:5: warning: `spec.http[0].fault` is not applied by egress; ignored",
             "p.yaml:18:5: warning: `spec.trafficPolicy.outlierDetection` is not applied by egress; ignored",
             "p.yaml:19:5: warning: unknown field `spec.trafficPolicy.loadBalancr`; ignored",
@@ -1092,19 +1092,23 @@ spec:
 #[test]
 fn requests_take_the_first_route_they_match() {
     let yaml = format!(
-        "{SE}  hosts: [api.example]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - match: [{{uri: {{prefix: /Slow}}, ignoreUriCase: true}}]\n    route: [{{destination: {{host: api.example}}}}]\n    timeout: 1s\n  - match:\n    - method: {{exact: POST}}\n      headers: {{X-Retry: {{}}}}\n    - uri: {{regex: '/r/[0-9]+'}}\n      authority: {{prefix: api.}}\n    route: [{{destination: {{host: api.example}}}}]\n    retries: {{attempts: 3}}\n  - match: [{{uri: {{exact: /}}}}, {{headers: {{tier: {{exact: gold}}}}}}]\n    route: [{{destination: {{host: api.example}}}}]\n"
+        "{SE}  hosts: [api.example]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - match: [{{uri: {{prefix: /Slow}}, ignoreUriCase: true}}]\n    route: [{{destination: {{host: api.example}}}}]\n    timeout: 1s\n  - match:\n    - method: {{exact: POST}}\n      headers: {{X-Retry: {{}}}}\n    - uri: {{regex: '/r/[0-9]+'}}\n      authority: {{prefix: api.}}\n    route: [{{destination: {{host: api.example}}}}]\n    retries: {{attempts: 3}}\n  - match: [{{uri: {{exact: /}}}}, {{headers: {{tier: {{exact: gold}}}}}}]\n    route: [{{destination: {{host: api.example}}}}]\n  - match: [{{queryParams: {{v: {{regex: '[12]'}}, debug: {{}}}}, withoutHeaders: {{canary: {{}}}}, scheme: {{exact: http}}}}]\n    route: [{{destination: {{host: api.example}}}}]\n"
     );
     let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
     assert!(d.is_empty(), "{d:?}");
     let (plan, d) = compile(&pol, None);
     assert!(d.is_empty(), "{d:?}");
     let requests = &plan.rules[0].steered[0].requests;
-    assert_eq!(requests.len(), 3);
+    assert_eq!(requests.len(), 4);
     // Which route a request takes: its index, or none.
     let route = |method: &str, path: &str, authority: &str, headers: &[(&str, &str)]| {
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
         requests.iter().position(|r| {
             r.matches.iter().any(|m| {
-                m.matches(method, path, Some(authority), |n| {
+                m.matches(method, path, query, Some(authority), |n| {
                     headers.iter().find(|(k, _)| *k == n).map(|(_, v)| *v)
                 })
             })
@@ -1130,6 +1134,15 @@ fn requests_take_the_first_route_they_match() {
         Some(2)
     );
     assert_eq!(route("GET", "/x", "api.example", &[("tier", "Gold")]), None);
+    assert_eq!(route("GET", "/q?v=2&debug", "api.example", &[]), Some(3));
+    assert_eq!(route("GET", "/q?debug=&v=1", "api.example", &[]), Some(3));
+    assert_eq!(route("GET", "/q?v=3&debug", "api.example", &[]), None, "v");
+    assert_eq!(route("GET", "/q?v=2", "api.example", &[]), None, "no debug");
+    assert_eq!(
+        route("GET", "/q?v=2&debug", "api.example", &[("canary", "1")]),
+        None,
+        "without the canary header only"
+    );
     assert_eq!(
         requests
             .iter()
@@ -1138,6 +1151,7 @@ fn requests_take_the_first_route_they_match() {
         [
             (0, Some(std::time::Duration::from_secs(1))),
             (3, None),
+            (0, None),
             (0, None)
         ]
     );

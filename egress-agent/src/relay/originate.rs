@@ -504,7 +504,7 @@ impl State {
                 r.matches.is_empty()
                     || r.matches
                         .iter()
-                        .any(|m| m.matches(method, path, authority, header))
+                        .any(|m| m.matches(method, path, parts.uri.query(), authority, header))
             })
             .map(|r| &r.route)
             .ok_or_else(|| {
