@@ -114,6 +114,9 @@ metadata: {name: api}
 spec:
   hosts: [api.pool.test]
   http:
+  - match: [{port: 80, uri: {prefix: /slow}}]
+    route: [{destination: {host: api.pool.test}}]
+    timeout: 30s
   - route: [{destination: {host: api.pool.test}}]
     timeout: 5s
 ---
@@ -173,7 +176,9 @@ spec:
             "steer tcp 192.0.2.50:80 ServiceEntry/default/api\n  why: \
              VirtualService/default/api gives port 80 retries or a timeout (spec.http[0])\n  \
              relay: plain HTTP in and out to port 80; each request's host must be a host of \
-             ServiceEntry/default/api\n"
+             ServiceEntry/default/api\n  requests: each takes the first route it matches of \
+             VirtualService/default/api spec.http[0], VirtualService/default/api spec.http[1]; \
+             one that matches none is answered 404\n"
         ),
         "{out}"
     );

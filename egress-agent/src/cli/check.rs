@@ -140,6 +140,22 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                 ),
             },
         }
+        let requests = rule
+            .steered
+            .iter()
+            .find(|s| s.port == port)
+            .map_or(&[][..], |s| &s.requests[..]);
+        if requests.iter().any(|r| !r.matches.is_empty()) {
+            println!(
+                "  requests: each takes the first route it matches of {}; one that matches none is \
+                 answered 404",
+                requests
+                    .iter()
+                    .map(|r| r.by.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         if let Some((_, pool)) = rule.pools.iter().find(|(p, _)| *p == port) {
             println!("  connection pool: {} ({})", pool_text(pool), pool.by);
         }
