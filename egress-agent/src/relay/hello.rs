@@ -169,24 +169,40 @@ pub fn detect(first: &[u8]) -> Option<Detected> {
 /// Waits for a client's first bytes, without taking them, until [`detect`] can tell what they
 /// are, at `wait` at the latest.
 pub async fn sniff(stream: &tokio::net::TcpStream, wait: Duration) -> Result<Detected, HelloError> {
+    use std::os::fd::AsRawFd as _;
+
+    use nix::sys::socket::{MsgFlags, recv};
+    use tokio::io::Interest;
+
     let deadline = tokio::time::Instant::now() + wait;
     // The longest method and its space, as long as the preface's part that tells it.
     let mut first = [0u8; 8];
+    let mut peek = || {
+        let n = recv(
+            stream.as_raw_fd(),
+            &mut first,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        match detect(&first[..n]) {
+            Some(d) => Ok(Some(d)),
+            // A request line's start, with more on its way: waiting for readiness again, as for
+            // nothing read, waits for the next bytes instead of peeking at these again.
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    };
     loop {
-        let n = timeout_at(deadline, stream.peek(&mut first))
+        timeout_at(deadline, stream.readable())
             .await
             .map_err(|_| HelloError::Silent(wait))??;
-        if n == 0 {
-            return Err(HelloError::ClosedEarly);
+        match stream.try_io(Interest::READABLE, &mut peek) {
+            Ok(Some(d)) => return Ok(d),
+            Ok(None) => return Err(HelloError::ClosedEarly),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
         }
-        if let Some(d) = detect(&first[..n]) {
-            return Ok(d);
-        }
-        // A request line's start that is still on its way: peek finds the same bytes until more
-        // come, so look again a little later rather than spin.
-        timeout_at(deadline, tokio::time::sleep(Duration::from_millis(1)))
-            .await
-            .map_err(|_| HelloError::Silent(wait))?;
     }
 }
 
@@ -488,6 +504,40 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request line split after its first bytes is told once the rest comes; bytes that never
+    /// tell give up at the limit. Nothing is taken off the socket.
+    #[tokio::test]
+    async fn sniffing_waits_for_the_bytes_that_tell() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("address");
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        client.write_all(b"GE").await.expect("send");
+        let more = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(b"T / HTTP/1.1\r\n").await.expect("send");
+        };
+        let (told, ()) = tokio::join!(sniff(&server, Duration::from_secs(5)), more);
+        assert_eq!(told.expect("told"), Detected::Http);
+        let mut line = [0u8; 16];
+        server.read_exact(&mut line).await.expect("read");
+        assert_eq!(
+            &line, b"GET / HTTP/1.1\r\n",
+            "the bytes stay for the server"
+        );
+
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        client.write_all(b"P").await.expect("send");
+        let started = std::time::Instant::now();
+        let told = sniff(&server, Duration::from_millis(200)).await;
+        assert!(matches!(told, Err(HelloError::Silent(_))), "{told:?}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
 
     #[test]
     fn a_clients_first_bytes_tell_its_protocol_once_they_can() {
