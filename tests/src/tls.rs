@@ -210,8 +210,8 @@ impl World {
 
 impl World {
     /// A plain HTTP/1.1 server at `addr` in the world: it answers each request on a connection
-    /// `200` with the body `host=<Host header>\n` until the client closes. `names` holds each
-    /// request's Host header.
+    /// `200` with the body `host=<Host header>\n`, then `name=value\n` for each `x-` header it
+    /// got, until the client closes. `names` holds each request's Host header.
     pub fn http_server(&self, addr: SocketAddr) -> Arc<Seen> {
         let listener = self.listen(addr);
         let seen = Arc::new(Seen::default());
@@ -227,15 +227,19 @@ impl World {
                     let mut reader = BufReader::new(tcp);
                     loop {
                         let (mut line, mut host, mut lines) = (String::new(), None, 0);
+                        let mut extra = String::new();
                         while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
                             lines += 1;
                             if line == "\r\n" {
                                 break;
                             }
-                            if let Some((name, value)) = line.split_once(':')
-                                && name.eq_ignore_ascii_case("host")
-                            {
-                                host = Some(value.trim().to_owned());
+                            if let Some((name, value)) = line.split_once(':') {
+                                let name = name.to_ascii_lowercase();
+                                if name == "host" {
+                                    host = Some(value.trim().to_owned());
+                                } else if name.starts_with("x-") {
+                                    extra += &format!("{name}={}\n", value.trim());
+                                }
                             }
                             line.clear();
                         }
@@ -243,7 +247,7 @@ impl World {
                             return;
                         }
                         s.names.lock().expect("names").push(host.clone());
-                        let body = format!("host={}\n", host.unwrap_or_default());
+                        let body = format!("host={}\n{extra}", host.unwrap_or_default());
                         let answered = write!(
                             out,
                             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",

@@ -292,6 +292,11 @@ spec:
   - match: [{{gateways: [mesh], port: 80, uri: {{regex: '/[ab]?'}}}}]
     route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
     timeout: 5s
+  - match: [{{gateways: [mesh], port: 80, uri: {{exact: /headers}}}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
+    headers:
+      request: {{set: {{x-egress: relayed}}, remove: [x-secret]}}
+      response: {{add: {{x-route: headers}}}}
   - match: [{{gateways: [egress], port: 80}}]
     route: [{{destination: {{host: web.test}}}}]
 ",
@@ -353,6 +358,20 @@ spec:
     );
     assert_eq!(web.names().len(), 3, "a refused request reached upstream");
 
+    // A route's header operations, on the request sent on and on its answer.
+    let out = curl(
+        &cg,
+        ip,
+        &["http://web.test/headers"],
+        &["-H", "x-secret: 1", "-H", "x-kept: 2", "-D", "-"],
+    );
+    let text = stdout(&out);
+    assert!(
+        text.ends_with("host=web.test\nx-kept=2\nx-egress=relayed\n200\n"),
+        "{out:?}"
+    );
+    assert!(text.contains("\r\nx-route: headers\r\n"), "{out:?}");
+
     // A path no route of the mesh's matches: 404, as Envoy answers it, and nothing sent on.
     let out = curl(&cg, ip, &["http://web.test/c"], &[]);
     assert!(stdout(&out).ends_with("404\n"), "{out:?}");
@@ -364,7 +383,7 @@ spec:
         Some("no route of VirtualService/shop/web-via-gateway matches GET /c"),
         "{r:?}"
     );
-    assert_eq!(web.names().len(), 3, "an unrouted request reached upstream");
+    assert_eq!(web.names().len(), 4, "an unrouted request reached upstream");
     a.shutdown().await;
 }
 

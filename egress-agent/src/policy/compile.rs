@@ -17,8 +17,8 @@ use crate::events::host_matches;
 use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{
-        ConnectionPoolSettings, DestinationRuleSpec, HttpRoute, IstioDuration, PortNumber,
-        Protocol, Resolution, Retries, RouteDestination, ServiceEntrySpec, ServicePort,
+        ConnectionPoolSettings, DestinationRuleSpec, HeaderOperations, HttpRoute, IstioDuration,
+        PortNumber, Protocol, Resolution, Retries, RouteDestination, ServiceEntrySpec, ServicePort,
         StringMatch, TlsMode, Transport, VirtualServiceSpec,
     },
     tls::{TlsClient, client_config},
@@ -93,8 +93,44 @@ pub struct RequestRoute {
     /// The route's matches that apply to the port; none: every request.
     pub matches: Vec<RequestMatch>,
     pub route: RelayRoute,
+    /// The route's header operations, then its first destination's.
+    pub headers: HeaderOps,
     /// `VirtualService/ns/name spec.http[i]`.
     pub by: String,
+}
+
+/// Header operations on a request sent upstream, or on its response: remove, then set
+/// (replacing), then add (appending).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderOps {
+    pub request: Vec<HeaderOp>,
+    pub response: Vec<HeaderOp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderOp {
+    Remove(http::HeaderName),
+    Set(http::HeaderName, http::HeaderValue),
+    Add(http::HeaderName, http::HeaderValue),
+}
+
+impl HeaderOps {
+    /// Applies `ops` to `headers`, in order.
+    pub fn apply(ops: &[HeaderOp], headers: &mut http::HeaderMap) {
+        for op in ops {
+            match op {
+                HeaderOp::Remove(name) => {
+                    headers.remove(name);
+                }
+                HeaderOp::Set(name, value) => {
+                    headers.insert(name, value.clone());
+                }
+                HeaderOp::Add(name, value) => {
+                    headers.append(name, value.clone());
+                }
+            }
+        }
+    }
 }
 
 /// An HTTP match's request fields that the relay judges.
@@ -775,6 +811,7 @@ fn steered_ports(
                             .map(|(_, m)| m)
                             .collect(),
                         route: c.route,
+                        headers: c.headers,
                         by: format!("{} spec.http[{i}]", vs.label()),
                     }
                 })
@@ -1056,6 +1093,7 @@ fn destination_rule<'a>(
 struct Compiled {
     route: RelayRoute,
     matches: Vec<(Option<PortNumber>, RequestMatch)>,
+    headers: HeaderOps,
 }
 
 fn compile_route(
@@ -1109,10 +1147,69 @@ fn compile_route(
         }
         matches.push((m.port, compiled));
     }
+    let mut headers = HeaderOps::default();
+    let levels = [
+        (r.headers.as_ref(), format!("spec.http[{i}].headers")),
+        (
+            r.route.first().and_then(|d| d.headers.as_ref()),
+            format!("spec.http[{i}].route[0].headers"),
+        ),
+    ];
+    for (ops, field) in levels {
+        let Some(ops) = ops else { continue };
+        for (ops, to, part) in [
+            (&ops.request, &mut headers.request, "request"),
+            (&ops.response, &mut headers.response, "response"),
+        ] {
+            let Some(ops) = ops else { continue };
+            if let Err(e) = header_ops(ops, to) {
+                diag(
+                    diags,
+                    Severity::Error,
+                    &vs.source,
+                    format!("{}: {field}.{part}.{e}", vs.label()),
+                );
+            }
+        }
+    }
     Compiled {
         route: relay_route(vs, i, r, diags),
         matches,
+        headers,
     }
+}
+
+/// Header operations compiled onto `to`: removes, sets, adds. Names and values must be valid
+/// HTTP/1.1 fields; `Host` and framing headers are the relay's to set.
+fn header_ops(ops: &HeaderOperations, to: &mut Vec<HeaderOp>) -> Result<(), String> {
+    let name = |field: &str, n: &str| {
+        let name = http::HeaderName::from_bytes(n.as_bytes())
+            .map_err(|_| format!("{field}: `{n}` is not a header name"))?;
+        if [
+            http::header::HOST,
+            http::header::CONTENT_LENGTH,
+            http::header::TRANSFER_ENCODING,
+            http::header::CONNECTION,
+        ]
+        .contains(&name)
+        {
+            return Err(format!("{field}: `{n}` is not a header egress sets"));
+        }
+        Ok(name)
+    };
+    let value = |field: &str, n: &str, v: &str| {
+        http::HeaderValue::from_str(v).map_err(|_| format!("{field}.{n}: not a header value"))
+    };
+    for n in &ops.remove {
+        to.push(HeaderOp::Remove(name("remove", n)?));
+    }
+    for (n, v) in &ops.set {
+        to.push(HeaderOp::Set(name("set", n)?, value("set", n, v)?));
+    }
+    for (n, v) in &ops.add {
+        to.push(HeaderOp::Add(name("add", n)?, value("add", n, v)?));
+    }
+    Ok(())
 }
 
 /// A StringMatch: none set is `None` (any text; a header's presence).

@@ -357,8 +357,6 @@ const VIRTUAL_SERVICE_UNAPPLIED: &[&str] = &[
     "mirrors",
     "mirrorPercentage",
     "corsPolicy",
-    // A route's header operations; a match's `headers` are applied.
-    "headers",
     "sourceLabels",
     "sourceNamespace",
     "sourceSubnet",

@@ -157,7 +157,26 @@ pub struct HttpRoute {
     pub mirrors: Option<IgnoredAny>,
     pub mirror_percentage: Option<IgnoredAny>,
     pub cors_policy: Option<IgnoredAny>,
-    pub headers: Option<IgnoredAny>,
+    pub headers: Option<Headers>,
+}
+
+/// Istio's header operations, on the request sent upstream and the response sent back.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Headers {
+    pub request: Option<HeaderOperations>,
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderOperations {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -252,7 +271,7 @@ pub struct L4Match {
 pub struct RouteDestination {
     pub destination: Destination,
     pub weight: Option<i32>,
-    pub headers: Option<IgnoredAny>,
+    pub headers: Option<Headers>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

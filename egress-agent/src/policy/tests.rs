@@ -3,7 +3,12 @@ use std::{collections::HashMap, net::IpAddr, path::Path};
 
 use egress_common::Verdict;
 
-use super::{Mode, Severity, compile, compile::Carry, load, load_str, schema::Transport};
+use super::{
+    Mode, Severity, compile,
+    compile::{Carry, HeaderOp},
+    load, load_str,
+    schema::Transport,
+};
 
 /// Every diagnostic for one file: loading, then compiling if loading found no error.
 fn diagnostics(yaml: &str) -> Vec<super::Diagnostic> {
@@ -1172,4 +1177,54 @@ fn requests_take_the_first_route_they_match() {
             .contains("spec.http[2].match[1].headers.tier: set one of exact, prefix and regex"),
         "{errors:?}"
     );
+}
+
+/// A route's header operations, and its first destination's, in order; fields the relay must
+/// set itself, and names or values that are not HTTP's, are errors naming the field.
+#[test]
+fn header_operations_compile_in_order_and_bad_ones_are_errors() {
+    let yaml = |ops: &str| {
+        format!(
+            "{SE}  hosts: [api.example]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - route:\n    - destination: {{host: api.example}}\n      headers: {{request: {{add: {{x-b: '2'}}}}}}\n    timeout: 1s\n    headers: {ops}\n"
+        )
+    };
+    let (pol, d) = load_str(
+        &yaml("{request: {set: {x-a: '1'}, remove: [x-c]}, response: {add: {x-d: '4'}}}"),
+        Path::new("p.yaml"),
+    );
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    let ops = &plan.rules[0].steered[0].requests[0].headers;
+    let name = |n: &'static str| http::HeaderName::from_static(n);
+    let value = |v: &'static str| http::HeaderValue::from_static(v);
+    assert_eq!(
+        ops.request,
+        [
+            HeaderOp::Remove(name("x-c")),
+            HeaderOp::Set(name("x-a"), value("1")),
+            HeaderOp::Add(name("x-b"), value("2"))
+        ]
+    );
+    assert_eq!(ops.response, [HeaderOp::Add(name("x-d"), value("4"))]);
+    for (ops, want) in [
+        (
+            "{request: {set: {host: evil.example}}}",
+            "spec.http[0].headers.request.set: `host` is not a header egress sets",
+        ),
+        (
+            "{response: {add: {'bad name': x}}}",
+            "spec.http[0].headers.response.add: `bad name` is not a header name",
+        ),
+        (
+            "{request: {set: {x-a: \"a\\nb\"}}}",
+            "spec.http[0].headers.request.set.x-a: not a header value",
+        ),
+    ] {
+        let errors = errors_of(&yaml(ops));
+        assert!(
+            errors.len() == 1 && errors[0].contains(want),
+            "{ops}: {errors:?}"
+        );
+    }
 }

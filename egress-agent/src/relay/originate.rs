@@ -41,7 +41,7 @@ use crate::{
     events::{Catalog, Name, Record, Word},
     metrics::Status,
     policy::{
-        compile::{ConnectionPool, Origination, RelayRoute, RequestRoute},
+        compile::{ConnectionPool, HeaderOps, Origination, RelayRoute, RequestRoute},
         tls::TlsClient,
     },
 };
@@ -379,11 +379,14 @@ impl State {
         self.stats().host = Some(upstream.host.clone());
 
         let (parts, body) = req.into_parts();
-        let route = match self.route(&parts, &upstream) {
-            Ok(route) => route,
+        let (route, ops) = match self.route(&parts, &upstream) {
+            Ok(chosen) => chosen,
             Err(reason) => return self.fail(StatusCode::NOT_FOUND, "refused", reason),
         };
-        let headers = forwarded_headers(&parts.headers, &host);
+        let mut headers = forwarded_headers(&parts.headers, &host);
+        if let Some(ops) = ops {
+            HeaderOps::apply(&ops.request, &mut headers);
+        }
         let uri = parts
             .uri
             .path_and_query()
@@ -455,7 +458,7 @@ impl State {
                 {
                     last = format!("{target} answered {}", response.status());
                 }
-                Ok(response) => return self.answer(target, response),
+                Ok(response) => return self.answer(target, response, ops),
                 Err(Failure::Certificate(e)) => {
                     return self.fail(StatusCode::SERVICE_UNAVAILABLE, "upstream-failed", e);
                 }
@@ -484,9 +487,9 @@ impl State {
         &'a self,
         parts: &http::request::Parts,
         upstream: &'a crate::events::Upstream,
-    ) -> Result<&'a RelayRoute, String> {
+    ) -> Result<(&'a RelayRoute, Option<&'a HeaderOps>), String> {
         let Some(requests) = &self.requests else {
-            return Ok(&upstream.route);
+            return Ok((&upstream.route, None));
         };
         let path = parts.uri.path();
         let authority = match parts.uri.authority() {
@@ -506,7 +509,7 @@ impl State {
                         .iter()
                         .any(|m| m.matches(method, path, parts.uri.query(), authority, header))
             })
-            .map(|r| &r.route)
+            .map(|r| (&r.route, Some(&r.headers)))
             .ok_or_else(|| {
                 let by = requests.first().map_or("", |r| r.by.as_str());
                 let vs = by.split(" spec.").next().unwrap_or(by);
@@ -611,7 +614,12 @@ impl State {
                 .is_none_or(|max| upstream.opened.elapsed() < max)
     }
 
-    fn answer(&self, target: SocketAddr, response: Response<Incoming>) -> Response<Body> {
+    fn answer(
+        &self,
+        target: SocketAddr,
+        response: Response<Incoming>,
+        ops: Option<&HeaderOps>,
+    ) -> Response<Body> {
         {
             let mut stats = self.stats();
             stats.status = Some(response.status().as_u16());
@@ -619,6 +627,9 @@ impl State {
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(ops) = ops {
+            HeaderOps::apply(&ops.response, &mut parts.headers);
+        }
         Response::from_parts(parts, body.boxed())
     }
 }
