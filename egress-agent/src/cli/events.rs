@@ -262,21 +262,26 @@ fn detail(r: &Record) -> String {
         "packet" => format!("on {}", dash(&r.iface)),
         "sockopt" => "socket option refused".to_owned(),
         "relay" => {
+            // A connection carried as it came, or served as plain HTTP, has no server name.
+            let sni = r
+                .sni
+                .as_deref()
+                .map_or_else(String::new, |s| format!(" sni {s}"));
             let mut d = format!(
-                "{} sni {} -> {}, up {} B, down {} B, {} ms",
+                "{}{sni} -> {}, up {} B, down {} B, {} ms",
                 dash(&r.outcome),
-                dash(&r.sni),
                 dash(&r.upstream),
                 r.bytes_up.unwrap_or(0),
                 r.bytes_down.unwrap_or(0),
                 r.duration_ms.unwrap_or(0)
             );
-            if let Some(mode) = &r.origination {
-                d.push_str(&format!(
-                    ", TLS {mode} originated, {} request(s), last {}",
-                    r.requests.unwrap_or(0),
-                    r.status.map_or_else(|| "-".to_owned(), |s| s.to_string())
-                ));
+            if let Some(requests) = r.requests {
+                let status = r.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
+                match &r.origination {
+                    Some(mode) => d.push_str(&format!(", TLS {mode} originated")),
+                    None => d.push_str(", plain HTTP"),
+                }
+                d.push_str(&format!(", {requests} request(s), last {status}"));
             }
             if r.outcome.as_deref() != Some("ok")
                 && let Some(reason) = &r.reason
@@ -442,6 +447,40 @@ mod tests {
         let row = out.lines().nth(1).expect("a row");
         assert!(row.contains(" \\u{1b}]0;owned\\u{7}x "), "{row}");
         assert!(row.ends_with("on eth\\u{1b}[2J"), "{row}");
+    }
+
+    /// A relay record's detail: the server name where there was one, and the requests where the
+    /// relay served HTTP.
+    #[test]
+    fn relay_details_say_what_the_relay_saw() {
+        let detail_of = |line: &str| {
+            let mut out = Vec::new();
+            Printer::new(false)
+                .write(&mut out, line, &record(line))
+                .expect("write");
+            let out = String::from_utf8(out).expect("utf8");
+            let row = out.lines().nth(1).expect("a row").to_owned();
+            row.split("  ").last().expect("detail").trim().to_owned()
+        };
+        let base = r#"{"time":"2026-01-01T10:00:00Z","kind":"relay","verdict":"steer","proto":"tcp","dst":"198.18.0.10:443","upstream":"198.18.0.10:443","bytes_up":10,"bytes_down":20,"duration_ms":3,"outcome":"ok""#;
+        assert_eq!(
+            detail_of(&format!(r#"{base},"sni":"a.test"}}"#)),
+            "ok sni a.test -> 198.18.0.10:443, up 10 B, down 20 B, 3 ms"
+        );
+        assert_eq!(
+            detail_of(&format!(r#"{base}}}"#)),
+            "ok -> 198.18.0.10:443, up 10 B, down 20 B, 3 ms"
+        );
+        assert_eq!(
+            detail_of(&format!(r#"{base},"requests":2,"status":200}}"#)),
+            "ok -> 198.18.0.10:443, up 10 B, down 20 B, 3 ms, plain HTTP, 2 request(s), last 200"
+        );
+        assert_eq!(
+            detail_of(&format!(
+                r#"{base},"sni":"a.test","origination":"SIMPLE","requests":1,"status":503}}"#
+            )),
+            "ok sni a.test -> 198.18.0.10:443, up 10 B, down 20 B, 3 ms, TLS SIMPLE originated, 1 request(s), last 503"
+        );
     }
 
     #[test]
