@@ -136,6 +136,8 @@ pub struct Seen {
     pub retries: AtomicUsize,
     /// The bytes each ended connection read.
     pub read: Mutex<Vec<usize>>,
+    /// A plain HTTP server's: each request's target.
+    pub paths: Mutex<Vec<String>>,
 }
 
 impl Seen {
@@ -153,6 +155,10 @@ impl Seen {
 
     pub fn names(&self) -> Vec<Option<String>> {
         self.names.lock().expect("names").clone()
+    }
+
+    pub fn paths(&self) -> Vec<String> {
+        self.paths.lock().expect("paths").clone()
     }
 
     pub fn peers(&self) -> Vec<SocketAddr> {
@@ -228,12 +234,15 @@ impl World {
                     loop {
                         let (mut line, mut host, mut lines) = (String::new(), None, 0);
                         let mut extra = String::new();
+                        let mut target = None;
                         while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
                             lines += 1;
                             if line == "\r\n" {
                                 break;
                             }
-                            if let Some((name, value)) = line.split_once(':') {
+                            if lines == 1 {
+                                target = line.split(' ').nth(1).map(str::to_owned);
+                            } else if let Some((name, value)) = line.split_once(':') {
                                 let name = name.to_ascii_lowercase();
                                 if name == "host" {
                                     host = Some(value.trim().to_owned());
@@ -247,6 +256,10 @@ impl World {
                             return;
                         }
                         s.names.lock().expect("names").push(host.clone());
+                        s.paths
+                            .lock()
+                            .expect("paths")
+                            .push(target.unwrap_or_default());
                         let body = format!("host={}\n{extra}", host.unwrap_or_default());
                         let answered = write!(
                             out,

@@ -292,6 +292,9 @@ spec:
   - match: [{{gateways: [mesh], port: 80, uri: {{regex: '/[ab]?'}}}}]
     route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
     timeout: 5s
+  - match: [{{gateways: [mesh], port: 80, uri: {{prefix: /old/}}}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
+    rewrite: {{uri: /new/, authority: web.test:8080}}
   - match: [{{gateways: [mesh], port: 80, uri: {{exact: /headers}}}}]
     route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
     headers:
@@ -372,6 +375,11 @@ spec:
     );
     assert!(text.contains("\r\nx-route: headers\r\n"), "{out:?}");
 
+    // A route's rewrite: the matched prefix and the authority, the query kept.
+    let out = curl(&cg, ip, &["http://web.test/old/x?q=1"], &[]);
+    assert_eq!(stdout(&out), "host=web.test:8080\n200\n", "{out:?}");
+    assert_eq!(web.paths().last().map(String::as_str), Some("/new/x?q=1"));
+
     // A path no route of the mesh's matches: 404, as Envoy answers it, and nothing sent on.
     let out = curl(&cg, ip, &["http://web.test/c"], &[]);
     assert!(stdout(&out).ends_with("404\n"), "{out:?}");
@@ -383,7 +391,7 @@ spec:
         Some("no route of VirtualService/shop/web-via-gateway matches GET /c"),
         "{r:?}"
     );
-    assert_eq!(web.names().len(), 4, "an unrouted request reached upstream");
+    assert_eq!(web.names().len(), 5, "an unrouted request reached upstream");
     a.shutdown().await;
 }
 

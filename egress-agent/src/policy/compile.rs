@@ -95,8 +95,40 @@ pub struct RequestRoute {
     pub route: RelayRoute,
     /// The route's header operations, then its first destination's.
     pub headers: HeaderOps,
+    /// The route's `rewrite`.
+    pub rewrite: Rewrite,
     /// `VirtualService/ns/name spec.http[i]`.
     pub by: String,
+}
+
+/// A route's `rewrite` of the request sent upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    /// In place of the path the match's `prefix` matched, else of the whole path.
+    pub uri: Option<String>,
+    /// The `Host` sent upstream, and the server name TLS origination sends where the
+    /// DestinationRule names none.
+    pub authority: Option<http::uri::Authority>,
+}
+
+impl Rewrite {
+    /// The path and query sent upstream for `path` and `query`, which `matched` matched.
+    pub fn path(&self, path: &str, query: Option<&str>, matched: Option<&RequestMatch>) -> String {
+        let Some(uri) = &self.uri else {
+            return match query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
+            };
+        };
+        let rest = match matched.and_then(|m| m.uri.as_ref()) {
+            Some(Text::Prefix(p)) => path.get(p.len()..).unwrap_or(""),
+            _ => "",
+        };
+        match query {
+            Some(q) => format!("{uri}{rest}?{q}"),
+            None => format!("{uri}{rest}"),
+        }
+    }
 }
 
 /// Header operations on a request sent upstream, or on its response: remove, then set
@@ -812,6 +844,7 @@ fn steered_ports(
                             .collect(),
                         route: c.route,
                         headers: c.headers,
+                        rewrite: c.rewrite,
                         by: format!("{} spec.http[{i}]", vs.label()),
                     }
                 })
@@ -1094,6 +1127,7 @@ struct Compiled {
     route: RelayRoute,
     matches: Vec<(Option<PortNumber>, RequestMatch)>,
     headers: HeaderOps,
+    rewrite: Rewrite,
 }
 
 fn compile_route(
@@ -1172,10 +1206,35 @@ fn compile_route(
             }
         }
     }
+    let mut rewrite = Rewrite::default();
+    if let Some(rw) = &r.rewrite {
+        let mut error = |field: &str, e: String| {
+            diag(
+                diags,
+                Severity::Error,
+                &vs.source,
+                format!("{}: spec.http[{i}].rewrite.{field}: {e}", vs.label()),
+            );
+        };
+        if let Some(uri) = &rw.uri {
+            if uri.starts_with('/') && uri.parse::<http::uri::PathAndQuery>().is_ok() {
+                rewrite.uri = Some(uri.clone());
+            } else {
+                error("uri", format!("`{uri}` is not a path"));
+            }
+        }
+        if let Some(a) = &rw.authority {
+            match a.parse::<http::uri::Authority>() {
+                Ok(a) => rewrite.authority = Some(a),
+                Err(_) => error("authority", format!("`{a}` is not a host")),
+            }
+        }
+    }
     Compiled {
         route: relay_route(vs, i, r, diags),
         matches,
         headers,
+        rewrite,
     }
 }
 

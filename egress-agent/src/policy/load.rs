@@ -351,7 +351,7 @@ const VIRTUAL_SERVICE_UNAPPLIED: &[&str] = &[
     "redirect",
     "directResponse",
     "delegate",
-    "rewrite",
+    "uriRegexRewrite",
     "fault",
     "mirror",
     "mirrors",

@@ -151,13 +151,21 @@ pub struct HttpRoute {
     pub redirect: Option<IgnoredAny>,
     pub direct_response: Option<IgnoredAny>,
     pub delegate: Option<IgnoredAny>,
-    pub rewrite: Option<IgnoredAny>,
+    pub rewrite: Option<HttpRewrite>,
     pub fault: Option<IgnoredAny>,
     pub mirror: Option<IgnoredAny>,
     pub mirrors: Option<IgnoredAny>,
     pub mirror_percentage: Option<IgnoredAny>,
     pub cors_policy: Option<IgnoredAny>,
     pub headers: Option<Headers>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub uri_regex_rewrite: Option<IgnoredAny>,
 }
 
 /// Istio's header operations, on the request sent upstream and the response sent back.

@@ -1228,3 +1228,47 @@ fn header_operations_compile_in_order_and_bad_ones_are_errors() {
         );
     }
 }
+
+/// A route's `rewrite`: the prefix its match matched, else the whole path, the query kept; a
+/// value that is no path or host is an error naming the field.
+#[test]
+fn a_rewrite_replaces_what_the_match_matched() {
+    let yaml = |rewrite: &str| {
+        format!(
+            "{SE}  hosts: [api.example]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - match: [{{uri: {{prefix: /v1/}}}}, {{uri: {{exact: /old}}}}]\n    route: [{{destination: {{host: api.example}}}}]\n    timeout: 1s\n    rewrite: {rewrite}\n"
+        )
+    };
+    let (pol, d) = load_str(
+        &yaml("{uri: /v2/, authority: 'api.example:8080'}"),
+        Path::new("p.yaml"),
+    );
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    let route = &plan.rules[0].steered[0].requests[0];
+    let rw = &route.rewrite;
+    assert_eq!(
+        rw.authority.as_ref().map(|a| a.as_str()),
+        Some("api.example:8080")
+    );
+    let (prefix, exact) = (Some(&route.matches[0]), Some(&route.matches[1]));
+    assert_eq!(rw.path("/v1/users", Some("a=1"), prefix), "/v2/users?a=1");
+    assert_eq!(rw.path("/old", None, exact), "/v2/");
+    assert_eq!(rw.path("/any", None, None), "/v2/");
+    let none = super::compile::Rewrite::default();
+    assert_eq!(none.path("/v1/users", Some("a=1"), prefix), "/v1/users?a=1");
+
+    for (rewrite, want) in [
+        ("{uri: v2}", "spec.http[0].rewrite.uri: `v2` is not a path"),
+        (
+            "{authority: 'bad host'}",
+            "spec.http[0].rewrite.authority: `bad host` is not a host",
+        ),
+    ] {
+        let errors = errors_of(&yaml(rewrite));
+        assert!(
+            errors.len() == 1 && errors[0].contains(want),
+            "{rewrite}: {errors:?}"
+        );
+    }
+}

@@ -41,12 +41,15 @@ use crate::{
     events::{Catalog, Name, Record, Word},
     metrics::Status,
     policy::{
-        compile::{ConnectionPool, HeaderOps, Origination, RelayRoute, RequestRoute},
+        compile::{ConnectionPool, HeaderOps, Origination, RelayRoute, RequestMatch, RequestRoute},
         tls::TlsClient,
     },
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The route a request took, and the match of it the request met (none: the route has none).
+type Chosen<'a> = (&'a RequestRoute, Option<&'a RequestMatch>);
 
 /// Request bodies up to this size are kept so that a retry can send them again; a larger (or
 /// chunked) body is streamed and its request is tried once.
@@ -361,9 +364,20 @@ impl State {
             Ok(u) => u,
             Err(reason) => return self.fail(StatusCode::FORBIDDEN, "refused", reason),
         };
+        self.stats().host = Some(upstream.host.clone());
+        let (parts, body) = req.into_parts();
+        let (route, chosen) = match self.route(&parts, &upstream) {
+            Ok(chosen) => chosen,
+            Err(reason) => return self.fail(StatusCode::NOT_FOUND, "refused", reason),
+        };
+        let rewrite = chosen.map(|(r, _)| &r.rewrite);
+        // The host the upstream is asked for: the route's rewrite, else the client's.
+        let asked = rewrite
+            .and_then(|r| r.authority.as_ref())
+            .map_or_else(|| host.clone(), |a| a.host().to_ascii_lowercase());
         let tls = match &self.origin.tls {
             Some(tls) => {
-                let sni = tls.sni.clone().unwrap_or_else(|| host.clone());
+                let sni = tls.sni.clone().unwrap_or_else(|| asked.clone());
                 let Ok(name) = ServerName::try_from(sni.clone()) else {
                     return self.fail(
                         StatusCode::BAD_REQUEST,
@@ -376,21 +390,32 @@ impl State {
             }
             None => None,
         };
-        self.stats().host = Some(upstream.host.clone());
 
-        let (parts, body) = req.into_parts();
-        let (route, ops) = match self.route(&parts, &upstream) {
-            Ok(chosen) => chosen,
-            Err(reason) => return self.fail(StatusCode::NOT_FOUND, "refused", reason),
-        };
         let mut headers = forwarded_headers(&parts.headers, &host);
-        if let Some(ops) = ops {
-            HeaderOps::apply(&ops.request, &mut headers);
+        if let Some(authority) = rewrite.and_then(|r| r.authority.as_ref())
+            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(header::HOST, v);
         }
-        let uri = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        if let Some((r, _)) = chosen {
+            HeaderOps::apply(&r.headers.request, &mut headers);
+        }
+        let uri = match rewrite {
+            Some(rw) if rw.uri.is_some() => {
+                let path = rw.path(
+                    parts.uri.path(),
+                    parts.uri.query(),
+                    chosen.and_then(|c| c.1),
+                );
+                path.parse::<Uri>()
+                    .unwrap_or_else(|_| Uri::from_static("/"))
+            }
+            _ => parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone())),
+        };
+        let ops = chosen.map(|(r, _)| &r.headers);
         let hint = body.size_hint().exact();
         let (replay, mut streamed) = match hint {
             Some(n) if n <= REPLAY_LIMIT => match body.collect().await {
@@ -487,7 +512,7 @@ impl State {
         &'a self,
         parts: &http::request::Parts,
         upstream: &'a crate::events::Upstream,
-    ) -> Result<(&'a RelayRoute, Option<&'a HeaderOps>), String> {
+    ) -> Result<(&'a RelayRoute, Option<Chosen<'a>>), String> {
         let Some(requests) = &self.requests else {
             return Ok((&upstream.route, None));
         };
@@ -501,15 +526,17 @@ impl State {
         };
         let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
         let method = parts.method.as_str();
+        let meets =
+            |m: &&RequestMatch| m.matches(method, path, parts.uri.query(), authority, header);
         requests
             .iter()
-            .find(|r| {
-                r.matches.is_empty()
-                    || r.matches
-                        .iter()
-                        .any(|m| m.matches(method, path, parts.uri.query(), authority, header))
+            .find_map(|r| {
+                if r.matches.is_empty() {
+                    return Some((r, None));
+                }
+                r.matches.iter().find(meets).map(|m| (r, Some(m)))
             })
-            .map(|r| (&r.route, Some(&r.headers)))
+            .map(|(r, m)| (&r.route, Some((r, m))))
             .ok_or_else(|| {
                 let by = requests.first().map_or("", |r| r.by.as_str());
                 let vs = by.split(" spec.").next().unwrap_or(by);
