@@ -407,8 +407,16 @@ impl State {
                     parts.uri.query(),
                     chosen.and_then(|c| c.1),
                 );
-                path.parse::<Uri>()
-                    .unwrap_or_else(|_| Uri::from_static("/"))
+                match path.parse::<Uri>() {
+                    Ok(uri) => uri,
+                    Err(_) => {
+                        return self.fail(
+                            StatusCode::BAD_REQUEST,
+                            "refused",
+                            format!("the rewritten path {path} is not a request target"),
+                        );
+                    }
+                }
             }
             _ => parts
                 .uri
