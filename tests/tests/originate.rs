@@ -292,6 +292,12 @@ spec:
   - match: [{{gateways: [mesh], port: 80, uri: {{regex: '/[ab]?'}}}}]
     route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
     timeout: 5s
+  - match: [{{gateways: [mesh], port: 80, uri: {{prefix: /admin}}}}]
+    route: [{{destination: {{host: web.test}}}}]
+    directResponse: {{status: 403, body: {{string: no admin through the gateway}}}}
+  - match: [{{gateways: [mesh], port: 80, uri: {{exact: /moved}}}}]
+    route: [{{destination: {{host: web.test}}}}]
+    redirect: {{uri: /new, redirectCode: 302}}
   - match: [{{gateways: [mesh], port: 80, uri: {{prefix: /old/}}}}]
     route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
     rewrite: {{uri: /new/, authority: web.test:8080}}
@@ -379,6 +385,22 @@ spec:
     let out = curl(&cg, ip, &["http://web.test/old/x?q=1"], &[]);
     assert_eq!(stdout(&out), "host=web.test:8080\n200\n", "{out:?}");
     assert_eq!(web.paths().last().map(String::as_str), Some("/new/x?q=1"));
+
+    // Answers the relay gives itself: nothing sent on.
+    let out = curl(&cg, ip, &["http://web.test/admin/users"], &[]);
+    assert_eq!(stdout(&out), "no admin through the gateway403\n", "{out:?}");
+    let out = curl(&cg, ip, &["http://web.test/moved?x=1"], &["-D", "-"]);
+    let text = stdout(&out);
+    assert!(text.starts_with("HTTP/1.1 302 Found\r\n"), "{out:?}");
+    assert!(
+        text.contains("\r\nlocation: http://web.test/new?x=1\r\n"),
+        "{out:?}"
+    );
+    assert_eq!(
+        web.names().len(),
+        5,
+        "a locally answered request reached upstream"
+    );
 
     // A path no route of the mesh's matches: 404, as Envoy answers it, and nothing sent on.
     let out = curl(&cg, ip, &["http://web.test/c"], &[]);

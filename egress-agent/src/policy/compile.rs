@@ -97,8 +97,58 @@ pub struct RequestRoute {
     pub headers: HeaderOps,
     /// The route's `rewrite`.
     pub rewrite: Rewrite,
+    /// What the relay answers itself instead of sending the request on (`directResponse`,
+    /// `redirect`).
+    pub answer: Option<LocalAnswer>,
     /// `VirtualService/ns/name spec.http[i]`.
     pub by: String,
+}
+
+/// An answer the relay gives a request itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalAnswer {
+    /// `directResponse`: this status and body.
+    Direct { status: u16, body: String },
+    /// `redirect`: this status and a `Location` made of the request's and these parts.
+    Redirect {
+        status: u16,
+        scheme: Option<String>,
+        authority: Option<String>,
+        port: Option<u16>,
+        uri: Option<String>,
+    },
+}
+
+impl LocalAnswer {
+    /// A redirect's `Location` for a request to `host` (as the client named it, port included)
+    /// with `path` and `query`.
+    pub fn location(&self, host: &str, path: &str, query: Option<&str>) -> Option<String> {
+        let LocalAnswer::Redirect {
+            scheme,
+            authority,
+            port,
+            uri,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let scheme = scheme.as_deref().unwrap_or("http");
+        let mut at = authority.clone().unwrap_or_else(|| host.to_owned());
+        if let Some(port) = port {
+            // The port replaces the one the authority had.
+            let bare = match at.rsplit_once(':') {
+                Some((h, p)) if !h.ends_with(']') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+                _ => at.as_str(),
+            };
+            at = format!("{bare}:{port}");
+        }
+        let path = uri.as_deref().unwrap_or(path);
+        Some(match query {
+            Some(q) if !path.contains('?') => format!("{scheme}://{at}{path}?{q}"),
+            _ => format!("{scheme}://{at}{path}"),
+        })
+    }
 }
 
 /// A route's `rewrite` of the request sent upstream.
@@ -845,6 +895,7 @@ fn steered_ports(
                         route: c.route,
                         headers: c.headers,
                         rewrite: c.rewrite,
+                        answer: c.answer,
                         by: format!("{} spec.http[{i}]", vs.label()),
                     }
                 })
@@ -1128,6 +1179,7 @@ struct Compiled {
     matches: Vec<(Option<PortNumber>, RequestMatch)>,
     headers: HeaderOps,
     rewrite: Rewrite,
+    answer: Option<LocalAnswer>,
 }
 
 fn compile_route(
@@ -1230,11 +1282,78 @@ fn compile_route(
             }
         }
     }
+    let answer = local_answer(r).unwrap_or_else(|e| {
+        diag(
+            diags,
+            Severity::Error,
+            &vs.source,
+            format!("{}: spec.http[{i}].{e}", vs.label()),
+        );
+        None
+    });
     Compiled {
         route: relay_route(vs, i, r, diags),
         matches,
         headers,
         rewrite,
+        answer,
+    }
+}
+
+/// A route's `directResponse` or `redirect`, checked as Istio checks them.
+fn local_answer(r: &HttpRoute) -> Result<Option<LocalAnswer>, String> {
+    match (&r.direct_response, &r.redirect) {
+        (Some(_), Some(_)) => {
+            Err("directResponse: a route has a redirect or a direct response, not both".to_owned())
+        }
+        (Some(d), None) => {
+            let status = u16::try_from(d.status)
+                .ok()
+                .filter(|s| (200..=599).contains(s))
+                .ok_or_else(|| {
+                    format!("directResponse.status: {} is not from 200 to 599", d.status)
+                })?;
+            let body = d
+                .body
+                .as_ref()
+                .and_then(|b| b.string.clone())
+                .unwrap_or_default();
+            Ok(Some(LocalAnswer::Direct { status, body }))
+        }
+        (None, Some(rd)) => {
+            let status = match rd.redirect_code {
+                None => 301,
+                Some(c @ (301 | 302 | 303 | 307 | 308)) => c as u16,
+                Some(c) => {
+                    return Err(format!(
+                        "redirect.redirectCode: {c} is not a redirect status"
+                    ));
+                }
+            };
+            if let Some(a) = &rd.authority
+                && a.parse::<http::uri::Authority>().is_err()
+            {
+                return Err(format!("redirect.authority: `{a}` is not a host"));
+            }
+            if let Some(u) = &rd.uri
+                && !(u.starts_with('/') && u.parse::<http::uri::PathAndQuery>().is_ok())
+            {
+                return Err(format!("redirect.uri: `{u}` is not a path"));
+            }
+            if let Some(s) = &rd.scheme
+                && !matches!(s.as_str(), "http" | "https")
+            {
+                return Err(format!("redirect.scheme: `{s}` is not http or https"));
+            }
+            Ok(Some(LocalAnswer::Redirect {
+                status,
+                scheme: rd.scheme.clone(),
+                authority: rd.authority.clone(),
+                port: rd.port.map(|p| p.0),
+                uri: rd.uri.clone(),
+            }))
+        }
+        (None, None) => Ok(None),
     }
 }
 

@@ -348,10 +348,10 @@ const SIDECAR_UNAPPLIED: &[&str] = &[
 ];
 const GATEWAY_UNAPPLIED: &[&str] = &["tls", "bind", "defaultEndpoint"];
 const VIRTUAL_SERVICE_UNAPPLIED: &[&str] = &[
-    "redirect",
-    "directResponse",
     "delegate",
     "uriRegexRewrite",
+    "derivePort",
+    "bytes",
     "fault",
     "mirror",
     "mirrors",

@@ -148,8 +148,8 @@ pub struct HttpRoute {
     pub route: Vec<RouteDestination>,
     pub retries: Option<Retries>,
     pub timeout: Option<IstioDuration>,
-    pub redirect: Option<IgnoredAny>,
-    pub direct_response: Option<IgnoredAny>,
+    pub redirect: Option<HttpRedirect>,
+    pub direct_response: Option<HttpDirectResponse>,
     pub delegate: Option<IgnoredAny>,
     pub rewrite: Option<HttpRewrite>,
     pub fault: Option<IgnoredAny>,
@@ -158,6 +158,31 @@ pub struct HttpRoute {
     pub mirror_percentage: Option<IgnoredAny>,
     pub cors_policy: Option<IgnoredAny>,
     pub headers: Option<Headers>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRedirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<PortNumber>,
+    pub derive_port: Option<IgnoredAny>,
+    pub scheme: Option<String>,
+    pub redirect_code: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpDirectResponse {
+    pub status: u32,
+    pub body: Option<HttpBody>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpBody {
+    pub string: Option<String>,
+    pub bytes: Option<IgnoredAny>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -1272,3 +1272,66 @@ fn a_rewrite_replaces_what_the_match_matched() {
         );
     }
 }
+
+/// A route's `directResponse` or `redirect`: checked as Istio checks them, and a redirect's
+/// `Location` made from the request's parts and its own.
+#[test]
+fn local_answers_are_checked_and_redirects_located() {
+    let yaml = |action: &str| {
+        format!(
+            "{SE}  hosts: [api.example]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - route: [{{destination: {{host: api.example}}}}]\n    timeout: 1s\n{action}"
+        )
+    };
+    let answer = |action: &str| {
+        let (pol, d) = load_str(&yaml(action), Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = compile(&pol, None);
+        assert!(d.is_empty(), "{d:?}");
+        plan.rules[0].steered[0].requests[0]
+            .answer
+            .clone()
+            .expect("an answer")
+    };
+    let r = answer("    redirect: {scheme: https, port: 8443}\n");
+    assert_eq!(
+        r.location("api.example:80", "/a", Some("q=1")).as_deref(),
+        Some("https://api.example:8443/a?q=1")
+    );
+    let r = answer("    redirect: {authority: other.example, uri: /b?x=2}\n");
+    assert_eq!(
+        r.location("api.example", "/a", Some("q=1")).as_deref(),
+        Some("http://other.example/b?x=2"),
+        "a redirect's own query replaces the request's"
+    );
+    assert_eq!(
+        answer("    directResponse: {status: 503, body: {string: down}}\n"),
+        super::compile::LocalAnswer::Direct {
+            status: 503,
+            body: "down".to_owned()
+        }
+    );
+    for (action, want) in [
+        (
+            "    directResponse: {status: 700}\n",
+            "spec.http[0].directResponse.status: 700 is not from 200 to 599",
+        ),
+        (
+            "    directResponse: {status: 200}\n    redirect: {uri: /x}\n",
+            "a route has a redirect or a direct response, not both",
+        ),
+        (
+            "    redirect: {redirectCode: 200}\n",
+            "spec.http[0].redirect.redirectCode: 200 is not a redirect status",
+        ),
+        (
+            "    redirect: {scheme: ftp}\n",
+            "spec.http[0].redirect.scheme: `ftp` is not http or https",
+        ),
+    ] {
+        let errors = errors_of(&yaml(action));
+        assert!(
+            errors.len() == 1 && errors[0].contains(want),
+            "{action}: {errors:?}"
+        );
+    }
+}

@@ -41,7 +41,10 @@ use crate::{
     events::{Catalog, Name, Record, Word},
     metrics::Status,
     policy::{
-        compile::{ConnectionPool, HeaderOps, Origination, RelayRoute, RequestMatch, RequestRoute},
+        compile::{
+            ConnectionPool, HeaderOps, LocalAnswer, Origination, RelayRoute, RequestMatch,
+            RequestRoute,
+        },
         tls::TlsClient,
     },
 };
@@ -349,6 +352,47 @@ impl State {
         response
     }
 
+    /// The answer a route gives itself (`directResponse`, `redirect`), with the route's response
+    /// header operations. Nothing is sent upstream.
+    fn local(
+        &self,
+        answer: &LocalAnswer,
+        parts: &http::request::Parts,
+        ops: &HeaderOps,
+    ) -> Response<Body> {
+        let (status, body) = match answer {
+            LocalAnswer::Direct { status, body } => (*status, body.clone()),
+            LocalAnswer::Redirect { status, .. } => (*status, String::new()),
+        };
+        self.stats().status = Some(status);
+        let mut response = Response::new(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+        if matches!(answer, LocalAnswer::Direct { body, .. } if !body.is_empty()) {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        let host = match parts.uri.authority() {
+            Some(a) => a.as_str(),
+            None => parts
+                .headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default(),
+        };
+        if let Some(location) = answer.location(host, parts.uri.path(), parts.uri.query())
+            && let Ok(v) = HeaderValue::from_str(&location)
+        {
+            response.headers_mut().insert(header::LOCATION, v);
+        }
+        HeaderOps::apply(&ops.response, response.headers_mut());
+        response
+    }
+
     async fn request(&self, req: Request<Incoming>) -> Response<Body> {
         self.stats().requests += 1;
         let Some(host) = request_host(&req) else {
@@ -370,6 +414,11 @@ impl State {
             Ok(chosen) => chosen,
             Err(reason) => return self.fail(StatusCode::NOT_FOUND, "refused", reason),
         };
+        if let Some((r, _)) = chosen
+            && let Some(answer) = &r.answer
+        {
+            return self.local(answer, &parts, &r.headers);
+        }
         let rewrite = chosen.map(|(r, _)| &r.rewrite);
         // The host the upstream is asked for: the route's rewrite, else the client's.
         let asked = rewrite
