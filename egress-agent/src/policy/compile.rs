@@ -864,7 +864,8 @@ fn steered_ports(
     let mut out = Vec::new();
     for p in &spec.ports {
         let port = p.number.0;
-        let (why, http, onward) = match route_reason(policy, hosts, port) {
+        let served_as_http = p.protocol.is_none_or(|p| p == Protocol::Http);
+        let (why, http, onward) = match route_reason(policy, hosts, port, served_as_http) {
             Some(r) => (r.why, r.http, r.onward),
             None => match origination_reason(policy, hosts, p) {
                 Some(why) => (why, http_route(policy, hosts, port), None),
@@ -877,7 +878,7 @@ fn steered_ports(
         };
         // The requests' routes: those of the VirtualService whose route covers the port.
         let requests = match http.or_else(|| http_route(policy, hosts, port)) {
-            Some((vs, _, _)) if p.protocol.is_none_or(|p| p == Protocol::Http) => vs
+            Some((vs, _, _)) if served_as_http => vs
                 .spec
                 .http
                 .iter()
@@ -984,8 +985,13 @@ struct Routed<'a> {
 }
 
 /// Why a mesh-bound VirtualService's routes steer connections to `port` of these hosts, if they
-/// do.
-fn route_reason<'a>(policy: &'a Policy, hosts: &[String], port: u16) -> Option<Routed<'a>> {
+/// do; `served_as_http`: the relay would serve the port as HTTP (declared HTTP, or no protocol).
+fn route_reason<'a>(
+    policy: &'a Policy,
+    hosts: &[String],
+    port: u16,
+    served_as_http: bool,
+) -> Option<Routed<'a>> {
     let gateway_services: Vec<String> = policy
         .gateways
         .iter()
@@ -1048,13 +1054,16 @@ fn route_reason<'a>(policy: &'a Policy, hosts: &[String], port: u16) -> Option<R
         if let Some(to) = tcp.and_then(|(i, r)| to_gateway(vs, "tcp", i, &r.route)) {
             return Some(passed(to));
         }
-        let http = vs
+        // On a port the relay serves as HTTP it routes each request, so any covering route that
+        // asks for what only the relay does steers the port; elsewhere the first decides.
+        let covering = vs
             .spec
             .http
             .iter()
             .enumerate()
-            .find(|(_, r)| http_covers(r, port));
-        if let Some((i, r)) = http {
+            .filter(|(_, r)| http_covers(r, port))
+            .take(if served_as_http { usize::MAX } else { 1 });
+        for (i, r) in covering {
             let routed = |why, onward| Routed {
                 why,
                 http: Some((vs, i, r)),
@@ -1070,9 +1079,26 @@ fn route_reason<'a>(policy: &'a Policy, hosts: &[String], port: u16) -> Option<R
                 );
                 return Some(routed(why, None));
             }
+            if served_as_http && acts_on_requests(r) {
+                let why = format!(
+                    "{} gives port {port}'s requests a direct response, a redirect, a rewrite or \
+                     header operations (spec.http[{i}])",
+                    vs.label()
+                );
+                return Some(routed(why, None));
+            }
         }
     }
     None
+}
+
+/// Whether an HTTP route does to requests what only the relay can do for them.
+fn acts_on_requests(r: &HttpRoute) -> bool {
+    r.direct_response.is_some()
+        || r.redirect.is_some()
+        || r.rewrite.is_some()
+        || r.headers.is_some()
+        || r.route.iter().any(|d| d.headers.is_some())
 }
 
 /// The port an egress gateway sends HTTP on to, when a mesh route sent it there on `at`: that of

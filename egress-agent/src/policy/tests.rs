@@ -1335,3 +1335,32 @@ fn local_answers_are_checked_and_redirects_located() {
         );
     }
 }
+
+/// On a port served as HTTP, a route that answers some requests itself steers the port even
+/// when the first route goes direct: else its answer could not be given. On a TLS port it does
+/// not: the relay would pass the TLS through.
+#[test]
+fn a_route_that_answers_requests_steers_an_http_port() {
+    let yaml = format!(
+        "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 80, name: http, protocol: HTTP}}\n  - {{number: 443, name: https, protocol: HTTPS}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - match: [{{uri: {{prefix: /public}}}}]\n    route: [{{destination: {{host: api.example}}}}]\n  - match: [{{uri: {{prefix: /admin}}}}]\n    directResponse: {{status: 403}}\n  - route: [{{destination: {{host: api.example}}}}]\n"
+    );
+    let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    let rule = &plan.rules[0];
+    let steered: Vec<_> = rule
+        .steered
+        .iter()
+        .map(|s| (s.port, s.why.as_str()))
+        .collect();
+    assert_eq!(
+        steered,
+        [(
+            80,
+            "VirtualService/default/v gives port 80's requests a direct response, a redirect, a \
+             rewrite or header operations (spec.http[1])"
+        )]
+    );
+    assert_eq!(rule.steered[0].requests.len(), 3);
+}
