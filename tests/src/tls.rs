@@ -185,95 +185,97 @@ impl World {
         config: Arc<ServerConfig>,
         keep_alive: bool,
     ) -> Arc<Seen> {
+        self.serve_each(addr, move |tcp, s| {
+            let Ok(conn) = ServerConnection::new(Arc::clone(&config)) else {
+                return;
+            };
+            let mut tls = StreamOwned::new(conn, Watched::new(tcp));
+            answer(&mut tls, s, keep_alive);
+            let Watched { read, first, .. } = tls.sock;
+            if is_retry_request(&first) {
+                s.retries.fetch_add(1, Ordering::SeqCst);
+            }
+            s.read.lock().expect("read").push(read);
+        })
+    }
+
+    /// A plain HTTP/1.1 server at `addr` in the world: it answers each request on a connection
+    /// `200` with the body `host=<Host header>\n`, then `name=value\n` for each `x-` header it
+    /// got, until the client closes. `names` holds each request's Host header.
+    pub fn http_server(&self, addr: SocketAddr) -> Arc<Seen> {
+        self.serve_each(addr, answer_http)
+    }
+
+    /// A server at `addr` in the world: each connection it accepts, counted with its peer in the
+    /// `Seen` returned, is served by `serve` on a thread of its own.
+    fn serve_each(
+        &self,
+        addr: SocketAddr,
+        serve: impl Fn(TcpStream, &Seen) + Send + Sync + 'static,
+    ) -> Arc<Seen> {
         let listener = self.listen(addr);
         let seen = Arc::new(Seen::default());
         let s = Arc::clone(&seen);
+        let serve = Arc::new(serve);
         std::thread::spawn(move || {
             for tcp in listener.incoming().flatten() {
                 s.accepted.fetch_add(1, Ordering::SeqCst);
                 if let Ok(peer) = tcp.peer_addr() {
                     s.peers.lock().expect("peers").push(peer);
                 }
-                let config = Arc::clone(&config);
-                let s = Arc::clone(&s);
-                std::thread::spawn(move || {
-                    let Ok(conn) = ServerConnection::new(config) else {
-                        return;
-                    };
-                    let mut tls = StreamOwned::new(conn, Watched::new(tcp));
-                    answer(&mut tls, &s, keep_alive);
-                    let Watched { read, first, .. } = tls.sock;
-                    if is_retry_request(&first) {
-                        s.retries.fetch_add(1, Ordering::SeqCst);
-                    }
-                    s.read.lock().expect("read").push(read);
-                });
+                let (s, serve) = (Arc::clone(&s), Arc::clone(&serve));
+                std::thread::spawn(move || serve(tcp, &s));
             }
         });
         seen
     }
 }
 
-impl World {
-    /// A plain HTTP/1.1 server at `addr` in the world: it answers each request on a connection
-    /// `200` with the body `host=<Host header>\n`, then `name=value\n` for each `x-` header it
-    /// got, until the client closes. `names` holds each request's Host header.
-    pub fn http_server(&self, addr: SocketAddr) -> Arc<Seen> {
-        let listener = self.listen(addr);
-        let seen = Arc::new(Seen::default());
-        let s = Arc::clone(&seen);
-        std::thread::spawn(move || {
-            for tcp in listener.incoming().flatten() {
-                s.accepted.fetch_add(1, Ordering::SeqCst);
-                let s = Arc::clone(&s);
-                std::thread::spawn(move || {
-                    let Ok(mut out) = tcp.try_clone() else {
-                        return;
-                    };
-                    let mut reader = BufReader::new(tcp);
-                    loop {
-                        let (mut line, mut host, mut lines) = (String::new(), None, 0);
-                        let mut extra = String::new();
-                        let mut target = None;
-                        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                            lines += 1;
-                            if line == "\r\n" {
-                                break;
-                            }
-                            if lines == 1 {
-                                target = line.split(' ').nth(1).map(str::to_owned);
-                            } else if let Some((name, value)) = line.split_once(':') {
-                                let name = name.to_ascii_lowercase();
-                                if name == "host" {
-                                    host = Some(value.trim().to_owned());
-                                } else if name.starts_with("x-") {
-                                    extra += &format!("{name}={}\n", value.trim());
-                                }
-                            }
-                            line.clear();
-                        }
-                        if lines == 0 {
-                            return;
-                        }
-                        s.names.lock().expect("names").push(host.clone());
-                        s.paths
-                            .lock()
-                            .expect("paths")
-                            .push(target.unwrap_or_default());
-                        let body = format!("host={}\n{extra}", host.unwrap_or_default());
-                        let answered = write!(
-                            out,
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if answered.is_err() {
-                            return;
-                        }
-                    }
-                });
+/// Plain HTTP/1.1 requests answered `200` with the body `host=<Host header>\n` and the `x-`
+/// headers, each until the client closes (see [`World::http_server`]).
+fn answer_http(tcp: TcpStream, s: &Seen) {
+    let Ok(mut out) = tcp.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(tcp);
+    loop {
+        let (mut line, mut host, mut lines) = (String::new(), None, 0);
+        let mut extra = String::new();
+        let mut target = None;
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            lines += 1;
+            if line == "\r\n" {
+                break;
             }
-        });
-        seen
+            if lines == 1 {
+                target = line.split(' ').nth(1).map(str::to_owned);
+            } else if let Some((name, value)) = line.split_once(':') {
+                let name = name.to_ascii_lowercase();
+                if name == "host" {
+                    host = Some(value.trim().to_owned());
+                } else if name.starts_with("x-") {
+                    extra += &format!("{name}={}\n", value.trim());
+                }
+            }
+            line.clear();
+        }
+        if lines == 0 {
+            return;
+        }
+        s.names.lock().expect("names").push(host.clone());
+        s.paths
+            .lock()
+            .expect("paths")
+            .push(target.unwrap_or_default());
+        let body = format!("host={}\n{extra}", host.unwrap_or_default());
+        let answered = write!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if answered.is_err() {
+            return;
+        }
     }
 }
 

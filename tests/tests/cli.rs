@@ -480,13 +480,7 @@ fn events_filters_relay_records_by_outcome_workload_and_process() {
     let path = policy_dir("").join("relay.jsonl");
     std::fs::write(&path, lines.join("\n") + "\n").expect("write");
     let f = path.to_str().expect("utf8");
-    let count = |args: &[&str]| {
-        let mut all = vec!["events", "--json", "--file", f];
-        all.extend_from_slice(args);
-        let (code, out) = egress(&all);
-        assert_eq!(code, 0, "{args:?}");
-        out.lines().count()
-    };
+    let count = |args: &[&str]| events_json_lines(f, args);
     assert_eq!(count(&["--outcome", "refused"]), 1);
     assert_eq!(count(&["--outcome", "stopped"]), 1);
     assert_eq!(count(&["--cgroup", "/kubepods/*"]), 3);
@@ -498,17 +492,20 @@ fn events_filters_relay_records_by_outcome_workload_and_process() {
     assert_eq!(count(&["--outcome", "ok", "--kind", "connect"]), 0);
 }
 
+/// The lines `egress events --json --file FILE ARGS` prints; it must succeed.
+fn events_json_lines(file: &str, args: &[&str]) -> usize {
+    let mut all = vec!["events", "--json", "--file", file];
+    all.extend_from_slice(args);
+    let (code, out) = egress(&all);
+    assert_eq!(code, 0, "{args:?}");
+    out.lines().count()
+}
+
 #[test]
 fn events_reads_filters_and_prints() {
     let log = sample_log();
     let f = log.to_str().expect("utf8");
-    let count = |args: &[&str]| {
-        let mut all = vec!["events", "--json", "--file", f];
-        all.extend_from_slice(args);
-        let (code, out) = egress(&all);
-        assert_eq!(code, 0, "{args:?}");
-        out.lines().count()
-    };
+    let count = |args: &[&str]| events_json_lines(f, args);
     // Rotated lines first; the bad line skipped (and said so on stderr).
     assert_eq!(count(&[]), 5);
     assert_eq!(count(&["--verdict", "deny"]), 2);
