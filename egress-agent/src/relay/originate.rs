@@ -420,13 +420,14 @@ impl State {
             return self.local(answer, &parts, &r.headers);
         }
         let rewrite = chosen.map(|(r, _)| &r.rewrite);
-        // The host the upstream is asked for: the route's rewrite, else the client's.
-        let asked = rewrite
-            .and_then(|r| r.authority.as_ref())
-            .map_or_else(|| host.clone(), |a| a.host().to_ascii_lowercase());
         let tls = match &self.origin.tls {
             Some(tls) => {
-                let sni = tls.sni.clone().unwrap_or_else(|| asked.clone());
+                // Else the host the upstream is asked for: the route's rewrite, or the client's.
+                let sni = tls.sni.clone().unwrap_or_else(|| {
+                    rewrite
+                        .and_then(|r| r.authority.as_ref())
+                        .map_or_else(|| host.clone(), |a| a.host().to_ascii_lowercase())
+                });
                 let Ok(name) = ServerName::try_from(sni.clone()) else {
                     return self.fail(
                         StatusCode::BAD_REQUEST,
