@@ -13,6 +13,7 @@ use std::{
 
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+    SanType,
 };
 use rustls::{
     RootCertStore, ServerConfig, ServerConnection, StreamOwned,
@@ -43,12 +44,19 @@ impl Pki {
         Pki { issuer, ca_pem }
     }
 
-    /// A certificate for `names` signed by this CA, with its chain and key.
+    /// A certificate for `names` signed by this CA, with its chain and key. A name with `://`
+    /// is a URI name (a SPIFFE id), the others DNS names or addresses.
     fn issue(&self, names: &[&str]) -> (Certificate, KeyPair) {
         let key = KeyPair::generate().expect("key");
-        let params =
-            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+        let (uris, others): (Vec<&str>, Vec<&str>) = names.iter().partition(|n| n.contains("://"));
+        let mut params =
+            CertificateParams::new(others.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
                 .expect("certificate params");
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.try_into().expect("URI name")));
+        }
         let cert = params.signed_by(&key, &self.issuer).expect("certificate");
         (cert, key)
     }

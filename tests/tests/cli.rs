@@ -132,8 +132,28 @@ spec:
         connectTimeout: 2s
         idleTimeout: 30s
         tcpKeepalive: {time: 60s, interval: 10s, probes: 3}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mesh}
+spec:
+  hosts: [mesh.pool.test]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.51}]
+  subjectAltNames: ['spiffe://example.org/ns/shop/sa/api']
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mesh}
+spec:
+  host: mesh.pool.test
+  trafficPolicy:
+    tls: {mode: SIMPLE, caCertificates: ca.pem}
 "#,
     );
+    let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("CA");
+    std::fs::write(dir.join("ca.pem"), ca.cert.pem()).expect("write CA");
     let check = |dest: &str| {
         let (code, out) = egress(&[
             "check",
@@ -166,6 +186,15 @@ spec:
         out.contains(
             "\n  relay: TCP carried as it comes, to the destination connected to (nothing in it \
              names a host)\n"
+        ),
+        "{out}"
+    );
+    let out = check("192.0.2.51:80");
+    assert!(
+        out.contains(
+            "\n  relay: plain HTTP in, TLS SIMPLE out to port 443 (DestinationRule/default/mesh), \
+             the certificate verified for one of spiffe://example.org/ns/shop/sa/api (the \
+             ServiceEntry's subjectAltNames)\n"
         ),
         "{out}"
     );

@@ -512,6 +512,102 @@ async fn a_certificate_that_does_not_verify_fails_the_request() {
     a.shutdown().await;
 }
 
+/// As Istio verifies an originated connection: against the DestinationRule's `subjectAltNames`,
+/// else the ServiceEntry's, else the host. spiffe.test's certificate names a SPIFFE id and
+/// another host, not spiffe.test; strict.test's names strict.test but not the id its
+/// ServiceEntry lists; rule.test's DestinationRule lists its own name, which the certificate holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_entrys_subject_alt_names_are_verified_where_the_rule_lists_none() {
+    const ID: &str = "spiffe://example.org/ns/shop/sa/api";
+    let mut w = World::new();
+    for h in 20..=22 {
+        w.host(h);
+    }
+    let pki = Pki::new(&std::env::temp_dir().join(&w.name), "sans");
+    let server = |h: u8, names: &[&str]| {
+        w.tls_server(std::net::SocketAddr::new(w.v4(h), 443), pki.server(names))
+    };
+    let spiffe = server(20, &[ID, "api.internal"]);
+    let strict = server(21, &["strict.test"]);
+    let rule = server(22, &["rule.test"]);
+    w.start_dns(
+        &[
+            ("spiffe.test", w.v4(20)),
+            ("strict.test", w.v4(21)),
+            ("rule.test", w.v4(22)),
+        ],
+        300,
+    );
+    let ca = pki.ca_pem.display();
+    let mut policy = String::new();
+    for (name, se_names, dr_names) in [
+        ("spiffe", format!("['{ID}']"), ""),
+        (
+            "strict",
+            "['spiffe://example.org/ns/shop/sa/other']".to_owned(),
+            "",
+        ),
+        (
+            "rule",
+            "['spiffe://example.org/ns/shop/sa/other']".to_owned(),
+            ", subjectAltNames: [rule.test]",
+        ),
+    ] {
+        policy += &format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  hosts: [{name}.test]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 443}}]
+  resolution: DNS
+  subjectAltNames: {se_names}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  host: {name}.test
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {ca}{dr_names}}}
+---
+"
+        );
+    }
+    let cg = TestCgroup::new("originate-sans");
+    let log = log_path("originate-sans");
+    let a = Agent::start(w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+
+    let out = curl(&cg, w.v4(20), &["http://spiffe.test/"], &[]);
+    assert_eq!(stdout(&out), "sni=spiffe.test\n200\n", "{out:?}");
+    assert_eq!(
+        relay_record(&log, "spiffe.test").outcome.as_deref(),
+        Some("ok")
+    );
+    assert_eq!(spiffe.names(), [Some("spiffe.test".to_owned())]);
+
+    // The host's own name is not enough where the ServiceEntry lists others.
+    let out = curl(&cg, w.v4(21), &["http://strict.test/"], &[]);
+    assert!(stdout(&out).ends_with("503\n"), "{out:?}");
+    let r = relay_record(&log, "strict.test");
+    assert_eq!(r.outcome.as_deref(), Some("upstream-failed"), "{r:?}");
+    assert!(
+        r.reason.as_deref().is_some_and(|s| s.contains(
+            "the certificate names none of subjectAltNames [spiffe://example.org/ns/shop/sa/other]"
+        )),
+        "{r:?}"
+    );
+    assert_eq!(strict.accepted(), 1);
+    assert!(strict.names().is_empty(), "the handshake completed");
+
+    let out = curl(&cg, w.v4(22), &["http://rule.test/"], &[]);
+    assert_eq!(stdout(&out), "sni=rule.test\n200\n", "{out:?}");
+    assert_eq!(rule.names(), [Some("rule.test".to_owned())]);
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_originated_request_is_retried_on_the_hosts_other_address() {
     let f = fixture();

@@ -106,13 +106,22 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
         }
         match rule.originate.iter().find(|o| o.port == port) {
             Some(o) => match &o.tls {
-                Some(tls) => println!(
-                    "  relay: plain HTTP in, TLS {} out to port {}, the certificate verified for {} ({})",
-                    tls.mode,
-                    o.target_port,
-                    tls.sni.as_deref().unwrap_or("the request's host"),
-                    tls.by
-                ),
+                Some(tls) => {
+                    let names = if tls.alt_names.is_empty() {
+                        tls.sni
+                            .clone()
+                            .unwrap_or_else(|| "the request's host".to_owned())
+                    } else {
+                        let listed: Vec<String> =
+                            tls.alt_names.iter().map(ToString::to_string).collect();
+                        format!("one of {} ({})", listed.join(", "), tls.alt_from)
+                    };
+                    println!(
+                        "  relay: plain HTTP in, TLS {} out to port {} ({}), the certificate \
+                         verified for {names}",
+                        tls.mode, o.target_port, tls.by
+                    );
+                }
                 None => println!(
                     "  relay: plain HTTP in and out to port {}; each request's host must be a host of {}",
                     o.target_port, rule.label

@@ -21,7 +21,7 @@ use super::{
         PortNumber, Protocol, Resolution, Retries, RouteDestination, ServiceEntrySpec, ServicePort,
         StringMatch, TlsMode, Transport, VirtualServiceSpec,
     },
-    tls::{TlsClient, client_config},
+    tls::{AltName, TlsClient, alt_names, client_config},
 };
 
 /// An address-based map entry.
@@ -382,6 +382,10 @@ pub struct OriginTls {
     pub mode: &'static str,
     /// The server name to send and verify; the request's host when unset.
     pub sni: Option<String>,
+    /// Names the certificate must hold one of instead (`subjectAltNames`), and whose list they
+    /// are: the DestinationRule's, else the ServiceEntry's.
+    pub alt_names: Vec<AltName>,
+    pub alt_from: &'static str,
     /// The DestinationRule that asks for it.
     pub by: String,
     pub client: TlsClient,
@@ -731,7 +735,7 @@ fn compile_service_entry(
     let with_verdicts = |ports: &[(u16, Transport)]| -> Vec<(u16, Transport, Verdict)> {
         ports.iter().map(|&(p, t)| (p, t, verdict(p))).collect()
     };
-    let mut originate = originations(policy, spec, &hosts, &steered, diags);
+    let mut originate = originations(policy, se, &hosts, &steered, diags);
     // The other steered HTTP ports: the relay speaks HTTP to the application there too, as an
     // egress gateway would, and sends the requests on as plain HTTP.
     for port in &spec.ports {
@@ -1481,20 +1485,49 @@ fn retries_or_timeout(r: &HttpRoute) -> bool {
 }
 
 /// The ports of a ServiceEntry on which its DestinationRule (`destination_rule`) asks for TLS
-/// origination. A port-level `tls` overrides the rule-wide one, as in Istio.
+/// origination. A port-level `tls` overrides the rule-wide one, as in Istio. The certificate is
+/// verified against the TLS settings' `subjectAltNames`, else the ServiceEntry's, else the host.
 fn originations(
     policy: &Policy,
-    spec: &ServiceEntrySpec,
+    se: &Resource<ServiceEntrySpec>,
     hosts: &[String],
     steered: &[SteeredPort],
     diags: &mut Diags,
 ) -> Vec<Origination> {
-    let Some(dr) = destination_rule(policy, hosts) else {
-        return Vec::new();
-    };
+    let spec = &se.spec;
+    let (out, asked) = destination_rule(policy, hosts)
+        .map(|dr| originations_of(dr, se, steered, diags))
+        .unwrap_or_default();
+    if !spec.subject_alt_names.is_empty() && !asked {
+        diag(
+            diags,
+            Severity::Warning,
+            &se.source,
+            format!(
+                "{}: spec.subjectAltNames are checked where egress originates TLS (a \
+                 DestinationRule with tls mode SIMPLE or MUTUAL on an HTTP port), and it does not \
+                 for these hosts: their clients verify their own TLS",
+                se.label()
+            ),
+        );
+    }
+    out
+}
+
+/// Also says whether TLS origination was asked for on any port, well formed or not.
+fn originations_of(
+    dr: &Resource<DestinationRuleSpec>,
+    se: &Resource<ServiceEntrySpec>,
+    steered: &[SteeredPort],
+    diags: &mut Diags,
+) -> (Vec<Origination>, bool) {
+    let spec = &se.spec;
     let Some(tp) = &dr.spec.traffic_policy else {
-        return Vec::new();
+        return (Vec::new(), false);
     };
+    let mut asked = false;
+    // Read once, however many ports use them: an error is told once.
+    let mut se_names: Option<Result<Vec<AltName>, ()>> = None;
     let label = dr.label();
     let mut out = Vec::new();
     for port in &spec.ports {
@@ -1554,13 +1587,43 @@ fn originations(
                     .to_owned(),
             );
         }
-        match client_config(tls, &field, &dr.source.file) {
+        asked = true;
+        // As Istio: the ServiceEntry's names where the TLS settings list none.
+        let alt = if tls.subject_alt_names.is_empty() {
+            se_names
+                .get_or_insert_with(|| {
+                    alt_names(&spec.subject_alt_names, "spec.subjectAltNames").map_err(|e| {
+                        diag(
+                            diags,
+                            Severity::Error,
+                            &se.source,
+                            format!("{}: {e}", se.label()),
+                        );
+                    })
+                })
+                .clone()
+        } else {
+            alt_names(&tls.subject_alt_names, &format!("{field}.subjectAltNames")).map_err(|e| {
+                diag(diags, Severity::Error, &dr.source, format!("{label}: {e}"));
+            })
+        };
+        let Ok(alt) = alt else {
+            continue;
+        };
+        let alt_from = if tls.subject_alt_names.is_empty() {
+            "the ServiceEntry's subjectAltNames"
+        } else {
+            "the DestinationRule's subjectAltNames"
+        };
+        match client_config(tls, alt.clone(), &field, &dr.source.file) {
             Ok(client) => out.push(Origination {
                 port: port.number.0,
                 target_port: onward.unwrap_or(port.target_port.unwrap_or(port.number).0),
                 tls: Some(OriginTls {
                     mode,
                     sni: tls.sni.as_deref().map(normalize_host),
+                    alt_names: alt,
+                    alt_from,
                     by: label.clone(),
                     client,
                 }),
@@ -1568,7 +1631,7 @@ fn originations(
             Err(e) => diag(diags, Severity::Error, &dr.source, format!("{label}: {e}")),
         }
     }
-    out
+    (out, asked)
 }
 
 /// The connection pool settings of a ServiceEntry's DestinationRule (`destination_rule`), by

@@ -474,8 +474,8 @@ fn a_destination_rule_originates_tls_on_http_ports_and_its_files_are_checked() {
         (
             "SIMPLE",
             "ca.pem",
-            ", subjectAltNames: ['spiffe://x/y']",
-            "subjectAltNames[0]: `spiffe://x/y` is not a DNS name",
+            ", subjectAltNames: ['two words']",
+            "tls.subjectAltNames[0]: `two words` is not a DNS name, an IP address or a URI",
         ),
     ] {
         let (pol, d) = load_str(&policy(mode, ca_file, extra), &file);
@@ -492,6 +492,70 @@ fn a_destination_rule_originates_tls_on_http_ports_and_its_files_are_checked() {
                 && errors[0].contains(want),
             "{ca_file}{extra}: {errors:?}"
         );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Istio verifies an originated connection's certificate against the ServiceEntry's
+/// `subjectAltNames` where the DestinationRule's TLS lists none: they are read then (once for
+/// both ports), and a name that cannot be checked refuses the policy; where nothing originates
+/// TLS they check nothing.
+#[test]
+fn a_service_entrys_subject_alt_names_are_read_where_tls_is_originated() {
+    let dir = std::env::temp_dir().join(format!("egress-se-sans-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("cert");
+    std::fs::write(dir.join("ca.pem"), ca.cert.pem()).expect("write");
+    let file = dir.join("p.yaml");
+    let policy = |sans: &str, dr: &str| {
+        format!(
+            "{SE}  hosts: [api.test]\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 443}}, {{number: 8080, name: alt, protocol: HTTP, targetPort: 443}}]\n  resolution: DNS\n  subjectAltNames: {sans}\n{dr}"
+        )
+    };
+    let dr = |sans: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api}}\nspec:\n  host: api.test\n  trafficPolicy:\n    tls: {{mode: SIMPLE, caCertificates: ca.pem{sans}}}\n"
+        )
+    };
+    let diags = |yaml: String| -> Vec<String> {
+        let (pol, d) = load_str(&yaml, &file);
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = compile(&pol, None);
+        if !super::has_errors(&d) {
+            assert_eq!(plan.rules.len(), 1);
+        }
+        d.iter().map(ToString::to_string).collect()
+    };
+    let at = file.display();
+    let checks = [
+        // A SPIFFE id, a DNS name and an address, used in place of the host's name.
+        (
+            policy(
+                "['spiffe://example.org/ns/shop/sa/api', api.internal, 10.0.0.1]",
+                &dr(""),
+            ),
+            Vec::new(),
+        ),
+        (
+            policy("['two words']", &dr("")),
+            vec![format!(
+                "{at}:1:1: error: ServiceEntry/default/x: spec.subjectAltNames[0]: `two words` is not a DNS name, an IP address or a URI"
+            )],
+        ),
+        // The DestinationRule's own names are used: the ServiceEntry's are not read.
+        (
+            policy("['two words']", &dr(", subjectAltNames: [api.internal]")),
+            Vec::new(),
+        ),
+        (
+            policy("['spiffe://example.org/ns/shop/sa/api']", ""),
+            vec![format!(
+                "{at}:1:1: warning: ServiceEntry/default/x: spec.subjectAltNames are checked where egress originates TLS (a DestinationRule with tls mode SIMPLE or MUTUAL on an HTTP port), and it does not for these hosts: their clients verify their own TLS"
+            )],
+        ),
+    ];
+    for (yaml, want) in checks {
+        assert_eq!(diags(yaml.clone()), want, "{yaml}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

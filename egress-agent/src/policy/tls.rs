@@ -8,13 +8,16 @@ use std::{
 };
 
 use rustls::{
-    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
+    SignatureScheme,
     client::{
         WebPkiServerVerifier,
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor, verify_server_name,
     },
-    crypto::CryptoProvider,
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject as _},
+    server::ParsedCertificate,
 };
 
 use super::schema::{ClientTls, TlsMode};
@@ -97,9 +100,68 @@ fn certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, Strin
     Ok(certs)
 }
 
+/// A name the upstream's certificate may hold in place of the host's (Istio's
+/// `subjectAltNames`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AltName {
+    /// A DNS name or an IP address, verified as a server name is (wildcards in the certificate).
+    Server(ServerName<'static>),
+    /// A URI, a SPIFFE id most often: one of the certificate's URI names, whole, as Envoy
+    /// matches it.
+    Uri(String),
+}
+
+impl fmt::Display for AltName {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            AltName::Server(name) => f.write_str(&name.to_str()),
+            AltName::Uri(uri) => f.write_str(uri),
+        }
+    }
+}
+
+/// Reads `names` (the list at `field`): DNS names, IP addresses and URIs.
+pub fn alt_names(names: &[String], field: &str) -> Result<Vec<AltName>, String> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            if let Ok(name) = ServerName::try_from(n.clone()) {
+                Ok(AltName::Server(name))
+            } else if is_uri(n) {
+                Ok(AltName::Uri(n.clone()))
+            } else {
+                Err(format!(
+                    "{field}[{i}]: `{n}` is not a DNS name, an IP address or a URI"
+                ))
+            }
+        })
+        .collect()
+}
+
+/// A scheme (RFC 3986: a letter, then letters, digits, `+`, `-`, `.`), a colon, and more,
+/// without spaces or control characters.
+fn is_uri(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once(':') else {
+        return false;
+    };
+    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !rest.is_empty()
+        && rest.chars().all(|c| c.is_ascii_graphic())
+}
+
 /// Builds the configuration for `tls` (mode SIMPLE or MUTUAL), or says which field is wrong.
 /// `field` is the settings' path, for messages; `file` the policy file, for relative paths.
-pub fn client_config(tls: &ClientTls, field: &str, file: &Path) -> Result<TlsClient, String> {
+/// `alt`: the names the certificate must hold one of instead of the host's, if any.
+pub fn client_config(
+    tls: &ClientTls,
+    alt: Vec<AltName>,
+    field: &str,
+    file: &Path,
+) -> Result<TlsClient, String> {
     let roots = match &tls.ca_certificates {
         Some(ca) => {
             let path = resolve(file, ca);
@@ -116,27 +178,17 @@ pub fn client_config(tls: &ClientTls, field: &str, file: &Path) -> Result<TlsCli
         }
         None => system_roots().map_err(|e| format!("{field}: {e}"))?,
     };
-    let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider())
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::clone(&roots), provider())
         .build()
         .map_err(|e| format!("{field}.caCertificates: {e}"))?;
-    let verifier: Arc<dyn ServerCertVerifier> = if tls.subject_alt_names.is_empty() {
+    let verifier: Arc<dyn ServerCertVerifier> = if alt.is_empty() {
         webpki
     } else {
-        let names = tls
-            .subject_alt_names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                ServerName::try_from(n.clone()).map_err(|_| {
-                    format!(
-                        "{field}.subjectAltNames[{i}]: `{n}` is not a DNS name or an IP address"
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         Arc::new(AltNames {
             inner: webpki,
-            names,
+            roots,
+            algorithms: provider().signature_verification_algorithms,
+            names: alt,
         })
     };
     let builder = ClientConfig::builder_with_provider(provider())
@@ -171,13 +223,32 @@ pub fn client_config(tls: &ClientTls, field: &str, file: &Path) -> Result<TlsCli
     Ok(TlsClient(Arc::new(config)))
 }
 
-/// Verifies the chain as usual, but against the names the DestinationRule lists instead of the
-/// name the connection was made for (Istio's `subjectAltNames`).
+/// Verifies the chain as usual, but against the names the policy lists instead of the name the
+/// connection was made for (Istio's `subjectAltNames`): the certificate must hold one of them.
 #[derive(Debug)]
 struct AltNames {
+    /// For the handshake's signatures.
     inner: Arc<WebPkiServerVerifier>,
-    names: Vec<ServerName<'static>>,
+    roots: Arc<RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+    names: Vec<AltName>,
 }
+
+/// The certificate holds none of the names listed.
+#[derive(Debug)]
+struct NoneHeld(String);
+
+impl fmt::Display for NoneHeld {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "the certificate names none of subjectAltNames [{}]",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for NoneHeld {}
 
 impl ServerCertVerifier for AltNames {
     fn verify_server_cert(
@@ -185,20 +256,34 @@ impl ServerCertVerifier for AltNames {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
-        ocsp: &[u8],
+        _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let mut last = rustls::Error::General("no subjectAltNames to verify".to_owned());
-        for name in &self.names {
-            match self
-                .inner
-                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
-            {
-                Ok(ok) => return Ok(ok),
-                Err(e) => last = e,
-            }
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let uris = || -> Vec<String> {
+            webpki::EndEntityCert::try_from(end_entity)
+                .map(|c| c.valid_uri_names().map(str::to_owned).collect())
+                .unwrap_or_default()
+        };
+        let mut presented = None;
+        let held = self.names.iter().any(|name| match name {
+            AltName::Server(n) => verify_server_name(&cert, n).is_ok(),
+            AltName::Uri(u) => presented.get_or_insert_with(uris).contains(u),
+        });
+        if held {
+            return Ok(ServerCertVerified::assertion());
         }
-        Err(last)
+        let listed: Vec<String> = self.names.iter().map(ToString::to_string).collect();
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+            OtherError(Arc::new(NoneHeld(listed.join(", ")))),
+        )))
     }
 
     fn verify_tls12_signature(

@@ -735,13 +735,21 @@ async fn http1<T: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
 }
 
 fn tls_failure(target: SocketAddr, e: io::Error) -> Failure {
-    let text = format!("{target}: TLS: {e}");
     match e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     {
-        Some(rustls::Error::InvalidCertificate(_)) => Failure::Certificate(text),
-        _ => Failure::Connect(text),
+        // rustls shows a verifier's own error by its Debug form; its message reads better.
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            Failure::Certificate(format!(
+                "{target}: TLS: invalid peer certificate: {}",
+                other.0
+            ))
+        }
+        Some(rustls::Error::InvalidCertificate(_)) => {
+            Failure::Certificate(format!("{target}: TLS: {e}"))
+        }
+        _ => Failure::Connect(format!("{target}: TLS: {e}")),
     }
 }
 
