@@ -417,6 +417,70 @@ spec:
     a.shutdown().await;
 }
 
+/// A VirtualService whose routes match some paths only, and ask nothing else of them, leaves the
+/// other paths unrouted: Envoy answers them 404. The port is served by the relay for that alone,
+/// and the matched paths go on as plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_no_route_matches_are_answered_404_where_routes_match_some_only() {
+    let w = World::new();
+    w.host(20);
+    let ip = w.v4(20);
+    let web = w.http_server(std::net::SocketAddr::new(ip, 80));
+    let cg = TestCgroup::new("originate-unrouted");
+    let log = log_path("originate-unrouted");
+    let policy = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.test]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api-v1, namespace: shop}}
+spec:
+  hosts: [api.test]
+  http:
+  - match: [{{uri: {{prefix: /v1/}}}}, {{uri: {{exact: /health}}, method: {{exact: GET}}}}]
+    route: [{{destination: {{host: api.test}}}}]
+"
+    );
+    let a = Agent::start(w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let out = curl(
+        &cg,
+        ip,
+        &["http://api.test/v1/items", "http://api.test/health"],
+        &[],
+    );
+    assert_eq!(
+        stdout(&out),
+        "host=api.test\n200\nhost=api.test\n200\n",
+        "{out:?}"
+    );
+    assert_eq!(web.paths(), ["/v1/items", "/health"]);
+    for (path, method) in [("/admin", "GET"), ("/health", "POST")] {
+        let out = curl(
+            &cg,
+            ip,
+            &[&format!("http://api.test{path}")],
+            &["-X", method],
+        );
+        assert!(stdout(&out).ends_with("404\n"), "{path}: {out:?}");
+        let want = format!("no route of VirtualService/shop/api-v1 matches {method} {path}");
+        let r = wait_record(&log, "the unrouted request's record", |r| {
+            r.kind == "relay" && r.reason.as_deref() == Some(want.as_str())
+        });
+        assert_eq!(r.status, Some(404), "{r:?}");
+    }
+    assert_eq!(web.paths().len(), 2, "an unrouted request reached upstream");
+    a.shutdown().await;
+}
+
 /// Istio's "egress gateway with TLS origination" as documented: the mesh's port 80 goes to the
 /// gateway, whose route sends it on to port 443 with the TLS a DestinationRule asks for there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1092,8 +1092,51 @@ fn route_reason<'a>(
                 return Some(routed(why, None));
             }
         }
+        // Routes that each match some requests only leave the others unrouted: Envoy answers
+        // them 404, and so must the relay, or they would leave unchecked.
+        if served_as_http {
+            let mut covering = vs
+                .spec
+                .http
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| http_covers(r, port));
+            if let Some((i, r)) = covering.next()
+                && !takes_every_request(r, port)
+                && !covering.any(|(_, r)| takes_every_request(r, port))
+            {
+                return Some(Routed {
+                    why: format!(
+                        "{} routes some of port {port}'s requests only: the others are answered \
+                         404, as Envoy answers them (spec.http)",
+                        vs.label()
+                    ),
+                    http: Some((vs, i, r)),
+                    onward: None,
+                });
+            }
+        }
     }
     None
+}
+
+/// Whether an HTTP route that covers `port` takes every request to it: it has no match, or a
+/// match for the port with no condition on the request (a `uri` prefix `/` is none).
+fn takes_every_request(r: &HttpRoute, port: u16) -> bool {
+    r.matches.is_empty()
+        || r.matches.iter().any(|m| {
+            at_mesh(&m.gateways)
+                && on_port(m.port.as_ref(), port)
+                && m.uri.as_ref().is_none_or(|u| {
+                    u.prefix.as_deref() == Some("/") && u.exact.is_none() && u.regex.is_none()
+                })
+                && m.scheme.is_none()
+                && m.method.is_none()
+                && m.authority.is_none()
+                && m.headers.is_empty()
+                && m.query_params.is_empty()
+                && m.without_headers.is_empty()
+        })
 }
 
 /// Whether an HTTP route does to requests what only the relay can do for them.

@@ -1428,3 +1428,65 @@ fn a_route_that_answers_requests_steers_an_http_port() {
     );
     assert_eq!(rule.steered[0].requests.len(), 3);
 }
+
+/// On a port served as HTTP, routes that each match some requests only leave the rest unrouted,
+/// which Envoy answers 404: the port is steered for the relay to answer them. A route without a
+/// request condition (no match, a match on the port alone, `uri` prefix `/`) takes every request
+/// and nothing is left to answer; on a TLS port HTTP routes do not apply.
+#[test]
+fn routes_that_match_some_requests_only_steer_an_http_port() {
+    let steered = |routes: &str| -> Vec<(u16, String)> {
+        let yaml = format!(
+            "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 80, name: http, protocol: HTTP}}\n  - {{number: 443, name: https, protocol: HTTPS}}\n  - {{number: 8080, name: other, protocol: HTTP}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n{routes}"
+        );
+        let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = compile(&pol, None);
+        assert!(d.is_empty(), "{d:?}");
+        plan.rules[0]
+            .steered
+            .iter()
+            .map(|s| (s.port, s.why.clone()))
+            .collect()
+    };
+    let why = |port: u16| {
+        (
+            port,
+            format!(
+                "VirtualService/default/v routes some of port {port}'s requests only: the others \
+                 are answered 404, as Envoy answers them (spec.http)"
+            ),
+        )
+    };
+    let route = "    route: [{destination: {host: api.example}}]\n";
+    let only = |matches: &str| format!("  - match: {matches}\n{route}");
+    assert_eq!(
+        steered(&only("[{uri: {prefix: /v1/}}, {method: {exact: GET}}]")),
+        [why(80), why(8080)]
+    );
+    assert_eq!(
+        steered(&only("[{port: 80, headers: {x-team: {exact: a}}}]")),
+        [why(80)],
+        "port 8080 has no route at all: Istio's default route takes it"
+    );
+    for every in [
+        "",
+        "match: [{port: 80}, {port: 8080}]\n    ",
+        "match: [{uri: {prefix: /}}]\n    ",
+    ] {
+        let routes = format!(
+            "{}  - {every}{}",
+            only("[{uri: {prefix: /v1/}}]"),
+            route.trim_start()
+        );
+        assert_eq!(steered(&routes), [], "{routes}");
+    }
+    // A catch-all for port 80 alone leaves 8080's requests to the first route.
+    assert_eq!(
+        steered(&format!(
+            "{}  - match: [{{port: 80}}]\n{route}",
+            only("[{uri: {prefix: /v1/}}]")
+        )),
+        [why(8080)]
+    );
+}
