@@ -88,6 +88,7 @@ pub struct Status {
     pub relay_over_limit: Family<LimitLabels, Counter>,
     pub origination_opened: Counter,
     pub origination_reused: Counter,
+    pub origination_waits: Counter,
 }
 
 impl Status {
@@ -207,6 +208,12 @@ impl Status {
             "Requests TLS origination sent on an upstream connection an earlier request opened, \
              of the same client connection or another",
             self.origination_reused.clone(),
+        );
+        r.register(
+            "relay_origination_upstream_waits",
+            "Requests that waited for an upstream connection, their host's connections all taken \
+             (a DestinationRule's connectionPool.tcp.maxConnections)",
+            self.origination_waits.clone(),
         );
         r.register(
             "events",

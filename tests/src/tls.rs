@@ -146,6 +146,35 @@ pub struct Seen {
     pub read: Mutex<Vec<usize>>,
     /// A plain HTTP server's: each request's target.
     pub paths: Mutex<Vec<String>>,
+    /// Shut: a TLS server answers no request for `/held` until it opens.
+    pub gate: Gate,
+}
+
+/// A gate requests may wait at, open until shut.
+#[derive(Default)]
+pub struct Gate {
+    shut: Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    pub fn shut(&self) {
+        *self.shut.lock().expect("gate") = true;
+    }
+
+    pub fn open(&self) {
+        *self.shut.lock().expect("gate") = false;
+        self.opened.notify_all();
+    }
+
+    /// Waits while the gate is shut, for a minute at most: a test that fails to open it must
+    /// not hang.
+    fn pass(&self) {
+        let shut = self.shut.lock().expect("gate");
+        let _ = self
+            .opened
+            .wait_timeout_while(shut, std::time::Duration::from_secs(60), |shut| *shut);
+    }
 }
 
 impl Seen {
@@ -303,16 +332,21 @@ fn answer(tls: &mut StreamOwned<ServerConnection, Watched>, s: &Seen, keep_alive
         let mut reader = BufReader::new(&mut *tls);
         let mut line = String::new();
         let mut lines = 0;
+        let mut held = false;
         while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
             lines += 1;
             if line == "\r\n" {
                 break;
             }
+            held |= lines == 1 && line.starts_with("GET /held ");
             line.clear();
         }
         drop(reader);
         if lines == 0 && keep_alive {
             return;
+        }
+        if held {
+            s.gate.pass();
         }
         let _ = write!(
             tls,

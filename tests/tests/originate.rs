@@ -1,7 +1,13 @@
 //! Root-only: TLS origination. curl speaks plain HTTP from the enforced cgroup; the kernel steers
 //! it to the relay, which speaks verified TLS (SIMPLE and MUTUAL) to real TLS servers in a netns
 //! world, with certificates made per run.
-use std::{net::IpAddr, path::Path, process::Output, sync::Arc, time::Duration};
+use std::{
+    net::IpAddr,
+    path::Path,
+    process::{Command, Output},
+    sync::Arc,
+    time::Duration,
+};
 
 use egress_agent::{
     agent::{Agent, AgentConfig},
@@ -163,6 +169,13 @@ async fn agent(f: &Fixture, cg: &TestCgroup, log: &Path) -> Agent {
 /// curl in the cgroup: plain HTTP to each URL's host, pinned to `ip`, on one connection; status
 /// codes and bodies on stdout.
 fn curl(cg: &TestCgroup, ip: IpAddr, urls: &[&str], extra: &[&str]) -> Output {
+    curl_command(cg, ip, urls, extra)
+        .output()
+        .expect("run curl")
+}
+
+/// [`curl`], to be started.
+fn curl_command(cg: &TestCgroup, ip: IpAddr, urls: &[&str], extra: &[&str]) -> Command {
     let mut cmd = cg.command("curl");
     cmd.args(["-sS", "--max-time", "15", "-w", "%{http_code}\n"]);
     for url in urls {
@@ -173,7 +186,10 @@ fn curl(cg: &TestCgroup, ip: IpAddr, urls: &[&str], extra: &[&str]) -> Output {
             .expect("host");
         cmd.args(["--resolve", &format!("{host}:80:{ip}")]);
     }
-    cmd.args(extra).args(urls).output().expect("run curl")
+    cmd.args(extra)
+        .args(urls)
+        .stdout(std::process::Stdio::piped());
+    cmd
 }
 
 fn stdout(out: &Output) -> String {
@@ -807,6 +823,57 @@ async fn an_upstream_connection_carries_no_more_requests_than_its_destination_ru
             a.status.origination_reused.get()
         ),
         (2, 1)
+    );
+    a.shutdown().await;
+}
+
+/// A DestinationRule's `tcp.maxConnections` where egress originates TLS: a request that would
+/// open one more upstream connection waits for one to come back, as Envoy queues it, and goes on
+/// it. The first request is held at the server until the second is seen waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_max_connections_wait_for_an_upstream_connection() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-pool-limit");
+    let log = log_path("originate-pool-limit");
+    let a = agent_with_kept_pool(&f, &cg, &log, "{tcp: {maxConnections: 1}}").await;
+    let ip = f.w.v4(26);
+    f.kept.gate.shut();
+    let held = curl_command(&cg, ip, &["http://kept.test/held"], &[])
+        .spawn()
+        .expect("start curl");
+    wait_for(
+        "the held request's upstream connection",
+        Duration::from_secs(10),
+        || f.kept.names().len() == 1,
+    );
+    let waiting = curl_command(&cg, ip, &["http://kept.test/a", "http://kept.test/b"], &[])
+        .spawn()
+        .expect("start curl");
+    wait_for(
+        "the second client's request to wait",
+        Duration::from_secs(10),
+        || a.status.origination_waits.get() == 1,
+    );
+    f.kept.gate.open();
+    let held = held.wait_with_output().expect("curl");
+    let waiting = waiting.wait_with_output().expect("curl");
+    assert_eq!(stdout(&held), "sni=kept.test\n200\n", "{held:?}");
+    assert_eq!(
+        stdout(&waiting),
+        "sni=kept.test\n200\nsni=kept.test\n200\n",
+        "{waiting:?}"
+    );
+    assert_eq!(
+        f.kept.accepted(),
+        1,
+        "a second upstream connection was opened"
+    );
+    assert_eq!(
+        (
+            a.status.origination_opened.get(),
+            a.status.origination_reused.get()
+        ),
+        (1, 2)
     );
     a.shutdown().await;
 }

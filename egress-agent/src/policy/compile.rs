@@ -335,7 +335,8 @@ pub enum Carry {
 /// steered connections (`http`: where it originates TLS).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectionPool {
-    /// Connections through the relay at once (`maxConnections`; passthrough only).
+    /// Connections through the relay at once (`maxConnections`): client connections where the
+    /// relay passes TLS or TCP through, upstream connections where it speaks HTTP.
     pub max_connections: Option<u32>,
     /// Limit of one upstream connect (`connectTimeout`).
     pub connect_timeout: Option<std::time::Duration>,
@@ -1754,23 +1755,6 @@ fn pools(
         if !steered.iter().any(|s| s.port == n) {
             direct.push(n.to_string());
             continue;
-        }
-        let originated = tp
-            .port_level_settings
-            .iter()
-            .find(|pl| pl.port.as_ref().and_then(|p| p.number) == Some(port.number))
-            .and_then(|pl| pl.tls.as_ref())
-            .or(tp.tls.as_ref())
-            .is_some_and(|t| matches!(t.mode, Some(TlsMode::Simple | TlsMode::Mutual)))
-            && port.protocol == Some(Protocol::Http);
-        if originated && pool.max_connections.is_some() {
-            warn(
-                Severity::Warning,
-                format!(
-                    "connectionPool.tcp.maxConnections is not applied on port {n}, where egress \
-                     originates TLS (Envoy queues the requests over it; egress does not)"
-                ),
-            );
         }
         out.push((n, pool));
     }

@@ -801,15 +801,12 @@ fn a_destination_rules_connection_pool_applies_to_steered_ports() {
         (secs(90), Some(1))
     );
 
-    // TLS origination is HTTP: Envoy queues requests over maxConnections, egress does not.
+    // Where egress originates TLS, maxConnections limits the upstream connections (requests
+    // over it wait, as Envoy queues them).
     let (p, d) = pools("    tls: {mode: SIMPLE}\n    connectionPool: {tcp: {maxConnections: 5}}\n");
     assert_eq!(p.len(), 3);
-    assert!(
-        d.iter()
-            .any(|d| d
-                .contains("maxConnections is not applied on port 80, where egress originates TLS")),
-        "{d:?}"
-    );
+    assert!(!d.iter().any(|d| d.contains("maxConnections")), "{d:?}");
+    assert!(p.iter().all(|(_, pool)| pool.max_connections == Some(5)));
 
     // Values Istio or the kernel would refuse are errors, naming the field.
     for (pool, error) in [

@@ -96,8 +96,8 @@ pub(super) async fn serve(
         kept_idle: pool.and_then(|p| p.http_idle_timeout).unwrap_or(POOL_IDLE),
         max_requests: pool.and_then(|p| p.max_requests_per_connection),
         max_age: pool.and_then(|p| p.max_connection_duration),
+        max_connections: pool.and_then(|p| p.max_connections),
         stats: Mutex::new(Stats::default()),
-        upstream: Mutex::new(None),
         pool: Arc::clone(&shared.pool),
         status: Arc::clone(&shared.status),
     });
@@ -125,15 +125,6 @@ pub(super) async fn serve(
         () = activity.quiet(timeouts.idle) => Err(Failed::Idle),
     };
 
-    if let Some((key, upstream)) = state
-        .upstream
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-        && state.reusable(&upstream)
-    {
-        state.pool.put(key, upstream, state.kept_idle);
-    }
     record.bytes_up = Some(up.load(Ordering::Relaxed));
     record.bytes_down = Some(down.load(Ordering::Relaxed));
     let stats = std::mem::take(&mut *state.stats.lock().unwrap_or_else(|e| e.into_inner()));
@@ -206,10 +197,12 @@ struct State {
     max_requests: Option<u32>,
     /// How long one upstream connection is used (`tcp.maxConnectionDuration`).
     max_age: Option<Duration>,
+    /// Upstream connections to the host and port at once, from the node
+    /// (`tcp.maxConnections`): a request that would open one more waits for one.
+    max_connections: Option<u32>,
     stats: Mutex<Stats>,
-    /// The upstream connection kept for the next request, with what it was opened for.
-    upstream: Mutex<Option<(PoolKey, Upstream)>>,
-    /// Where the connection goes when the client's is done, for the next client.
+    /// Where an upstream connection goes once an answer has been read whole, for the next
+    /// request of this client or another.
     pool: Arc<Pool>,
     status: Arc<Status>,
 }
@@ -221,6 +214,8 @@ struct Upstream {
     /// Requests sent on it.
     sent: u32,
     opened: Instant,
+    /// Its place among the host's connections, where they are limited; given up with it.
+    slot: Option<Slot>,
 }
 
 impl Drop for Upstream {
@@ -245,7 +240,35 @@ struct PoolKey {
 /// upstream connections in a pool too): a client that opens a connection per request, as many
 /// do, should not cost the upstream a TLS handshake each time.
 #[derive(Default)]
-pub(super) struct Pool(Mutex<HashMap<PoolKey, Vec<Kept>>>);
+pub(super) struct Pool {
+    idle: Mutex<HashMap<PoolKey, Vec<Kept>>>,
+    /// The limited hosts' connections (`tcp.maxConnections`), by rule, host and port.
+    limits: Mutex<HashMap<(u32, Name, u16), Arc<Slots>>>,
+}
+
+/// The places for connections to one host and port where a DestinationRule limits them.
+pub(super) struct Slots {
+    places: Arc<tokio::sync::Semaphore>,
+    /// How many there are: a reload that changes the limit starts anew.
+    max: u32,
+    /// Told when a connection is given up or comes back to the pool: a request waiting for a
+    /// place may find one.
+    freed: tokio::sync::Notify,
+}
+
+/// A place taken: an open connection to a limited host.
+struct Slot {
+    place: Option<tokio::sync::OwnedSemaphorePermit>,
+    of: Arc<Slots>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // Given back before the waiters are told, or one could look too soon and wait on.
+        drop(self.place.take());
+        self.of.freed.notify_waiters();
+    }
+}
 
 /// An idle upstream connection: since when, and for how long it may be taken.
 struct Kept {
@@ -269,7 +292,48 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 
 impl Pool {
     fn idle(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Kept>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The places of `host`'s port `port` under rule `rule`, `max` of them.
+    fn slots(&self, rule: u32, host: &Name, port: u16, max: u32) -> Arc<Slots> {
+        let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        // Those no connection holds any more, of hosts or limits gone.
+        limits.retain(|_, s| Arc::strong_count(s) > 1);
+        let slots = limits
+            .entry((rule, Name::clone(host), port))
+            .or_insert_with(|| Slots::new(max));
+        if slots.max != max {
+            *slots = Slots::new(max);
+        }
+        Arc::clone(slots)
+    }
+
+    /// Closes one idle connection that holds a place of `slots`, if there is one: a request
+    /// that needs a connection another key's idle one holds the place of takes its place.
+    fn evict(&self, slots: &Arc<Slots>) -> bool {
+        let mut idle = self.idle();
+        let holds = |k: &Kept| {
+            k.upstream
+                .slot
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(&s.of, slots))
+        };
+        let found = idle.iter_mut().find_map(|(key, kept)| {
+            let at = kept.iter().position(holds)?;
+            Some((key.clone(), kept.remove(at)))
+        });
+        match found {
+            Some((key, evicted)) => {
+                if idle.get(&key).is_some_and(Vec::is_empty) {
+                    idle.remove(&key);
+                }
+                drop(idle);
+                drop(evicted);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The connection used last for `key`, if one is open.
@@ -286,16 +350,20 @@ impl Pool {
     /// Keeps `upstream` for the next request that would open the same, for `for_up_to`.
     fn put(&self, key: PoolKey, upstream: Upstream, for_up_to: Duration) {
         self.sweep();
+        let slots = upstream.slot.as_ref().map(|s| Arc::clone(&s.of));
         let mut idle = self.idle();
         let kept = idle.entry(key).or_default();
-        if kept.len() == POOL_PER_KEY {
-            kept.remove(0);
-        }
+        let oldest = (kept.len() == POOL_PER_KEY).then(|| kept.remove(0));
         kept.push(Kept {
             upstream,
             since: Instant::now(),
             idle: for_up_to,
         });
+        drop(idle);
+        drop(oldest);
+        if let Some(slots) = slots {
+            slots.freed.notify_waiters();
+        }
     }
 
     /// Lets go of what has been idle too long or was closed meanwhile.
@@ -310,6 +378,24 @@ impl Pool {
     /// would keep it alive.
     pub(super) fn forget_netns(&self, netns: u64) {
         self.idle().retain(|key, _| key.netns != netns);
+    }
+}
+
+impl Slots {
+    fn new(max: u32) -> Arc<Slots> {
+        Arc::new(Slots {
+            places: Arc::new(tokio::sync::Semaphore::new(max as usize)),
+            max,
+            freed: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn take(self: &Arc<Self>) -> Option<Slot> {
+        let place = Arc::clone(&self.places).try_acquire_owned().ok()?;
+        Some(Slot {
+            place: Some(place),
+            of: Arc::clone(self),
+        })
     }
 }
 
@@ -507,6 +593,12 @@ impl State {
             route.per_try_timeout,
             upstream.targets(SocketAddr::new(self.dst.ip(), self.origin.target_port)),
         );
+        // The host's connections, where a DestinationRule limits them: counted over its
+        // addresses, as Envoy counts a cluster's.
+        let slots = self.max_connections.map(|max| {
+            self.pool
+                .slots(self.rule_id, &upstream.host, self.origin.target_port, max)
+        });
         let mut last = String::new();
         loop {
             let (target, limit) = match attempts.next().await {
@@ -531,9 +623,12 @@ impl State {
                 (None, Some(body)) => body.boxed(),
                 (None, None) => break,
             };
-            let result = within(limit, self.attempt(target, &tls, build(body)))
-                .await
-                .unwrap_or(Err(Failure::Timeout));
+            let result = within(
+                limit,
+                self.attempt(target, &tls, slots.as_ref(), build(body)),
+            )
+            .await
+            .unwrap_or(Err(Failure::Timeout));
             match result {
                 Ok(response)
                     if attempts.made < tries
@@ -602,54 +697,58 @@ impl State {
             })
     }
 
-    /// One try: the connection this client used last, or one another client left in the pool,
-    /// if it goes to the same target with the same name and is still good, else a new one.
+    /// One try: an idle connection to the same target with the same name from the pool (the
+    /// one this client used last, if it is there), if it is still good, else a new one. Where
+    /// the host's connections are limited (`slots`) and all are taken, the request waits for
+    /// one to come back or close, as Envoy queues it.
     async fn attempt(
         &self,
         target: SocketAddr,
         tls: &Option<(ServerName<'static>, TlsClient)>,
+        slots: Option<&Arc<Slots>>,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<Body>, Failure> {
         let key = PoolKey {
             netns: self.leave.netns.cookie,
             bound_if: self.leave.bound_if,
             target,
             tls: tls.clone(),
         };
-        let mine = self
-            .upstream
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let kept = match mine {
-            Some((k, u)) if k == key && self.reusable(&u) => Some(u),
-            Some((k, u)) if self.reusable(&u) => {
-                // Another target's: another client may want it.
-                self.pool.put(k, u, self.kept_idle);
-                self.pool.take(&key)
+        let mut waited = false;
+        let mut upstream = loop {
+            let freed = slots.map(|s| s.freed.notified());
+            tokio::pin!(freed);
+            if let Some(freed) = freed.as_mut().as_pin_mut() {
+                // Told from now on, before the pool and the places are looked at.
+                freed.enable();
             }
-            _ => self.pool.take(&key),
-        }
-        // Kept since, it may have grown too old.
-        .filter(|u| self.reusable(u));
-        let mut reused = None;
-        if let Some(mut u) = kept
-            && timeout(Duration::from_millis(5), u.sender.ready())
-                .await
-                .is_ok_and(|r| r.is_ok())
-        {
-            reused = Some(u);
-        }
-        let mut upstream = match reused {
-            Some(u) => {
+            if let Some(mut u) = self.pool.take(&key).filter(|u| self.reusable(u))
+                && timeout(Duration::from_millis(5), u.sender.ready())
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            {
                 self.status.origination_reused.inc();
-                u
+                break u;
             }
-            None => {
-                let u = self.open(target, tls.clone()).await?;
-                self.status.origination_opened.inc();
-                u
-            }
+            let slot = match slots {
+                None => None,
+                Some(slots) => match slots.take() {
+                    Some(slot) => Some(slot),
+                    None if self.pool.evict(slots) => continue,
+                    None => {
+                        if !std::mem::replace(&mut waited, true) {
+                            self.status.origination_waits.inc();
+                        }
+                        if let Some(freed) = freed.as_pin_mut() {
+                            freed.await;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let u = self.open(target, tls.clone(), slot).await?;
+            self.status.origination_opened.inc();
+            break u;
         };
         upstream.sent += 1;
         let response = upstream
@@ -657,14 +756,27 @@ impl State {
             .send_request(req)
             .await
             .map_err(|e| Failure::Reset(format!("{target}: {e}")))?;
-        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, upstream));
-        Ok(response)
+        let (parts, body) = response.into_parts();
+        let body = Returning {
+            body,
+            ended: false,
+            back: Some(Back {
+                upstream,
+                key,
+                pool: Arc::clone(&self.pool),
+                idle: self.kept_idle,
+                max_requests: self.max_requests,
+                max_age: self.max_age,
+            }),
+        };
+        Ok(Response::from_parts(parts, body.boxed()))
     }
 
     async fn open(
         &self,
         target: SocketAddr,
         tls: Option<(ServerName<'static>, TlsClient)>,
+        slot: Option<Slot>,
     ) -> Result<Upstream, Failure> {
         let tcp = timeout(self.connect_timeout, connect_own(target, &self.leave))
             .await
@@ -685,24 +797,18 @@ impl State {
             task,
             sent: 0,
             opened: Instant::now(),
+            slot,
         })
     }
 
-    /// Whether another request may go on `upstream`: it is open, has carried fewer than
-    /// `http.maxRequestsPerConnection`, and is younger than `tcp.maxConnectionDuration`. One that
-    /// may not is closed once its last answer is read.
     fn reusable(&self, upstream: &Upstream) -> bool {
-        !upstream.sender.is_closed()
-            && self.max_requests.is_none_or(|max| upstream.sent < max)
-            && self
-                .max_age
-                .is_none_or(|max| upstream.opened.elapsed() < max)
+        reusable(upstream, self.max_requests, self.max_age)
     }
 
     fn answer(
         &self,
         target: SocketAddr,
-        response: Response<Incoming>,
+        response: Response<Body>,
         ops: Option<&HeaderOps>,
     ) -> Response<Body> {
         {
@@ -715,7 +821,72 @@ impl State {
         if let Some(ops) = ops {
             HeaderOps::apply(&ops.response, &mut parts.headers);
         }
-        Response::from_parts(parts, body.boxed())
+        Response::from_parts(parts, body)
+    }
+}
+
+/// Whether another request may go on `upstream`: it is open, has carried fewer than
+/// `http.maxRequestsPerConnection`, and is younger than `tcp.maxConnectionDuration`. One that may
+/// not is closed once its last answer is read.
+fn reusable(upstream: &Upstream, max_requests: Option<u32>, max_age: Option<Duration>) -> bool {
+    !upstream.sender.is_closed()
+        && max_requests.is_none_or(|max| upstream.sent < max)
+        && max_age.is_none_or(|max| upstream.opened.elapsed() < max)
+}
+
+/// An answer's body that puts its connection back in the pool once it has been read whole:
+/// from then on the connection may carry another request, this client's or another's (Envoy
+/// returns its connections to the pool so). A body not read whole closes its connection.
+struct Returning {
+    body: Incoming,
+    ended: bool,
+    back: Option<Back>,
+}
+
+/// Where a connection goes back to, and whether it may.
+struct Back {
+    upstream: Upstream,
+    key: PoolKey,
+    pool: Arc<Pool>,
+    idle: Duration,
+    max_requests: Option<u32>,
+    max_age: Option<Duration>,
+}
+
+impl hyper::body::Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        if let Some(back) = self.back.take()
+            && (self.ended || self.body.is_end_stream())
+            && reusable(&back.upstream, back.max_requests, back.max_age)
+        {
+            back.pool.put(back.key, back.upstream, back.idle);
+        }
     }
 }
 
