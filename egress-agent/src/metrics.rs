@@ -58,7 +58,8 @@ pub struct ReasonLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
-    /// Which limit refused a connection: `workload`, `relay` or `destination`.
+    /// Which limit refused a connection: `workload`, `relay` or `destination`; or a request:
+    /// `pending`.
     pub limit: &'static str,
 }
 
@@ -195,7 +196,9 @@ impl Status {
             "relay_connections_over_limit",
             "Steered connections refused at a limit: their workload's (--relay-max-per-workload), \
              the relay's (--relay-max-connections) or their destination's (a DestinationRule's \
-             connectionPool.tcp.maxConnections)",
+             connectionPool.tcp.maxConnections); and requests refused where as many already wait \
+             for an upstream connection as their DestinationRule allows \
+             (connectionPool.http.http1MaxPendingRequests)",
             self.relay_over_limit.clone(),
         );
         r.register(

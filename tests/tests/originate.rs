@@ -829,13 +829,20 @@ async fn an_upstream_connection_carries_no_more_requests_than_its_destination_ru
 
 /// A DestinationRule's `tcp.maxConnections` where egress originates TLS: a request that would
 /// open one more upstream connection waits for one to come back, as Envoy queues it, and goes on
-/// it. The first request is held at the server until the second is seen waiting.
+/// it; one more than `http.http1MaxPendingRequests` is answered 503 at once. The first request
+/// is held at the server until the second is seen waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_over_max_connections_wait_for_an_upstream_connection() {
+async fn requests_over_max_connections_wait_for_an_upstream_connection_up_to_a_limit() {
     let f = fixture();
     let cg = TestCgroup::new("originate-pool-limit");
     let log = log_path("originate-pool-limit");
-    let a = agent_with_kept_pool(&f, &cg, &log, "{tcp: {maxConnections: 1}}").await;
+    let a = agent_with_kept_pool(
+        &f,
+        &cg,
+        &log,
+        "{tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}",
+    )
+    .await;
     let ip = f.w.v4(26);
     f.kept.gate.shut();
     let held = curl_command(&cg, ip, &["http://kept.test/held"], &[])
@@ -854,6 +861,14 @@ async fn requests_over_max_connections_wait_for_an_upstream_connection() {
         Duration::from_secs(10),
         || a.status.origination_waits.get() == 1,
     );
+    // One waits already: the next is refused, and never sent.
+    let out = curl(&cg, ip, &["http://kept.test/c"], &[]);
+    assert_eq!(
+        stdout(&out),
+        "egress: kept.test:443: 1 request(s) already wait for an upstream connection, as many \
+         as DestinationRule/shop/kept allows (connectionPool.http.http1MaxPendingRequests)\n503\n",
+        "{out:?}"
+    );
     f.kept.gate.open();
     let held = held.wait_with_output().expect("curl");
     let waiting = waiting.wait_with_output().expect("curl");
@@ -871,9 +886,10 @@ async fn requests_over_max_connections_wait_for_an_upstream_connection() {
     assert_eq!(
         (
             a.status.origination_opened.get(),
-            a.status.origination_reused.get()
+            a.status.origination_reused.get(),
+            a.status.origination_waits.get(),
         ),
-        (1, 2)
+        (1, 2, 1)
     );
     a.shutdown().await;
 }

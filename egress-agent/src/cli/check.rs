@@ -206,6 +206,11 @@ fn pool_text(pool: &crate::policy::compile::ConnectionPool) -> String {
         }
         parts.push(words.join(" "));
     }
+    if let Some(n) = pool.max_pending_requests {
+        parts.push(format!(
+            "at most {n} requests waiting for an upstream connection"
+        ));
+    }
     if let Some(n) = pool.max_requests_per_connection {
         parts.push(format!("at most {n} requests per upstream connection"));
     }

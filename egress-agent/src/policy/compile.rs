@@ -348,6 +348,9 @@ pub struct ConnectionPool {
     pub http_idle_timeout: Option<std::time::Duration>,
     /// Requests TLS origination sends on one upstream connection (`http.maxRequestsPerConnection`).
     pub max_requests_per_connection: Option<u32>,
+    /// Requests that may wait for an upstream connection at once where `max_connections` are all
+    /// taken (`http.http1MaxPendingRequests`); one more is answered 503 at once.
+    pub max_pending_requests: Option<u32>,
     /// How long TLS origination uses one upstream connection (`tcp.maxConnectionDuration`, which
     /// Istio gives Envoy's HTTP connections only).
     pub max_connection_duration: Option<std::time::Duration>,
@@ -1783,10 +1786,6 @@ fn connection_pool(
     };
     if let Some(http) = &pool.http {
         for (name, set) in [
-            (
-                "http.http1MaxPendingRequests",
-                &http.http1_max_pending_requests,
-            ),
             ("http.http2MaxRequests", &http.http2_max_requests),
             ("http.maxRetries", &http.max_retries),
             ("http.h2UpgradePolicy", &http.h2_upgrade_policy),
@@ -1798,6 +1797,13 @@ fn connection_pool(
             }
         }
         compiled.http_idle_timeout = http.idle_timeout.map(|d| d.0);
+        // Istio: 0 is unset, which Envoy takes as 2^32 - 1.
+        compiled.max_pending_requests = match http.http1_max_pending_requests {
+            None | Some(0) => None,
+            Some(n) => Some(u32::try_from(n).map_err(|_| {
+                format!("http.http1MaxPendingRequests {n} is not a count of requests")
+            })?),
+        };
         // Istio: 0 is unlimited.
         compiled.max_requests_per_connection = match http.max_requests_per_connection {
             None | Some(0) => None,

@@ -372,7 +372,7 @@ pub struct ConnectionPoolSettings {
 pub struct HttpSettings {
     pub idle_timeout: Option<IstioDuration>,
     pub max_requests_per_connection: Option<i64>,
-    pub http1_max_pending_requests: Option<serde_json::Value>,
+    pub http1_max_pending_requests: Option<i64>,
     pub http2_max_requests: Option<serde_json::Value>,
     pub max_retries: Option<serde_json::Value>,
     pub h2_upgrade_policy: Option<serde_json::Value>,

@@ -781,15 +781,25 @@ fn a_destination_rules_connection_pool_applies_to_steered_ports() {
 
     // Istio's 0 is unset; what egress does not apply is said.
     let (p, d) = pools(
-        "    connectionPool:\n      tcp: {maxConnections: 0, maxConnectionDuration: 1h}\n      http: {http1MaxPendingRequests: 1}\n",
+        "    connectionPool:\n      tcp: {maxConnections: 0, maxConnectionDuration: 1h}\n      http: {http1MaxPendingRequests: 0, http2MaxRequests: 1}\n",
     );
     assert_eq!(p[0].1.max_connections, None);
+    assert_eq!(p[0].1.max_pending_requests, None);
     assert_eq!(p[0].1.max_connection_duration, secs(3600));
     assert_eq!(
         d,
         vec![
-            "p.yaml:22:1: warning: DestinationRule/ns/d: spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests is not applied by egress; ignored",
+            "p.yaml:22:1: warning: DestinationRule/ns/d: spec.trafficPolicy.connectionPool.http.http2MaxRequests is not applied by egress; ignored",
         ]
+    );
+    let (p, d) = pools("    connectionPool: {http: {http1MaxPendingRequests: 10}}\n");
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(p[0].1.max_pending_requests, Some(10));
+    let (_, d) = pools("    connectionPool: {http: {http1MaxPendingRequests: -1}}\n");
+    assert!(
+        d.iter()
+            .any(|d| d.contains("http.http1MaxPendingRequests -1 is not a count of requests")),
+        "{d:?}"
     );
 
     // connectionPool.http applies to TLS origination's upstream connections.

@@ -97,6 +97,7 @@ pub(super) async fn serve(
         max_requests: pool.and_then(|p| p.max_requests_per_connection),
         max_age: pool.and_then(|p| p.max_connection_duration),
         max_connections: pool.and_then(|p| p.max_connections),
+        max_pending: pool.and_then(|p| Some((p.max_pending_requests?, p.by.clone()))),
         stats: Mutex::new(Stats::default()),
         pool: Arc::clone(&shared.pool),
         status: Arc::clone(&shared.status),
@@ -200,6 +201,9 @@ struct State {
     /// Upstream connections to the host and port at once, from the node
     /// (`tcp.maxConnections`): a request that would open one more waits for one.
     max_connections: Option<u32>,
+    /// Requests that may wait so at once (`http.http1MaxPendingRequests`), and the
+    /// DestinationRule that says so.
+    max_pending: Option<(u32, String)>,
     stats: Mutex<Stats>,
     /// Where an upstream connection goes once an answer has been read whole, for the next
     /// request of this client or another.
@@ -254,6 +258,17 @@ pub(super) struct Slots {
     /// Told when a connection is given up or comes back to the pool: a request waiting for a
     /// place may find one.
     freed: tokio::sync::Notify,
+    /// Requests waiting so.
+    waiting: std::sync::atomic::AtomicU32,
+}
+
+/// A request counted among those waiting for a place, until dropped.
+struct Waiting<'a>(&'a Slots);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A place taken: an open connection to a limited host.
@@ -387,6 +402,7 @@ impl Slots {
             places: Arc::new(tokio::sync::Semaphore::new(max as usize)),
             max,
             freed: tokio::sync::Notify::new(),
+            waiting: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -409,6 +425,8 @@ enum Failure {
     Reset(String),
     /// The attempt's time ran out.
     Timeout,
+    /// As many requests as may wait for an upstream connection already do.
+    Overflow(u32),
 }
 
 impl State {
@@ -640,6 +658,23 @@ impl State {
                 Err(Failure::Certificate(e)) => {
                     return self.fail(StatusCode::SERVICE_UNAVAILABLE, "upstream-failed", e);
                 }
+                // Not retried, as Envoy does not retry an overflow.
+                Err(Failure::Overflow(n)) => {
+                    let by = self.max_pending.as_ref().map_or("", |(_, by)| by.as_str());
+                    self.status
+                        .relay_over_limit
+                        .get_or_create(&crate::metrics::LimitLabels { limit: "pending" })
+                        .inc();
+                    return self.fail(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "refused",
+                        format!(
+                            "{}:{}: {n} request(s) already wait for an upstream connection, as \
+                             many as {by} allows (connectionPool.http.http1MaxPendingRequests)",
+                            upstream.host, self.origin.target_port
+                        ),
+                    );
+                }
                 Err(Failure::Reset(e)) if !route.retry_on.reset => {
                     return self.fail(StatusCode::SERVICE_UNAVAILABLE, "upstream-failed", e);
                 }
@@ -714,7 +749,7 @@ impl State {
             target,
             tls: tls.clone(),
         };
-        let mut waited = false;
+        let mut waiting = None;
         let mut upstream = loop {
             let freed = slots.map(|s| s.freed.notified());
             tokio::pin!(freed);
@@ -736,7 +771,15 @@ impl State {
                     Some(slot) => Some(slot),
                     None if self.pool.evict(slots) => continue,
                     None => {
-                        if !std::mem::replace(&mut waited, true) {
+                        if waiting.is_none() {
+                            let before = slots.waiting.fetch_add(1, Ordering::Relaxed);
+                            let counted = Waiting(slots);
+                            if let Some((max, _)) = &self.max_pending
+                                && before >= *max
+                            {
+                                return Err(Failure::Overflow(before));
+                            }
+                            waiting = Some(counted);
                             self.status.origination_waits.inc();
                         }
                         if let Some(freed) = freed.as_pin_mut() {
@@ -746,10 +789,12 @@ impl State {
                     }
                 },
             };
+            drop(waiting.take());
             let u = self.open(target, tls.clone(), slot).await?;
             self.status.origination_opened.inc();
             break u;
         };
+        drop(waiting);
         upstream.sent += 1;
         let response = upstream
             .sender
