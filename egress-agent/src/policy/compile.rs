@@ -571,7 +571,63 @@ pub fn compile_after(policy: &Policy, mode_flag: Option<Mode>, prev: &RuleIds) -
     for se in service_entries {
         compile_service_entry(policy, prev, se, &mut plan, &mut diags);
     }
+    warn_gateway_routes(policy, &mut diags);
     (plan, diags)
+}
+
+/// Says which of the gateways' own HTTP routes ask for what egress does not apply. The relay
+/// stands in for the gateway: it applies the mesh's routes, and of a route bound to a gateway
+/// alone it takes the port the requests go on to, nothing else.
+fn warn_gateway_routes(policy: &Policy, diags: &mut Diags) {
+    for vs in &policy.virtual_services {
+        // A match without gateways has its VirtualService's.
+        let at_gateway = |gateways: &[String]| {
+            !at_mesh(if gateways.is_empty() {
+                &vs.spec.gateways
+            } else {
+                gateways
+            })
+        };
+        for (i, r) in vs.spec.http.iter().enumerate() {
+            let at_gateway_only = if r.matches.is_empty() {
+                at_gateway(&[])
+            } else {
+                r.matches.iter().all(|m| at_gateway(&m.gateways))
+            };
+            if !at_gateway_only {
+                continue;
+            }
+            let asked: Vec<&str> = [
+                (retries(r).is_some(), "retries"),
+                (nonzero(r.timeout.as_ref()).is_some(), "timeout"),
+                (
+                    r.headers.is_some() || r.route.iter().any(|d| d.headers.is_some()),
+                    "headers",
+                ),
+                (r.rewrite.is_some(), "rewrite"),
+                (r.direct_response.is_some(), "directResponse"),
+                (r.redirect.is_some(), "redirect"),
+            ]
+            .into_iter()
+            .filter_map(|(set, name)| set.then_some(name))
+            .collect();
+            if asked.is_empty() {
+                continue;
+            }
+            diag(
+                diags,
+                Severity::Warning,
+                &vs.source,
+                format!(
+                    "{}: spec.http[{i}] is bound to a gateway alone: egress, standing in for the \
+                     gateway, takes from it only the port requests go on to, and its {} are not \
+                     applied (on a route bound to the mesh, egress applies them)",
+                    vs.label(),
+                    asked.join(", ")
+                ),
+            );
+        }
+    }
 }
 
 fn resolve_mode(policy: &Policy, flag: Option<Mode>, diags: &mut Diags) -> (Mode, String) {

@@ -1161,6 +1161,26 @@ spec:
             .contains("direct-cnn-through-egress-gateway routes port 80 to the egress gateway")),
         "{rule:?}"
     );
+
+    // What the gateway's own route asks beyond its port is said not to be applied.
+    let more = yaml.replace(
+        "        port: {number: 443}\n      weight: 100\n",
+        "        port: {number: 443}\n      weight: 100\n    retries: {attempts: 3}\n    timeout: 5s\n    headers: {request: {set: {x-via: gateway}}}\n",
+    );
+    assert_ne!(more, yaml);
+    let (pol, d) = load_str(&more, Path::new("p.yaml"));
+    assert!(!super::has_errors(&d), "{d:?}");
+    let (_, d) = compile(&pol, None);
+    let d: Vec<String> = d.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        d,
+        [
+            "p.yaml:21:1: warning: VirtualService/default/direct-cnn-through-egress-gateway: \
+          spec.http[1] is bound to a gateway alone: egress, standing in for the gateway, takes \
+          from it only the port requests go on to, and its retries, timeout, headers are not \
+          applied (on a route bound to the mesh, egress applies them)"
+        ]
+    );
 }
 
 /// On a port the relay serves as HTTP, each request takes the first route it matches: by path
