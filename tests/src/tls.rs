@@ -131,6 +131,39 @@ impl Pki {
     }
 }
 
+/// A body and then gRPC's trailer.
+struct Trailed {
+    data: Option<hyper::body::Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl Trailed {
+    fn new(body: String) -> Trailed {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Trailed {
+            data: Some(body.into()),
+            trailers: Some(trailers),
+        }
+    }
+}
+
+impl hyper::body::Body for Trailed {
+    type Data = hyper::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let frame = match self.data.take() {
+            Some(data) => Some(hyper::body::Frame::data(data)),
+            None => self.trailers.take().map(hyper::body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+}
+
 /// What a TLS server in the world saw.
 #[derive(Default)]
 pub struct Seen {
@@ -234,6 +267,49 @@ impl World {
             }
             s.read.lock().expect("read").push(read);
         })
+    }
+
+    /// An HTTP/2 server without TLS (prior knowledge, as gRPC's) at `addr` in the world: it
+    /// answers each request `200` with the body `authority=<:authority> path=<path>\n` and the
+    /// trailer `grpc-status: 0`. `names` holds each request's authority, `paths` its path.
+    pub fn h2c_server(&self, addr: SocketAddr) -> Arc<Seen> {
+        let listener = self.listen(addr);
+        listener.set_nonblocking(true).expect("nonblocking");
+        let seen = Arc::new(Seen::default());
+        let s = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                while let Ok((tcp, _)) = listener.accept().await {
+                    s.accepted.fetch_add(1, Ordering::SeqCst);
+                    let s = Arc::clone(&s);
+                    let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                        let authority = req.uri().authority().map(ToString::to_string);
+                        let path = req.uri().path().to_owned();
+                        s.names.lock().expect("names").push(authority.clone());
+                        s.paths.lock().expect("paths").push(path.clone());
+                        let body =
+                            format!("authority={} path={path}\n", authority.unwrap_or_default());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Trailed::new(
+                                body,
+                            )))
+                        }
+                    });
+                    tokio::spawn(
+                        hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+                    );
+                }
+            });
+        });
+        seen
     }
 
     /// A plain HTTP/1.1 server at `addr` in the world: it answers each request on a connection

@@ -497,6 +497,91 @@ spec:
     a.shutdown().await;
 }
 
+/// gRPC without TLS (HTTP/2's preface, on a port declared GRPC) is served as HTTP/2: each
+/// request's `:authority` is checked as a Host would be, and the request goes on as HTTP/2, on
+/// a connection other clients' requests share, its trailers passed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_without_tls_is_served_as_http2_each_requests_host_checked() {
+    let w = World::new();
+    w.host(20);
+    let ip = w.v4(20);
+    let server = w.h2c_server(std::net::SocketAddr::new(ip, 8080));
+    let cg = TestCgroup::new("originate-h2c");
+    let log = log_path("originate-h2c");
+    let policy = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: grpc, namespace: shop}}
+spec:
+  hosts: [grpc.test]
+  ports: [{{number: 8080, name: grpc, protocol: GRPC}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: grpc, namespace: shop}}
+spec:
+  hosts: [grpc.test]
+  http:
+  - route: [{{destination: {{host: grpc.test}}}}]
+    timeout: 5s
+"
+    );
+    let a = Agent::start(w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let grpc = |extra: &[&str]| {
+        cg.command("curl")
+            .args(["-sS", "-v", "--max-time", "15", "--http2-prior-knowledge"])
+            .args(["-w", "%{http_code} %{http_version}\n"])
+            .args(["--resolve", &format!("grpc.test:8080:{ip}")])
+            .args(["-H", "content-type: application/grpc"])
+            .args(extra)
+            // One request a run: curl 7.88 fails a second one on an HTTP/2 connection it
+            // reuses, whatever the server.
+            .arg("http://grpc.test:8080/shop.Catalog/List")
+            .output()
+            .expect("run curl")
+    };
+    let out = grpc(&[]);
+    assert_eq!(
+        stdout(&out),
+        "authority=grpc.test:8080 path=/shop.Catalog/List\n200 2\n",
+        "{out:?}"
+    );
+    let verbose = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        verbose.contains("< grpc-status: 0"),
+        "the trailer: {verbose}"
+    );
+    let r = wait_record(&log, "the gRPC client's record", |r| {
+        r.kind == "relay" && r.requests == Some(1)
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(r.sni, None, "{r:?}");
+    // Another client's request goes on the same HTTP/2 connection, as Envoy shares one.
+    let out = grpc(&[]);
+    assert!(stdout(&out).ends_with("200 2\n"), "{out:?}");
+    assert_eq!(
+        server.accepted(),
+        1,
+        "a second HTTP/2 connection was opened"
+    );
+
+    // Another host, to grpc.test's address: refused, never sent.
+    let out = grpc(&["-H", "host: other.test"]);
+    assert!(stdout(&out).starts_with("egress: "), "{out:?}");
+    assert!(stdout(&out).contains("403 2\n"), "{out:?}");
+    assert_eq!(
+        server.paths().len(),
+        2,
+        "a refused request reached the upstream"
+    );
+    a.shutdown().await;
+}
+
 /// Istio's "egress gateway with TLS origination" as documented: the mesh's port 80 goes to the
 /// gateway, whose route sends it on to port 443 with the TLS a DestinationRule asks for there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

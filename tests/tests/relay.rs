@@ -1305,18 +1305,28 @@ spec:
         1,
         "a request for another host reached the upstream"
     );
-    // HTTP/2 without TLS names hosts the relay cannot check: refused, never sent on.
+    // HTTP/2 without TLS is served as HTTP/2, each request's host checked as well.
     let out = cg
         .command("curl")
         .args(["-sS", "--max-time", "10", "--http2-prior-knowledge"])
+        .args([
+            "-w",
+            "%{http_code} %{http_version}\n",
+            "-H",
+            "host: other.test",
+        ])
         .arg(format!("http://{}/", at(ip, 8080)))
         .output()
         .expect("run curl");
-    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "egress: server name other.test is not a host of ServiceEntry/shop/auto\n403 2\n",
+        "{out:?}"
+    );
     let r = relay_record(&log, "the HTTP/2 refusal", |r| {
         r.reason
             .as_deref()
-            .is_some_and(|s| s.starts_with("HTTP/2 without TLS"))
+            .is_some_and(|s| s.starts_with("server name other.test is not a host"))
     });
     assert_eq!(r.outcome.as_deref(), Some("refused"), "{r:?}");
     assert_eq!(

@@ -138,9 +138,9 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                      (nothing in it names a host)"
                 ),
                 Some(Carry::Detect) => println!(
-                    "  relay: no protocol declared, so told by the client's first bytes: TLS \
-                     passed through (the server name must be a host of {}), HTTP/1.1 served as \
-                     HTTP (each request's host checked), anything else carried as it comes",
+                    "  relay: told by the client's first bytes: TLS passed through (the server \
+                     name must be a host of {}), HTTP/1.1 and HTTP/2 served as such (each \
+                     request's host checked), anything else carried as it comes",
                     rule.label
                 ),
                 _ => println!(

@@ -319,15 +319,15 @@ impl RequestMatch {
 /// How the relay takes a steered port's connections, by the port's declared protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Carry {
-    /// The ClientHello is read and its server name judged (HTTPS, TLS, HTTP2, GRPC, GRPC-WEB).
+    /// The ClientHello is read and its server name judged (HTTPS, TLS).
     Tls,
     /// The bytes are carried as they come (TCP, MONGO, REDIS, MYSQL): nothing in them names a
     /// host, and the server may speak first. The kernel's record of the destination is what is
     /// judged, as Istio's gateway judges TCP by address and port.
     Opaque,
-    /// No protocol declared: told by the client's first bytes, as Istio detects it. A TLS
-    /// handshake is read as TLS, an HTTP/1.1 request is served as HTTP, anything else is carried
-    /// as it comes.
+    /// No protocol declared, or HTTP2, GRPC, GRPC-WEB: told by the client's first bytes, as Istio
+    /// detects them. A TLS handshake is read as TLS, an HTTP/1.1 request is served as HTTP/1.1,
+    /// HTTP/2's preface as HTTP/2, anything else is carried as it comes.
     Detect,
 }
 
@@ -928,7 +928,13 @@ fn steered_ports(
     let mut out = Vec::new();
     for p in &spec.ports {
         let port = p.number.0;
-        let served_as_http = p.protocol.is_none_or(|p| p == Protocol::Http);
+        // HTTP/2 and gRPC too: their requests are served as HTTP/2.
+        let served_as_http = p.protocol.is_none_or(|p| {
+            matches!(
+                p,
+                Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb
+            )
+        });
         let (why, http, onward) = match route_reason(policy, hosts, port, served_as_http) {
             Some(r) => (r.why, r.http, r.onward),
             None => match origination_reason(policy, hosts, p) {
@@ -971,7 +977,15 @@ fn steered_ports(
             Some(Protocol::Tcp | Protocol::Mongo | Protocol::Redis | Protocol::Mysql) => {
                 Carry::Opaque
             }
-            None => Carry::Detect,
+            // gRPC and HTTP/2 come as HTTP/2 without TLS (served), or with TLS (passed through);
+            // where a DestinationRule asks for TLS, which the relay does not originate for
+            // them, only with TLS: plain requests must not leave in the clear.
+            Some(Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb)
+                if origination_reason(policy, hosts, p).is_some() =>
+            {
+                Carry::Tls
+            }
+            None | Some(Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb) => Carry::Detect,
             Some(_) => Carry::Tls,
         };
         out.push(SteeredPort {

@@ -1034,7 +1034,8 @@ fn origination_steers_the_ports_it_applies_to() {
 
 /// A steered HTTP port without TLS origination is still served as HTTP: the relay checks each
 /// request's host and sends it on as plain HTTP, with the route's retries. A TCP port's bytes are
-/// carried as they come; the others are passed through as TLS.
+/// carried as they come; a gRPC port's and one without protocol are told by them; the others
+/// are passed through as TLS.
 #[test]
 fn a_steered_http_port_is_served_as_http() {
     let yaml = format!(
@@ -1056,10 +1057,10 @@ fn a_steered_http_port_is_served_as_http() {
             (5432, Carry::Opaque),
             (7000, Carry::Detect),
             (8080, Carry::Tls),
-            (9000, Carry::Tls)
+            (9000, Carry::Detect)
         ],
-        "a TCP port's bytes carried as they come, a port without protocol told by them; HTTP \
-         ports are served as HTTP whatever this says"
+        "a TCP port's bytes carried as they come, a gRPC port's and one without protocol told \
+         by them; HTTP ports are served as HTTP whatever this says"
     );
     let http: Vec<_> = rule
         .originate
@@ -1515,5 +1516,32 @@ fn routes_that_match_some_requests_only_steer_an_http_port() {
             only("[{uri: {prefix: /v1/}}]")
         )),
         [why(8080)]
+    );
+}
+
+/// A gRPC port is told by its client's first bytes, plain HTTP/2 served; but where a
+/// DestinationRule asks for TLS, which egress does not originate for HTTP/2, the client must
+/// bring its own: its plain requests would otherwise leave in the clear.
+#[test]
+fn a_grpc_port_takes_plain_http2_unless_a_destination_rule_asks_for_tls() {
+    let carry = |dr: &str| {
+        let yaml = format!(
+            "{SE}  hosts: [grpc.example]\n  ports: [{{number: 9000, name: grpc, protocol: GRPC}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [grpc.example]\n  http:\n  - route: [{{destination: {{host: grpc.example}}}}]\n    timeout: 5s\n{dr}"
+        );
+        let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, _) = compile(&pol, None);
+        plan.rules[0]
+            .steered
+            .iter()
+            .map(|s| s.carry)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(carry(""), [Carry::Detect]);
+    assert_eq!(
+        carry(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: grpc.example\n  trafficPolicy: {tls: {mode: SIMPLE}}\n"
+        ),
+        [Carry::Tls]
     );
 }

@@ -1009,6 +1009,7 @@ async fn relay_admitted(
     let timeouts = Timeouts::of(pool, &shared.config);
     let mut taken = catalog.carry(steered.rule_id, dst.port());
     let mut origin = catalog.origination(steered.rule_id, dst.port()).cloned();
+    let mut h2 = false;
     if taken == Carry::Detect && origin.is_none() {
         // No protocol declared: the client's first bytes tell, as Istio's sniffing does.
         match hello::sniff(&client, shared.config.hello_timeout).await {
@@ -1021,16 +1022,15 @@ async fn relay_admitted(
                 });
             }
             Ok(Detected::Other) => taken = Carry::Opaque,
-            // Its requests name hosts that the relay, speaking HTTP/1.1, cannot check: carried
-            // unread, they could reach another host of the destination's server.
+            // Served as HTTP/2, each request's host checked: carried unread, they could reach
+            // another host of the destination's server.
             Ok(Detected::Http2) => {
-                return refuse(
-                    new_record(),
-                    "refused",
-                    "HTTP/2 without TLS on a port without a protocol: its hosts cannot be \
-                     checked (declare the port TCP to carry it as it comes)"
-                        .to_owned(),
-                );
+                h2 = true;
+                origin = Some(Origination {
+                    port: dst.port(),
+                    target_port: dst.port(),
+                    tls: None,
+                });
             }
             Err(e) => {
                 shared.forget(key);
@@ -1054,6 +1054,7 @@ async fn relay_admitted(
             shared,
             timeouts,
             pool,
+            h2,
         ))
         .await;
         if record.requests == Some(0) {

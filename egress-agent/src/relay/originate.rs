@@ -27,7 +27,7 @@ use hyper::{
     client::conn::http1::SendRequest,
     service::service_fn,
 };
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -73,6 +73,7 @@ pub(super) async fn serve(
     shared: &Shared,
     timeouts: super::Timeouts,
     pool: Option<&ConnectionPool>,
+    h2: bool,
 ) -> Record {
     record.origination = origin.tls.as_ref().map(|t| Word::Borrowed(t.mode));
     let activity = Arc::new(Activity::new());
@@ -97,6 +98,7 @@ pub(super) async fn serve(
         max_requests: pool.and_then(|p| p.max_requests_per_connection),
         max_age: pool.and_then(|p| p.max_connection_duration),
         max_connections: pool.and_then(|p| p.max_connections),
+        h2,
         max_pending: pool.and_then(|p| Some((p.max_pending_requests?, p.by.clone()))),
         stats: Mutex::new(Stats::default()),
         pool: Arc::clone(&shared.pool),
@@ -109,13 +111,19 @@ pub(super) async fn serve(
             async move { Ok::<_, Infallible>(state.request(req).await) }
         })
     };
-    let mut http = hyper::server::conn::http1::Builder::new();
-    // A client may half-close once its request is sent (`nc -N`, scripts): it still waits for
-    // the answer.
-    http.timer(TokioTimer::new())
-        .half_close(true)
-        .header_read_timeout(shared.config.hello_timeout);
-    let conn = http.serve_connection(TokioIo::new(io), service);
+    let conn: Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>> = if h2 {
+        let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http.timer(TokioTimer::new());
+        Box::pin(http.serve_connection(TokioIo::new(io), service))
+    } else {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // A client may half-close once its request is sent (`nc -N`, scripts): it still waits
+        // for the answer.
+        http.timer(TokioTimer::new())
+            .half_close(true)
+            .header_read_timeout(shared.config.hello_timeout);
+        Box::pin(http.serve_connection(TokioIo::new(io), service))
+    };
     let ended = tokio::select! {
         done = conn => match done {
             // The header timeout also ends a kept-alive connection that waits for its next
@@ -204,6 +212,8 @@ struct State {
     /// Requests that may wait so at once (`http.http1MaxPendingRequests`), and the
     /// DestinationRule that says so.
     max_pending: Option<(u32, String)>,
+    /// The client speaks HTTP/2: its requests go on as HTTP/2 too.
+    h2: bool,
     stats: Mutex<Stats>,
     /// Where an upstream connection goes once an answer has been read whole, for the next
     /// request of this client or another.
@@ -220,6 +230,18 @@ struct Upstream {
     opened: Instant,
     /// Its place among the host's connections, where they are limited; given up with it.
     slot: Option<Slot>,
+}
+
+/// An HTTP/2 upstream connection, which carries requests side by side, of any client.
+struct Upstream2 {
+    sender: hyper::client::conn::http2::SendRequest<Body>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Upstream2 {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Drop for Upstream {
@@ -246,6 +268,8 @@ struct PoolKey {
 #[derive(Default)]
 pub(super) struct Pool {
     idle: Mutex<HashMap<PoolKey, Vec<Kept>>>,
+    /// HTTP/2 connections, one per key, shared by the requests that would open the same.
+    h2: Mutex<HashMap<PoolKey, Upstream2>>,
     /// The limited hosts' connections (`tcp.maxConnections`), by rule, host and port.
     limits: Mutex<HashMap<(u32, Name, u16), Arc<Slots>>>,
 }
@@ -393,6 +417,18 @@ impl Pool {
     /// would keep it alive.
     pub(super) fn forget_netns(&self, netns: u64) {
         self.idle().retain(|key, _| key.netns != netns);
+        self.shared().retain(|key, _| key.netns != netns);
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Upstream2>> {
+        self.h2.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The open HTTP/2 connection for `key`, if there is one.
+    fn sender(&self, key: &PoolKey) -> Option<hyper::client::conn::http2::SendRequest<Body>> {
+        let mut shared = self.shared();
+        shared.retain(|_, u| !u.sender.is_closed());
+        shared.get(key).map(|u| u.sender.clone())
     }
 }
 
@@ -554,7 +590,7 @@ impl State {
         if let Some((r, _)) = chosen {
             HeaderOps::apply(&r.headers.request, &mut headers);
         }
-        let uri = match rewrite {
+        let mut uri = match rewrite {
             Some(rw) if rw.uri.is_some() => {
                 let path = rw.path(
                     parts.uri.path(),
@@ -592,11 +628,40 @@ impl State {
             },
             _ => (None, Some(body)),
         };
+        // HTTP/2 names the host in the request's target (`:authority`), not in a header.
+        if self.h2 {
+            // The route's rewrite, else the client's, port and all.
+            let rewritten = rewrite.and_then(|r| r.authority.as_ref()).is_some();
+            let sent = headers.remove(header::HOST);
+            let authority = match parts.uri.authority() {
+                Some(a) if !rewritten => a.to_string(),
+                _ => sent
+                    .and_then(|v| v.to_str().ok().map(str::to_owned))
+                    .unwrap_or_else(|| host.clone()),
+            };
+            let target = format!(
+                "http://{authority}{}",
+                uri.path_and_query().map_or("/", |pq| pq.as_str())
+            );
+            match target.parse::<Uri>() {
+                Ok(absolute) => uri = absolute,
+                Err(_) => {
+                    return self.fail(
+                        StatusCode::BAD_REQUEST,
+                        "refused",
+                        format!("{target} is not a request target"),
+                    );
+                }
+            }
+        }
         let build = |body: Body| {
             let mut r = Request::new(body);
             *r.method_mut() = parts.method.clone();
             *r.uri_mut() = uri.clone();
             *r.headers_mut() = headers.clone();
+            if self.h2 {
+                *r.version_mut() = http::Version::HTTP_2;
+            }
             r
         };
 
@@ -749,6 +814,9 @@ impl State {
             target,
             tls: tls.clone(),
         };
+        if self.h2 {
+            return self.attempt_h2(key, req).await;
+        }
         let mut waiting = None;
         let mut upstream = loop {
             let freed = slots.map(|s| s.freed.notified());
@@ -815,6 +883,57 @@ impl State {
             }),
         };
         Ok(Response::from_parts(parts, body.boxed()))
+    }
+
+    /// One try over HTTP/2: on the connection to the same target from the same place that
+    /// requests share, opened by the first of them (again, once it has closed).
+    async fn attempt_h2(
+        &self,
+        key: PoolKey,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, Failure> {
+        let target = key.target;
+        let mut sender = match self.pool.sender(&key) {
+            Some(sender) => {
+                self.status.origination_reused.inc();
+                sender
+            }
+            None => {
+                let tcp = timeout(self.connect_timeout, connect_own(target, &self.leave))
+                    .await
+                    .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
+                    .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
+                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
+                let task = tokio::spawn(async move {
+                    let _ = conn.await;
+                })
+                .abort_handle();
+                self.status.origination_opened.inc();
+                let opened = Upstream2 { sender, task };
+                // Another request may have opened one meanwhile: the first stays, and this
+                // one, which carries nothing yet, closes.
+                let mut shared = self.pool.shared();
+                let kept = match shared.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(mut e) => {
+                        if e.get().sender.is_closed() {
+                            e.insert(opened);
+                        }
+                        e.into_mut()
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(opened),
+                };
+                kept.sender.clone()
+            }
+        };
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|e| Failure::Reset(format!("{target}: {e}")))?;
+        Ok(response.map(|b| b.boxed()))
     }
 
     async fn open(
