@@ -382,6 +382,21 @@ spec:
         "{r:?}"
     );
     assert_eq!(web.names().len(), 3, "a refused request reached upstream");
+    // A target in absolute form names the host checked, and that is the host sent: a Host
+    // header naming another does not reach the upstream.
+    let out = curl(
+        &cg,
+        ip,
+        &["http://web.test/"],
+        &[
+            "--request-target",
+            "http://web.test/a",
+            "-H",
+            "Host: plain.test",
+        ],
+    );
+    assert_eq!(stdout(&out), "host=web.test\n200\n", "{out:?}");
+    assert_eq!(web.names().len(), 4);
 
     // A route's header operations, on the request sent on and on its answer.
     let out = curl(
@@ -414,7 +429,7 @@ spec:
     );
     assert_eq!(
         web.names().len(),
-        5,
+        6,
         "a locally answered request reached upstream"
     );
 
@@ -429,7 +444,7 @@ spec:
         Some("no route of VirtualService/shop/web-via-gateway matches GET /c"),
         "{r:?}"
     );
-    assert_eq!(web.names().len(), 5, "an unrouted request reached upstream");
+    assert_eq!(web.names().len(), 6, "an unrouted request reached upstream");
     a.shutdown().await;
 }
 

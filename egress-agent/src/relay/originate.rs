@@ -582,6 +582,13 @@ impl State {
         };
 
         let mut headers = forwarded_headers(&parts.headers, &host);
+        // A request target in absolute form names the host checked: a Host header naming
+        // another must not reach the upstream (RFC 9112 §3.2.2: the target's wins).
+        if let Some(authority) = parts.uri.authority()
+            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(header::HOST, v);
+        }
         if let Some(authority) = rewrite.and_then(|r| r.authority.as_ref())
             && let Ok(v) = HeaderValue::from_str(authority.as_str())
         {
