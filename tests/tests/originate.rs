@@ -396,7 +396,17 @@ spec:
         ],
     );
     assert_eq!(stdout(&out), "host=web.test\n200\n", "{out:?}");
-    assert_eq!(web.names().len(), 4);
+    // Nor does a second Host header (written by hand: curl sends one).
+    let (got, _) = probe_with_pid(
+        Some(&cg.path),
+        &[
+            "http-half-close",
+            &at(ip, 80),
+            "web.test\r\nHost: plain.test",
+        ],
+    );
+    assert_eq!(got, "ok:host=web.test");
+    assert_eq!(web.names().len(), 5);
 
     // A route's header operations, on the request sent on and on its answer.
     let out = curl(
@@ -429,7 +439,7 @@ spec:
     );
     assert_eq!(
         web.names().len(),
-        6,
+        7,
         "a locally answered request reached upstream"
     );
 
@@ -444,7 +454,7 @@ spec:
         Some("no route of VirtualService/shop/web-via-gateway matches GET /c"),
         "{r:?}"
     );
-    assert_eq!(web.names().len(), 6, "an unrouted request reached upstream");
+    assert_eq!(web.names().len(), 7, "an unrouted request reached upstream");
     a.shutdown().await;
 }
 

@@ -582,11 +582,14 @@ impl State {
         };
 
         let mut headers = forwarded_headers(&parts.headers, &host);
-        // A request target in absolute form names the host checked: a Host header naming
-        // another must not reach the upstream (RFC 9112 §3.2.2: the target's wins).
-        if let Some(authority) = parts.uri.authority()
-            && let Ok(v) = HeaderValue::from_str(authority.as_str())
-        {
+        // The host checked is the host sent, alone: a target in absolute form names it (RFC
+        // 9112 §3.2.2: its host wins over a Host header's), else the first Host header, and no
+        // other Host header may reach the upstream.
+        let checked = match parts.uri.authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => parts.headers.get(header::HOST).cloned(),
+        };
+        if let Some(v) = checked {
             headers.insert(header::HOST, v);
         }
         if let Some(authority) = rewrite.and_then(|r| r.authority.as_ref())
