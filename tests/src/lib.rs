@@ -854,13 +854,14 @@ pub fn log_path(tag: &str) -> PathBuf {
     dir.join("flows.jsonl")
 }
 
-/// The client ports of the kernel's records for the relay from 127.0.0.1, in every agent's map
-/// (tests run side by side; a port names one connection while it lives).
-pub fn relay_record_ports() -> Vec<u16> {
+/// The client ports of the kernel's records for the relay from 127.0.0.1, with the pid of the
+/// process that connected, in every agent's map (tests run side by side: another test's
+/// connection may have taken a port again since).
+pub fn relay_records() -> Vec<(u16, u32)> {
     // The kernel keeps a map's name to 15 bytes.
     let name = &egress_common::RELAY_PEERS_MAP[..15];
     let loopback = std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
-    let mut ports = Vec::new();
+    let mut found = Vec::new();
     for info in aya::maps::loaded_maps().flatten() {
         if info.name_as_str() != Some(name) {
             continue;
@@ -871,29 +872,32 @@ pub fn relay_record_ports() -> Vec<u16> {
         };
         let map = egress_agent::relay::Peers::try_from(aya::maps::Map::LruHashMap(data))
             .expect("the relay's records");
-        ports.extend(
-            map.keys()
+        found.extend(
+            map.iter()
                 .flatten()
-                .filter(|k| k.addr == loopback)
-                .map(|k| u16::from_be(k.port_be)),
+                .filter(|(k, _)| k.addr == loopback)
+                .map(|(k, v)| (u16::from_be(k.port_be), v.pid)),
         );
     }
-    ports
+    found
 }
 
 /// Asserts that the kernel holds no relay record of these relay records' connections (by their
-/// client ports): none outlives what the relay did with its connection.
+/// client ports, and their process where the record names it): none outlives what the relay did
+/// with its connection.
 pub fn assert_no_relay_record_left(relayed: &[&Record]) {
-    let ports: Vec<u16> = relayed
-        .iter()
-        .filter_map(|r| r.src)
-        .map(|s| s.port())
-        .collect();
-    let left: Vec<u16> = relay_record_ports()
+    let left: Vec<(u16, u32)> = relay_records()
         .into_iter()
-        .filter(|p| ports.contains(p))
+        .filter(|&(port, pid)| {
+            relayed
+                .iter()
+                .any(|r| r.src.is_some_and(|s| s.port() == port) && r.pid.is_none_or(|p| p == pid))
+        })
         .collect();
-    assert!(left.is_empty(), "records left behind, from ports {left:?}");
+    assert!(
+        left.is_empty(),
+        "records left behind, from ports and pids {left:?}"
+    );
 }
 
 /// Every complete record in a flow log.

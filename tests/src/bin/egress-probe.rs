@@ -198,6 +198,14 @@ fn tcp_mark(addr: SocketAddr, mark: u32) -> String {
 /// connection saw, as `tcp`.
 fn redial(addr: SocketAddr, then: SocketAddr) -> String {
     use nix::sys::socket::{self, sockopt};
+    // Another process may take the port between the two connections (tests run side by side):
+    // then the whole is tried again, from another port.
+    let taken = |e: &io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+        )
+    };
     let run = || -> io::Result<String> {
         let first = TcpStream::connect_timeout(&addr, TIMEOUT)?;
         let local = first.local_addr()?;
@@ -217,7 +225,14 @@ fn redial(addr: SocketAddr, then: SocketAddr) -> String {
             greeting(TcpStream::from(fd))
         ))
     };
-    run().unwrap_or_else(|e| word(&e))
+    let mut tries = 5;
+    loop {
+        tries -= 1;
+        match run() {
+            Err(e) if taken(&e) && tries > 0 => {}
+            done => return done.unwrap_or_else(|e| word(&e)),
+        }
+    }
 }
 
 /// Connects to `addr` and keeps that connection. A second socket bound to the first's port
