@@ -1011,7 +1011,8 @@ async fn relay_admitted(
     let mut origin = catalog.origination(steered.rule_id, dst.port()).cloned();
     let mut h2 = false;
     if taken == Carry::Detect && origin.is_none() {
-        // No protocol declared: the client's first bytes tell, as Istio's sniffing does.
+        // No protocol declared, or gRPC/HTTP2: the client's first bytes tell, as Istio's
+        // sniffing does.
         match hello::sniff(&client, shared.config.hello_timeout).await {
             Ok(Detected::Tls) => taken = Carry::Tls,
             Ok(Detected::Http) => {
