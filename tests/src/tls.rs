@@ -273,6 +273,11 @@ impl World {
     /// answers each request `200` with the body `authority=<:authority> path=<path>\n` and the
     /// trailer `grpc-status: 0`. `names` holds each request's authority, `paths` its path.
     pub fn h2c_server(&self, addr: SocketAddr) -> Arc<Seen> {
+        self.h2_server(addr, None)
+    }
+
+    /// As [`World::h2c_server`], over TLS with `config` (which should offer `h2`).
+    pub fn h2_server(&self, addr: SocketAddr, config: Option<Arc<ServerConfig>>) -> Arc<Seen> {
         let listener = self.listen(addr);
         listener.set_nonblocking(true).expect("nonblocking");
         let seen = Arc::new(Seen::default());
@@ -287,6 +292,7 @@ impl World {
                 while let Ok((tcp, _)) = listener.accept().await {
                     s.accepted.fetch_add(1, Ordering::SeqCst);
                     let s = Arc::clone(&s);
+                    let config = config.clone();
                     let service = hyper::service::service_fn(move |req: http::Request<_>| {
                         let authority = req.uri().authority().map(ToString::to_string);
                         let path = req.uri().path().to_owned();
@@ -300,12 +306,28 @@ impl World {
                             )))
                         }
                     });
-                    tokio::spawn(
-                        hyper::server::conn::http2::Builder::new(
-                            hyper_util::rt::TokioExecutor::new(),
-                        )
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+                    let http = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
                     );
+                    tokio::spawn(async move {
+                        match config {
+                            Some(config) => {
+                                let Ok(tls) =
+                                    tokio_rustls::TlsAcceptor::from(config).accept(tcp).await
+                                else {
+                                    return;
+                                };
+                                let _ = http
+                                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                    .await;
+                            }
+                            None => {
+                                let _ = http
+                                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                                    .await;
+                            }
+                        }
+                    });
                 }
             });
         });

@@ -607,6 +607,71 @@ spec:
     a.shutdown().await;
 }
 
+/// TLS origination for gRPC: the client speaks HTTP/2 without TLS to a GRPC port whose
+/// DestinationRule asks for TLS, and its requests leave as HTTP/2 over verified TLS (ALPN `h2`)
+/// to the port's `targetPort`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_without_tls_leaves_as_http2_over_tls_where_a_destination_rule_asks() {
+    let w = World::new();
+    w.host(20);
+    let ip = w.v4(20);
+    let pki = Pki::new(&std::env::temp_dir().join(&w.name), "grpcs");
+    let mut config = rustls::ServerConfig::clone(&pki.server(&["grpcs.test"]));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let server = w.h2_server(std::net::SocketAddr::new(ip, 8443), Some(Arc::new(config)));
+    let cg = TestCgroup::new("originate-h2-tls");
+    let log = log_path("originate-h2-tls");
+    let policy = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: grpcs, namespace: shop}}
+spec:
+  hosts: [grpcs.test]
+  ports: [{{number: 8080, name: grpc, protocol: GRPC, targetPort: 8443}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: grpcs, namespace: shop}}
+spec:
+  host: grpcs.test
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {}}}
+",
+        pki.ca_pem.display()
+    );
+    let a = Agent::start(w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let out = cg
+        .command("curl")
+        .args(["-sS", "-v", "--max-time", "15", "--http2-prior-knowledge"])
+        .args(["-w", "%{http_code} %{http_version}\n"])
+        .args(["--resolve", &format!("grpcs.test:8080:{ip}")])
+        .arg("http://grpcs.test:8080/shop.Catalog/List")
+        .output()
+        .expect("run curl");
+    assert_eq!(
+        stdout(&out),
+        "authority=grpcs.test:8080 path=/shop.Catalog/List\n200 2\n",
+        "{out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("< grpc-status: 0"),
+        "{out:?}"
+    );
+    let r = wait_record(&log, "the gRPC client's record", |r| {
+        r.kind == "relay" && r.requests == Some(1)
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(r.origination.as_deref(), Some("SIMPLE"), "{r:?}");
+    assert_eq!(r.sni.as_deref(), Some("grpcs.test"), "{r:?}");
+    assert_eq!(shown(r.upstream), at(ip, 8443), "{r:?}");
+    assert_eq!(server.accepted(), 1);
+    a.shutdown().await;
+}
+
 /// Istio's "egress gateway with TLS origination" as documented: the mesh's port 80 goes to the
 /// gateway, whose route sends it on to port 443 with the TLS a DestinationRule asks for there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -390,6 +390,8 @@ pub struct OriginTls {
     /// are: the DestinationRule's, else the ServiceEntry's.
     pub alt_names: Vec<AltName>,
     pub alt_from: &'static str,
+    /// The same configuration offering HTTP/2, for clients that speak it.
+    pub client_h2: TlsClient,
     /// The DestinationRule that asks for it.
     pub by: String,
     pub client: TlsClient,
@@ -977,14 +979,8 @@ fn steered_ports(
             Some(Protocol::Tcp | Protocol::Mongo | Protocol::Redis | Protocol::Mysql) => {
                 Carry::Opaque
             }
-            // gRPC and HTTP/2 come as HTTP/2 without TLS (served), or with TLS (passed through);
-            // where a DestinationRule asks for TLS, which the relay does not originate for
-            // them, only with TLS: plain requests must not leave in the clear.
-            Some(Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb)
-                if origination_reason(policy, hosts, p).is_some() =>
-            {
-                Carry::Tls
-            }
+            // gRPC and HTTP/2 come as HTTP/2 without TLS (served, and sent on with TLS where a
+            // DestinationRule asks for it), or with TLS (passed through).
             None | Some(Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb) => Carry::Detect,
             Some(_) => Carry::Tls,
         };
@@ -1278,7 +1274,11 @@ fn origination_reason(policy: &Policy, hosts: &[String], port: &ServicePort) -> 
     if !matches!(tls.mode, Some(TlsMode::Simple | TlsMode::Mutual)) {
         return None;
     }
-    Some(if protocol == Some(Protocol::Http) {
+    let http = matches!(
+        protocol,
+        Some(Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb)
+    );
+    Some(if http {
         format!("{} originates TLS on port {port}", dr.label())
     } else {
         format!(
@@ -1686,14 +1686,18 @@ fn originations_of(
             );
         };
         let protocol = port.protocol.unwrap_or(Protocol::Tcp);
+        let http = matches!(
+            protocol,
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb
+        );
         // The TLS of a port the gateway sends another port's requests on to is theirs.
         let onward_of_another = steered.iter().any(|s| s.onward == Some(port.number.0));
-        if protocol != Protocol::Http && onward_of_another {
+        if !http && onward_of_another {
             continue;
         }
-        if protocol != Protocol::Http {
+        if !http {
             warn(format!(
-                "egress originates TLS for HTTP/1.1 ports only; port {} ({protocol:?}) is relayed as the client sends it",
+                "egress originates TLS for HTTP ports only; port {} ({protocol:?}) is relayed as the client sends it",
                 port.number.0
             ));
             continue;
@@ -1741,6 +1745,7 @@ fn originations_of(
                     sni: tls.sni.as_deref().map(normalize_host),
                     alt_names: alt,
                     alt_from,
+                    client_h2: client.for_h2(),
                     by: label.clone(),
                     client,
                 }),

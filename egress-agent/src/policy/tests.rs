@@ -418,7 +418,7 @@ fn a_destination_rule_originates_tls_on_http_ports_and_its_files_are_checked() {
     assert_eq!(
         d,
         [format!(
-            "{}:12:1: warning: DestinationRule/default/api: spec.trafficPolicy.tls: egress originates TLS for HTTP/1.1 ports only; port 8443 (Tls) is relayed as the client sends it",
+            "{}:12:1: warning: DestinationRule/default/api: spec.trafficPolicy.tls: egress originates TLS for HTTP ports only; port 8443 (Tls) is relayed as the client sends it",
             file.display()
         )]
     );
@@ -1519,29 +1519,32 @@ fn routes_that_match_some_requests_only_steer_an_http_port() {
     );
 }
 
-/// A gRPC port is told by its client's first bytes, plain HTTP/2 served; but where a
-/// DestinationRule asks for TLS, which egress does not originate for HTTP/2, the client must
-/// bring its own: its plain requests would otherwise leave in the clear.
+/// A gRPC port is told by its client's first bytes, plain HTTP/2 served; where a
+/// DestinationRule asks for TLS, its requests leave with the TLS egress originates.
 #[test]
-fn a_grpc_port_takes_plain_http2_unless_a_destination_rule_asks_for_tls() {
-    let carry = |dr: &str| {
+fn a_grpc_port_takes_plain_http2_and_a_destination_rules_tls() {
+    let compiled = |dr: &str| {
         let yaml = format!(
             "{SE}  hosts: [grpc.example]\n  ports: [{{number: 9000, name: grpc, protocol: GRPC}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [grpc.example]\n  http:\n  - route: [{{destination: {{host: grpc.example}}}}]\n    timeout: 5s\n{dr}"
         );
         let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
         assert!(d.is_empty(), "{d:?}");
-        let (plan, _) = compile(&pol, None);
-        plan.rules[0]
-            .steered
+        let (plan, d) = compile(&pol, None);
+        assert!(d.is_empty(), "{d:?}");
+        let rule = &plan.rules[0];
+        let carry: Vec<_> = rule.steered.iter().map(|s| s.carry).collect();
+        let tls: Vec<_> = rule
+            .originate
             .iter()
-            .map(|s| s.carry)
-            .collect::<Vec<_>>()
+            .map(|o| (o.port, o.tls.as_ref().map(|t| t.mode)))
+            .collect();
+        (carry, tls)
     };
-    assert_eq!(carry(""), [Carry::Detect]);
+    assert_eq!(compiled(""), (vec![Carry::Detect], vec![]));
     assert_eq!(
-        carry(
+        compiled(
             "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: grpc.example\n  trafficPolicy: {tls: {mode: SIMPLE}}\n"
         ),
-        [Carry::Tls]
+        (vec![Carry::Detect], vec![(9000, Some("SIMPLE"))])
     );
 }

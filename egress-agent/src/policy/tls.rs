@@ -26,6 +26,15 @@ use super::schema::{ClientTls, TlsMode};
 #[derive(Clone)]
 pub struct TlsClient(pub Arc<ClientConfig>);
 
+impl TlsClient {
+    /// The same, offering HTTP/2 (ALPN `h2`) instead of HTTP/1.1.
+    pub fn for_h2(&self) -> TlsClient {
+        let mut config = ClientConfig::clone(&self.0);
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        TlsClient(Arc::new(config))
+    }
+}
+
 impl PartialEq for TlsClient {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)

@@ -1010,29 +1010,40 @@ async fn relay_admitted(
     let mut taken = catalog.carry(steered.rule_id, dst.port());
     let mut origin = catalog.origination(steered.rule_id, dst.port()).cloned();
     let mut h2 = false;
-    if taken == Carry::Detect && origin.is_none() {
+    if taken == Carry::Detect {
         // No protocol declared, or gRPC/HTTP2: the client's first bytes tell, as Istio's
         // sniffing does.
+        let plain = || Origination {
+            port: dst.port(),
+            target_port: dst.port(),
+            tls: None,
+        };
         match hello::sniff(&client, shared.config.hello_timeout).await {
-            Ok(Detected::Tls) => taken = Carry::Tls,
-            Ok(Detected::Http) => {
-                origin = Some(Origination {
-                    port: dst.port(),
-                    target_port: dst.port(),
-                    tls: None,
-                });
+            // The client's own TLS, passed through, even where a DestinationRule would have
+            // egress originate it.
+            Ok(Detected::Tls) => {
+                taken = Carry::Tls;
+                origin = None;
             }
-            Ok(Detected::Other) => taken = Carry::Opaque,
+            Ok(Detected::Http) => {
+                origin.get_or_insert_with(plain);
+            }
             // Served as HTTP/2, each request's host checked: carried unread, they could reach
             // another host of the destination's server.
             Ok(Detected::Http2) => {
                 h2 = true;
-                origin = Some(Origination {
-                    port: dst.port(),
-                    target_port: dst.port(),
-                    tls: None,
-                });
+                origin.get_or_insert_with(plain);
             }
+            Ok(Detected::Other) if origin.is_some() => {
+                return refuse(
+                    new_record(),
+                    "refused",
+                    "neither TLS nor HTTP, on a port where a DestinationRule asks egress to \
+                     originate TLS: it would leave in the clear"
+                        .to_owned(),
+                );
+            }
+            Ok(Detected::Other) => taken = Carry::Opaque,
             Err(e) => {
                 shared.forget(key);
                 return refuse(new_record(), "refused", e.to_string());

@@ -576,7 +576,8 @@ impl State {
                     );
                 };
                 self.stats().sni = Some(sni);
-                Some((name, tls.client.clone()))
+                let client = if self.h2 { &tls.client_h2 } else { &tls.client };
+                Some((name, client.clone()))
             }
             None => None,
         };
@@ -913,15 +914,16 @@ impl State {
                     .await
                     .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
                     .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
-                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
-                let task = tokio::spawn(async move {
-                    let _ = conn.await;
-                })
-                .abort_handle();
+                let (sender, task) = match &key.tls {
+                    Some((name, client)) => {
+                        let tls = TlsConnector::from(Arc::clone(&client.0))
+                            .connect(name.clone(), tcp)
+                            .await
+                            .map_err(|e| tls_failure(target, e))?;
+                        http2(target, tls).await?
+                    }
+                    None => http2(target, tcp).await?,
+                };
                 self.status.origination_opened.inc();
                 let opened = Upstream2 { sender, task };
                 // Another request may have opened one meanwhile: the first stays, and this
@@ -1062,6 +1064,29 @@ impl Drop for Returning {
             back.pool.put(back.key, back.upstream, back.idle);
         }
     }
+}
+
+/// An HTTP/2 client connection over `io`: what sends requests on it, and its I/O task.
+async fn http2<T: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    target: SocketAddr,
+    io: T,
+) -> Result<
+    (
+        hyper::client::conn::http2::SendRequest<Body>,
+        tokio::task::AbortHandle,
+    ),
+    Failure,
+> {
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    })
+    .abort_handle();
+    Ok((sender, task))
 }
 
 /// An HTTP/1.1 client connection over `io`: what sends requests on it, and its I/O task.
