@@ -270,7 +270,8 @@ impl World {
     }
 
     /// An HTTP/2 server without TLS (prior knowledge, as gRPC's) at `addr` in the world: it
-    /// answers each request `200` with the body `authority=<:authority> path=<path>\n` and the
+    /// answers each request `200` with the body `authority=<:authority> path=<path>
+    /// scheme=<:scheme>\n` and the
     /// trailer `grpc-status: 0`. `names` holds each request's authority, `paths` its path.
     pub fn h2c_server(&self, addr: SocketAddr) -> Arc<Seen> {
         self.h2_server(addr, None)
@@ -298,8 +299,11 @@ impl World {
                         let path = req.uri().path().to_owned();
                         s.names.lock().expect("names").push(authority.clone());
                         s.paths.lock().expect("paths").push(path.clone());
-                        let body =
-                            format!("authority={} path={path}\n", authority.unwrap_or_default());
+                        let body = format!(
+                            "authority={} path={path} scheme={}\n",
+                            authority.unwrap_or_default(),
+                            req.uri().scheme_str().unwrap_or_default()
+                        );
                         async move {
                             Ok::<_, std::convert::Infallible>(http::Response::new(Trailed::new(
                                 body,

@@ -572,7 +572,7 @@ spec:
     let out = grpc(&[]);
     assert_eq!(
         stdout(&out),
-        "authority=grpc.test:8080 path=/shop.Catalog/List\n200 2\n",
+        "authority=grpc.test:8080 path=/shop.Catalog/List scheme=http\n200 2\n",
         "{out:?}"
     );
     let verbose = String::from_utf8_lossy(&out.stderr);
@@ -654,7 +654,7 @@ spec:
         .expect("run curl");
     assert_eq!(
         stdout(&out),
-        "authority=grpcs.test:8080 path=/shop.Catalog/List\n200 2\n",
+        "authority=grpcs.test:8080 path=/shop.Catalog/List scheme=https\n200 2\n",
         "{out:?}"
     );
     assert!(

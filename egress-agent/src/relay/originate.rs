@@ -650,8 +650,14 @@ impl State {
                     .and_then(|v| v.to_str().ok().map(str::to_owned))
                     .unwrap_or_else(|| host.clone()),
             };
+            // `:scheme` names the upstream hop's: https where egress originates TLS.
+            let scheme = if self.origin.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             let target = format!(
-                "http://{authority}{}",
+                "{scheme}://{authority}{}",
                 uri.path_and_query().map_or("/", |pq| pq.as_str())
             );
             match target.parse::<Uri>() {
