@@ -931,12 +931,7 @@ fn steered_ports(
     for p in &spec.ports {
         let port = p.number.0;
         // HTTP/2 and gRPC too: their requests are served as HTTP/2.
-        let served_as_http = p.protocol.is_none_or(|p| {
-            matches!(
-                p,
-                Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb
-            )
-        });
+        let served_as_http = p.protocol.is_none_or(Protocol::is_http);
         let (why, http, onward) = match route_reason(policy, hosts, port, served_as_http) {
             Some(r) => (r.why, r.http, r.onward),
             None => match origination_reason(policy, hosts, p) {
@@ -1274,11 +1269,7 @@ fn origination_reason(policy: &Policy, hosts: &[String], port: &ServicePort) -> 
     if !matches!(tls.mode, Some(TlsMode::Simple | TlsMode::Mutual)) {
         return None;
     }
-    let http = matches!(
-        protocol,
-        Some(Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb)
-    );
-    Some(if http {
+    Some(if protocol.is_some_and(Protocol::is_http) {
         format!("{} originates TLS on port {port}", dr.label())
     } else {
         format!(
@@ -1686,10 +1677,7 @@ fn originations_of(
             );
         };
         let protocol = port.protocol.unwrap_or(Protocol::Tcp);
-        let http = matches!(
-            protocol,
-            Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb
-        );
+        let http = protocol.is_http();
         // The TLS of a port the gateway sends another port's requests on to is theirs.
         let onward_of_another = steered.iter().any(|s| s.onward == Some(port.number.0));
         if !http && onward_of_another {

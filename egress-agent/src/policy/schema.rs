@@ -505,6 +505,14 @@ impl fmt::Display for Transport {
 }
 
 impl Protocol {
+    /// Whether its requests are HTTP (1.1 or 2), which the relay can serve and route.
+    pub fn is_http(self) -> bool {
+        matches!(
+            self,
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb
+        )
+    }
+
     /// Every protocol Istio names runs over TCP, except UDP.
     pub fn transport(self) -> Transport {
         match self {

@@ -641,15 +641,11 @@ impl State {
         };
         // HTTP/2 names the host in the request's target (`:authority`), not in a header.
         if self.h2 {
-            // The route's rewrite, else the client's, port and all.
-            let rewritten = rewrite.and_then(|r| r.authority.as_ref()).is_some();
-            let sent = headers.remove(header::HOST);
-            let authority = match parts.uri.authority() {
-                Some(a) if !rewritten => a.to_string(),
-                _ => sent
-                    .and_then(|v| v.to_str().ok().map(str::to_owned))
-                    .unwrap_or_else(|| host.clone()),
-            };
+            // The host checked (or the route's rewrite of it), port and all, as set above.
+            let authority = headers
+                .remove(header::HOST)
+                .and_then(|v| v.to_str().ok().map(str::to_owned))
+                .unwrap_or_else(|| host.clone());
             // `:scheme` names the upstream hop's: https where egress originates TLS.
             let scheme = if self.origin.tls.is_some() {
                 "https"
@@ -916,20 +912,7 @@ impl State {
                 sender
             }
             None => {
-                let tcp = timeout(self.connect_timeout, connect_own(target, &self.leave))
-                    .await
-                    .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
-                    .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
-                let (sender, task) = match &key.tls {
-                    Some((name, client)) => {
-                        let tls = TlsConnector::from(Arc::clone(&client.0))
-                            .connect(name.clone(), tcp)
-                            .await
-                            .map_err(|e| tls_failure(target, e))?;
-                        http2(target, tls).await?
-                    }
-                    None => http2(target, tcp).await?,
-                };
+                let (sender, task) = http2(target, self.dial(target, &key.tls).await?).await?;
                 self.status.origination_opened.inc();
                 let opened = Upstream2 { sender, task };
                 // Another request may have opened one meanwhile: the first stays, and this
@@ -954,26 +937,35 @@ impl State {
         Ok(response.map(|b| b.boxed()))
     }
 
+    /// A connection to `target` from where the client's would leave, with the TLS egress
+    /// originates, if any.
+    async fn dial(
+        &self,
+        target: SocketAddr,
+        tls: &Option<(ServerName<'static>, TlsClient)>,
+    ) -> Result<Box<dyn Wire>, Failure> {
+        let tcp = timeout(self.connect_timeout, connect_own(target, &self.leave))
+            .await
+            .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
+            .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
+        Ok(match tls {
+            Some((name, client)) => Box::new(
+                TlsConnector::from(Arc::clone(&client.0))
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| tls_failure(target, e))?,
+            ),
+            None => Box::new(tcp),
+        })
+    }
+
     async fn open(
         &self,
         target: SocketAddr,
         tls: Option<(ServerName<'static>, TlsClient)>,
         slot: Option<Slot>,
     ) -> Result<Upstream, Failure> {
-        let tcp = timeout(self.connect_timeout, connect_own(target, &self.leave))
-            .await
-            .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
-            .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
-        let (sender, task) = match tls {
-            Some((name, client)) => {
-                let tls = TlsConnector::from(client.0)
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| tls_failure(target, e))?;
-                http1(target, tls).await?
-            }
-            None => http1(target, tcp).await?,
-        };
+        let (sender, task) = http1(target, self.dial(target, &tls).await?).await?;
         Ok(Upstream {
             sender,
             task,
@@ -1072,10 +1064,24 @@ impl Drop for Returning {
     }
 }
 
+/// An upstream connection's bytes: TCP, or the TLS egress originates over it.
+trait Wire: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Wire for T {}
+
+/// Runs a client connection's I/O until it ends or the handle aborts it.
+fn driven(
+    conn: impl Future<Output = Result<(), hyper::Error>> + Send + 'static,
+) -> tokio::task::AbortHandle {
+    tokio::spawn(async move {
+        let _ = conn.await;
+    })
+    .abort_handle()
+}
+
 /// An HTTP/2 client connection over `io`: what sends requests on it, and its I/O task.
-async fn http2<T: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+async fn http2(
     target: SocketAddr,
-    io: T,
+    io: Box<dyn Wire>,
 ) -> Result<
     (
         hyper::client::conn::http2::SendRequest<Body>,
@@ -1088,26 +1094,18 @@ async fn http2<T: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
-    let task = tokio::spawn(async move {
-        let _ = conn.await;
-    })
-    .abort_handle();
-    Ok((sender, task))
+    Ok((sender, driven(conn)))
 }
 
 /// An HTTP/1.1 client connection over `io`: what sends requests on it, and its I/O task.
-async fn http1<T: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+async fn http1(
     target: SocketAddr,
-    io: T,
+    io: Box<dyn Wire>,
 ) -> Result<(SendRequest<Body>, tokio::task::AbortHandle), Failure> {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
-    let task = tokio::spawn(async move {
-        let _ = conn.await;
-    })
-    .abort_handle();
-    Ok((sender, task))
+    Ok((sender, driven(conn)))
 }
 
 fn tls_failure(target: SocketAddr, e: io::Error) -> Failure {
