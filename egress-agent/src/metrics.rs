@@ -59,7 +59,7 @@ pub struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     /// Which limit refused a connection: `workload`, `relay` or `destination`; or a request:
-    /// `pending`.
+    /// `pending` (waiting for an upstream connection) or `requests` (in progress).
     pub limit: &'static str,
 }
 
@@ -197,8 +197,8 @@ impl Status {
             "Steered connections refused at a limit: their workload's (--relay-max-per-workload), \
              the relay's (--relay-max-connections) or their destination's (a DestinationRule's \
              connectionPool.tcp.maxConnections); and requests refused where as many already wait \
-             for an upstream connection as their DestinationRule allows \
-             (connectionPool.http.http1MaxPendingRequests)",
+             for an upstream connection (connectionPool.http.http1MaxPendingRequests), or are \
+             in progress (connectionPool.http.http2MaxRequests), as their DestinationRule allows",
             self.relay_over_limit.clone(),
         );
         r.register(

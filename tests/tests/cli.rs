@@ -150,6 +150,7 @@ spec:
   host: mesh.pool.test
   trafficPolicy:
     tls: {mode: SIMPLE, caCertificates: ca.pem}
+    connectionPool: {http: {http1MaxPendingRequests: 5, http2MaxRequests: 50}}
 "#,
     );
     let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("CA");
@@ -196,6 +197,12 @@ spec:
              the certificate verified for one of spiffe://example.org/ns/shop/sa/api (the \
              ServiceEntry's subjectAltNames)\n"
         ),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l
+            == "  connection pool: at most 5 requests waiting for an upstream connection, at \
+                most 50 requests in progress (DestinationRule/default/mesh)"),
         "{out}"
     );
     // The plain HTTP port is served as HTTP, each request's host checked.

@@ -12,6 +12,7 @@ use std::{
 use egress_agent::{
     agent::{Agent, AgentConfig},
     events::Record,
+    metrics::LimitLabels,
     policy::Mode,
     relay::RelayConfig,
 };
@@ -1066,6 +1067,48 @@ async fn requests_over_max_connections_wait_for_an_upstream_connection_up_to_a_l
         ),
         (1, 2, 1)
     );
+    a.shutdown().await;
+}
+
+/// A DestinationRule's `connectionPool.http.http2MaxRequests` where egress originates TLS: with
+/// one request in progress (held at the server), the next is answered 503 at once and never
+/// sent; once the first has been answered, its place is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_http2_max_requests_is_refused_at_once() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-active-limit");
+    let log = log_path("originate-active-limit");
+    let a = agent_with_kept_pool(&f, &cg, &log, "{http: {http2MaxRequests: 1}}").await;
+    let ip = f.w.v4(26);
+    f.kept.gate.shut();
+    let held = curl_command(&cg, ip, &["http://kept.test/held"], &[])
+        .spawn()
+        .expect("start curl");
+    wait_for(
+        "the held request's upstream connection",
+        Duration::from_secs(10),
+        || f.kept.names().len() == 1,
+    );
+    let out = curl(&cg, ip, &["http://kept.test/over"], &[]);
+    assert_eq!(
+        stdout(&out),
+        "egress: kept.test:443: 1 request(s) already in progress, as many as \
+         DestinationRule/shop/kept allows (connectionPool.http.http2MaxRequests)\n503\n",
+        "{out:?}"
+    );
+    let refused = a
+        .status
+        .relay_over_limit
+        .get_or_create(&LimitLabels { limit: "requests" })
+        .get();
+    assert_eq!(refused, 1);
+    f.kept.gate.open();
+    let held = held.wait_with_output().expect("curl");
+    assert_eq!(stdout(&held), "sni=kept.test\n200\n", "{held:?}");
+    let out = curl(&cg, ip, &["http://kept.test/after"], &[]);
+    assert_eq!(stdout(&out), "sni=kept.test\n200\n", "{out:?}");
+    // The refused request would have needed a connection of its own, the one open being busy.
+    assert_eq!(f.kept.accepted(), 1, "the refused request was sent");
     a.shutdown().await;
 }
 

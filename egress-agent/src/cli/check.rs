@@ -211,6 +211,9 @@ fn pool_text(pool: &crate::policy::compile::ConnectionPool) -> String {
             "at most {n} requests waiting for an upstream connection"
         ));
     }
+    if let Some(n) = pool.max_active_requests {
+        parts.push(format!("at most {n} requests in progress"));
+    }
     if let Some(n) = pool.max_requests_per_connection {
         parts.push(format!("at most {n} requests per upstream connection"));
     }

@@ -351,6 +351,9 @@ pub struct ConnectionPool {
     /// Requests that may wait for an upstream connection at once where `max_connections` are all
     /// taken (`http.http1MaxPendingRequests`); one more is answered 503 at once.
     pub max_pending_requests: Option<u32>,
+    /// Requests to the host and port in progress at once, from the node, HTTP/1.1 and HTTP/2
+    /// alike (`http.http2MaxRequests`); one more is answered 503 at once.
+    pub max_active_requests: Option<u32>,
     /// How long TLS origination uses one upstream connection (`tcp.maxConnectionDuration`, which
     /// Istio gives Envoy's HTTP connections only).
     pub max_connection_duration: Option<std::time::Duration>,
@@ -1849,7 +1852,6 @@ fn connection_pool(
     };
     if let Some(http) = &pool.http {
         for (name, set) in [
-            ("http.http2MaxRequests", &http.http2_max_requests),
             ("http.maxRetries", &http.max_retries),
             ("http.h2UpgradePolicy", &http.h2_upgrade_policy),
             ("http.useClientProtocol", &http.use_client_protocol),
@@ -1866,6 +1868,14 @@ fn connection_pool(
             Some(n) => Some(u32::try_from(n).map_err(|_| {
                 format!("http.http1MaxPendingRequests {n} is not a count of requests")
             })?),
+        };
+        // Istio: 0 is unset, which Envoy takes as 2^32 - 1.
+        compiled.max_active_requests = match http.http2_max_requests {
+            None | Some(0) => None,
+            Some(n) => Some(
+                u32::try_from(n)
+                    .map_err(|_| format!("http.http2MaxRequests {n} is not a count of requests"))?,
+            ),
         };
         // Istio: 0 is unlimited.
         compiled.max_requests_per_connection = match http.max_requests_per_connection {

@@ -373,7 +373,7 @@ pub struct HttpSettings {
     pub idle_timeout: Option<IstioDuration>,
     pub max_requests_per_connection: Option<i64>,
     pub http1_max_pending_requests: Option<i64>,
-    pub http2_max_requests: Option<serde_json::Value>,
+    pub http2_max_requests: Option<i64>,
     pub max_retries: Option<serde_json::Value>,
     pub h2_upgrade_policy: Option<serde_json::Value>,
     pub use_client_protocol: Option<serde_json::Value>,

@@ -100,6 +100,7 @@ pub(super) async fn serve(
         max_connections: pool.and_then(|p| p.max_connections),
         h2,
         max_pending: pool.and_then(|p| Some((p.max_pending_requests?, p.by.clone()))),
+        max_active: pool.and_then(|p| Some((p.max_active_requests?, p.by.clone()))),
         stats: Mutex::new(Stats::default()),
         pool: Arc::clone(&shared.pool),
         status: Arc::clone(&shared.status),
@@ -212,6 +213,9 @@ struct State {
     /// Requests that may wait so at once (`http.http1MaxPendingRequests`), and the
     /// DestinationRule that says so.
     max_pending: Option<(u32, String)>,
+    /// Requests to the host and port in progress at once, from the node
+    /// (`http.http2MaxRequests`), and the DestinationRule that says so.
+    max_active: Option<(u32, String)>,
     /// The client speaks HTTP/2: its requests go on as HTTP/2 too.
     h2: bool,
     stats: Mutex<Stats>,
@@ -271,10 +275,29 @@ pub(super) struct Pool {
     /// HTTP/2 connections, one per key, shared by the requests that would open the same.
     h2: Mutex<HashMap<PoolKey, Upstream2>>,
     /// The limited hosts' connections (`tcp.maxConnections`), by rule, host and port.
-    limits: Mutex<HashMap<(u32, Name, u16), Arc<Slots>>>,
+    limits: Limits,
+    /// The limited hosts' requests in progress (`http.http2MaxRequests`), so.
+    active: Limits,
 }
 
-/// The places for connections to one host and port where a DestinationRule limits them.
+type Limits = Mutex<HashMap<(u32, Name, u16), Arc<Slots>>>;
+
+/// The places of `host`'s port `port` under rule `rule` in `limits`, `max` of them.
+fn places(limits: &Limits, rule: u32, host: &Name, port: u16, max: u32) -> Arc<Slots> {
+    let mut limits = limits.lock().unwrap_or_else(|e| e.into_inner());
+    // Those nothing holds any more, of hosts or limits gone.
+    limits.retain(|_, s| Arc::strong_count(s) > 1);
+    let slots = limits
+        .entry((rule, Name::clone(host), port))
+        .or_insert_with(|| Slots::new(max));
+    if slots.max != max {
+        *slots = Slots::new(max);
+    }
+    Arc::clone(slots)
+}
+
+/// The places for connections (or requests) to one host and port where a DestinationRule limits
+/// them.
 pub(super) struct Slots {
     places: Arc<tokio::sync::Semaphore>,
     /// How many there are: a reload that changes the limit starts anew.
@@ -334,18 +357,14 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The places of `host`'s port `port` under rule `rule`, `max` of them.
+    /// The connection places of `host`'s port `port` under rule `rule`, `max` of them.
     fn slots(&self, rule: u32, host: &Name, port: u16, max: u32) -> Arc<Slots> {
-        let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
-        // Those no connection holds any more, of hosts or limits gone.
-        limits.retain(|_, s| Arc::strong_count(s) > 1);
-        let slots = limits
-            .entry((rule, Name::clone(host), port))
-            .or_insert_with(|| Slots::new(max));
-        if slots.max != max {
-            *slots = Slots::new(max);
-        }
-        Arc::clone(slots)
+        places(&self.limits, rule, host, port, max)
+    }
+
+    /// The request places of `host`'s port `port` under rule `rule`, `max` of them.
+    fn active(&self, rule: u32, host: &Name, port: u16, max: u32) -> Arc<Slots> {
+        places(&self.active, rule, host, port, max)
     }
 
     /// Closes one idle connection that holds a place of `slots`, if there is one: a request
@@ -559,6 +578,36 @@ impl State {
         {
             return self.local(answer, &parts, &r.headers);
         }
+        // The host's requests in progress, where a DestinationRule limits them: one more is
+        // answered at once, never sent and not retried, as Envoy answers an overflow.
+        let active = match &self.max_active {
+            None => None,
+            Some((max, by)) => {
+                let port = self.origin.target_port;
+                match self
+                    .pool
+                    .active(self.rule_id, &upstream.host, port, *max)
+                    .take()
+                {
+                    Some(place) => Some(place),
+                    None => {
+                        self.status
+                            .relay_over_limit
+                            .get_or_create(&crate::metrics::LimitLabels { limit: "requests" })
+                            .inc();
+                        return self.fail(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "refused",
+                            format!(
+                                "{}:{port}: {max} request(s) already in progress, as many as \
+                                 {by} allows (connectionPool.http.http2MaxRequests)",
+                                upstream.host
+                            ),
+                        );
+                    }
+                }
+            }
+        };
         let rewrite = chosen.map(|(r, _)| &r.rewrite);
         let tls = match &self.origin.tls {
             Some(tls) => {
@@ -732,7 +781,7 @@ impl State {
                 {
                     last = format!("{target} answered {}", response.status());
                 }
-                Ok(response) => return self.answer(target, response, ops),
+                Ok(response) => return self.answer(target, response, ops, active),
                 Err(Failure::Certificate(e)) => {
                     return self.fail(StatusCode::SERVICE_UNAVAILABLE, "upstream-failed", e);
                 }
@@ -984,6 +1033,7 @@ impl State {
         target: SocketAddr,
         response: Response<Body>,
         ops: Option<&HeaderOps>,
+        active: Option<Slot>,
     ) -> Response<Body> {
         {
             let mut stats = self.stats();
@@ -995,7 +1045,42 @@ impl State {
         if let Some(ops) = ops {
             HeaderOps::apply(&ops.response, &mut parts.headers);
         }
+        let body = match active {
+            Some(place) => Holding {
+                body,
+                _place: place,
+            }
+            .boxed(),
+            None => body,
+        };
         Response::from_parts(parts, body)
+    }
+}
+
+/// An answer's body that holds its request's place among the host's requests in progress
+/// (`http2MaxRequests`) until the relay is done with it: read whole and sent, or dropped.
+struct Holding {
+    body: Body,
+    _place: Slot,
+}
+
+impl hyper::body::Body for Holding {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
