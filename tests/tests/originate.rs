@@ -523,6 +523,85 @@ spec:
     a.shutdown().await;
 }
 
+/// A route's `fault`, as Envoy's fault filter applies it: an abort answered by the relay and
+/// never sent on (an HTTP status, or a gRPC status in a 200's `grpc-status`), a delay before the
+/// request goes on, and a fault for no share of the requests never applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_fault_delays_or_aborts_its_requests() {
+    let w = World::new();
+    w.host(21);
+    let ip = w.v4(21);
+    let web = w.http_server(std::net::SocketAddr::new(ip, 80));
+    let cg = TestCgroup::new("originate-fault");
+    let log = log_path("originate-fault");
+    let policy = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.test]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api-faults, namespace: shop}}
+spec:
+  hosts: [api.test]
+  http:
+  - match: [{{uri: {{prefix: /abort}}}}]
+    route: [{{destination: {{host: api.test}}}}]
+    fault: {{abort: {{httpStatus: 503, percentage: {{value: 100}}}}}}
+  - match: [{{uri: {{prefix: /grpc}}}}]
+    route: [{{destination: {{host: api.test}}}}]
+    fault: {{abort: {{grpcStatus: UNAVAILABLE, percentage: {{value: 100}}}}}}
+  - match: [{{uri: {{prefix: /slow}}}}]
+    route: [{{destination: {{host: api.test}}}}]
+    fault: {{delay: {{fixedDelay: 300ms, percentage: {{value: 100}}}}}}
+  - match: [{{uri: {{prefix: /never}}}}]
+    route: [{{destination: {{host: api.test}}}}]
+    fault: {{abort: {{httpStatus: 500, percentage: {{value: 0}}}}}}
+"
+    );
+    let a = Agent::start(w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let out = curl(&cg, ip, &["http://api.test/abort/x"], &[]);
+    assert_eq!(stdout(&out), "fault filter abort503\n", "{out:?}");
+    let r = wait_record(&log, "the aborted request's record", |r| {
+        r.kind == "relay" && r.status == Some(503)
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    let out = curl(
+        &cg,
+        ip,
+        &["http://api.test/grpc.Health/Check"],
+        &["-D", "-"],
+    );
+    let text = stdout(&out);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{out:?}");
+    assert!(text.contains("\r\ngrpc-status: 14\r\n"), "{out:?}");
+    assert!(
+        text.contains("\r\ngrpc-message: fault filter abort\r\n"),
+        "{out:?}"
+    );
+    assert!(web.paths().is_empty(), "an aborted request was sent on");
+
+    let out = curl(&cg, ip, &["http://api.test/never"], &[]);
+    assert_eq!(stdout(&out), "host=api.test\n200\n", "{out:?}");
+    let started = std::time::Instant::now();
+    let out = curl(&cg, ip, &["http://api.test/slow"], &[]);
+    let took = started.elapsed();
+    assert_eq!(stdout(&out), "host=api.test\n200\n", "{out:?}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "answered in {took:?}, before the delay"
+    );
+    assert_eq!(web.paths(), ["/never", "/slow"]);
+    a.shutdown().await;
+}
+
 /// gRPC without TLS (HTTP/2's preface, on a port declared GRPC) is served as HTTP/2: each
 /// request's `:authority` is checked as a Host would be, and the request goes on as HTTP/2, on
 /// a connection other clients' requests share, its trailers passed back.

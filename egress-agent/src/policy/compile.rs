@@ -17,9 +17,9 @@ use crate::events::host_matches;
 use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{
-        ConnectionPoolSettings, DestinationRuleSpec, HeaderOperations, HttpRoute, IstioDuration,
-        PortNumber, Protocol, Resolution, Retries, RouteDestination, ServiceEntrySpec, ServicePort,
-        StringMatch, TlsMode, Transport, VirtualServiceSpec,
+        ConnectionPoolSettings, DestinationRuleSpec, HeaderOperations, HttpFault, HttpRoute,
+        IstioDuration, Percent, PortNumber, Protocol, Resolution, Retries, RouteDestination,
+        ServiceEntrySpec, ServicePort, StringMatch, TlsMode, Transport, VirtualServiceSpec,
     },
     tls::{AltName, TlsClient, alt_names, client_config},
 };
@@ -100,8 +100,31 @@ pub struct RequestRoute {
     /// What the relay answers itself instead of sending the request on (`directResponse`,
     /// `redirect`).
     pub answer: Option<LocalAnswer>,
+    /// The route's `fault`: applied before its answer or anything is sent on.
+    pub fault: Option<Fault>,
     /// `VirtualService/ns/name spec.http[i]`.
     pub by: String,
+}
+
+/// A route's `fault`, as Envoy's fault filter applies it before anything else: a delay, an
+/// abort, or both (delayed, then aborted), each for its own share of the requests, in
+/// millionths ([`MILLION`] is every request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub delay: Option<(std::time::Duration, u32)>,
+    pub abort: Option<(Abort, u32)>,
+}
+
+/// A fault's share of the requests that is all of them.
+pub const MILLION: u32 = 1_000_000;
+
+/// How a fault answers a request it aborts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abort {
+    /// With this HTTP status.
+    Http(u16),
+    /// With this gRPC status code, in a `200` answer's `grpc-status`, as Envoy answers it.
+    Grpc(u8),
 }
 
 /// An answer the relay gives a request itself.
@@ -612,6 +635,7 @@ fn warn_gateway_routes(policy: &Policy, diags: &mut Diags) {
                 (r.rewrite.is_some(), "rewrite"),
                 (r.direct_response.is_some(), "directResponse"),
                 (r.redirect.is_some(), "redirect"),
+                (r.fault.is_some(), "fault"),
             ]
             .into_iter()
             .filter_map(|(set, name)| set.then_some(name))
@@ -967,6 +991,7 @@ fn steered_ports(
                         headers: c.headers,
                         rewrite: c.rewrite,
                         answer: c.answer,
+                        fault: c.fault,
                         by: format!("{} spec.http[{i}]", vs.label()),
                     }
                 })
@@ -1153,8 +1178,8 @@ fn route_reason<'a>(
             }
             if served_as_http && acts_on_requests(r) {
                 let why = format!(
-                    "{} gives port {port}'s requests a direct response, a redirect, a rewrite or \
-                     header operations (spec.http[{i}])",
+                    "{} gives port {port}'s requests a fault, a direct response, a redirect, a \
+                     rewrite or header operations (spec.http[{i}])",
                     vs.label()
                 );
                 return Some(routed(why, None));
@@ -1209,7 +1234,8 @@ fn takes_every_request(r: &HttpRoute, port: u16) -> bool {
 
 /// Whether an HTTP route does to requests what only the relay can do for them.
 fn acts_on_requests(r: &HttpRoute) -> bool {
-    r.direct_response.is_some()
+    r.fault.is_some()
+        || r.direct_response.is_some()
         || r.redirect.is_some()
         || r.rewrite.is_some()
         || r.headers.is_some()
@@ -1321,6 +1347,7 @@ struct Compiled {
     headers: HeaderOps,
     rewrite: Rewrite,
     answer: Option<LocalAnswer>,
+    fault: Option<Fault>,
 }
 
 fn compile_route(
@@ -1432,13 +1459,148 @@ fn compile_route(
         );
         None
     });
+    let fault = r.fault.as_ref().and_then(|f| {
+        for (unset, what, field) in [
+            (
+                f.delay
+                    .as_ref()
+                    .is_some_and(|d| d.percentage.is_none() && d.percent.is_none()),
+                "delayed",
+                "delay",
+            ),
+            (
+                f.abort.as_ref().is_some_and(|a| a.percentage.is_none()),
+                "aborted",
+                "abort",
+            ),
+        ] {
+            if unset {
+                diag(
+                    diags,
+                    Severity::Warning,
+                    &vs.source,
+                    format!(
+                        "{}: spec.http[{i}].fault.{field}.percentage is unset: as in Istio, no \
+                         request is {what} (`percentage: {{value: 100}}` takes every one)",
+                        vs.label()
+                    ),
+                );
+            }
+        }
+        fault(f)
+            .map_err(|e| {
+                diag(
+                    diags,
+                    Severity::Error,
+                    &vs.source,
+                    format!("{}: spec.http[{i}].{e}", vs.label()),
+                );
+            })
+            .ok()
+    });
     Compiled {
         route: relay_route(vs, i, r, diags),
         matches,
         headers,
         rewrite,
         answer,
+        fault,
     }
+}
+
+/// A route's `fault`, checked as Istio checks it.
+fn fault(f: &HttpFault) -> Result<Fault, String> {
+    if f.delay.is_none() && f.abort.is_none() {
+        return Err("fault: neither a delay nor an abort".to_owned());
+    }
+    let share = |field: &str, percentage: Option<&Percent>, percent: Option<i64>| {
+        let value = match (percentage, percent) {
+            (Some(p), _) => p.value,
+            (None, Some(n)) => n as f64,
+            (None, None) => 0.0,
+        };
+        if (0.0..=100.0).contains(&value) {
+            // Millionths, as Envoy counts them.
+            Ok((value * 10_000.0).round() as u32)
+        } else {
+            Err(format!(
+                "fault.{field}.percentage: {value} is not from 0 to 100"
+            ))
+        }
+    };
+    let delay = match &f.delay {
+        None => None,
+        Some(d) => {
+            let Some(IstioDuration(t)) = d.fixed_delay else {
+                return Err("fault.delay.fixedDelay: required".to_owned());
+            };
+            if t < std::time::Duration::from_millis(1) {
+                return Err(format!(
+                    "fault.delay.fixedDelay: {t:?} is under 1ms, Istio's least"
+                ));
+            }
+            Some((t, share("delay", d.percentage.as_ref(), d.percent)?))
+        }
+    };
+    let abort = match &f.abort {
+        None => None,
+        Some(a) => {
+            let how = match (a.http_status, &a.grpc_status, &a.http2_error) {
+                (Some(s), None, None) => Abort::Http(
+                    u16::try_from(s)
+                        .ok()
+                        .filter(|s| (200..=599).contains(s))
+                        .ok_or_else(|| {
+                            format!("fault.abort.httpStatus: {s} is not from 200 to 599")
+                        })?,
+                ),
+                (None, Some(g), None) => Abort::Grpc(grpc_code(g).ok_or_else(|| {
+                    format!("fault.abort.grpcStatus: `{g}` is not a gRPC status")
+                })?),
+                (None, None, Some(_)) => {
+                    return Err(
+                        "fault.abort.http2Error: not supported, as in Istio (use httpStatus)"
+                            .to_owned(),
+                    );
+                }
+                (None, None, None) => {
+                    return Err("fault.abort: needs an httpStatus or a grpcStatus".to_owned());
+                }
+                _ => {
+                    return Err(
+                        "fault.abort: one of httpStatus, grpcStatus and http2Error, not several"
+                            .to_owned(),
+                    );
+                }
+            };
+            Some((how, share("abort", a.percentage.as_ref(), None)?))
+        }
+    };
+    Ok(Fault { delay, abort })
+}
+
+/// A gRPC status code by its name, as Istio's `grpcStatus` names it.
+fn grpc_code(name: &str) -> Option<u8> {
+    const CODES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    CODES.iter().position(|c| *c == name).map(|i| i as u8)
 }
 
 /// A route's `directResponse` or `redirect`, checked as Istio checks them.

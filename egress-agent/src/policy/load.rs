@@ -352,7 +352,6 @@ const VIRTUAL_SERVICE_UNAPPLIED: &[&str] = &[
     "uriRegexRewrite",
     "derivePort",
     "bytes",
-    "fault",
     "mirror",
     "mirrors",
     "mirrorPercentage",

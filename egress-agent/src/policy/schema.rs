@@ -152,12 +152,44 @@ pub struct HttpRoute {
     pub direct_response: Option<HttpDirectResponse>,
     pub delegate: Option<IgnoredAny>,
     pub rewrite: Option<HttpRewrite>,
-    pub fault: Option<IgnoredAny>,
+    pub fault: Option<HttpFault>,
     pub mirror: Option<IgnoredAny>,
     pub mirrors: Option<IgnoredAny>,
     pub mirror_percentage: Option<IgnoredAny>,
     pub cors_policy: Option<IgnoredAny>,
     pub headers: Option<Headers>,
+}
+
+/// `fault`: requests delayed or aborted before they are sent on.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpFault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    pub fixed_delay: Option<IstioDuration>,
+    pub percentage: Option<Percent>,
+    /// Deprecated in Istio for `percentage`; read where that is unset, as Istio did.
+    pub percent: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    pub http_status: Option<i64>,
+    pub grpc_status: Option<String>,
+    pub http2_error: Option<IgnoredAny>,
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Percent {
+    pub value: f64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

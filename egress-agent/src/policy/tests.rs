@@ -241,12 +241,12 @@ fn unknown_fields_and_kinds_are_warnings_with_positions() {
         ]
     );
     // Istio's own fields that egress does not apply are named as such, where they are.
-    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [a.example]\n  http:\n  - match:\n    - sourceLabels: {app: shop}\n    route: [{destination: {host: a.example}}]\n    fault: {abort: {httpStatus: 500}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1}\n    loadBalancr: {simple: RANDOM}\n";
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [a.example]\n  http:\n  - match:\n    - sourceLabels: {app: shop}\n    route: [{destination: {host: a.example}}]\n    mirror: {host: b.example}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1}\n    loadBalancr: {simple: RANDOM}\n";
     assert_eq!(
         diags_of(yaml),
         [
             "p.yaml:8:7: warning: `spec.http[0].match[0].sourceLabels` is not applied by egress; ignored",
-            "p.yaml:10:5: warning: `spec.http[0].fault` is not applied by egress; ignored",
+            "p.yaml:10:5: warning: `spec.http[0].mirror` is not applied by egress; ignored",
             "p.yaml:18:5: warning: `spec.trafficPolicy.outlierDetection` is not applied by egress; ignored",
             "p.yaml:19:5: warning: unknown field `spec.trafficPolicy.loadBalancr`; ignored",
         ]
@@ -1438,6 +1438,103 @@ fn local_answers_are_checked_and_redirects_located() {
     }
 }
 
+/// A route's `fault`: checked as Istio checks it, its shares in millionths, and a route that
+/// has one steers its HTTP port (only the relay can delay or abort a request).
+#[test]
+fn faults_are_checked_and_steer_an_http_port() {
+    use super::compile::{Abort, Fault};
+    use std::time::Duration;
+    let yaml = |fault: &str| {
+        format!(
+            "{SE}  hosts: [api.example]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - route: [{{destination: {{host: api.example}}}}]\n    fault: {fault}\n"
+        )
+    };
+    let fault = |f: &str| {
+        let (pol, d) = load_str(&yaml(f), Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = compile(&pol, None);
+        assert!(d.is_empty(), "{d:?}");
+        let steered = &plan.rules[0].steered;
+        assert_eq!(steered.len(), 1, "{f}: the port is steered");
+        assert!(
+            steered[0].why.contains("gives port 80's requests a fault"),
+            "{}",
+            steered[0].why
+        );
+        steered[0].requests[0].fault.expect("a fault")
+    };
+    assert_eq!(
+        fault("{abort: {httpStatus: 503, percentage: {value: 12.5}}}"),
+        Fault {
+            delay: None,
+            abort: Some((Abort::Http(503), 125_000)),
+        }
+    );
+    assert_eq!(
+        fault(
+            "{delay: {fixedDelay: 2s, percentage: {value: 100}}, abort: {grpcStatus: UNAVAILABLE, percentage: {value: 0.0001}}}"
+        ),
+        Fault {
+            delay: Some((Duration::from_secs(2), 1_000_000)),
+            abort: Some((Abort::Grpc(14), 1)),
+        }
+    );
+    // Istio's deprecated integer percent, where no percentage is given.
+    assert_eq!(
+        fault("{delay: {fixedDelay: 5ms, percent: 50}}").delay,
+        Some((Duration::from_millis(5), 500_000))
+    );
+    // Unset, as in Istio: no request; said.
+    let d = diags_of(&yaml("{abort: {httpStatus: 500}}"));
+    assert_eq!(
+        d,
+        [
+            "p.yaml:10:1: warning: VirtualService/default/v: spec.http[0].fault.abort.percentage is unset: as in Istio, no request is aborted (`percentage: {value: 100}` takes every one)"
+        ]
+    );
+    for (f, want) in [
+        ("{}", "spec.http[0].fault: neither a delay nor an abort"),
+        (
+            "{abort: {httpStatus: 700, percentage: {value: 1}}}",
+            "spec.http[0].fault.abort.httpStatus: 700 is not from 200 to 599",
+        ),
+        (
+            "{abort: {grpcStatus: BROKEN, percentage: {value: 1}}}",
+            "spec.http[0].fault.abort.grpcStatus: `BROKEN` is not a gRPC status",
+        ),
+        (
+            "{abort: {httpStatus: 503, grpcStatus: INTERNAL, percentage: {value: 1}}}",
+            "spec.http[0].fault.abort: one of httpStatus, grpcStatus and http2Error, not several",
+        ),
+        (
+            "{abort: {http2Error: REFUSED_STREAM, percentage: {value: 1}}}",
+            "spec.http[0].fault.abort.http2Error: not supported, as in Istio (use httpStatus)",
+        ),
+        (
+            "{abort: {percentage: {value: 1}}}",
+            "spec.http[0].fault.abort: needs an httpStatus or a grpcStatus",
+        ),
+        (
+            "{abort: {httpStatus: 503, percentage: {value: 101}}}",
+            "spec.http[0].fault.abort.percentage: 101 is not from 0 to 100",
+        ),
+        (
+            "{delay: {percentage: {value: 1}}}",
+            "spec.http[0].fault.delay.fixedDelay: required",
+        ),
+        (
+            "{delay: {fixedDelay: 0s, percentage: {value: 1}}}",
+            "spec.http[0].fault.delay.fixedDelay: 0ns is under 1ms, Istio's least",
+        ),
+    ] {
+        let errors = errors_of(&yaml(f));
+        assert!(
+            errors.len() == 1 && errors[0].contains(want),
+            "{f}: {errors:?}"
+        );
+    }
+}
+
 /// On a port served as HTTP, a route that answers some requests itself steers the port even
 /// when the first route goes direct: else its answer could not be given. On a TLS port it does
 /// not: the relay would pass the TLS through.
@@ -1460,8 +1557,8 @@ fn a_route_that_answers_requests_steers_an_http_port() {
         steered,
         [(
             80,
-            "VirtualService/default/v gives port 80's requests a direct response, a redirect, a \
-             rewrite or header operations (spec.http[1])"
+            "VirtualService/default/v gives port 80's requests a fault, a direct response, a \
+             redirect, a rewrite or header operations (spec.http[1])"
         )]
     );
     assert_eq!(rule.steered[0].requests.len(), 3);

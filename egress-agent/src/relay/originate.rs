@@ -42,8 +42,8 @@ use crate::{
     metrics::Status,
     policy::{
         compile::{
-            ConnectionPool, HeaderOps, LocalAnswer, Origination, RelayRoute, RequestMatch,
-            RequestRoute,
+            Abort, ConnectionPool, HeaderOps, LocalAnswer, MILLION, Origination, RelayRoute,
+            RequestMatch, RequestRoute,
         },
         tls::TlsClient,
     },
@@ -552,6 +552,40 @@ impl State {
         response
     }
 
+    /// A fault's abort, answered as Envoy's fault filter answers it. Nothing is sent on.
+    fn aborted(&self, abort: Abort) -> Response<Body> {
+        let (status, grpc) = match abort {
+            Abort::Http(status) => (status, None),
+            Abort::Grpc(code) => (200, Some(code)),
+        };
+        self.stats().status = Some(status);
+        let body = match grpc {
+            Some(_) => Bytes::new(),
+            None => Bytes::from_static(b"fault filter abort"),
+        };
+        let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+        *response.status_mut() =
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let headers = response.headers_mut();
+        match grpc {
+            Some(code) => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+                headers.insert(
+                    "grpc-message",
+                    HeaderValue::from_static("fault filter abort"),
+                );
+            }
+            None => {
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+        }
+        response
+    }
+
     async fn request(&self, req: Request<Incoming>) -> Response<Body> {
         self.stats().requests += 1;
         let Some(host) = request_host(&req) else {
@@ -573,6 +607,21 @@ impl State {
             Ok(chosen) => chosen,
             Err(reason) => return self.fail(StatusCode::NOT_FOUND, "refused", reason),
         };
+        // The route's fault comes first, as Envoy's fault filter runs before its router.
+        if let Some((r, _)) = chosen
+            && let Some(fault) = r.fault
+        {
+            if let Some((delay, share)) = fault.delay
+                && befalls(share)
+            {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((abort, share)) = fault.abort
+                && befalls(share)
+            {
+                return self.aborted(abort);
+            }
+        }
         if let Some((r, _)) = chosen
             && let Some(answer) = &r.answer
         {
@@ -1087,6 +1136,11 @@ impl hyper::body::Body for Holding {
 /// Whether another request may go on `upstream`: it is open, has carried fewer than
 /// `http.maxRequestsPerConnection`, and is younger than `tcp.maxConnectionDuration`. One that may
 /// not is closed once its last answer is read.
+/// Whether a request is among a fault's `share` of them (millionths).
+fn befalls(share: u32) -> bool {
+    share >= MILLION || (share > 0 && rand::random_range(0..MILLION) < share)
+}
+
 fn reusable(upstream: &Upstream, max_requests: Option<u32>, max_age: Option<Duration>) -> bool {
     !upstream.sender.is_closed()
         && max_requests.is_none_or(|max| upstream.sent < max)
