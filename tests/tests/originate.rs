@@ -318,6 +318,9 @@ spec:
   - match: [{{gateways: [mesh], port: 80, uri: {{prefix: /old/}}}}]
     route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
     rewrite: {{uri: /new/, authority: web.test:8080}}
+  - match: [{{gateways: [mesh], port: 80, uri: {{prefix: /re/}}}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
+    rewrite: {{uriRegexRewrite: {{match: '^/re/(\\w+)/(\\w+)', rewrite: '/\\2/\\1'}}}}
   - match: [{{gateways: [mesh], port: 80, uri: {{exact: /headers}}}}]
     route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
     headers:
@@ -427,6 +430,10 @@ spec:
     let out = curl(&cg, ip, &["http://web.test/old/x?q=1"], &[]);
     assert_eq!(stdout(&out), "host=web.test:8080\n200\n", "{out:?}");
     assert_eq!(web.paths().last().map(String::as_str), Some("/new/x?q=1"));
+    // A regex rewrite of the path: its groups swapped, the query kept.
+    let out = curl(&cg, ip, &["http://web.test/re/a/b?q=1"], &[]);
+    assert_eq!(stdout(&out), "host=web.test\n200\n", "{out:?}");
+    assert_eq!(web.paths().last().map(String::as_str), Some("/b/a?q=1"));
 
     // Answers the relay gives itself: nothing sent on.
     let out = curl(&cg, ip, &["http://web.test/admin/users"], &[]);
@@ -440,7 +447,7 @@ spec:
     );
     assert_eq!(
         web.names().len(),
-        7,
+        8,
         "a locally answered request reached upstream"
     );
 
@@ -455,7 +462,7 @@ spec:
         Some("no route of VirtualService/shop/web-via-gateway matches GET /c"),
         "{r:?}"
     );
-    assert_eq!(web.names().len(), 7, "an unrouted request reached upstream");
+    assert_eq!(web.names().len(), 8, "an unrouted request reached upstream");
     a.shutdown().await;
 }
 

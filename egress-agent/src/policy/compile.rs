@@ -182,11 +182,85 @@ pub struct Rewrite {
     /// The `Host` sent upstream, and the server name TLS origination sends where the
     /// DestinationRule names none.
     pub authority: Option<http::uri::Authority>,
+    /// `uriRegexRewrite`: every match in the path replaced (the query kept), as Envoy's
+    /// `regex_rewrite` does.
+    pub regex: Option<RegexRewrite>,
+}
+
+/// A `uriRegexRewrite`, compiled: the pattern (RE2, unanchored), and the replacement in the
+/// regex crate's syntax (`${1}` for Istio's `\1`).
+#[derive(Debug, Clone)]
+pub struct RegexRewrite {
+    pub pattern: regex::Regex,
+    pub with: String,
+}
+
+impl PartialEq for RegexRewrite {
+    fn eq(&self, other: &RegexRewrite) -> bool {
+        self.pattern.as_str() == other.pattern.as_str() && self.with == other.with
+    }
+}
+
+impl Eq for RegexRewrite {}
+
+impl RegexRewrite {
+    /// Istio's `match` and `rewrite`, checked as RE2 checks a rewrite string: `\N` names one of
+    /// the pattern's groups, `\\` is a backslash, and no other backslash may appear.
+    /// The error names the field at fault, `match` or `rewrite`.
+    pub fn new(pattern: &str, rewrite: &str) -> Result<RegexRewrite, (&'static str, String)> {
+        let pattern = regex::Regex::new(pattern).map_err(|e| {
+            (
+                "match",
+                format!("`{pattern}` is not a regex RE2 takes: {e}"),
+            )
+        })?;
+        let mut with = String::with_capacity(rewrite.len());
+        let mut chars = rewrite.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('\\') => with.push('\\'),
+                    Some(d @ '0'..='9') => {
+                        let group = d as usize - '0' as usize;
+                        if group >= pattern.captures_len() {
+                            return Err((
+                                "rewrite",
+                                format!(
+                                    "`{rewrite}` names group \\{group}, which the match does \
+                                     not have"
+                                ),
+                            ));
+                        }
+                        with.push_str(&format!("${{{group}}}"));
+                    }
+                    _ => {
+                        return Err((
+                            "rewrite",
+                            format!(
+                                "`{rewrite}`: a backslash must come before a digit or another \
+                                 backslash"
+                            ),
+                        ));
+                    }
+                },
+                '$' => with.push_str("$$"),
+                c => with.push(c),
+            }
+        }
+        Ok(RegexRewrite { pattern, with })
+    }
 }
 
 impl Rewrite {
     /// The path and query sent upstream for `path` and `query`, which `matched` matched.
     pub fn path(&self, path: &str, query: Option<&str>, matched: Option<&RequestMatch>) -> String {
+        if let Some(re) = &self.regex {
+            let path = re.pattern.replace_all(path, re.with.as_str());
+            return match query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.into_owned(),
+            };
+        }
         let Some(uri) = &self.uri else {
             return match query {
                 Some(q) => format!("{path}?{q}"),
@@ -1447,6 +1521,20 @@ fn compile_route(
             match a.parse::<http::uri::Authority>() {
                 Ok(a) => rewrite.authority = Some(a),
                 Err(_) => error("authority", format!("`{a}` is not a host")),
+            }
+        }
+        if let Some(re) = &rw.uri_regex_rewrite {
+            match (&rw.uri, &re.pattern, &re.rewrite) {
+                (Some(_), _, _) => error(
+                    "uriRegexRewrite",
+                    "a rewrite has a uri or a uriRegexRewrite, not both".to_owned(),
+                ),
+                (None, Some(pattern), Some(with)) => match RegexRewrite::new(pattern, with) {
+                    Ok(re) => rewrite.regex = Some(re),
+                    Err((field, e)) => error(&format!("uriRegexRewrite.{field}"), e),
+                },
+                (None, None, _) => error("uriRegexRewrite.match", "required".to_owned()),
+                (None, _, None) => error("uriRegexRewrite.rewrite", "required".to_owned()),
             }
         }
     }

@@ -349,7 +349,6 @@ const SIDECAR_UNAPPLIED: &[&str] = &[
 const GATEWAY_UNAPPLIED: &[&str] = &["tls", "bind", "defaultEndpoint"];
 const VIRTUAL_SERVICE_UNAPPLIED: &[&str] = &[
     "delegate",
-    "uriRegexRewrite",
     "derivePort",
     "bytes",
     "mirror",

@@ -222,7 +222,16 @@ pub struct HttpBody {
 pub struct HttpRewrite {
     pub uri: Option<String>,
     pub authority: Option<String>,
-    pub uri_regex_rewrite: Option<IgnoredAny>,
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+}
+
+/// `uriRegexRewrite`: what of the path is replaced, and with what (`\1` a capture group).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegexRewrite {
+    #[serde(rename = "match")]
+    pub pattern: Option<String>,
+    pub rewrite: Option<String>,
 }
 
 /// Istio's header operations, on the request sent upstream and the response sent back.

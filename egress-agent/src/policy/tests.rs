@@ -1360,11 +1360,56 @@ fn a_rewrite_replaces_what_the_match_matched() {
     let none = super::compile::Rewrite::default();
     assert_eq!(none.path("/v1/users", Some("a=1"), prefix), "/v1/users?a=1");
 
+    // uriRegexRewrite: every match in the path, capture groups as RE2 writes them, the query
+    // kept; a `$` is a dollar sign, not a group.
+    let (pol, d) = load_str(
+        &yaml(r"{uriRegexRewrite: {match: '^/v1/([^/]+)/(\w+)', rewrite: '/v2/\2/\1$\\'}}"),
+        Path::new("p.yaml"),
+    );
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    let rw = &plan.rules[0].steered[0].requests[0].rewrite;
+    assert_eq!(
+        rw.path("/v1/users/list/x", Some("a=1"), prefix),
+        r"/v2/list/users$\/x?a=1"
+    );
+    let (pol, _) = load_str(
+        &yaml("{uriRegexRewrite: {match: '-', rewrite: _}}"),
+        Path::new("p.yaml"),
+    );
+    let rw = &compile(&pol, None).0.rules[0].steered[0].requests[0].rewrite;
+    assert_eq!(rw.path("/a-b/c-d", None, None), "/a_b/c_d");
+
     for (rewrite, want) in [
         ("{uri: v2}", "spec.http[0].rewrite.uri: `v2` is not a path"),
         (
             "{authority: 'bad host'}",
             "spec.http[0].rewrite.authority: `bad host` is not a host",
+        ),
+        (
+            "{uri: /v2/, uriRegexRewrite: {match: a, rewrite: b}}",
+            "spec.http[0].rewrite.uriRegexRewrite: a rewrite has a uri or a uriRegexRewrite, not both",
+        ),
+        (
+            "{uriRegexRewrite: {rewrite: b}}",
+            "spec.http[0].rewrite.uriRegexRewrite.match: required",
+        ),
+        (
+            "{uriRegexRewrite: {match: '(a'}}",
+            "spec.http[0].rewrite.uriRegexRewrite.rewrite: required",
+        ),
+        (
+            "{uriRegexRewrite: {match: '(a', rewrite: b}}",
+            "spec.http[0].rewrite.uriRegexRewrite.match: `(a` is not a regex RE2 takes",
+        ),
+        (
+            r"{uriRegexRewrite: {match: '(a)', rewrite: '\2'}}",
+            r"spec.http[0].rewrite.uriRegexRewrite.rewrite: `\2` names group \2, which the match does not have",
+        ),
+        (
+            r"{uriRegexRewrite: {match: '(a)', rewrite: '\n'}}",
+            r"spec.http[0].rewrite.uriRegexRewrite.rewrite: `\n`: a backslash must come before a digit or another backslash",
         ),
     ] {
         let errors = errors_of(&yaml(rewrite));

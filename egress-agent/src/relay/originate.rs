@@ -700,7 +700,7 @@ impl State {
             HeaderOps::apply(&r.headers.request, &mut headers);
         }
         let mut uri = match rewrite {
-            Some(rw) if rw.uri.is_some() => {
+            Some(rw) if rw.uri.is_some() || rw.regex.is_some() => {
                 let path = rw.path(
                     parts.uri.path(),
                     parts.uri.query(),
