@@ -151,6 +151,28 @@ spec:
   trafficPolicy:
     tls: {mode: SIMPLE, caCertificates: ca.pem}
     connectionPool: {http: {http1MaxPendingRequests: 5, http2MaxRequests: 50}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: gw}
+spec:
+  hosts: [gw.pool.test]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.52}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: gw}
+spec:
+  hosts: [gw.pool.test]
+  gateways: [mesh, egress]
+  http:
+  - match: [{gateways: [mesh], port: 80}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local}}]
+  - match: [{gateways: [egress], port: 80, uri: {prefix: /v1/}}]
+    route: [{destination: {host: gw.pool.test}}]
+    retries: {attempts: 2}
 "#,
     );
     let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("CA");
@@ -203,6 +225,16 @@ spec:
         out.lines().any(|l| l
             == "  connection pool: at most 5 requests waiting for an upstream connection, at \
                 most 50 requests in progress (DestinationRule/default/mesh)"),
+        "{out}"
+    );
+    // Routes to an egress gateway: the gateway's own routes take the requests next.
+    let out = check("192.0.2.52:80");
+    assert!(
+        out.contains(
+            "\n  at the gateway: each takes the first of its routes it matches, as the mesh's \
+             route changed it, of VirtualService/default/gw spec.http[1]; one that matches none \
+             is answered 404\n"
+        ),
         "{out}"
     );
     // The plain HTTP port is served as HTTP, each request's host checked.

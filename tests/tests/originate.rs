@@ -530,6 +530,86 @@ spec:
     a.shutdown().await;
 }
 
+/// Where the mesh's route sends requests to an egress gateway, the relay stands in for it: each
+/// request, as the mesh's route changed it, takes the first of the gateway's own routes it
+/// matches, with that route's rewrite, header operations and own answers; one that matches none
+/// is answered 404, as the gateway would answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_own_routes_take_the_requests_the_mesh_sends_it() {
+    let w = World::new();
+    w.host(22);
+    let ip = w.v4(22);
+    let web = w.http_server(std::net::SocketAddr::new(ip, 80));
+    let cg = TestCgroup::new("originate-gateway-routes");
+    let log = log_path("originate-gateway-routes");
+    let policy = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web.test]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web-via-gateway, namespace: shop}}
+spec:
+  hosts: [web.test]
+  gateways: [mesh, egress]
+  http:
+  - match: [{{gateways: [mesh], port: 80}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
+    headers: {{request: {{set: {{x-mesh: '1'}}}}}}
+  - match: [{{gateways: [egress], port: 80, uri: {{prefix: /blocked}}}}]
+    directResponse: {{status: 403, body: {{string: blocked at the gateway}}}}
+  - match: [{{gateways: [egress], port: 80, uri: {{prefix: /hdr}}, headers: {{x-mesh: {{exact: '1'}}}}}}]
+    directResponse: {{status: 200, body: {{string: the mesh's header seen}}}}
+  - match: [{{gateways: [egress], port: 80, uri: {{prefix: /v1/}}}}]
+    route: [{{destination: {{host: web.test}}}}]
+    rewrite: {{uri: /v2/}}
+    headers:
+      request: {{set: {{x-gateway: '1'}}}}
+      response: {{add: {{x-gateway: answered}}}}
+"
+    );
+    let a = Agent::start(w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let out = curl(&cg, ip, &["http://web.test/v1/items?q=1"], &["-D", "-"]);
+    let text = stdout(&out);
+    assert!(
+        text.ends_with("host=web.test\nx-mesh=1\nx-gateway=1\n200\n"),
+        "{out:?}"
+    );
+    assert!(text.contains("\r\nx-gateway: answered\r\n"), "{out:?}");
+    assert_eq!(web.paths(), ["/v2/items?q=1"]);
+
+    let out = curl(&cg, ip, &["http://web.test/blocked"], &[]);
+    assert_eq!(stdout(&out), "blocked at the gateway403\n", "{out:?}");
+    let out = curl(&cg, ip, &["http://web.test/hdr"], &[]);
+    assert_eq!(stdout(&out), "the mesh's header seen200\n", "{out:?}");
+    let out = curl(&cg, ip, &["http://web.test/other"], &[]);
+    assert!(stdout(&out).ends_with("404\n"), "{out:?}");
+    let r = wait_record(&log, "the request no gateway route takes", |r| {
+        r.kind == "relay" && r.status == Some(404)
+    });
+    assert_eq!(
+        r.reason.as_deref(),
+        Some(
+            "no route of VirtualService/shop/web-via-gateway at the egress gateway matches GET /other"
+        ),
+        "{r:?}"
+    );
+    assert_eq!(
+        web.paths().len(),
+        1,
+        "a request the gateway answered was sent on"
+    );
+    a.shutdown().await;
+}
+
 /// A route's `fault`, as Envoy's fault filter applies it: an abort answered by the relay and
 /// never sent on (an HTTP status, or a gRPC status in a 200's `grpc-status`), a delay before the
 /// request goes on, and a fault for no share of the requests never applied.

@@ -165,6 +165,22 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                     .join(", ")
             );
         }
+        // The gateway's own routes, where the mesh's send requests to an egress gateway.
+        let mut seen: Vec<&[crate::policy::compile::RequestRoute]> = Vec::new();
+        for then in requests.iter().filter_map(|r| r.then.as_deref()) {
+            if seen.iter().any(|s| std::ptr::eq(*s, then)) {
+                continue;
+            }
+            seen.push(then);
+            println!(
+                "  at the gateway: each takes the first of its routes it matches, as the mesh's \
+                 route changed it, of {}; one that matches none is answered 404",
+                then.iter()
+                    .map(|r| r.by.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         if let Some((_, pool)) = rule.pools.iter().find(|(p, _)| *p == port) {
             println!("  connection pool: {} ({})", pool_text(pool), pool.by);
         }

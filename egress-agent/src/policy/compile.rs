@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use egress_common::{
@@ -102,6 +103,9 @@ pub struct RequestRoute {
     pub answer: Option<LocalAnswer>,
     /// The route's `fault`: applied before its answer or anything is sent on.
     pub fault: Option<Fault>,
+    /// Where the route goes to an egress gateway: the gateway's routes for the request, which the
+    /// relay, standing in for the gateway, matches it against next, as changed by this route.
+    pub then: Option<Arc<[RequestRoute]>>,
     /// `VirtualService/ns/name spec.http[i]`.
     pub by: String,
 }
@@ -673,64 +677,7 @@ pub fn compile_after(policy: &Policy, mode_flag: Option<Mode>, prev: &RuleIds) -
     for se in service_entries {
         compile_service_entry(policy, prev, se, &mut plan, &mut diags);
     }
-    warn_gateway_routes(policy, &mut diags);
     (plan, diags)
-}
-
-/// Says which of the gateways' own HTTP routes ask for what egress does not apply. The relay
-/// stands in for the gateway: it applies the mesh's routes, and of a route bound to a gateway
-/// alone it takes the port the requests go on to, nothing else.
-fn warn_gateway_routes(policy: &Policy, diags: &mut Diags) {
-    for vs in &policy.virtual_services {
-        // A match without gateways has its VirtualService's.
-        let at_gateway = |gateways: &[String]| {
-            !at_mesh(if gateways.is_empty() {
-                &vs.spec.gateways
-            } else {
-                gateways
-            })
-        };
-        for (i, r) in vs.spec.http.iter().enumerate() {
-            let at_gateway_only = if r.matches.is_empty() {
-                at_gateway(&[])
-            } else {
-                r.matches.iter().all(|m| at_gateway(&m.gateways))
-            };
-            if !at_gateway_only {
-                continue;
-            }
-            let asked: Vec<&str> = [
-                (retries(r).is_some(), "retries"),
-                (nonzero(r.timeout.as_ref()).is_some(), "timeout"),
-                (
-                    r.headers.is_some() || r.route.iter().any(|d| d.headers.is_some()),
-                    "headers",
-                ),
-                (r.rewrite.is_some(), "rewrite"),
-                (r.direct_response.is_some(), "directResponse"),
-                (r.redirect.is_some(), "redirect"),
-                (r.fault.is_some(), "fault"),
-            ]
-            .into_iter()
-            .filter_map(|(set, name)| set.then_some(name))
-            .collect();
-            if asked.is_empty() {
-                continue;
-            }
-            diag(
-                diags,
-                Severity::Warning,
-                &vs.source,
-                format!(
-                    "{}: spec.http[{i}] is bound to a gateway alone: egress, standing in for the \
-                     gateway, takes from it only the port requests go on to, and its {} are not \
-                     applied (on a route bound to the mesh, egress applies them)",
-                    vs.label(),
-                    asked.join(", ")
-                ),
-            );
-        }
-    }
 }
 
 fn resolve_mode(policy: &Policy, flag: Option<Mode>, diags: &mut Diags) -> (Mode, String) {
@@ -1044,7 +991,10 @@ fn steered_ports(
             Some((vs, i, r)) => compile(vs, i, r).route,
             None => RelayRoute::default(),
         };
-        // The requests' routes: those of the VirtualService whose route covers the port.
+        // The requests' routes: those of the VirtualService whose route covers the port. Where
+        // one goes to an egress gateway, the gateway's routes on the port it goes to follow it
+        // (one list per gateway port, shared).
+        let mut at_gateways: Vec<(u16, Option<Arc<[RequestRoute]>>)> = Vec::new();
         let requests = match http.or_else(|| http_route(policy, hosts, port)) {
             Some((vs, _, _)) if served_as_http => vs
                 .spec
@@ -1053,21 +1003,20 @@ fn steered_ports(
                 .enumerate()
                 .filter(|(_, r)| http_covers(r, port))
                 .map(|(i, r)| {
-                    let c = compile(vs, i, r);
-                    RequestRoute {
-                        matches: c
-                            .matches
-                            .into_iter()
-                            .filter(|(at, _)| on_port(at.as_ref(), port))
-                            .map(|(_, m)| m)
-                            .collect(),
-                        route: c.route,
-                        headers: c.headers,
-                        rewrite: c.rewrite,
-                        answer: c.answer,
-                        fault: c.fault,
-                        by: format!("{} spec.http[{i}]", vs.label()),
-                    }
+                    let then = gateway_destination(policy, &r.route, port).and_then(|(_, at)| {
+                        if let Some((_, then)) = at_gateways.iter().find(|(a, _)| *a == at) {
+                            return then.clone();
+                        }
+                        let routes: Vec<RequestRoute> = gateway_routes(policy, hosts, at)
+                            .map(|(gvs, gi, gr)| {
+                                request_route(compile(gvs, gi, gr), gvs, gi, at, true, None)
+                            })
+                            .collect();
+                        let then = (!routes.is_empty()).then(|| Arc::from(routes));
+                        at_gateways.push((at, then.clone()));
+                        then
+                    });
+                    request_route(compile(vs, i, r), vs, i, port, false, then)
                 })
                 .collect(),
             _ => Vec::new(),
@@ -1091,6 +1040,39 @@ fn steered_ports(
         });
     }
     out
+}
+
+/// A compiled route as requests to `port` are matched against it, at an egress gateway or at
+/// the mesh.
+fn request_route(
+    c: Compiled,
+    vs: &Resource<VirtualServiceSpec>,
+    i: usize,
+    port: u16,
+    at_gateway: bool,
+    then: Option<Arc<[RequestRoute]>>,
+) -> RequestRoute {
+    RequestRoute {
+        matches: c
+            .matches
+            .into_iter()
+            .filter(|(at, _, bound)| {
+                (if at_gateway {
+                    bound.gateway
+                } else {
+                    bound.mesh
+                }) && on_port(at.as_ref(), port)
+            })
+            .map(|(_, m, _)| m)
+            .collect(),
+        route: c.route,
+        headers: c.headers,
+        rewrite: c.rewrite,
+        answer: c.answer,
+        fault: c.fault,
+        then,
+        by: format!("{} spec.http[{i}]", vs.label()),
+    }
 }
 
 /// An HTTP route of a VirtualService, with the VirtualService and its index.
@@ -1133,6 +1115,54 @@ fn at_mesh(gateways: &[String]) -> bool {
     gateways.is_empty() || gateways.iter().any(|g| g == "mesh")
 }
 
+/// The egress gateway among a route's destinations (`istio-egressgateway…`, or a service a
+/// Gateway's `selector` names), and the gateway's port that `port`'s requests go to on it.
+fn gateway_destination<'a>(
+    policy: &Policy,
+    dests: &'a [RouteDestination],
+    port: u16,
+) -> Option<(&'a str, u16)> {
+    let is_gateway = |dest: &str| {
+        let first = dest.split('.').next().unwrap_or(dest);
+        first == "istio-egressgateway"
+            || policy
+                .gateways
+                .iter()
+                .flat_map(|g| g.spec.selector.values())
+                .any(|s| first == s || first == format!("istio-{s}"))
+    };
+    let d = dests.iter().find(|d| is_gateway(&d.destination.host))?;
+    let at = d.destination.port.as_ref().and_then(|p| p.number);
+    Some((&d.destination.host, at.map_or(port, |n| n.0)))
+}
+
+/// Whether a list of gateways takes in an egress gateway: any gateway but `mesh`.
+fn at_gateway(gateways: &[String]) -> bool {
+    gateways.iter().any(|g| g != "mesh")
+}
+
+/// Where a route's match applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bound {
+    mesh: bool,
+    gateway: bool,
+}
+
+/// Whether an HTTP route of `vs` covers `port` at an egress gateway.
+fn gateway_covers(vs: &Resource<VirtualServiceSpec>, r: &HttpRoute, port: u16) -> bool {
+    if r.matches.is_empty() {
+        return at_gateway(&vs.spec.gateways);
+    }
+    r.matches.iter().any(|m| {
+        let gateways = if m.gateways.is_empty() {
+            &vs.spec.gateways[..]
+        } else {
+            &m.gateways[..]
+        };
+        at_gateway(gateways) && on_port(m.port.as_ref(), port)
+    })
+}
+
 /// Whether an HTTP route covers `port` for the mesh.
 fn http_covers(r: &HttpRoute, port: u16) -> bool {
     r.matches.is_empty()
@@ -1163,18 +1193,6 @@ fn route_reason<'a>(
     port: u16,
     served_as_http: bool,
 ) -> Option<Routed<'a>> {
-    let gateway_services: Vec<String> = policy
-        .gateways
-        .iter()
-        .flat_map(|g| g.spec.selector.values().cloned())
-        .collect();
-    let is_gateway = |dest: &str| {
-        let first = dest.split('.').next().unwrap_or(dest);
-        first == "istio-egressgateway"
-            || gateway_services
-                .iter()
-                .any(|s| first == s || first == format!("istio-{s}"))
-    };
     let names_sni = |sni: &[String]| {
         sni.is_empty()
             || sni.iter().any(|s| {
@@ -1186,18 +1204,13 @@ fn route_reason<'a>(
     };
     // With the gateway's port it goes to.
     let to_gateway = |vs: &Resource<VirtualServiceSpec>, section, i, dests: &[RouteDestination]| {
-        dests
-            .iter()
-            .find(|r| is_gateway(&r.destination.host))
-            .map(|r| {
-                let why = format!(
-                    "{} routes port {port} to the egress gateway {} (spec.{section}[{i}])",
-                    vs.label(),
-                    r.destination.host
-                );
-                let at = r.destination.port.as_ref().and_then(|p| p.number);
-                (why, at.map_or(port, |n| n.0))
-            })
+        gateway_destination(policy, dests, port).map(|(gateway, at)| {
+            let why = format!(
+                "{} routes port {port} to the egress gateway {gateway} (spec.{section}[{i}])",
+                vs.label(),
+            );
+            (why, at)
+        })
     };
     let passed = |(why, _)| Routed {
         why,
@@ -1321,33 +1334,32 @@ fn acts_on_requests(r: &HttpRoute) -> bool {
 /// covers `at`. Istio's "egress gateway with TLS origination" sends port 80 on to 443, where a
 /// DestinationRule asks for TLS.
 fn onward_port(policy: &Policy, hosts: &[String], at: u16) -> Option<u16> {
-    let at_gateway = |gateways: &[String]| gateways.iter().any(|g| g != "mesh");
-    policy
-        .virtual_services
-        .iter()
-        .filter(|vs| names_host(vs, hosts))
-        .flat_map(|vs| vs.spec.http.iter().map(move |r| (vs, r)))
-        .filter(|(vs, r)| {
-            let covers = |gateways: &[String], port| {
-                let gateways = if gateways.is_empty() {
-                    &vs.spec.gateways[..]
-                } else {
-                    gateways
-                };
-                at_gateway(gateways) && on_port(port, at)
-            };
-            if r.matches.is_empty() {
-                covers(&[], None)
-            } else {
-                r.matches
-                    .iter()
-                    .any(|m| covers(&m.gateways, m.port.as_ref()))
-            }
-        })
-        .flat_map(|(_, r)| &r.route)
+    gateway_routes(policy, hosts, at)
+        .flat_map(|(_, _, r)| &r.route)
         .find(|d| hosts.contains(&normalize_host(&d.destination.host)))
         .and_then(|d| d.destination.port.as_ref()?.number)
         .map(|n| n.0)
+}
+
+/// The HTTP routes an egress gateway takes these hosts' requests on its port `at` by, in order:
+/// those of the VirtualServices that name one of the hosts that cover the port at a gateway.
+fn gateway_routes<'a>(
+    policy: &'a Policy,
+    hosts: &'a [String],
+    at: u16,
+) -> impl Iterator<Item = HttpAt<'a>> {
+    policy
+        .virtual_services
+        .iter()
+        .filter(move |vs| names_host(vs, hosts))
+        .flat_map(|vs| {
+            vs.spec
+                .http
+                .iter()
+                .enumerate()
+                .map(move |(i, r)| (vs, i, r))
+        })
+        .filter(move |(vs, _, r)| gateway_covers(vs, r, at))
 }
 
 /// Why `port` of these hosts is steered for TLS origination, if its DestinationRule asks for it
@@ -1417,7 +1429,8 @@ fn destination_rule<'a>(
 #[derive(Clone)]
 struct Compiled {
     route: RelayRoute,
-    matches: Vec<(Option<PortNumber>, RequestMatch)>,
+    /// With the port each is for, and where it applies: at the mesh, at a gateway.
+    matches: Vec<(Option<PortNumber>, RequestMatch, Bound)>,
     headers: HeaderOps,
     rewrite: Rewrite,
     answer: Option<LocalAnswer>,
@@ -1432,7 +1445,15 @@ fn compile_route(
 ) -> Compiled {
     let mut matches = Vec::new();
     for (j, m) in r.matches.iter().enumerate() {
-        if !at_mesh(&m.gateways) {
+        let bound = Bound {
+            mesh: at_mesh(&m.gateways),
+            gateway: at_gateway(if m.gateways.is_empty() {
+                &vs.spec.gateways
+            } else {
+                &m.gateways
+            }),
+        };
+        if !bound.mesh && !bound.gateway {
             continue;
         }
         let mut error = |field: String, e: String| {
@@ -1473,7 +1494,7 @@ fn compile_route(
             let t = text(&format!("queryParams.{name}"), Some(sm));
             compiled.query.push((name.clone(), t));
         }
-        matches.push((m.port, compiled));
+        matches.push((m.port, compiled, bound));
     }
     let mut headers = HeaderOps::default();
     let levels = [

@@ -1173,7 +1173,17 @@ spec:
         "{rule:?}"
     );
 
-    // What the gateway's own route asks beyond its port is said not to be applied.
+    // The relay stands in for the gateway: requests the mesh's route sends there are matched
+    // against the gateway's own routes next, with their retries, timeout and header operations.
+    let gateway = &rule.steered[0].requests[0].then;
+    assert_eq!(
+        gateway
+            .as_ref()
+            .map(|g| g.iter().map(|r| r.by.as_str()).collect::<Vec<_>>()),
+        Some(vec![
+            "VirtualService/default/direct-cnn-through-egress-gateway spec.http[1]"
+        ])
+    );
     let more = yaml.replace(
         "        port: {number: 443}\n      weight: 100\n",
         "        port: {number: 443}\n      weight: 100\n    retries: {attempts: 3}\n    timeout: 5s\n    headers: {request: {set: {x-via: gateway}}}\n",
@@ -1181,17 +1191,17 @@ spec:
     assert_ne!(more, yaml);
     let (pol, d) = load_str(&more, Path::new("p.yaml"));
     assert!(!super::has_errors(&d), "{d:?}");
-    let (_, d) = compile(&pol, None);
-    let d: Vec<String> = d.iter().map(ToString::to_string).collect();
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    let mesh = &plan.rules[0].steered[0].requests[0];
+    assert_eq!(mesh.route.retries, 0);
+    let gateway = &mesh.then.as_ref().expect("the gateway's routes")[0];
     assert_eq!(
-        d,
-        [
-            "p.yaml:21:1: warning: VirtualService/default/direct-cnn-through-egress-gateway: \
-          spec.http[1] is bound to a gateway alone: egress, standing in for the gateway, takes \
-          from it only the port requests go on to, and its retries, timeout, headers are not \
-          applied (on a route bound to the mesh, egress applies them)"
-        ]
+        (gateway.route.retries, gateway.route.timeout),
+        (3, Some(std::time::Duration::from_secs(5)))
     );
+    assert_eq!(gateway.headers.request.len(), 1);
+    assert_eq!(gateway.matches.len(), 1, "the gateway's match on port 80");
 }
 
 /// On a port the relay serves as HTTP, each request takes the first route it matches: by path

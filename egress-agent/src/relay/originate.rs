@@ -516,7 +516,9 @@ impl State {
     fn local(
         &self,
         answer: &LocalAnswer,
-        parts: &http::request::Parts,
+        host: &str,
+        path: &str,
+        query: Option<&str>,
         ops: &HeaderOps,
     ) -> Response<Body> {
         let (status, body) = match answer {
@@ -535,21 +537,67 @@ impl State {
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         }
-        let host = match parts.uri.authority() {
-            Some(a) => a.as_str(),
-            None => parts
-                .headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default(),
-        };
-        if let Some(location) = answer.location(host, parts.uri.path(), parts.uri.query())
+        if let Some(location) = answer.location(host, path, query)
             && let Ok(v) = HeaderValue::from_str(&location)
         {
             response.headers_mut().insert(header::LOCATION, v);
         }
         HeaderOps::apply(&ops.response, response.headers_mut());
         response
+    }
+
+    /// What a route does before anything is sent on: its fault first, as Envoy's fault filter
+    /// runs before its router, then its own answer, if it gives one (`host`, `path` and `query`
+    /// those of the request as it reached the route, for a redirect).
+    async fn ahead(
+        &self,
+        r: &RequestRoute,
+        host: &str,
+        path: &str,
+        query: Option<&str>,
+    ) -> Option<Response<Body>> {
+        if let Some(fault) = r.fault {
+            if let Some((delay, share)) = fault.delay
+                && befalls(share)
+            {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((abort, share)) = fault.abort
+                && befalls(share)
+            {
+                return Some(self.aborted(abort));
+            }
+        }
+        let answer = r.answer.as_ref()?;
+        Some(self.local(answer, host, path, query, &r.headers))
+    }
+
+    /// A route's changes to the request it takes: its rewrite of the authority (the `Host`
+    /// sent, and `asked`, the name the upstream is asked for) and of the path (`matched` says
+    /// what its match matched), and its request header operations. The error: a rewritten path
+    /// that is no request target, to be refused.
+    fn apply(
+        &self,
+        r: &RequestRoute,
+        matched: Option<&RequestMatch>,
+        headers: &mut HeaderMap,
+        uri: &mut Uri,
+        asked: &mut String,
+    ) -> Result<(), String> {
+        if let Some(authority) = &r.rewrite.authority
+            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(header::HOST, v);
+            *asked = authority.host().to_ascii_lowercase();
+        }
+        HeaderOps::apply(&r.headers.request, headers);
+        if r.rewrite.uri.is_some() || r.rewrite.regex.is_some() {
+            let path = r.rewrite.path(uri.path(), uri.query(), matched);
+            *uri = path
+                .parse::<Uri>()
+                .map_err(|_| format!("the rewritten path {path} is not a request target"))?;
+        }
+        Ok(())
     }
 
     /// A fault's abort, answered as Envoy's fault filter answers it. Nothing is sent on.
@@ -607,26 +655,82 @@ impl State {
             Ok(chosen) => chosen,
             Err(reason) => return self.fail(StatusCode::NOT_FOUND, "refused", reason),
         };
-        // The route's fault comes first, as Envoy's fault filter runs before its router.
-        if let Some((r, _)) = chosen
-            && let Some(fault) = r.fault
-        {
-            if let Some((delay, share)) = fault.delay
-                && befalls(share)
+        if let Some((r, _)) = chosen {
+            let named = match parts.uri.authority() {
+                Some(a) => a.as_str(),
+                None => parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default(),
+            };
+            if let Some(answer) = self
+                .ahead(r, named, parts.uri.path(), parts.uri.query())
+                .await
             {
-                tokio::time::sleep(delay).await;
-            }
-            if let Some((abort, share)) = fault.abort
-                && befalls(share)
-            {
-                return self.aborted(abort);
+                return answer;
             }
         }
-        if let Some((r, _)) = chosen
-            && let Some(answer) = &r.answer
-        {
-            return self.local(answer, &parts, &r.headers);
+
+        let mut headers = forwarded_headers(&parts.headers, &host);
+        // The host checked is the host sent, alone: a target in absolute form names it (RFC
+        // 9112 §3.2.2: its host wins over a Host header's), else the first Host header, and no
+        // other Host header may reach the upstream.
+        let checked = match parts.uri.authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => parts.headers.get(header::HOST).cloned(),
+        };
+        if let Some(v) = checked {
+            headers.insert(header::HOST, v);
         }
+        let mut uri = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        // The host the upstream is asked for: the client's, or a route's rewrite of it.
+        let mut asked = host.clone();
+        // The routes' response header operations, in the order the answer passes them.
+        let mut ops: Vec<&HeaderOps> = Vec::new();
+        let mut through = None;
+        if let Some((r, m)) = chosen {
+            if let Err(reason) = self.apply(r, m, &mut headers, &mut uri, &mut asked) {
+                return self.fail(StatusCode::BAD_REQUEST, "refused", reason);
+            }
+            ops.push(&r.headers);
+            // The route goes to an egress gateway: the relay stands in for it, and its routes
+            // take the request as this one changed it, as they would at the gateway.
+            if let Some(then) = &r.then {
+                let named = headers
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let Some((g, gm)) = pick(then, parts.method.as_str(), &uri, Some(&named), &headers)
+                else {
+                    let by = then.first().map_or("", |r| r.by.as_str());
+                    let vs = by.split(" spec.").next().unwrap_or(by);
+                    return self.fail(
+                        StatusCode::NOT_FOUND,
+                        "refused",
+                        format!(
+                            "no route of {vs} at the egress gateway matches {} {}",
+                            parts.method,
+                            uri.path()
+                        ),
+                    );
+                };
+                if let Some(answer) = self.ahead(g, &named, uri.path(), uri.query()).await {
+                    return answer;
+                }
+                if let Err(reason) = self.apply(g, gm, &mut headers, &mut uri, &mut asked) {
+                    return self.fail(StatusCode::BAD_REQUEST, "refused", reason);
+                }
+                // The answer passes the gateway first.
+                ops.insert(0, &g.headers);
+                through = Some(through_gateway(route, &g.route));
+            }
+        }
+        let route = through.as_ref().unwrap_or(route);
         // The host's requests in progress, where a DestinationRule limits them: one more is
         // answered at once, never sent and not retried, as Envoy answers an overflow.
         let active = match &self.max_active {
@@ -657,15 +761,9 @@ impl State {
                 }
             }
         };
-        let rewrite = chosen.map(|(r, _)| &r.rewrite);
         let tls = match &self.origin.tls {
             Some(tls) => {
-                // Else the host the upstream is asked for: the route's rewrite, or the client's.
-                let sni = tls.sni.clone().unwrap_or_else(|| {
-                    rewrite
-                        .and_then(|r| r.authority.as_ref())
-                        .map_or_else(|| host.clone(), |a| a.host().to_ascii_lowercase())
-                });
+                let sni = tls.sni.clone().unwrap_or(asked);
                 let Ok(name) = ServerName::try_from(sni.clone()) else {
                     return self.fail(
                         StatusCode::BAD_REQUEST,
@@ -679,50 +777,6 @@ impl State {
             }
             None => None,
         };
-
-        let mut headers = forwarded_headers(&parts.headers, &host);
-        // The host checked is the host sent, alone: a target in absolute form names it (RFC
-        // 9112 §3.2.2: its host wins over a Host header's), else the first Host header, and no
-        // other Host header may reach the upstream.
-        let checked = match parts.uri.authority() {
-            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None => parts.headers.get(header::HOST).cloned(),
-        };
-        if let Some(v) = checked {
-            headers.insert(header::HOST, v);
-        }
-        if let Some(authority) = rewrite.and_then(|r| r.authority.as_ref())
-            && let Ok(v) = HeaderValue::from_str(authority.as_str())
-        {
-            headers.insert(header::HOST, v);
-        }
-        if let Some((r, _)) = chosen {
-            HeaderOps::apply(&r.headers.request, &mut headers);
-        }
-        let mut uri = match rewrite {
-            Some(rw) if rw.uri.is_some() || rw.regex.is_some() => {
-                let path = rw.path(
-                    parts.uri.path(),
-                    parts.uri.query(),
-                    chosen.and_then(|c| c.1),
-                );
-                match path.parse::<Uri>() {
-                    Ok(uri) => uri,
-                    Err(_) => {
-                        return self.fail(
-                            StatusCode::BAD_REQUEST,
-                            "refused",
-                            format!("the rewritten path {path} is not a request target"),
-                        );
-                    }
-                }
-            }
-            _ => parts
-                .uri
-                .path_and_query()
-                .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone())),
-        };
-        let ops = chosen.map(|(r, _)| &r.headers);
         let hint = body.size_hint().exact();
         let (replay, mut streamed) = match hint {
             Some(n) if n <= REPLAY_LIMIT => match body.collect().await {
@@ -830,7 +884,7 @@ impl State {
                 {
                     last = format!("{target} answered {}", response.status());
                 }
-                Ok(response) => return self.answer(target, response, ops, active),
+                Ok(response) => return self.answer(target, response, &ops, active),
                 Err(Failure::Certificate(e)) => {
                     return self.fail(StatusCode::SERVICE_UNAVAILABLE, "upstream-failed", e);
                 }
@@ -888,18 +942,8 @@ impl State {
                 .get(header::HOST)
                 .and_then(|v| v.to_str().ok()),
         };
-        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
         let method = parts.method.as_str();
-        let meets =
-            |m: &&RequestMatch| m.matches(method, path, parts.uri.query(), authority, header);
-        requests
-            .iter()
-            .find_map(|r| {
-                if r.matches.is_empty() {
-                    return Some((r, None));
-                }
-                r.matches.iter().find(meets).map(|m| (r, Some(m)))
-            })
+        pick(requests, method, &parts.uri, authority, &parts.headers)
             .map(|(r, m)| (&r.route, Some((r, m))))
             .ok_or_else(|| {
                 let by = requests.first().map_or("", |r| r.by.as_str());
@@ -1081,7 +1125,7 @@ impl State {
         &self,
         target: SocketAddr,
         response: Response<Body>,
-        ops: Option<&HeaderOps>,
+        ops: &[&HeaderOps],
         active: Option<Slot>,
     ) -> Response<Body> {
         {
@@ -1091,7 +1135,7 @@ impl State {
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        if let Some(ops) = ops {
+        for ops in ops {
             HeaderOps::apply(&ops.response, &mut parts.headers);
         }
         let body = match active {
@@ -1136,6 +1180,41 @@ impl hyper::body::Body for Holding {
 /// Whether another request may go on `upstream`: it is open, has carried fewer than
 /// `http.maxRequestsPerConnection`, and is younger than `tcp.maxConnectionDuration`. One that may
 /// not is closed once its last answer is read.
+/// The first of `routes` a request matches, with the match it met (none: the route has none),
+/// as Envoy picks a route.
+fn pick<'a>(
+    routes: &'a [RequestRoute],
+    method: &str,
+    uri: &Uri,
+    authority: Option<&str>,
+    headers: &HeaderMap,
+) -> Option<Chosen<'a>> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let meets = |m: &&RequestMatch| m.matches(method, uri.path(), uri.query(), authority, header);
+    routes.iter().find_map(|r| {
+        if r.matches.is_empty() {
+            return Some((r, None));
+        }
+        r.matches.iter().find(meets).map(|m| (r, Some(m)))
+    })
+}
+
+/// The retries and timeouts of a request the mesh's route sends to an egress gateway and the
+/// gateway's route sends on, in the one hop the relay makes: the gateway's retries, which are
+/// nearest the upstream (the mesh's where it has none), and the shorter of the two timeouts.
+fn through_gateway(mesh: &RelayRoute, gateway: &RelayRoute) -> RelayRoute {
+    let retrying = if gateway.retries > 0 { gateway } else { mesh };
+    RelayRoute {
+        retries: retrying.retries,
+        per_try_timeout: retrying.per_try_timeout,
+        retry_on: retrying.retry_on.clone(),
+        timeout: match (mesh.timeout, gateway.timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+    }
+}
+
 /// Whether a request is among a fault's `share` of them (millionths).
 fn befalls(share: u32) -> bool {
     share >= MILLION || (share > 0 && rand::random_range(0..MILLION) < share)
@@ -1401,6 +1480,38 @@ mod tests {
         );
         assert_eq!(request_host(&req("/", None)), None);
         assert_eq!(request_host(&req("/", Some(""))), None);
+    }
+
+    /// Through an egress gateway, the gateway's retries (nearest the upstream) and the shorter
+    /// timeout; the mesh's retries where the gateway's route has none.
+    #[test]
+    fn a_gateways_retries_and_the_shorter_timeout_apply_through_it() {
+        use crate::policy::compile::RelayRoute;
+        let secs = |n| Some(Duration::from_secs(n));
+        let mesh = RelayRoute {
+            retries: 2,
+            per_try_timeout: secs(1),
+            timeout: secs(10),
+            ..RelayRoute::default()
+        };
+        let gateway = RelayRoute {
+            retries: 5,
+            per_try_timeout: secs(2),
+            timeout: secs(4),
+            ..RelayRoute::default()
+        };
+        let r = super::through_gateway(&mesh, &gateway);
+        assert_eq!(
+            (r.retries, r.per_try_timeout, r.timeout),
+            (5, secs(2), secs(4))
+        );
+        let r = super::through_gateway(&mesh, &RelayRoute::default());
+        assert_eq!(
+            (r.retries, r.per_try_timeout, r.timeout),
+            (2, secs(1), secs(10))
+        );
+        let r = super::through_gateway(&RelayRoute::default(), &gateway);
+        assert_eq!(r.timeout, secs(4));
     }
 
     #[test]
