@@ -59,7 +59,8 @@ pub struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     /// Which limit refused a connection: `workload`, `relay` or `destination`; or a request:
-    /// `pending` (waiting for an upstream connection) or `requests` (in progress).
+    /// `pending` (waiting for an upstream connection) or `requests` (in progress); or a retry
+    /// not made: `retries`.
     pub limit: &'static str,
 }
 
@@ -198,7 +199,9 @@ impl Status {
              the relay's (--relay-max-connections) or their destination's (a DestinationRule's \
              connectionPool.tcp.maxConnections); and requests refused where as many already wait \
              for an upstream connection (connectionPool.http.http1MaxPendingRequests), or are \
-             in progress (connectionPool.http.http2MaxRequests), as their DestinationRule allows",
+             in progress (connectionPool.http.http2MaxRequests), as their DestinationRule allows; \
+             and retries not made where as many are in progress as it allows \
+             (connectionPool.http.maxRetries)",
             self.relay_over_limit.clone(),
         );
         r.register(

@@ -1124,11 +1124,23 @@ async fn client_connections_one_after_another_share_an_upstream_connection() {
 /// An agent on the fixture's policy, with kept.test's DestinationRule given `pool` as its
 /// `connectionPool` (YAML flow style).
 async fn agent_with_kept_pool(f: &Fixture, cg: &TestCgroup, log: &Path, pool: &str) -> Agent {
-    let policy = f.policy.replace(
-        "  host: kept.test\n  trafficPolicy:\n",
-        &format!("  host: kept.test\n  trafficPolicy:\n    connectionPool: {pool}\n"),
-    );
-    assert_ne!(policy, f.policy, "the kept.test rule found");
+    agent_with_pool(f, cg, log, "kept.test", pool).await
+}
+
+/// An agent on the fixture's policy, with `host`'s DestinationRule given `pool` as its
+/// `connectionPool` (YAML flow style).
+async fn agent_with_pool(
+    f: &Fixture,
+    cg: &TestCgroup,
+    log: &Path,
+    host: &str,
+    pool: &str,
+) -> Agent {
+    let rule = format!("  host: {host}\n  trafficPolicy:\n");
+    let policy = f
+        .policy
+        .replace(&rule, &format!("{rule}    connectionPool: {pool}\n"));
+    assert_ne!(policy, f.policy, "the {host} rule found");
     Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, cg, Some(log)))
         .await
         .expect("agent starts")
@@ -1275,6 +1287,53 @@ async fn a_request_over_http2_max_requests_is_refused_at_once() {
     assert_eq!(stdout(&out), "sni=kept.test\n200\n", "{out:?}");
     // The refused request would have needed a connection of its own, the one open being busy.
     assert_eq!(f.kept.accepted(), 1, "the refused request was sent");
+    a.shutdown().await;
+}
+
+/// A DestinationRule's `connectionPool.http.maxRetries`: while one request's retry is in
+/// progress (held at the server), another request's retry is not made and its failure stands,
+/// as Envoy answers a retry overflow; once the first has been answered, retries are made again.
+/// retry.test's first address refuses, so each request is retried on its other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_over_max_retries_is_not_made() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-retry-limit");
+    let log = log_path("originate-retry-limit");
+    let a = agent_with_pool(&f, &cg, &log, "retry.test", "{http: {maxRetries: 1}}").await;
+    let ip = f.w.v4(22);
+    f.retry.gate.shut();
+    let held = curl_command(&cg, ip, &["http://retry.test/held"], &[])
+        .spawn()
+        .expect("start curl");
+    wait_for(
+        "the held request's retry at the server",
+        Duration::from_secs(10),
+        || f.retry.names().len() == 1,
+    );
+    let out = curl(&cg, ip, &["http://retry.test/"], &[]);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!(
+            "egress: 1 attempt(s) failed; last: {}: ",
+            at(ip, 443)
+        )) && text.ends_with(
+            "; not retried: retry.test:443 has 1 retries in progress, as many as \
+                 DestinationRule/shop/retry allows (connectionPool.http.maxRetries)\n503\n"
+        ),
+        "{out:?}"
+    );
+    let refused = a
+        .status
+        .relay_over_limit
+        .get_or_create(&LimitLabels { limit: "retries" })
+        .get();
+    assert_eq!(refused, 1);
+    f.retry.gate.open();
+    let held = held.wait_with_output().expect("curl");
+    assert_eq!(stdout(&held), "sni=retry.test\n200\n", "{held:?}");
+    let out = curl(&cg, ip, &["http://retry.test/"], &[]);
+    assert_eq!(stdout(&out), "sni=retry.test\n200\n", "{out:?}");
+    assert_eq!(f.retry.names().len(), 2, "the refused retry was made");
     a.shutdown().await;
 }
 

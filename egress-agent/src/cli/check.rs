@@ -230,6 +230,9 @@ fn pool_text(pool: &crate::policy::compile::ConnectionPool) -> String {
     if let Some(n) = pool.max_active_requests {
         parts.push(format!("at most {n} requests in progress"));
     }
+    if let Some(n) = pool.max_retries {
+        parts.push(format!("at most {n} retries in progress"));
+    }
     if let Some(n) = pool.max_requests_per_connection {
         parts.push(format!("at most {n} requests per upstream connection"));
     }

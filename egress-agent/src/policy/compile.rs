@@ -455,6 +455,9 @@ pub struct ConnectionPool {
     /// Requests to the host and port in progress at once, from the node, HTTP/1.1 and HTTP/2
     /// alike (`http.http2MaxRequests`); one more is answered 503 at once.
     pub max_active_requests: Option<u32>,
+    /// Retries to the host and port in progress at once, from the node (`http.maxRetries`): a
+    /// request whose retry would be one more is not retried.
+    pub max_retries: Option<u32>,
     /// How long TLS origination uses one upstream connection (`tcp.maxConnectionDuration`, which
     /// Istio gives Envoy's HTTP connections only).
     pub max_connection_duration: Option<std::time::Duration>,
@@ -2123,7 +2126,6 @@ fn connection_pool(
     };
     if let Some(http) = &pool.http {
         for (name, set) in [
-            ("http.maxRetries", &http.max_retries),
             ("http.h2UpgradePolicy", &http.h2_upgrade_policy),
             ("http.useClientProtocol", &http.use_client_protocol),
             ("http.maxConcurrentStreams", &http.max_concurrent_streams),
@@ -2146,6 +2148,14 @@ fn connection_pool(
             Some(n) => Some(
                 u32::try_from(n)
                     .map_err(|_| format!("http.http2MaxRequests {n} is not a count of requests"))?,
+            ),
+        };
+        // Istio: 0 is unset, which Envoy takes as 2^32 - 1.
+        compiled.max_retries = match http.max_retries {
+            None | Some(0) => None,
+            Some(n) => Some(
+                u32::try_from(n)
+                    .map_err(|_| format!("http.maxRetries {n} is not a count of retries"))?,
             ),
         };
         // Istio: 0 is unlimited.

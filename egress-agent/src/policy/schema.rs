@@ -415,7 +415,7 @@ pub struct HttpSettings {
     pub max_requests_per_connection: Option<i64>,
     pub http1_max_pending_requests: Option<i64>,
     pub http2_max_requests: Option<i64>,
-    pub max_retries: Option<serde_json::Value>,
+    pub max_retries: Option<i64>,
     pub h2_upgrade_policy: Option<serde_json::Value>,
     pub use_client_protocol: Option<serde_json::Value>,
     pub max_concurrent_streams: Option<serde_json::Value>,

@@ -101,6 +101,7 @@ pub(super) async fn serve(
         h2,
         max_pending: pool.and_then(|p| Some((p.max_pending_requests?, p.by.clone()))),
         max_active: pool.and_then(|p| Some((p.max_active_requests?, p.by.clone()))),
+        max_retries: pool.and_then(|p| Some((p.max_retries?, p.by.clone()))),
         stats: Mutex::new(Stats::default()),
         pool: Arc::clone(&shared.pool),
         status: Arc::clone(&shared.status),
@@ -216,6 +217,9 @@ struct State {
     /// Requests to the host and port in progress at once, from the node
     /// (`http.http2MaxRequests`), and the DestinationRule that says so.
     max_active: Option<(u32, String)>,
+    /// Retries to the host and port in progress at once, from the node (`http.maxRetries`),
+    /// and the DestinationRule that says so.
+    max_retries: Option<(u32, String)>,
     /// The client speaks HTTP/2: its requests go on as HTTP/2 too.
     h2: bool,
     stats: Mutex<Stats>,
@@ -278,6 +282,8 @@ pub(super) struct Pool {
     limits: Limits,
     /// The limited hosts' requests in progress (`http.http2MaxRequests`), so.
     active: Limits,
+    /// The limited hosts' retries in progress (`http.maxRetries`), so.
+    retries: Limits,
 }
 
 type Limits = Mutex<HashMap<(u32, Name, u16), Arc<Slots>>>;
@@ -365,6 +371,11 @@ impl Pool {
     /// The request places of `host`'s port `port` under rule `rule`, `max` of them.
     fn active(&self, rule: u32, host: &Name, port: u16, max: u32) -> Arc<Slots> {
         places(&self.active, rule, host, port, max)
+    }
+
+    /// The retry places of `host`'s port `port` under rule `rule`, `max` of them.
+    fn retries(&self, rule: u32, host: &Name, port: u16, max: u32) -> Arc<Slots> {
+        places(&self.retries, rule, host, port, max)
     }
 
     /// Closes one idle connection that holds a place of `slots`, if there is one: a request
@@ -848,6 +859,11 @@ impl State {
                 .slots(self.rule_id, &upstream.host, self.origin.target_port, max)
         });
         let mut last = String::new();
+        // An answer to be retried, while the retry may still be refused a place: then it is the
+        // answer, as Envoy answers a retry overflow.
+        let mut retried: Option<(SocketAddr, Response<Body>)> = None;
+        // The place the retry in progress holds among the host's, where they are limited.
+        let mut retrying = None;
         loop {
             let (target, limit) = match attempts.next().await {
                 Next::Try { target, limit } => (target, limit),
@@ -863,6 +879,35 @@ impl State {
                 }
                 Next::Spent => break,
             };
+            if attempts.made > 1
+                && let Some((max, by)) = &self.max_retries
+            {
+                let port = self.origin.target_port;
+                let places = self.pool.retries(self.rule_id, &upstream.host, port, *max);
+                drop(retrying.take());
+                retrying = places.take();
+                if retrying.is_none() {
+                    self.status
+                        .relay_over_limit
+                        .get_or_create(&crate::metrics::LimitLabels { limit: "retries" })
+                        .inc();
+                    if let Some((target, response)) = retried.take() {
+                        return self.answer(target, response, &ops, active);
+                    }
+                    return self.fail(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream-failed",
+                        format!(
+                            "{} attempt(s) failed; last: {last}; not retried: {}:{port} has {max} \
+                             retries in progress, as many as {by} allows \
+                             (connectionPool.http.maxRetries)",
+                            attempts.made - 1,
+                            upstream.host
+                        ),
+                    );
+                }
+            }
+            drop(retried.take());
             self.stats().attempts += 1;
             let body = match (&replay, streamed.take()) {
                 (Some(bytes), _) => Full::new(bytes.clone())
@@ -883,6 +928,9 @@ impl State {
                         && route.retry_on.status(response.status().as_u16()) =>
                 {
                     last = format!("{target} answered {}", response.status());
+                    if self.max_retries.is_some() {
+                        retried = Some((target, response));
+                    }
                 }
                 Ok(response) => return self.answer(target, response, &ops, active),
                 Err(Failure::Certificate(e)) => {
