@@ -1345,7 +1345,9 @@ fn onward_port(policy: &Policy, hosts: &[String], at: u16) -> Option<u16> {
 }
 
 /// The HTTP routes an egress gateway takes these hosts' requests on its port `at` by, in order:
-/// those of the VirtualServices that name one of the hosts that cover the port at a gateway.
+/// those of the VirtualServices that name one of the hosts that cover the port at a gateway,
+/// but for one that would send them to the gateway again (a route bound to the mesh and the
+/// gateway alike, which the mesh's requests took to get there).
 fn gateway_routes<'a>(
     policy: &'a Policy,
     hosts: &'a [String],
@@ -1362,7 +1364,9 @@ fn gateway_routes<'a>(
                 .enumerate()
                 .map(move |(i, r)| (vs, i, r))
         })
-        .filter(move |(vs, _, r)| gateway_covers(vs, r, at))
+        .filter(move |(vs, _, r)| {
+            gateway_covers(vs, r, at) && gateway_destination(policy, &r.route, at).is_none()
+        })
 }
 
 /// Why `port` of these hosts is steered for TLS origination, if its DestinationRule asks for it

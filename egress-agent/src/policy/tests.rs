@@ -1206,6 +1206,34 @@ spec:
     assert_eq!(gateway.matches.len(), 1, "the gateway's match on port 80");
 }
 
+/// A route bound to the mesh and the gateway alike that sends requests to the gateway is not one
+/// of the gateway's own routes (it would send them there again); the gateway's own follow it.
+#[test]
+fn a_route_to_the_gateway_is_not_one_of_the_gateways_own() {
+    let yaml = |extra: &str| {
+        format!(
+            "{SE}  hosts: [api.example]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  gateways: [mesh, egress]\n  http:\n  - route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]\n{extra}"
+        )
+    };
+    let then = |extra: &str| {
+        let (pol, d) = load_str(&yaml(extra), Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = compile(&pol, None);
+        assert!(d.is_empty(), "{d:?}");
+        plan.rules[0].steered[0].requests[0]
+            .then
+            .as_ref()
+            .map(|t| t.iter().map(|r| r.by.clone()).collect::<Vec<_>>())
+    };
+    assert_eq!(then(""), None);
+    assert_eq!(
+        then(
+            "  - match: [{gateways: [egress], port: 80}]\n    route: [{destination: {host: api.example}}]\n"
+        ),
+        Some(vec!["VirtualService/default/v spec.http[1]".to_owned()])
+    );
+}
+
 /// On a port the relay serves as HTTP, each request takes the first route it matches: by path
 /// (exact, prefix, regex, case folded or not), method, authority and headers.
 #[test]
