@@ -716,6 +716,9 @@ metadata: {{name: grpc, namespace: shop}}
 spec:
   hosts: [grpc.test]
   http:
+  - match: [{{headers: {{x-fault: {{exact: abort}}}}}}]
+    route: [{{destination: {{host: grpc.test}}}}]
+    fault: {{abort: {{grpcStatus: UNAVAILABLE, percentage: {{value: 100}}}}}}
   - route: [{{destination: {{host: grpc.test}}}}]
     timeout: 5s
 "
@@ -770,6 +773,17 @@ spec:
         server.paths().len(),
         2,
         "a refused request reached the upstream"
+    );
+
+    // A fault's gRPC abort: a 200 whose headers end the stream with the status, nothing sent.
+    let out = grpc(&["-H", "x-fault: abort"]);
+    assert_eq!(stdout(&out), "200 2\n", "{out:?}");
+    let verbose = String::from_utf8_lossy(&out.stderr);
+    assert!(verbose.contains("< grpc-status: 14"), "{verbose}");
+    assert_eq!(
+        server.paths().len(),
+        2,
+        "an aborted request reached the upstream"
     );
     a.shutdown().await;
 }
