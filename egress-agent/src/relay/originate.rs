@@ -1225,9 +1225,6 @@ impl hyper::body::Body for Holding {
     }
 }
 
-/// Whether another request may go on `upstream`: it is open, has carried fewer than
-/// `http.maxRequestsPerConnection`, and is younger than `tcp.maxConnectionDuration`. One that may
-/// not is closed once its last answer is read.
 /// The first of `routes` a request matches, with the match it met (none: the route has none),
 /// as Envoy picks a route.
 fn pick<'a>(
@@ -1268,6 +1265,9 @@ fn befalls(share: u32) -> bool {
     share >= MILLION || (share > 0 && rand::random_range(0..MILLION) < share)
 }
 
+/// Whether another request may go on `upstream`: it is open, has carried fewer than
+/// `http.maxRequestsPerConnection`, and is younger than `tcp.maxConnectionDuration`. One that may
+/// not is closed once its last answer is read.
 fn reusable(upstream: &Upstream, max_requests: Option<u32>, max_age: Option<Duration>) -> bool {
     !upstream.sender.is_closed()
         && max_requests.is_none_or(|max| upstream.sent < max)
