@@ -173,6 +173,7 @@ spec:
   - match: [{gateways: [egress], port: 80, uri: {prefix: /v1/}}]
     route: [{destination: {host: gw.pool.test}}]
     retries: {attempts: 2}
+    fault: {abort: {httpStatus: 503, percentage: {value: 25}}}
 "#,
     );
     let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("CA");
@@ -233,7 +234,8 @@ spec:
         out.contains(
             "\n  at the gateway: each takes the first of its routes it matches, as the mesh's \
              route changed it, of VirtualService/default/gw spec.http[1]; one that matches none \
-             is answered 404\n"
+             is answered 404\n  fault: abort 503 for 25% of requests (VirtualService/default/gw \
+             spec.http[1])\n"
         ),
         "{out}"
     );

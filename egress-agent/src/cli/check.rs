@@ -181,6 +181,17 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                     .join(", ")
             );
         }
+        // Faults, which a request may meet without its client knowing why.
+        let gateways = requests.iter().filter_map(|r| r.then.as_deref()).flatten();
+        let mut told: Vec<&str> = Vec::new();
+        for r in requests.iter().chain(gateways) {
+            if let Some(fault) = r.fault
+                && !told.contains(&r.by.as_str())
+            {
+                told.push(&r.by);
+                println!("  fault: {} ({})", fault_text(fault), r.by);
+            }
+        }
         if let Some((_, pool)) = rule.pools.iter().find(|(p, _)| *p == port) {
             println!("  connection pool: {} ({})", pool_text(pool), pool.by);
         }
@@ -193,6 +204,24 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// A route's fault, in words: what, and for which share of the requests.
+fn fault_text(fault: crate::policy::compile::Fault) -> String {
+    use crate::policy::compile::{Abort, MILLION};
+    let share = |n: u32| format!("{}% of requests", f64::from(n) * 100.0 / f64::from(MILLION));
+    let mut parts = Vec::new();
+    if let Some((delay, n)) = fault.delay {
+        parts.push(format!("{delay:?} delay for {}", share(n)));
+    }
+    match fault.abort {
+        Some((Abort::Http(status), n)) => parts.push(format!("abort {status} for {}", share(n))),
+        Some((Abort::Grpc(code), n)) => {
+            parts.push(format!("abort with grpc-status {code} for {}", share(n)));
+        }
+        None => {}
+    }
+    parts.join(", ")
 }
 
 /// The settings a DestinationRule's connection pool gives the relay, in words.
