@@ -132,6 +132,7 @@ spec:
         connectTimeout: 2s
         idleTimeout: 30s
         tcpKeepalive: {time: 60s, interval: 10s, probes: 3}
+    outlierDetection: {consecutiveGatewayErrors: 3, interval: 1s, baseEjectionTime: 1m}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -202,6 +203,14 @@ spec:
         out.lines().any(|l| l
             == "  connection pool: at most 100 connections at once, connect timeout 2s, idle \
                 timeout 30s, TCP keepalive after 60s every 10s 3 probes \
+                (DestinationRule/default/pool)"),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l
+            == "  outlier detection: an address is left out after 5 5xx answers or failed \
+                connects in a row or 3 502, 503 or 504 answers or failed connects in a row, for \
+                60s (longer each time), 10% of the host's addresses at most (one always may be) \
                 (DestinationRule/default/pool)"),
         "{out}"
     );

@@ -1061,6 +1061,36 @@ async fn an_originated_request_is_retried_on_the_hosts_other_address() {
     a.shutdown().await;
 }
 
+/// A DestinationRule's `outlierDetection`: an address that failed as many times in a row as it
+/// allows is left out of the next requests' attempts, which go to the host's other address at
+/// once, as Envoy ejects an endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_fails_in_a_row_is_ejected_from_the_attempts() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-outliers");
+    let log = log_path("originate-outliers");
+    let a = agent_with(
+        &f,
+        &cg,
+        &log,
+        "retry.test",
+        "outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 5m, maxEjectionPercent: 100}",
+    )
+    .await;
+    // retry.test's first address refuses: ejected after the first request's first attempt.
+    for (attempts, what) in [(2, "the first request"), (1, "the next request")] {
+        let (got, pid) = probe_with_pid(
+            Some(&cg.path),
+            &["http-half-close", &at(f.w.v4(22), 80), "retry.test"],
+        );
+        assert!(got.starts_with("ok:"), "{what}: {got}");
+        let r = wait_record(&log, what, |r| r.kind == "relay" && r.pid == Some(pid));
+        assert_eq!(r.attempts, Some(attempts), "{what}: {r:?}");
+        assert_eq!(shown(r.upstream), at(f.w.v4(23), 443), "{what}: {r:?}");
+    }
+    a.shutdown().await;
+}
+
 /// Upstream connections outlive the client connections they were opened for, as in Envoy's pool:
 /// a client that connects per request (curl run three times) costs the upstream one TLS
 /// handshake. They are kept per network namespace: a workload in a pod gets its own, from the
@@ -1138,22 +1168,14 @@ async fn client_connections_one_after_another_share_an_upstream_connection() {
 /// An agent on the fixture's policy, with kept.test's DestinationRule given `pool` as its
 /// `connectionPool` (YAML flow style).
 async fn agent_with_kept_pool(f: &Fixture, cg: &TestCgroup, log: &Path, pool: &str) -> Agent {
-    agent_with_pool(f, cg, log, "kept.test", pool).await
+    agent_with(f, cg, log, "kept.test", &format!("connectionPool: {pool}")).await
 }
 
-/// An agent on the fixture's policy, with `host`'s DestinationRule given `pool` as its
-/// `connectionPool` (YAML flow style).
-async fn agent_with_pool(
-    f: &Fixture,
-    cg: &TestCgroup,
-    log: &Path,
-    host: &str,
-    pool: &str,
-) -> Agent {
+/// An agent on the fixture's policy, with `host`'s DestinationRule's traffic policy given
+/// `setting` (`field: value`, YAML flow style).
+async fn agent_with(f: &Fixture, cg: &TestCgroup, log: &Path, host: &str, setting: &str) -> Agent {
     let rule = format!("  host: {host}\n  trafficPolicy:\n");
-    let policy = f
-        .policy
-        .replace(&rule, &format!("{rule}    connectionPool: {pool}\n"));
+    let policy = f.policy.replace(&rule, &format!("{rule}    {setting}\n"));
     assert_ne!(policy, f.policy, "the {host} rule found");
     Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, cg, Some(log)))
         .await
@@ -1313,7 +1335,14 @@ async fn a_retry_over_max_retries_is_not_made() {
     let f = fixture();
     let cg = TestCgroup::new("originate-retry-limit");
     let log = log_path("originate-retry-limit");
-    let a = agent_with_pool(&f, &cg, &log, "retry.test", "{http: {maxRetries: 1}}").await;
+    let a = agent_with(
+        &f,
+        &cg,
+        &log,
+        "retry.test",
+        "connectionPool: {http: {maxRetries: 1}}",
+    )
+    .await;
     let ip = f.w.v4(22);
     f.retry.gate.shut();
     let held = curl_command(&cg, ip, &["http://retry.test/held"], &[])

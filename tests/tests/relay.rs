@@ -1691,6 +1691,43 @@ async fn a_refusing_upstream_is_retried_as_configured_then_fails_cleanly() {
     a.shutdown().await;
 }
 
+/// A DestinationRule's `outlierDetection` on a passed-through port: an address whose connects
+/// failed as many times in a row as it allows is left out of the next connections' attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_address_is_ejected_from_the_attempts() {
+    let f = fixture("outliers");
+    let cg = TestCgroup::new("relay-outliers");
+    let log = log_path("relay-outliers");
+    let policy = format!(
+        "{POLICY}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: retry, namespace: shop}}
+spec:
+  host: retry.test
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 1, baseEjectionTime: 5m, maxEjectionPercent: 100}}
+"
+    );
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    // retry.test's first address refuses: ejected after the first connection's first attempt.
+    for (attempts, what) in [(2, "the first connection"), (1, "the next connection")] {
+        let out = curl(&cg, &f.pki.ca_pem, "retry.test", f.w.v4(22));
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = relay_record(&log, what, |r| {
+            r.sni.as_deref() == Some("retry.test") && r.attempts == Some(attempts)
+        });
+        assert_eq!(shown(r.upstream), at(f.w.v4(23), 443), "{what}: {r:?}");
+    }
+    a.shutdown().await;
+}
+
 /// Descriptors a leaked relay connection would hold: pipes, and TCP sockets of this network
 /// namespace that are not listening. The world's servers (other tests' worlds too, which keep
 /// their listeners) live in their own namespaces and are not counted.

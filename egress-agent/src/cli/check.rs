@@ -195,6 +195,9 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
         if let Some((_, pool)) = rule.pools.iter().find(|(p, _)| *p == port) {
             println!("  connection pool: {} ({})", pool_text(pool), pool.by);
         }
+        if let Some((_, o)) = rule.outliers.iter().find(|(p, _)| *p == port) {
+            println!("  outlier detection: {} ({})", outliers_text(o), o.by);
+        }
     }
     for n in notes {
         println!("  note: {n}");
@@ -204,6 +207,33 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// A DestinationRule's outlier detection, in words.
+fn outliers_text(o: &crate::policy::compile::Outliers) -> String {
+    let mut after = Vec::new();
+    if o.consecutive_5xx > 0 {
+        after.push(format!(
+            "{} 5xx answers or failed connects in a row",
+            o.consecutive_5xx
+        ));
+    }
+    if o.consecutive_gateway > 0 {
+        after.push(format!(
+            "{} 502, 503 or 504 answers or failed connects in a row",
+            o.consecutive_gateway
+        ));
+    }
+    if after.is_empty() {
+        return "nothing ejects an address (both counts are 0)".to_owned();
+    }
+    format!(
+        "an address is left out after {}, for {:?} (longer each time), {}% of the host's \
+         addresses at most (one always may be)",
+        after.join(" or "),
+        o.base_ejection,
+        o.max_ejection_percent
+    )
 }
 
 /// A route's fault, in words: what, and for which share of the requests.

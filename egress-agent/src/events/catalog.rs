@@ -17,7 +17,7 @@ use super::{
 };
 use crate::policy::{
     Plan,
-    compile::{Carry, ConnectionPool, Origination, RelayRoute, RequestRoute},
+    compile::{Carry, ConnectionPool, Origination, Outliers, RelayRoute, RequestRoute},
 };
 
 /// A snapshot of the plan and the resolved addresses, replaced on every map sync. The relay reads
@@ -50,6 +50,7 @@ struct Rule {
     requests: Vec<(u16, Arc<[RequestRoute]>)>,
     originate: Vec<Origination>,
     pools: Vec<(u16, ConnectionPool)>,
+    outliers: Vec<(u16, Outliers)>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +122,7 @@ impl Catalog {
                             .collect(),
                         originate: r.originate.clone(),
                         pools: r.pools.clone(),
+                        outliers: r.outliers.clone(),
                     };
                     (r.id, rule)
                 })
@@ -249,6 +251,14 @@ impl Catalog {
             .pools
             .iter()
             .find_map(|(p, pool)| (*p == port).then_some(pool))
+    }
+
+    /// The outlier detection steered connections to `port`, decided by `rule_id`, get.
+    pub fn outliers(&self, rule_id: u32, port: u16) -> Option<&Outliers> {
+        self.rule(rule_id)?
+            .outliers
+            .iter()
+            .find_map(|(p, o)| (*p == port).then_some(o))
     }
 
     /// Fills host, rule and reason from the rule id and destination.

@@ -19,8 +19,9 @@ use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{
         ConnectionPoolSettings, DestinationRuleSpec, HeaderOperations, HttpFault, HttpRoute,
-        IstioDuration, Percent, PortNumber, Protocol, Resolution, Retries, RouteDestination,
-        ServiceEntrySpec, ServicePort, StringMatch, TlsMode, Transport, VirtualServiceSpec,
+        IstioDuration, OutlierDetection, Percent, PortNumber, PortTrafficPolicy, Protocol,
+        Resolution, Retries, RouteDestination, ServiceEntrySpec, ServicePort, StringMatch, TlsMode,
+        TrafficPolicy, Transport, VirtualServiceSpec,
     },
     tls::{AltName, TlsClient, alt_names, client_config},
 };
@@ -63,6 +64,8 @@ pub struct RuleInfo {
     /// The DestinationRule's connection pool settings the relay applies, by declared port (only
     /// ports that have some).
     pub pools: Vec<(u16, ConnectionPool)>,
+    /// The DestinationRule's outlier detection the relay applies, by declared port.
+    pub outliers: Vec<(u16, Outliers)>,
     pub source: Source,
 }
 
@@ -462,6 +465,23 @@ pub struct ConnectionPool {
     /// Istio gives Envoy's HTTP connections only).
     pub max_connection_duration: Option<std::time::Duration>,
     /// The DestinationRule that sets them.
+    pub by: String,
+}
+
+/// A DestinationRule's `outlierDetection` on one port, as the relay applies it: an address of the
+/// host that fails so many times in a row is left out of the attempts for a while, as Envoy ejects
+/// an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outliers {
+    /// 5xx answers (and failed connects, resets, timeouts) in a row that eject; 0: never.
+    pub consecutive_5xx: u32,
+    /// 502, 503 and 504 answers (and failed connects) in a row that eject; 0: never.
+    pub consecutive_gateway: u32,
+    /// How long the first ejection lasts; each next one of the same address lasts once more.
+    pub base_ejection: std::time::Duration,
+    /// The share of the host's addresses that may be out at once; one may always be.
+    pub max_ejection_percent: u32,
+    /// The DestinationRule that sets it.
     pub by: String,
 }
 
@@ -866,7 +886,32 @@ fn compile_service_entry(
             });
         }
     }
-    let pools = pools(policy, spec, &hosts, &steered, diags);
+    let pools = per_port(
+        policy,
+        spec,
+        &hosts,
+        &steered,
+        diags,
+        "connectionPool",
+        (
+            |tp| tp.connection_pool.as_ref(),
+            |pl| pl.connection_pool.as_ref(),
+        ),
+        connection_pool,
+    );
+    let outliers = per_port(
+        policy,
+        spec,
+        &hosts,
+        &steered,
+        diags,
+        "outlierDetection",
+        (
+            |tp| tp.outlier_detection.as_ref(),
+            |pl| pl.outlier_detection.as_ref(),
+        ),
+        outlier_detection,
+    );
     plan.rules.push(RuleInfo {
         id: rule_id,
         label: label.clone(),
@@ -875,6 +920,7 @@ fn compile_service_entry(
         steered: steered.clone(),
         originate,
         pools,
+        outliers,
         source: src.clone(),
     });
     let push_fixed = |plan: &mut Plan, net: IpNet, ports: &[(u16, Transport)]| {
@@ -2025,16 +2071,31 @@ fn originations_of(
     (out, asked)
 }
 
-/// The connection pool settings of a ServiceEntry's DestinationRule (`destination_rule`), by
-/// port: a port-level `connectionPool` replaces the rule-wide one, as in Istio. The relay applies
-/// them to steered connections; on a rule that is not steered they do nothing, and say so.
-fn pools(
+/// Where a DestinationRule's setting is: in the traffic policy, and in a port's.
+type Where<S> = (
+    fn(&TrafficPolicy) -> Option<&S>,
+    fn(&PortTrafficPolicy) -> Option<&S>,
+);
+
+/// A setting of a ServiceEntry's DestinationRule (`destination_rule`) by port, `name` in its
+/// traffic policy (`rule_wide`) or a port's (`at_port`), which replaces it, as in Istio; each
+/// compiled once by `compile`, which names the fields set that egress does not apply. The relay
+/// applies them to steered connections; on a port that is not steered they do nothing, and say
+/// so.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the rule, and where the setting is and how it compiles"
+)]
+fn per_port<S, T: Clone>(
     policy: &Policy,
     spec: &ServiceEntrySpec,
     hosts: &[String],
     steered: &[SteeredPort],
     diags: &mut Diags,
-) -> Vec<(u16, ConnectionPool)> {
+    name: &str,
+    (rule_wide, at_port): Where<S>,
+    compile: impl Fn(&S, &str) -> Result<(T, Vec<&'static str>), String>,
+) -> Vec<(u16, T)> {
     let Some(dr) = destination_rule(policy, hosts) else {
         return Vec::new();
     };
@@ -2047,14 +2108,14 @@ fn pools(
     };
     // Each setting once, however many ports it applies to.
     let mut settings = Vec::new();
-    if let Some(pool) = &tp.connection_pool {
-        settings.push((None, "spec.trafficPolicy.connectionPool".to_owned(), pool));
+    if let Some(set) = rule_wide(tp) {
+        settings.push((None, format!("spec.trafficPolicy.{name}"), set));
     }
     for (i, pl) in tp.port_level_settings.iter().enumerate() {
-        if let Some(pool) = &pl.connection_pool {
+        if let Some(set) = at_port(pl) {
             let port = pl.port.as_ref().and_then(|p| p.number).map(|n| n.0);
-            let field = format!("spec.trafficPolicy.portLevelSettings[{i}].connectionPool");
-            settings.push((Some(port), field, pool));
+            let field = format!("spec.trafficPolicy.portLevelSettings[{i}].{name}");
+            settings.push((Some(port), field, set));
         }
     }
     if settings.is_empty() {
@@ -2063,23 +2124,24 @@ fn pools(
     if steered.is_empty() {
         warn(
             Severity::Warning,
-            "connectionPool applies to connections through the relay; this host's go direct \
-             (route them to an egress gateway to apply it)"
-                .to_owned(),
+            format!(
+                "{name} applies to connections through the relay; this host's go direct (route \
+                 them to an egress gateway to apply it)"
+            ),
         );
         return Vec::new();
     }
     let mut compiled = Vec::new();
-    for (port, field, pool) in &settings {
-        match connection_pool(pool, &label) {
-            Ok((pool, unapplied)) => {
+    for (port, field, set) in &settings {
+        match compile(set, &label) {
+            Ok((set, unapplied)) => {
                 for name in unapplied {
                     warn(
                         Severity::Warning,
                         format!("{field}.{name} is not applied by egress; ignored"),
                     );
                 }
-                compiled.push((*port, pool));
+                compiled.push((*port, set));
             }
             Err(e) => warn(Severity::Error, format!("{field}: {e}")),
         }
@@ -2096,26 +2158,56 @@ fn pools(
             .iter()
             .find(|(p, _)| *p == Some(Some(n)))
             .map(|(_, p)| p.clone());
-        let Some(pool) = level.or_else(|| rule_wide.clone()) else {
+        let Some(set) = level.or_else(|| rule_wide.clone()) else {
             continue;
         };
         if !steered.iter().any(|s| s.port == n) {
             direct.push(n.to_string());
             continue;
         }
-        out.push((n, pool));
+        out.push((n, set));
     }
     if !direct.is_empty() {
         warn(
             Severity::Warning,
             format!(
-                "connectionPool applies to connections through the relay; this host's port(s) {} \
-                 go direct",
+                "{name} applies to connections through the relay; this host's port(s) {} go \
+                 direct",
                 direct.join(", ")
             ),
         );
     }
     out
+}
+
+/// One `outlierDetection` compiled, with Envoy's defaults where Istio leaves them to it.
+fn outlier_detection(
+    od: &OutlierDetection,
+    label: &str,
+) -> Result<(Outliers, Vec<&'static str>), String> {
+    let at_least_1ms = |field: &str, d: Option<IstioDuration>| match d {
+        Some(IstioDuration(d)) if d < std::time::Duration::from_millis(1) => {
+            Err(format!("{field} {d:?} is under 1ms, Istio's least"))
+        }
+        other => Ok(other.map(|d| d.0)),
+    };
+    at_least_1ms("interval", od.interval)?;
+    let base = at_least_1ms("baseEjectionTime", od.base_ejection_time)?;
+    let percent = match od.max_ejection_percent {
+        None => 10,
+        Some(n @ 0..=100) => n as u32,
+        Some(n) => return Err(format!("maxEjectionPercent {n} is not from 0 to 100")),
+    };
+    Ok((
+        Outliers {
+            consecutive_5xx: od.consecutive_5xx_errors.unwrap_or(5),
+            consecutive_gateway: od.consecutive_gateway_errors.unwrap_or(0),
+            base_ejection: base.unwrap_or(std::time::Duration::from_secs(30)),
+            max_ejection_percent: percent,
+            by: label.to_owned(),
+        },
+        Vec::new(),
+    ))
 }
 
 /// One `connectionPool` compiled; with the names of the fields set that egress does not apply.

@@ -382,10 +382,27 @@ pub struct TrafficPolicy {
     pub port_level_settings: Vec<PortTrafficPolicy>,
     pub load_balancer: Option<IgnoredAny>,
     pub connection_pool: Option<ConnectionPoolSettings>,
-    pub outlier_detection: Option<IgnoredAny>,
+    pub outlier_detection: Option<OutlierDetection>,
     pub tunnel: Option<IgnoredAny>,
     pub proxy_protocol: Option<IgnoredAny>,
     pub retry_budget: Option<IgnoredAny>,
+}
+
+/// `outlierDetection`. The fields egress does not apply are read whole, as unapplied ones are
+/// named by the loader.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    #[serde(rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<u32>,
+    pub consecutive_gateway_errors: Option<u32>,
+    pub interval: Option<IstioDuration>,
+    pub base_ejection_time: Option<IstioDuration>,
+    pub max_ejection_percent: Option<i64>,
+    pub min_health_percent: Option<IgnoredAny>,
+    pub consecutive_errors: Option<IgnoredAny>,
+    pub split_external_local_origin_errors: Option<IgnoredAny>,
+    pub consecutive_local_origin_failures: Option<IgnoredAny>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -395,7 +412,7 @@ pub struct PortTrafficPolicy {
     pub tls: Option<ClientTls>,
     pub load_balancer: Option<IgnoredAny>,
     pub connection_pool: Option<ConnectionPoolSettings>,
-    pub outlier_detection: Option<IgnoredAny>,
+    pub outlier_detection: Option<OutlierDetection>,
 }
 
 /// A DestinationRule's `connectionPool`.

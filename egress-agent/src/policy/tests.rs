@@ -241,13 +241,13 @@ fn unknown_fields_and_kinds_are_warnings_with_positions() {
         ]
     );
     // Istio's own fields that egress does not apply are named as such, where they are.
-    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [a.example]\n  http:\n  - match:\n    - sourceLabels: {app: shop}\n    route: [{destination: {host: a.example}}]\n    mirror: {host: b.example}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1}\n    loadBalancr: {simple: RANDOM}\n";
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [a.example]\n  http:\n  - match:\n    - sourceLabels: {app: shop}\n    route: [{destination: {host: a.example}}]\n    mirror: {host: b.example}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  trafficPolicy:\n    proxyProtocol: {version: V1}\n    loadBalancr: {simple: RANDOM}\n";
     assert_eq!(
         diags_of(yaml),
         [
             "p.yaml:8:7: warning: `spec.http[0].match[0].sourceLabels` is not applied by egress; ignored",
             "p.yaml:10:5: warning: `spec.http[0].mirror` is not applied by egress; ignored",
-            "p.yaml:18:5: warning: `spec.trafficPolicy.outlierDetection` is not applied by egress; ignored",
+            "p.yaml:18:5: warning: `spec.trafficPolicy.proxyProtocol` is not applied by egress; ignored",
             "p.yaml:19:5: warning: unknown field `spec.trafficPolicy.loadBalancr`; ignored",
         ]
     );
@@ -736,6 +736,76 @@ fn zero_timeouts_and_attempts_do_nothing_as_in_istio() {
             ((0, None, secs(5)), true),
             "{retries} with a timeout"
         );
+    }
+}
+
+/// A DestinationRule's `outlierDetection`, by port (a port's replaces the rule-wide one),
+/// with Envoy's defaults where Istio leaves them; its checks, and the fields not applied named.
+#[test]
+fn a_destination_rules_outlier_detection_applies_to_steered_ports() {
+    use super::compile::Outliers;
+    let yaml = |od: &str| {
+        format!(
+            "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 443, name: https, protocol: HTTPS}}\n  - {{number: 8443, name: alt, protocol: HTTPS}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - route: [{{destination: {{host: api.example}}}}]\n    timeout: 5s\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: ns}}\nspec:\n  host: api.example\n  trafficPolicy:\n{od}"
+        )
+    };
+    let outliers = |od: &str| {
+        let (pol, d) = load_str(&yaml(od), Path::new("p.yaml"));
+        let (plan, more) = compile(&pol, None);
+        let d: Vec<String> = d.iter().chain(&more).map(ToString::to_string).collect();
+        (plan.rules[0].outliers.clone(), d)
+    };
+    let (o, d) = outliers(
+        "    outlierDetection: {interval: 1s}\n    portLevelSettings:\n    - port: {number: 8443}\n      outlierDetection: {consecutive5xxErrors: 0, consecutiveGatewayErrors: 2, baseEjectionTime: 3m, maxEjectionPercent: 100}\n",
+    );
+    assert!(d.is_empty(), "{d:?}");
+    let by = "DestinationRule/ns/d".to_owned();
+    assert_eq!(
+        o,
+        [
+            (
+                443,
+                Outliers {
+                    consecutive_5xx: 5,
+                    consecutive_gateway: 0,
+                    base_ejection: std::time::Duration::from_secs(30),
+                    max_ejection_percent: 10,
+                    by: by.clone(),
+                }
+            ),
+            (
+                8443,
+                Outliers {
+                    consecutive_5xx: 0,
+                    consecutive_gateway: 2,
+                    base_ejection: std::time::Duration::from_secs(180),
+                    max_ejection_percent: 100,
+                    by,
+                }
+            ),
+        ]
+    );
+    let (o, d) = outliers("    outlierDetection: {minHealthPercent: 50}\n");
+    assert_eq!(o.len(), 2);
+    assert_eq!(
+        d,
+        [
+            "p.yaml:27:24: warning: `spec.trafficPolicy.outlierDetection.minHealthPercent` is not applied by egress; ignored"
+        ]
+    );
+    for (od, want) in [
+        (
+            "{maxEjectionPercent: 101}",
+            "spec.trafficPolicy.outlierDetection: maxEjectionPercent 101 is not from 0 to 100",
+        ),
+        (
+            "{baseEjectionTime: 0s}",
+            "spec.trafficPolicy.outlierDetection: baseEjectionTime 0ns is under 1ms, Istio's least",
+        ),
+    ] {
+        let (o, d) = outliers(&format!("    outlierDetection: {od}\n"));
+        assert!(o.is_empty(), "{od}: {o:?}");
+        assert!(d.len() == 1 && d[0].contains(want), "{od}: {d:?}");
     }
 }
 

@@ -4,6 +4,7 @@
 //! (never to a name the client chose, never re-resolved), and carries bytes both ways. On a port
 //! with TLS origination it reads plain HTTP instead and speaks TLS upstream (`originate`). Every
 //! connection ends in a `relay` record.
+mod health;
 pub mod hello;
 pub mod limits;
 pub mod netns;
@@ -120,6 +121,8 @@ struct Shared {
     peers: Mutex<Peers>,
     /// TLS origination's upstream connections between client connections.
     pool: Arc<originate::Pool>,
+    /// The upstream addresses' errors in a row, and which are ejected (`outlierDetection`).
+    health: Arc<health::Health>,
     /// The connections each workload holds, against the limits.
     admission: limits::Admission,
     /// Set as the relay stops: the connections it ends then are recorded as cut.
@@ -300,6 +303,7 @@ impl Relay {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as i64),
             peers: Mutex::new(peers),
             pool: Arc::default(),
+            health: Arc::default(),
             admission: limits::Admission::new(limits),
             stopping: AtomicBool::new(false),
             cut: Mutex::default(),
@@ -1171,14 +1175,23 @@ async fn relay_admitted(
         None => None,
     };
 
-    let (mut server, connected, attempts) =
-        match connect(dst, &upstream, &leave, timeouts.connect).await {
-            Ok(ok) => ok,
-            Err((attempts, reason)) => {
-                let record = with_upstream(attempts, sni, alpn);
-                return refuse(record, "upstream-failed", reason);
-            }
-        };
+    let (mut server, connected, attempts) = match connect(
+        dst,
+        &upstream,
+        &leave,
+        timeouts.connect,
+        catalog
+            .outliers(steered.rule_id, dst.port())
+            .map(|o| (&*shared.health, steered.rule_id, o)),
+    )
+    .await
+    {
+        Ok(ok) => ok,
+        Err((attempts, reason)) => {
+            let record = with_upstream(attempts, sni, alpn);
+            return refuse(record, "upstream-failed", reason);
+        }
+    };
     let _ = cut.upstream.set((connected, attempts));
     let sent = if opaque {
         Ok(())
@@ -1384,30 +1397,55 @@ async fn within<F: Future>(limit: Option<Instant>, work: F) -> Option<F::Output>
 /// the destination the client dialled, later ones may go to other addresses of the same host.
 /// Returns the stream, the address it reached and the number of attempts, or the attempts made
 /// and why the last failed.
+/// Where a DestinationRule asks for outlier detection (`outliers`), the addresses out are left
+/// out of the attempts, and each attempt's outcome counts.
 async fn connect(
     dst: SocketAddr,
     upstream: &Upstream,
     leave: &Leave,
     connect_timeout: Duration,
+    outliers: Option<(&health::Health, u32, &crate::policy::compile::Outliers)>,
 ) -> Result<(TcpStream, SocketAddr, u32), (u32, String)> {
     let route = &upstream.route;
     // A connect is bounded by the connect timeout, as Envoy's are, whatever the per-try timeout.
     let per_try = route
         .per_try_timeout
         .map_or(connect_timeout, |t| t.min(connect_timeout));
+    // With outlier detection, the host's addresses (`targets`) too, for its share.
+    let (ordered, targets) = match outliers {
+        Some((health, rule, _)) => {
+            let targets = upstream.targets(dst);
+            (health.order(rule, targets.clone()), targets)
+        }
+        None => (upstream.targets(dst), Vec::new()),
+    };
     let mut attempts = Attempts::new(
         route,
         route.retries.saturating_add(1),
         Some(per_try),
-        upstream.targets(dst),
+        ordered,
     );
     let mut last = String::new();
+    let note = |target, outcome| {
+        if let Some((health, rule, o)) = outliers {
+            health.note(rule, target, &targets, outcome, o);
+        }
+    };
     loop {
         match attempts.next().await {
             Next::Try { target, limit } => match within(limit, connect_own(target, leave)).await {
-                Some(Ok(stream)) => return Ok((stream, target, attempts.made)),
-                Some(Err(e)) => last = format!("{target}: {e}"),
-                None => last = format!("{target}: connect timed out"),
+                Some(Ok(stream)) => {
+                    note(target, health::Outcome::Connected);
+                    return Ok((stream, target, attempts.made));
+                }
+                Some(Err(e)) => {
+                    note(target, health::Outcome::Failed);
+                    last = format!("{target}: {e}");
+                }
+                None => {
+                    note(target, health::Outcome::Failed);
+                    last = format!("{target}: connect timed out");
+                }
             },
             Next::TimedOut => {
                 return Err((attempts.made, format!("route timeout reached; {last}")));

@@ -36,14 +36,18 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::{Activity, Attempts, Leave, Next, Shared, connect_own, refuse, within};
+use super::{
+    Activity, Attempts, Leave, Next, Shared, connect_own,
+    health::{Health, Outcome},
+    refuse, within,
+};
 use crate::{
     events::{Catalog, Name, Record, Word},
     metrics::Status,
     policy::{
         compile::{
-            Abort, ConnectionPool, HeaderOps, LocalAnswer, MILLION, Origination, RelayRoute,
-            RequestMatch, RequestRoute,
+            Abort, ConnectionPool, HeaderOps, LocalAnswer, MILLION, Origination, Outliers,
+            RelayRoute, RequestMatch, RequestRoute,
         },
         tls::TlsClient,
     },
@@ -86,6 +90,7 @@ pub(super) async fn serve(
         activity: Arc::clone(&activity),
     };
     let dst = super::dst_of(steered);
+    let outliers = catalog.outliers(steered.rule_id, dst.port()).cloned();
     let state = Arc::new(State {
         dst,
         rule_id: steered.rule_id,
@@ -102,6 +107,8 @@ pub(super) async fn serve(
         max_pending: pool.and_then(|p| Some((p.max_pending_requests?, p.by.clone()))),
         max_active: pool.and_then(|p| Some((p.max_active_requests?, p.by.clone()))),
         max_retries: pool.and_then(|p| Some((p.max_retries?, p.by.clone()))),
+        outliers,
+        health: Arc::clone(&shared.health),
         stats: Mutex::new(Stats::default()),
         pool: Arc::clone(&shared.pool),
         status: Arc::clone(&shared.status),
@@ -220,6 +227,9 @@ struct State {
     /// Retries to the host and port in progress at once, from the node (`http.maxRetries`),
     /// and the DestinationRule that says so.
     max_retries: Option<(u32, String)>,
+    /// The DestinationRule's outlier detection for the port, and where it is kept.
+    outliers: Option<Outliers>,
+    health: Arc<Health>,
     /// The client speaks HTTP/2: its requests go on as HTTP/2 too.
     h2: bool,
     stats: Mutex<Stats>,
@@ -846,12 +856,17 @@ impl State {
         } else {
             1
         };
-        let mut attempts = Attempts::new(
-            route,
-            tries,
-            route.per_try_timeout,
-            upstream.targets(SocketAddr::new(self.dst.ip(), self.origin.target_port)),
-        );
+        let first = SocketAddr::new(self.dst.ip(), self.origin.target_port);
+        // Where a DestinationRule asks for outlier detection, the addresses out are left out;
+        // the host's addresses (`targets`) are kept for its share.
+        let (ordered, targets) = match &self.outliers {
+            Some(_) => {
+                let targets = upstream.targets(first);
+                (self.health.order(self.rule_id, targets.clone()), targets)
+            }
+            None => (upstream.targets(first), Vec::new()),
+        };
+        let mut attempts = Attempts::new(route, tries, route.per_try_timeout, ordered);
         // The host's connections, where a DestinationRule limits them: counted over its
         // addresses, as Envoy counts a cluster's.
         let slots = self.max_connections.map(|max| {
@@ -922,6 +937,18 @@ impl State {
             )
             .await
             .unwrap_or(Err(Failure::Timeout));
+            if let Some(outliers) = &self.outliers {
+                let outcome = match &result {
+                    Ok(response) => Some(Outcome::Answered(response.status().as_u16())),
+                    // Refused before it was sent: says nothing of the address.
+                    Err(Failure::Overflow(_)) => None,
+                    Err(_) => Some(Outcome::Failed),
+                };
+                if let Some(outcome) = outcome {
+                    self.health
+                        .note(self.rule_id, target, &targets, outcome, outliers);
+                }
+            }
             match result {
                 Ok(response)
                     if attempts.made < tries

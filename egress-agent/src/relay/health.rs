@@ -1,0 +1,187 @@
+//! Outlier detection (a DestinationRule's `outlierDetection`): an address of a host that has
+//! failed so many times in a row is left out of the relay's attempts for a while, as Envoy ejects
+//! an endpoint. Kept per rule and address, shared by every connection the relay serves.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use crate::policy::compile::Outliers;
+
+/// How an attempt at an address went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// An HTTP answer with this status.
+    Answered(u16),
+    /// A connection made, where the relay passes bytes through.
+    Connected,
+    /// No answer: the connect failed, the connection broke, or the time ran out.
+    Failed,
+}
+
+/// The addresses' errors in a row and ejections, by rule and address.
+#[derive(Default)]
+pub(super) struct Health {
+    by: Mutex<HashMap<(u32, SocketAddr), Record>>,
+}
+
+#[derive(Debug, Default)]
+struct Record {
+    errors: u32,
+    gateway_errors: u32,
+    out_until: Option<Instant>,
+    /// Ejections so far: each lasts once more the base time than the one before.
+    times: u32,
+}
+
+impl Record {
+    fn out(&self, now: Instant) -> bool {
+        self.out_until.is_some_and(|until| now < until)
+    }
+}
+
+/// Envoy's longest ejection, unless the base time is longer.
+const MAX_EJECTION: Duration = Duration::from_secs(300);
+
+impl Health {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u32, SocketAddr), Record>> {
+        self.by.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `targets` in their order without the addresses that are out now, unless that leaves none.
+    pub(super) fn order(&self, rule: u32, targets: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        let now = Instant::now();
+        let by = self.lock();
+        let kept: Vec<SocketAddr> = targets
+            .iter()
+            .copied()
+            .filter(|t| !by.get(&(rule, *t)).is_some_and(|r| r.out(now)))
+            .collect();
+        if kept.is_empty() { targets } else { kept }
+    }
+
+    /// Notes how an attempt at `addr`, one of the host's addresses `of`, went; ejects it when that
+    /// makes as many errors in a row as `outliers` allow and not too many of `of` are out already.
+    /// Whether it was ejected.
+    pub(super) fn note(
+        &self,
+        rule: u32,
+        addr: SocketAddr,
+        of: &[SocketAddr],
+        outcome: Outcome,
+        outliers: &Outliers,
+    ) -> bool {
+        let now = Instant::now();
+        let (error, gateway) = match outcome {
+            Outcome::Answered(status) => (status >= 500, matches!(status, 502..=504)),
+            Outcome::Connected => (false, false),
+            Outcome::Failed => (true, true),
+        };
+        let mut by = self.lock();
+        let r = by.entry((rule, addr)).or_default();
+        r.errors = if error { r.errors + 1 } else { 0 };
+        r.gateway_errors = if gateway { r.gateway_errors + 1 } else { 0 };
+        if r.errors == 0 && r.gateway_errors == 0 && r.times == 0 && r.out_until.is_none() {
+            by.remove(&(rule, addr));
+            return false;
+        }
+        let due = (outliers.consecutive_5xx > 0 && r.errors >= outliers.consecutive_5xx)
+            || (outliers.consecutive_gateway > 0
+                && r.gateway_errors >= outliers.consecutive_gateway);
+        if !due || r.out(now) {
+            return false;
+        }
+        // One address may always be out; more up to the share.
+        let out = of
+            .iter()
+            .filter(|a| **a != addr && by.get(&(rule, **a)).is_some_and(|r| r.out(now)))
+            .count();
+        let allowed = (of.len() * outliers.max_ejection_percent as usize / 100).max(1);
+        if out >= allowed {
+            return false;
+        }
+        let r = by.entry((rule, addr)).or_default();
+        r.times += 1;
+        r.errors = 0;
+        r.gateway_errors = 0;
+        let longest = MAX_EJECTION.max(outliers.base_ejection);
+        r.out_until = Some(now + (outliers.base_ejection * r.times).min(longest));
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, time::Duration};
+
+    use super::{Health, Outcome};
+    use crate::policy::compile::Outliers;
+
+    fn outliers(consecutive_5xx: u32, consecutive_gateway: u32, percent: u32) -> Outliers {
+        Outliers {
+            consecutive_5xx,
+            consecutive_gateway,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: percent,
+            by: "DestinationRule/ns/d".to_owned(),
+        }
+    }
+
+    /// Errors in a row eject; an answer that is no error starts the count again; the ejected
+    /// address is left out of the attempts, unless every one is out.
+    #[test]
+    fn errors_in_a_row_eject_an_address_from_the_attempts() {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "192.0.2.1:443".parse().expect("an address"),
+            "192.0.2.2:443".parse().expect("an address"),
+        );
+        let of = [a, b];
+        let h = Health::default();
+        let o = outliers(3, 0, 100);
+        assert!(!h.note(1, a, &of, Outcome::Answered(500), &o));
+        assert!(!h.note(1, a, &of, Outcome::Failed, &o));
+        assert!(
+            !h.note(1, a, &of, Outcome::Answered(404), &o),
+            "a 4xx is no error"
+        );
+        assert!(!h.note(1, a, &of, Outcome::Answered(503), &o));
+        assert!(!h.note(1, a, &of, Outcome::Answered(503), &o));
+        assert_eq!(h.order(1, of.to_vec()), [a, b]);
+        assert!(h.note(1, a, &of, Outcome::Answered(503), &o));
+        assert_eq!(h.order(1, of.to_vec()), [b]);
+        assert_eq!(h.order(2, of.to_vec()), [a, b], "another rule's");
+        // The other one too: allowed at 100 %, and then both are tried.
+        for _ in 0..3 {
+            h.note(1, b, &of, Outcome::Failed, &o);
+        }
+        assert_eq!(h.order(1, of.to_vec()), [a, b]);
+    }
+
+    /// Gateway errors counted apart; at most the share of the addresses out, but one always.
+    #[test]
+    fn gateway_errors_and_the_share_that_may_be_out() {
+        let of: Vec<SocketAddr> = (1..=4)
+            .map(|i| format!("192.0.2.{i}:443").parse().expect("an address"))
+            .collect();
+        let h = Health::default();
+        let o = outliers(0, 2, 10);
+        assert!(!h.note(1, of[0], &of, Outcome::Answered(502), &o));
+        assert!(
+            !h.note(1, of[0], &of, Outcome::Answered(500), &o),
+            "a 500 is no gateway error: the count starts again"
+        );
+        assert!(!h.note(1, of[0], &of, Outcome::Answered(502), &o));
+        assert!(
+            h.note(1, of[0], &of, Outcome::Answered(504), &o),
+            "one may always be out"
+        );
+        assert!(!h.note(1, of[1], &of, Outcome::Failed, &o));
+        assert!(
+            !h.note(1, of[1], &of, Outcome::Failed, &o),
+            "10 % of 4: no second one"
+        );
+        assert_eq!(h.order(1, of.clone()), of[1..]);
+    }
+}
