@@ -530,6 +530,66 @@ spec:
     a.shutdown().await;
 }
 
+/// A DestinationRule's `h2UpgradePolicy: UPGRADE`: a client's HTTP/1.1 requests go on as HTTP/2
+/// over the TLS egress originates (ALPN `h2`), here to a server that speaks HTTP/2 alone, and
+/// the answers come back as HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_requests_go_on_as_http2_where_a_destination_rule_upgrades_them() {
+    let w = World::new();
+    w.host(20);
+    let ip = w.v4(20);
+    let pki = Pki::new(&std::env::temp_dir().join(&w.name), "upgrade");
+    let mut config = rustls::ServerConfig::clone(&pki.server(&["api.test"]));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let server = w.h2_server(std::net::SocketAddr::new(ip, 8443), Some(Arc::new(config)));
+    let cg = TestCgroup::new("originate-h2-upgrade");
+    let log = log_path("originate-h2-upgrade");
+    let policy = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.test]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8443}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api, namespace: shop}}
+spec:
+  host: api.test
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {}}}
+    connectionPool: {{http: {{h2UpgradePolicy: UPGRADE}}}}
+",
+        pki.ca_pem.display()
+    );
+    let a = Agent::start(w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let out = cg
+        .command("curl")
+        .args(["-sS", "--max-time", "15", "--http1.1"])
+        .args(["-w", "%{http_code} %{http_version}\n"])
+        .args(["--resolve", &format!("api.test:80:{ip}")])
+        .args(["http://api.test/items", "http://api.test/more"])
+        .output()
+        .expect("run curl");
+    assert_eq!(
+        stdout(&out),
+        "authority=api.test path=/items scheme=https\n200 1.1\n\
+         authority=api.test path=/more scheme=https\n200 1.1\n",
+        "{out:?}"
+    );
+    assert_eq!(
+        server.accepted(),
+        1,
+        "the requests shared one HTTP/2 connection"
+    );
+    a.shutdown().await;
+}
+
 /// Where the mesh's route sends requests to an egress gateway, the relay stands in for it: each
 /// request, as the mesh's route changed it, takes the first of the gateway's own routes it
 /// matches, with that route's rewrite, header operations and own answers; one that matches none

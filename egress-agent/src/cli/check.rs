@@ -292,6 +292,9 @@ fn pool_text(pool: &crate::policy::compile::ConnectionPool) -> String {
     if let Some(n) = pool.max_retries {
         parts.push(format!("at most {n} retries in progress"));
     }
+    if pool.h2_upgrade {
+        parts.push("HTTP/1.1 requests sent on as HTTP/2".to_owned());
+    }
     if let Some(n) = pool.max_requests_per_connection {
         parts.push(format!("at most {n} requests per upstream connection"));
     }

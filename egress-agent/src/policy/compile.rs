@@ -461,6 +461,9 @@ pub struct ConnectionPool {
     /// Retries to the host and port in progress at once, from the node (`http.maxRetries`): a
     /// request whose retry would be one more is not retried.
     pub max_retries: Option<u32>,
+    /// HTTP/1.1 requests go on as HTTP/2 (`http.h2UpgradePolicy: UPGRADE`, unless
+    /// `http.useClientProtocol`).
+    pub h2_upgrade: bool,
     /// How long TLS origination uses one upstream connection (`tcp.maxConnectionDuration`, which
     /// Istio gives Envoy's HTTP connections only).
     pub max_connection_duration: Option<std::time::Duration>,
@@ -2221,16 +2224,22 @@ fn connection_pool(
         ..ConnectionPool::default()
     };
     if let Some(http) = &pool.http {
-        for (name, set) in [
-            ("http.h2UpgradePolicy", &http.h2_upgrade_policy),
-            ("http.useClientProtocol", &http.use_client_protocol),
-            ("http.maxConcurrentStreams", &http.max_concurrent_streams),
-        ] {
+        for (name, set) in [("http.maxConcurrentStreams", &http.max_concurrent_streams)] {
             if set.is_some() {
                 unapplied.push(name);
             }
         }
         compiled.http_idle_timeout = http.idle_timeout.map(|d| d.0);
+        // The client's protocol wins, as in Istio; else HTTP/1.1 goes on as HTTP/2 if asked.
+        compiled.h2_upgrade = match http.h2_upgrade_policy.as_deref() {
+            None | Some("DEFAULT" | "DO_NOT_UPGRADE") => false,
+            Some("UPGRADE") => http.use_client_protocol != Some(true),
+            Some(other) => {
+                return Err(format!(
+                    "http.h2UpgradePolicy {other} is not DEFAULT, DO_NOT_UPGRADE or UPGRADE"
+                ));
+            }
+        };
         // Istio: 0 is unset, which Envoy takes as 2^32 - 1.
         compiled.max_pending_requests = match http.http1_max_pending_requests {
             None | Some(0) => None,

@@ -433,8 +433,8 @@ pub struct HttpSettings {
     pub http1_max_pending_requests: Option<i64>,
     pub http2_max_requests: Option<i64>,
     pub max_retries: Option<i64>,
-    pub h2_upgrade_policy: Option<serde_json::Value>,
-    pub use_client_protocol: Option<serde_json::Value>,
+    pub h2_upgrade_policy: Option<String>,
+    pub use_client_protocol: Option<bool>,
     pub max_concurrent_streams: Option<serde_json::Value>,
 }
 

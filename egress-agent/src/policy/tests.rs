@@ -868,6 +868,23 @@ fn a_destination_rules_connection_pool_applies_to_steered_ports() {
     assert!(d.is_empty(), "{d:?}");
     assert_eq!(p[0].1.max_active_requests, Some(100));
     assert_eq!(p[0].1.max_retries, Some(4));
+    // HTTP/1.1 upgraded to HTTP/2 where asked, unless the client's protocol is to be kept.
+    for (http, upgrade) in [
+        ("{h2UpgradePolicy: UPGRADE}", true),
+        ("{h2UpgradePolicy: UPGRADE, useClientProtocol: true}", false),
+        ("{h2UpgradePolicy: DO_NOT_UPGRADE}", false),
+        ("{useClientProtocol: false}", false),
+    ] {
+        let (p, d) = pools(&format!("    connectionPool: {{http: {http}}}\n"));
+        assert!(d.is_empty(), "{http}: {d:?}");
+        assert_eq!(p[0].1.h2_upgrade, upgrade, "{http}");
+    }
+    let (_, d) = pools("    connectionPool: {http: {h2UpgradePolicy: SOMETIMES}}\n");
+    assert!(
+        d.iter().any(|d| d
+            .contains("http.h2UpgradePolicy SOMETIMES is not DEFAULT, DO_NOT_UPGRADE or UPGRADE")),
+        "{d:?}"
+    );
     let (_, d) = pools("    connectionPool: {http: {http2MaxRequests: 5000000000}}\n");
     assert!(
         d.iter()

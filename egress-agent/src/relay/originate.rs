@@ -103,7 +103,8 @@ pub(super) async fn serve(
         max_requests: pool.and_then(|p| p.max_requests_per_connection),
         max_age: pool.and_then(|p| p.max_connection_duration),
         max_connections: pool.and_then(|p| p.max_connections),
-        h2,
+        // The client's HTTP/2 goes on as HTTP/2; HTTP/1.1 too where the DestinationRule upgrades it.
+        h2: h2 || pool.is_some_and(|p| p.h2_upgrade),
         max_pending: pool.and_then(|p| Some((p.max_pending_requests?, p.by.clone()))),
         max_active: pool.and_then(|p| Some((p.max_active_requests?, p.by.clone()))),
         max_retries: pool.and_then(|p| Some((p.max_retries?, p.by.clone()))),
@@ -230,7 +231,8 @@ struct State {
     /// The DestinationRule's outlier detection for the port, and where it is kept.
     outliers: Option<Outliers>,
     health: Arc<Health>,
-    /// The client speaks HTTP/2: its requests go on as HTTP/2 too.
+    /// Requests go on as HTTP/2: the client speaks it, or the DestinationRule upgrades HTTP/1.1
+    /// (`h2UpgradePolicy: UPGRADE`).
     h2: bool,
     stats: Mutex<Stats>,
     /// Where an upstream connection goes once an answer has been read whole, for the next
