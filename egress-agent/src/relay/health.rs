@@ -107,7 +107,11 @@ impl Health {
         r.errors = 0;
         r.gateway_errors = 0;
         let longest = MAX_EJECTION.max(outliers.base_ejection);
-        r.out_until = Some(now + (outliers.base_ejection * r.times).min(longest));
+        let lasts = outliers
+            .base_ejection
+            .checked_mul(r.times)
+            .unwrap_or(longest);
+        r.out_until = Some(now + lasts.min(longest));
         true
     }
 }
