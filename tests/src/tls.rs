@@ -419,7 +419,7 @@ fn answer_http(tcp: TcpStream, s: &Seen) {
 }
 
 /// The handshake, then HTTP/1.1 requests answered `200` with the body `sni=<server name>\n`: one,
-/// or with `keep_alive` each until the client closes.
+/// or with `keep_alive` each until the client closes. A request for `/status/N` is answered `N`.
 fn answer(tls: &mut StreamOwned<ServerConnection, Watched>, s: &Seen, keep_alive: bool) {
     while tls.conn.is_handshaking() {
         if tls.conn.complete_io(&mut tls.sock).is_err() {
@@ -435,12 +435,21 @@ fn answer(tls: &mut StreamOwned<ServerConnection, Watched>, s: &Seen, keep_alive
         let mut line = String::new();
         let mut lines = 0;
         let mut held = false;
+        let mut status = 200u16;
         while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
             lines += 1;
             if line == "\r\n" {
                 break;
             }
-            held |= lines == 1 && line.starts_with("GET /held ");
+            if lines == 1 {
+                held = line.starts_with("GET /held ");
+                if let Some(n) = line
+                    .strip_prefix("GET /status/")
+                    .and_then(|rest| rest.split(' ').next()?.parse().ok())
+                {
+                    status = n;
+                }
+            }
             line.clear();
         }
         drop(reader);
@@ -452,7 +461,7 @@ fn answer(tls: &mut StreamOwned<ServerConnection, Watched>, s: &Seen, keep_alive
         }
         let _ = write!(
             tls,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+            "HTTP/1.1 {status} Status\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
             body.len()
         );
         if !keep_alive {
