@@ -94,6 +94,13 @@ pub struct Status {
 }
 
 impl Status {
+    /// Counts a connection or request refused at `limit`, or a retry not made (`retries`).
+    pub fn over_limit(&self, limit: &'static str) {
+        self.relay_over_limit
+            .get_or_create(&LimitLabels { limit })
+            .inc();
+    }
+
     /// Counts what a record reports.
     pub fn observe(&self, r: &Record) {
         self.events.inc();

@@ -140,14 +140,6 @@ impl Shared {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts a connection refused at `limit`.
-    fn over_limit(&self, limit: &'static str) {
-        self.status
-            .relay_over_limit
-            .get_or_create(&crate::metrics::LimitLabels { limit })
-            .inc();
-    }
-
     /// Takes out the kernel's record of the connection from `key`, if it is still there.
     fn forget(&self, key: &RelayPeer) {
         match self.peers().remove(key) {
@@ -944,7 +936,7 @@ async fn handle(
         Err((refusal, warn)) => {
             // Nothing of the client's is read: it may close having sent nothing.
             shared.forget(&key);
-            shared.over_limit(refusal.limit());
+            shared.status.over_limit(refusal.limit());
             let mut record = new_record();
             if let Some(n) = warn {
                 log::warn!(
@@ -1160,7 +1152,7 @@ async fn relay_admitted(
             {
                 Ok(admitted) => Some(admitted),
                 Err(open) => {
-                    shared.over_limit("destination");
+                    shared.status.over_limit("destination");
                     let reason = format!(
                         "{}:{} has {open} connections through the relay, as many as {} allows \
                          (connectionPool.tcp.maxConnections)",

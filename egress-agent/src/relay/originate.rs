@@ -679,14 +679,7 @@ impl State {
             Err(reason) => return self.fail(StatusCode::NOT_FOUND, "refused", reason),
         };
         if let Some((r, _)) = chosen {
-            let named = match parts.uri.authority() {
-                Some(a) => a.as_str(),
-                None => parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default(),
-            };
+            let named = named_authority(&parts).unwrap_or_default();
             if let Some(answer) = self
                 .ahead(r, named, parts.uri.path(), parts.uri.query())
                 .await
@@ -767,10 +760,7 @@ impl State {
                 {
                     Some(place) => Some(place),
                     None => {
-                        self.status
-                            .relay_over_limit
-                            .get_or_create(&crate::metrics::LimitLabels { limit: "requests" })
-                            .inc();
+                        self.status.over_limit("requests");
                         return self.fail(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "refused",
@@ -904,10 +894,7 @@ impl State {
                 drop(retrying.take());
                 retrying = places.take();
                 if retrying.is_none() {
-                    self.status
-                        .relay_over_limit
-                        .get_or_create(&crate::metrics::LimitLabels { limit: "retries" })
-                        .inc();
+                    self.status.over_limit("retries");
                     if let Some((target, response)) = retried.take() {
                         return self.answer(target, response, &ops, active);
                     }
@@ -968,10 +955,7 @@ impl State {
                 // Not retried, as Envoy does not retry an overflow.
                 Err(Failure::Overflow(n)) => {
                     let by = self.max_pending.as_ref().map_or("", |(_, by)| by.as_str());
-                    self.status
-                        .relay_over_limit
-                        .get_or_create(&crate::metrics::LimitLabels { limit: "pending" })
-                        .inc();
+                    self.status.over_limit("pending");
                     return self.fail(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "refused",
@@ -1012,21 +996,20 @@ impl State {
             return Ok((&upstream.route, None));
         };
         let path = parts.uri.path();
-        let authority = match parts.uri.authority() {
-            Some(a) => Some(a.as_str()),
-            None => parts
-                .headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok()),
-        };
         let method = parts.method.as_str();
-        pick(requests, method, &parts.uri, authority, &parts.headers)
-            .map(|(r, m)| (&r.route, Some((r, m))))
-            .ok_or_else(|| {
-                let by = requests.first().map_or("", |r| r.by.as_str());
-                let vs = by.split(" spec.").next().unwrap_or(by);
-                format!("no route of {vs} matches {method} {path}")
-            })
+        pick(
+            requests,
+            method,
+            &parts.uri,
+            named_authority(parts),
+            &parts.headers,
+        )
+        .map(|(r, m)| (&r.route, Some((r, m))))
+        .ok_or_else(|| {
+            let by = requests.first().map_or("", |r| r.by.as_str());
+            let vs = by.split(" spec.").next().unwrap_or(by);
+            format!("no route of {vs} matches {method} {path}")
+        })
     }
 
     /// One try: an idle connection to the same target with the same name from the pool (the
@@ -1251,6 +1234,17 @@ impl hyper::body::Body for Holding {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// The authority a request names, port and all: its target's in absolute form, else its Host.
+fn named_authority(parts: &http::request::Parts) -> Option<&str> {
+    match parts.uri.authority() {
+        Some(a) => Some(a.as_str()),
+        None => parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok()),
     }
 }
 
