@@ -225,7 +225,8 @@ spec:
     let out = check("192.0.2.51:80");
     assert!(
         out.contains(
-            "\n  relay: plain HTTP in, TLS SIMPLE out to port 443 (DestinationRule/default/mesh), \
+            "\n  relay: plain HTTP in, TLS SIMPLE out to port 443 (DestinationRule/default/mesh \
+             spec.trafficPolicy.tls), \
              the certificate verified for one of spiffe://example.org/ns/shop/sa/api (the \
              ServiceEntry's subjectAltNames)\n"
         ),

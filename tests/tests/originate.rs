@@ -277,6 +277,38 @@ async fn plain_http_leaves_as_verified_tls_simple_and_mutual() {
     a.shutdown().await;
 }
 
+/// A route to a subset takes the subset's traffic policy, as Istio merges it over the rule's:
+/// plain.test's rule originates TLS only in a subset, which its VirtualService's route names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_to_a_subset_takes_the_subsets_tls() {
+    let f = fixture();
+    let rule = "  host: plain.test\n  trafficPolicy:\n    portLevelSettings:\n    - port: {number: 80}\n      tls:";
+    let subset = "  host: plain.test\n  subsets:\n  - name: secure\n    trafficPolicy:\n      portLevelSettings:\n      - port: {number: 80}\n        tls:";
+    let mut policy = f.policy.replacen(rule, subset, 1);
+    assert_ne!(policy, f.policy, "plain.test's rule found");
+    policy += "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: plain, namespace: shop}
+spec:
+  hosts: [plain.test]
+  http:
+  - route: [{destination: {host: plain.test, subset: secure}}]
+";
+    let cg = TestCgroup::new("subset");
+    let log = log_path("subset");
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let out = curl(&cg, f.w.v4(20), &["http://plain.test/"], &[]);
+    assert_eq!(stdout(&out), "sni=plain.test\n200\n", "{out:?}");
+    assert_eq!(f.plain.names(), [Some("plain.test".to_owned())]);
+    let r = relay_record(&log, "plain.test");
+    assert_eq!(r.origination.as_deref(), Some("SIMPLE"), "{r:?}");
+    assert_eq!(shown(r.upstream), at(f.w.v4(20), 443), "{r:?}");
+    a.shutdown().await;
+}
+
 /// Istio's egress gateway for HTTP: a VirtualService routes a host's plain HTTP port to the
 /// gateway. The relay serves it as HTTP: each request's host is checked against the kernel's
 /// record, each takes the route its path matches, and goes on as plain HTTP.

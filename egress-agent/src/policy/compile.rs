@@ -18,10 +18,10 @@ use crate::events::host_matches;
 use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{
-        ConnectionPoolSettings, DestinationRuleSpec, HeaderOperations, HttpFault, HttpRoute,
-        IstioDuration, OutlierDetection, Percent, PortNumber, PortTrafficPolicy, Protocol,
-        Resolution, Retries, RouteDestination, ServiceEntrySpec, ServicePort, StringMatch, TlsMode,
-        TrafficPolicy, Transport, VirtualServiceSpec,
+        ClientTls, ConnectionPoolSettings, DestinationRuleSpec, HeaderOperations, HttpFault,
+        HttpRoute, IstioDuration, OutlierDetection, Percent, PortNumber, PortTrafficPolicy,
+        Protocol, Resolution, Retries, RouteDestination, ServiceEntrySpec, ServicePort,
+        StringMatch, TlsMode, TrafficPolicy, Transport, VirtualServiceSpec,
     },
     tls::{AltName, TlsClient, alt_names, client_config},
 };
@@ -703,7 +703,83 @@ pub fn compile_after(policy: &Policy, mode_flag: Option<Mode>, prev: &RuleIds) -
     for se in service_entries {
         compile_service_entry(policy, prev, se, &mut plan, &mut diags);
     }
+    check_destinations(policy, &mut diags);
     (plan, diags)
+}
+
+/// Warns of what a VirtualService's route destinations ask for that egress does not do. egress
+/// sends each connection to the address its workload dialled (through the relay where a route
+/// steers it), so a route to another host is not applied, nor a split by `weight`; of subsets, it
+/// applies a port's traffic policy (`port_subset`), not their `labels`.
+fn check_destinations(policy: &Policy, diags: &mut Diags) {
+    for vs in &policy.virtual_services {
+        let own: Vec<String> = vs.spec.hosts.iter().map(|h| normalize_host(h)).collect();
+        let sections: [(&str, Vec<&[RouteDestination]>); 3] = [
+            ("http", vs.spec.http.iter().map(|r| &r.route[..]).collect()),
+            ("tls", vs.spec.tls.iter().map(|r| &r.route[..]).collect()),
+            ("tcp", vs.spec.tcp.iter().map(|r| &r.route[..]).collect()),
+        ];
+        for (section, routes) in sections {
+            let mut warn = |message: String| {
+                diag(
+                    diags,
+                    Severity::Warning,
+                    &vs.source,
+                    format!("{}: {message}", vs.label()),
+                );
+            };
+            let mut subsets: Vec<(&str, usize)> = Vec::new();
+            for (i, dests) in routes.iter().enumerate() {
+                if dests.len() > 1 {
+                    warn(format!(
+                        "spec.{section}[{i}].route names {} destinations: egress does not split \
+                         traffic between them (`weight` is not applied); it goes through the \
+                         egress gateway if one of them is one, else as route[0] sends it",
+                        dests.len()
+                    ));
+                }
+                for (j, d) in dests.iter().enumerate() {
+                    let host = normalize_host(&d.destination.host);
+                    if is_gateway(policy, &host) {
+                        continue;
+                    }
+                    let field = format!("spec.{section}[{i}].route[{j}].destination");
+                    if !own
+                        .iter()
+                        .any(|h| host_matches(&host, h) || host_matches(h, &host))
+                    {
+                        warn(format!(
+                            "{field}.host {host} is not a host of this VirtualService: egress \
+                             sends each connection to the address its workload dialled, not to \
+                             another host (not applied)"
+                        ));
+                    }
+                    let Some(subset) = d.destination.subset.as_deref() else {
+                        continue;
+                    };
+                    let defined = destination_rule(policy, std::slice::from_ref(&host))
+                        .is_some_and(|dr| dr.spec.subsets.iter().any(|s| s.name == subset));
+                    if !defined {
+                        warn(format!(
+                            "{field}.subset {subset} is not defined by a DestinationRule for \
+                             {host}: Istio has nowhere to send such traffic, egress sends it on \
+                             as if no subset were named"
+                        ));
+                    }
+                    if !subsets.iter().any(|(s, _)| *s == subset) {
+                        subsets.push((subset, i));
+                    }
+                }
+            }
+            if let [(first, at), (other, then), ..] = subsets[..] {
+                warn(format!(
+                    "spec.{section} names subsets {first} (spec.{section}[{at}]) and {other} \
+                     (spec.{section}[{then}]): egress applies to a port the traffic policy of the \
+                     subset its first covering route names, to all of its traffic"
+                ));
+            }
+        }
+    }
 }
 
 fn resolve_mode(policy: &Policy, flag: Option<Mode>, diags: &mut Diags) -> (Mode, String) {
@@ -1174,18 +1250,23 @@ fn gateway_destination<'a>(
     dests: &'a [RouteDestination],
     port: u16,
 ) -> Option<(&'a str, u16)> {
-    let is_gateway = |dest: &str| {
-        let first = dest.split('.').next().unwrap_or(dest);
-        first == "istio-egressgateway"
-            || policy
-                .gateways
-                .iter()
-                .flat_map(|g| g.spec.selector.values())
-                .any(|s| first == s || first == format!("istio-{s}"))
-    };
-    let d = dests.iter().find(|d| is_gateway(&d.destination.host))?;
+    let d = dests
+        .iter()
+        .find(|d| is_gateway(policy, &d.destination.host))?;
     let at = d.destination.port.as_ref().and_then(|p| p.number);
     Some((&d.destination.host, at.map_or(port, |n| n.0)))
+}
+
+/// Whether a route's destination host is an egress gateway: `istio-egressgateway…`, or a service
+/// a Gateway's `selector` names.
+fn is_gateway(policy: &Policy, host: &str) -> bool {
+    let first = host.split('.').next().unwrap_or(host);
+    first == "istio-egressgateway"
+        || policy
+            .gateways
+            .iter()
+            .flat_map(|g| g.spec.selector.values())
+            .any(|s| first == s || first == format!("istio-{s}"))
 }
 
 /// Whether a list of gateways takes in an egress gateway: any gateway but `mesh`.
@@ -1245,15 +1326,6 @@ fn route_reason<'a>(
     port: u16,
     served_as_http: bool,
 ) -> Option<Routed<'a>> {
-    let names_sni = |sni: &[String]| {
-        sni.is_empty()
-            || sni.iter().any(|s| {
-                let s = normalize_host(s);
-                hosts
-                    .iter()
-                    .any(|h| host_matches(&s, h) || host_matches(h, &s))
-            })
-    };
     // With the gateway's port it goes to.
     let to_gateway = |vs: &Resource<VirtualServiceSpec>, section, i, dests: &[RouteDestination]| {
         gateway_destination(policy, dests, port).map(|(gateway, at)| {
@@ -1275,7 +1347,7 @@ fn route_reason<'a>(
                 || r.matches.iter().any(|m| {
                     at_mesh(&m.gateways)
                         && on_port(m.port.as_ref(), port)
-                        && names_sni(&m.sni_hosts)
+                        && names_sni(&m.sni_hosts, hosts)
                 })
         });
         if let Some(to) = tls.and_then(|(i, r)| to_gateway(vs, "tls", i, &r.route)) {
@@ -1352,6 +1424,153 @@ fn route_reason<'a>(
     None
 }
 
+/// Whether a TLS match's `sniHosts` name one of these hosts (wildcards either way); none do.
+fn names_sni(sni: &[String], hosts: &[String]) -> bool {
+    sni.is_empty()
+        || sni.iter().any(|s| {
+            let s = normalize_host(s);
+            hosts
+                .iter()
+                .any(|h| host_matches(&s, h) || host_matches(h, &s))
+        })
+}
+
+/// The destinations of the route that covers `port` of these hosts for the mesh, taken in
+/// `route_reason`'s order (a VirtualService's `tls`, then `tcp`, then `http` routes); where that
+/// route goes to an egress gateway, those of the gateway's own route for the port it goes to.
+fn port_destinations<'a>(
+    policy: &'a Policy,
+    hosts: &[String],
+    port: u16,
+) -> Option<&'a [RouteDestination]> {
+    // Of a VirtualService's first route, in each section, one of whose matches `covers`; a
+    // route without `match` covers every port.
+    let first = |vs: &'a Resource<VirtualServiceSpec>,
+                 covers: Covers<'_>|
+     -> Option<&'a [RouteDestination]> {
+        let tls = vs.spec.tls.iter().find(|r| {
+            r.matches.is_empty()
+                || r.matches
+                    .iter()
+                    .any(|m| covers(&m.gateways, m.port.as_ref(), &m.sni_hosts))
+        });
+        let tcp = || {
+            vs.spec.tcp.iter().find(|r| {
+                r.matches.is_empty()
+                    || r.matches
+                        .iter()
+                        .any(|m| covers(&m.gateways, m.port.as_ref(), &[]))
+            })
+        };
+        let http = || {
+            vs.spec.http.iter().find(|r| {
+                r.matches.is_empty()
+                    || r.matches
+                        .iter()
+                        .any(|m| covers(&m.gateways, m.port.as_ref(), &[]))
+            })
+        };
+        tls.map(|r| &r.route[..])
+            .or_else(|| tcp().map(|r| &r.route[..]))
+            .or_else(|| http().map(|r| &r.route[..]))
+    };
+    let mesh = mesh_services(policy, hosts).find_map(|vs| {
+        first(vs, &|gateways, at, sni| {
+            at_mesh(gateways) && on_port(at, port) && names_sni(sni, hosts)
+        })
+    })?;
+    let Some((_, at)) = gateway_destination(policy, mesh, port) else {
+        return Some(mesh);
+    };
+    policy
+        .virtual_services
+        .iter()
+        .filter(|vs| names_host(vs, hosts))
+        .filter_map(|vs| {
+            first(vs, &|gateways, p, sni| {
+                let gateways = if gateways.is_empty() {
+                    &vs.spec.gateways[..]
+                } else {
+                    gateways
+                };
+                at_gateway(gateways) && on_port(p, at) && names_sni(sni, hosts)
+            })
+        })
+        .find(|dests| gateway_destination(policy, dests, at).is_none())
+}
+
+/// Whether a match covers a port: by its `gateways`, `port` and `sniHosts` (none for HTTP and
+/// TCP).
+type Covers<'c> = &'c dyn Fn(&[String], Option<&PortNumber>, &[String]) -> bool;
+
+/// The subset of these hosts that `port`'s route sends to (`port_destinations`): that of its
+/// first destination that is one of the hosts.
+fn port_subset<'a>(policy: &'a Policy, hosts: &[String], port: u16) -> Option<&'a str> {
+    port_destinations(policy, hosts, port)?
+        .iter()
+        .find(|d| hosts.contains(&normalize_host(&d.destination.host)))?
+        .destination
+        .subset
+        .as_deref()
+}
+
+/// A DestinationRule's traffic policies for one port of its host, most specific first: that of
+/// the subset the port's route sends to, where the rule defines it with one, then the rule's own.
+/// Each with its place among the rule's policies (0 the rule's own, k + 1 that of
+/// `subsets[k]`) and its field.
+fn layers<'a>(
+    dr: &'a Resource<DestinationRuleSpec>,
+    subset: Option<&str>,
+) -> Vec<(usize, &'a TrafficPolicy, String)> {
+    let mut out = Vec::new();
+    if let Some(name) = subset
+        && let Some((k, tp)) = dr.spec.subsets.iter().enumerate().find_map(|(k, s)| {
+            (s.name == name)
+                .then_some(s.traffic_policy.as_ref())
+                .flatten()
+                .map(|tp| (k, tp))
+        })
+    {
+        out.push((k + 1, tp, format!("spec.subsets[{k}].trafficPolicy")));
+    }
+    if let Some(tp) = &dr.spec.traffic_policy {
+        out.push((0, tp, "spec.trafficPolicy".to_owned()));
+    }
+    out
+}
+
+/// Where a setting is among a DestinationRule's traffic policies: the policy's place (`layers`),
+/// and the index of its port entry, if it is in one.
+type Place = (usize, Option<usize>);
+
+/// A setting `name` for `port`, as Istio merges a subset's policy over its rule's: from the
+/// first of `layers` that has it, a port's entry before the policy's own. With its place (a
+/// layer's, and the port entry's index) and its field.
+fn setting_at<'a, S>(
+    layers: &[(usize, &'a TrafficPolicy, String)],
+    port: u16,
+    name: &str,
+    (rule_wide, at_port): Where<S>,
+) -> Option<(&'a S, Place, String)> {
+    layers.iter().find_map(|(layer, tp, field)| {
+        let level = tp
+            .port_level_settings
+            .iter()
+            .enumerate()
+            .find_map(|(i, pl)| {
+                let set = at_port(pl)?;
+                (pl.port.as_ref().and_then(|p| p.number).map(|n| n.0) == Some(port)).then(|| {
+                    (
+                        set,
+                        (*layer, Some(i)),
+                        format!("{field}.portLevelSettings[{i}].{name}"),
+                    )
+                })
+            });
+        level.or_else(|| Some((rule_wide(tp)?, (*layer, None), format!("{field}.{name}"))))
+    })
+}
+
 /// Whether an HTTP route that covers `port` takes every request to it: it has no match, or a
 /// match for the port with no condition on the request (a `uri` prefix `/` is none).
 fn takes_every_request(r: &HttpRoute, port: u16) -> bool {
@@ -1425,30 +1644,23 @@ fn origination_reason(policy: &Policy, hosts: &[String], port: &ServicePort) -> 
     let protocol = port.protocol;
     let port = port.number.0;
     let dr = destination_rule(policy, hosts)?;
-    let tp = dr.spec.traffic_policy.as_ref()?;
-    let tls = tp
-        .port_level_settings
-        .iter()
-        .find(|pl| {
-            pl.port
-                .as_ref()
-                .and_then(|p| p.number)
-                .is_some_and(|n| n.0 == port)
-        })
-        .and_then(|pl| pl.tls.as_ref())
-        .or(tp.tls.as_ref())?;
+    let layers = layers(dr, port_subset(policy, hosts, port));
+    let (tls, _, field) = setting_at(&layers, port, "tls", TLS)?;
     if !matches!(tls.mode, Some(TlsMode::Simple | TlsMode::Mutual)) {
         return None;
     }
     Some(if protocol.is_some_and(Protocol::is_http) {
-        format!("{} originates TLS on port {port}", dr.label())
+        format!("{} originates TLS on port {port} ({field})", dr.label())
     } else {
         format!(
-            "{} asks for TLS origination on port {port}, which is not HTTP: its TLS is passed through",
+            "{} asks for TLS origination on port {port}, which is not HTTP: its TLS is passed through ({field})",
             dr.label()
         )
     })
 }
+
+/// Where a DestinationRule's `tls` is.
+const TLS: Where<ClientTls> = (|tp| tp.tls.as_ref(), |pl| pl.tls.as_ref());
 
 /// The DestinationRule for a ServiceEntry with these hosts, chosen as Istio chooses: one naming a
 /// host exactly, else the wildcard that matches a host most specifically (`*.b.example.com`
@@ -1934,7 +2146,7 @@ fn originations(
 ) -> Vec<Origination> {
     let spec = &se.spec;
     let (out, asked) = destination_rule(policy, hosts)
-        .map(|dr| originations_of(dr, se, steered, diags))
+        .map(|dr| originations_of(policy, hosts, dr, se, steered, diags))
         .unwrap_or_default();
     if !spec.subject_alt_names.is_empty() && !asked {
         diag(
@@ -1954,15 +2166,14 @@ fn originations(
 
 /// Also says whether TLS origination was asked for on any port, well formed or not.
 fn originations_of(
+    policy: &Policy,
+    hosts: &[String],
     dr: &Resource<DestinationRuleSpec>,
     se: &Resource<ServiceEntrySpec>,
     steered: &[SteeredPort],
     diags: &mut Diags,
 ) -> (Vec<Origination>, bool) {
     let spec = &se.spec;
-    let Some(tp) = &dr.spec.traffic_policy else {
-        return (Vec::new(), false);
-    };
     let mut asked = false;
     // Read once, however many ports use them: an error is told once.
     let mut se_names: Option<Result<Vec<AltName>, ()>> = None;
@@ -1975,22 +2186,8 @@ fn originations_of(
             .find(|s| s.port == port.number.0)
             .and_then(|s| s.onward);
         let at = onward.unwrap_or(port.number.0);
-        let level = tp
-            .port_level_settings
-            .iter()
-            .enumerate()
-            .find_map(|(i, pl)| {
-                let tls = pl.tls.as_ref()?;
-                (pl.port.as_ref().and_then(|p| p.number).map(|n| n.0) == Some(at)).then(|| {
-                    (
-                        tls,
-                        format!("spec.trafficPolicy.portLevelSettings[{i}].tls"),
-                    )
-                })
-            });
-        let Some((tls, field)) =
-            level.or_else(|| Some((tp.tls.as_ref()?, "spec.trafficPolicy.tls".to_owned())))
-        else {
+        let layers = layers(dr, port_subset(policy, hosts, port.number.0));
+        let Some((tls, _, field)) = setting_at(&layers, at, "tls", TLS) else {
             continue;
         };
         let mode = match tls.mode {
@@ -2064,7 +2261,7 @@ fn originations_of(
                     alt_names: alt,
                     alt_from,
                     client_h2: client.for_h2(),
-                    by: label.clone(),
+                    by: format!("{label} {field}"),
                     client,
                 }),
             }),
@@ -2080,11 +2277,12 @@ type Where<S> = (
     fn(&PortTrafficPolicy) -> Option<&S>,
 );
 
-/// A setting of a ServiceEntry's DestinationRule (`destination_rule`) by port, `name` in its
-/// traffic policy (`rule_wide`) or a port's (`at_port`), which replaces it, as in Istio; each
-/// compiled once by `compile`, which names the fields set that egress does not apply. The relay
-/// applies them to steered connections; on a port that is not steered they do nothing, and say
-/// so.
+/// A setting of a ServiceEntry's DestinationRule (`destination_rule`) by port, `name` in a traffic
+/// policy (`rule_wide`) or a port's (`at_port`), which replaces it, as in Istio; the policy of
+/// the subset a port's route sends to before the rule's own (`setting_at`). Each setting is
+/// compiled once by `compile`, which names the fields set that egress does not apply, whether
+/// a port takes it or not. The relay applies them to steered connections; on a port that is not
+/// steered they do nothing, and say so.
 #[expect(
     clippy::too_many_arguments,
     reason = "the rule, and where the setting is and how it compiles"
@@ -2096,29 +2294,38 @@ fn per_port<S, T: Clone>(
     steered: &[SteeredPort],
     diags: &mut Diags,
     name: &str,
-    (rule_wide, at_port): Where<S>,
+    place: Where<S>,
     compile: impl Fn(&S, &str) -> Result<(T, Vec<&'static str>), String>,
 ) -> Vec<(u16, T)> {
+    let (rule_wide, at_port) = place;
     let Some(dr) = destination_rule(policy, hosts) else {
-        return Vec::new();
-    };
-    let Some(tp) = &dr.spec.traffic_policy else {
         return Vec::new();
     };
     let label = dr.label();
     let mut warn = |severity, message: String| {
         diag(diags, severity, &dr.source, format!("{label}: {message}"));
     };
-    // Each setting once, however many ports it applies to.
+    // Every policy of the rule: its own (0) and its subsets' (k + 1), as `layers` numbers them.
+    let policies = dr
+        .spec
+        .traffic_policy
+        .iter()
+        .map(|tp| (0, tp, "spec.trafficPolicy".to_owned()))
+        .chain(dr.spec.subsets.iter().enumerate().filter_map(|(k, s)| {
+            let tp = s.traffic_policy.as_ref()?;
+            Some((k + 1, tp, format!("spec.subsets[{k}].trafficPolicy")))
+        }));
+    // Each setting once, however many ports take it.
     let mut settings = Vec::new();
-    if let Some(set) = rule_wide(tp) {
-        settings.push((None, format!("spec.trafficPolicy.{name}"), set));
-    }
-    for (i, pl) in tp.port_level_settings.iter().enumerate() {
-        if let Some(set) = at_port(pl) {
-            let port = pl.port.as_ref().and_then(|p| p.number).map(|n| n.0);
-            let field = format!("spec.trafficPolicy.portLevelSettings[{i}].{name}");
-            settings.push((Some(port), field, set));
+    for (layer, tp, field) in policies {
+        if let Some(set) = rule_wide(tp) {
+            settings.push(((layer, None), format!("{field}.{name}"), set));
+        }
+        for (i, pl) in tp.port_level_settings.iter().enumerate() {
+            if let Some(set) = at_port(pl) {
+                let field = format!("{field}.portLevelSettings[{i}].{name}");
+                settings.push(((layer, Some(i)), field, set));
+            }
         }
     }
     if settings.is_empty() {
@@ -2135,7 +2342,7 @@ fn per_port<S, T: Clone>(
         return Vec::new();
     }
     let mut compiled = Vec::new();
-    for (port, field, set) in &settings {
+    for (at, field, set) in &settings {
         match compile(set, &label) {
             Ok((set, unapplied)) => {
                 for name in unapplied {
@@ -2144,31 +2351,28 @@ fn per_port<S, T: Clone>(
                         format!("{field}.{name} is not applied by egress; ignored"),
                     );
                 }
-                compiled.push((*port, set));
+                compiled.push((*at, set));
             }
             Err(e) => warn(Severity::Error, format!("{field}: {e}")),
         }
     }
-    let rule_wide = compiled
-        .iter()
-        .find(|(port, _)| port.is_none())
-        .map(|(_, p)| p.clone());
     let mut out = Vec::new();
     let mut direct = Vec::new();
     for port in &spec.ports {
         let n = port.number.0;
-        let level = compiled
-            .iter()
-            .find(|(p, _)| *p == Some(Some(n)))
-            .map(|(_, p)| p.clone());
-        let Some(set) = level.or_else(|| rule_wide.clone()) else {
+        let layers = layers(dr, port_subset(policy, hosts, n));
+        let Some((_, at, _)) = setting_at(&layers, n, name, place) else {
+            continue;
+        };
+        // A setting that did not compile is told as an error: the plan is not used.
+        let Some((_, set)) = compiled.iter().find(|(a, _)| *a == at) else {
             continue;
         };
         if !steered.iter().any(|s| s.port == n) {
             direct.push(n.to_string());
             continue;
         }
-        out.push((n, set));
+        out.push((n, set.clone()));
     }
     if !direct.is_empty() {
         warn(

@@ -448,7 +448,7 @@ fn a_destination_rule_originates_tls_on_http_ports_and_its_files_are_checked() {
             443,
             "SIMPLE",
             Some("origin.test"),
-            "DestinationRule/default/api"
+            "DestinationRule/default/api spec.trafficPolicy.portLevelSettings[0].tls"
         )]
     );
 
@@ -581,7 +581,7 @@ fn the_most_specific_destination_rule_applies_as_in_istio() {
             .originate
             .first()
             .and_then(|o| o.tls.as_ref())
-            .map(|t| t.by.clone());
+            .map(|t| t.by.trim_end_matches(" spec.trafficPolicy.tls").to_owned());
         assert_eq!(rule.steer_reason(80).is_some(), by.is_some(), "{rule:?}");
         by
     };
@@ -1104,8 +1104,8 @@ fn origination_steers_the_ports_it_applies_to() {
     assert_eq!(
         why,
         [
-            "80: DestinationRule/default/d originates TLS on port 80",
-            "8443: DestinationRule/default/d asks for TLS origination on port 8443, which is not HTTP: its TLS is passed through"
+            "80: DestinationRule/default/d originates TLS on port 80 (spec.trafficPolicy.tls)",
+            "8443: DestinationRule/default/d asks for TLS origination on port 8443, which is not HTTP: its TLS is passed through (spec.trafficPolicy.tls)"
         ]
     );
     let pooled: Vec<u16> = rule.pools.iter().map(|(p, _)| *p).collect();
@@ -1127,6 +1127,94 @@ fn origination_steers_the_ports_it_applies_to() {
             (80, Verdict::Steer),
             (8080, Verdict::Allow),
             (8443, Verdict::Steer)
+        ]
+    );
+}
+
+/// A route to a subset takes the subset's traffic policy over the rule's, field by field, a port's
+/// entry before the policy's own, as Istio merges them: here the subset's TLS origination and
+/// connection pool. What egress does not do with destinations is said.
+#[test]
+fn a_subsets_traffic_policy_applies_to_the_ports_its_route_covers() {
+    let yaml = |dests: &str| {
+        format!(
+            "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 80, name: http, protocol: HTTP, targetPort: 443}}\n  - {{number: 8080, name: alt, protocol: HTTP, targetPort: 443}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - match: [{{port: 80}}]\n    route:\n{dests}    timeout: 5s\n  - route: [{{destination: {{host: api.example}}}}]\n    timeout: 5s\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d}}\nspec:\n  host: api.example\n  trafficPolicy:\n    connectionPool: {{tcp: {{maxConnections: 10}}}}\n  subsets:\n  - name: tls\n    trafficPolicy:\n      tls: {{mode: SIMPLE}}\n      connectionPool: {{tcp: {{maxConnections: 5}}}}\n  - name: plain\n    trafficPolicy:\n      tls: {{mode: SIMPLE}}\n      portLevelSettings:\n      - port: {{number: 80}}\n        tls: {{mode: DISABLE}}\n"
+        )
+    };
+    let compiled = |dests: &str| {
+        let (pol, d) = load_str(&yaml(dests), Path::new("p.yaml"));
+        assert!(!super::has_errors(&d), "{d:?}");
+        let (plan, d) = compile(&pol, None);
+        let d: Vec<String> = d.iter().map(ToString::to_string).collect();
+        let rule = plan.rules[0].clone();
+        let tls: Vec<_> = rule
+            .originate
+            .iter()
+            .map(|o| (o.port, o.tls.is_some()))
+            .collect();
+        let pools: Vec<_> = rule
+            .pools
+            .iter()
+            .map(|(p, c)| (*p, c.max_connections))
+            .collect();
+        let why: Vec<_> = rule.steered.iter().map(|s| s.why.clone()).collect();
+        (tls, pools, why, d)
+    };
+    // Port 80's route sends to subset `tls`: TLS is originated there, and its pool is the
+    // subset's; port 8080's route names no subset and takes the rule's.
+    let (tls, pools, _, d) = compiled("    - destination: {host: api.example, subset: tls}\n");
+    assert_eq!(tls, [(80, true), (8080, false)]);
+    assert_eq!(pools, [(80, Some(5)), (8080, Some(10))]);
+    assert!(d.is_empty(), "{d:?}");
+
+    // Without a route there, the subset's TLS steers the port by itself.
+    let (pol, _) = load_str(
+        &yaml("    - destination: {host: api.example, subset: tls}\n")
+            .replace("    timeout: 5s\n", ""),
+        Path::new("p.yaml"),
+    );
+    let (plan, _) = compile(&pol, None);
+    let why: Vec<_> = plan.rules[0].steered.iter().map(|s| &s.why).collect();
+    assert_eq!(
+        why[0],
+        "DestinationRule/default/d originates TLS on port 80 (spec.subsets[0].trafficPolicy.tls)"
+    );
+
+    // The subset's port entry turns the subset's own TLS off on port 80.
+    let (tls, pools, _, _) = compiled("    - destination: {host: api.example, subset: plain}\n");
+    assert_eq!(tls, [(80, false), (8080, false)]);
+    assert_eq!(pools, [(80, Some(10)), (8080, Some(10))]);
+
+    // Two destinations, one of them another host and one an undefined subset.
+    let (_, _, _, d) = compiled(
+        "    - destination: {host: api.example, subset: gone}\n      weight: 90\n    - destination: {host: other.example}\n      weight: 10\n",
+    );
+    assert_eq!(
+        d,
+        [
+            "p.yaml:12:1: warning: VirtualService/default/v: spec.http[0].route names 2 destinations: egress does not split traffic between them (`weight` is not applied); it goes through the egress gateway if one of them is one, else as route[0] sends it",
+            "p.yaml:12:1: warning: VirtualService/default/v: spec.http[0].route[0].destination.subset gone is not defined by a DestinationRule for api.example: Istio has nowhere to send such traffic, egress sends it on as if no subset were named",
+            "p.yaml:12:1: warning: VirtualService/default/v: spec.http[0].route[1].destination.host other.example is not a host of this VirtualService: egress sends each connection to the address its workload dialled, not to another host (not applied)",
+        ]
+    );
+
+    // Routes of one VirtualService that name different subsets.
+    let (pol, _) = load_str(
+        &yaml("    - destination: {host: api.example, subset: tls}\n").replace(
+            "  - route: [{destination: {host: api.example}}]",
+            "  - route: [{destination: {host: api.example, subset: plain}}]",
+        ),
+        Path::new("p.yaml"),
+    );
+    let d: Vec<String> = compile(&pol, None)
+        .1
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        d,
+        [
+            "p.yaml:12:1: warning: VirtualService/default/v: spec.http names subsets tls (spec.http[0]) and plain (spec.http[1]): egress applies to a port the traffic policy of the subset its first covering route names, to all of its traffic"
         ]
     );
 }
@@ -1252,7 +1340,8 @@ spec:
             443,
             Some((
                 "SIMPLE",
-                "DestinationRule/default/originate-tls-for-edition-cnn-com"
+                "DestinationRule/default/originate-tls-for-edition-cnn-com \
+                 spec.trafficPolicy.portLevelSettings[0].tls"
             ))
         )]
     );
