@@ -210,8 +210,8 @@ spec:
         out.lines().any(|l| l
             == "  outlier detection: an address is left out after 5 5xx answers or failed \
                 connects in a row or 3 502, 503 or 504 answers or failed connects in a row, for \
-                60s (longer each time), 10% of the host's addresses at most (one always may be) \
-                (DestinationRule/default/pool)"),
+                60s (longer each time, shorter again after each 1s back in), 10% of the host's \
+                addresses at most (one always may be) (DestinationRule/default/pool)"),
         "{out}"
     );
     let out = check("192.0.2.50:5432");

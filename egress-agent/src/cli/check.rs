@@ -228,10 +228,11 @@ fn outliers_text(o: &crate::policy::compile::Outliers) -> String {
         return "nothing ejects an address (both counts are 0)".to_owned();
     }
     format!(
-        "an address is left out after {}, for {:?} (longer each time), {}% of the host's \
-         addresses at most (one always may be)",
+        "an address is left out after {}, for {:?} (longer each time, shorter again after each \
+         {:?} back in), {}% of the host's addresses at most (one always may be)",
         after.join(" or "),
         o.base_ejection,
+        o.interval,
         o.max_ejection_percent
     )
 }

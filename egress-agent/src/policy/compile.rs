@@ -482,6 +482,8 @@ pub struct Outliers {
     pub consecutive_gateway: u32,
     /// How long the first ejection lasts; each next one of the same address lasts once more.
     pub base_ejection: std::time::Duration,
+    /// Each one an address spends back in forgets one of its ejections, as Envoy's multiplier.
+    pub interval: std::time::Duration,
     /// The share of the host's addresses that may be out at once; one may always be.
     pub max_ejection_percent: u32,
     /// The DestinationRule that sets it.
@@ -2398,7 +2400,7 @@ fn outlier_detection(
         }
         other => Ok(other.map(|d| d.0)),
     };
-    at_least_1ms("interval", od.interval)?;
+    let interval = at_least_1ms("interval", od.interval)?;
     let base = at_least_1ms("baseEjectionTime", od.base_ejection_time)?;
     let percent = match od.max_ejection_percent {
         None => 10,
@@ -2410,6 +2412,7 @@ fn outlier_detection(
             consecutive_5xx: od.consecutive_5xx_errors.unwrap_or(5),
             consecutive_gateway: od.consecutive_gateway_errors.unwrap_or(0),
             base_ejection: base.unwrap_or(std::time::Duration::from_secs(30)),
+            interval: interval.unwrap_or(std::time::Duration::from_secs(10)),
             max_ejection_percent: percent,
             by: label.to_owned(),
         },

@@ -769,6 +769,7 @@ fn a_destination_rules_outlier_detection_applies_to_steered_ports() {
                     consecutive_5xx: 5,
                     consecutive_gateway: 0,
                     base_ejection: std::time::Duration::from_secs(30),
+                    interval: std::time::Duration::from_secs(1),
                     max_ejection_percent: 10,
                     by: by.clone(),
                 }
@@ -779,6 +780,7 @@ fn a_destination_rules_outlier_detection_applies_to_steered_ports() {
                     consecutive_5xx: 0,
                     consecutive_gateway: 2,
                     base_ejection: std::time::Duration::from_secs(180),
+                    interval: std::time::Duration::from_secs(10),
                     max_ejection_percent: 100,
                     by,
                 }

@@ -1,6 +1,7 @@
 //! Outlier detection (a DestinationRule's `outlierDetection`): an address of a host that has
 //! failed so many times in a row is left out of the relay's attempts for a while, as Envoy ejects
-//! an endpoint. Kept per rule and address, shared by every connection the relay serves.
+//! an endpoint. Kept per rule and address, shared by every connection the relay serves, for the
+//! addresses the host has and those still out.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -31,14 +32,34 @@ pub(super) struct Health {
 struct Record {
     errors: u32,
     gateway_errors: u32,
+    /// The end of the last ejection, moved on by the intervals that forgot one (`settle`).
     out_until: Option<Instant>,
-    /// Ejections so far: each lasts once more the base time than the one before.
+    /// Ejections not forgotten: the next lasts once more the base time than the last.
     times: u32,
 }
 
 impl Record {
     fn out(&self, now: Instant) -> bool {
         self.out_until.is_some_and(|until| now < until)
+    }
+
+    /// Forgets one ejection for each `interval` the address has been back in, as Envoy lowers
+    /// its ejection multiplier while a host stays healthy.
+    fn settle(&mut self, now: Instant, interval: Duration) {
+        let Some(until) = self.out_until else {
+            return;
+        };
+        if now < until || interval.is_zero() {
+            return;
+        }
+        let passed = (now - until).as_nanos() / interval.as_nanos();
+        let forgotten = u32::try_from(passed).unwrap_or(u32::MAX).min(self.times);
+        self.times -= forgotten;
+        self.out_until = (self.times > 0).then(|| until + interval * forgotten);
+    }
+
+    fn clean(&self) -> bool {
+        self.errors == 0 && self.gateway_errors == 0 && self.times == 0 && self.out_until.is_none()
     }
 }
 
@@ -73,17 +94,37 @@ impl Health {
         outcome: Outcome,
         outliers: &Outliers,
     ) -> bool {
-        let now = Instant::now();
+        self.note_at(Instant::now(), rule, addr, of, outcome, outliers)
+    }
+
+    fn note_at(
+        &self,
+        now: Instant,
+        rule: u32,
+        addr: SocketAddr,
+        of: &[SocketAddr],
+        outcome: Outcome,
+        outliers: &Outliers,
+    ) -> bool {
         let (error, gateway) = match outcome {
             Outcome::Answered(status) => (status >= 500, matches!(status, 502..=504)),
             Outcome::Connected => (false, false),
             Outcome::Failed => (true, true),
         };
         let mut by = self.lock();
+        // What the host's addresses on this port no longer hold is forgotten once it is back in;
+        // so are the others' ejections as their intervals pass.
+        by.retain(|&(r, a), record| {
+            if r != rule || a.port() != addr.port() {
+                return true;
+            }
+            record.settle(now, outliers.interval);
+            record.out(now) || (of.contains(&a) && !record.clean())
+        });
         let r = by.entry((rule, addr)).or_default();
         r.errors = if error { r.errors + 1 } else { 0 };
         r.gateway_errors = if gateway { r.gateway_errors + 1 } else { 0 };
-        if r.errors == 0 && r.gateway_errors == 0 && r.times == 0 && r.out_until.is_none() {
+        if r.clean() {
             by.remove(&(rule, addr));
             return false;
         }
@@ -128,6 +169,7 @@ mod tests {
             consecutive_5xx,
             consecutive_gateway,
             base_ejection: Duration::from_secs(30),
+            interval: Duration::from_secs(10),
             max_ejection_percent: percent,
             by: "DestinationRule/ns/d".to_owned(),
         }
@@ -187,5 +229,50 @@ mod tests {
             "10 % of 4: no second one"
         );
         assert_eq!(h.order(1, of.clone()), of[1..]);
+    }
+
+    /// Each interval back in forgets one ejection, so the next is shorter again; an address the
+    /// host no longer has is forgotten once it is back in.
+    #[test]
+    fn ejections_are_forgotten_as_intervals_pass_and_gone_addresses_with_them() {
+        let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
+            "192.0.2.1:443".parse().expect("an address"),
+            "192.0.2.2:443".parse().expect("an address"),
+            "192.0.2.3:443".parse().expect("an address"),
+        );
+        let of = [a, b];
+        let h = Health::default();
+        let o = outliers(1, 0, 100);
+        let t0 = std::time::Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let out_until = |addr| {
+            h.lock()
+                .get(&(1, addr))
+                .and_then(|r| r.out_until)
+                .map(|u| u.duration_since(t0).as_secs())
+        };
+        assert!(h.note_at(at(0), 1, a, &of, Outcome::Failed, &o));
+        assert_eq!(out_until(a), Some(30), "30 s the first time");
+        assert!(h.note_at(at(30), 1, a, &of, Outcome::Failed, &o));
+        assert_eq!(out_until(a), Some(90), "twice the base the second");
+        // Back in at 90; 10 s later one ejection is forgotten: the next lasts the base once more.
+        assert!(h.note_at(at(105), 1, a, &of, Outcome::Failed, &o));
+        assert_eq!(out_until(a), Some(105 + 60));
+        // Back in at 165; three intervals forget all: the next lasts the base.
+        assert!(h.note_at(at(200), 1, a, &of, Outcome::Failed, &o));
+        assert_eq!(out_until(a), Some(230));
+
+        // `c` fails once and leaves the host's addresses (a DNS answer changed): forgotten at the
+        // next attempt at another address. `b` stays while it is out.
+        let o = outliers(2, 0, 100);
+        let all = [a, b, c];
+        assert!(!h.note_at(at(300), 1, c, &all, Outcome::Failed, &o));
+        assert!(!h.note_at(at(300), 1, b, &all, Outcome::Failed, &o));
+        assert!(h.note_at(at(300), 1, b, &all, Outcome::Failed, &o));
+        assert!(!h.note_at(at(301), 1, a, &[a], Outcome::Answered(200), &o));
+        assert!(h.lock().get(&(1, c)).is_none(), "c forgotten");
+        assert!(h.lock().get(&(1, b)).is_some(), "b kept while out");
+        assert!(!h.note_at(at(400), 1, a, &[a], Outcome::Answered(200), &o));
+        assert!(h.lock().is_empty(), "b forgotten once back in");
     }
 }
