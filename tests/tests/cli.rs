@@ -133,6 +133,7 @@ spec:
         idleTimeout: 30s
         tcpKeepalive: {time: 60s, interval: 10s, probes: 3}
     outlierDetection: {consecutiveGatewayErrors: 3, interval: 1s, baseEjectionTime: 1m}
+    loadBalancer: {simple: ROUND_ROBIN}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -212,6 +213,11 @@ spec:
                 connects in a row or 3 502, 503 or 504 answers or failed connects in a row, for \
                 60s (longer each time, shorter again after each 1s back in), 10% of the host's \
                 addresses at most (one always may be) (DestinationRule/default/pool)"),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l
+            == "  load balancing: the host's addresses in turn (DestinationRule/default/pool)"),
         "{out}"
     );
     let out = check("192.0.2.50:5432");

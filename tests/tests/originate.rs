@@ -1153,6 +1153,35 @@ async fn an_originated_request_is_retried_on_the_hosts_other_address() {
     a.shutdown().await;
 }
 
+/// A DestinationRule's `loadBalancer.simple` chooses each request's first address: round robin
+/// takes retry.test's addresses in turn (22, which refuses, then 23), where without it every
+/// request tries the dialled 22 first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_takes_the_next_address_under_round_robin() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-balance");
+    let log = log_path("originate-balance");
+    let a = agent_with(
+        &f,
+        &cg,
+        &log,
+        "retry.test",
+        "loadBalancer: {simple: ROUND_ROBIN}",
+    )
+    .await;
+    let urls = [
+        "http://retry.test/a",
+        "http://retry.test/b",
+        "http://retry.test/c",
+    ];
+    let out = curl(&cg, f.w.v4(22), &urls, &[]);
+    assert_eq!(stdout(&out), "sni=retry.test\n200\n".repeat(3), "{out:?}");
+    let r = relay_record(&log, "retry.test");
+    assert_eq!(r.requests, Some(3), "{r:?}");
+    assert_eq!(r.attempts, Some(2 + 1 + 2), "{r:?}");
+    a.shutdown().await;
+}
+
 /// A DestinationRule's `outlierDetection`: an address that failed as many times in a row as it
 /// allows is left out of the next requests' attempts, which go to the host's other address at
 /// once, as Envoy ejects an endpoint.

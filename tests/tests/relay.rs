@@ -1728,6 +1728,93 @@ spec:
     a.shutdown().await;
 }
 
+/// A DestinationRule's `loadBalancer.simple` on a passed-through port chooses the first
+/// attempt's address among the host's, where without one it is the address dialled: here
+/// retry.test's first address (22), which refuses, while its other one (23) serves, so a
+/// connection's attempts tell where it went first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rules_load_balancer_chooses_the_first_attempts_address() {
+    let f = fixture("balance");
+    let cg = TestCgroup::new("relay-balance");
+    let agent = |tag: &str, simple: &str| {
+        let log = log_path(tag);
+        let rule = format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: retry, namespace: shop}}
+spec:
+  host: retry.test
+  trafficPolicy:
+    loadBalancer: {{simple: {simple}}}
+"
+        );
+        let policy = format!("{POLICY}---\n{rule}");
+        let config =
+            f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log));
+        async move { (Agent::start(config).await.expect("agent starts"), log) }
+    };
+    let attempts = |log: &Path, n: usize| {
+        wait_for("the relay records", Duration::from_secs(10), || {
+            records(log)
+                .iter()
+                .filter(|r| r.kind == "relay" && r.sni.as_deref() == Some("retry.test"))
+                .count()
+                == n
+        });
+        records(log)
+            .into_iter()
+            .filter(|r| r.kind == "relay" && r.sni.as_deref() == Some("retry.test"))
+            .map(|r| {
+                (
+                    r.attempts.unwrap_or(0),
+                    r.outcome.unwrap_or_default().into_owned(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let ok = |n: u32| (n, "ok".to_owned());
+
+    // Round robin: the host's addresses in turn, 22 then 23, whichever was dialled.
+    let (a, log) = agent("balance-rr", "ROUND_ROBIN").await;
+    for _ in 0..3 {
+        let out = curl(&cg, &f.pki.ca_pem, "retry.test", f.w.v4(22));
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert_eq!(attempts(&log, 3), [ok(2), ok(1), ok(2)]);
+    a.shutdown().await;
+
+    // Passthrough: the dialled address alone, retries too; 23 is never tried.
+    let (a, log) = agent("balance-passthrough", "PASSTHROUGH").await;
+    let before = f.retry.accepted();
+    let out = curl(&cg, &f.pki.ca_pem, "retry.test", f.w.v4(22));
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(attempts(&log, 1), [(3, "upstream-failed".to_owned())]);
+    assert_eq!(f.retry.accepted(), before, "23 reached");
+    a.shutdown().await;
+
+    // Least request: with one connection held open at 23, of the two addresses the next takes
+    // 22, which has none, first, though it dialled 23.
+    let (a, log) = agent("balance-least", "LEAST_REQUEST").await;
+    let before = f.retry.accepted();
+    let holder = HeldProbe::start(
+        Some(&cg.path),
+        &["hello-hold", &at(f.w.v4(23), 443), "retry.test", "1"],
+        "held",
+    );
+    wait_for(
+        "the held connection upstream",
+        Duration::from_secs(10),
+        || f.retry.accepted() == before + 1,
+    );
+    for _ in 0..2 {
+        let out = curl(&cg, &f.pki.ca_pem, "retry.test", f.w.v4(23));
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert_eq!(attempts(&log, 2), [ok(2), ok(2)]);
+    holder.release();
+    a.shutdown().await;
+}
+
 /// Descriptors a leaked relay connection would hold: pipes, and TCP sockets of this network
 /// namespace that are not listening. The world's servers (other tests' worlds too, which keep
 /// their listeners) live in their own namespaces and are not counted.

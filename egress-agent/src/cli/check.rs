@@ -198,6 +198,21 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
         if let Some((_, o)) = rule.outliers.iter().find(|(p, _)| *p == port) {
             println!("  outlier detection: {} ({})", outliers_text(o), o.by);
         }
+        if let Some((_, b)) = rule.balance.iter().find(|(p, _)| *p == port) {
+            use crate::policy::compile::Balancing;
+            let how = match b.policy {
+                Balancing::Dialled => {
+                    "the address the workload dialled first, then the host's others"
+                }
+                Balancing::RoundRobin => "the host's addresses in turn",
+                Balancing::LeastRequest => {
+                    "of two of the host's addresses drawn at random, the one with fewer in progress"
+                }
+                Balancing::Random => "one of the host's addresses drawn at random",
+                Balancing::Passthrough => "the address the workload dialled alone, retries too",
+            };
+            println!("  load balancing: {how} ({})", b.by);
+        }
     }
     for n in notes {
         println!("  note: {n}");

@@ -17,7 +17,9 @@ use super::{
 };
 use crate::policy::{
     Plan,
-    compile::{Carry, ConnectionPool, Origination, Outliers, RelayRoute, RequestRoute},
+    compile::{
+        Balance, Balancing, Carry, ConnectionPool, Origination, Outliers, RelayRoute, RequestRoute,
+    },
 };
 
 /// A snapshot of the plan and the resolved addresses, replaced on every map sync. The relay reads
@@ -51,6 +53,7 @@ struct Rule {
     originate: Vec<Origination>,
     pools: Vec<(u16, ConnectionPool)>,
     outliers: Vec<(u16, Outliers)>,
+    balance: Vec<(u16, Balance)>,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +126,7 @@ impl Catalog {
                         originate: r.originate.clone(),
                         pools: r.pools.clone(),
                         outliers: r.outliers.clone(),
+                        balance: r.balance.clone(),
                     };
                     (r.id, rule)
                 })
@@ -259,6 +263,14 @@ impl Catalog {
             .outliers
             .iter()
             .find_map(|(p, o)| (*p == port).then_some(o))
+    }
+
+    /// How steered connections to `port`, decided by `rule_id`, choose among the host's
+    /// addresses: the address dialled first, unless a DestinationRule's `loadBalancer` says.
+    pub fn balancing(&self, rule_id: u32, port: u16) -> Balancing {
+        self.rule(rule_id)
+            .and_then(|r| r.balance.iter().find(|(p, _)| *p == port))
+            .map_or(Balancing::Dialled, |(_, b)| b.policy)
     }
 
     /// Fills host, rule and reason from the rule id and destination.

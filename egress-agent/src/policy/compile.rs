@@ -19,9 +19,9 @@ use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{
         ClientTls, ConnectionPoolSettings, DestinationRuleSpec, HeaderOperations, HttpFault,
-        HttpRoute, IstioDuration, OutlierDetection, Percent, PortNumber, PortTrafficPolicy,
-        Protocol, Resolution, Retries, RouteDestination, ServiceEntrySpec, ServicePort,
-        StringMatch, TlsMode, TrafficPolicy, Transport, VirtualServiceSpec,
+        HttpRoute, IstioDuration, LoadBalancerSettings, OutlierDetection, Percent, PortNumber,
+        PortTrafficPolicy, Protocol, Resolution, Retries, RouteDestination, ServiceEntrySpec,
+        ServicePort, SimpleLb, StringMatch, TlsMode, TrafficPolicy, Transport, VirtualServiceSpec,
     },
     tls::{AltName, TlsClient, alt_names, client_config},
 };
@@ -66,6 +66,8 @@ pub struct RuleInfo {
     pub pools: Vec<(u16, ConnectionPool)>,
     /// The DestinationRule's outlier detection the relay applies, by declared port.
     pub outliers: Vec<(u16, Outliers)>,
+    /// The DestinationRule's load balancing the relay applies, by declared port.
+    pub balance: Vec<(u16, Balance)>,
     pub source: Source,
 }
 
@@ -488,6 +490,30 @@ pub struct Outliers {
     pub max_ejection_percent: u32,
     /// The DestinationRule that sets it.
     pub by: String,
+}
+
+/// A DestinationRule's `loadBalancer.simple`: which of the host's addresses a steered
+/// connection's first attempt (a request's, where the relay serves HTTP) goes to. Without one
+/// it goes to the address the workload dialled, and retries to the host's others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    pub policy: Balancing,
+    /// The DestinationRule that sets it.
+    pub by: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balancing {
+    /// The address the workload dialled first (`UNSPECIFIED`, as without a `loadBalancer`).
+    Dialled,
+    /// The host's addresses in turn.
+    RoundRobin,
+    /// The one with fewer attempts in progress of two drawn at random (Envoy's choice of two).
+    LeastRequest,
+    /// One drawn at random.
+    Random,
+    /// The address the workload dialled alone, retries included (Envoy's original destination).
+    Passthrough,
 }
 
 /// `tcpKeepalive`: each unset field keeps the host's setting (net.ipv4.tcp_keepalive_*).
@@ -993,6 +1019,19 @@ fn compile_service_entry(
         ),
         outlier_detection,
     );
+    let balance = per_port(
+        policy,
+        spec,
+        &hosts,
+        &steered,
+        diags,
+        "loadBalancer",
+        (
+            |tp| tp.load_balancer.as_ref(),
+            |pl| pl.load_balancer.as_ref(),
+        ),
+        load_balancer,
+    );
     plan.rules.push(RuleInfo {
         id: rule_id,
         label: label.clone(),
@@ -1002,6 +1041,7 @@ fn compile_service_entry(
         originate,
         pools,
         outliers,
+        balance,
         source: src.clone(),
     });
     let push_fixed = |plan: &mut Plan, net: IpNet, ports: &[(u16, Transport)]| {
@@ -2414,6 +2454,28 @@ fn outlier_detection(
             base_ejection: base.unwrap_or(std::time::Duration::from_secs(30)),
             interval: interval.unwrap_or(std::time::Duration::from_secs(10)),
             max_ejection_percent: percent,
+            by: label.to_owned(),
+        },
+        Vec::new(),
+    ))
+}
+
+/// One `loadBalancer` compiled.
+fn load_balancer(
+    lb: &LoadBalancerSettings,
+    label: &str,
+) -> Result<(Balance, Vec<&'static str>), String> {
+    let policy = match lb.simple {
+        None | Some(SimpleLb::Unspecified) => Balancing::Dialled,
+        Some(SimpleLb::RoundRobin) => Balancing::RoundRobin,
+        Some(SimpleLb::LeastRequest | SimpleLb::LeastConn) => Balancing::LeastRequest,
+        Some(SimpleLb::Random) => Balancing::Random,
+        Some(SimpleLb::Passthrough) => Balancing::Passthrough,
+    };
+    // Its other fields are named by the loader.
+    Ok((
+        Balance {
+            policy,
             by: label.to_owned(),
         },
         Vec::new(),

@@ -364,7 +364,10 @@ const VIRTUAL_SERVICE_UNAPPLIED: &[&str] = &[
 const DESTINATION_RULE_UNAPPLIED: &[&str] = &[
     "workloadSelector",
     "labels",
-    "loadBalancer",
+    "consistentHash",
+    "localityLbSetting",
+    "warmupDurationSecs",
+    "warmup",
     "minHealthPercent",
     "consecutiveErrors",
     "splitExternalLocalOriginErrors",

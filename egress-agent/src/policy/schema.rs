@@ -380,12 +380,37 @@ pub struct TrafficPolicy {
     pub tls: Option<ClientTls>,
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
-    pub load_balancer: Option<IgnoredAny>,
+    pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Option<OutlierDetection>,
     pub tunnel: Option<IgnoredAny>,
     pub proxy_protocol: Option<IgnoredAny>,
     pub retry_budget: Option<IgnoredAny>,
+}
+
+/// `loadBalancer`. The fields egress does not apply are read whole, as unapplied ones are named
+/// by the loader.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerSettings {
+    pub simple: Option<SimpleLb>,
+    pub consistent_hash: Option<IgnoredAny>,
+    pub locality_lb_setting: Option<IgnoredAny>,
+    pub warmup_duration_secs: Option<IgnoredAny>,
+    pub warmup: Option<IgnoredAny>,
+}
+
+/// `loadBalancer.simple`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SimpleLb {
+    Unspecified,
+    /// Istio's deprecated name for `LEAST_REQUEST`.
+    LeastConn,
+    Random,
+    Passthrough,
+    RoundRobin,
+    LeastRequest,
 }
 
 /// `outlierDetection`. The fields egress does not apply are read whole, as unapplied ones are
@@ -410,7 +435,7 @@ pub struct OutlierDetection {
 pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     pub tls: Option<ClientTls>,
-    pub load_balancer: Option<IgnoredAny>,
+    pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Option<OutlierDetection>,
 }

@@ -811,6 +811,59 @@ fn a_destination_rules_outlier_detection_applies_to_steered_ports() {
     }
 }
 
+/// `loadBalancer.simple`, rule-wide or a port's; `LEAST_CONN` is `LEAST_REQUEST`, `UNSPECIFIED`
+/// the dialled address first; what egress does not apply is said, an unknown policy refused.
+#[test]
+fn a_destination_rules_load_balancer_applies_to_steered_ports() {
+    use super::compile::{Balance, Balancing};
+    let yaml = |lb: &str| {
+        format!(
+            "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 443, name: https, protocol: HTTPS}}\n  - {{number: 8443, name: alt, protocol: HTTPS}}\n  - {{number: 9443, name: other, protocol: HTTPS}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - route: [{{destination: {{host: api.example}}}}]\n    timeout: 5s\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: ns}}\nspec:\n  host: api.example\n  trafficPolicy:\n{lb}"
+        )
+    };
+    let balance = |lb: &str| {
+        let (pol, d) = load_str(&yaml(lb), Path::new("p.yaml"));
+        let mut all: Vec<String> = d.iter().map(ToString::to_string).collect();
+        if super::has_errors(&d) {
+            return (Vec::new(), all);
+        }
+        let (plan, more) = compile(&pol, None);
+        all.extend(more.iter().map(ToString::to_string));
+        (plan.rules[0].balance.clone(), all)
+    };
+    let (b, d) = balance(
+        "    loadBalancer: {simple: ROUND_ROBIN, consistentHash: {httpHeaderName: x}}\n    portLevelSettings:\n    - port: {number: 8443}\n      loadBalancer: {simple: LEAST_CONN}\n    - port: {number: 9443}\n      loadBalancer: {simple: UNSPECIFIED}\n",
+    );
+    let by = || "DestinationRule/ns/d".to_owned();
+    let policies: Vec<(u16, Balancing)> = b.iter().map(|(p, b)| (*p, b.policy)).collect();
+    assert_eq!(
+        policies,
+        [
+            (443, Balancing::RoundRobin),
+            (8443, Balancing::LeastRequest),
+            (9443, Balancing::Dialled)
+        ]
+    );
+    assert!(b.iter().all(|(_, b)| *b
+        == Balance {
+            policy: b.policy,
+            by: by()
+        }));
+    assert_eq!(
+        d,
+        [
+            "p.yaml:28:41: warning: `spec.trafficPolicy.loadBalancer.consistentHash` is not applied by egress; ignored"
+        ]
+    );
+    let (_, d) = balance("    loadBalancer: {simple: PASSTHROUGH}\n");
+    assert!(d.is_empty(), "{d:?}");
+    let (_, d) = balance("    loadBalancer: {simple: FASTEST}\n");
+    assert!(
+        d.len() == 1 && d[0].contains("loadBalancer.simple") && d[0].contains("FASTEST"),
+        "{d:?}"
+    );
+}
+
 #[test]
 fn a_destination_rules_connection_pool_applies_to_steered_ports() {
     // api.example is steered (its VirtualService gives it a timeout); plain.example is not.

@@ -4,6 +4,7 @@
 //! (never to a name the client chose, never re-resolved), and carries bytes both ways. On a port
 //! with TLS origination it reads plain HTTP instead and speaks TLS upstream (`originate`). Every
 //! connection ends in a `relay` record.
+mod balance;
 mod health;
 pub mod hello;
 pub mod limits;
@@ -123,6 +124,8 @@ struct Shared {
     pool: Arc<originate::Pool>,
     /// The upstream addresses' errors in a row, and which are ejected (`outlierDetection`).
     health: Arc<health::Health>,
+    /// Round robin's turns and the attempts in progress by address (`loadBalancer`).
+    balancer: Arc<balance::Balancer>,
     /// The connections each workload holds, against the limits.
     admission: limits::Admission,
     /// Set as the relay stops: the connections it ends then are recorded as cut.
@@ -296,6 +299,7 @@ impl Relay {
             peers: Mutex::new(peers),
             pool: Arc::default(),
             health: Arc::default(),
+            balancer: Arc::default(),
             admission: limits::Admission::new(limits),
             stopping: AtomicBool::new(false),
             cut: Mutex::default(),
@@ -1167,23 +1171,25 @@ async fn relay_admitted(
         None => None,
     };
 
-    let (mut server, connected, attempts) = match connect(
-        dst,
-        &upstream,
-        &leave,
-        timeouts.connect,
-        catalog
-            .outliers(steered.rule_id, dst.port())
-            .map(|o| (&*shared.health, steered.rule_id, o)),
-    )
-    .await
-    {
-        Ok(ok) => ok,
-        Err((attempts, reason)) => {
-            let record = with_upstream(attempts, sni, alpn);
-            return refuse(record, "upstream-failed", reason);
-        }
+    let choice = Choice {
+        rule: steered.rule_id,
+        balancer: &shared.balancer,
+        balancing: catalog.balancing(steered.rule_id, dst.port()),
+        health: &shared.health,
+        outliers: catalog.outliers(steered.rule_id, dst.port()),
     };
+    let (mut server, connected, attempts) =
+        match connect(dst, &upstream, &leave, timeouts.connect, &choice).await {
+            Ok(ok) => ok,
+            Err((attempts, reason)) => {
+                let record = with_upstream(attempts, sni, alpn);
+                return refuse(record, "upstream-failed", reason);
+            }
+        };
+    // Held to the connection's end: the least request counts connections in progress.
+    let _in_flight = shared
+        .balancer
+        .start(steered.rule_id, choice.balancing, connected);
     let _ = cut.upstream.set((connected, attempts));
     let sent = if opaque {
         Ok(())
@@ -1385,32 +1391,63 @@ async fn within<F: Future>(limit: Option<Instant>, work: F) -> Option<F::Output>
     }
 }
 
+/// How a connection's attempts choose among the host's addresses: its rule's load balancing and
+/// outlier detection, with what the relay keeps of each.
+struct Choice<'a> {
+    rule: u32,
+    balancer: &'a balance::Balancer,
+    balancing: crate::policy::compile::Balancing,
+    health: &'a health::Health,
+    outliers: Option<&'a crate::policy::compile::Outliers>,
+}
+
+impl Choice<'_> {
+    /// The host's addresses (`targets`, the dialled one first) in the order attempts take them:
+    /// as the load balancing says, without those out (`outlierDetection`). With the addresses
+    /// kept for outlier detection's share (none without it).
+    fn order(&self, targets: Vec<SocketAddr>) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        match self.outliers {
+            Some(_) => {
+                let ordered = self
+                    .balancer
+                    .order(self.rule, self.balancing, targets.clone());
+                (self.health.order(self.rule, ordered), targets)
+            }
+            None => (
+                self.balancer.order(self.rule, self.balancing, targets),
+                Vec::new(),
+            ),
+        }
+    }
+
+    /// Notes how an attempt at `target`, one of the host's addresses `of`, went, where outlier
+    /// detection counts it.
+    fn note(&self, target: SocketAddr, of: &[SocketAddr], outcome: health::Outcome) {
+        if let Some(o) = self.outliers {
+            self.health.note(self.rule, target, of, outcome, o);
+        }
+    }
+}
+
 /// Connects to the original destination, retrying as the route says: the first attempt goes to
-/// the destination the client dialled, later ones may go to other addresses of the same host.
-/// Returns the stream, the address it reached and the number of attempts, or the attempts made
-/// and why the last failed.
-/// Where a DestinationRule asks for outlier detection (`outliers`), the addresses out are left
-/// out of the attempts, and each attempt's outcome counts.
+/// the destination the client dialled, later ones may go to other addresses of the same host,
+/// unless the DestinationRule's load balancing chooses otherwise. Returns the stream, the
+/// address it reached and the number of attempts, or the attempts made and why the last
+/// failed. Where a DestinationRule asks for outlier detection, the addresses out are left out
+/// of the attempts, and each attempt's outcome counts.
 async fn connect(
     dst: SocketAddr,
     upstream: &Upstream,
     leave: &Leave,
     connect_timeout: Duration,
-    outliers: Option<(&health::Health, u32, &crate::policy::compile::Outliers)>,
+    choice: &Choice<'_>,
 ) -> Result<(TcpStream, SocketAddr, u32), (u32, String)> {
     let route = &upstream.route;
     // A connect is bounded by the connect timeout, as Envoy's are, whatever the per-try timeout.
     let per_try = route
         .per_try_timeout
         .map_or(connect_timeout, |t| t.min(connect_timeout));
-    // With outlier detection, the host's addresses (`targets`) too, for its share.
-    let (ordered, targets) = match outliers {
-        Some((health, rule, _)) => {
-            let targets = upstream.targets(dst);
-            (health.order(rule, targets.clone()), targets)
-        }
-        None => (upstream.targets(dst), Vec::new()),
-    };
+    let (ordered, targets) = choice.order(upstream.targets(dst));
     let mut attempts = Attempts::new(
         route,
         route.retries.saturating_add(1),
@@ -1418,11 +1455,7 @@ async fn connect(
         ordered,
     );
     let mut last = String::new();
-    let note = |target, outcome| {
-        if let Some((health, rule, o)) = outliers {
-            health.note(rule, target, &targets, outcome, o);
-        }
-    };
+    let note = |target, outcome| choice.note(target, &targets, outcome);
     loop {
         match attempts.next().await {
             Next::Try { target, limit } => match within(limit, connect_own(target, leave)).await {

@@ -37,7 +37,9 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 
 use super::{
-    Activity, Attempts, Leave, Next, Shared, connect_own,
+    Activity, Attempts, Choice, Leave, Next, Shared,
+    balance::{Balancer, InFlight},
+    connect_own,
     health::{Health, Outcome},
     refuse, within,
 };
@@ -46,8 +48,8 @@ use crate::{
     metrics::Status,
     policy::{
         compile::{
-            Abort, ConnectionPool, HeaderOps, LocalAnswer, MILLION, Origination, Outliers,
-            RelayRoute, RequestMatch, RequestRoute,
+            Abort, Balancing, ConnectionPool, HeaderOps, LocalAnswer, MILLION, Origination,
+            Outliers, RelayRoute, RequestMatch, RequestRoute,
         },
         tls::TlsClient,
     },
@@ -91,6 +93,7 @@ pub(super) async fn serve(
     };
     let dst = super::dst_of(steered);
     let outliers = catalog.outliers(steered.rule_id, dst.port()).cloned();
+    let balancing = catalog.balancing(steered.rule_id, dst.port());
     let state = Arc::new(State {
         dst,
         rule_id: steered.rule_id,
@@ -110,6 +113,8 @@ pub(super) async fn serve(
         max_retries: pool.and_then(|p| Some((p.max_retries?, p.by.clone()))),
         outliers,
         health: Arc::clone(&shared.health),
+        balancing,
+        balancer: Arc::clone(&shared.balancer),
         stats: Mutex::new(Stats::default()),
         pool: Arc::clone(&shared.pool),
         status: Arc::clone(&shared.status),
@@ -231,6 +236,8 @@ struct State {
     /// The DestinationRule's outlier detection for the port, and where it is kept.
     outliers: Option<Outliers>,
     health: Arc<Health>,
+    balancing: Balancing,
+    balancer: Arc<Balancer>,
     /// Requests go on as HTTP/2: the client speaks it, or the DestinationRule upgrades HTTP/1.1
     /// (`h2UpgradePolicy: UPGRADE`).
     h2: bool,
@@ -849,15 +856,8 @@ impl State {
             1
         };
         let first = SocketAddr::new(self.dst.ip(), self.origin.target_port);
-        // Where a DestinationRule asks for outlier detection, the addresses out are left out;
-        // the host's addresses (`targets`) are kept for its share.
-        let (ordered, targets) = match &self.outliers {
-            Some(_) => {
-                let targets = upstream.targets(first);
-                (self.health.order(self.rule_id, targets.clone()), targets)
-            }
-            None => (upstream.targets(first), Vec::new()),
-        };
+        let choice = self.choice();
+        let (ordered, targets) = choice.order(upstream.targets(first));
         let mut attempts = Attempts::new(route, tries, route.per_try_timeout, ordered);
         // The host's connections, where a DestinationRule limits them: counted over its
         // addresses, as Envoy counts a cluster's.
@@ -896,7 +896,7 @@ impl State {
                 if retrying.is_none() {
                     self.status.over_limit("retries");
                     if let Some((target, response)) = retried.take() {
-                        return self.answer(target, response, &ops, active);
+                        return self.answer(target, response, &ops, (active, None));
                     }
                     return self.fail(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -920,23 +920,22 @@ impl State {
                 (None, Some(body)) => body.boxed(),
                 (None, None) => break,
             };
+            // Counted from the attempt until its answer has been passed on whole.
+            let in_flight = self.balancer.start(self.rule_id, self.balancing, target);
             let result = within(
                 limit,
                 self.attempt(target, &tls, slots.as_ref(), build(body)),
             )
             .await
             .unwrap_or(Err(Failure::Timeout));
-            if let Some(outliers) = &self.outliers {
-                let outcome = match &result {
-                    Ok(response) => Some(Outcome::Answered(response.status().as_u16())),
-                    // Refused before it was sent: says nothing of the address.
-                    Err(Failure::Overflow(_)) => None,
-                    Err(_) => Some(Outcome::Failed),
-                };
-                if let Some(outcome) = outcome {
-                    self.health
-                        .note(self.rule_id, target, &targets, outcome, outliers);
-                }
+            let outcome = match &result {
+                Ok(response) => Some(Outcome::Answered(response.status().as_u16())),
+                // Refused before it was sent: says nothing of the address.
+                Err(Failure::Overflow(_)) => None,
+                Err(_) => Some(Outcome::Failed),
+            };
+            if let Some(outcome) = outcome {
+                choice.note(target, &targets, outcome);
             }
             match result {
                 Ok(response)
@@ -948,7 +947,9 @@ impl State {
                         retried = Some((target, response));
                     }
                 }
-                Ok(response) => return self.answer(target, response, &ops, active),
+                Ok(response) => {
+                    return self.answer(target, response, &ops, (active, in_flight));
+                }
                 Err(Failure::Certificate(e)) => {
                     return self.fail(StatusCode::SERVICE_UNAVAILABLE, "upstream-failed", e);
                 }
@@ -1181,12 +1182,25 @@ impl State {
         reusable(upstream, self.max_requests, self.max_age)
     }
 
+    /// How this connection's requests choose among the host's addresses.
+    fn choice(&self) -> Choice<'_> {
+        Choice {
+            rule: self.rule_id,
+            balancer: &self.balancer,
+            balancing: self.balancing,
+            health: &self.health,
+            outliers: self.outliers.as_ref(),
+        }
+    }
+
+    /// The upstream's answer as the client gets it, holding (`held`) the request's place among
+    /// the host's requests in progress and its count at `target`, where they are kept.
     fn answer(
         &self,
         target: SocketAddr,
         response: Response<Body>,
         ops: &[&HeaderOps],
-        active: Option<Slot>,
+        held: (Option<Slot>, Option<InFlight>),
     ) -> Response<Body> {
         {
             let mut stats = self.stats();
@@ -1198,23 +1212,20 @@ impl State {
         for ops in ops {
             HeaderOps::apply(&ops.response, &mut parts.headers);
         }
-        let body = match active {
-            Some(place) => Holding {
-                body,
-                _place: place,
-            }
-            .boxed(),
-            None => body,
+        let body = match held {
+            (None, None) => body,
+            held => Holding { body, _held: held }.boxed(),
         };
         Response::from_parts(parts, body)
     }
 }
 
 /// An answer's body that holds its request's place among the host's requests in progress
-/// (`http2MaxRequests`) until the relay is done with it: read whole and sent, or dropped.
+/// (`http2MaxRequests`) and its count among the address's (the least request) until the relay
+/// is done with it: read whole and sent, or dropped.
 struct Holding {
     body: Body,
-    _place: Slot,
+    _held: (Option<Slot>, Option<InFlight>),
 }
 
 impl hyper::body::Body for Holding {
