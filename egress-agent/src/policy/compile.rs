@@ -1059,6 +1059,29 @@ fn compile_service_entry(
     for a in &spec.addresses {
         push_fixed(plan, a.0, &ports);
     }
+    // Istio's proxy takes a connection to a STATIC entry's address to its endpoints; egress lets
+    // it go to the address dialled. Where that is none of the endpoints, say so.
+    if resolution == Resolution::Static {
+        let virtual_nets: Vec<String> = spec
+            .addresses
+            .iter()
+            .filter(|a| !endpoint_ips.iter().any(|(_, ip)| a.0.contains(ip)))
+            .map(|a| a.0.to_string())
+            .collect();
+        if !virtual_nets.is_empty() {
+            diag(
+                diags,
+                Severity::Warning,
+                src,
+                format!(
+                    "{label}: spec.addresses {} hold none of the endpoints: Istio's proxy sends \
+                     connections to them on to the endpoints, egress lets them go to the address \
+                     dialled itself, where nothing may answer; workloads should dial the endpoints",
+                    virtual_nets.join(", ")
+                ),
+            );
+        }
+    }
     // Hosts that are IP literals stand for themselves, whatever the resolution.
     let mut names = Vec::new();
     for h in &hosts {
