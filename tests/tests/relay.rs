@@ -1728,6 +1728,50 @@ spec:
     a.shutdown().await;
 }
 
+/// A STATIC entry's endpoints serve each other's retries: tls.test's endpoints are hosts 22
+/// (nothing listens) and 23, and a connection dialled to 22 is retried at 23.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_entrys_other_endpoint_serves_a_retry() {
+    let f = fixture("static");
+    let cg = TestCgroup::new("relay-static");
+    let log = log_path("relay-static");
+    let policy = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: static, namespace: shop}}
+spec:
+  hosts: [tls.test]
+  ports: [{{number: 443, name: https, protocol: HTTPS}}]
+  resolution: STATIC
+  endpoints: [{{address: {}}}, {{address: {}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: static, namespace: shop}}
+spec:
+  hosts: [tls.test]
+  http:
+  - route: [{{destination: {{host: tls.test}}}}]
+    retries: {{attempts: 2, perTryTimeout: 1s}}
+",
+        f.w.v4(22),
+        f.w.v4(23)
+    );
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let out = curl(&cg, &f.pki.ca_pem, "tls.test", f.w.v4(22));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=tls.test\n");
+    let r = relay_record(&log, "the retried connection", |r| {
+        r.sni.as_deref() == Some("tls.test")
+    });
+    assert_eq!(r.attempts, Some(2), "{r:?}");
+    assert_eq!(shown(r.upstream), at(f.w.v4(23), 443), "{r:?}");
+    assert_eq!(f.retry.names(), [Some("tls.test".to_owned())]);
+    a.shutdown().await;
+}
+
 /// A DestinationRule's `loadBalancer.simple` on a passed-through port chooses the first
 /// attempt's address among the host's, where without one it is the address dialled: here
 /// retry.test's first address (22), which refuses, while its other one (23) serves, so a

@@ -18,7 +18,8 @@ use super::{
 use crate::policy::{
     Plan,
     compile::{
-        Balance, Balancing, Carry, ConnectionPool, Origination, Outliers, RelayRoute, RequestRoute,
+        Balance, Balancing, Carry, ConnectionPool, EndpointGroup, Origination, Outliers,
+        RelayRoute, RequestRoute,
     },
 };
 
@@ -54,6 +55,7 @@ struct Rule {
     pools: Vec<(u16, ConnectionPool)>,
     outliers: Vec<(u16, Outliers)>,
     balance: Vec<(u16, Balance)>,
+    endpoint_groups: Vec<EndpointGroup>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +129,7 @@ impl Catalog {
                         pools: r.pools.clone(),
                         outliers: r.outliers.clone(),
                         balance: r.balance.clone(),
+                        endpoint_groups: r.endpoint_groups.clone(),
                     };
                     (r.id, rule)
                 })
@@ -189,21 +192,45 @@ impl Catalog {
             )
         })?;
         let (dst, port) = (dst.ip(), dst.port());
-        let alternates = match self.addrs.get(&**host) {
-            Some(addrs) if !addrs.contains(&dst) => {
-                return Err(format!(
-                    "server name {} does not resolve to the destination {dst}",
-                    sni.to_ascii_lowercase()
-                ));
-            }
-            Some(addrs) => addrs.iter().copied().filter(|a| *a != dst).collect(),
-            None => Vec::new(),
-        };
+        if let Some(addrs) = self.addrs.get(&**host)
+            && !addrs.contains(&dst)
+        {
+            return Err(format!(
+                "server name {} does not resolve to the destination {dst}",
+                sni.to_ascii_lowercase()
+            ));
+        }
         Ok(Upstream {
             host: host.clone(),
             route: route_of(routes, port),
-            alternates,
+            alternates: self.alternates(rule_id, host, dst),
         })
+    }
+
+    /// The other addresses that may serve a connection to `dst` of `host`, decided by `rule_id`:
+    /// those of `dst`'s group of endpoints (`RuleInfo::endpoint_groups`), resolved where they are
+    /// names, else the host's resolved addresses.
+    fn alternates(&self, rule_id: u32, host: &str, dst: IpAddr) -> Vec<IpAddr> {
+        let resolved = |name: &str| self.addrs.get(name).into_iter().flatten().copied();
+        let groups = self
+            .rule(rule_id)
+            .map_or(&[][..], |r| &r.endpoint_groups[..]);
+        let all: Vec<IpAddr> = if groups.is_empty() {
+            resolved(host).collect()
+        } else {
+            groups
+                .iter()
+                .map(|g| {
+                    g.ips
+                        .iter()
+                        .copied()
+                        .chain(g.names.iter().flat_map(|n| resolved(n)))
+                        .collect::<Vec<_>>()
+                })
+                .find(|g| g.contains(&dst))
+                .unwrap_or_default()
+        };
+        all.into_iter().filter(|a| *a != dst).collect()
     }
 
     /// How the relay takes a steered connection to `port`, decided by `rule_id`: as TLS unless
@@ -228,7 +255,7 @@ impl Catalog {
         Ok(Upstream {
             host: Name::clone(host),
             route: route_of(&rule.routes, dst.port()),
-            alternates: Vec::new(),
+            alternates: self.alternates(rule_id, host, dst.ip()),
         })
     }
 
@@ -477,6 +504,76 @@ mod tests {
             record.host.map(|h| h.to_string()),
             record.rule.map(|r| r.to_string()),
         )
+    }
+
+    /// Retries and load balancing may take a connection to the other addresses of its host:
+    /// a STATIC entry's endpoints that take the port on the same number, or a DNS host's
+    /// resolved addresses; for TLS and for TCP carried as it comes alike.
+    #[test]
+    fn a_connections_alternates_are_its_endpoints_group_or_its_hosts_addresses() {
+        let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db}
+spec:
+  hosts: [db.internal]
+  ports: [{number: 5432, name: pg, protocol: TCP}, {number: 443, name: tls, protocol: TLS}]
+  resolution: STATIC
+  endpoints:
+  - address: 10.0.0.1
+  - address: 10.0.0.2
+  - {address: 10.0.0.3, ports: {pg: 6432}}
+  - address: 10.0.0.4
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.test]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+";
+        let (policy, d) = crate::policy::load_str(yaml, std::path::Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = crate::policy::compile(&policy, None);
+        assert!(d.is_empty(), "{d:?}");
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("an address");
+        let resolved = HashMap::from([(
+            "api.test".to_owned(),
+            vec![ip("192.0.2.1"), ip("192.0.2.2")],
+        )]);
+        let catalog = Catalog::new(&plan, &resolved);
+        let (db, api) = (plan.rules[0].id, plan.rules[1].id);
+        let at = |s: &str, port| SocketAddr::new(ip(s), port);
+        let alternates = |u: super::Upstream| u.alternates;
+        assert_eq!(
+            alternates(catalog.carried(db, at("10.0.0.2", 5432)).expect("carried")),
+            [ip("10.0.0.1"), ip("10.0.0.4")],
+            "10.0.0.3 takes the port on another number"
+        );
+        assert_eq!(
+            alternates(catalog.carried(db, at("10.0.0.3", 6432)).expect("carried")),
+            Vec::<std::net::IpAddr>::new()
+        );
+        assert_eq!(
+            alternates(
+                catalog
+                    .upstream(db, "db.internal", at("10.0.0.1", 443))
+                    .expect("allowed")
+            ),
+            [ip("10.0.0.2"), ip("10.0.0.4")]
+        );
+        assert_eq!(
+            alternates(
+                catalog
+                    .upstream(api, "api.test", at("192.0.2.2", 443))
+                    .expect("allowed")
+            ),
+            [ip("192.0.2.1")]
+        );
+        assert_eq!(
+            alternates(catalog.carried(api, at("192.0.2.1", 443)).expect("carried")),
+            [ip("192.0.2.2")]
+        );
     }
 
     #[test]

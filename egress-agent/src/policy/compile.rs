@@ -68,7 +68,19 @@ pub struct RuleInfo {
     pub outliers: Vec<(u16, Outliers)>,
     /// The DestinationRule's load balancing the relay applies, by declared port.
     pub balance: Vec<(u16, Balance)>,
+    /// The endpoints, in groups that take every port on the same number (`endpoints[].ports`):
+    /// the relay's retries and load balancing may take a connection to one of a group to the
+    /// others. None: the host's resolved addresses are its endpoints.
+    pub endpoint_groups: Vec<EndpointGroup>,
     pub source: Source,
+}
+
+/// Endpoints of a ServiceEntry that take its ports on the same numbers: addresses, and names
+/// resolved by DNS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointGroup {
+    pub ips: Vec<IpAddr>,
+    pub names: Vec<String>,
 }
 
 /// One port of a rule whose connections are steered to the relay.
@@ -1042,6 +1054,7 @@ fn compile_service_entry(
         pools,
         outliers,
         balance,
+        endpoint_groups: endpoint_groups(spec),
         source: src.clone(),
     });
     let push_fixed = |plan: &mut Plan, net: IpNet, ports: &[(u16, Transport)]| {
@@ -1143,6 +1156,32 @@ fn compile_service_entry(
             }
         }
     }
+}
+
+/// A ServiceEntry's endpoints grouped by their port numbers (`endpoints[].ports`), in order.
+fn endpoint_groups(spec: &ServiceEntrySpec) -> Vec<EndpointGroup> {
+    let mut groups: Vec<(&BTreeMap<String, PortNumber>, EndpointGroup)> = Vec::new();
+    for ep in &spec.endpoints {
+        let Some(addr) = ep.address.as_deref() else {
+            continue;
+        };
+        if addr.starts_with("unix://") {
+            continue;
+        }
+        let at = match groups.iter().position(|(ports, _)| **ports == ep.ports) {
+            Some(at) => at,
+            None => {
+                groups.push((&ep.ports, EndpointGroup::default()));
+                groups.len() - 1
+            }
+        };
+        let group = &mut groups[at].1;
+        match addr.parse::<IpAddr>() {
+            Ok(ip) => group.ips.push(ip),
+            Err(_) => group.names.push(normalize_host(addr)),
+        }
+    }
+    groups.into_iter().map(|(_, g)| g).collect()
 }
 
 /// The ports of a ServiceEntry whose traffic Istio would send through an egress gateway (or have
