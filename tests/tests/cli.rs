@@ -101,6 +101,7 @@ kind: ServiceEntry
 metadata: {name: api}
 spec:
   hosts: [api.pool.test]
+  addresses: [240.0.0.50]
   ports:
   - {number: 443, name: https, protocol: HTTPS}
   - {number: 80, name: http, protocol: HTTP}
@@ -222,10 +223,14 @@ spec:
     );
     let out = check("192.0.2.50:5432");
     assert!(
-        out.contains(
-            "\n  relay: TCP carried as it comes, to the destination connected to (nothing in it \
-             names a host)\n"
-        ),
+        out.contains("\n  relay: TCP carried as it comes (nothing in it names a host)\n"),
+        "{out}"
+    );
+    // A virtual address of the entry, taken on to its endpoint.
+    let out = check("240.0.0.50:5432");
+    assert!(
+        out.starts_with("steer tcp 240.0.0.50:5432 ServiceEntry/default/api\n")
+            && out.contains("\n  upstream: the endpoints 192.0.2.50 (240.0.0.50 is virtual)\n"),
         "{out}"
     );
     let out = check("192.0.2.51:80");

@@ -1772,6 +1772,45 @@ spec:
     a.shutdown().await;
 }
 
+/// A STATIC entry's virtual address (one that holds none of its endpoints, where nothing
+/// answers) is taken on to the endpoints, as Istio's proxy takes it: tls.test at host 99, its
+/// endpoint host 20.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_entrys_virtual_address_is_taken_on_to_its_endpoints() {
+    let f = fixture("virtual");
+    let cg = TestCgroup::new("relay-virtual");
+    let log = log_path("relay-virtual");
+    let policy = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: virtual, namespace: shop}}
+spec:
+  hosts: [tls.test]
+  addresses: [{}]
+  ports: [{{number: 443, name: https, protocol: HTTPS}}]
+  resolution: STATIC
+  endpoints: [{{address: {}}}]
+",
+        f.w.v4(99),
+        f.w.v4(20)
+    );
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let out = curl(&cg, &f.pki.ca_pem, "tls.test", f.w.v4(99));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=tls.test\n");
+    let r = relay_record(&log, "the virtual address's connection", |r| {
+        r.sni.as_deref() == Some("tls.test")
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(shown(r.dst), at(f.w.v4(99), 443), "{r:?}");
+    assert_eq!(shown(r.upstream), at(f.w.v4(20), 443), "{r:?}");
+    assert_eq!(r.attempts, Some(1), "{r:?}");
+    assert_eq!(f.tls4.names(), [Some("tls.test".to_owned())]);
+    a.shutdown().await;
+}
+
 /// A DestinationRule's `loadBalancer.simple` on a passed-through port chooses the first
 /// attempt's address among the host's, where without one it is the address dialled: here
 /// retry.test's first address (22), which refuses, while its other one (23) serves, so a

@@ -133,10 +133,9 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                 .find(|s| s.port == port)
                 .map(|s| s.carry)
             {
-                Some(Carry::Opaque) => println!(
-                    "  relay: TCP carried as it comes, to the destination connected to \
-                     (nothing in it names a host)"
-                ),
+                Some(Carry::Opaque) => {
+                    println!("  relay: TCP carried as it comes (nothing in it names a host)")
+                }
                 Some(Carry::Detect) => println!(
                     "  relay: told by the client's first bytes: TLS passed through (the server \
                      name must be a host of {}), HTTP/1.1 and HTTP/2 served as such (each \
@@ -179,6 +178,20 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                     .map(|r| r.by.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")
+            );
+        }
+        if let Dest::Ip(ip, _) = dest
+            && rule.virtual_nets.iter().any(|net| net.contains(&ip))
+        {
+            let endpoints: Vec<String> = rule
+                .endpoint_groups
+                .iter()
+                .filter(|g| !g.renumbers)
+                .flat_map(|g| g.ips.iter().map(ToString::to_string).chain(g.names.clone()))
+                .collect();
+            println!(
+                "  upstream: the endpoints {} ({ip} is virtual)",
+                endpoints.join(", ")
             );
         }
         // Faults, which a request may meet without its client knowing why.

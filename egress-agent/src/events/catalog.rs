@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ipnet::IpNet;
+
 use egress_common::{RULE_AF_XDP, RULE_LOOPBACK, RULE_MODE, RULE_QDISC_BYPASS, RULE_RESOLVER};
 
 use super::{
@@ -56,6 +58,7 @@ struct Rule {
     outliers: Vec<(u16, Outliers)>,
     balance: Vec<(u16, Balance)>,
     endpoint_groups: Vec<EndpointGroup>,
+    virtual_nets: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -76,13 +79,17 @@ pub struct Upstream {
     pub route: Arc<RelayRoute>,
     /// Other addresses of the same host, for retries.
     pub alternates: Vec<IpAddr>,
+    /// The address dialled serves too: false for a virtual one (`RuleInfo::virtual_nets`).
+    pub dialled: bool,
 }
 
 impl Upstream {
-    /// Where attempts go, in turn: `dst` first, then the host's other addresses of the same
-    /// family, on `dst`'s port.
+    /// Where attempts go, in turn: `dst` first (unless it is virtual), then the host's other
+    /// addresses of the same family, on `dst`'s port.
     pub fn targets(&self, dst: SocketAddr) -> Vec<SocketAddr> {
-        std::iter::once(dst)
+        self.dialled
+            .then_some(dst)
+            .into_iter()
             .chain(
                 self.alternates
                     .iter()
@@ -130,6 +137,7 @@ impl Catalog {
                         outliers: r.outliers.clone(),
                         balance: r.balance.clone(),
                         endpoint_groups: r.endpoint_groups.clone(),
+                        virtual_nets: r.virtual_nets.clone(),
                     };
                     (r.id, rule)
                 })
@@ -200,37 +208,45 @@ impl Catalog {
                 sni.to_ascii_lowercase()
             ));
         }
+        let (alternates, dialled) = self.alternates(rule_id, host, dst);
         Ok(Upstream {
             host: host.clone(),
             route: route_of(routes, port),
-            alternates: self.alternates(rule_id, host, dst),
+            alternates,
+            dialled,
         })
     }
 
     /// The other addresses that may serve a connection to `dst` of `host`, decided by `rule_id`:
     /// those of `dst`'s group of endpoints (`RuleInfo::endpoint_groups`), resolved where they are
-    /// names, else the host's resolved addresses.
-    fn alternates(&self, rule_id: u32, host: &str, dst: IpAddr) -> Vec<IpAddr> {
+    /// names, else the host's resolved addresses; for a virtual `dst`, the endpoints that take
+    /// the ports on their own numbers. With whether `dst` serves itself.
+    fn alternates(&self, rule_id: u32, host: &str, dst: IpAddr) -> (Vec<IpAddr>, bool) {
         let resolved = |name: &str| self.addrs.get(name).into_iter().flatten().copied();
-        let groups = self
-            .rule(rule_id)
-            .map_or(&[][..], |r| &r.endpoint_groups[..]);
-        let all: Vec<IpAddr> = if groups.is_empty() {
+        let Some(rule) = self.rule(rule_id) else {
+            return (Vec::new(), true);
+        };
+        let members = |g: &EndpointGroup| {
+            g.ips
+                .iter()
+                .copied()
+                .chain(g.names.iter().flat_map(|n| resolved(n)))
+                .collect::<Vec<_>>()
+        };
+        if rule.virtual_nets.iter().any(|net| net.contains(&dst)) {
+            let endpoints = rule.endpoint_groups.iter().filter(|g| !g.renumbers);
+            return (endpoints.flat_map(members).collect(), false);
+        }
+        let all: Vec<IpAddr> = if rule.endpoint_groups.is_empty() {
             resolved(host).collect()
         } else {
-            groups
+            rule.endpoint_groups
                 .iter()
-                .map(|g| {
-                    g.ips
-                        .iter()
-                        .copied()
-                        .chain(g.names.iter().flat_map(|n| resolved(n)))
-                        .collect::<Vec<_>>()
-                })
+                .map(members)
                 .find(|g| g.contains(&dst))
                 .unwrap_or_default()
         };
-        all.into_iter().filter(|a| *a != dst).collect()
+        (all.into_iter().filter(|a| *a != dst).collect(), true)
     }
 
     /// How the relay takes a steered connection to `port`, decided by `rule_id`: as TLS unless
@@ -252,10 +268,12 @@ impl Catalog {
             .find(|n| rule.hosts.contains(n))
             .or(rule.hosts.first())
             .ok_or_else(|| format!("{} has no host", rule.label))?;
+        let (alternates, dialled) = self.alternates(rule_id, host, dst.ip());
         Ok(Upstream {
             host: Name::clone(host),
             route: route_of(&rule.routes, dst.port()),
-            alternates: self.alternates(rule_id, host, dst.ip()),
+            alternates,
+            dialled,
         })
     }
 
@@ -508,7 +526,8 @@ mod tests {
 
     /// Retries and load balancing may take a connection to the other addresses of its host:
     /// a STATIC entry's endpoints that take the port on the same number, or a DNS host's
-    /// resolved addresses; for TLS and for TCP carried as it comes alike.
+    /// resolved addresses; for TLS and for TCP carried as it comes alike. A connection to a
+    /// virtual address goes to the endpoints alone.
     #[test]
     fn a_connections_alternates_are_its_endpoints_group_or_its_hosts_addresses() {
         let yaml = "apiVersion: networking.istio.io/v1
@@ -516,6 +535,7 @@ kind: ServiceEntry
 metadata: {name: db}
 spec:
   hosts: [db.internal]
+  addresses: [240.0.0.10]
   ports: [{number: 5432, name: pg, protocol: TCP}, {number: 443, name: tls, protocol: TLS}]
   resolution: STATIC
   endpoints:
@@ -573,6 +593,23 @@ spec:
         assert_eq!(
             alternates(catalog.carried(api, at("192.0.2.1", 443)).expect("carried")),
             [ip("192.0.2.2")]
+        );
+        // A virtual address: the endpoints that take the port on its own number, itself not.
+        let vip = catalog
+            .carried(db, at("240.0.0.10", 5432))
+            .expect("carried");
+        assert_eq!(
+            vip.targets(at("240.0.0.10", 5432)),
+            [
+                at("10.0.0.1", 5432),
+                at("10.0.0.2", 5432),
+                at("10.0.0.4", 5432)
+            ]
+        );
+        let dialled = catalog.carried(db, at("10.0.0.4", 5432)).expect("carried");
+        assert_eq!(
+            dialled.targets(at("10.0.0.4", 5432))[0],
+            at("10.0.0.4", 5432)
         );
     }
 

@@ -72,6 +72,9 @@ pub struct RuleInfo {
     /// the relay's retries and load balancing may take a connection to one of a group to the
     /// others. None: the host's resolved addresses are its endpoints.
     pub endpoint_groups: Vec<EndpointGroup>,
+    /// A STATIC entry's addresses that hold none of its endpoints: connections to them are
+    /// steered, and the relay takes them on to the endpoints.
+    pub virtual_nets: Vec<IpNet>,
     pub source: Source,
 }
 
@@ -81,6 +84,8 @@ pub struct RuleInfo {
 pub struct EndpointGroup {
     pub ips: Vec<IpAddr>,
     pub names: Vec<String>,
+    /// Its endpoints take some port on another number than the ServiceEntry's.
+    pub renumbers: bool,
 }
 
 /// One port of a rule whose connections are steered to the relay.
@@ -102,6 +107,9 @@ pub struct SteeredPort {
     /// takes the first it matches (its retries and timeout), and one that matches none is
     /// answered 404, as Envoy answers it. None: every request takes `route`.
     pub requests: Vec<RequestRoute>,
+    /// Steered only where dialled at one of the ServiceEntry's virtual addresses
+    /// (`RuleInfo::virtual_nets`): connections to its endpoints go direct.
+    pub virtual_only: bool,
 }
 
 /// An HTTP route of a VirtualService, as the relay applies it to each request on a port it
@@ -943,7 +951,18 @@ fn compile_service_entry(
         .expect("an unused key");
     let rule_id = plan.ids.assign(prev, key);
     let hosts: Vec<String> = spec.hosts.iter().map(|h| normalize_host(h)).collect();
-    let mut steered = steered_ports(policy, spec, &hosts, diags);
+    // A STATIC entry's addresses that hold none of its endpoints are virtual: Istio's proxy takes
+    // connections to them on to the endpoints, and so does the relay (nothing may answer there).
+    let virtual_nets: Vec<IpNet> = if resolution == Resolution::Static {
+        spec.addresses
+            .iter()
+            .map(|a| a.0)
+            .filter(|net| !endpoint_ips.iter().any(|(_, ip)| net.contains(ip)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut steered = steered_ports(policy, spec, &hosts, &virtual_nets, diags);
     let ports: Vec<(u16, Transport)> = spec
         .ports
         .iter()
@@ -978,7 +997,7 @@ fn compile_service_entry(
     steered.sort_by_key(|s| s.port);
     steered.dedup_by_key(|s| s.port);
     let verdict = |port: u16| {
-        if steered.iter().any(|s| s.port == port) {
+        if steered.iter().any(|s| s.port == port && !s.virtual_only) {
             Verdict::Steer
         } else {
             Verdict::Allow
@@ -1055,6 +1074,7 @@ fn compile_service_entry(
         outliers,
         balance,
         endpoint_groups: endpoint_groups(spec),
+        virtual_nets: virtual_nets.clone(),
         source: src.clone(),
     });
     let push_fixed = |plan: &mut Plan, net: IpNet, ports: &[(u16, Transport)]| {
@@ -1070,29 +1090,22 @@ fn compile_service_entry(
         }
     };
     for a in &spec.addresses {
-        push_fixed(plan, a.0, &ports);
-    }
-    // Istio's proxy takes a connection to a STATIC entry's address to its endpoints; egress lets
-    // it go to the address dialled. Where that is none of the endpoints, say so.
-    if resolution == Resolution::Static {
-        let virtual_nets: Vec<String> = spec
-            .addresses
-            .iter()
-            .filter(|a| !endpoint_ips.iter().any(|(_, ip)| a.0.contains(ip)))
-            .map(|a| a.0.to_string())
-            .collect();
-        if !virtual_nets.is_empty() {
-            diag(
-                diags,
-                Severity::Warning,
-                src,
-                format!(
-                    "{label}: spec.addresses {} hold none of the endpoints: Istio's proxy sends \
-                     connections to them on to the endpoints, egress lets them go to the address \
-                     dialled itself, where nothing may answer; workloads should dial the endpoints",
-                    virtual_nets.join(", ")
-                ),
-            );
+        if virtual_nets.contains(&a.0) {
+            for &(port, transport) in &ports {
+                let verdict = match transport {
+                    Transport::Tcp => Verdict::Steer,
+                    Transport::Udp => verdict(port),
+                };
+                plan.fixed.push(Entry {
+                    net: a.0,
+                    port,
+                    transport,
+                    verdict,
+                    rule_id,
+                });
+            }
+        } else {
+            push_fixed(plan, a.0, &ports);
         }
     }
     // Hosts that are IP literals stand for themselves, whatever the resolution.
@@ -1171,7 +1184,11 @@ fn endpoint_groups(spec: &ServiceEntrySpec) -> Vec<EndpointGroup> {
         let at = match groups.iter().position(|(ports, _)| **ports == ep.ports) {
             Some(at) => at,
             None => {
-                groups.push((&ep.ports, EndpointGroup::default()));
+                let group = EndpointGroup {
+                    renumbers: !ep.ports.is_empty(),
+                    ..EndpointGroup::default()
+                };
+                groups.push((&ep.ports, group));
                 groups.len() - 1
             }
         };
@@ -1194,6 +1211,7 @@ fn steered_ports(
     policy: &Policy,
     spec: &ServiceEntrySpec,
     hosts: &[String],
+    virtual_nets: &[IpNet],
     diags: &mut Diags,
 ) -> Vec<SteeredPort> {
     // Each route compiled once, however many ports it covers (its diagnostics with it).
@@ -1212,10 +1230,25 @@ fn steered_ports(
         let port = p.number.0;
         // HTTP/2 and gRPC too: their requests are served as HTTP/2.
         let served_as_http = p.protocol.is_none_or(Protocol::is_http);
+        let mut virtual_only = false;
         let (why, http, onward) = match route_reason(policy, hosts, port, served_as_http) {
             Some(r) => (r.why, r.http, r.onward),
             None => match origination_reason(policy, hosts, p) {
                 Some(why) => (why, http_route(policy, hosts, port), None),
+                // The relay carries TCP.
+                None if !virtual_nets.is_empty()
+                    && p.protocol.map_or(Transport::Tcp, Protocol::transport) == Transport::Tcp =>
+                {
+                    virtual_only = true;
+                    let nets: Vec<String> = virtual_nets.iter().map(ToString::to_string).collect();
+                    let why = format!(
+                        "spec.addresses {} hold none of the endpoints (virtual): the relay takes \
+                         connections to port {port} there on to the endpoints, as Istio's proxy \
+                         does",
+                        nets.join(", ")
+                    );
+                    (why, http_route(policy, hosts, port), None)
+                }
                 None => continue,
             },
         };
@@ -1269,6 +1302,7 @@ fn steered_ports(
             carry,
             onward,
             requests,
+            virtual_only,
         });
     }
     out
