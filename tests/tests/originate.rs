@@ -309,6 +309,47 @@ spec:
     a.shutdown().await;
 }
 
+/// A STATIC entry's virtual address on a port where egress originates TLS: the requests leave
+/// as verified TLS to its endpoint (plain.test's server, host 20), as Istio's proxy sends them;
+/// host 98 is the virtual address, where nothing answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_to_a_virtual_address_leave_for_its_endpoint() {
+    let f = fixture();
+    let policy = format!(
+        "{}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: virtual, namespace: shop}}
+spec:
+  hosts: [plain.test]
+  addresses: [{}]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 443}}]
+  resolution: STATIC
+  endpoints: [{{address: {}}}]
+",
+        f.policy,
+        f.w.v4(98),
+        f.w.v4(20)
+    );
+    let cg = TestCgroup::new("originate-virtual");
+    let log = log_path("originate-virtual");
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let out = curl(&cg, f.w.v4(98), &["http://plain.test/"], &[]);
+    assert_eq!(stdout(&out), "sni=plain.test\n200\n", "{out:?}");
+    let r = relay_record(&log, "plain.test");
+    assert_eq!(
+        r.rule.as_deref(),
+        Some("ServiceEntry/shop/virtual"),
+        "{r:?}"
+    );
+    assert_eq!(r.origination.as_deref(), Some("SIMPLE"), "{r:?}");
+    assert_eq!(shown(r.dst), at(f.w.v4(98), 80), "{r:?}");
+    assert_eq!(shown(r.upstream), at(f.w.v4(20), 443), "{r:?}");
+    a.shutdown().await;
+}
+
 /// Istio's egress gateway for HTTP: a VirtualService routes a host's plain HTTP port to the
 /// gateway. The relay serves it as HTTP: each request's host is checked against the kernel's
 /// record, each takes the route its path matches, and goes on as plain HTTP.

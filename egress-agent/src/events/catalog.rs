@@ -181,13 +181,15 @@ impl Catalog {
     /// Whether a steered connection to `dst`, decided by `rule_id`, may go on with this TLS
     /// server name: the name must be one of the rule's hosts, and a host resolved by DNS must
     /// have resolved to `dst` (the kernel's record, never the client's word). Hosts with fixed
-    /// addresses and wildcard hosts match by name. The error says why not. With the route of
-    /// `dst`'s port.
+    /// addresses or endpoints of their own, and wildcard hosts, match by name: every endpoint
+    /// serves every host of its ServiceEntry. The error says why not. With the route of `dst`'s
+    /// port.
     pub fn upstream(&self, rule_id: u32, sni: &str, dst: SocketAddr) -> Result<Upstream, String> {
         let Rule {
             label,
             hosts,
             routes,
+            endpoint_groups,
             ..
         } = self
             .rule(rule_id)
@@ -200,7 +202,8 @@ impl Catalog {
             )
         })?;
         let (dst, port) = (dst.ip(), dst.port());
-        if let Some(addrs) = self.addrs.get(&**host)
+        if endpoint_groups.is_empty()
+            && let Some(addrs) = self.addrs.get(&**host)
             && !addrs.contains(&dst)
         {
             return Err(format!(
