@@ -1790,9 +1790,21 @@ spec:
   ports: [{{number: 443, name: https, protocol: HTTPS}}]
   resolution: STATIC
   endpoints: [{{address: {}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: renumbered, namespace: shop}}
+spec:
+  hosts: [other.test]
+  addresses: [{}]
+  ports: [{{number: 443, name: https, protocol: HTTPS}}]
+  resolution: STATIC
+  endpoints: [{{address: {}, ports: {{https: 8443}}}}]
 ",
         f.w.v4(99),
-        f.w.v4(20)
+        f.w.v4(20),
+        f.w.v4(98),
+        f.w.v4(21)
     );
     let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
         .await
@@ -1808,6 +1820,22 @@ spec:
     assert_eq!(shown(r.upstream), at(f.w.v4(20), 443), "{r:?}");
     assert_eq!(r.attempts, Some(1), "{r:?}");
     assert_eq!(f.tls4.names(), [Some("tls.test".to_owned())]);
+
+    // other.test's only endpoint takes 443 on 8443: nowhere to take 443 of its virtual address.
+    let out = curl(&cg, &f.pki.ca_pem, "other.test", f.w.v4(98));
+    assert!(!out.status.success(), "{out:?}");
+    let r = relay_record(&log, "the refused connection", |r| {
+        r.sni.as_deref() == Some("other.test")
+    });
+    assert_eq!(r.outcome.as_deref(), Some("upstream-failed"), "{r:?}");
+    assert_eq!(r.attempts, Some(0), "{r:?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|s| s.contains("no endpoint of the ServiceEntry takes this port")),
+        "{r:?}"
+    );
+    assert_eq!(f.other.accepted(), 0);
     a.shutdown().await;
 }
 

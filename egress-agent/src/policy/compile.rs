@@ -1184,8 +1184,13 @@ fn endpoint_groups(spec: &ServiceEntrySpec) -> Vec<EndpointGroup> {
         let at = match groups.iter().position(|(ports, _)| **ports == ep.ports) {
             Some(at) => at,
             None => {
+                let renumbers = ep.ports.iter().any(|(name, number)| {
+                    spec.ports
+                        .iter()
+                        .any(|p| p.name.as_deref() == Some(name) && p.number != *number)
+                });
                 let group = EndpointGroup {
-                    renumbers: !ep.ports.is_empty(),
+                    renumbers,
                     ..EndpointGroup::default()
                 };
                 groups.push((&ep.ports, group));

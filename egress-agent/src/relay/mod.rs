@@ -1391,6 +1391,10 @@ async fn within<F: Future>(limit: Option<Instant>, work: F) -> Option<F::Output>
     }
 }
 
+/// Why a connection to a virtual address has nowhere to go: its ServiceEntry's endpoints all
+/// take the port on other numbers.
+const NO_TARGET: &str = "no endpoint of the ServiceEntry takes this port on its own number, and the address dialled is virtual";
+
 /// How a connection's attempts choose among the host's addresses: its rule's load balancing and
 /// outlier detection, with what the relay keeps of each.
 struct Choice<'a> {
@@ -1448,6 +1452,9 @@ async fn connect(
         .per_try_timeout
         .map_or(connect_timeout, |t| t.min(connect_timeout));
     let (ordered, targets) = choice.order(upstream.targets(dst));
+    if ordered.is_empty() {
+        return Err((0, NO_TARGET.to_owned()));
+    }
     let mut attempts = Attempts::new(
         route,
         route.retries.saturating_add(1),

@@ -858,6 +858,13 @@ impl State {
         let first = SocketAddr::new(self.dst.ip(), self.origin.target_port);
         let choice = self.choice();
         let (ordered, targets) = choice.order(upstream.targets(first));
+        if ordered.is_empty() {
+            return self.fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream-failed",
+                super::NO_TARGET.to_owned(),
+            );
+        }
         let mut attempts = Attempts::new(route, tries, route.per_try_timeout, ordered);
         // The host's connections, where a DestinationRule limits them: counted over its
         // addresses, as Envoy counts a cluster's.
