@@ -70,7 +70,7 @@ pub struct RuleInfo {
     pub balance: Vec<(u16, Balance)>,
     /// The endpoints, in groups that take every port on the same number (`endpoints[].ports`):
     /// the relay's retries and load balancing may take a connection to one of a group to the
-    /// others. None: the host's resolved addresses are its endpoints.
+    /// others. Empty: the host's resolved addresses are its endpoints.
     pub endpoint_groups: Vec<EndpointGroup>,
     /// A STATIC entry's addresses that hold none of its endpoints: connections to them are
     /// steered, and the relay takes them on to the endpoints.
