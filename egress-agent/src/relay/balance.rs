@@ -148,6 +148,25 @@ mod tests {
         );
     }
 
+    /// Random draws each address first at times; the others follow in turn after it.
+    #[test]
+    fn random_draws_the_first_and_the_rest_follow_in_turn() {
+        let b = Balancer::default();
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..300 {
+            let order = b.order(1, Balancing::Random, addrs(&[3, 1, 2]));
+            let at = addrs(&[1, 2, 3])
+                .iter()
+                .position(|a| *a == order[0])
+                .expect("one of them");
+            let mut expected = addrs(&[1, 2, 3]);
+            expected.rotate_left(at);
+            assert_eq!(order, expected);
+            firsts.insert(order[0]);
+        }
+        assert_eq!(firsts.len(), 3, "{firsts:?}");
+    }
+
     /// Of two addresses, the least request takes the one with nothing in progress while the
     /// other has; once that is done, both again.
     #[test]
