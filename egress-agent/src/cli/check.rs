@@ -186,7 +186,7 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
             let endpoints: Vec<String> = rule
                 .endpoint_groups
                 .iter()
-                .filter(|g| !g.renumbers)
+                .filter(|g| !g.renumbers.contains(&port))
                 .flat_map(|g| g.ips.iter().map(ToString::to_string).chain(g.names.clone()))
                 .collect();
             println!(

@@ -211,7 +211,7 @@ impl Catalog {
                 sni.to_ascii_lowercase()
             ));
         }
-        let (alternates, dialled) = self.alternates(rule_id, host, dst);
+        let (alternates, dialled) = self.alternates(rule_id, host, SocketAddr::new(dst, port));
         Ok(Upstream {
             host: host.clone(),
             route: route_of(routes, port),
@@ -223,8 +223,9 @@ impl Catalog {
     /// The other addresses that may serve a connection to `dst` of `host`, decided by `rule_id`:
     /// those of `dst`'s group of endpoints (`RuleInfo::endpoint_groups`), resolved where they are
     /// names, else the host's resolved addresses; for a virtual `dst`, the endpoints that take
-    /// the ports on their own numbers. With whether `dst` serves itself.
-    fn alternates(&self, rule_id: u32, host: &str, dst: IpAddr) -> (Vec<IpAddr>, bool) {
+    /// its port on its own number. With whether `dst` serves itself.
+    fn alternates(&self, rule_id: u32, host: &str, dst: SocketAddr) -> (Vec<IpAddr>, bool) {
+        let port = dst.port();
         let resolved = |name: &str| self.addrs.get(name).into_iter().flatten().copied();
         let Some(rule) = self.rule(rule_id) else {
             return (Vec::new(), true);
@@ -236,8 +237,8 @@ impl Catalog {
                 .chain(g.names.iter().flat_map(|n| resolved(n)))
                 .collect::<Vec<_>>()
         };
-        if rule.virtual_nets.iter().any(|net| net.contains(&dst)) {
-            let endpoints = rule.endpoint_groups.iter().filter(|g| !g.renumbers);
+        if rule.virtual_nets.iter().any(|net| net.contains(&dst.ip())) {
+            let endpoints = (rule.endpoint_groups.iter()).filter(|g| !g.renumbers.contains(&port));
             return (endpoints.flat_map(members).collect(), false);
         }
         let all: Vec<IpAddr> = if rule.endpoint_groups.is_empty() {
@@ -246,10 +247,10 @@ impl Catalog {
             rule.endpoint_groups
                 .iter()
                 .map(members)
-                .find(|g| g.contains(&dst))
+                .find(|g| g.contains(&dst.ip()))
                 .unwrap_or_default()
         };
-        (all.into_iter().filter(|a| *a != dst).collect(), true)
+        (all.into_iter().filter(|a| *a != dst.ip()).collect(), true)
     }
 
     /// How the relay takes a steered connection to `port`, decided by `rule_id`: as TLS unless
@@ -271,7 +272,7 @@ impl Catalog {
             .find(|n| rule.hosts.contains(n))
             .or(rule.hosts.first())
             .ok_or_else(|| format!("{} has no host", rule.label))?;
-        let (alternates, dialled) = self.alternates(rule_id, host, dst.ip());
+        let (alternates, dialled) = self.alternates(rule_id, host, dst);
         Ok(Upstream {
             host: Name::clone(host),
             route: route_of(&rule.routes, dst.port()),
@@ -608,6 +609,17 @@ spec:
                 at("10.0.0.2", 5432),
                 at("10.0.0.4", 5432)
             ]
+        );
+        let vip = (catalog.upstream(db, "db.internal", at("240.0.0.10", 443))).expect("allowed");
+        assert_eq!(
+            vip.targets(at("240.0.0.10", 443)),
+            [
+                at("10.0.0.1", 443),
+                at("10.0.0.2", 443),
+                at("10.0.0.4", 443),
+                at("10.0.0.3", 443)
+            ],
+            "10.0.0.3 takes 443 on its own number"
         );
         let dialled = catalog.carried(db, at("10.0.0.4", 5432)).expect("carried");
         assert_eq!(

@@ -84,8 +84,8 @@ pub struct RuleInfo {
 pub struct EndpointGroup {
     pub ips: Vec<IpAddr>,
     pub names: Vec<String>,
-    /// Its endpoints take some port on another number than the ServiceEntry's.
-    pub renumbers: bool,
+    /// The declared ports its endpoints take on other numbers (`endpoints[].ports`).
+    pub renumbers: Vec<u16>,
 }
 
 /// One port of a rule whose connections are steered to the relay.
@@ -1184,11 +1184,17 @@ fn endpoint_groups(spec: &ServiceEntrySpec) -> Vec<EndpointGroup> {
         let at = match groups.iter().position(|(ports, _)| **ports == ep.ports) {
             Some(at) => at,
             None => {
-                let renumbers = ep.ports.iter().any(|(name, number)| {
-                    spec.ports
-                        .iter()
-                        .any(|p| p.name.as_deref() == Some(name) && p.number != *number)
-                });
+                let renumbers = spec
+                    .ports
+                    .iter()
+                    .filter(|p| {
+                        p.name
+                            .as_ref()
+                            .and_then(|name| ep.ports.get(name))
+                            .is_some_and(|number| *number != p.number)
+                    })
+                    .map(|p| p.number.0)
+                    .collect();
                 let group = EndpointGroup {
                     renumbers,
                     ..EndpointGroup::default()

@@ -259,9 +259,9 @@ fn a_static_entrys_virtual_address_is_steered() {
     assert_eq!(
         rule.endpoint_groups
             .iter()
-            .map(|g| (g.ips.len(), g.renumbers))
+            .map(|g| (g.ips.len(), g.renumbers.clone()))
             .collect::<Vec<_>>(),
-        [(2, false), (1, true)]
+        [(2, vec![]), (1, vec![5432])]
     );
 }
 
