@@ -322,6 +322,35 @@ pub enum HeaderOp {
     Add(http::HeaderName, http::HeaderValue),
 }
 
+impl RequestRoute {
+    /// The route's changes to the request it takes: its rewrite of the authority (the `Host`
+    /// sent, and `asked`, the name the upstream is asked for) and of the path (`matched` says
+    /// what its match matched), and its request header operations. The error: a rewritten path
+    /// that is no request target, to be refused.
+    pub fn apply(
+        &self,
+        matched: Option<&RequestMatch>,
+        headers: &mut http::HeaderMap,
+        uri: &mut http::Uri,
+        asked: &mut String,
+    ) -> Result<(), String> {
+        if let Some(authority) = &self.rewrite.authority
+            && let Ok(v) = http::HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(http::header::HOST, v);
+            *asked = authority.host().to_ascii_lowercase();
+        }
+        HeaderOps::apply(&self.headers.request, headers);
+        if self.rewrite.uri.is_some() || self.rewrite.regex.is_some() {
+            let path = self.rewrite.path(uri.path(), uri.query(), matched);
+            *uri = path
+                .parse::<http::Uri>()
+                .map_err(|_| format!("the rewritten path {path} is not a request target"))?;
+        }
+        Ok(())
+    }
+}
+
 impl HeaderOps {
     /// Applies `ops` to `headers`, in order.
     pub fn apply(ops: &[HeaderOp], headers: &mut http::HeaderMap) {

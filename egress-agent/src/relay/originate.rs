@@ -602,34 +602,6 @@ impl State {
         Some(self.local(answer, host, path, query, &r.headers))
     }
 
-    /// A route's changes to the request it takes: its rewrite of the authority (the `Host`
-    /// sent, and `asked`, the name the upstream is asked for) and of the path (`matched` says
-    /// what its match matched), and its request header operations. The error: a rewritten path
-    /// that is no request target, to be refused.
-    fn apply(
-        &self,
-        r: &RequestRoute,
-        matched: Option<&RequestMatch>,
-        headers: &mut HeaderMap,
-        uri: &mut Uri,
-        asked: &mut String,
-    ) -> Result<(), String> {
-        if let Some(authority) = &r.rewrite.authority
-            && let Ok(v) = HeaderValue::from_str(authority.as_str())
-        {
-            headers.insert(header::HOST, v);
-            *asked = authority.host().to_ascii_lowercase();
-        }
-        HeaderOps::apply(&r.headers.request, headers);
-        if r.rewrite.uri.is_some() || r.rewrite.regex.is_some() {
-            let path = r.rewrite.path(uri.path(), uri.query(), matched);
-            *uri = path
-                .parse::<Uri>()
-                .map_err(|_| format!("the rewritten path {path} is not a request target"))?;
-        }
-        Ok(())
-    }
-
     /// A fault's abort, answered as Envoy's fault filter answers it. Nothing is sent on.
     fn aborted(&self, abort: Abort) -> Response<Body> {
         let (status, grpc) = match abort {
@@ -716,7 +688,7 @@ impl State {
         let mut ops: Vec<&HeaderOps> = Vec::new();
         let mut through = None;
         if let Some((r, m)) = chosen {
-            if let Err(reason) = self.apply(r, m, &mut headers, &mut uri, &mut asked) {
+            if let Err(reason) = r.apply(m, &mut headers, &mut uri, &mut asked) {
                 return self.fail(StatusCode::BAD_REQUEST, "refused", reason);
             }
             ops.push(&r.headers);
@@ -745,7 +717,7 @@ impl State {
                 if let Some(answer) = self.ahead(g, &named, uri.path(), uri.query()).await {
                     return answer;
                 }
-                if let Err(reason) = self.apply(g, gm, &mut headers, &mut uri, &mut asked) {
+                if let Err(reason) = g.apply(gm, &mut headers, &mut uri, &mut asked) {
                     return self.fail(StatusCode::BAD_REQUEST, "refused", reason);
                 }
                 // The answer passes the gateway first.
