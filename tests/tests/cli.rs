@@ -133,7 +133,7 @@ spec:
         connectTimeout: 2s
         idleTimeout: 30s
         tcpKeepalive: {time: 60s, interval: 10s, probes: 3}
-    outlierDetection: {consecutiveGatewayErrors: 3, interval: 1s, baseEjectionTime: 1m}
+    outlierDetection: {consecutiveGatewayErrors: 3, interval: 1s, baseEjectionTime: 1m, minHealthPercent: 50}
     loadBalancer: {simple: ROUND_ROBIN}
 ---
 apiVersion: networking.istio.io/v1
@@ -213,7 +213,8 @@ spec:
             == "  outlier detection: an address is left out after 5 5xx answers or failed \
                 connects in a row or 3 502, 503 or 504 answers or failed connects in a row, for \
                 60s (longer each time, shorter again after each 1s back in), 10% of the host's \
-                addresses at most (one always may be) (DestinationRule/default/pool)"),
+                addresses at most (one always may be); none while fewer than 50% of them are in \
+                (DestinationRule/default/pool)"),
         "{out}"
     );
     assert!(

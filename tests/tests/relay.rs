@@ -1726,6 +1726,30 @@ spec:
         assert_eq!(shown(r.upstream), at(f.w.v4(23), 443), "{what}: {r:?}");
     }
     a.shutdown().await;
+
+    // With `minHealthPercent: 100`, one address of two out is below the panic threshold: none is
+    // left out, and every connection tries the refusing address first.
+    let log = log_path("relay-outliers-panic");
+    let policy = policy.replace(
+        "maxEjectionPercent: 100}",
+        "maxEjectionPercent: 100, minHealthPercent: 100}",
+    );
+    assert!(policy.contains("minHealthPercent"));
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    for _ in 0..2 {
+        let out = curl(&cg, &f.pki.ca_pem, "retry.test", f.w.v4(22));
+        assert!(out.status.success(), "{out:?}");
+    }
+    wait_for("both records", Duration::from_secs(10), || {
+        records(&log)
+            .iter()
+            .filter(|r| r.kind == "relay" && r.attempts == Some(2))
+            .count()
+            == 2
+    });
+    a.shutdown().await;
 }
 
 /// A STATIC entry's endpoints serve each other's retries: tls.test's endpoints are hosts 22

@@ -255,9 +255,13 @@ fn outliers_text(o: &crate::policy::compile::Outliers) -> String {
     if after.is_empty() {
         return "nothing ejects an address (both counts are 0)".to_owned();
     }
+    let panic = match o.min_health_percent {
+        0 => String::new(),
+        n => format!("; none while fewer than {n}% of them are in"),
+    };
     format!(
         "an address is left out after {}, for {:?} (longer each time, shorter again after each \
-         {:?} back in), {}% of the host's addresses at most (one always may be)",
+         {:?} back in), {}% of the host's addresses at most (one always may be){panic}",
         after.join(" or "),
         o.base_ejection,
         o.interval,

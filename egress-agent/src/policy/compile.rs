@@ -537,6 +537,9 @@ pub struct Outliers {
     pub interval: std::time::Duration,
     /// The share of the host's addresses that may be out at once; one may always be.
     pub max_ejection_percent: u32,
+    /// Below this share of the host's addresses in, none is left out (Envoy's panic threshold);
+    /// 0: never so.
+    pub min_health_percent: u32,
     /// The DestinationRule that sets it.
     pub by: String,
 }
@@ -2578,18 +2581,21 @@ fn outlier_detection(
     };
     let interval = at_least_1ms("interval", od.interval)?;
     let base = at_least_1ms("baseEjectionTime", od.base_ejection_time)?;
-    let percent = match od.max_ejection_percent {
-        None => 10,
-        Some(n @ 0..=100) => n as u32,
-        Some(n) => return Err(format!("maxEjectionPercent {n} is not from 0 to 100")),
+    let percent = |field: &str, value: Option<i64>, default: u32| match value {
+        None => Ok(default),
+        Some(n @ 0..=100) => Ok(n as u32),
+        Some(n) => Err(format!("{field} {n} is not from 0 to 100")),
     };
+    let max_ejection_percent = percent("maxEjectionPercent", od.max_ejection_percent, 10)?;
+    let min_health_percent = percent("minHealthPercent", od.min_health_percent, 0)?;
     Ok((
         Outliers {
             consecutive_5xx: od.consecutive_5xx_errors.unwrap_or(5),
             consecutive_gateway: od.consecutive_gateway_errors.unwrap_or(0),
             base_ejection: base.unwrap_or(std::time::Duration::from_secs(30)),
             interval: interval.unwrap_or(std::time::Duration::from_secs(10)),
-            max_ejection_percent: percent,
+            max_ejection_percent,
+            min_health_percent,
             by: label.to_owned(),
         },
         Vec::new(),

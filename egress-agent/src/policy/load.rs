@@ -368,7 +368,6 @@ const DESTINATION_RULE_UNAPPLIED: &[&str] = &[
     "localityLbSetting",
     "warmupDurationSecs",
     "warmup",
-    "minHealthPercent",
     "consecutiveErrors",
     "splitExternalLocalOriginErrors",
     "consecutiveLocalOriginFailures",

@@ -424,7 +424,7 @@ pub struct OutlierDetection {
     pub interval: Option<IstioDuration>,
     pub base_ejection_time: Option<IstioDuration>,
     pub max_ejection_percent: Option<i64>,
-    pub min_health_percent: Option<IgnoredAny>,
+    pub min_health_percent: Option<i64>,
     pub consecutive_errors: Option<IgnoredAny>,
     pub split_external_local_origin_errors: Option<IgnoredAny>,
     pub consecutive_local_origin_failures: Option<IgnoredAny>,

@@ -810,6 +810,7 @@ fn a_destination_rules_outlier_detection_applies_to_steered_ports() {
                     base_ejection: std::time::Duration::from_secs(30),
                     interval: std::time::Duration::from_secs(1),
                     max_ejection_percent: 10,
+                    min_health_percent: 0,
                     by: by.clone(),
                 }
             ),
@@ -821,6 +822,7 @@ fn a_destination_rules_outlier_detection_applies_to_steered_ports() {
                     base_ejection: std::time::Duration::from_secs(180),
                     interval: std::time::Duration::from_secs(10),
                     max_ejection_percent: 100,
+                    min_health_percent: 0,
                     by,
                 }
             ),
@@ -828,16 +830,16 @@ fn a_destination_rules_outlier_detection_applies_to_steered_ports() {
     );
     let (o, d) = outliers("    outlierDetection: {minHealthPercent: 50}\n");
     assert_eq!(o.len(), 2);
-    assert_eq!(
-        d,
-        [
-            "p.yaml:27:24: warning: `spec.trafficPolicy.outlierDetection.minHealthPercent` is not applied by egress; ignored"
-        ]
-    );
+    assert_eq!(o[0].1.min_health_percent, 50);
+    assert!(d.is_empty(), "{d:?}");
     for (od, want) in [
         (
             "{maxEjectionPercent: 101}",
             "spec.trafficPolicy.outlierDetection: maxEjectionPercent 101 is not from 0 to 100",
+        ),
+        (
+            "{minHealthPercent: -1}",
+            "spec.trafficPolicy.outlierDetection: minHealthPercent -1 is not from 0 to 100",
         ),
         (
             "{baseEjectionTime: 0s}",

@@ -71,15 +71,24 @@ impl Health {
         self.by.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `targets` in their order without the addresses that are out now, unless that leaves none.
-    pub(super) fn order(&self, rule: u32, targets: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    /// `targets` in their order without the addresses that are out now, unless that leaves none,
+    /// or fewer of the host's addresses (`of`) in than `outliers` ask for (Envoy's panic
+    /// threshold, `minHealthPercent`): then all of them.
+    pub(super) fn order(
+        &self,
+        rule: u32,
+        targets: Vec<SocketAddr>,
+        of: &[SocketAddr],
+        outliers: &Outliers,
+    ) -> Vec<SocketAddr> {
         let now = Instant::now();
         let by = self.lock();
-        let kept: Vec<SocketAddr> = targets
-            .iter()
-            .copied()
-            .filter(|t| !by.get(&(rule, *t)).is_some_and(|r| r.out(now)))
-            .collect();
+        let out = |t: &SocketAddr| by.get(&(rule, *t)).is_some_and(|r| r.out(now));
+        let healthy = of.iter().filter(|a| !out(a)).count();
+        if healthy * 100 < of.len() * outliers.min_health_percent as usize {
+            return targets;
+        }
+        let kept: Vec<SocketAddr> = targets.iter().copied().filter(|t| !out(t)).collect();
         if kept.is_empty() { targets } else { kept }
     }
 
@@ -171,6 +180,7 @@ mod tests {
             base_ejection: Duration::from_secs(30),
             interval: Duration::from_secs(10),
             max_ejection_percent: percent,
+            min_health_percent: 0,
             by: "DestinationRule/ns/d".to_owned(),
         }
     }
@@ -194,15 +204,15 @@ mod tests {
         );
         assert!(!h.note(1, a, &of, Outcome::Answered(503), &o));
         assert!(!h.note(1, a, &of, Outcome::Answered(503), &o));
-        assert_eq!(h.order(1, of.to_vec()), [a, b]);
+        assert_eq!(h.order(1, of.to_vec(), &of, &o), [a, b]);
         assert!(h.note(1, a, &of, Outcome::Answered(503), &o));
-        assert_eq!(h.order(1, of.to_vec()), [b]);
-        assert_eq!(h.order(2, of.to_vec()), [a, b], "another rule's");
+        assert_eq!(h.order(1, of.to_vec(), &of, &o), [b]);
+        assert_eq!(h.order(2, of.to_vec(), &of, &o), [a, b], "another rule's");
         // The other one too: allowed at 100 %, and then both are tried.
         for _ in 0..3 {
             h.note(1, b, &of, Outcome::Failed, &o);
         }
-        assert_eq!(h.order(1, of.to_vec()), [a, b]);
+        assert_eq!(h.order(1, of.to_vec(), &of, &o), [a, b]);
     }
 
     /// Gateway errors counted apart; at most the share of the addresses out, but one always.
@@ -228,7 +238,18 @@ mod tests {
             !h.note(1, of[1], &of, Outcome::Failed, &o),
             "10 % of 4: no second one"
         );
-        assert_eq!(h.order(1, of.clone()), of[1..]);
+        assert_eq!(h.order(1, of.clone(), &of, &o), of[1..]);
+        // Below the panic threshold (`minHealthPercent`) none is left out: 3 of 4 is 75 %.
+        let panicky = Outliers {
+            min_health_percent: 80,
+            ..o.clone()
+        };
+        assert_eq!(h.order(1, of.clone(), &of, &panicky), of);
+        let calm = Outliers {
+            min_health_percent: 75,
+            ..o
+        };
+        assert_eq!(h.order(1, of.clone(), &of, &calm), of[1..]);
     }
 
     /// Each interval back in forgets one ejection, so the next is shorter again; an address the

@@ -1411,11 +1411,11 @@ impl Choice<'_> {
     /// kept for outlier detection's share (none without it).
     fn order(&self, targets: Vec<SocketAddr>) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
         match self.outliers {
-            Some(_) => {
+            Some(o) => {
                 let ordered = self
                     .balancer
                     .order(self.rule, self.balancing, targets.clone());
-                (self.health.order(self.rule, ordered), targets)
+                (self.health.order(self.rule, ordered, &targets, o), targets)
             }
             None => (
                 self.balancer.order(self.rule, self.balancing, targets),
