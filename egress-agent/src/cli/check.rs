@@ -240,20 +240,32 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
 /// A DestinationRule's outlier detection, in words.
 fn outliers_text(o: &crate::policy::compile::Outliers) -> String {
     let mut after = Vec::new();
+    // The relay's own failures count as such answers unless counted apart.
+    let failed = if o.split_local {
+        ""
+    } else {
+        " or failed connects"
+    };
     if o.consecutive_5xx > 0 {
         after.push(format!(
-            "{} 5xx answers or failed connects in a row",
+            "{} 5xx answers{failed} in a row",
             o.consecutive_5xx
         ));
     }
     if o.consecutive_gateway > 0 {
         after.push(format!(
-            "{} 502, 503 or 504 answers or failed connects in a row",
+            "{} 502, 503 or 504 answers{failed} in a row",
             o.consecutive_gateway
         ));
     }
+    if o.split_local && o.consecutive_local > 0 {
+        after.push(format!(
+            "{} failed connects, resets or timeouts in a row (counted apart from the answers)",
+            o.consecutive_local
+        ));
+    }
     if after.is_empty() {
-        return "nothing ejects an address (both counts are 0)".to_owned();
+        return "nothing ejects an address (every count is 0)".to_owned();
     }
     let panic = match o.min_health_percent {
         0 => String::new(),

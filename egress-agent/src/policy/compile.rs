@@ -540,6 +540,12 @@ pub struct Outliers {
     /// Below this share of the host's addresses in, none is left out (Envoy's panic threshold);
     /// 0: never so.
     pub min_health_percent: u32,
+    /// Failures of the relay's own (failed connects, resets, timeouts) are counted apart from
+    /// the upstream's answers (`splitExternalLocalOriginErrors`): `consecutive_local` of them in
+    /// a row eject; else they count as 5xx and gateway errors, as Envoy lumps them.
+    pub split_local: bool,
+    /// Failures of the relay's own in a row that eject, where counted apart; 0: never.
+    pub consecutive_local: u32,
     /// The DestinationRule that sets it.
     pub by: String,
 }
@@ -2596,6 +2602,8 @@ fn outlier_detection(
             interval: interval.unwrap_or(std::time::Duration::from_secs(10)),
             max_ejection_percent,
             min_health_percent,
+            split_local: od.split_external_local_origin_errors.unwrap_or(false),
+            consecutive_local: od.consecutive_local_origin_failures.unwrap_or(5),
             by: label.to_owned(),
         },
         Vec::new(),

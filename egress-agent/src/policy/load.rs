@@ -369,8 +369,6 @@ const DESTINATION_RULE_UNAPPLIED: &[&str] = &[
     "warmupDurationSecs",
     "warmup",
     "consecutiveErrors",
-    "splitExternalLocalOriginErrors",
-    "consecutiveLocalOriginFailures",
     "tunnel",
     "proxyProtocol",
     "retryBudget",

@@ -426,8 +426,8 @@ pub struct OutlierDetection {
     pub max_ejection_percent: Option<i64>,
     pub min_health_percent: Option<i64>,
     pub consecutive_errors: Option<IgnoredAny>,
-    pub split_external_local_origin_errors: Option<IgnoredAny>,
-    pub consecutive_local_origin_failures: Option<IgnoredAny>,
+    pub split_external_local_origin_errors: Option<bool>,
+    pub consecutive_local_origin_failures: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -811,6 +811,8 @@ fn a_destination_rules_outlier_detection_applies_to_steered_ports() {
                     interval: std::time::Duration::from_secs(1),
                     max_ejection_percent: 10,
                     min_health_percent: 0,
+                    split_local: false,
+                    consecutive_local: 5,
                     by: by.clone(),
                 }
             ),
@@ -823,14 +825,20 @@ fn a_destination_rules_outlier_detection_applies_to_steered_ports() {
                     interval: std::time::Duration::from_secs(10),
                     max_ejection_percent: 100,
                     min_health_percent: 0,
+                    split_local: false,
+                    consecutive_local: 5,
                     by,
                 }
             ),
         ]
     );
-    let (o, d) = outliers("    outlierDetection: {minHealthPercent: 50}\n");
+    let (o, d) = outliers(
+        "    outlierDetection: {minHealthPercent: 50, splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 3}\n",
+    );
     assert_eq!(o.len(), 2);
     assert_eq!(o[0].1.min_health_percent, 50);
+    assert!(o[0].1.split_local);
+    assert_eq!(o[0].1.consecutive_local, 3);
     assert!(d.is_empty(), "{d:?}");
     for (od, want) in [
         (

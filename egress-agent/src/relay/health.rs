@@ -32,6 +32,8 @@ pub(super) struct Health {
 struct Record {
     errors: u32,
     gateway_errors: u32,
+    /// Failures of the relay's own in a row, where counted apart (`Outliers::split_local`).
+    local_errors: u32,
     /// The end of the last ejection, moved on by the intervals that forgot one (`settle`).
     out_until: Option<Instant>,
     /// Ejections not forgotten: the next lasts once more the base time than the last.
@@ -59,7 +61,11 @@ impl Record {
     }
 
     fn clean(&self) -> bool {
-        self.errors == 0 && self.gateway_errors == 0 && self.times == 0 && self.out_until.is_none()
+        self.errors == 0
+            && self.gateway_errors == 0
+            && self.local_errors == 0
+            && self.times == 0
+            && self.out_until.is_none()
     }
 }
 
@@ -115,10 +121,19 @@ impl Health {
         outcome: Outcome,
         outliers: &Outliers,
     ) -> bool {
-        let (error, gateway) = match outcome {
-            Outcome::Answered(status) => (status >= 500, matches!(status, 502..=504)),
-            Outcome::Connected => (false, false),
-            Outcome::Failed => (true, true),
+        // A failure of the relay's own counts as a 5xx and a gateway error, unless counted apart;
+        // an answer or a connection made ends a run of them.
+        let split = outliers.split_local;
+        let (error, gateway, local) = match outcome {
+            Outcome::Answered(status) => (
+                Some(status >= 500),
+                Some(matches!(status, 502..=504)),
+                false,
+            ),
+            Outcome::Connected if split => (None, None, false),
+            Outcome::Connected => (Some(false), Some(false), false),
+            Outcome::Failed if split => (None, None, true),
+            Outcome::Failed => (Some(true), Some(true), false),
         };
         let mut by = self.lock();
         // What the host's addresses on this port no longer hold is forgotten once it is back in;
@@ -131,15 +146,24 @@ impl Health {
             record.out(now) || (of.contains(&a) && !record.clean())
         });
         let r = by.entry((rule, addr)).or_default();
-        r.errors = if error { r.errors + 1 } else { 0 };
-        r.gateway_errors = if gateway { r.gateway_errors + 1 } else { 0 };
+        let count = |n: u32, error: bool| if error { n + 1 } else { 0 };
+        if let Some(error) = error {
+            r.errors = count(r.errors, error);
+        }
+        if let Some(gateway) = gateway {
+            r.gateway_errors = count(r.gateway_errors, gateway);
+        }
+        r.local_errors = count(r.local_errors, local);
         if r.clean() {
             by.remove(&(rule, addr));
             return false;
         }
         let due = (outliers.consecutive_5xx > 0 && r.errors >= outliers.consecutive_5xx)
             || (outliers.consecutive_gateway > 0
-                && r.gateway_errors >= outliers.consecutive_gateway);
+                && r.gateway_errors >= outliers.consecutive_gateway)
+            || (split
+                && outliers.consecutive_local > 0
+                && r.local_errors >= outliers.consecutive_local);
         if !due || r.out(now) {
             return false;
         }
@@ -156,6 +180,7 @@ impl Health {
         r.times += 1;
         r.errors = 0;
         r.gateway_errors = 0;
+        r.local_errors = 0;
         let longest = MAX_EJECTION.max(outliers.base_ejection);
         let lasts = outliers
             .base_ejection
@@ -181,6 +206,8 @@ mod tests {
             interval: Duration::from_secs(10),
             max_ejection_percent: percent,
             min_health_percent: 0,
+            split_local: false,
+            consecutive_local: 5,
             by: "DestinationRule/ns/d".to_owned(),
         }
     }
@@ -250,6 +277,45 @@ mod tests {
             ..o
         };
         assert_eq!(h.order(1, of.clone(), &of, &calm), of[1..]);
+    }
+
+    /// With failures of the relay's own counted apart, they eject by their own count, and an
+    /// upstream's 5xx by its: neither ends or adds to the other's run; a connection made ends
+    /// the relay's.
+    #[test]
+    fn failures_of_the_relays_own_counted_apart() {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "192.0.2.1:443".parse().expect("an address"),
+            "192.0.2.2:443".parse().expect("an address"),
+        );
+        let of = [a, b];
+        let h = Health::default();
+        let o = Outliers {
+            split_local: true,
+            consecutive_local: 2,
+            ..outliers(2, 0, 100)
+        };
+        assert!(!h.note(1, a, &of, Outcome::Failed, &o));
+        assert!(!h.note(1, a, &of, Outcome::Answered(503), &o));
+        assert!(
+            !h.note(1, a, &of, Outcome::Connected, &o),
+            "a connection made ends the relay's run"
+        );
+        assert!(!h.note(1, a, &of, Outcome::Failed, &o));
+        assert!(
+            h.note(1, a, &of, Outcome::Answered(500), &o),
+            "the second 5xx in a row, a failure between them"
+        );
+        assert!(!h.note(1, b, &of, Outcome::Failed, &o));
+        assert!(
+            h.note(1, b, &of, Outcome::Failed, &o),
+            "two of the relay's own"
+        );
+        // Lumped together, as by default: a failure is a 5xx.
+        let lumped = outliers(2, 0, 100);
+        let h = Health::default();
+        assert!(!h.note(1, a, &of, Outcome::Failed, &lumped));
+        assert!(h.note(1, a, &of, Outcome::Answered(503), &lumped));
     }
 
     /// Each interval back in forgets one ejection, so the next is shorter again; an address the
