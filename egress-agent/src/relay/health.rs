@@ -146,7 +146,7 @@ impl Health {
             record.out(now) || (of.contains(&a) && !record.clean())
         });
         let r = by.entry((rule, addr)).or_default();
-        let count = |n: u32, error: bool| if error { n + 1 } else { 0 };
+        let count = |n: u32, error: bool| if error { n.saturating_add(1) } else { 0 };
         if let Some(error) = error {
             r.errors = count(r.errors, error);
         }
