@@ -959,7 +959,7 @@ fn compile_service_entry(
         }
         match addr.parse::<IpAddr>() {
             Ok(ip) => endpoint_ips.push((i, ip)),
-            Err(_) if dns => endpoint_names.push(normalize_host(addr)),
+            Err(_) if dns => endpoint_names.push((i, normalize_host(addr))),
             Err(_) => err(
                 diags,
                 format!(
@@ -1111,7 +1111,7 @@ fn compile_service_entry(
         pools,
         outliers,
         balance,
-        endpoint_groups: endpoint_groups(spec),
+        endpoint_groups: endpoint_groups(spec, &endpoint_ips, &endpoint_names),
         virtual_nets: virtual_nets.clone(),
         source: src.clone(),
     });
@@ -1196,7 +1196,7 @@ fn compile_service_entry(
             let targets = if spec.endpoints.is_empty() {
                 names
             } else {
-                endpoint_names
+                endpoint_names.into_iter().map(|(_, name)| name).collect()
             };
             for name in targets {
                 plan.hosts.push(HostRule {
@@ -1209,16 +1209,20 @@ fn compile_service_entry(
     }
 }
 
-/// A ServiceEntry's endpoints grouped by their port numbers (`endpoints[].ports`), in order.
-fn endpoint_groups(spec: &ServiceEntrySpec) -> Vec<EndpointGroup> {
+/// A ServiceEntry's endpoints grouped by their port numbers (`endpoints[].ports`), in order:
+/// those that are addresses (`ips`) and names (`names`), each with its index in the list.
+fn endpoint_groups(
+    spec: &ServiceEntrySpec,
+    ips: &[(usize, IpAddr)],
+    names: &[(usize, String)],
+) -> Vec<EndpointGroup> {
+    let mut all: Vec<(usize, Result<IpAddr, &String>)> = (ips.iter().map(|(i, ip)| (*i, Ok(*ip))))
+        .chain(names.iter().map(|(i, name)| (*i, Err(name))))
+        .collect();
+    all.sort_by_key(|(i, _)| *i);
     let mut groups: Vec<(&BTreeMap<String, PortNumber>, EndpointGroup)> = Vec::new();
-    for ep in &spec.endpoints {
-        let Some(addr) = ep.address.as_deref() else {
-            continue;
-        };
-        if addr.starts_with("unix://") {
-            continue;
-        }
+    for (i, addr) in all {
+        let ep = &spec.endpoints[i];
         let at = match groups.iter().position(|(ports, _)| **ports == ep.ports) {
             Some(at) => at,
             None => {
@@ -1242,9 +1246,9 @@ fn endpoint_groups(spec: &ServiceEntrySpec) -> Vec<EndpointGroup> {
             }
         };
         let group = &mut groups[at].1;
-        match addr.parse::<IpAddr>() {
+        match addr {
             Ok(ip) => group.ips.push(ip),
-            Err(_) => group.names.push(normalize_host(addr)),
+            Err(name) => group.names.push(name.clone()),
         }
     }
     groups.into_iter().map(|(_, g)| g).collect()
