@@ -198,6 +198,11 @@ mod tests {
     use super::{Health, Outcome};
     use crate::policy::compile::Outliers;
 
+    /// Port 443 of 192.0.2.`host`.
+    fn addr(host: u8) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, host], 443))
+    }
+
     fn outliers(consecutive_5xx: u32, consecutive_gateway: u32, percent: u32) -> Outliers {
         Outliers {
             consecutive_5xx,
@@ -216,10 +221,7 @@ mod tests {
     /// address is left out of the attempts, unless every one is out.
     #[test]
     fn errors_in_a_row_eject_an_address_from_the_attempts() {
-        let (a, b): (SocketAddr, SocketAddr) = (
-            "192.0.2.1:443".parse().expect("an address"),
-            "192.0.2.2:443".parse().expect("an address"),
-        );
+        let (a, b) = (addr(1), addr(2));
         let of = [a, b];
         let h = Health::default();
         let o = outliers(3, 0, 100);
@@ -245,9 +247,7 @@ mod tests {
     /// Gateway errors counted apart; at most the share of the addresses out, but one always.
     #[test]
     fn gateway_errors_and_the_share_that_may_be_out() {
-        let of: Vec<SocketAddr> = (1..=4)
-            .map(|i| format!("192.0.2.{i}:443").parse().expect("an address"))
-            .collect();
+        let of: Vec<SocketAddr> = (1..=4).map(addr).collect();
         let h = Health::default();
         let o = outliers(0, 2, 10);
         assert!(!h.note(1, of[0], &of, Outcome::Answered(502), &o));
@@ -284,10 +284,7 @@ mod tests {
     /// the relay's.
     #[test]
     fn failures_of_the_relays_own_counted_apart() {
-        let (a, b): (SocketAddr, SocketAddr) = (
-            "192.0.2.1:443".parse().expect("an address"),
-            "192.0.2.2:443".parse().expect("an address"),
-        );
+        let (a, b) = (addr(1), addr(2));
         let of = [a, b];
         let h = Health::default();
         let o = Outliers {
@@ -322,11 +319,7 @@ mod tests {
     /// host no longer has is forgotten once it is back in.
     #[test]
     fn ejections_are_forgotten_as_intervals_pass_and_gone_addresses_with_them() {
-        let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
-            "192.0.2.1:443".parse().expect("an address"),
-            "192.0.2.2:443".parse().expect("an address"),
-            "192.0.2.3:443".parse().expect("an address"),
-        );
+        let (a, b, c) = (addr(1), addr(2), addr(3));
         let of = [a, b];
         let h = Health::default();
         let o = outliers(1, 0, 100);
