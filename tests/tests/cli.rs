@@ -177,6 +177,28 @@ spec:
     route: [{destination: {host: gw.pool.test}}]
     retries: {attempts: 2}
     fault: {abort: {httpStatus: 503, percentage: {value: 25}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: moved}
+spec:
+  hosts: [moved.pool.test]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.53}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: moved}
+spec:
+  hosts: [moved.pool.test]
+  tls:
+  - match: [{port: 443, sniHosts: [moved.pool.test]}]
+    route:
+    - destination: {host: moved.pool.test}
+      weight: 90
+    - destination: {host: api.pool.test}
+      weight: 10
 "#,
     );
     let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("CA");
@@ -258,6 +280,19 @@ spec:
              route changed it, of VirtualService/default/gw spec.http[1]; one that matches none \
              is answered 404\n  fault: abort 503 for 25% of requests (VirtualService/default/gw \
              spec.http[1])\n"
+        ),
+        "{out}"
+    );
+    // A `tls` route that splits the connections between two hosts.
+    let out = check("192.0.2.53:443");
+    assert!(
+        out.starts_with(
+            "steer tcp 192.0.2.53:443 ServiceEntry/default/moved\n  why: \
+             VirtualService/default/moved spec.tls[0] sends port 443's connections to \
+             moved.pool.test:443 (90%), api.pool.test:443 (10%)\n"
+        ) && out.contains(
+            "\n  route: TLS naming moved.pool.test to moved.pool.test:443 (90%), \
+             api.pool.test:443 (10%) (VirtualService/default/moved spec.tls[0])\n"
         ),
         "{out}"
     );

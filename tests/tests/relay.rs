@@ -1153,6 +1153,129 @@ spec:
     a.shutdown().await;
 }
 
+/// A VirtualService's `tls` route sends a host's connections to another registered host (its
+/// one port), or splits them between two by weight, as Envoy's `tcp_proxy` does: the relay
+/// connects to the addresses the policy gives that host, with the client's own server name. A
+/// route to a host no ServiceEntry has is refused, never tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_route_sends_connections_to_another_host_or_splits_them_by_weight() {
+    let f = fixture("routed");
+    for h in 27..=30 {
+        f.w.host(h);
+    }
+    let (moved, to, split, lost) = (f.w.v4(27), f.w.v4(28), f.w.v4(29), f.w.v4(30));
+    let names = ["moved.test", "split.test", "lost.test"];
+    let at_moved =
+        f.w.tls_server(SocketAddr::new(moved, 443), f.pki.server(&names));
+    let at_to =
+        f.w.tls_server(SocketAddr::new(to, 8443), f.pki.server(&names));
+    let at_split =
+        f.w.tls_server(SocketAddr::new(split, 443), f.pki.server(&names));
+    let at_lost =
+        f.w.tls_server(SocketAddr::new(lost, 443), f.pki.server(&names));
+    let cg = TestCgroup::new("relay-routed");
+    let log = log_path("relay-routed");
+    let entry = |name: &str, port: u16, ip: IpAddr| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, \
+             namespace: shop}}\nspec:\n  hosts: [{name}.test]\n  ports: [{{number: {port}, name: \
+             tls, protocol: TLS}}]\n  resolution: STATIC\n  endpoints: [{{address: {ip}}}]\n---\n"
+        )
+    };
+    let policy = format!(
+        "{}{}{}{}{}",
+        entry("moved", 443, moved),
+        entry("to", 8443, to),
+        entry("split", 443, split),
+        entry("lost", 443, lost),
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: routes, namespace: shop}
+spec:
+  hosts: [moved.test, split.test, lost.test]
+  tls:
+  - match: [{port: 443, sniHosts: [moved.test]}]
+    route: [{destination: {host: to.test}}]
+  - match: [{port: 443, sniHosts: [split.test]}]
+    route:
+    - destination: {host: split.test}
+      weight: 50
+    - destination: {host: to.test}
+      weight: 50
+  - match: [{port: 443, sniHosts: [lost.test]}]
+    route: [{destination: {host: nowhere.test}}]
+"#
+    );
+    let a = agent_with_policy(&f, &cg, &log, &policy).await;
+
+    // Moved: to.test's one port, under the client's server name.
+    let out = curl(&cg, &f.pki.ca_pem, "moved.test", moved);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=moved.test\n");
+    assert_eq!(at_to.names(), [Some("moved.test".to_owned())]);
+    assert!(at_moved.names().is_empty(), "{:?}", at_moved.names());
+    let r = relay_record(&log, "the moved connection", |r| {
+        shown(r.dst) == at(moved, 443)
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(shown(r.upstream), at(to, 8443), "{r:?}");
+    assert_eq!(r.upstream_host.as_deref(), Some("to.test"), "{r:?}");
+    assert_eq!(r.host.as_deref(), Some("moved.test"), "{r:?}");
+
+    // Split half and half: over 24 connections each side takes some (all on one side: 2^-23).
+    for _ in 0..24 {
+        let out = curl(&cg, &f.pki.ca_pem, "split.test", split);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=split.test\n");
+    }
+    let (stayed, went) = (at_split.names().len(), at_to.names().len() - 1);
+    assert_eq!(stayed + went, 24);
+    assert!(stayed > 0 && went > 0, "split {stayed} / {went}");
+    let split_records = || {
+        records(&log)
+            .into_iter()
+            .filter(|r| r.kind == "relay" && shown(r.dst) == at(split, 443))
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        "the split connections' records",
+        Duration::from_secs(10),
+        || split_records().len() == 24,
+    );
+    let to_records = split_records()
+        .iter()
+        .filter(|r| r.upstream_host.as_deref() == Some("to.test"))
+        .count();
+    assert_eq!(to_records, went);
+
+    // A route to a host no ServiceEntry has: refused, and nothing reaches lost.test's server.
+    let out = curl(&cg, &f.pki.ca_pem, "lost.test", lost);
+    assert!(!out.status.success(), "a route to nowhere went through");
+    let r = relay_record(&log, "the lost connection", |r| {
+        shown(r.dst) == at(lost, 443)
+    });
+    assert_eq!(r.outcome.as_deref(), Some("refused"), "{r:?}");
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("nowhere.test is not a host of any ServiceEntry in force"),
+        "{r:?}"
+    );
+    assert!(at_lost.names().is_empty());
+    assert_eq!(
+        at_lost.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    a.shutdown().await;
+}
+
 /// Istio's egress gateway for TCP: a route sends a host's TCP ports to the gateway. Their bytes
 /// carry no host name and the server may speak first (MySQL's greeting), so the relay carries
 /// them as they come, to the destination the kernel recorded.

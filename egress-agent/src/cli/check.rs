@@ -180,6 +180,20 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                     .join(", ")
             );
         }
+        // Where the connections go, where a route sends them elsewhere than where dialled.
+        let pass = rule
+            .steered
+            .iter()
+            .find(|s| s.port == port)
+            .map_or(&[][..], |s| &s.pass[..]);
+        for r in pass {
+            let takes = match (r.tls, &r.sni[..]) {
+                (false, _) => "every connection".to_owned(),
+                (true, []) => "TLS".to_owned(),
+                (true, names) => format!("TLS naming {}", names.join(", ")),
+            };
+            println!("  route: {takes} to {} ({})", r.shown(), r.by);
+        }
         if let Dest::Ip(ip, _) = dest
             && rule.virtual_nets.iter().any(|net| net.contains(&ip))
         {

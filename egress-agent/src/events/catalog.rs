@@ -20,8 +20,8 @@ use super::{
 use crate::policy::{
     Plan,
     compile::{
-        Balance, Balancing, Carry, ConnectionPool, EndpointGroup, Origination, Outliers,
-        RelayRoute, RequestRoute,
+        Balance, Balancing, Carry, ConnectionPool, EndpointGroup, Origination, Outliers, PassRoute,
+        RelayRoute, RequestRoute, RouteTo,
     },
 };
 
@@ -59,6 +59,9 @@ struct Rule {
     balance: Vec<(u16, Balance)>,
     endpoint_groups: Vec<EndpointGroup>,
     virtual_nets: Vec<IpNet>,
+    /// The routes of each steered port that sends connections elsewhere
+    /// (`SteeredPort::pass`).
+    pass: Vec<(u16, Vec<PassRoute>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +73,19 @@ struct Retired {
 
 /// How long a removed rule still names records: far longer than a record waits to be written.
 const RETIRED_FOR: Duration = Duration::from_secs(60);
+
+/// Where a route sends a steered connection (`Catalog::routed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    /// The destination host's rule, whose DestinationRule's settings apply on `port`.
+    pub rule: u32,
+    pub host: Name,
+    pub port: u16,
+    /// The addresses that serve it, in the order the policy gives them.
+    pub addrs: Vec<IpAddr>,
+    /// The route: `VirtualService/ns/name spec.tls[i]`.
+    pub by: Name,
+}
 
 /// What the relay may do with a steered connection whose ClientHello passed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +154,10 @@ impl Catalog {
                         balance: r.balance.clone(),
                         endpoint_groups: r.endpoint_groups.clone(),
                         virtual_nets: r.virtual_nets.clone(),
+                        pass: (r.steered.iter())
+                            .filter(|s| !s.pass.is_empty())
+                            .map(|s| (s.port, s.pass.clone()))
+                            .collect(),
                     };
                     (r.id, rule)
                 })
@@ -251,6 +271,78 @@ impl Catalog {
                 .unwrap_or_default()
         };
         (all.into_iter().filter(|a| *a != dst.ip()).collect(), true)
+    }
+
+    /// Where a route sends a connection to `port` of `host`, decided by `rule_id`, with this
+    /// server name (none: not TLS), where it sends it elsewhere than where it was dialled: the
+    /// first of the port's routes (`SteeredPort::pass`) that takes it, to one of its
+    /// destinations drawn by weight. None: where it was dialled. The error says why the
+    /// destination cannot be reached.
+    pub fn routed(
+        &self,
+        rule_id: u32,
+        port: u16,
+        sni: Option<&str>,
+        host: &str,
+    ) -> Option<Result<Routed, String>> {
+        let routes = &self.rule(rule_id)?.pass.iter().find(|(p, _)| *p == port)?.1;
+        let route = routes.iter().find(|r| match sni {
+            Some(name) => r.sni.is_empty() || r.sni.iter().any(|s| host_matches(s, name)),
+            None => !r.tls,
+        })?;
+        let total: u32 = route.to.iter().map(|d| d.weight).sum();
+        let mut draw = if route.to.len() > 1 {
+            rand::random_range(0..total)
+        } else {
+            0
+        };
+        let to = route.to.iter().find(|d| {
+            let this = draw < d.weight;
+            draw = draw.saturating_sub(d.weight);
+            this
+        })?;
+        if to.host == host && to.port == port {
+            return None;
+        }
+        Some(self.destination(to).map(|(rule, addrs)| Routed {
+            rule,
+            host: Name::from(to.host.as_str()),
+            port: to.port,
+            addrs,
+            by: Name::from(route.by.as_str()),
+        }))
+    }
+
+    /// The rule of a route's destination host and the addresses that serve it on its port: its
+    /// endpoints, resolved where they are names, else the host's resolved addresses.
+    fn destination(&self, to: &RouteTo) -> Result<(u32, Vec<IpAddr>), String> {
+        let (id, rule) = self
+            .rules
+            .iter()
+            .find(|(_, r)| r.hosts.iter().any(|h| **h == *to.host))
+            .ok_or_else(|| format!("{} is not a host of any ServiceEntry in force", to.host))?;
+        let resolved = |name: &str| self.addrs.get(name).into_iter().flatten().copied();
+        let addrs: Vec<IpAddr> = if rule.endpoint_groups.is_empty() {
+            resolved(&to.host).collect()
+        } else {
+            (rule.endpoint_groups.iter())
+                .filter(|g| !g.renumbers.contains(&to.port))
+                .flat_map(|g| {
+                    g.ips
+                        .iter()
+                        .copied()
+                        .chain(g.names.iter().flat_map(|n| resolved(n)))
+                })
+                .collect()
+        };
+        if addrs.is_empty() {
+            return Err(format!(
+                "{} has no address egress knows to send to (not resolved, or no endpoint takes \
+                 port {} on its own number)",
+                to.host, to.port
+            ));
+        }
+        Ok((*id, addrs))
     }
 
     /// How the relay takes a steered connection to `port`, decided by `rule_id`: as TLS unless
@@ -526,6 +618,111 @@ mod tests {
             record.host.map(|h| h.to_string()),
             record.rule.map(|r| r.to_string()),
         )
+    }
+
+    /// A route sends a connection by its server name (TLS) or whole (TCP, where `tls` routes
+    /// take nothing), to a destination drawn by weight, at the addresses the policy gives that
+    /// host: its endpoints, or its resolved addresses. Where the draw is the host and port
+    /// dialled, nothing changes; a destination without addresses is an error, never a guess.
+    #[test]
+    fn a_route_sends_a_connection_to_a_destination_drawn_by_weight() {
+        let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: a}
+spec:
+  hosts: [a.test]
+  ports: [{number: 443, name: tls, protocol: TLS}, {number: 5432, name: pg, protocol: TCP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db}
+spec:
+  hosts: [db.internal]
+  ports: [{number: 5433, name: pg, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.1}, {address: 10.0.0.2}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: b}
+spec:
+  hosts: [b.test]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: v}
+spec:
+  hosts: [a.test]
+  tls:
+  - match: [{port: 443, sniHosts: [a.test]}]
+    route:
+    - destination: {host: a.test}
+      weight: 1
+    - destination: {host: b.test}
+      weight: 3
+  tcp:
+  - match: [{port: 5432}]
+    route: [{destination: {host: db.internal}}]
+";
+        let (policy, d) = crate::policy::load_str(yaml, std::path::Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = crate::policy::compile(&policy, None);
+        assert!(d.is_empty(), "{d:?}");
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("an address");
+        let resolved = HashMap::from([("a.test".to_owned(), vec![ip("192.0.2.1")])]);
+        let catalog = Catalog::new(&plan, &resolved);
+        let (a, db, b) = (plan.rules[0].id, plan.rules[1].id, plan.rules[2].id);
+
+        // TCP to the database's endpoints on its port; a `tls` route takes no connection
+        // without a server name.
+        let to = catalog.routed(a, 5432, None, "a.test").expect("routed");
+        let to = to.expect("the database has endpoints");
+        assert_eq!((to.rule, &*to.host, to.port), (db, "db.internal", 5433));
+        assert_eq!(to.addrs, [ip("10.0.0.1"), ip("10.0.0.2")]);
+        assert_eq!(&*to.by, "VirtualService/default/v spec.tcp[0]");
+        // The same route for TLS: `tcp` routes take every connection.
+        assert!(catalog.routed(a, 5432, Some("a.test"), "a.test").is_some());
+
+        // TLS, a quarter where dialled, three quarters to b.test, which has not resolved: an
+        // error, each time it is drawn.
+        let (mut stayed, mut refused) = (0, 0);
+        for _ in 0..4000 {
+            match catalog.routed(a, 443, Some("a.test"), "a.test") {
+                None => stayed += 1,
+                Some(Err(reason)) => {
+                    assert_eq!(
+                        reason,
+                        "b.test has no address egress knows to send to (not resolved, or no \
+                         endpoint takes port 443 on its own number)"
+                    );
+                    refused += 1;
+                }
+                Some(Ok(to)) => panic!("{to:?}"),
+            }
+        }
+        // 1,000 expected; the bounds are 8 standard deviations (27) away.
+        assert!((780..1220).contains(&stayed), "{stayed} of 4000 stayed");
+        assert_eq!(stayed + refused, 4000);
+
+        let resolved = HashMap::from([("b.test".to_owned(), vec![ip("192.0.2.9")])]);
+        let catalog = Catalog::new(&plan, &resolved);
+        let drawn = (0..100)
+            .filter_map(|_| catalog.routed(a, 443, Some("a.test"), "a.test"))
+            .map(|to| to.expect("b.test resolved"))
+            .find(|to| to.rule == b)
+            .expect("b.test drawn in 100 tries");
+        assert_eq!((&*drawn.host, drawn.port), ("b.test", 443));
+        assert_eq!(drawn.addrs, [ip("192.0.2.9")]);
+        // Another server name, or a port without routes: where dialled.
+        assert!(
+            catalog
+                .routed(a, 443, Some("other.test"), "a.test")
+                .is_none()
+        );
+        assert!(catalog.routed(b, 443, Some("b.test"), "b.test").is_none());
     }
 
     /// Retries and load balancing may take a connection to the other addresses of its host:

@@ -86,6 +86,10 @@ pub struct Record {
     pub alpn: Option<Vec<String>>,
     #[serde(default)]
     pub upstream: Option<SocketAddr>,
+    /// For `relay`: the host a VirtualService's route sent the connection to, where it is not
+    /// the one dialled (`host`).
+    #[serde(default)]
+    pub upstream_host: Option<Name>,
     #[serde(default)]
     pub bytes_up: Option<u64>,
     #[serde(default)]
@@ -134,6 +138,7 @@ impl Record {
             sni: None,
             alpn: None,
             upstream: None,
+            upstream_host: None,
             bytes_up: None,
             bytes_down: None,
             attempts: None,
@@ -263,6 +268,7 @@ impl Record {
             sni,
             alpn,
             upstream,
+            upstream_host,
             bytes_up,
             bytes_down,
             attempts,
@@ -311,6 +317,7 @@ impl Record {
             sni: json_str,
             alpn: json_strs,
             upstream: json_addr,
+            upstream_host: json_str,
             bytes_up: json_number,
             bytes_down: json_number,
             attempts: json_number,
@@ -473,6 +480,7 @@ mod tests {
                 sni: Some(text.to_owned()),
                 alpn: Some(vec!["h2".to_owned(), text.to_owned(), String::new()]),
                 upstream: addr("10.0.0.1:443", "[::ffff:10.0.0.1]:443"),
+                upstream_host: Some(format!("u{text}").into()),
                 bytes_up: Some(7),
                 bytes_down: Some(8),
                 attempts: Some(2),

@@ -18,10 +18,11 @@ use crate::events::host_matches;
 use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{
-        ClientTls, ConnectionPoolSettings, DestinationRuleSpec, HeaderOperations, HttpFault,
-        HttpRoute, IstioDuration, LoadBalancerSettings, OutlierDetection, Percent, PortNumber,
-        PortTrafficPolicy, Protocol, Resolution, Retries, RouteDestination, ServiceEntrySpec,
-        ServicePort, SimpleLb, StringMatch, TlsMode, TrafficPolicy, Transport, VirtualServiceSpec,
+        ClientTls, ConnectionPoolSettings, Destination, DestinationRuleSpec, HeaderOperations,
+        HttpFault, HttpRoute, IstioDuration, LoadBalancerSettings, OutlierDetection, Percent,
+        PortNumber, PortTrafficPolicy, Protocol, Resolution, Retries, RouteDestination,
+        ServiceEntrySpec, ServicePort, SimpleLb, StringMatch, TlsMode, TrafficPolicy, Transport,
+        VirtualServiceSpec,
     },
     tls::{AltName, TlsClient, alt_names, client_config},
 };
@@ -110,6 +111,61 @@ pub struct SteeredPort {
     /// Steered only where dialled at one of the ServiceEntry's virtual addresses
     /// (`RuleInfo::virtual_nets`): connections to its endpoints go direct.
     pub virtual_only: bool,
+    /// The `tls` and `tcp` routes that cover the port, in order, where one of them sends
+    /// connections elsewhere than where they were dialled (another host or port, or a split by
+    /// weight); else none, and every connection goes where it was dialled.
+    pub pass: Vec<PassRoute>,
+}
+
+/// A VirtualService's `tls` or `tcp` route for the mesh on a steered port, as the relay applies
+/// it to a connection it passes through (TLS, or TCP carried as it comes): the first route that
+/// takes the connection sends it to one of its destinations, drawn by weight, as Envoy's
+/// `tcp_proxy` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassRoute {
+    /// The server names it takes (its matches' `sniHosts`, lower case); none: any.
+    pub sni: Vec<String>,
+    /// A `tls` route, which takes TLS alone; a `tcp` route takes every connection.
+    pub tls: bool,
+    /// Where it sends connections; none: where they were dialled (through an egress gateway).
+    pub to: Vec<RouteTo>,
+    /// `VirtualService/ns/name spec.tls[i]`.
+    pub by: String,
+}
+
+impl PassRoute {
+    /// Its destinations, as `egress check` shows them: `host:port`, with each one's share where
+    /// there are several.
+    pub fn shown(&self) -> String {
+        let total: u32 = self.to.iter().map(|d| d.weight).sum();
+        let to: Vec<String> = (self.to.iter())
+            .map(|d| match self.to.len() {
+                1 => format!("{}:{}", d.host, d.port),
+                _ => format!(
+                    "{}:{} ({}%)",
+                    d.host,
+                    d.port,
+                    u64::from(d.weight) * 100 / u64::from(total.max(1))
+                ),
+            })
+            .collect();
+        if to.is_empty() {
+            "where they were dialled".to_owned()
+        } else {
+            to.join(", ")
+        }
+    }
+}
+
+/// A route destination the relay sends connections to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTo {
+    /// A host of a ServiceEntry (lower case).
+    pub host: String,
+    /// `destination.port`, else the destination's one declared port, else the port dialled.
+    pub port: u16,
+    /// Its share: each destination takes connections in proportion to its weight.
+    pub weight: u32,
 }
 
 /// An HTTP route of a VirtualService, as the relay applies it to each request on a port it
@@ -793,36 +849,83 @@ pub fn compile_after(policy: &Policy, mode_flag: Option<Mode>, prev: &RuleIds) -
     (plan, diags)
 }
 
-/// Warns of what a VirtualService's route destinations ask for that egress does not do. egress
-/// sends each connection to the address its workload dialled (through the relay where a route
-/// steers it), so a route to another host is not applied, nor a split by `weight`; of subsets, it
-/// applies a port's traffic policy (`port_subset`), not their `labels`.
+/// Checks a VirtualService's route destinations. Weights below 0, or several destinations whose
+/// weights add up to 0, are errors, as in Istio. The mesh's `tls` and `tcp` routes are applied
+/// whole (`pass_routes`); of the others, egress sends each connection to the address its
+/// workload dialled (through the relay where a route steers it), so it warns that a route to
+/// another host is not applied, nor a split by `weight`; of subsets, it applies a port's traffic
+/// policy (`port_subset`), not their `labels`.
 fn check_destinations(policy: &Policy, diags: &mut Diags) {
     for vs in &policy.virtual_services {
         let own: Vec<String> = vs.spec.hosts.iter().map(|h| normalize_host(h)).collect();
-        let sections: [(&str, Vec<&[RouteDestination]>); 3] = [
-            ("http", vs.spec.http.iter().map(|r| &r.route[..]).collect()),
-            ("tls", vs.spec.tls.iter().map(|r| &r.route[..]).collect()),
-            ("tcp", vs.spec.tcp.iter().map(|r| &r.route[..]).collect()),
+        let sections: [(&str, Vec<Destinations<'_>>); 3] = [
+            (
+                "http",
+                vs.spec.http.iter().map(|r| (&r.route[..], false)).collect(),
+            ),
+            (
+                "tls",
+                (vs.spec.tls.iter())
+                    .map(|r| {
+                        let gateways = r.matches.iter().map(|m| &m.gateways[..]);
+                        (&r.route[..], of_the_mesh(&vs.spec.gateways, gateways))
+                    })
+                    .collect(),
+            ),
+            (
+                "tcp",
+                (vs.spec.tcp.iter())
+                    .map(|r| {
+                        let gateways = r.matches.iter().map(|m| &m.gateways[..]);
+                        (&r.route[..], of_the_mesh(&vs.spec.gateways, gateways))
+                    })
+                    .collect(),
+            ),
         ];
         for (section, routes) in sections {
-            let mut warn = |message: String| {
+            let mut say = |severity, message: String| {
                 diag(
                     diags,
-                    Severity::Warning,
+                    severity,
                     &vs.source,
                     format!("{}: {message}", vs.label()),
                 );
             };
             let mut subsets: Vec<(&str, usize)> = Vec::new();
-            for (i, dests) in routes.iter().enumerate() {
-                if dests.len() > 1 {
-                    warn(format!(
-                        "spec.{section}[{i}].route names {} destinations: egress does not split \
-                         traffic between them (`weight` is not applied); it goes through the \
-                         egress gateway if one of them is one, else as route[0] sends it",
-                        dests.len()
-                    ));
+            for (i, (dests, applied)) in routes.iter().enumerate() {
+                let gateway = dests
+                    .iter()
+                    .any(|d| is_gateway(policy, &d.destination.host));
+                for (j, d) in dests.iter().enumerate() {
+                    if let Some(w) = d.weight.filter(|w| *w < 0) {
+                        say(
+                            Severity::Error,
+                            format!("spec.{section}[{i}].route[{j}].weight {w} is below 0"),
+                        );
+                    }
+                }
+                if dests.len() > 1 && dests.iter().all(|d| d.weight.is_none_or(|w| w <= 0)) {
+                    say(
+                        Severity::Error,
+                        format!(
+                            "spec.{section}[{i}].route names {} destinations whose weights add up \
+                             to 0: none would take any traffic",
+                            dests.len()
+                        ),
+                    );
+                }
+                let applied = *applied && !gateway;
+                if dests.len() > 1 && !applied {
+                    say(
+                        Severity::Warning,
+                        format!(
+                            "spec.{section}[{i}].route names {} destinations: egress does not \
+                             split traffic between them (`weight` is not applied); it goes \
+                             through the egress gateway if one of them is one, else as route[0] \
+                             sends it",
+                            dests.len()
+                        ),
+                    );
                 }
                 for (j, d) in dests.iter().enumerate() {
                     let host = normalize_host(&d.destination.host);
@@ -830,15 +933,33 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                         continue;
                     }
                     let field = format!("spec.{section}[{i}].route[{j}].destination");
-                    if !own
+                    if applied {
+                        let registered = policy
+                            .service_entries
+                            .iter()
+                            .any(|se| se.spec.hosts.iter().any(|h| normalize_host(h) == host));
+                        if !registered {
+                            say(
+                                Severity::Warning,
+                                format!(
+                                    "{field}.host {host} is not a host of any ServiceEntry: the \
+                                     relay refuses the connections routed there, as Istio has \
+                                     nowhere to send them"
+                                ),
+                            );
+                        }
+                    } else if !own
                         .iter()
                         .any(|h| host_matches(&host, h) || host_matches(h, &host))
                     {
-                        warn(format!(
-                            "{field}.host {host} is not a host of this VirtualService: egress \
-                             sends each connection to the address its workload dialled, not to \
-                             another host (not applied)"
-                        ));
+                        say(
+                            Severity::Warning,
+                            format!(
+                                "{field}.host {host} is not a host of this VirtualService: egress \
+                                 sends each connection to the address its workload dialled, not \
+                                 to another host (not applied)"
+                            ),
+                        );
                     }
                     let Some(subset) = d.destination.subset.as_deref() else {
                         continue;
@@ -846,11 +967,14 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                     let defined = destination_rule(policy, std::slice::from_ref(&host))
                         .is_some_and(|dr| dr.spec.subsets.iter().any(|s| s.name == subset));
                     if !defined {
-                        warn(format!(
-                            "{field}.subset {subset} is not defined by a DestinationRule for \
-                             {host}: Istio has nowhere to send such traffic, egress sends it on \
-                             as if no subset were named"
-                        ));
+                        say(
+                            Severity::Warning,
+                            format!(
+                                "{field}.subset {subset} is not defined by a DestinationRule for \
+                                 {host}: Istio has nowhere to send such traffic, egress sends it \
+                                 on as if no subset were named"
+                            ),
+                        );
                     }
                     if !subsets.iter().any(|(s, _)| *s == subset) {
                         subsets.push((subset, i));
@@ -858,14 +982,29 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                 }
             }
             if let [(first, at), (other, then), ..] = subsets[..] {
-                warn(format!(
-                    "spec.{section} names subsets {first} (spec.{section}[{at}]) and {other} \
-                     (spec.{section}[{then}]): egress applies to a port the traffic policy of the \
-                     subset its first covering route names, to all of its traffic"
-                ));
+                say(
+                    Severity::Warning,
+                    format!(
+                        "spec.{section} names subsets {first} (spec.{section}[{at}]) and {other} \
+                         (spec.{section}[{then}]): egress applies to a port the traffic policy of \
+                         the subset its first covering route names, to all of its traffic"
+                    ),
+                );
             }
         }
     }
+}
+
+/// A route's destinations, and whether egress applies them whole (`pass_routes`).
+type Destinations<'a> = (&'a [RouteDestination], bool);
+
+/// Whether a route is the mesh's: its VirtualService's `gateways` take in the mesh, and so do
+/// one of its matches' own (which replace them), or it has no match.
+fn of_the_mesh<'a>(
+    gateways: &[String],
+    mut matches: impl ExactSizeIterator<Item = &'a [String]>,
+) -> bool {
+    at_mesh(gateways) && (matches.len() == 0 || matches.any(at_mesh))
 }
 
 fn resolve_mode(policy: &Policy, flag: Option<Mode>, diags: &mut Diags) -> (Mode, String) {
@@ -1021,10 +1160,15 @@ fn compile_service_entry(
                 ));
                 // An endpoint's number for a port is steered as the port is.
                 if let Some(s) = steered.iter().find(|s| s.port == p.number.0) {
-                    let mapped = SteeredPort {
+                    let mut mapped = SteeredPort {
                         port: number.0,
                         ..s.clone()
                     };
+                    // A route's draw of this host on the port stays where it was dialled.
+                    let to = mapped.pass.iter_mut().flat_map(|r| r.to.iter_mut());
+                    for d in to.filter(|d| d.port == p.number.0 && hosts.contains(&d.host)) {
+                        d.port = number.0;
+                    }
                     steered.push(mapped);
                 }
             }
@@ -1284,10 +1428,27 @@ fn steered_ports(
         // HTTP/2 and gRPC too: their requests are served as HTTP/2.
         let served_as_http = p.protocol.is_none_or(Protocol::is_http);
         let mut virtual_only = false;
+        // An HTTP port's requests are routed one by one (`requests`); the others' connections
+        // whole.
+        let pass = if p.protocol == Some(Protocol::Http) {
+            Vec::new()
+        } else {
+            pass_routes(policy, hosts, port)
+        };
         let (why, http, onward) = match route_reason(policy, hosts, port, served_as_http) {
             Some(r) => (r.why, r.http, r.onward),
             None => match origination_reason(policy, hosts, p) {
                 Some(why) => (why, http_route(policy, hosts, port), None),
+                None if !pass.is_empty() => {
+                    let why = pass
+                        .iter()
+                        .find(|r| elsewhere(r, hosts, port))
+                        .map(|r| {
+                            format!("{} sends port {port}'s connections to {}", r.by, r.shown())
+                        })
+                        .unwrap_or_default();
+                    (why, http_route(policy, hosts, port), None)
+                }
                 // The relay carries TCP.
                 None if !virtual_nets.is_empty()
                     && p.protocol.map_or(Transport::Tcp, Protocol::transport) == Transport::Tcp =>
@@ -1356,9 +1517,123 @@ fn steered_ports(
             onward,
             requests,
             virtual_only,
+            pass,
         });
     }
     out
+}
+
+/// The mesh's `tls` and `tcp` routes that cover `port` of these hosts, in order (each
+/// VirtualService's `tls` routes, then its `tcp` routes), where one of them sends connections
+/// elsewhere than where they were dialled (`elsewhere`); else none.
+fn pass_routes(policy: &Policy, hosts: &[String], port: u16) -> Vec<PassRoute> {
+    let mut out = Vec::new();
+    for vs in mesh_services(policy, hosts) {
+        // The route's destinations; none where it goes to an egress gateway, which sends
+        // connections on where they were dialled.
+        let to = |dests: &[RouteDestination]| -> Vec<RouteTo> {
+            if dests
+                .iter()
+                .any(|d| is_gateway(policy, &d.destination.host))
+            {
+                return Vec::new();
+            }
+            let one = dests.len() == 1;
+            dests
+                .iter()
+                .map(|d| RouteTo {
+                    host: normalize_host(&d.destination.host),
+                    port: destination_port(policy, &d.destination, port),
+                    weight: if one {
+                        1
+                    } else {
+                        d.weight.map_or(0, |w| w.max(0).unsigned_abs())
+                    },
+                })
+                .filter(|d| d.weight > 0)
+                .collect()
+        };
+        for (i, r) in vs.spec.tls.iter().enumerate() {
+            let matches: Vec<_> = (r.matches.iter())
+                .filter(|m| at_mesh(&m.gateways) && on_port(m.port.as_ref(), port))
+                .collect();
+            if r.route.is_empty() || (!r.matches.is_empty() && matches.is_empty()) {
+                continue;
+            }
+            let sni = if matches.iter().any(|m| m.sni_hosts.is_empty()) {
+                Vec::new()
+            } else {
+                matches
+                    .iter()
+                    .flat_map(|m| m.sni_hosts.iter().map(|h| normalize_host(h)))
+                    .collect()
+            };
+            if !sni.is_empty() && !names_sni(&sni, hosts) {
+                continue;
+            }
+            out.push(PassRoute {
+                sni,
+                tls: true,
+                to: to(&r.route),
+                by: format!("{} spec.tls[{i}]", vs.label()),
+            });
+        }
+        for (i, r) in vs.spec.tcp.iter().enumerate() {
+            let covers = r.matches.is_empty()
+                || (r.matches.iter())
+                    .any(|m| at_mesh(&m.gateways) && on_port(m.port.as_ref(), port));
+            if r.route.is_empty() || !covers {
+                continue;
+            }
+            out.push(PassRoute {
+                sni: Vec::new(),
+                tls: false,
+                to: to(&r.route),
+                by: format!("{} spec.tcp[{i}]", vs.label()),
+            });
+        }
+    }
+    if !out.iter().any(|r| elsewhere(r, hosts, port)) {
+        out.clear();
+    }
+    out
+}
+
+/// Whether a route sends some connections to `port` of these hosts elsewhere than where they
+/// were dialled: to several destinations, to another port, or to a host other than one it
+/// takes.
+fn elsewhere(r: &PassRoute, hosts: &[String], port: u16) -> bool {
+    match &r.to[..] {
+        [] => false,
+        [d] => {
+            d.port != port
+                || hosts.iter().any(|h| {
+                    let taken = r.sni.is_empty()
+                        || r.sni
+                            .iter()
+                            .any(|s| host_matches(s, h) || host_matches(h, s));
+                    taken && *h != d.host
+                })
+        }
+        _ => true,
+    }
+}
+
+/// The port a route destination takes connections to `dialled` on: its `port`, else the one
+/// port its ServiceEntry declares, else the port dialled, as Istio picks a service's port.
+fn destination_port(policy: &Policy, d: &Destination, dialled: u16) -> u16 {
+    if let Some(n) = d.port.as_ref().and_then(|p| p.number) {
+        return n.0;
+    }
+    let host = normalize_host(&d.host);
+    let entry = policy
+        .service_entries
+        .iter()
+        .find(|se| se.spec.hosts.iter().any(|h| normalize_host(h) == host));
+    match entry.map(|se| &se.spec.ports[..]) {
+        Some([only]) => only.number.0,
+        _ => dialled,
+    }
 }
 
 /// A compiled route as requests to `port` are matched against it, at an egress gateway or at

@@ -1185,6 +1185,164 @@ fn routes_steer_the_ports_their_matches_cover() {
 
 /// A port's own `tls` replaces the DestinationRule's rule-wide one in deciding whether it is
 /// steered for origination; a connection pool on a port that goes direct is said to do nothing.
+/// The mesh's `tls` and `tcp` routes are applied whole: one that sends connections elsewhere than
+/// dialled (another host or port, or a split by weight) steers its port, with the routes in
+/// order; one that sends each to where it was dialled leaves the port alone.
+#[test]
+fn tls_and_tcp_routes_to_other_destinations_steer_their_ports() {
+    let entry = |name: &str, ports: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\n\
+             spec:\n  hosts: [{name}.example]\n  ports: [{ports}]\n  resolution: DNS\n---\n"
+        )
+    };
+    let yaml = format!(
+        "{}{}{}{}",
+        entry(
+            "a",
+            "{number: 443, name: tls, protocol: TLS}, {number: 5432, name: db, protocol: TCP}"
+        ),
+        entry("b", "{number: 8443, name: tls, protocol: TLS}"),
+        entry(
+            "c",
+            "{number: 443, name: tls, protocol: TLS}, {number: 80, name: http, protocol: HTTP}"
+        ),
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: v}
+spec:
+  hosts: [a.example, c.example]
+  tls:
+  - match: [{port: 443, sniHosts: [a.example]}]
+    route:
+    - destination: {host: a.example}
+      weight: 80
+    - destination: {host: b.example}
+      weight: 20
+    - destination: {host: c.example}
+  - match: [{port: 443, sniHosts: [c.example]}]
+    route: [{destination: {host: c.example}}]
+  tcp:
+  - match: [{port: 5432}]
+    route: [{destination: {host: b.example, port: {number: 5433}}}]
+  - route: [{destination: {host: c.example}}]
+"#
+    );
+    let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    let rule = |host: &str| plan.rules.iter().find(|r| r.hosts == [host]).expect("rule");
+    let a = rule("a.example");
+    let steered: Vec<(u16, &str)> = a.steered.iter().map(|s| (s.port, s.why.as_str())).collect();
+    assert_eq!(
+        steered,
+        [
+            (
+                443,
+                "VirtualService/default/v spec.tls[0] sends port 443's connections to \
+                 a.example:443 (80%), b.example:8443 (20%)"
+            ),
+            (
+                5432,
+                "VirtualService/default/v spec.tcp[0] sends port 5432's connections to \
+                 b.example:5433"
+            ),
+        ]
+    );
+    // A destination without a weight among several takes nothing; b.example's one port is
+    // where its connections go; the routes stay in order, the `tcp` ones after the `tls` ones,
+    // and a `tls` route for another host's server names is not among them.
+    let pass = &a.steered[0].pass;
+    let to: Vec<Vec<(&str, u16, u32)>> = pass
+        .iter()
+        .map(|r| {
+            r.to.iter()
+                .map(|d| (d.host.as_str(), d.port, d.weight))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        to,
+        [
+            vec![("a.example", 443, 80), ("b.example", 8443, 20)],
+            vec![("c.example", 443, 1)],
+        ]
+    );
+    let shape: Vec<(bool, Vec<&str>, &str)> = pass
+        .iter()
+        .map(|r| {
+            (
+                r.tls,
+                r.sni.iter().map(String::as_str).collect(),
+                r.by.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            (
+                true,
+                vec!["a.example"],
+                "VirtualService/default/v spec.tls[0]"
+            ),
+            (false, vec![], "VirtualService/default/v spec.tcp[1]"),
+        ]
+    );
+    // c.example's TLS goes where it was dialled, and its HTTP port is routed request by request:
+    // neither is steered.
+    assert!(rule("c.example").steered.is_empty());
+    assert!(rule("b.example").steered.is_empty());
+
+    // A route through an egress gateway sends connections where they were dialled.
+    let via_gateway = yaml.replace(
+        "    - destination: {host: c.example}\n  - match",
+        "    - destination: {host: istio-egressgateway.istio-system.svc.cluster.local}\n  - match",
+    );
+    let (pol, _) = load_str(&via_gateway, Path::new("p.yaml"));
+    let (plan, _) = compile(&pol, None);
+    let a = plan
+        .rules
+        .iter()
+        .find(|r| r.hosts == ["a.example"])
+        .expect("rule");
+    assert!(
+        a.steered[0].why.contains("egress gateway"),
+        "{}",
+        a.steered[0].why
+    );
+    assert!(a.steered[0].pass[0].to.is_empty());
+}
+
+/// Route weights are checked as Istio checks them, and a route of the mesh to a host no
+/// ServiceEntry has is warned about: its connections are refused.
+#[test]
+fn route_weights_and_destinations_are_checked() {
+    let yaml = |route: &str| {
+        format!(
+            "{SE}  hosts: [a.example]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  \
+             resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+             metadata: {{name: v}}\nspec:\n  hosts: [a.example]\n  tls:\n  - route:\n{route}"
+        )
+    };
+    assert_eq!(
+        errors_of(&yaml(
+            "    - destination: {host: a.example}\n      weight: -1\n    - destination: {host: a.example}\n"
+        )),
+        [
+            "p.yaml:10:1: error: VirtualService/default/v: spec.tls[0].route[0].weight -1 is below 0",
+            "p.yaml:10:1: error: VirtualService/default/v: spec.tls[0].route names 2 destinations whose weights add up to 0: none would take any traffic",
+        ]
+    );
+    assert_eq!(
+        diags_of(&yaml("    - destination: {host: nowhere.example}\n")),
+        [
+            "p.yaml:10:1: warning: VirtualService/default/v: spec.tls[0].route[0].destination.host nowhere.example is not a host of any ServiceEntry: the relay refuses the connections routed there, as Istio has nowhere to send them"
+        ]
+    );
+}
+
 #[test]
 fn origination_steers_the_ports_it_applies_to() {
     let yaml = format!(

@@ -1120,6 +1120,40 @@ async fn relay_admitted(
             }
         }
     };
+    // A VirtualService's route may send the connection to another host or port: to the
+    // addresses the policy gives that host, never to the client's word, under that host's
+    // DestinationRule there.
+    let host = Name::clone(&upstream.host);
+    let sni = hello.as_ref().and_then(|h| h.sni.as_deref());
+    let (rule, port, upstream, routed) =
+        match catalog.routed(steered.rule_id, dst.port(), sni, &upstream.host) {
+            None => (steered.rule_id, dst.port(), upstream, None),
+            Some(Ok(to)) => {
+                let upstream = Upstream {
+                    host: Name::clone(&to.host),
+                    route: upstream.route,
+                    alternates: to.addrs,
+                    dialled: false,
+                };
+                (to.rule, to.port, upstream, Some(to.host))
+            }
+            Some(Err(reason)) => {
+                let mut record = new_record();
+                if let Some(hello) = hello {
+                    record.sni = hello.sni;
+                    record.alpn = Some(hello.alpn);
+                }
+                record.host = Some(host);
+                return refuse(record, "refused", reason);
+            }
+        };
+    let (pool, timeouts) = if routed.is_some() {
+        let pool = catalog.pool(rule, port);
+        leave.keepalive = pool.and_then(|p| p.keepalive);
+        (pool, Timeouts::of(pool, &shared.config))
+    } else {
+        (pool, timeouts)
+    };
     let opaque = hello.is_none();
     if opaque {
         // The server may speak first: its accept() must not wait for bytes of the client's.
@@ -1143,43 +1177,38 @@ async fn relay_admitted(
         let mut record = new_record();
         record.sni = sni;
         record.alpn = alpn;
-        record.host = Some(Name::clone(&upstream.host));
+        record.host = Some(Name::clone(&host));
+        record.upstream_host = routed.clone();
         record.attempts = Some(attempts);
         record
     };
     // Held to the connection's end, as Envoy counts a cluster's connections.
     let _pooled = match pool.and_then(|p| Some((p, p.max_connections?))) {
-        Some((pool, max)) => {
-            match shared
-                .admission
-                .admit_host(steered.rule_id, &upstream.host, dst.port(), max)
-            {
-                Ok(admitted) => Some(admitted),
-                Err(open) => {
-                    shared.status.over_limit("destination");
-                    let reason = format!(
-                        "{}:{} has {open} connections through the relay, as many as {} allows \
-                         (connectionPool.tcp.maxConnections)",
-                        upstream.host,
-                        dst.port(),
-                        pool.by
-                    );
-                    return refuse(with_upstream(0, sni, alpn), "refused", reason);
-                }
+        Some((pool, max)) => match shared.admission.admit_host(rule, &upstream.host, port, max) {
+            Ok(admitted) => Some(admitted),
+            Err(open) => {
+                shared.status.over_limit("destination");
+                let reason = format!(
+                    "{}:{} has {open} connections through the relay, as many as {} allows \
+                     (connectionPool.tcp.maxConnections)",
+                    upstream.host, port, pool.by
+                );
+                return refuse(with_upstream(0, sni, alpn), "refused", reason);
             }
-        }
+        },
         None => None,
     };
 
     let choice = Choice {
-        rule: steered.rule_id,
+        rule,
         balancer: &shared.balancer,
-        balancing: catalog.balancing(steered.rule_id, dst.port()),
+        balancing: catalog.balancing(rule, port),
         health: &shared.health,
-        outliers: catalog.outliers(steered.rule_id, dst.port()),
+        outliers: catalog.outliers(rule, port),
     };
+    let to = SocketAddr::new(dst.ip(), port);
     let (mut server, connected, attempts) =
-        match connect(dst, &upstream, &leave, timeouts.connect, &choice).await {
+        match connect(to, &upstream, &leave, timeouts.connect, &choice).await {
             Ok(ok) => ok,
             Err((attempts, reason)) => {
                 let record = with_upstream(attempts, sni, alpn);
@@ -1187,9 +1216,7 @@ async fn relay_admitted(
             }
         };
     // Held to the connection's end: the least request counts connections in progress.
-    let _in_flight = shared
-        .balancer
-        .start(steered.rule_id, choice.balancing, connected);
+    let _in_flight = shared.balancer.start(rule, choice.balancing, connected);
     let _ = cut.upstream.set((connected, attempts));
     let sent = if opaque {
         Ok(())
