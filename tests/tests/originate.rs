@@ -309,6 +309,79 @@ spec:
     a.shutdown().await;
 }
 
+/// A VirtualService's `http` route sends requests to another registered host, or splits them
+/// by weight, request by request: to that host's addresses, under its DestinationRule (here
+/// kept.test's, which names the server name to send), the Host header kept. A route to a host
+/// no ServiceEntry has is answered 503 with the reason, and nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_route_sends_requests_to_another_host_or_splits_them_by_weight() {
+    let f = fixture();
+    let kept = "  host: kept.test\n  trafficPolicy:\n    portLevelSettings:\n    - port: {number: 80}\n      tls: {mode: SIMPLE,";
+    let mut policy = f
+        .policy
+        .replacen(kept, &format!("{kept} sni: kept.test,"), 1);
+    assert_ne!(policy, f.policy, "kept.test's rule found");
+    policy += "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: plain, namespace: shop}
+spec:
+  hosts: [plain.test]
+  http:
+  - match: [{uri: {prefix: /moved}}]
+    route: [{destination: {host: kept.test}}]
+  - match: [{uri: {prefix: /split}}]
+    route:
+    - destination: {host: plain.test}
+      weight: 50
+    - destination: {host: kept.test}
+      weight: 50
+  - match: [{uri: {prefix: /lost}}]
+    route: [{destination: {host: nowhere.test}}]
+  - route: [{destination: {host: plain.test}}]
+";
+    let cg = TestCgroup::new("originate-routed");
+    let log = log_path("originate-routed");
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let plain = at(f.w.v4(20), 80);
+
+    // Moved: kept.test's server, with the server name its DestinationRule gives.
+    let out = curl(&cg, f.w.v4(20), &["http://plain.test/moved"], &[]);
+    assert_eq!(stdout(&out), "sni=kept.test\n200\n", "{out:?}");
+    assert!(f.plain.names().is_empty(), "{:?}", f.plain.names());
+    let r = wait_record(&log, "the moved request's record", |r| {
+        r.kind == "relay" && shown(r.dst) == plain
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(shown(r.upstream), at(f.w.v4(26), 443), "{r:?}");
+    assert_eq!(r.upstream_host.as_deref(), Some("kept.test"), "{r:?}");
+    assert_eq!(r.host.as_deref(), Some("plain.test"), "{r:?}");
+
+    // Split half and half over 24 requests on one client connection: plain.test's server
+    // closes after each answer, so each of its requests is a handshake of its own.
+    let urls = ["http://plain.test/split"; 24];
+    let out = curl(&cg, f.w.v4(20), &urls, &[]);
+    let answers = stdout(&out);
+    let to_plain = answers.matches("sni=plain.test\n200\n").count();
+    let to_kept = answers.matches("sni=kept.test\n200\n").count();
+    assert_eq!(to_plain + to_kept, 24, "{out:?}");
+    assert!(to_plain > 0 && to_kept > 0, "split {to_plain} / {to_kept}");
+    assert_eq!(f.plain.names().len(), to_plain);
+
+    // A route to a host no ServiceEntry has: 503, never sent.
+    let before = (f.plain.accepted(), f.kept.accepted());
+    let out = curl(&cg, f.w.v4(20), &["http://plain.test/lost"], &[]);
+    assert_eq!(
+        stdout(&out),
+        "egress: nowhere.test is not a host of any ServiceEntry in force\n503\n",
+        "{out:?}"
+    );
+    assert_eq!((f.plain.accepted(), f.kept.accepted()), before);
+    a.shutdown().await;
+}
+
 /// A STATIC entry's virtual address on a port where egress originates TLS: the requests leave
 /// as verified TLS to its endpoint (plain.test's server, host 20), as Istio's proxy sends them;
 /// host 98 is the virtual address, where nothing answers.

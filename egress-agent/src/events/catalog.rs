@@ -74,6 +74,23 @@ struct Retired {
 /// How long a removed rule still names records: far longer than a record waits to be written.
 const RETIRED_FOR: Duration = Duration::from_secs(60);
 
+/// One of a route's destinations, drawn in proportion to their weights; none of none.
+pub fn draw<T>(to: &[T], weight: impl Fn(&T) -> u32) -> Option<&T> {
+    if let [only] = to {
+        return Some(only);
+    }
+    let total: u32 = to.iter().map(&weight).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut left = rand::random_range(0..total);
+    to.iter().find(|d| {
+        let this = left < weight(d);
+        left = left.saturating_sub(weight(d));
+        this
+    })
+}
+
 /// Where a route sends a steered connection (`Catalog::routed`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
@@ -274,9 +291,9 @@ impl Catalog {
     }
 
     /// Where a route sends a connection to `port` of `host`, decided by `rule_id`, with this
-    /// server name (none: not TLS), where it sends it elsewhere than where it was dialled: the
-    /// first of the port's routes (`SteeredPort::pass`) that takes it, to one of its
-    /// destinations drawn by weight. None: where it was dialled. The error says why the
+    /// server name (none: not TLS), where it sends it to another host: the first of the port's
+    /// routes (`SteeredPort::pass`) that takes it, to one of its destinations drawn by weight.
+    /// None: where it was dialled. The error says why the
     /// destination cannot be reached.
     pub fn routed(
         &self,
@@ -290,27 +307,24 @@ impl Catalog {
             Some(name) => r.sni.is_empty() || r.sni.iter().any(|s| host_matches(s, name)),
             None => !r.tls,
         })?;
-        let total: u32 = route.to.iter().map(|d| d.weight).sum();
-        let mut draw = if route.to.len() > 1 {
-            rand::random_range(0..total)
-        } else {
-            0
-        };
-        let to = route.to.iter().find(|d| {
-            let this = draw < d.weight;
-            draw = draw.saturating_sub(d.weight);
-            this
-        })?;
-        if to.host == host && to.port == port {
+        let to = draw(&route.to, |d| d.weight)?;
+        // Its own host: where dialled (another port of it, as the port's `targetPort` says).
+        if to.host == host {
             return None;
         }
-        Some(self.destination(to).map(|(rule, addrs)| Routed {
+        Some(self.routed_to(to, &route.by))
+    }
+
+    /// Where route `by` sends a connection or request it drew `to`: the destination host's
+    /// rule and the addresses that serve it. The error says why it cannot be reached.
+    pub fn routed_to(&self, to: &RouteTo, by: &str) -> Result<Routed, String> {
+        self.destination(to).map(|(rule, addrs)| Routed {
             rule,
             host: Name::from(to.host.as_str()),
             port: to.port,
             addrs,
-            by: Name::from(route.by.as_str()),
-        }))
+            by: Name::from(by),
+        })
     }
 
     /// The rule of a route's destination host and the addresses that serve it on its port: its

@@ -5,7 +5,7 @@ pub mod log;
 mod pipeline;
 mod record;
 
-pub use catalog::{Catalog, CgroupNames, Upstream, host_matches};
+pub use catalog::{Catalog, CgroupNames, Upstream, draw, host_matches};
 pub use log::{LogReader, LogWriter, Rotation};
 pub use pipeline::{DRAIN_INTERVAL, Pipeline, Records, Relayed};
 pub use record::{Name, Record, Word};

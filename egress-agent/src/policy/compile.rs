@@ -19,8 +19,8 @@ use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{
         ClientTls, ConnectionPoolSettings, Destination, DestinationRuleSpec, HeaderOperations,
-        HttpFault, HttpRoute, IstioDuration, LoadBalancerSettings, OutlierDetection, Percent,
-        PortNumber, PortTrafficPolicy, Protocol, Resolution, Retries, RouteDestination,
+        Headers, HttpFault, HttpRoute, IstioDuration, LoadBalancerSettings, OutlierDetection,
+        Percent, PortNumber, PortTrafficPolicy, Protocol, Resolution, Retries, RouteDestination,
         ServiceEntrySpec, ServicePort, SimpleLb, StringMatch, TlsMode, TrafficPolicy, Transport,
         VirtualServiceSpec,
     },
@@ -112,8 +112,8 @@ pub struct SteeredPort {
     /// (`RuleInfo::virtual_nets`): connections to its endpoints go direct.
     pub virtual_only: bool,
     /// The `tls` and `tcp` routes that cover the port, in order, where one of them sends
-    /// connections elsewhere than where they were dialled (another host or port, or a split by
-    /// weight); else none, and every connection goes where it was dialled.
+    /// connections elsewhere than where they were dialled (another host, or a split by weight);
+    /// else none, and every connection goes where it was dialled.
     pub pass: Vec<PassRoute>,
 }
 
@@ -134,26 +134,31 @@ pub struct PassRoute {
 }
 
 impl PassRoute {
-    /// Its destinations, as `egress check` shows them: `host:port`, with each one's share where
-    /// there are several.
+    /// Its destinations, as `egress check` shows them (`shown`).
     pub fn shown(&self) -> String {
-        let total: u32 = self.to.iter().map(|d| d.weight).sum();
-        let to: Vec<String> = (self.to.iter())
-            .map(|d| match self.to.len() {
-                1 => format!("{}:{}", d.host, d.port),
-                _ => format!(
-                    "{}:{} ({}%)",
-                    d.host,
-                    d.port,
-                    u64::from(d.weight) * 100 / u64::from(total.max(1))
-                ),
-            })
-            .collect();
-        if to.is_empty() {
-            "where they were dialled".to_owned()
-        } else {
-            to.join(", ")
-        }
+        shown(&self.to)
+    }
+}
+
+/// Route destinations as `egress check` shows them: `host:port`, with each one's share where
+/// there are several.
+pub fn shown(to: &[RouteTo]) -> String {
+    let total: u32 = to.iter().map(|d| d.weight).sum();
+    let each: Vec<String> = (to.iter())
+        .map(|d| match to.len() {
+            1 => format!("{}:{}", d.host, d.port),
+            _ => format!(
+                "{}:{} ({}%)",
+                d.host,
+                d.port,
+                u64::from(d.weight) * 100 / u64::from(total.max(1))
+            ),
+        })
+        .collect();
+    if each.is_empty() {
+        "where they were dialled".to_owned()
+    } else {
+        each.join(", ")
     }
 }
 
@@ -177,6 +182,10 @@ pub struct RequestRoute {
     pub route: RelayRoute,
     /// The route's header operations, then its first destination's.
     pub headers: HeaderOps,
+    /// Where it sends requests elsewhere than where they were dialled (another host, or a split
+    /// by weight): its destinations, each with the route's header operations and
+    /// then its own; none: where dialled.
+    pub to: Vec<(RouteTo, HeaderOps)>,
     /// The route's `rewrite`.
     pub rewrite: Rewrite,
     /// What the relay answers itself instead of sending the request on (`directResponse`,
@@ -383,9 +392,11 @@ impl RequestRoute {
     /// sent, and `asked`, the name the upstream is asked for) and of the path (`matched` says
     /// what its match matched), and its request header operations. The error: a rewritten path
     /// that is no request target, to be refused.
+    /// `ops`: the route's header operations, or those of the destination drawn (`to`).
     pub fn apply(
         &self,
         matched: Option<&RequestMatch>,
+        ops: &HeaderOps,
         headers: &mut http::HeaderMap,
         uri: &mut http::Uri,
         asked: &mut String,
@@ -396,7 +407,7 @@ impl RequestRoute {
             headers.insert(http::header::HOST, v);
             *asked = authority.host().to_ascii_lowercase();
         }
-        HeaderOps::apply(&self.headers.request, headers);
+        HeaderOps::apply(&ops.request, headers);
         if self.rewrite.uri.is_some() || self.rewrite.regex.is_some() {
             let path = self.rewrite.path(uri.path(), uri.query(), matched);
             *uri = path
@@ -850,18 +861,19 @@ pub fn compile_after(policy: &Policy, mode_flag: Option<Mode>, prev: &RuleIds) -
 }
 
 /// Checks a VirtualService's route destinations. Weights below 0, or several destinations whose
-/// weights add up to 0, are errors, as in Istio. The mesh's `tls` and `tcp` routes are applied
-/// whole (`pass_routes`); of the others, egress sends each connection to the address its
-/// workload dialled (through the relay where a route steers it), so it warns that a route to
-/// another host is not applied, nor a split by `weight`; of subsets, it applies a port's traffic
-/// policy (`port_subset`), not their `labels`.
+/// weights add up to 0, are errors, as in Istio. `http` routes (per request) and the mesh's
+/// `tls` and `tcp` routes (per connection, `pass_routes`) send to their destinations; a
+/// destination no ServiceEntry has is warned about. Of the gateway's `tls` and `tcp` routes,
+/// egress sends each connection to the address its workload dialled, so it warns that a route
+/// to another host is not applied, nor a split by `weight`. Of subsets, it applies a port's
+/// traffic policy (`port_subset`), not their `labels`.
 fn check_destinations(policy: &Policy, diags: &mut Diags) {
     for vs in &policy.virtual_services {
         let own: Vec<String> = vs.spec.hosts.iter().map(|h| normalize_host(h)).collect();
         let sections: [(&str, Vec<Destinations<'_>>); 3] = [
             (
                 "http",
-                vs.spec.http.iter().map(|r| (&r.route[..], false)).collect(),
+                vs.spec.http.iter().map(|r| (&r.route[..], true)).collect(),
             ),
             (
                 "tls",
@@ -934,17 +946,18 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                     }
                     let field = format!("spec.{section}[{i}].route[{j}].destination");
                     if applied {
-                        let registered = policy
-                            .service_entries
-                            .iter()
-                            .any(|se| se.spec.hosts.iter().any(|h| normalize_host(h) == host));
-                        if !registered {
+                        let registered = |host: &str| {
+                            (policy.service_entries.iter())
+                                .any(|se| se.spec.hosts.iter().any(|h| normalize_host(h) == host))
+                        };
+                        // Nothing reaches a VirtualService none of whose hosts is registered.
+                        if !registered(&host) && own.iter().any(|h| registered(h)) {
                             say(
                                 Severity::Warning,
                                 format!(
                                     "{field}.host {host} is not a host of any ServiceEntry: the \
-                                     relay refuses the connections routed there, as Istio has \
-                                     nowhere to send them"
+                                     relay refuses what is routed there, as Istio has nowhere to \
+                                     send it"
                                 ),
                             );
                         }
@@ -1160,15 +1173,10 @@ fn compile_service_entry(
                 ));
                 // An endpoint's number for a port is steered as the port is.
                 if let Some(s) = steered.iter().find(|s| s.port == p.number.0) {
-                    let mut mapped = SteeredPort {
+                    let mapped = SteeredPort {
                         port: number.0,
                         ..s.clone()
                     };
-                    // A route's draw of this host on the port stays where it was dialled.
-                    let to = mapped.pass.iter_mut().flat_map(|r| r.to.iter_mut());
-                    for d in to.filter(|d| d.port == p.number.0 && hosts.contains(&d.host)) {
-                        d.port = number.0;
-                    }
                     steered.push(mapped);
                 }
             }
@@ -1442,7 +1450,7 @@ fn steered_ports(
                 None if !pass.is_empty() => {
                     let why = pass
                         .iter()
-                        .find(|r| elsewhere(r, hosts, port))
+                        .find(|r| elsewhere(&r.sni, &r.to, hosts))
                         .map(|r| {
                             format!("{} sends port {port}'s connections to {}", r.by, r.shown())
                         })
@@ -1488,14 +1496,16 @@ fn steered_ports(
                         }
                         let routes: Vec<RequestRoute> = gateway_routes(policy, hosts, at)
                             .map(|(gvs, gi, gr)| {
-                                request_route(compile(gvs, gi, gr), gvs, gi, at, true, None)
+                                let c = compile(gvs, gi, gr);
+                                request_route((policy, hosts), (c, gvs, gi, gr), at, true, None)
                             })
                             .collect();
                         let then = (!routes.is_empty()).then(|| Arc::from(routes));
                         at_gateways.push((at, then.clone()));
                         then
                     });
-                    request_route(compile(vs, i, r), vs, i, port, false, then)
+                    let c = compile(vs, i, r);
+                    request_route((policy, hosts), (c, vs, i, r), port, false, then)
                 })
                 .collect(),
             _ => Vec::new(),
@@ -1529,28 +1539,9 @@ fn steered_ports(
 fn pass_routes(policy: &Policy, hosts: &[String], port: u16) -> Vec<PassRoute> {
     let mut out = Vec::new();
     for vs in mesh_services(policy, hosts) {
-        // The route's destinations; none where it goes to an egress gateway, which sends
-        // connections on where they were dialled.
         let to = |dests: &[RouteDestination]| -> Vec<RouteTo> {
-            if dests
-                .iter()
-                .any(|d| is_gateway(policy, &d.destination.host))
-            {
-                return Vec::new();
-            }
-            let one = dests.len() == 1;
-            dests
-                .iter()
-                .map(|d| RouteTo {
-                    host: normalize_host(&d.destination.host),
-                    port: destination_port(policy, &d.destination, port),
-                    weight: if one {
-                        1
-                    } else {
-                        d.weight.map_or(0, |w| w.max(0).unsigned_abs())
-                    },
-                })
-                .filter(|d| d.weight > 0)
+            (route_to(policy, dests, port).into_iter())
+                .map(|(d, _)| d)
                 .collect()
         };
         for (i, r) in vs.spec.tls.iter().enumerate() {
@@ -1593,28 +1584,51 @@ fn pass_routes(policy: &Policy, hosts: &[String], port: u16) -> Vec<PassRoute> {
             });
         }
     }
-    if !out.iter().any(|r| elsewhere(r, hosts, port)) {
+    if !out.iter().any(|r| elsewhere(&r.sni, &r.to, hosts)) {
         out.clear();
     }
     out
 }
 
-/// Whether a route sends some connections to `port` of these hosts elsewhere than where they
-/// were dialled: to several destinations, to another port, or to a host other than one it
-/// takes.
-fn elsewhere(r: &PassRoute, hosts: &[String], port: u16) -> bool {
-    match &r.to[..] {
+/// A route's destinations for connections or requests to `port`, those that take any (a single
+/// one takes everything; of several, one without a weight takes nothing), each with its index
+/// among them; none where one is an egress gateway, which sends them on where they were
+/// dialled.
+fn route_to(policy: &Policy, dests: &[RouteDestination], port: u16) -> Vec<(RouteTo, usize)> {
+    if dests
+        .iter()
+        .any(|d| is_gateway(policy, &d.destination.host))
+    {
+        return Vec::new();
+    }
+    let one = dests.len() == 1;
+    let to = dests.iter().enumerate().map(|(j, d)| {
+        let weight = if one {
+            1
+        } else {
+            d.weight.map_or(0, |w| w.max(0).unsigned_abs())
+        };
+        let to = RouteTo {
+            host: normalize_host(&d.destination.host),
+            port: destination_port(policy, &d.destination, port),
+            weight,
+        };
+        (to, j)
+    });
+    to.filter(|(d, _)| d.weight > 0).collect()
+}
+
+/// Whether a route sends some connections to these hosts elsewhere than where they were
+/// dialled: to several destinations, or to a host other than one it takes. Its host's own other
+/// port is where the port's `targetPort` (or the gateway's route, `onward_port`) says.
+fn elsewhere(sni: &[String], to: &[RouteTo], hosts: &[String]) -> bool {
+    match to {
         [] => false,
-        [d] => {
-            d.port != port
-                || hosts.iter().any(|h| {
-                    let taken = r.sni.is_empty()
-                        || r.sni
-                            .iter()
-                            .any(|s| host_matches(s, h) || host_matches(h, s));
-                    taken && *h != d.host
-                })
-        }
+        [d] => hosts.iter().any(|h| {
+            let taken =
+                sni.is_empty() || sni.iter().any(|s| host_matches(s, h) || host_matches(h, s));
+            taken && *h != d.host
+        }),
         _ => true,
     }
 }
@@ -1639,14 +1653,23 @@ fn destination_port(policy: &Policy, d: &Destination, dialled: u16) -> u16 {
 /// A compiled route as requests to `port` are matched against it, at an egress gateway or at
 /// the mesh.
 fn request_route(
-    c: Compiled,
-    vs: &Resource<VirtualServiceSpec>,
-    i: usize,
+    (policy, hosts): (&Policy, &[String]),
+    (c, vs, i, r): (Compiled, &Resource<VirtualServiceSpec>, usize, &HttpRoute),
     port: u16,
     at_gateway: bool,
     then: Option<Arc<[RequestRoute]>>,
 ) -> RequestRoute {
+    let drawn = route_to(policy, &r.route, port);
+    let dests: Vec<RouteTo> = drawn.iter().map(|(d, _)| d.clone()).collect();
+    let to = if elsewhere(&[], &dests, hosts) {
+        (drawn.into_iter())
+            .map(|(d, j)| (d, c.each[j].clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     RequestRoute {
+        to,
         matches: c
             .matches
             .into_iter()
@@ -1850,6 +1873,17 @@ fn route_reason<'a>(
                 let why = format!(
                     "{} gives port {port} retries or a timeout (spec.http[{i}])",
                     vs.label()
+                );
+                return Some(routed(why, None));
+            }
+            let to: Vec<RouteTo> = (route_to(policy, &r.route, port).into_iter())
+                .map(|(d, _)| d)
+                .collect();
+            if served_as_http && elsewhere(&[], &to, hosts) {
+                let why = format!(
+                    "{} sends port {port}'s requests to {} (spec.http[{i}])",
+                    vs.label(),
+                    shown(&to)
                 );
                 return Some(routed(why, None));
             }
@@ -2166,6 +2200,8 @@ struct Compiled {
     /// With the port each is for, and where it applies: at the mesh, at a gateway.
     matches: Vec<(Option<PortNumber>, RequestMatch, Bound)>,
     headers: HeaderOps,
+    /// The route's header operations, then each destination's, by destination.
+    each: Vec<HeaderOps>,
     rewrite: Rewrite,
     answer: Option<LocalAnswer>,
     fault: Option<Fault>,
@@ -2230,19 +2266,12 @@ fn compile_route(
         }
         matches.push((m.port, compiled, bound));
     }
-    let mut headers = HeaderOps::default();
-    let levels = [
-        (r.headers.as_ref(), format!("spec.http[{i}].headers")),
-        (
-            r.route.first().and_then(|d| d.headers.as_ref()),
-            format!("spec.http[{i}].route[0].headers"),
-        ),
-    ];
-    for (ops, field) in levels {
-        let Some(ops) = ops else { continue };
+    let mut level = |ops: Option<&Headers>, field: String| {
+        let mut out = HeaderOps::default();
+        let Some(ops) = ops else { return out };
         for (ops, to, part) in [
-            (&ops.request, &mut headers.request, "request"),
-            (&ops.response, &mut headers.response, "response"),
+            (&ops.request, &mut out.request, "request"),
+            (&ops.response, &mut out.response, "response"),
         ] {
             let Some(ops) = ops else { continue };
             if let Err(e) = header_ops(ops, to) {
@@ -2254,7 +2283,22 @@ fn compile_route(
                 );
             }
         }
-    }
+        out
+    };
+    let own = level(r.headers.as_ref(), format!("spec.http[{i}].headers"));
+    let each: Vec<HeaderOps> = (r.route.iter().enumerate())
+        .map(|(j, d)| {
+            let theirs = level(
+                d.headers.as_ref(),
+                format!("spec.http[{i}].route[{j}].headers"),
+            );
+            HeaderOps {
+                request: [&own.request[..], &theirs.request[..]].concat(),
+                response: [&own.response[..], &theirs.response[..]].concat(),
+            }
+        })
+        .collect();
+    let headers = each.first().cloned().unwrap_or(own);
     let mut rewrite = Rewrite::default();
     if let Some(rw) = &r.rewrite {
         let mut error = |field: &str, e: String| {
@@ -2345,6 +2389,7 @@ fn compile_route(
         route: relay_route(vs, i, r, diags),
         matches,
         headers,
+        each,
         rewrite,
         answer,
         fault,

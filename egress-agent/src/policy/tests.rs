@@ -1315,6 +1315,62 @@ spec:
     assert!(a.steered[0].pass[0].to.is_empty());
 }
 
+/// An `http` route that sends requests elsewhere than dialled steers its HTTP port, and each of
+/// its destinations carries the route's header operations and then its own.
+#[test]
+fn http_routes_to_other_destinations_steer_their_ports() {
+    let yaml = format!(
+        "{SE}  hosts: [a.example]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  \
+         resolution: DNS\n---\n{SE}  hosts: [b.example]\n  ports: [{{number: 8080, name: http, \
+         protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: \
+         VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [a.example]\n  http:\n  - \
+         headers: {{request: {{set: {{x-route: r}}}}}}\n    route:\n    - destination: {{host: \
+         a.example}}\n      weight: 90\n      headers: {{request: {{set: {{x-to: a}}}}}}\n    - \
+         destination: {{host: b.example}}\n      weight: 10\n      headers: {{request: {{set: \
+         {{x-to: b}}}}}}\n"
+    );
+    let (pol, d) = load_str(&yaml, Path::new("p.yaml"));
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    assert!(d.is_empty(), "{d:?}");
+    let s = &plan.rules[0].steered[0];
+    assert_eq!(
+        s.why,
+        "VirtualService/default/v sends port 80's requests to a.example:80 (90%), \
+         b.example:8080 (10%) (spec.http[0])"
+    );
+    let set = |name: &str, value: &str| {
+        HeaderOp::Set(
+            http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+            http::HeaderValue::from_str(value).expect("value"),
+        )
+    };
+    let r = &s.requests[0];
+    let to: Vec<(&str, u16, u32, &[HeaderOp])> = (r.to.iter())
+        .map(|(d, ops)| (d.host.as_str(), d.port, d.weight, &ops.request[..]))
+        .collect();
+    assert_eq!(
+        to,
+        [
+            (
+                "a.example",
+                80,
+                90,
+                &[set("x-route", "r"), set("x-to", "a")][..]
+            ),
+            (
+                "b.example",
+                8080,
+                10,
+                &[set("x-route", "r"), set("x-to", "b")][..]
+            ),
+        ]
+    );
+    // Without a draw (where dialled), the route's and its first destination's.
+    assert_eq!(r.headers.request, [set("x-route", "r"), set("x-to", "a")]);
+    assert!(plan.rules[1].steered.is_empty());
+}
+
 /// Route weights are checked as Istio checks them, and a route of the mesh to a host no
 /// ServiceEntry has is warned about: its connections are refused.
 #[test]
@@ -1338,7 +1394,7 @@ fn route_weights_and_destinations_are_checked() {
     assert_eq!(
         diags_of(&yaml("    - destination: {host: nowhere.example}\n")),
         [
-            "p.yaml:10:1: warning: VirtualService/default/v: spec.tls[0].route[0].destination.host nowhere.example is not a host of any ServiceEntry: the relay refuses the connections routed there, as Istio has nowhere to send them"
+            "p.yaml:10:1: warning: VirtualService/default/v: spec.tls[0].route[0].destination.host nowhere.example is not a host of any ServiceEntry: the relay refuses what is routed there, as Istio has nowhere to send it"
         ]
     );
 }
@@ -1454,9 +1510,8 @@ fn a_subsets_traffic_policy_applies_to_the_ports_its_route_covers() {
     assert_eq!(
         d,
         [
-            "p.yaml:12:1: warning: VirtualService/default/v: spec.http[0].route names 2 destinations: egress does not split traffic between them (`weight` is not applied); it goes through the egress gateway if one of them is one, else as route[0] sends it",
             "p.yaml:12:1: warning: VirtualService/default/v: spec.http[0].route[0].destination.subset gone is not defined by a DestinationRule for api.example: Istio has nowhere to send such traffic, egress sends it on as if no subset were named",
-            "p.yaml:12:1: warning: VirtualService/default/v: spec.http[0].route[1].destination.host other.example is not a host of this VirtualService: egress sends each connection to the address its workload dialled, not to another host (not applied)",
+            "p.yaml:12:1: warning: VirtualService/default/v: spec.http[0].route[1].destination.host other.example is not a host of any ServiceEntry: the relay refuses what is routed there, as Istio has nowhere to send it",
         ]
     );
 

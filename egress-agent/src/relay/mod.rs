@@ -1120,7 +1120,7 @@ async fn relay_admitted(
             }
         }
     };
-    // A VirtualService's route may send the connection to another host or port: to the
+    // A VirtualService's route may send the connection to another host: to the
     // addresses the policy gives that host, never to the client's word, under that host's
     // DestinationRule there.
     let host = Name::clone(&upstream.host);

@@ -44,12 +44,12 @@ use super::{
     refuse, within,
 };
 use crate::{
-    events::{Catalog, Name, Record, Word},
+    events::{Catalog, Name, Record, Word, draw},
     metrics::Status,
     policy::{
         compile::{
             Abort, Balancing, ConnectionPool, HeaderOps, LocalAnswer, MILLION, Origination,
-            Outliers, RelayRoute, RequestMatch, RequestRoute,
+            Outliers, RelayRoute, RequestMatch, RequestRoute, RouteTo,
         },
         tls::TlsClient,
     },
@@ -92,28 +92,18 @@ pub(super) async fn serve(
         activity: Arc::clone(&activity),
     };
     let dst = super::dst_of(steered);
-    let outliers = catalog.outliers(steered.rule_id, dst.port()).cloned();
-    let balancing = catalog.balancing(steered.rule_id, dst.port());
+    let connect_timeout = shared.config.connect_timeout;
+    let dialled = Dest::new(&catalog, steered.rule_id, origin, pool, connect_timeout, h2);
     let state = Arc::new(State {
         dst,
         rule_id: steered.rule_id,
         requests: catalog.requests(steered.rule_id, dst.port()),
         leave,
-        origin,
         catalog,
-        connect_timeout: timeouts.connect,
-        kept_idle: pool.and_then(|p| p.http_idle_timeout).unwrap_or(POOL_IDLE),
-        max_requests: pool.and_then(|p| p.max_requests_per_connection),
-        max_age: pool.and_then(|p| p.max_connection_duration),
-        max_connections: pool.and_then(|p| p.max_connections),
-        // The client's HTTP/2 goes on as HTTP/2; HTTP/1.1 too where the DestinationRule upgrades it.
-        h2: h2 || pool.is_some_and(|p| p.h2_upgrade),
-        max_pending: pool.and_then(|p| Some((p.max_pending_requests?, p.by.clone()))),
-        max_active: pool.and_then(|p| Some((p.max_active_requests?, p.by.clone()))),
-        max_retries: pool.and_then(|p| Some((p.max_retries?, p.by.clone()))),
-        outliers,
+        dialled,
+        client_h2: h2,
+        connect_timeout: shared.config.connect_timeout,
         health: Arc::clone(&shared.health),
-        balancing,
         balancer: Arc::clone(&shared.balancer),
         stats: Mutex::new(Stats::default()),
         pool: Arc::clone(&shared.pool),
@@ -160,6 +150,7 @@ pub(super) async fn serve(
     if stats.host.is_some() {
         record.host = stats.host;
     }
+    record.upstream_host = stats.upstream_host;
     match (stats.failure, ended) {
         (Some((outcome, reason)), _) => refuse(record, outcome, reason),
         // As a passthrough connection without a ClientHello is (a port check, mostly).
@@ -200,6 +191,8 @@ struct Stats {
     upstream: Option<SocketAddr>,
     sni: Option<String>,
     host: Option<Name>,
+    /// The host a route sent the last request to, where not the one dialled.
+    upstream_host: Option<Name>,
     /// The first request that failed: outcome and reason.
     failure: Option<(&'static str, String)>,
 }
@@ -211,9 +204,28 @@ struct State {
     requests: Option<Arc<[RequestRoute]>>,
     /// Where upstream connections leave from (see `connect_own`).
     leave: Leave,
-    origin: Origination,
     /// The policy as it was when the connection arrived.
     catalog: Arc<Catalog>,
+    /// Where requests go on to unless a route sends them elsewhere: the host and port dialled.
+    dialled: Dest,
+    /// The client speaks HTTP/2.
+    client_h2: bool,
+    /// Of an upstream connect where no DestinationRule says.
+    connect_timeout: Duration,
+    health: Arc<Health>,
+    balancer: Arc<Balancer>,
+    stats: Mutex<Stats>,
+    /// Where an upstream connection goes once an answer has been read whole, for the next
+    /// request of this client or another.
+    pool: Arc<Pool>,
+    status: Arc<Status>,
+}
+
+/// Where requests go on to, with what the DestinationRule there asks for: the host and port
+/// dialled, or another that a route sends a request to.
+struct Dest {
+    rule_id: u32,
+    origin: Origination,
     connect_timeout: Duration,
     /// How long an upstream connection is kept with no request (`http.idleTimeout`).
     kept_idle: Duration,
@@ -233,19 +245,47 @@ struct State {
     /// Retries to the host and port in progress at once, from the node (`http.maxRetries`),
     /// and the DestinationRule that says so.
     max_retries: Option<(u32, String)>,
-    /// The DestinationRule's outlier detection for the port, and where it is kept.
+    /// The DestinationRule's outlier detection for the port.
     outliers: Option<Outliers>,
-    health: Arc<Health>,
     balancing: Balancing,
-    balancer: Arc<Balancer>,
     /// Requests go on as HTTP/2: the client speaks it, or the DestinationRule upgrades HTTP/1.1
     /// (`h2UpgradePolicy: UPGRADE`).
     h2: bool,
-    stats: Mutex<Stats>,
-    /// Where an upstream connection goes once an answer has been read whole, for the next
-    /// request of this client or another.
-    pool: Arc<Pool>,
-    status: Arc<Status>,
+}
+
+impl Dest {
+    /// Requests to `origin`'s port of rule `rule_id`'s host, under `pool` (the DestinationRule's
+    /// `connectionPool` there), `connect_timeout` where it sets none; `client_h2`: the client
+    /// speaks HTTP/2.
+    fn new(
+        catalog: &Catalog,
+        rule_id: u32,
+        origin: Origination,
+        pool: Option<&ConnectionPool>,
+        connect_timeout: Duration,
+        client_h2: bool,
+    ) -> Dest {
+        let port = origin.port;
+        Dest {
+            rule_id,
+            connect_timeout: pool
+                .and_then(|p| p.connect_timeout)
+                .unwrap_or(connect_timeout),
+            kept_idle: pool.and_then(|p| p.http_idle_timeout).unwrap_or(POOL_IDLE),
+            max_requests: pool.and_then(|p| p.max_requests_per_connection),
+            max_age: pool.and_then(|p| p.max_connection_duration),
+            max_connections: pool.and_then(|p| p.max_connections),
+            // The client's HTTP/2 goes on as HTTP/2; HTTP/1.1 too where the DestinationRule
+            // upgrades it.
+            h2: client_h2 || pool.is_some_and(|p| p.h2_upgrade),
+            max_pending: pool.and_then(|p| Some((p.max_pending_requests?, p.by.clone()))),
+            max_active: pool.and_then(|p| Some((p.max_active_requests?, p.by.clone()))),
+            max_retries: pool.and_then(|p| Some((p.max_retries?, p.by.clone()))),
+            outliers: catalog.outliers(rule_id, port).cloned(),
+            balancing: catalog.balancing(rule_id, port),
+            origin,
+        }
+    }
 }
 
 /// An upstream connection: what sends requests on it, and its I/O task, which ends with it.
@@ -687,11 +727,16 @@ impl State {
         // The routes' response header operations, in the order the answer passes them.
         let mut ops: Vec<&HeaderOps> = Vec::new();
         let mut through = None;
+        // The destination the route that sends the request on drew, where it sends requests
+        // elsewhere than dialled.
+        let mut drawn = None;
         if let Some((r, m)) = chosen {
-            if let Err(reason) = r.apply(m, &mut headers, &mut uri, &mut asked) {
+            drawn = draw(&r.to, |(d, _)| d.weight).map(|d| (d, r.by.as_str()));
+            let r_ops = drawn.map_or(&r.headers, |((_, ops), _)| ops);
+            if let Err(reason) = r.apply(m, r_ops, &mut headers, &mut uri, &mut asked) {
                 return self.fail(StatusCode::BAD_REQUEST, "refused", reason);
             }
-            ops.push(&r.headers);
+            ops.push(r_ops);
             // The route goes to an egress gateway: the relay stands in for it, and its routes
             // take the request as this one changed it, as they would at the gateway.
             if let Some(then) = &r.then {
@@ -717,24 +762,48 @@ impl State {
                 if let Some(answer) = self.ahead(g, &named, uri.path(), uri.query()).await {
                     return answer;
                 }
-                if let Err(reason) = g.apply(gm, &mut headers, &mut uri, &mut asked) {
+                drawn = draw(&g.to, |(d, _)| d.weight).map(|d| (d, g.by.as_str()));
+                let g_ops = drawn.map_or(&g.headers, |((_, ops), _)| ops);
+                if let Err(reason) = g.apply(gm, g_ops, &mut headers, &mut uri, &mut asked) {
                     return self.fail(StatusCode::BAD_REQUEST, "refused", reason);
                 }
                 // The answer passes the gateway first.
-                ops.insert(0, &g.headers);
+                ops.insert(0, g_ops);
                 through = Some(through_gateway(route, &g.route));
             }
         }
         let route = through.as_ref().unwrap_or(route);
+        // Another host that the route sends the request to: the addresses the policy gives it,
+        // under its DestinationRule there.
+        let routed;
+        let (dest, upstream) = match drawn {
+            // Its own host goes where dialled, to the port's `targetPort` (or the gateway's).
+            Some(((to, _), by)) if *to.host != *upstream.host => {
+                match self.routed(to, by, &upstream) {
+                    Ok(there) => {
+                        self.stats().upstream_host = Some(Name::clone(&there.1.host));
+                        routed = there;
+                        (&routed.0, &routed.1)
+                    }
+                    Err(reason) => {
+                        return self.fail(StatusCode::SERVICE_UNAVAILABLE, "refused", reason);
+                    }
+                }
+            }
+            _ => {
+                self.stats().upstream_host = None;
+                (&self.dialled, &upstream)
+            }
+        };
         // The host's requests in progress, where a DestinationRule limits them: one more is
         // answered at once, never sent and not retried, as Envoy answers an overflow.
-        let active = match &self.max_active {
+        let active = match &dest.max_active {
             None => None,
             Some((max, by)) => {
-                let port = self.origin.target_port;
+                let port = dest.origin.target_port;
                 match self
                     .pool
-                    .active(self.rule_id, &upstream.host, port, *max)
+                    .active(dest.rule_id, &upstream.host, port, *max)
                     .take()
                 {
                     Some(place) => Some(place),
@@ -753,7 +822,7 @@ impl State {
                 }
             }
         };
-        let tls = match &self.origin.tls {
+        let tls = match &dest.origin.tls {
             Some(tls) => {
                 let sni = tls.sni.clone().unwrap_or(asked);
                 let Ok(name) = ServerName::try_from(sni.clone()) else {
@@ -764,7 +833,7 @@ impl State {
                     );
                 };
                 self.stats().sni = Some(sni);
-                let client = if self.h2 { &tls.client_h2 } else { &tls.client };
+                let client = if dest.h2 { &tls.client_h2 } else { &tls.client };
                 Some((name, client.clone()))
             }
             None => None,
@@ -784,14 +853,14 @@ impl State {
             _ => (None, Some(body)),
         };
         // HTTP/2 names the host in the request's target (`:authority`), not in a header.
-        if self.h2 {
+        if dest.h2 {
             // The host checked (or the route's rewrite of it), port and all, as set above.
             let authority = headers
                 .remove(header::HOST)
                 .and_then(|v| v.to_str().ok().map(str::to_owned))
                 .unwrap_or_else(|| host.clone());
             // `:scheme` names the upstream hop's: https where egress originates TLS.
-            let scheme = if self.origin.tls.is_some() {
+            let scheme = if dest.origin.tls.is_some() {
                 "https"
             } else {
                 "http"
@@ -816,7 +885,7 @@ impl State {
             *r.method_mut() = parts.method.clone();
             *r.uri_mut() = uri.clone();
             *r.headers_mut() = headers.clone();
-            if self.h2 {
+            if dest.h2 {
                 *r.version_mut() = http::Version::HTTP_2;
             }
             r
@@ -827,8 +896,8 @@ impl State {
         } else {
             1
         };
-        let first = SocketAddr::new(self.dst.ip(), self.origin.target_port);
-        let choice = self.choice();
+        let first = SocketAddr::new(self.dst.ip(), dest.origin.target_port);
+        let choice = self.choice(dest);
         let (ordered, targets) = choice.order(upstream.targets(first));
         if ordered.is_empty() {
             return self.fail(
@@ -840,9 +909,9 @@ impl State {
         let mut attempts = Attempts::new(route, tries, route.per_try_timeout, ordered);
         // The host's connections, where a DestinationRule limits them: counted over its
         // addresses, as Envoy counts a cluster's.
-        let slots = self.max_connections.map(|max| {
+        let slots = dest.max_connections.map(|max| {
             self.pool
-                .slots(self.rule_id, &upstream.host, self.origin.target_port, max)
+                .slots(dest.rule_id, &upstream.host, dest.origin.target_port, max)
         });
         let mut last = String::new();
         // An answer to be retried, while the retry may still be refused a place: then it is the
@@ -866,10 +935,10 @@ impl State {
                 Next::Spent => break,
             };
             if attempts.made > 1
-                && let Some((max, by)) = &self.max_retries
+                && let Some((max, by)) = &dest.max_retries
             {
-                let port = self.origin.target_port;
-                let places = self.pool.retries(self.rule_id, &upstream.host, port, *max);
+                let port = dest.origin.target_port;
+                let places = self.pool.retries(dest.rule_id, &upstream.host, port, *max);
                 drop(retrying.take());
                 retrying = places.take();
                 if retrying.is_none() {
@@ -900,10 +969,10 @@ impl State {
                 (None, None) => break,
             };
             // Counted from the attempt until its answer has been passed on whole.
-            let in_flight = self.balancer.start(self.rule_id, self.balancing, target);
+            let in_flight = self.balancer.start(dest.rule_id, dest.balancing, target);
             let result = within(
                 limit,
-                self.attempt(target, &tls, slots.as_ref(), build(body)),
+                self.attempt(dest, target, &tls, slots.as_ref(), build(body)),
             )
             .await
             .unwrap_or(Err(Failure::Timeout));
@@ -922,7 +991,7 @@ impl State {
                         && route.retry_on.status(response.status().as_u16()) =>
                 {
                     last = format!("{target} answered {}", response.status());
-                    if self.max_retries.is_some() {
+                    if dest.max_retries.is_some() {
                         retried = Some((target, response));
                     }
                 }
@@ -934,7 +1003,7 @@ impl State {
                 }
                 // Not retried, as Envoy does not retry an overflow.
                 Err(Failure::Overflow(n)) => {
-                    let by = self.max_pending.as_ref().map_or("", |(_, by)| by.as_str());
+                    let by = dest.max_pending.as_ref().map_or("", |(_, by)| by.as_str());
                     self.status.over_limit("pending");
                     return self.fail(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -942,7 +1011,7 @@ impl State {
                         format!(
                             "{}:{}: {n} request(s) already wait for an upstream connection, as \
                              many as {by} allows (connectionPool.http.http1MaxPendingRequests)",
-                            upstream.host, self.origin.target_port
+                            upstream.host, dest.origin.target_port
                         ),
                     );
                 }
@@ -998,6 +1067,7 @@ impl State {
     /// one to come back or close, as Envoy queues it.
     async fn attempt(
         &self,
+        dest: &Dest,
         target: SocketAddr,
         tls: &Option<(ServerName<'static>, TlsClient)>,
         slots: Option<&Arc<Slots>>,
@@ -1009,8 +1079,8 @@ impl State {
             target,
             tls: tls.clone(),
         };
-        if self.h2 {
-            return self.attempt_h2(key, req).await;
+        if dest.h2 {
+            return self.attempt_h2(dest, key, req).await;
         }
         let mut waiting = None;
         let mut upstream = loop {
@@ -1020,7 +1090,10 @@ impl State {
                 // Told from now on, before the pool and the places are looked at.
                 freed.enable();
             }
-            if let Some(mut u) = self.pool.take(&key).filter(|u| self.reusable(u))
+            if let Some(mut u) = self
+                .pool
+                .take(&key)
+                .filter(|u| reusable(u, dest.max_requests, dest.max_age))
                 && timeout(Duration::from_millis(5), u.sender.ready())
                     .await
                     .is_ok_and(|r| r.is_ok())
@@ -1037,7 +1110,7 @@ impl State {
                         if waiting.is_none() {
                             let before = slots.waiting.fetch_add(1, Ordering::Relaxed);
                             let counted = Waiting(slots);
-                            if let Some((max, _)) = &self.max_pending
+                            if let Some((max, _)) = &dest.max_pending
                                 && before >= *max
                             {
                                 return Err(Failure::Overflow(before));
@@ -1053,7 +1126,7 @@ impl State {
                 },
             };
             drop(waiting.take());
-            let u = self.open(target, tls.clone(), slot).await?;
+            let u = self.open(dest, target, tls.clone(), slot).await?;
             self.status.origination_opened.inc();
             break u;
         };
@@ -1072,9 +1145,9 @@ impl State {
                 upstream,
                 key,
                 pool: Arc::clone(&self.pool),
-                idle: self.kept_idle,
-                max_requests: self.max_requests,
-                max_age: self.max_age,
+                idle: dest.kept_idle,
+                max_requests: dest.max_requests,
+                max_age: dest.max_age,
             }),
         };
         Ok(Response::from_parts(parts, body.boxed()))
@@ -1084,6 +1157,7 @@ impl State {
     /// requests share, opened by the first of them (again, once it has closed).
     async fn attempt_h2(
         &self,
+        dest: &Dest,
         key: PoolKey,
         req: Request<Body>,
     ) -> Result<Response<Body>, Failure> {
@@ -1094,7 +1168,8 @@ impl State {
                 sender
             }
             None => {
-                let (sender, task) = http2(target, self.dial(target, &key.tls).await?).await?;
+                let (sender, task) =
+                    http2(target, self.dial(dest, target, &key.tls).await?).await?;
                 self.status.origination_opened.inc();
                 let opened = Upstream2 { sender, task };
                 // Another request may have opened one meanwhile: the first stays, and this
@@ -1123,10 +1198,11 @@ impl State {
     /// originates, if any.
     async fn dial(
         &self,
+        dest: &Dest,
         target: SocketAddr,
         tls: &Option<(ServerName<'static>, TlsClient)>,
     ) -> Result<Box<dyn Wire>, Failure> {
-        let tcp = timeout(self.connect_timeout, connect_own(target, &self.leave))
+        let tcp = timeout(dest.connect_timeout, connect_own(target, &self.leave))
             .await
             .map_err(|_| Failure::Connect(format!("{target}: connect timed out")))?
             .map_err(|e| Failure::Connect(format!("{target}: {e}")))?;
@@ -1143,11 +1219,12 @@ impl State {
 
     async fn open(
         &self,
+        dest: &Dest,
         target: SocketAddr,
         tls: Option<(ServerName<'static>, TlsClient)>,
         slot: Option<Slot>,
     ) -> Result<Upstream, Failure> {
-        let (sender, task) = http1(target, self.dial(target, &tls).await?).await?;
+        let (sender, task) = http1(target, self.dial(dest, target, &tls).await?).await?;
         Ok(Upstream {
             sender,
             task,
@@ -1157,19 +1234,50 @@ impl State {
         })
     }
 
-    fn reusable(&self, upstream: &Upstream) -> bool {
-        reusable(upstream, self.max_requests, self.max_age)
+    /// How requests to `dest` choose among its addresses.
+    fn choice<'a>(&'a self, dest: &'a Dest) -> Choice<'a> {
+        Choice {
+            rule: dest.rule_id,
+            balancer: &self.balancer,
+            balancing: dest.balancing,
+            health: &self.health,
+            outliers: dest.outliers.as_ref(),
+        }
     }
 
-    /// How this connection's requests choose among the host's addresses.
-    fn choice(&self) -> Choice<'_> {
-        Choice {
-            rule: self.rule_id,
-            balancer: &self.balancer,
-            balancing: self.balancing,
-            health: &self.health,
-            outliers: self.outliers.as_ref(),
-        }
+    /// Where a route sends a request it drew `to` (route `by`), where that is not the host
+    /// dialled: the settings there and the addresses that serve it, with `dialled`'s
+    /// retries. The error says why it cannot be reached.
+    fn routed(
+        &self,
+        to: &RouteTo,
+        by: &str,
+        dialled: &crate::events::Upstream,
+    ) -> Result<(Dest, crate::events::Upstream), String> {
+        let there = self.catalog.routed_to(to, by)?;
+        // Its HTTP port as the relay would serve it, else plain HTTP to the port.
+        let origin =
+            (self.catalog.origination(there.rule, there.port).cloned()).unwrap_or(Origination {
+                port: there.port,
+                target_port: there.port,
+                tls: None,
+            });
+        let pool = self.catalog.pool(there.rule, there.port);
+        let dest = Dest::new(
+            &self.catalog,
+            there.rule,
+            origin,
+            pool,
+            self.connect_timeout,
+            self.client_h2,
+        );
+        let upstream = crate::events::Upstream {
+            host: there.host,
+            route: Arc::clone(&dialled.route),
+            alternates: there.addrs,
+            dialled: false,
+        };
+        Ok((dest, upstream))
     }
 
     /// The upstream's answer as the client gets it, holding (`held`) the request's place among
