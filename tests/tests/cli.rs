@@ -599,7 +599,7 @@ fn sample_log() -> std::path::PathBuf {
 #[test]
 fn events_filters_relay_records_by_outcome_workload_and_process() {
     let lines = [
-        r#"{"time":"2026-01-01T10:00:00Z","kind":"relay","verdict":"steer","dst":"198.18.0.20:443","pid":7,"comm":"curl","cgroup":"/kubepods/pod-a/c1","outcome":"ok"}"#,
+        r#"{"time":"2026-01-01T10:00:00Z","kind":"relay","verdict":"steer","dst":"198.18.0.20:443","host":"a.test","upstream_host":"b.test","pid":7,"comm":"curl","cgroup":"/kubepods/pod-a/c1","outcome":"ok"}"#,
         r#"{"time":"2026-01-01T10:00:01Z","kind":"relay","verdict":"steer","dst":"198.18.0.20:443","pid":8,"comm":"curl","cgroup":"/kubepods/pod-b/c1","outcome":"refused","reason":"its workload holds 4 relay connections, as many as one workload may (--relay-max-per-workload)"}"#,
         r#"{"time":"2026-01-01T10:00:02Z","kind":"relay","verdict":"steer","dst":"198.18.0.20:443","pid":8,"comm":"curl","cgroup":"/kubepods/pod-b/c1","outcome":"stopped","reason":"the agent stopped"}"#,
         r#"{"time":"2026-01-01T10:00:03Z","kind":"connect","verdict":"allow","dst":"198.18.0.21:443","pid":9,"comm":"wget","cgroup":"/system.slice/x.service"}"#,
@@ -615,6 +615,9 @@ fn events_filters_relay_records_by_outcome_workload_and_process() {
     assert_eq!(count(&["--cgroup", "*.service"]), 1);
     assert_eq!(count(&["--pid", "8"]), 2);
     assert_eq!(count(&["--pid", "8", "--outcome", "refused"]), 1);
+    // The host dialled, or the one a route sent the connection to.
+    assert_eq!(count(&["--host", "a.test"]), 1);
+    assert_eq!(count(&["--host", "b.*"]), 1);
     // A record without the field does not match a filter on it.
     assert_eq!(count(&["--outcome", "ok", "--kind", "connect"]), 0);
 }

@@ -109,11 +109,12 @@ impl Filter {
         if self.kind.as_ref().is_some_and(|k| *k != r.kind) {
             return false;
         }
+        // The host dialled, or the one a route sent the connection to.
         if let Some(glob) = &self.host
-            && !r
-                .host
-                .as_deref()
-                .is_some_and(|h| glob_match(glob, &h.to_ascii_lowercase()))
+            && ![&r.host, &r.upstream_host].iter().any(|h| {
+                h.as_deref()
+                    .is_some_and(|h| glob_match(glob, &h.to_ascii_lowercase()))
+            })
         {
             return false;
         }
@@ -267,8 +268,13 @@ fn detail(r: &Record) -> String {
                 .sni
                 .as_deref()
                 .map_or_else(String::new, |s| format!(" sni {s}"));
+            // Where a route sent it to another host, that host.
+            let routed = r
+                .upstream_host
+                .as_deref()
+                .map_or_else(String::new, |h| format!("{h} "));
             let mut d = format!(
-                "{}{sni} -> {}, up {} B, down {} B, {} ms",
+                "{}{sni} -> {routed}{}, up {} B, down {} B, {} ms",
                 dash(&r.outcome),
                 dash(&r.upstream),
                 r.bytes_up.unwrap_or(0),
@@ -480,6 +486,12 @@ mod tests {
                 r#"{base},"sni":"a.test","origination":"SIMPLE","requests":1,"status":503}}"#
             )),
             "ok sni a.test -> 198.18.0.10:443, up 10 B, down 20 B, 3 ms, TLS SIMPLE originated, 1 request(s), last 503"
+        );
+        assert_eq!(
+            detail_of(&format!(
+                r#"{base},"sni":"a.test","upstream_host":"b.test"}}"#
+            )),
+            "ok sni a.test -> b.test 198.18.0.10:443, up 10 B, down 20 B, 3 ms"
         );
     }
 

@@ -152,7 +152,8 @@ pub struct EventsArgs {
     /// `connect`, `sendmsg`, `packet`, `close`, `lost`, …
     #[arg(long)]
     pub kind: Option<String>,
-    /// Host glob (`*.example.com`).
+    /// Host glob (`*.example.com`): the destination's host, or the host a route sent a relayed
+    /// connection to.
     #[arg(long, value_name = "GLOB")]
     pub host: Option<String>,
     /// Destination: ADDR, ADDR:PORT or a CIDR.
