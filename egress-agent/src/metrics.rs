@@ -57,6 +57,13 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    /// `answered` (whatever the status), `failed` (no answer: connect, TLS, reset, time) or
+    /// `refused` (nowhere to send it: no ServiceEntry, no address, no valid server name).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     /// Which limit refused a connection: `workload`, `relay` or `destination`; or a request:
     /// `pending` (waiting for an upstream connection) or `requests` (in progress); or a retry
@@ -88,12 +95,20 @@ pub struct Status {
     pub relay_namespace_failures: Counter,
     pub relay_open: Gauge,
     pub relay_over_limit: Family<LimitLabels, Counter>,
+    pub relay_mirrored: Family<MirrorLabels, Counter>,
     pub origination_opened: Counter,
     pub origination_reused: Counter,
     pub origination_waits: Counter,
 }
 
 impl Status {
+    /// Counts a mirrored copy of a request by its `outcome`.
+    pub fn mirrored(&self, outcome: &'static str) {
+        self.relay_mirrored
+            .get_or_create(&MirrorLabels { outcome })
+            .inc();
+    }
+
     /// Counts a connection or request refused at `limit`, or a retry not made (`retries`).
     pub fn over_limit(&self, limit: &'static str) {
         self.relay_over_limit
@@ -210,6 +225,12 @@ impl Status {
              and retries not made where as many are in progress as it allows \
              (connectionPool.http.maxRetries)",
             self.relay_over_limit.clone(),
+        );
+        r.register(
+            "relay_mirrored_requests",
+            "Copies of requests sent to a route's mirror (a VirtualService's mirror or mirrors), \
+             by outcome; their answers are dropped",
+            self.relay_mirrored.clone(),
         );
         r.register(
             "relay_origination_upstreams_opened",

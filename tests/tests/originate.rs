@@ -12,7 +12,7 @@ use std::{
 use egress_agent::{
     agent::{Agent, AgentConfig},
     events::Record,
-    metrics::LimitLabels,
+    metrics::{LimitLabels, MirrorLabels},
     policy::Mode,
     relay::RelayConfig,
 };
@@ -379,6 +379,63 @@ spec:
         "{out:?}"
     );
     assert_eq!((f.plain.accepted(), f.kept.accepted()), before);
+    a.shutdown().await;
+}
+
+/// A route's `mirrors`: a copy of each request goes to the mirror's host too, named `-shadow`,
+/// its answer dropped; the client gets the answer of the route's destination alone. A mirror
+/// no ServiceEntry has gets nothing, and each copy is counted by its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_mirror_gets_a_copy_of_each_request() {
+    let f = fixture();
+    f.w.host(27);
+    let ip = f.w.v4(27);
+    let shadow = f.w.http_server(std::net::SocketAddr::new(ip, 80));
+    let policy = format!(
+        "{}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: shadow, namespace: shop}}
+spec:
+  hosts: [shadow.test]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: plain, namespace: shop}}
+spec:
+  hosts: [plain.test]
+  http:
+  - route: [{{destination: {{host: plain.test}}}}]
+    mirrors:
+    - destination: {{host: shadow.test}}
+    - destination: {{host: nowhere.test}}
+",
+        f.policy
+    );
+    let cg = TestCgroup::new("originate-mirror");
+    let log = log_path("originate-mirror");
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let out = curl(&cg, f.w.v4(20), &["http://plain.test/copied?x=1"], &[]);
+    assert_eq!(stdout(&out), "sni=plain.test\n200\n", "{out:?}");
+    let mirrored = |outcome| {
+        a.status
+            .relay_mirrored
+            .get_or_create(&MirrorLabels { outcome })
+            .get()
+    };
+    wait_for("the copy's answer", Duration::from_secs(10), || {
+        mirrored("answered") == 1
+    });
+    assert_eq!(shadow.names(), [Some("plain.test-shadow".to_owned())]);
+    assert_eq!(shadow.paths(), ["/copied?x=1"]);
+    assert_eq!(mirrored("refused"), 1);
+    assert_eq!(mirrored("failed"), 0);
+    assert_eq!(f.plain.names(), [Some("plain.test".to_owned())]);
     a.shutdown().await;
 }
 

@@ -187,13 +187,24 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
             .find(|s| s.port == port)
             .map_or(&[][..], |s| &s.pass[..]);
         let gateways = requests.iter().filter_map(|r| r.then.as_deref()).flatten();
-        for r in requests.iter().chain(gateways).filter(|r| !r.to.is_empty()) {
-            let to: Vec<_> = r.to.iter().map(|(d, _)| d.clone()).collect();
-            println!(
-                "  route: requests to {} ({})",
-                crate::policy::compile::shown(&to),
-                r.by
-            );
+        for r in requests.iter().chain(gateways) {
+            if !r.to.is_empty() {
+                let to: Vec<_> = r.to.iter().map(|(d, _)| d.clone()).collect();
+                println!(
+                    "  route: requests to {} ({})",
+                    crate::policy::compile::shown(&to),
+                    r.by
+                );
+            }
+            for (to, share) in &r.mirrors {
+                println!(
+                    "  mirror: a copy of {}% of the requests to {}:{}, its answer dropped ({})",
+                    f64::from(*share) / 10_000.0,
+                    to.host,
+                    to.port,
+                    r.by
+                );
+            }
         }
         for r in pass {
             let takes = match (r.tls, &r.sni[..]) {

@@ -193,6 +193,9 @@ pub struct RequestRoute {
     pub answer: Option<LocalAnswer>,
     /// The route's `fault`: applied before its answer or anything is sent on.
     pub fault: Option<Fault>,
+    /// Where a copy of each request goes (`mirror`, `mirrors`), for its share of the requests
+    /// in millionths: its answer is not waited for and not passed on.
+    pub mirrors: Vec<(RouteTo, u32)>,
     /// Where the route goes to an egress gateway: the gateway's routes for the request, which the
     /// relay, standing in for the gateway, matches it against next, as changed by this route.
     pub then: Option<Arc<[RequestRoute]>>,
@@ -870,6 +873,10 @@ pub fn compile_after(policy: &Policy, mode_flag: Option<Mode>, prev: &RuleIds) -
 fn check_destinations(policy: &Policy, diags: &mut Diags) {
     for vs in &policy.virtual_services {
         let own: Vec<String> = vs.spec.hosts.iter().map(|h| normalize_host(h)).collect();
+        let registered = |host: &str| {
+            (policy.service_entries.iter())
+                .any(|se| se.spec.hosts.iter().any(|h| normalize_host(h) == host))
+        };
         let sections: [(&str, Vec<Destinations<'_>>); 3] = [
             (
                 "http",
@@ -946,10 +953,6 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                     }
                     let field = format!("spec.{section}[{i}].route[{j}].destination");
                     if applied {
-                        let registered = |host: &str| {
-                            (policy.service_entries.iter())
-                                .any(|se| se.spec.hosts.iter().any(|h| normalize_host(h) == host))
-                        };
                         // Nothing reaches a VirtualService none of whose hosts is registered.
                         if !registered(&host) && own.iter().any(|h| registered(h)) {
                             say(
@@ -991,6 +994,27 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                     }
                     if !subsets.iter().any(|(s, _)| *s == subset) {
                         subsets.push((subset, i));
+                    }
+                }
+            }
+            if section == "http" {
+                for (i, r) in vs.spec.http.iter().enumerate() {
+                    let mirrors = (r.mirror.iter().map(|d| (d, "mirror".to_owned()))).chain(
+                        (r.mirrors.iter().enumerate())
+                            .map(|(k, m)| (&m.destination, format!("mirrors[{k}].destination"))),
+                    );
+                    for (d, field) in mirrors {
+                        let host = normalize_host(&d.host);
+                        if !registered(&host) && own.iter().any(|h| registered(h)) {
+                            say(
+                                Severity::Warning,
+                                format!(
+                                    "spec.http[{i}].{field}.host {host} is not a host of any \
+                                     ServiceEntry: the relay sends no copy there, as Istio has \
+                                     nowhere to send it"
+                                ),
+                            );
+                        }
                     }
                 }
             }
@@ -1668,8 +1692,19 @@ fn request_route(
     } else {
         Vec::new()
     };
+    let mirrors = (c.mirrors.iter())
+        .map(|(d, share)| {
+            let to = RouteTo {
+                host: normalize_host(&d.host),
+                port: destination_port(policy, d, port),
+                weight: 1,
+            };
+            (to, *share)
+        })
+        .collect();
     RequestRoute {
         to,
+        mirrors,
         matches: c
             .matches
             .into_iter()
@@ -1890,7 +1925,7 @@ fn route_reason<'a>(
             if served_as_http && acts_on_requests(r) {
                 let why = format!(
                     "{} gives port {port}'s requests a fault, a direct response, a redirect, a \
-                     rewrite or header operations (spec.http[{i}])",
+                     rewrite, header operations or a mirror (spec.http[{i}])",
                     vs.label()
                 );
                 return Some(routed(why, None));
@@ -2093,6 +2128,8 @@ fn takes_every_request(r: &HttpRoute, port: u16) -> bool {
 /// Whether an HTTP route does to requests what only the relay can do for them.
 fn acts_on_requests(r: &HttpRoute) -> bool {
     r.fault.is_some()
+        || r.mirror.is_some()
+        || !r.mirrors.is_empty()
         || r.direct_response.is_some()
         || r.redirect.is_some()
         || r.rewrite.is_some()
@@ -2202,6 +2239,8 @@ struct Compiled {
     headers: HeaderOps,
     /// The route's header operations, then each destination's, by destination.
     each: Vec<HeaderOps>,
+    /// Its mirrors, with their shares in millionths.
+    mirrors: Vec<(Destination, u32)>,
     rewrite: Rewrite,
     answer: Option<LocalAnswer>,
     fault: Option<Fault>,
@@ -2390,10 +2429,56 @@ fn compile_route(
         matches,
         headers,
         each,
+        mirrors: mirrors(vs, i, r, diags),
         rewrite,
         answer,
         fault,
     }
+}
+
+/// A route's `mirror` (with `mirrorPercentage`) or `mirrors`, checked as Istio checks them: one
+/// or the other, each for 100 % of the requests unless its percentage says less.
+fn mirrors(
+    vs: &Resource<VirtualServiceSpec>,
+    i: usize,
+    r: &HttpRoute,
+    diags: &mut Diags,
+) -> Vec<(Destination, u32)> {
+    let mut error = |message: String| {
+        diag(
+            diags,
+            Severity::Error,
+            &vs.source,
+            format!("{}: spec.http[{i}].{message}", vs.label()),
+        );
+    };
+    if r.mirror.is_some() && !r.mirrors.is_empty() {
+        error("mirror and mirrors: only one of them may be set".to_owned());
+        return Vec::new();
+    }
+    let mut share = |field: String, p: Option<&Percent>| {
+        let value = p.map_or(100.0, |p| p.value);
+        if (0.0..=100.0).contains(&value) {
+            // Millionths, as Envoy counts them.
+            Some((value * 10_000.0).round() as u32)
+        } else {
+            error(format!("{field}: {value} is not from 0 to 100"));
+            None
+        }
+    };
+    let mut out = Vec::new();
+    if let Some(d) = &r.mirror
+        && let Some(s) = share("mirrorPercentage".to_owned(), r.mirror_percentage.as_ref())
+    {
+        out.push((d.clone(), s));
+    }
+    for (k, m) in r.mirrors.iter().enumerate() {
+        if let Some(s) = share(format!("mirrors[{k}].percentage"), m.percentage.as_ref()) {
+            out.push((m.destination.clone(), s));
+        }
+    }
+    out.retain(|(_, s)| *s > 0);
+    out
 }
 
 /// A route's `fault`, checked as Istio checks it.

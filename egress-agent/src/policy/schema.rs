@@ -153,11 +153,20 @@ pub struct HttpRoute {
     pub delegate: Option<IgnoredAny>,
     pub rewrite: Option<HttpRewrite>,
     pub fault: Option<HttpFault>,
-    pub mirror: Option<IgnoredAny>,
-    pub mirrors: Option<IgnoredAny>,
-    pub mirror_percentage: Option<IgnoredAny>,
+    pub mirror: Option<Destination>,
+    #[serde(default)]
+    pub mirrors: Vec<HttpMirrorPolicy>,
+    pub mirror_percentage: Option<Percent>,
     pub cors_policy: Option<IgnoredAny>,
     pub headers: Option<Headers>,
+}
+
+/// One of `mirrors`: where a copy of a share of the requests goes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMirrorPolicy {
+    pub destination: Destination,
+    pub percentage: Option<Percent>,
 }
 
 /// `fault`: requests delayed or aborted before they are sent on.

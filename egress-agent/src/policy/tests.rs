@@ -280,12 +280,12 @@ fn unknown_fields_and_kinds_are_warnings_with_positions() {
         ]
     );
     // Istio's own fields that egress does not apply are named as such, where they are.
-    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [a.example]\n  http:\n  - match:\n    - sourceLabels: {app: shop}\n    route: [{destination: {host: a.example}}]\n    mirror: {host: b.example}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  trafficPolicy:\n    proxyProtocol: {version: V1}\n    loadBalancr: {simple: RANDOM}\n";
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [a.example]\n  http:\n  - match:\n    - sourceLabels: {app: shop}\n    route: [{destination: {host: a.example}}]\n    corsPolicy: {allowOrigins: []}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  trafficPolicy:\n    proxyProtocol: {version: V1}\n    loadBalancr: {simple: RANDOM}\n";
     assert_eq!(
         diags_of(yaml),
         [
             "p.yaml:8:7: warning: `spec.http[0].match[0].sourceLabels` is not applied by egress; ignored",
-            "p.yaml:10:5: warning: `spec.http[0].mirror` is not applied by egress; ignored",
+            "p.yaml:10:5: warning: `spec.http[0].corsPolicy` is not applied by egress; ignored",
             "p.yaml:18:5: warning: `spec.trafficPolicy.proxyProtocol` is not applied by egress; ignored",
             "p.yaml:19:5: warning: unknown field `spec.trafficPolicy.loadBalancr`; ignored",
         ]
@@ -1371,6 +1371,73 @@ fn http_routes_to_other_destinations_steer_their_ports() {
     assert!(plan.rules[1].steered.is_empty());
 }
 
+/// A route's `mirror` (with `mirrorPercentage`) or `mirrors` steer its HTTP port; each copy's
+/// share is in millionths, 100 % unless its percentage says less, and the two forms together,
+/// a share outside 0–100 or a mirror no ServiceEntry has are told.
+#[test]
+fn a_routes_mirrors_are_read_as_istio_reads_them() {
+    let yaml = |route: &str| {
+        format!(
+            "{SE}  hosts: [a.example]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  \
+             resolution: DNS\n---\n{SE}  hosts: [b.example]\n  ports: [{{number: 80, name: \
+             http, protocol: HTTP}}]\n  resolution: DNS\n---\napiVersion: \
+             networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  \
+             hosts: [a.example]\n  http:\n  - route: [{{destination: {{host: a.example}}}}]\n{route}"
+        )
+    };
+    let mirrors = |route: &str| {
+        let (pol, d) = load_str(&yaml(route), Path::new("p.yaml"));
+        assert!(d.is_empty(), "{d:?}");
+        let (plan, d) = compile(&pol, None);
+        assert!(d.is_empty(), "{d:?}");
+        let s = &plan.rules[0].steered[0];
+        assert!(s.why.ends_with("or a mirror (spec.http[0])"), "{}", s.why);
+        (s.requests[0].mirrors.iter())
+            .map(|(to, share)| (to.host.clone(), to.port, *share))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        mirrors("    mirror: {host: b.example}\n"),
+        [("b.example".to_owned(), 80, 1_000_000)]
+    );
+    assert_eq!(
+        mirrors("    mirror: {host: b.example}\n    mirrorPercentage: {value: 12.5}\n"),
+        [("b.example".to_owned(), 80, 125_000)]
+    );
+    assert_eq!(
+        mirrors(
+            "    mirrors:\n    - destination: {host: b.example, port: {number: 8080}}\n      \
+             percentage: {value: 50}\n    - destination: {host: b.example}\n"
+        ),
+        [
+            ("b.example".to_owned(), 8080, 500_000),
+            ("b.example".to_owned(), 80, 1_000_000)
+        ]
+    );
+    assert_eq!(
+        errors_of(&yaml(
+            "    mirror: {host: b.example}\n    mirrors: [{destination: {host: b.example}}]\n"
+        )),
+        [
+            "p.yaml:19:1: error: VirtualService/default/v: spec.http[0].mirror and mirrors: only one of them may be set"
+        ]
+    );
+    assert_eq!(
+        errors_of(&yaml(
+            "    mirrors: [{destination: {host: b.example}, percentage: {value: 101}}]\n"
+        )),
+        [
+            "p.yaml:19:1: error: VirtualService/default/v: spec.http[0].mirrors[0].percentage: 101 is not from 0 to 100"
+        ]
+    );
+    assert_eq!(
+        diags_of(&yaml("    mirror: {host: nowhere.example}\n")),
+        [
+            "p.yaml:19:1: warning: VirtualService/default/v: spec.http[0].mirror.host nowhere.example is not a host of any ServiceEntry: the relay sends no copy there, as Istio has nowhere to send it"
+        ]
+    );
+}
+
 /// Route weights are checked as Istio checks them, and a route of the mesh to a host no
 /// ServiceEntry has is warned about: its connections are refused.
 #[test]
@@ -2136,7 +2203,7 @@ fn a_route_that_answers_requests_steers_an_http_port() {
         [(
             80,
             "VirtualService/default/v gives port 80's requests a fault, a direct response, a \
-             redirect, a rewrite or header operations (spec.http[1])"
+             redirect, a rewrite, header operations or a mirror (spec.http[1])"
         )]
     );
     assert_eq!(rule.steered[0].requests.len(), 3);

@@ -60,6 +60,9 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// The route a request took, and the match of it the request met (none: the route has none).
 type Chosen<'a> = (&'a RequestRoute, Option<&'a RequestMatch>);
 
+/// How long a mirrored copy may take where its route sets no timeout.
+const MIRROR_LIMIT: Duration = Duration::from_secs(15);
+
 /// Request bodies up to this size are kept so that a retry can send them again; a larger (or
 /// chunked) body is streamed and its request is tried once.
 const REPLAY_LIMIT: u64 = 1 << 20;
@@ -676,7 +679,7 @@ impl State {
         response
     }
 
-    async fn request(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn request(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         self.stats().requests += 1;
         let Some(host) = request_host(&req) else {
             return self.fail(
@@ -730,6 +733,8 @@ impl State {
         // The destination the route that sends the request on drew, where it sends requests
         // elsewhere than dialled.
         let mut drawn = None;
+        // The egress gateway's route the request took, where the mesh's sent it there.
+        let mut at_gateway = None;
         if let Some((r, m)) = chosen {
             drawn = draw(&r.to, |(d, _)| d.weight).map(|d| (d, r.by.as_str()));
             let r_ops = drawn.map_or(&r.headers, |((_, ops), _)| ops);
@@ -769,6 +774,7 @@ impl State {
                 }
                 // The answer passes the gateway first.
                 ops.insert(0, g_ops);
+                at_gateway = Some(g);
                 through = Some(through_gateway(route, &g.route));
             }
         }
@@ -824,7 +830,7 @@ impl State {
         };
         let tls = match &dest.origin.tls {
             Some(tls) => {
-                let sni = tls.sni.clone().unwrap_or(asked);
+                let sni = tls.sni.clone().unwrap_or_else(|| asked.clone());
                 let Ok(name) = ServerName::try_from(sni.clone()) else {
                     return self.fail(
                         StatusCode::BAD_REQUEST,
@@ -852,6 +858,17 @@ impl State {
             },
             _ => (None, Some(body)),
         };
+        // A copy to each mirror the request befalls, where its body is at hand (a larger one is
+        // streamed once, and not mirrored).
+        if let Some(bytes) = &replay {
+            let routes = chosen.map(|(r, _)| r).into_iter().chain(at_gateway);
+            for (to, share) in routes.flat_map(|r| &r.mirrors) {
+                if befalls(*share) {
+                    let copy = (&parts.method, &uri, &headers, bytes, asked.as_str());
+                    self.mirror(to, upstream, copy, route.timeout);
+                }
+            }
+        }
         // HTTP/2 names the host in the request's target (`:authority`), not in a header.
         if dest.h2 {
             // The host checked (or the route's rewrite of it), port and all, as set above.
@@ -1234,6 +1251,89 @@ impl State {
         })
     }
 
+    /// Sends a copy of a request to a route's mirror `to`, its host named `-shadow` as Envoy
+    /// names it, under the DestinationRule there, once, within the route's timeout (else
+    /// [`MIRROR_LIMIT`]). Its answer is read and dropped: the client neither waits for it nor
+    /// sees it. Counted by outcome.
+    fn mirror(
+        self: &Arc<Self>,
+        to: &RouteTo,
+        dialled: &crate::events::Upstream,
+        (method, uri, headers, body, asked): (&http::Method, &Uri, &HeaderMap, &Bytes, &str),
+        limit: Option<Duration>,
+    ) {
+        let Ok((dest, upstream)) = self.routed(to, "mirror", dialled) else {
+            self.status.mirrored("refused");
+            return;
+        };
+        let mut headers = headers.clone();
+        let authority = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(shadow);
+        let pq = uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        let tls = dest.origin.tls.as_ref().and_then(|tls| {
+            let sni = tls.sni.clone().unwrap_or_else(|| asked.to_owned());
+            let client = if dest.h2 { &tls.client_h2 } else { &tls.client };
+            Some((ServerName::try_from(sni).ok()?, client.clone()))
+        });
+        if dest.origin.tls.is_some() && tls.is_none() {
+            self.status.mirrored("refused");
+            return;
+        }
+        let mut req = Request::new(
+            Full::new(body.clone())
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *req.method_mut() = method.clone();
+        let target = match (&authority, dest.h2) {
+            // HTTP/2 names the host in the request's target.
+            (Some(a), true) => {
+                headers.remove(header::HOST);
+                *req.version_mut() = http::Version::HTTP_2;
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{a}{pq}").parse::<Uri>().ok()
+            }
+            (Some(a), false) => HeaderValue::from_str(a).ok().and_then(|v| {
+                headers.insert(header::HOST, v);
+                pq.parse::<Uri>().ok()
+            }),
+            (None, _) => None,
+        };
+        let Some(target_uri) = target else {
+            self.status.mirrored("refused");
+            return;
+        };
+        *req.uri_mut() = target_uri;
+        *req.headers_mut() = headers;
+        let state = Arc::clone(self);
+        tokio::spawn(async move {
+            let first = SocketAddr::new(state.dst.ip(), dest.origin.target_port);
+            let (ordered, _) = state.choice(&dest).order(upstream.targets(first));
+            let Some(&target) = ordered.first() else {
+                state.status.mirrored("refused");
+                return;
+            };
+            let slots = dest.max_connections.map(|max| {
+                let port = dest.origin.target_port;
+                state.pool.slots(dest.rule_id, &upstream.host, port, max)
+            });
+            let sent = state.attempt(&dest, target, &tls, slots.as_ref(), req);
+            let outcome = match timeout(limit.unwrap_or(MIRROR_LIMIT), sent).await {
+                Ok(Ok(answer)) => match answer.into_body().collect().await {
+                    Ok(_) => "answered",
+                    Err(_) => "failed",
+                },
+                _ => "failed",
+            };
+            state.status.mirrored(outcome);
+        });
+    }
+
     /// How requests to `dest` choose among its addresses.
     fn choice<'a>(&'a self, dest: &'a Dest) -> Choice<'a> {
         Choice {
@@ -1332,6 +1432,19 @@ impl hyper::body::Body for Holding {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A mirrored request's authority: `-shadow` after the host, before any port, as Envoy names it.
+fn shadow(authority: &str) -> String {
+    match authority.rsplit_once(':') {
+        Some((host, port))
+            if port.bytes().all(|b| b.is_ascii_digit())
+                && (!host.contains(':') || host.ends_with(']')) =>
+        {
+            format!("{host}-shadow:{port}")
+        }
+        _ => format!("{authority}-shadow"),
     }
 }
 
@@ -1681,6 +1794,14 @@ mod tests {
         );
         let r = super::through_gateway(&RelayRoute::default(), &gateway);
         assert_eq!(r.timeout, secs(4));
+    }
+
+    /// A mirrored request's host is named `-shadow` before its port, as Envoy names it.
+    #[test]
+    fn a_shadow_authority_keeps_its_port() {
+        assert_eq!(super::shadow("api.example"), "api.example-shadow");
+        assert_eq!(super::shadow("api.example:8080"), "api.example-shadow:8080");
+        assert_eq!(super::shadow("[2001:db8::1]:80"), "[2001:db8::1]-shadow:80");
     }
 
     #[test]
