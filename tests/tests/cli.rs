@@ -199,6 +199,14 @@ spec:
       weight: 90
     - destination: {host: api.pool.test}
       weight: 10
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: moved}
+spec:
+  host: moved.pool.test
+  trafficPolicy:
+    loadBalancer: {consistentHash: {useSourceIp: true}}
 "#,
     );
     let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("CA");
@@ -293,6 +301,10 @@ spec:
         ) && out.contains(
             "\n  route: TLS naming moved.pool.test to moved.pool.test:443 (90%), \
              api.pool.test:443 (10%) (VirtualService/default/moved spec.tls[0])\n"
+        ) && out.contains(
+            "\n  load balancing: the one a hash of the workload's network namespace chooses, \
+             the same for the same value (one at random without it) \
+             (DestinationRule/default/moved)\n"
         ),
         "{out}"
     );

@@ -1353,6 +1353,80 @@ async fn each_request_takes_the_next_address_under_round_robin() {
     a.shutdown().await;
 }
 
+/// A DestinationRule's `consistentHash`: each request goes first to the address its hash
+/// chooses, the same for the same header value, whichever address was dialled; other values
+/// take the other address. retry.test's 22 refuses, so a request there takes two attempts.
+/// With `httpCookie` and a `ttl`, a request without the cookie gets one made for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consistent_hash_sends_the_same_key_to_the_same_address() {
+    let f = fixture();
+    let cg = TestCgroup::new("originate-hash");
+    let log = log_path("originate-hash");
+    let a = agent_with(
+        &f,
+        &cg,
+        &log,
+        "retry.test",
+        "loadBalancer: {consistentHash: {httpHeaderName: x-user}}",
+    )
+    .await;
+    let urls = ["http://retry.test/a", "http://retry.test/b"];
+    for user in 0..12 {
+        let header = format!("x-user: user-{user}");
+        let out = curl(&cg, f.w.v4(22), &urls, &["-H", &header]);
+        assert_eq!(stdout(&out), "sni=retry.test\n200\n".repeat(2), "{out:?}");
+    }
+    let attempts = || {
+        records(&log)
+            .iter()
+            .filter(|r| r.kind == "relay" && r.sni.as_deref() == Some("retry.test"))
+            .map(|r| r.attempts.unwrap_or(0))
+            .collect::<Vec<_>>()
+    };
+    wait_for("the twelve records", Duration::from_secs(10), || {
+        attempts().len() == 12
+    });
+    let attempts = attempts();
+    // Both requests of a user went first to one address: 1 + 1 or 2 + 2 attempts, never 3.
+    assert!(attempts.iter().all(|&n| n == 2 || n == 4), "{attempts:?}");
+    assert!(
+        attempts.contains(&2) && attempts.contains(&4),
+        "one address took every user: {attempts:?}"
+    );
+    a.shutdown().await;
+
+    let a = agent_with(
+        &f,
+        &cg,
+        &log,
+        "retry.test",
+        "loadBalancer: {consistentHash: {httpCookie: {name: affinity, path: /, ttl: 60s}}}",
+    )
+    .await;
+    let out = curl(&cg, f.w.v4(22), &["http://retry.test/"], &["-D", "-"]);
+    let answer = stdout(&out);
+    let cookie = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: affinity="))
+        .unwrap_or_else(|| panic!("no cookie made: {answer}"));
+    let (value, rest) = cookie.split_once(';').expect("attributes");
+    assert!(
+        value.len() == 16 && value.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{value}"
+    );
+    assert_eq!(rest.trim(), "Max-Age=60; Path=/; HttpOnly");
+    // With the cookie, none is made.
+    let sent = format!("Cookie: affinity={value}");
+    let out = curl(
+        &cg,
+        f.w.v4(22),
+        &["http://retry.test/"],
+        &["-D", "-", "-H", &sent],
+    );
+    assert!(!stdout(&out).contains("set-cookie"), "{out:?}");
+    a.shutdown().await;
+}
+
 /// A DestinationRule's `outlierDetection`: an address that failed as many times in a row as it
 /// allows is left out of the next requests' attempts, which go to the host's other address at
 /// once, as Envoy ejects an endpoint.

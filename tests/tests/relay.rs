@@ -1996,6 +1996,11 @@ async fn a_destination_rules_load_balancer_chooses_the_first_attempts_address() 
     let cg = TestCgroup::new("relay-balance");
     let agent = |tag: &str, simple: &str| {
         let log = log_path(tag);
+        let lb = if simple.starts_with('{') {
+            simple.to_owned()
+        } else {
+            format!("{{simple: {simple}}}")
+        };
         let rule = format!(
             "apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -2003,7 +2008,7 @@ metadata: {{name: retry, namespace: shop}}
 spec:
   host: retry.test
   trafficPolicy:
-    loadBalancer: {{simple: {simple}}}
+    loadBalancer: {lb}
 "
         );
         let policy = format!("{POLICY}---\n{rule}");
@@ -2070,6 +2075,18 @@ spec:
     }
     assert_eq!(attempts(&log, 2), [ok(2), ok(2)]);
     holder.release();
+    a.shutdown().await;
+
+    // A consistent hash on the source: every connection of the workload first takes the one
+    // address its network namespace hashes to, whichever it dialled; without it each would take
+    // the one dialled first (2 attempts at 22, 1 at 23).
+    let (a, log) = agent("balance-hash", "{consistentHash: {useSourceIp: true}}").await;
+    for ip in [22, 23, 22, 23] {
+        let out = curl(&cg, &f.pki.ca_pem, "retry.test", f.w.v4(ip));
+        assert!(out.status.success(), "{out:?}");
+    }
+    let each = attempts(&log, 4);
+    assert!(each.iter().all(|a| *a == each[0]), "{each:?}");
     a.shutdown().await;
 }
 

@@ -249,14 +249,38 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
             use crate::policy::compile::Balancing;
             let how = match b.policy {
                 Balancing::Dialled => {
-                    "the address the workload dialled first, then the host's others"
+                    "the address the workload dialled first, then the host's others".to_owned()
                 }
-                Balancing::RoundRobin => "the host's addresses in turn",
+                Balancing::RoundRobin => "the host's addresses in turn".to_owned(),
                 Balancing::LeastRequest => {
                     "of two of the host's addresses drawn at random, the one with fewer in progress"
+                        .to_owned()
                 }
-                Balancing::Random => "one of the host's addresses drawn at random",
-                Balancing::Passthrough => "the address the workload dialled alone, retries too",
+                Balancing::Random => "one of the host's addresses drawn at random".to_owned(),
+                Balancing::Passthrough => {
+                    "the address the workload dialled alone, retries too".to_owned()
+                }
+                Balancing::Hash => {
+                    use crate::policy::compile::HashOn;
+                    let of = match &b.hash {
+                        Some(HashOn::SourceIp) => "the workload's network namespace".to_owned(),
+                        Some(HashOn::Header(name)) => format!("the request's header {name}"),
+                        Some(HashOn::Cookie { name, ttl, .. }) => match ttl {
+                            Some(ttl) => {
+                                format!("the request's cookie {name} (made for {ttl:?} if absent)")
+                            }
+                            None => format!("the request's cookie {name}"),
+                        },
+                        Some(HashOn::Query(name)) => {
+                            format!("the request's query parameter {name}")
+                        }
+                        None => "nothing".to_owned(),
+                    };
+                    format!(
+                        "the one a hash of {of} chooses, the same for the same value (one at \
+                         random without it)"
+                    )
+                }
             };
             println!("  load balancing: {how} ({})", b.by);
         }

@@ -20,8 +20,8 @@ use super::{
 use crate::policy::{
     Plan,
     compile::{
-        Balance, Balancing, Carry, ConnectionPool, EndpointGroup, Origination, Outliers, PassRoute,
-        RelayRoute, RequestRoute, RouteTo,
+        Balance, Balancing, Carry, ConnectionPool, EndpointGroup, HashOn, Origination, Outliers,
+        PassRoute, RelayRoute, RequestRoute, RouteTo,
     },
 };
 
@@ -422,6 +422,18 @@ impl Catalog {
 
     /// How steered connections to `port`, decided by `rule_id`, choose among the host's
     /// addresses: the address dialled first, unless a DestinationRule's `loadBalancer` says.
+    /// What a steered connection to `port`, decided by `rule_id`, is hashed on, where its load
+    /// balancing is a consistent hash.
+    pub fn hash_on(&self, rule_id: u32, port: u16) -> Option<&HashOn> {
+        self.rule(rule_id)?
+            .balance
+            .iter()
+            .find(|(p, _)| *p == port)?
+            .1
+            .hash
+            .as_ref()
+    }
+
     pub fn balancing(&self, rule_id: u32, port: u16) -> Balancing {
         self.rule(rule_id)
             .and_then(|r| r.balance.iter().find(|(p, _)| *p == port))

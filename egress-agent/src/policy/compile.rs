@@ -18,11 +18,11 @@ use crate::events::host_matches;
 use super::{
     Diagnostic, Mode, Policy, Resource, Severity, Source,
     schema::{
-        ClientTls, ConnectionPoolSettings, Destination, DestinationRuleSpec, HeaderOperations,
-        Headers, HttpFault, HttpRoute, IstioDuration, LoadBalancerSettings, OutlierDetection,
-        Percent, PortNumber, PortTrafficPolicy, Protocol, Resolution, Retries, RouteDestination,
-        ServiceEntrySpec, ServicePort, SimpleLb, StringMatch, TlsMode, TrafficPolicy, Transport,
-        VirtualServiceSpec,
+        ClientTls, ConnectionPoolSettings, ConsistentHashLb, Destination, DestinationRuleSpec,
+        HeaderOperations, Headers, HttpFault, HttpRoute, IstioDuration, LoadBalancerSettings,
+        OutlierDetection, Percent, PortNumber, PortTrafficPolicy, Protocol, Resolution, Retries,
+        RouteDestination, ServiceEntrySpec, ServicePort, SimpleLb, StringMatch, TlsMode,
+        TrafficPolicy, Transport, VirtualServiceSpec,
     },
     tls::{AltName, TlsClient, alt_names, client_config},
 };
@@ -626,6 +626,8 @@ pub struct Outliers {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Balance {
     pub policy: Balancing,
+    /// What `Balancing::Hash` hashes.
+    pub hash: Option<HashOn>,
     /// The DestinationRule that sets it.
     pub by: String,
 }
@@ -642,6 +644,27 @@ pub enum Balancing {
     Random,
     /// The address the workload dialled alone, retries included (Envoy's original destination).
     Passthrough,
+    /// The one a hash of the connection or request chooses, the same for the same hash
+    /// (`consistentHash`; see `Balance::hash`); one drawn at random where it has nothing to hash.
+    Hash,
+}
+
+/// What `consistentHash` hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    /// The workload's network namespace, which stands for its address (`useSourceIp`).
+    SourceIp,
+    /// A request header's value (`httpHeaderName`).
+    Header(http::HeaderName),
+    /// A cookie's value; where the request has none and a `ttl` is set, the relay makes one and
+    /// sets it on the answer (`httpCookie`).
+    Cookie {
+        name: String,
+        path: Option<String>,
+        ttl: Option<std::time::Duration>,
+    },
+    /// A query parameter's value (`httpQueryParameterName`).
+    Query(String),
 }
 
 /// `tcpKeepalive`: each unset field keeps the host's setting (net.ipv4.tcp_keepalive_*).
@@ -3024,7 +3047,15 @@ fn load_balancer(
     lb: &LoadBalancerSettings,
     label: &str,
 ) -> Result<(Balance, Vec<&'static str>), String> {
+    let hash = match &lb.consistent_hash {
+        None => None,
+        Some(_) if lb.simple.is_some() => {
+            return Err("simple and consistentHash: only one of them may be set".to_owned());
+        }
+        Some(ch) => Some(hash_on(ch)?),
+    };
     let policy = match lb.simple {
+        None if hash.is_some() => Balancing::Hash,
         None | Some(SimpleLb::Unspecified) => Balancing::Dialled,
         Some(SimpleLb::RoundRobin) => Balancing::RoundRobin,
         Some(SimpleLb::LeastRequest | SimpleLb::LeastConn) => Balancing::LeastRequest,
@@ -3035,10 +3066,46 @@ fn load_balancer(
     Ok((
         Balance {
             policy,
+            hash,
             by: label.to_owned(),
         },
         Vec::new(),
     ))
+}
+
+/// A `consistentHash`'s one hash key, checked as Istio checks it.
+fn hash_on(ch: &ConsistentHashLb) -> Result<HashOn, String> {
+    let mut keys = Vec::new();
+    if let Some(name) = &ch.http_header_name {
+        let name = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("consistentHash.httpHeaderName: `{name}` is not a header name"))?;
+        keys.push(HashOn::Header(name));
+    }
+    if let Some(c) = &ch.http_cookie {
+        if c.name.is_empty() {
+            return Err("consistentHash.httpCookie.name: required".to_owned());
+        }
+        keys.push(HashOn::Cookie {
+            name: c.name.clone(),
+            path: c.path.clone(),
+            ttl: c.ttl.map(|d| d.0).filter(|d| !d.is_zero()),
+        });
+    }
+    if ch.use_source_ip == Some(true) {
+        keys.push(HashOn::SourceIp);
+    }
+    if let Some(name) = &ch.http_query_parameter_name {
+        keys.push(HashOn::Query(name.clone()));
+    }
+    match keys.len() {
+        1 => Ok(keys.remove(0)),
+        0 => Err(
+            "consistentHash: no hash key (httpHeaderName, httpCookie, useSourceIp or \
+                  httpQueryParameterName)"
+                .to_owned(),
+        ),
+        _ => Err("consistentHash: more than one hash key; Istio takes one".to_owned()),
+    }
 }
 
 /// One `connectionPool` compiled; with the names of the fields set that egress does not apply.

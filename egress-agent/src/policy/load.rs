@@ -361,7 +361,9 @@ const VIRTUAL_SERVICE_UNAPPLIED: &[&str] = &[
 const DESTINATION_RULE_UNAPPLIED: &[&str] = &[
     "workloadSelector",
     "labels",
-    "consistentHash",
+    "ringHash",
+    "maglev",
+    "minimumRingSize",
     "localityLbSetting",
     "warmupDurationSecs",
     "warmup",

@@ -403,10 +403,33 @@ pub struct TrafficPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancerSettings {
     pub simple: Option<SimpleLb>,
-    pub consistent_hash: Option<IgnoredAny>,
+    pub consistent_hash: Option<ConsistentHashLb>,
     pub locality_lb_setting: Option<IgnoredAny>,
     pub warmup_duration_secs: Option<IgnoredAny>,
     pub warmup: Option<IgnoredAny>,
+}
+
+/// `loadBalancer.consistentHash`: one hash key. The hash's table settings are read whole, as
+/// unapplied ones are named by the loader.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentHashLb {
+    pub http_header_name: Option<String>,
+    pub http_cookie: Option<HttpCookie>,
+    pub use_source_ip: Option<bool>,
+    pub http_query_parameter_name: Option<String>,
+    pub ring_hash: Option<IgnoredAny>,
+    pub maglev: Option<IgnoredAny>,
+    pub minimum_ring_size: Option<IgnoredAny>,
+}
+
+/// `consistentHash.httpCookie`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCookie {
+    pub name: String,
+    pub path: Option<String>,
+    pub ttl: Option<IstioDuration>,
 }
 
 /// `loadBalancer.simple`.

@@ -864,7 +864,7 @@ fn a_destination_rules_outlier_detection_applies_to_steered_ports() {
 /// the dialled address first; what egress does not apply is said, an unknown policy refused.
 #[test]
 fn a_destination_rules_load_balancer_applies_to_steered_ports() {
-    use super::compile::{Balance, Balancing};
+    use super::compile::{Balance, Balancing, HashOn};
     let yaml = |lb: &str| {
         format!(
             "{SE}  hosts: [api.example]\n  ports:\n  - {{number: 443, name: https, protocol: HTTPS}}\n  - {{number: 8443, name: alt, protocol: HTTPS}}\n  - {{number: 9443, name: other, protocol: HTTPS}}\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [api.example]\n  http:\n  - route: [{{destination: {{host: api.example}}}}]\n    timeout: 5s\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: ns}}\nspec:\n  host: api.example\n  trafficPolicy:\n{lb}"
@@ -881,7 +881,7 @@ fn a_destination_rules_load_balancer_applies_to_steered_ports() {
         (plan.rules[0].balance.clone(), all)
     };
     let (b, d) = balance(
-        "    loadBalancer: {simple: ROUND_ROBIN, consistentHash: {httpHeaderName: x}}\n    portLevelSettings:\n    - port: {number: 8443}\n      loadBalancer: {simple: LEAST_CONN}\n    - port: {number: 9443}\n      loadBalancer: {simple: UNSPECIFIED}\n",
+        "    loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 10s}\n    portLevelSettings:\n    - port: {number: 8443}\n      loadBalancer: {simple: LEAST_CONN}\n    - port: {number: 9443}\n      loadBalancer: {simple: UNSPECIFIED}\n",
     );
     let by = || "DestinationRule/ns/d".to_owned();
     let policies: Vec<(u16, Balancing)> = b.iter().map(|(p, b)| (*p, b.policy)).collect();
@@ -896,13 +896,69 @@ fn a_destination_rules_load_balancer_applies_to_steered_ports() {
     assert!(b.iter().all(|(_, b)| *b
         == Balance {
             policy: b.policy,
+            hash: None,
             by: by()
         }));
     assert_eq!(
         d,
         [
-            "p.yaml:28:41: warning: `spec.trafficPolicy.loadBalancer.consistentHash` is not applied by egress; ignored"
+            "p.yaml:28:41: warning: `spec.trafficPolicy.loadBalancer.warmupDurationSecs` is not applied by egress; ignored"
         ]
+    );
+    // A consistent hash on one key; its table's size is Envoy's business.
+    let hashed = |ch: &str| {
+        let (b, d) = balance(&format!("    loadBalancer: {{consistentHash: {ch}}}\n"));
+        let b: Vec<(Balancing, Option<HashOn>)> =
+            b.into_iter().map(|(_, b)| (b.policy, b.hash)).collect();
+        (b.first().cloned(), d)
+    };
+    let header = http::HeaderName::from_static("x-user");
+    assert_eq!(
+        hashed("{httpHeaderName: X-User}"),
+        (
+            Some((Balancing::Hash, Some(HashOn::Header(header)))),
+            Vec::new()
+        )
+    );
+    assert_eq!(
+        hashed("{useSourceIp: true, ringHash: {minimumRingSize: 1024}}"),
+        (
+            Some((Balancing::Hash, Some(HashOn::SourceIp))),
+            vec![
+                "p.yaml:28:56: warning: `spec.trafficPolicy.loadBalancer.consistentHash.ringHash` is not applied by egress; ignored".to_owned()
+            ]
+        )
+    );
+    assert_eq!(
+        hashed("{httpCookie: {name: session, path: /, ttl: 60s}}").0,
+        Some((
+            Balancing::Hash,
+            Some(HashOn::Cookie {
+                name: "session".to_owned(),
+                path: Some("/".to_owned()),
+                ttl: Some(std::time::Duration::from_secs(60))
+            })
+        ))
+    );
+    assert_eq!(
+        hashed("{httpQueryParameterName: user}").0,
+        Some((Balancing::Hash, Some(HashOn::Query("user".to_owned()))))
+    );
+    let error = |ch: &str| {
+        let (_, d) = hashed(ch);
+        assert_eq!(d.len(), 1, "{d:?}");
+        d[0].clone()
+    };
+    assert!(error("{httpHeaderName: x, useSourceIp: true}").ends_with(
+        "spec.trafficPolicy.loadBalancer: consistentHash: more than one hash key; Istio takes one"
+    ));
+    assert!(error("{useSourceIp: false}").contains("consistentHash: no hash key"));
+    assert!(error("{httpHeaderName: \"a b\"}").contains("`a b` is not a header name"));
+    let (_, d) =
+        balance("    loadBalancer: {simple: RANDOM, consistentHash: {useSourceIp: true}}\n");
+    assert!(
+        d.len() == 1 && d[0].contains("simple and consistentHash: only one of them may be set"),
+        "{d:?}"
     );
     let (_, d) = balance("    loadBalancer: {simple: PASSTHROUGH}\n");
     assert!(d.is_empty(), "{d:?}");

@@ -1,8 +1,10 @@
-//! Load balancing (a DestinationRule's `loadBalancer.simple`): which of a host's addresses a
-//! steered connection's first attempt goes to, or a request's where the relay serves HTTP. The
-//! attempts after it take the host's other addresses in turn, as retries do without it.
+//! Load balancing (a DestinationRule's `loadBalancer`: `simple`, or `consistentHash`): which of a
+//! host's addresses a steered connection's first attempt goes to, or a request's where the relay
+//! serves HTTP. The attempts after it take the host's other addresses in turn, as retries do
+//! without it.
 use std::{
     collections::HashMap,
+    hash::{Hash, Hasher as _},
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -35,17 +37,27 @@ impl Drop for InFlight {
     }
 }
 
+/// A hash that stays the same for the same value for the agent's life, and across its restarts
+/// on one build (SipHash with fixed keys), so that a key keeps its address.
+pub(super) fn hash<T: Hash>(value: &T) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Balancer {
     /// `targets` (the address the workload dialled, then the host's others on its port) in the
-    /// order the attempts take them under `policy`.
+    /// order the attempts take them under `policy`; `key`: the connection's or request's hash,
+    /// for `Balancing::Hash`.
     pub(super) fn order(
         &self,
         rule: u32,
         policy: Balancing,
+        key: Option<u64>,
         mut targets: Vec<SocketAddr>,
     ) -> Vec<SocketAddr> {
         let n = targets.len();
@@ -69,6 +81,15 @@ impl Balancer {
                 first
             }
             Balancing::Random => rand::random_range(0..n),
+            // Rendezvous hashing: the address whose hash with the key is highest, which stays
+            // the key's while it stays among the host's (Envoy's ring hash keeps the same
+            // promise). Without a key, as Envoy's ring hash without one: any.
+            Balancing::Hash => match key {
+                Some(key) => (0..n)
+                    .max_by_key(|&i| hash(&(key, targets[i])))
+                    .unwrap_or(0),
+                None => rand::random_range(0..n),
+            },
             // Envoy's choice of two: the one with fewer in progress of two drawn at random.
             _ => {
                 let a = rand::random_range(0..n);
@@ -118,17 +139,17 @@ mod tests {
         let firsts: Vec<SocketAddr> = (0..6)
             .map(|i| {
                 let dialled = if i % 2 == 0 { [3, 1, 2] } else { [1, 2, 3] };
-                b.order(1, Balancing::RoundRobin, addrs(&dialled))[0]
+                b.order(1, Balancing::RoundRobin, None, addrs(&dialled))[0]
             })
             .collect();
         assert_eq!(firsts, addrs(&[1, 2, 3, 1, 2, 3]));
         assert_eq!(
-            b.order(1, Balancing::RoundRobin, addrs(&[2, 1, 3])),
+            b.order(1, Balancing::RoundRobin, None, addrs(&[2, 1, 3])),
             addrs(&[1, 2, 3]),
             "the rest follow in turn"
         );
         assert_eq!(
-            b.order(2, Balancing::RoundRobin, addrs(&[2, 1, 3]))[0],
+            b.order(2, Balancing::RoundRobin, None, addrs(&[2, 1, 3]))[0],
             addrs(&[1])[0],
             "another rule's turns are its own"
         );
@@ -139,11 +160,11 @@ mod tests {
     fn passthrough_keeps_the_dialled_address_alone() {
         let b = Balancer::default();
         assert_eq!(
-            b.order(1, Balancing::Passthrough, addrs(&[3, 1, 2])),
+            b.order(1, Balancing::Passthrough, None, addrs(&[3, 1, 2])),
             addrs(&[3])
         );
         assert_eq!(
-            b.order(1, Balancing::Dialled, addrs(&[3, 1, 2])),
+            b.order(1, Balancing::Dialled, None, addrs(&[3, 1, 2])),
             addrs(&[3, 1, 2])
         );
     }
@@ -154,7 +175,7 @@ mod tests {
         let b = Balancer::default();
         let mut firsts = std::collections::HashSet::new();
         for _ in 0..300 {
-            let order = b.order(1, Balancing::Random, addrs(&[3, 1, 2]));
+            let order = b.order(1, Balancing::Random, None, addrs(&[3, 1, 2]));
             let at = addrs(&[1, 2, 3])
                 .iter()
                 .position(|a| *a == order[0])
@@ -165,6 +186,32 @@ mod tests {
             firsts.insert(order[0]);
         }
         assert_eq!(firsts.len(), 3, "{firsts:?}");
+    }
+
+    /// A hash takes the same address first for the same key, whichever was dialled, and keeps
+    /// it while it stays among the host's; other keys take the others too.
+    #[test]
+    fn a_hash_takes_the_same_address_for_the_same_key() {
+        let b = Balancer::default();
+        let mut firsts = std::collections::HashSet::new();
+        for key in 0..64u64 {
+            let first = b.order(1, Balancing::Hash, Some(key), addrs(&[3, 1, 2]))[0];
+            let again = b.order(1, Balancing::Hash, Some(key), addrs(&[2, 3, 1]));
+            assert_eq!(again[0], first, "key {key}");
+            // An address gone that was not the key's leaves the key where it was.
+            let rest: Vec<SocketAddr> = addrs(&[1, 2, 3])
+                .into_iter()
+                .filter(|a| *a == first || a.ip() != addrs(&[2])[0].ip())
+                .collect();
+            assert_eq!(b.order(1, Balancing::Hash, Some(key), rest)[0], first);
+            firsts.insert(first);
+        }
+        assert_eq!(firsts.len(), 3, "{firsts:?}");
+        // Without a key: any, as Envoy's ring hash without one.
+        let keyless: std::collections::HashSet<SocketAddr> = (0..200)
+            .map(|_| b.order(1, Balancing::Hash, None, addrs(&[1, 2]))[0])
+            .collect();
+        assert_eq!(keyless.len(), 2);
     }
 
     /// Of two addresses, the least request takes the one with nothing in progress while the
@@ -179,13 +226,13 @@ mod tests {
         assert!(b.start(1, Balancing::RoundRobin, one).is_none());
         for _ in 0..20 {
             assert_eq!(
-                b.order(1, Balancing::LeastRequest, vec![one, two]),
+                b.order(1, Balancing::LeastRequest, None, vec![one, two]),
                 [two, one]
             );
         }
         drop(busy);
         let firsts: Vec<SocketAddr> = (0..200)
-            .map(|_| b.order(1, Balancing::LeastRequest, vec![one, two])[0])
+            .map(|_| b.order(1, Balancing::LeastRequest, None, vec![one, two])[0])
             .collect();
         assert!(firsts.contains(&one) && firsts.contains(&two), "{firsts:?}");
         assert!(b.in_flight.lock().expect("lock").is_empty());

@@ -47,7 +47,7 @@ use crate::{
     agent::Status,
     datapath::{self, iface::LinkWatch},
     events::{Catalog, CgroupNames, Name, Record, Records, Relayed, Upstream, Word},
-    policy::compile::{Carry, ConnectionPool, Keepalive, Origination, RelayRoute},
+    policy::compile::{Carry, ConnectionPool, HashOn, Keepalive, Origination, RelayRoute},
 };
 
 /// Limits of the relay. The defaults suit production; tests shorten them.
@@ -1203,6 +1203,11 @@ async fn relay_admitted(
         rule,
         balancer: &shared.balancer,
         balancing: catalog.balancing(rule, port),
+        // A connection passed through has no request to hash: its source alone.
+        key: match catalog.hash_on(rule, port) {
+            Some(HashOn::SourceIp) => Some(balance::hash(&leave.netns.cookie)),
+            _ => None,
+        },
         health: &shared.health,
         outliers: catalog.outliers(rule, port),
     };
@@ -1428,6 +1433,8 @@ struct Choice<'a> {
     rule: u32,
     balancer: &'a balance::Balancer,
     balancing: crate::policy::compile::Balancing,
+    /// The connection's or request's hash, where the balancing hashes (`consistentHash`).
+    key: Option<u64>,
     health: &'a health::Health,
     outliers: Option<&'a crate::policy::compile::Outliers>,
 }
@@ -1439,13 +1446,13 @@ impl Choice<'_> {
     fn order(&self, targets: Vec<SocketAddr>) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
         match self.outliers {
             Some(o) => {
-                let ordered = self
-                    .balancer
-                    .order(self.rule, self.balancing, targets.clone());
+                let ordered =
+                    (self.balancer).order(self.rule, self.balancing, self.key, targets.clone());
                 (self.health.order(self.rule, ordered, &targets, o), targets)
             }
             None => (
-                self.balancer.order(self.rule, self.balancing, targets),
+                self.balancer
+                    .order(self.rule, self.balancing, self.key, targets),
                 Vec::new(),
             ),
         }

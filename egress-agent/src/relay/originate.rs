@@ -48,7 +48,7 @@ use crate::{
     metrics::Status,
     policy::{
         compile::{
-            Abort, Balancing, ConnectionPool, HeaderOps, LocalAnswer, MILLION, Origination,
+            Abort, Balancing, ConnectionPool, HashOn, HeaderOps, LocalAnswer, MILLION, Origination,
             Outliers, RelayRoute, RequestMatch, RequestRoute, RouteTo,
         },
         tls::TlsClient,
@@ -251,6 +251,8 @@ struct Dest {
     /// The DestinationRule's outlier detection for the port.
     outliers: Option<Outliers>,
     balancing: Balancing,
+    /// What the balancing hashes, where it does.
+    hash_on: Option<HashOn>,
     /// Requests go on as HTTP/2: the client speaks it, or the DestinationRule upgrades HTTP/1.1
     /// (`h2UpgradePolicy: UPGRADE`).
     h2: bool,
@@ -286,6 +288,7 @@ impl Dest {
             max_retries: pool.and_then(|p| Some((p.max_retries?, p.by.clone()))),
             outliers: catalog.outliers(rule_id, port).cloned(),
             balancing: catalog.balancing(rule_id, port),
+            hash_on: catalog.hash_on(rule_id, port).cloned(),
             origin,
         }
     }
@@ -914,7 +917,9 @@ impl State {
             1
         };
         let first = SocketAddr::new(self.dst.ip(), dest.origin.target_port);
-        let choice = self.choice(dest);
+        // The request's hash, where the balancing hashes; and the cookie made for it, if any.
+        let (key, made) = self.hash_key(dest, (&parts.headers, &parts.uri));
+        let choice = self.choice(dest, key);
         let (ordered, targets) = choice.order(upstream.targets(first));
         if ordered.is_empty() {
             return self.fail(
@@ -961,7 +966,8 @@ impl State {
                 if retrying.is_none() {
                     self.status.over_limit("retries");
                     if let Some((target, response)) = retried.take() {
-                        return self.answer(target, response, &ops, (active, None));
+                        let answer = self.answer(target, response, &ops, (active, None));
+                        return with_cookie(answer, made);
                     }
                     return self.fail(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -1013,7 +1019,8 @@ impl State {
                     }
                 }
                 Ok(response) => {
-                    return self.answer(target, response, &ops, (active, in_flight));
+                    let answer = self.answer(target, response, &ops, (active, in_flight));
+                    return with_cookie(answer, made);
                 }
                 Err(Failure::Certificate(e)) => {
                     return self.fail(StatusCode::SERVICE_UNAVAILABLE, "upstream-failed", e);
@@ -1251,6 +1258,51 @@ impl State {
         })
     }
 
+    /// What a request to `dest` is hashed on, where its DestinationRule's load balancing hashes
+    /// (`consistentHash`): the workload's network namespace, a header's value, a query
+    /// parameter's, or a cookie's. A cookie with a `ttl` that the request lacks is made, and
+    /// returned to be set on the answer, as Envoy makes it.
+    fn hash_key(
+        &self,
+        dest: &Dest,
+        (headers, uri): (&HeaderMap, &Uri),
+    ) -> (Option<u64>, Option<HeaderValue>) {
+        let Some(on) = &dest.hash_on else {
+            return (None, None);
+        };
+        let key = |value: &[u8]| Some(super::balance::hash(&value));
+        match on {
+            HashOn::SourceIp => (Some(super::balance::hash(&self.leave.netns.cookie)), None),
+            HashOn::Header(name) => (headers.get(name).and_then(|v| key(v.as_bytes())), None),
+            HashOn::Query(name) => {
+                let value = (uri.query().unwrap_or_default().split('&'))
+                    .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                    .find_map(|(n, v)| (n == name).then_some(v));
+                (value.and_then(|v| key(v.as_bytes())), None)
+            }
+            HashOn::Cookie { name, path, ttl } => {
+                let value = (headers.get_all(header::COOKIE).iter())
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(';'))
+                    .filter_map(|c| c.trim().split_once('='))
+                    .find_map(|(n, v)| (n == name).then_some(v));
+                match (value, ttl) {
+                    (Some(v), _) => (key(v.as_bytes()), None),
+                    (None, Some(ttl)) => {
+                        let made = format!("{:016x}", rand::random::<u64>());
+                        let mut cookie = format!("{name}={made}; Max-Age={}", ttl.as_secs());
+                        if let Some(path) = path {
+                            cookie.push_str(&format!("; Path={path}"));
+                        }
+                        cookie.push_str("; HttpOnly");
+                        (key(made.as_bytes()), HeaderValue::from_str(&cookie).ok())
+                    }
+                    (None, None) => (None, None),
+                }
+            }
+        }
+    }
+
     /// Sends a copy of a request to a route's mirror `to`, its host named `-shadow` as Envoy
     /// names it, under the DestinationRule there, once, within the route's timeout (else
     /// [`MIRROR_LIMIT`]). Its answer is read and dropped: the client neither waits for it nor
@@ -1266,6 +1318,8 @@ impl State {
             self.status.mirrored("refused");
             return;
         };
+        // A copy is hashed as its request would be there, on what the routes made of it.
+        let key = self.hash_key(&dest, (headers, uri)).0;
         let mut headers = headers.clone();
         let authority = headers
             .get(header::HOST)
@@ -1313,7 +1367,7 @@ impl State {
         let state = Arc::clone(self);
         tokio::spawn(async move {
             let first = SocketAddr::new(state.dst.ip(), dest.origin.target_port);
-            let (ordered, _) = state.choice(&dest).order(upstream.targets(first));
+            let (ordered, _) = state.choice(&dest, key).order(upstream.targets(first));
             let Some(&target) = ordered.first() else {
                 state.status.mirrored("refused");
                 return;
@@ -1334,12 +1388,13 @@ impl State {
         });
     }
 
-    /// How requests to `dest` choose among its addresses.
-    fn choice<'a>(&'a self, dest: &'a Dest) -> Choice<'a> {
+    /// How requests to `dest` choose among its addresses; `key`: the request's hash.
+    fn choice<'a>(&'a self, dest: &'a Dest, key: Option<u64>) -> Choice<'a> {
         Choice {
             rule: dest.rule_id,
             balancer: &self.balancer,
             balancing: dest.balancing,
+            key,
             health: &self.health,
             outliers: dest.outliers.as_ref(),
         }
@@ -1433,6 +1488,14 @@ impl hyper::body::Body for Holding {
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
     }
+}
+
+/// The answer, with the cookie made for the request's hash, if any, set on it.
+fn with_cookie(mut answer: Response<Body>, made: Option<HeaderValue>) -> Response<Body> {
+    if let Some(cookie) = made {
+        answer.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    answer
 }
 
 /// A mirrored request's authority: `-shadow` after the host, before any port, as Envoy names it.
