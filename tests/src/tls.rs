@@ -271,8 +271,8 @@ impl World {
 
     /// An HTTP/2 server without TLS (prior knowledge, as gRPC's) at `addr` in the world: it
     /// answers each request `200` with the body `authority=<:authority> path=<path>
-    /// scheme=<:scheme>\n` and the
-    /// trailer `grpc-status: 0`. `names` holds each request's authority, `paths` its path.
+    /// scheme=<:scheme>\n` and the trailer `grpc-status: 0`, a request for `/held` once the
+    /// `gate` is open. `names` holds each request's authority, `paths` its path.
     pub fn h2c_server(&self, addr: SocketAddr) -> Arc<Seen> {
         self.h2_server(addr, None)
     }
@@ -304,7 +304,12 @@ impl World {
                             authority.unwrap_or_default(),
                             req.uri().scheme_str().unwrap_or_default()
                         );
+                        let s = Arc::clone(&s);
                         async move {
+                            // `/held` waits at the gate, off the server's thread.
+                            if path == "/held" {
+                                let _ = tokio::task::spawn_blocking(move || s.gate.pass()).await;
+                            }
                             Ok::<_, std::convert::Infallible>(http::Response::new(Trailed::new(
                                 body,
                             )))

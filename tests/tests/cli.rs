@@ -153,7 +153,7 @@ spec:
   host: mesh.pool.test
   trafficPolicy:
     tls: {mode: SIMPLE, caCertificates: ca.pem}
-    connectionPool: {http: {http1MaxPendingRequests: 5, http2MaxRequests: 50}}
+    connectionPool: {http: {http1MaxPendingRequests: 5, http2MaxRequests: 50, maxConcurrentStreams: 8}}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -277,7 +277,8 @@ spec:
     assert!(
         out.lines().any(|l| l
             == "  connection pool: at most 5 requests waiting for an upstream connection, at \
-                most 50 requests in progress (DestinationRule/default/mesh)"),
+                most 50 requests in progress, at most 8 requests in progress per HTTP/2 \
+                connection (DestinationRule/default/mesh)"),
         "{out}"
     );
     // Routes to an egress gateway: the gateway's own routes take the requests next.

@@ -439,6 +439,113 @@ spec:
     a.shutdown().await;
 }
 
+/// Over HTTP/2, a DestinationRule's `maxConcurrentStreams` bounds the requests in progress on
+/// one upstream connection: one more opens another. Its `maxConnections` counts HTTP/2
+/// connections too: where all are taken, the request waits for room on one, as over HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_take_another_connection_past_max_concurrent_streams() {
+    let w = World::new();
+    w.host(20);
+    let ip = w.v4(20);
+    let pki = Pki::new(&std::env::temp_dir().join(&w.name), "streams");
+    let mut config = rustls::ServerConfig::clone(&pki.server(&["api.test"]));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let server = w.h2_server(std::net::SocketAddr::new(ip, 8443), Some(Arc::new(config)));
+    let cg = TestCgroup::new("originate-h2-streams");
+    let log = log_path("originate-h2-streams");
+    let agent = |pool: &str| {
+        let policy = format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.test]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8443}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api, namespace: shop}}
+spec:
+  host: api.test
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {}}}
+    connectionPool: {pool}
+",
+            pki.ca_pem.display()
+        );
+        Agent::start(w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+    };
+    let request = |path: &str| {
+        let mut curl = cg.command("curl");
+        curl.args([
+            "-sS",
+            "--max-time",
+            "15",
+            "--http1.1",
+            "-w",
+            "%{http_code}\n",
+        ])
+        .args(["--resolve", &format!("api.test:80:{ip}")])
+        .arg(format!("http://api.test{path}"))
+        .stdout(std::process::Stdio::piped());
+        curl
+    };
+    let answered = |out: Output, path: &str| {
+        assert_eq!(
+            stdout(&out),
+            format!("authority=api.test path={path} scheme=https\n200\n"),
+            "{out:?}"
+        );
+    };
+    let held = |n: usize| {
+        wait_for(
+            "the held request at the server",
+            Duration::from_secs(10),
+            || server.paths().iter().filter(|p| *p == "/held").count() == n,
+        );
+    };
+
+    // One request in progress on the first connection: the next opens a second.
+    let a = agent("{http: {h2UpgradePolicy: UPGRADE, maxConcurrentStreams: 1}}")
+        .await
+        .expect("agent starts");
+    server.gate.shut();
+    let first = request("/held").spawn().expect("curl");
+    held(1);
+    answered(request("/now").output().expect("curl"), "/now");
+    assert_eq!(server.accepted(), 2);
+    server.gate.open();
+    answered(first.wait_with_output().expect("curl"), "/held");
+    a.shutdown().await;
+
+    // With one connection at most, the next waits for room on it.
+    let a = agent(
+        "{tcp: {maxConnections: 1}, http: {h2UpgradePolicy: UPGRADE, maxConcurrentStreams: 1}}",
+    )
+    .await
+    .expect("agent starts");
+    let before = server.accepted();
+    server.gate.shut();
+    let first = request("/held").spawn().expect("curl");
+    held(2);
+    let next = request("/next").spawn().expect("curl");
+    wait_for("the next request to wait", Duration::from_secs(10), || {
+        a.status.origination_waits.get() == 1
+    });
+    assert_eq!(server.accepted(), before + 1);
+    server.gate.open();
+    answered(first.wait_with_output().expect("curl"), "/held");
+    answered(next.wait_with_output().expect("curl"), "/next");
+    assert_eq!(
+        server.accepted(),
+        before + 1,
+        "the next took the one connection"
+    );
+    a.shutdown().await;
+}
+
 /// A STATIC entry's virtual address on a port where egress originates TLS: the requests leave
 /// as verified TLS to its endpoint (plain.test's server, host 20), as Istio's proxy sends them;
 /// host 98 is the virtual address, where nothing answers.

@@ -398,6 +398,11 @@ fn pool_text(pool: &crate::policy::compile::ConnectionPool) -> String {
     if pool.h2_upgrade {
         parts.push("HTTP/1.1 requests sent on as HTTP/2".to_owned());
     }
+    if let Some(n) = pool.max_concurrent_streams {
+        parts.push(format!(
+            "at most {n} requests in progress per HTTP/2 connection"
+        ));
+    }
     if let Some(n) = pool.max_requests_per_connection {
         parts.push(format!("at most {n} requests per upstream connection"));
     }

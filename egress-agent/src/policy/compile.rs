@@ -585,6 +585,9 @@ pub struct ConnectionPool {
     /// HTTP/1.1 requests go on as HTTP/2 (`http.h2UpgradePolicy: UPGRADE`, unless
     /// `http.useClientProtocol`).
     pub h2_upgrade: bool,
+    /// Requests in progress on one HTTP/2 upstream connection at most
+    /// (`http.maxConcurrentStreams`): one more opens another.
+    pub max_concurrent_streams: Option<u32>,
     /// How long TLS origination uses one upstream connection (`tcp.maxConnectionDuration`, which
     /// Istio gives Envoy's HTTP connections only).
     pub max_connection_duration: Option<std::time::Duration>,
@@ -3113,17 +3116,19 @@ fn connection_pool(
     pool: &ConnectionPoolSettings,
     label: &str,
 ) -> Result<(ConnectionPool, Vec<&'static str>), String> {
-    let mut unapplied = Vec::new();
+    let unapplied = Vec::new();
     let mut compiled = ConnectionPool {
         by: label.to_owned(),
         ..ConnectionPool::default()
     };
     if let Some(http) = &pool.http {
-        for (name, set) in [("http.maxConcurrentStreams", &http.max_concurrent_streams)] {
-            if set.is_some() {
-                unapplied.push(name);
-            }
-        }
+        // Istio: 0 is unset, which Envoy takes as 2^31 - 1.
+        compiled.max_concurrent_streams = match http.max_concurrent_streams {
+            None | Some(0) => None,
+            Some(n) => Some(u32::try_from(n).map_err(|_| {
+                format!("http.maxConcurrentStreams {n} is not a count of requests")
+            })?),
+        };
         compiled.http_idle_timeout = http.idle_timeout.map(|d| d.0);
         // The client's protocol wins, as in Istio; else HTTP/1.1 goes on as HTTP/2 if asked.
         compiled.h2_upgrade = match http.h2_upgrade_policy.as_deref() {

@@ -492,7 +492,7 @@ pub struct HttpSettings {
     pub max_retries: Option<i64>,
     pub h2_upgrade_policy: Option<String>,
     pub use_client_protocol: Option<bool>,
-    pub max_concurrent_streams: Option<serde_json::Value>,
+    pub max_concurrent_streams: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

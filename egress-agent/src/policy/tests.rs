@@ -1009,20 +1009,23 @@ fn a_destination_rules_connection_pool_applies_to_steered_ports() {
     };
     assert_eq!(p, vec![(443, wide.clone()), (8443, port), (80, wide)]);
 
-    // Istio's 0 is unset; what egress does not apply is said.
+    // Istio's 0 is unset.
     let (p, d) = pools(
-        "    connectionPool:\n      tcp: {maxConnections: 0, maxConnectionDuration: 1h}\n      http: {http1MaxPendingRequests: 0, http2MaxRequests: 0, maxRetries: 0, maxConcurrentStreams: 3}\n",
+        "    connectionPool:\n      tcp: {maxConnections: 0, maxConnectionDuration: 1h}\n      http: {http1MaxPendingRequests: 0, http2MaxRequests: 0, maxRetries: 0, maxConcurrentStreams: 0}\n",
     );
+    assert!(d.is_empty(), "{d:?}");
     assert_eq!(p[0].1.max_connections, None);
     assert_eq!(p[0].1.max_pending_requests, None);
     assert_eq!(p[0].1.max_active_requests, None);
     assert_eq!(p[0].1.max_retries, None);
+    assert_eq!(p[0].1.max_concurrent_streams, None);
     assert_eq!(p[0].1.max_connection_duration, secs(3600));
-    assert_eq!(
-        d,
-        vec![
-            "p.yaml:22:1: warning: DestinationRule/ns/d: spec.trafficPolicy.connectionPool.http.maxConcurrentStreams is not applied by egress; ignored",
-        ]
+    let (p, _) = pools("    connectionPool: {http: {maxConcurrentStreams: 3}}\n");
+    assert_eq!(p[0].1.max_concurrent_streams, Some(3));
+    let (_, d) = pools("    connectionPool: {http: {maxConcurrentStreams: -1}}\n");
+    assert!(
+        d.len() == 1 && d[0].contains("http.maxConcurrentStreams -1 is not a count of requests"),
+        "{d:?}"
     );
     let (p, d) = pools("    connectionPool: {http: {http2MaxRequests: 100, maxRetries: 4}}\n");
     assert!(d.is_empty(), "{d:?}");

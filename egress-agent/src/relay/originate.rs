@@ -10,7 +10,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -253,6 +253,9 @@ struct Dest {
     balancing: Balancing,
     /// What the balancing hashes, where it does.
     hash_on: Option<HashOn>,
+    /// Requests in progress on one HTTP/2 upstream connection at most
+    /// (`http.maxConcurrentStreams`); more open another.
+    max_streams: Option<u32>,
     /// Requests go on as HTTP/2: the client speaks it, or the DestinationRule upgrades HTTP/1.1
     /// (`h2UpgradePolicy: UPGRADE`).
     h2: bool,
@@ -286,6 +289,7 @@ impl Dest {
             max_pending: pool.and_then(|p| Some((p.max_pending_requests?, p.by.clone()))),
             max_active: pool.and_then(|p| Some((p.max_active_requests?, p.by.clone()))),
             max_retries: pool.and_then(|p| Some((p.max_retries?, p.by.clone()))),
+            max_streams: pool.and_then(|p| p.max_concurrent_streams),
             outliers: catalog.outliers(rule_id, port).cloned(),
             balancing: catalog.balancing(rule_id, port),
             hash_on: catalog.hash_on(rule_id, port).cloned(),
@@ -309,6 +313,53 @@ struct Upstream {
 struct Upstream2 {
     sender: hyper::client::conn::http2::SendRequest<Body>,
     task: tokio::task::AbortHandle,
+    /// The requests in progress on it (`Stream`).
+    streams: Arc<AtomicU32>,
+    /// Its place among the host's connections, where they are limited; given up with it.
+    slot: Option<Slot>,
+}
+
+/// A request in progress on an HTTP/2 connection, counted until its answer has been read whole
+/// or dropped; then a request waiting for room on the host's connections (`of`, where they
+/// are limited) is told.
+struct Stream {
+    streams: Arc<AtomicU32>,
+    of: Option<Arc<Slots>>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+        if let Some(of) = &self.of {
+            of.freed.notify_waiters();
+        }
+    }
+}
+
+/// An answer's body that holds its request's `Stream`.
+struct Streamed {
+    body: Incoming,
+    _stream: Stream,
+}
+
+impl hyper::body::Body for Streamed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 impl Drop for Upstream2 {
@@ -342,7 +393,7 @@ struct PoolKey {
 pub(super) struct Pool {
     idle: Mutex<HashMap<PoolKey, Vec<Kept>>>,
     /// HTTP/2 connections, one per key, shared by the requests that would open the same.
-    h2: Mutex<HashMap<PoolKey, Upstream2>>,
+    h2: Mutex<HashMap<PoolKey, Vec<Upstream2>>>,
     /// The limited hosts' connections (`tcp.maxConnections`), by rule, host and port.
     limits: Limits,
     /// The limited hosts' requests in progress (`http.http2MaxRequests`), so.
@@ -466,8 +517,28 @@ impl Pool {
                 drop(evicted);
                 true
             }
-            None => false,
+            None => {
+                drop(idle);
+                self.evict_h2(slots)
+            }
         }
+    }
+
+    /// Closes an HTTP/2 connection that holds one of `slots` and carries nothing, if there is
+    /// one, as `evict` closes an idle HTTP/1.1 one.
+    fn evict_h2(&self, slots: &Arc<Slots>) -> bool {
+        let mut shared = self.shared();
+        let idle = |u: &Upstream2| {
+            u.streams.load(Ordering::Relaxed) == 0
+                && (u.slot.as_ref()).is_some_and(|s| Arc::ptr_eq(&s.of, slots))
+        };
+        let found = shared.values_mut().find_map(|open| {
+            let at = open.iter().position(idle)?;
+            Some(open.remove(at))
+        });
+        shared.retain(|_, open| !open.is_empty());
+        drop(shared);
+        found.is_some()
     }
 
     /// The connection used last for `key`, if one is open.
@@ -515,15 +586,31 @@ impl Pool {
         self.shared().retain(|key, _| key.netns != netns);
     }
 
-    fn shared(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Upstream2>> {
+    fn shared(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Upstream2>>> {
         self.h2.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The open HTTP/2 connection for `key`, if there is one.
-    fn sender(&self, key: &PoolKey) -> Option<hyper::client::conn::http2::SendRequest<Body>> {
+    /// A request's place on one of `key`'s HTTP/2 connections that has room for one more
+    /// (`max`: requests in progress on one at most, `maxConcurrentStreams`), counted from now.
+    fn stream(
+        &self,
+        key: &PoolKey,
+        max: Option<u32>,
+    ) -> Option<(hyper::client::conn::http2::SendRequest<Body>, Stream)> {
         let mut shared = self.shared();
-        shared.retain(|_, u| !u.sender.is_closed());
-        shared.get(key).map(|u| u.sender.clone())
+        shared.retain(|_, open| {
+            open.retain(|u| !u.sender.is_closed());
+            !open.is_empty()
+        });
+        let u = (shared.get(key)?.iter())
+            .find(|u| max.is_none_or(|max| u.streams.load(Ordering::Relaxed) < max))?;
+        u.streams.fetch_add(1, Ordering::Relaxed);
+        let stream = Stream {
+            streams: Arc::clone(&u.streams),
+            of: u.slot.as_ref().map(|s| Arc::clone(&s.of)),
+        };
+        Some((u.sender.clone(), stream))
     }
 }
 
@@ -1104,7 +1191,7 @@ impl State {
             tls: tls.clone(),
         };
         if dest.h2 {
-            return self.attempt_h2(dest, key, req).await;
+            return self.attempt_h2(dest, key, slots, req).await;
         }
         let mut waiting = None;
         let mut upstream = loop {
@@ -1131,20 +1218,8 @@ impl State {
                     Some(slot) => Some(slot),
                     None if self.pool.evict(slots) => continue,
                     None => {
-                        if waiting.is_none() {
-                            let before = slots.waiting.fetch_add(1, Ordering::Relaxed);
-                            let counted = Waiting(slots);
-                            if let Some((max, _)) = &dest.max_pending
-                                && before >= *max
-                            {
-                                return Err(Failure::Overflow(before));
-                            }
-                            waiting = Some(counted);
-                            self.status.origination_waits.inc();
-                        }
-                        if let Some(freed) = freed.as_pin_mut() {
-                            freed.await;
-                        }
+                        self.wait_place(dest, slots, &mut waiting, freed.as_pin_mut())
+                            .await?;
                         continue;
                     }
                 },
@@ -1177,45 +1252,103 @@ impl State {
         Ok(Response::from_parts(parts, body.boxed()))
     }
 
-    /// One try over HTTP/2: on the connection to the same target from the same place that
-    /// requests share, opened by the first of them (again, once it has closed).
+    /// One try over HTTP/2: on a connection to the same target from the same place that
+    /// requests share, with room for one more where the DestinationRule bounds the requests on
+    /// one (`maxConcurrentStreams`), else on one it opens. Where the host's connections are
+    /// limited (`slots`) and all are taken, the request waits for one, as over HTTP/1.1.
     async fn attempt_h2(
         &self,
         dest: &Dest,
         key: PoolKey,
+        slots: Option<&Arc<Slots>>,
         req: Request<Body>,
     ) -> Result<Response<Body>, Failure> {
         let target = key.target;
-        let mut sender = match self.pool.sender(&key) {
-            Some(sender) => {
-                self.status.origination_reused.inc();
-                sender
+        let mut waiting = None;
+        let (mut sender, stream) = loop {
+            let freed = slots.map(|s| s.freed.notified());
+            tokio::pin!(freed);
+            if let Some(freed) = freed.as_mut().as_pin_mut() {
+                // Told from now on, before the connections and the places are looked at.
+                freed.enable();
             }
-            None => {
-                let (sender, task) =
-                    http2(target, self.dial(dest, target, &key.tls).await?).await?;
-                self.status.origination_opened.inc();
-                let opened = Upstream2 { sender, task };
-                // Another request may have opened one meanwhile: the first stays, and this
-                // one, which carries nothing yet, closes.
-                let mut shared = self.pool.shared();
-                let kept = match shared.entry(key) {
-                    std::collections::hash_map::Entry::Occupied(mut e) => {
-                        if e.get().sender.is_closed() {
-                            e.insert(opened);
-                        }
-                        e.into_mut()
+            if let Some(found) = self.pool.stream(&key, dest.max_streams) {
+                self.status.origination_reused.inc();
+                break found;
+            }
+            let slot = match slots {
+                None => None,
+                Some(slots) => match slots.take() {
+                    Some(slot) => Some(slot),
+                    None if self.pool.evict(slots) => continue,
+                    None => {
+                        self.wait_place(dest, slots, &mut waiting, freed.as_pin_mut())
+                            .await?;
+                        continue;
                     }
-                    std::collections::hash_map::Entry::Vacant(e) => e.insert(opened),
-                };
-                kept.sender.clone()
+                },
+            };
+            drop(waiting.take());
+            let (sender, task) = http2(target, self.dial(dest, target, &key.tls).await?).await?;
+            self.status.origination_opened.inc();
+            let streams = Arc::new(AtomicU32::new(0));
+            let opened = Upstream2 {
+                sender,
+                task,
+                streams,
+                slot,
+            };
+            // Without a bound on its requests, another request may have opened one meanwhile:
+            // the first stays, and this one, which carries nothing yet, closes.
+            let mut shared = self.pool.shared();
+            let open = shared.entry(key.clone()).or_default();
+            if dest.max_streams.is_some() || open.iter().all(|u| u.sender.is_closed()) {
+                open.push(opened);
+            }
+            drop(shared);
+            if let Some(found) = self.pool.stream(&key, dest.max_streams) {
+                break found;
             }
         };
+        drop(waiting);
         let response = sender
             .send_request(req)
             .await
             .map_err(|e| Failure::Reset(format!("{target}: {e}")))?;
-        Ok(response.map(|b| b.boxed()))
+        Ok(response.map(|body| {
+            Streamed {
+                body,
+                _stream: stream,
+            }
+            .boxed()
+        }))
+    }
+
+    /// Where the host's connections are all taken: counts the request as waiting for one (once;
+    /// refused past `http1MaxPendingRequests`, as Envoy refuses an overflow) and waits until
+    /// one is given up or comes back to the pool.
+    async fn wait_place<'s>(
+        &self,
+        dest: &Dest,
+        slots: &'s Slots,
+        waiting: &mut Option<Waiting<'s>>,
+        freed: Option<Pin<&mut tokio::sync::futures::Notified<'_>>>,
+    ) -> Result<(), Failure> {
+        if waiting.is_none() {
+            let before = slots.waiting.fetch_add(1, Ordering::Relaxed);
+            let counted = Waiting(slots);
+            if let Some((max, _)) = &dest.max_pending
+                && before >= *max
+            {
+                return Err(Failure::Overflow(before));
+            }
+            *waiting = Some(counted);
+            self.status.origination_waits.inc();
+        }
+        if let Some(freed) = freed {
+            freed.await;
+        }
+        Ok(())
     }
 
     /// A connection to `target` from where the client's would leave, with the TLS egress
