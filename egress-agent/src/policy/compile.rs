@@ -393,9 +393,9 @@ pub enum HeaderOp {
 impl RequestRoute {
     /// The route's changes to the request it takes: its rewrite of the authority (the `Host`
     /// sent, and `asked`, the name the upstream is asked for) and of the path (`matched` says
-    /// what its match matched), and its request header operations. The error: a rewritten path
-    /// that is no request target, to be refused.
-    /// `ops`: the route's header operations, or those of the destination drawn (`to`).
+    /// what its match matched), and the request header operations of `ops` (its own, or those of
+    /// the destination drawn, `to`). The error: a rewritten path that is no request target, to be
+    /// refused.
     pub fn apply(
         &self,
         matched: Option<&RequestMatch>,
