@@ -899,10 +899,11 @@ pub fn compile_after(policy: &Policy, mode_flag: Option<Mode>, prev: &RuleIds) -
 fn check_destinations(policy: &Policy, diags: &mut Diags) {
     for vs in &policy.virtual_services {
         let own: Vec<String> = vs.spec.hosts.iter().map(|h| normalize_host(h)).collect();
-        let registered = |host: &str| {
+        let entry = |host: &str| {
             (policy.service_entries.iter())
-                .any(|se| se.spec.hosts.iter().any(|h| normalize_host(h) == host))
+                .find(|se| se.spec.hosts.iter().any(|h| normalize_host(h) == host))
         };
+        let registered = |host: &str| entry(host).is_some();
         let sections: [(&str, Vec<Destinations<'_>>); 3] = [
             (
                 "http",
@@ -960,6 +961,30 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                     );
                 }
                 let applied = *applied && !gateway;
+                // Subsets of one host take no share of their own: their labels do not narrow
+                // the endpoints.
+                let split: Vec<&str> = (dests.iter())
+                    .filter(|d| {
+                        dests.iter().any(|o| {
+                            normalize_host(&o.destination.host)
+                                == normalize_host(&d.destination.host)
+                                && o.destination.subset != d.destination.subset
+                        })
+                    })
+                    .filter_map(|d| d.destination.subset.as_deref())
+                    .collect();
+                if applied && !split.is_empty() {
+                    say(
+                        Severity::Warning,
+                        format!(
+                            "spec.{section}[{i}].route splits a host between subsets {}: egress \
+                             does not split by subset (their `labels` do not narrow the \
+                             endpoints); each share goes where dialled, under the traffic policy \
+                             of the subset the port's first covering route names",
+                            split.join(", ")
+                        ),
+                    );
+                }
                 if dests.len() > 1 && !applied {
                     say(
                         Severity::Warning,
@@ -987,6 +1012,20 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                                     "{field}.host {host} is not a host of any ServiceEntry: the \
                                      relay refuses what is routed there, as Istio has nowhere to \
                                      send it"
+                                ),
+                            );
+                        }
+                        // Routed elsewhere, a host needs addresses of its own.
+                        let unaddressed = entry(&host).is_some_and(|se| {
+                            se.spec.resolution.is_none_or(|r| r == Resolution::None)
+                                && se.spec.endpoints.is_empty()
+                        });
+                        if unaddressed && !own.contains(&host) {
+                            say(
+                                Severity::Warning,
+                                format!(
+                                    "{field}.host {host} has resolution NONE: egress knows no \
+                                     address of its to send to, and refuses what is routed there"
                                 ),
                             );
                         }

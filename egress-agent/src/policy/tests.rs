@@ -1517,6 +1517,22 @@ fn route_weights_and_destinations_are_checked() {
             "p.yaml:10:1: error: VirtualService/default/v: spec.tls[0].route names 2 destinations whose weights add up to 0: none would take any traffic",
         ]
     );
+    // Subsets of one host are not split; a host with resolution NONE has no address to send to.
+    let more = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  subsets: [{name: v1}, {name: v2}]\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: none}\nspec:\n  hosts: [n.example]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n";
+    let d = diags_of(
+        &(yaml(
+            "    - destination: {host: a.example, subset: v1}\n      weight: 90\n    - destination: {host: a.example, subset: v2}\n      weight: 10\n  - route: [{destination: {host: n.example}}]\n",
+        ) + more),
+    );
+    assert_eq!(
+        d,
+        [
+            "p.yaml:30:1: warning: ServiceEntry/default/none: resolution NONE without addresses opens port(s) 443/tcp to every IP address, as in Istio; add spec.addresses or use resolution DNS",
+            "p.yaml:10:1: warning: VirtualService/default/v: spec.tls[0].route splits a host between subsets v1, v2: egress does not split by subset (their `labels` do not narrow the endpoints); each share goes where dialled, under the traffic policy of the subset the port's first covering route names",
+            "p.yaml:10:1: warning: VirtualService/default/v: spec.tls[1].route[0].destination.host n.example has resolution NONE: egress knows no address of its to send to, and refuses what is routed there",
+            "p.yaml:10:1: warning: VirtualService/default/v: spec.tls names subsets v1 (spec.tls[0]) and v2 (spec.tls[0]): egress applies to a port the traffic policy of the subset its first covering route names, to all of its traffic",
+        ]
+    );
     assert_eq!(
         diags_of(&yaml("    - destination: {host: nowhere.example}\n")),
         [
