@@ -1276,6 +1276,103 @@ spec:
     a.shutdown().await;
 }
 
+/// A route to a subset goes to the endpoints whose labels hold the subset's, as Istio selects
+/// them, whichever endpoint was dialled; a split between two subsets takes each by weight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_to_a_subset_goes_to_the_endpoints_with_its_labels() {
+    let f = fixture("subsets");
+    f.w.host(27);
+    f.w.host(28);
+    let (v1, v2) = (f.w.v4(27), f.w.v4(28));
+    let names = ["canary.test", "split-canary.test"];
+    let at_v1 =
+        f.w.tls_server(SocketAddr::new(v1, 443), f.pki.server(&names));
+    let at_v2 =
+        f.w.tls_server(SocketAddr::new(v2, 443), f.pki.server(&names));
+    let cg = TestCgroup::new("relay-subsets");
+    let log = log_path("relay-subsets");
+    let policy = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: canary, namespace: shop}}
+spec:
+  hosts: [canary.test, split-canary.test]
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: {v1}, labels: {{version: v1, zone: a}}}}
+  - {{address: {v2}, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: canary, namespace: shop}}
+spec:
+  host: canary.test
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: split-canary, namespace: shop}}
+spec:
+  host: split-canary.test
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: canary, namespace: shop}}
+spec:
+  hosts: [canary.test, split-canary.test]
+  tls:
+  - match: [{{port: 443, sniHosts: [canary.test]}}]
+    route: [{{destination: {{host: canary.test, subset: v2}}}}]
+  - match: [{{port: 443, sniHosts: [split-canary.test]}}]
+    route:
+    - destination: {{host: split-canary.test, subset: v1}}
+      weight: 50
+    - destination: {{host: split-canary.test, subset: v2}}
+      weight: 50
+"#
+    );
+    let a = agent_with_policy(&f, &cg, &log, &policy).await;
+
+    // Dialled at v1's endpoint, taken to v2's.
+    let out = curl(&cg, &f.pki.ca_pem, "canary.test", v1);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(at_v2.names(), [Some("canary.test".to_owned())]);
+    assert!(at_v1.names().is_empty(), "{:?}", at_v1.names());
+    let r = relay_record(&log, "the canary's connection", |r| {
+        r.sni.as_deref() == Some("canary.test")
+    });
+    assert_eq!(shown(r.upstream), at(v2, 443), "{r:?}");
+
+    // Half and half over 24 connections, all dialled at v1's endpoint.
+    for _ in 0..24 {
+        let out = curl(&cg, &f.pki.ca_pem, "split-canary.test", v1);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let split = |seen: &Seen| {
+        (seen.names().iter())
+            .filter(|n| n.as_deref() == Some("split-canary.test"))
+            .count()
+    };
+    let (to_v1, to_v2) = (split(&at_v1), split(&at_v2));
+    assert_eq!(to_v1 + to_v2, 24);
+    assert!(to_v1 > 0 && to_v2 > 0, "split {to_v1} / {to_v2}");
+    a.shutdown().await;
+}
+
 /// Istio's egress gateway for TCP: a route sends a host's TCP ports to the gateway. Their bytes
 /// carry no host name and the server may speak first (MySQL's greeting), so the relay carries
 /// them as they come, to the destination the kernel recorded.

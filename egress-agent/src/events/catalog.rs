@@ -308,8 +308,9 @@ impl Catalog {
             None => !r.tls,
         })?;
         let to = draw(&route.to, |d| d.weight)?;
-        // Its own host: where dialled (another port of it, as the port's `targetPort` says).
-        if to.host == host {
+        // Its own host, all of its endpoints: where dialled (another port of it, as the port's
+        // `targetPort` says).
+        if to.host == host && to.subset.is_none() {
             return None;
         }
         Some(self.routed_to(to, &route.by))
@@ -328,7 +329,8 @@ impl Catalog {
     }
 
     /// The rule of a route's destination host and the addresses that serve it on its port: its
-    /// endpoints, resolved where they are names, else the host's resolved addresses.
+    /// endpoints (those of its subset, where that narrows them), resolved where they are names,
+    /// else the host's resolved addresses.
     fn destination(&self, to: &RouteTo) -> Result<(u32, Vec<IpAddr>), String> {
         let (id, rule) = self
             .rules
@@ -336,6 +338,18 @@ impl Catalog {
             .find(|(_, r)| r.hosts.iter().any(|h| **h == *to.host))
             .ok_or_else(|| format!("{} is not a host of any ServiceEntry in force", to.host))?;
         let resolved = |name: &str| self.addrs.get(name).into_iter().flatten().copied();
+        if let Some(subset) = &to.subset {
+            let addrs: Vec<IpAddr> = (subset.ips.iter().copied())
+                .chain(subset.names.iter().flat_map(|n| resolved(n)))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!(
+                    "no endpoint of {} has the labels of its subset {}",
+                    to.host, subset.name
+                ));
+            }
+            return Ok((*id, addrs));
+        }
         let addrs: Vec<IpAddr> = if rule.endpoint_groups.is_empty() {
             resolved(&to.host).collect()
         } else {

@@ -171,6 +171,18 @@ pub struct RouteTo {
     pub port: u16,
     /// Its share: each destination takes connections in proportion to its weight.
     pub weight: u32,
+    /// The endpoints of the `subset` named, where its `labels` narrow the host's; none: all of
+    /// them.
+    pub subset: Option<SubsetEndpoints>,
+}
+
+/// The endpoints of a ServiceEntry whose `labels` hold all of a DestinationRule subset's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubsetEndpoints {
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+    /// Names resolved by DNS.
+    pub names: Vec<String>,
 }
 
 /// An HTTP route of a VirtualService, as the relay applies it to each request on a port it
@@ -894,8 +906,8 @@ pub fn compile_after(policy: &Policy, mode_flag: Option<Mode>, prev: &RuleIds) -
 /// `tls` and `tcp` routes (per connection, `pass_routes`) send to their destinations; a
 /// destination no ServiceEntry has is warned about. Of the gateway's `tls` and `tcp` routes,
 /// egress sends each connection to the address its workload dialled, so it warns that a route
-/// to another host is not applied, nor a split by `weight`. Of subsets, it applies a port's
-/// traffic policy (`port_subset`), not their `labels`.
+/// to another host is not applied, nor a split by `weight`. Of subsets, it applies their
+/// `labels` and a port's traffic policy (`port_subset`), not each subset's own.
 fn check_destinations(policy: &Policy, diags: &mut Diags) {
     for vs in &policy.virtual_services {
         let own: Vec<String> = vs.spec.hosts.iter().map(|h| normalize_host(h)).collect();
@@ -961,30 +973,6 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                     );
                 }
                 let applied = *applied && !gateway;
-                // Subsets of one host take no share of their own: their labels do not narrow
-                // the endpoints.
-                let split: Vec<&str> = (dests.iter())
-                    .filter(|d| {
-                        dests.iter().any(|o| {
-                            normalize_host(&o.destination.host)
-                                == normalize_host(&d.destination.host)
-                                && o.destination.subset != d.destination.subset
-                        })
-                    })
-                    .filter_map(|d| d.destination.subset.as_deref())
-                    .collect();
-                if applied && !split.is_empty() {
-                    say(
-                        Severity::Warning,
-                        format!(
-                            "spec.{section}[{i}].route splits a host between subsets {}: egress \
-                             does not split by subset (their `labels` do not narrow the \
-                             endpoints); each share goes where dialled, under the traffic policy \
-                             of the subset the port's first covering route names",
-                            split.join(", ")
-                        ),
-                    );
-                }
                 if dests.len() > 1 && !applied {
                     say(
                         Severity::Warning,
@@ -1701,23 +1689,60 @@ fn route_to(policy: &Policy, dests: &[RouteDestination], port: u16) -> Vec<(Rout
             host: normalize_host(&d.destination.host),
             port: destination_port(policy, &d.destination, port),
             weight,
+            subset: subset_endpoints(policy, &d.destination),
         };
         (to, j)
     });
     to.filter(|(d, _)| d.weight > 0).collect()
 }
 
+/// The endpoints a destination's `subset` narrows its host's to, by the subset's `labels` (an
+/// endpoint is one of them where its labels hold them all, as Istio selects); none where the
+/// subset has no labels or no DestinationRule defines it: all of the host's.
+fn subset_endpoints(policy: &Policy, d: &Destination) -> Option<SubsetEndpoints> {
+    let name = d.subset.as_deref()?;
+    let host = normalize_host(&d.host);
+    let dr = destination_rule(policy, std::slice::from_ref(&host))?;
+    let labels = &dr.spec.subsets.iter().find(|s| s.name == name)?.labels;
+    if labels.is_empty() {
+        return None;
+    }
+    let mut out = SubsetEndpoints {
+        name: name.to_owned(),
+        ips: Vec::new(),
+        names: Vec::new(),
+    };
+    let entry = (policy.service_entries.iter())
+        .find(|se| se.spec.hosts.iter().any(|h| normalize_host(h) == host));
+    let endpoints = entry.into_iter().flat_map(|se| &se.spec.endpoints);
+    for ep in endpoints.filter(|ep| labels.iter().all(|(k, v)| ep.labels.get(k) == Some(v))) {
+        match ep.address.as_deref() {
+            Some(a) if a.starts_with("unix://") => {}
+            Some(a) => match a.parse::<IpAddr>() {
+                Ok(ip) => out.ips.push(ip),
+                Err(_) => out.names.push(normalize_host(a)),
+            },
+            None => {}
+        }
+    }
+    Some(out)
+}
+
 /// Whether a route sends some connections to these hosts elsewhere than where they were
-/// dialled: to several destinations, or to a host other than one it takes. Its host's own other
+/// dialled: to several destinations, to a host other than one it takes, or to a subset of the
+/// host's endpoints. Its host's own other
 /// port is where the port's `targetPort` (or the gateway's route, `onward_port`) says.
 fn elsewhere(sni: &[String], to: &[RouteTo], hosts: &[String]) -> bool {
     match to {
         [] => false,
-        [d] => hosts.iter().any(|h| {
-            let taken =
-                sni.is_empty() || sni.iter().any(|s| host_matches(s, h) || host_matches(h, s));
-            taken && *h != d.host
-        }),
+        [d] => {
+            d.subset.is_some()
+                || hosts.iter().any(|h| {
+                    let taken = sni.is_empty()
+                        || sni.iter().any(|s| host_matches(s, h) || host_matches(h, s));
+                    taken && *h != d.host
+                })
+        }
         _ => true,
     }
 }
@@ -1763,6 +1788,7 @@ fn request_route(
                 host: normalize_host(&d.host),
                 port: destination_port(policy, d, port),
                 weight: 1,
+                subset: subset_endpoints(policy, d),
             };
             (to, *share)
         })

@@ -333,7 +333,6 @@ fn load_object(obj: &Node, file: &Path, policy: &mut Policy, report: &mut Report
 /// fields (by their name, wherever the spec has them).
 const SERVICE_ENTRY_UNAPPLIED: &[&str] = &[
     "workloadSelector",
-    "labels",
     "network",
     "locality",
     "weight",
@@ -360,7 +359,6 @@ const VIRTUAL_SERVICE_UNAPPLIED: &[&str] = &[
 ];
 const DESTINATION_RULE_UNAPPLIED: &[&str] = &[
     "workloadSelector",
-    "labels",
     "ringHash",
     "maglev",
     "minimumRingSize",

@@ -60,7 +60,8 @@ pub struct WorkloadEntry {
     pub address: Option<String>,
     #[serde(default)]
     pub ports: BTreeMap<String, PortNumber>,
-    pub labels: Option<IgnoredAny>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     pub network: Option<IgnoredAny>,
     pub locality: Option<IgnoredAny>,
     pub weight: Option<IgnoredAny>,
@@ -517,7 +518,8 @@ pub struct TcpKeepalive {
 #[serde(rename_all = "camelCase")]
 pub struct Subset {
     pub name: String,
-    pub labels: Option<IgnoredAny>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     pub traffic_policy: Option<TrafficPolicy>,
 }
 

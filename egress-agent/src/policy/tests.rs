@@ -1497,6 +1497,66 @@ fn a_routes_mirrors_are_read_as_istio_reads_them() {
     );
 }
 
+/// A route's subset narrows its host's endpoints to those whose labels hold all of the
+/// subset's; a subset without labels, or one no DestinationRule defines, narrows nothing.
+#[test]
+fn a_subsets_labels_choose_the_endpoints_a_route_goes_to() {
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db}
+spec:
+  hosts: [db.internal]
+  ports: [{number: 5432, name: pg, protocol: TCP}]
+  resolution: DNS
+  endpoints:
+  - {address: 10.0.0.1, labels: {version: v1, zone: a}}
+  - {address: 10.0.0.2, labels: {version: v2, zone: a}}
+  - {address: db-v1.internal, labels: {version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db}
+spec:
+  host: db.internal
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v1a, labels: {version: v1, zone: a}}
+  - {name: all}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db}
+spec:
+  hosts: [db.internal]
+  tcp:
+  - route:
+    - {destination: {host: db.internal, subset: v1}, weight: 1}
+    - {destination: {host: db.internal, subset: v1a}, weight: 1}
+    - {destination: {host: db.internal, subset: all}, weight: 1}
+";
+    let (pol, d) = load_str(yaml, Path::new("p.yaml"));
+    assert!(d.is_empty(), "{d:?}");
+    let (plan, d) = compile(&pol, None);
+    assert!(d.iter().all(|d| d.severity != Severity::Error), "{d:?}");
+    let to = &plan.rules[0].steered[0].pass[0].to;
+    let subset = |name: &str, ips: &[&str], names: &[&str]| {
+        Some(super::compile::SubsetEndpoints {
+            name: name.to_owned(),
+            ips: ips.iter().map(|ip| ip.parse().expect("address")).collect(),
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+        })
+    };
+    let subsets: Vec<_> = to.iter().map(|d| d.subset.clone()).collect();
+    assert_eq!(
+        subsets,
+        [
+            subset("v1", &["10.0.0.1"], &["db-v1.internal"]),
+            subset("v1a", &["10.0.0.1"], &[]),
+            None,
+        ]
+    );
+}
+
 /// Route weights are checked as Istio checks them, and a route of the mesh to a host no
 /// ServiceEntry has is warned about: its connections are refused.
 #[test]
@@ -1517,7 +1577,8 @@ fn route_weights_and_destinations_are_checked() {
             "p.yaml:10:1: error: VirtualService/default/v: spec.tls[0].route names 2 destinations whose weights add up to 0: none would take any traffic",
         ]
     );
-    // Subsets of one host are not split; a host with resolution NONE has no address to send to.
+    // Subsets without labels select the same endpoints: one's traffic policy applies; a host
+    // with resolution NONE has no address to send to.
     let more = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a.example\n  subsets: [{name: v1}, {name: v2}]\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: none}\nspec:\n  hosts: [n.example]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n";
     let d = diags_of(
         &(yaml(
@@ -1528,7 +1589,6 @@ fn route_weights_and_destinations_are_checked() {
         d,
         [
             "p.yaml:30:1: warning: ServiceEntry/default/none: resolution NONE without addresses opens port(s) 443/tcp to every IP address, as in Istio; add spec.addresses or use resolution DNS",
-            "p.yaml:10:1: warning: VirtualService/default/v: spec.tls[0].route splits a host between subsets v1, v2: egress does not split by subset (their `labels` do not narrow the endpoints); each share goes where dialled, under the traffic policy of the subset the port's first covering route names",
             "p.yaml:10:1: warning: VirtualService/default/v: spec.tls[1].route[0].destination.host n.example has resolution NONE: egress knows no address of its to send to, and refuses what is routed there",
             "p.yaml:10:1: warning: VirtualService/default/v: spec.tls names subsets v1 (spec.tls[0]) and v2 (spec.tls[0]): egress applies to a port the traffic policy of the subset its first covering route names, to all of its traffic",
         ]

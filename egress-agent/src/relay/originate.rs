@@ -873,8 +873,9 @@ impl State {
         // under its DestinationRule there.
         let routed;
         let (dest, upstream) = match drawn {
-            // Its own host goes where dialled, to the port's `targetPort` (or the gateway's).
-            Some(((to, _), by)) if *to.host != *upstream.host => {
+            // Its own host goes where dialled, to the port's `targetPort` (or the gateway's),
+            // unless a subset narrows its endpoints.
+            Some(((to, _), by)) if *to.host != *upstream.host || to.subset.is_some() => {
                 match self.routed(to, by, &upstream) {
                     Ok(there) => {
                         self.stats().upstream_host = Some(Name::clone(&there.1.host));
