@@ -41,6 +41,8 @@ pub struct Catalog {
     names: HashMap<IpAddr, Vec<Name>>,
     /// Resolved addresses of each name.
     addrs: HashMap<String, Vec<IpAddr>>,
+    /// The rule of each host, for route destinations: the policy's first that names it.
+    by_host: HashMap<Name, u32>,
 }
 
 #[derive(Debug)]
@@ -145,6 +147,12 @@ impl Catalog {
         for v in names.values_mut() {
             v.sort();
         }
+        let mut by_host = HashMap::new();
+        for r in &plan.rules {
+            for h in &r.hosts {
+                by_host.entry(Name::from(h.as_str())).or_insert(r.id);
+            }
+        }
         Catalog {
             rules: plan
                 .rules
@@ -183,6 +191,7 @@ impl Catalog {
             mode: plan.mode.reason(),
             names,
             addrs: resolved.clone(),
+            by_host,
         }
     }
 
@@ -332,11 +341,9 @@ impl Catalog {
     /// endpoints (those of its subset, where that narrows them), resolved where they are names,
     /// else the host's resolved addresses.
     fn destination(&self, to: &RouteTo) -> Result<(u32, Vec<IpAddr>), String> {
-        let (id, rule) = self
-            .rules
-            .iter()
-            .find(|(_, r)| r.hosts.iter().any(|h| **h == *to.host))
-            .ok_or_else(|| format!("{} is not a host of any ServiceEntry in force", to.host))?;
+        let unknown = || format!("{} is not a host of any ServiceEntry in force", to.host);
+        let id = self.by_host.get(to.host.as_str()).ok_or_else(unknown)?;
+        let rule = self.rules.get(id).ok_or_else(unknown)?;
         let resolved = |name: &str| self.addrs.get(name).into_iter().flatten().copied();
         if let Some(subset) = &to.subset {
             let addrs: Vec<IpAddr> = (subset.ips.iter().copied())
