@@ -86,8 +86,8 @@ pub struct Record {
     pub alpn: Option<Vec<String>>,
     #[serde(default)]
     pub upstream: Option<SocketAddr>,
-    /// For `relay`: the host a VirtualService's route sent the connection to, where it is not
-    /// the one dialled (`host`).
+    /// For `relay`: the host a VirtualService's route sent the connection to, where it sent it
+    /// elsewhere than where dialled: another host than `host`, or a subset's endpoints.
     #[serde(default)]
     pub upstream_host: Option<Name>,
     #[serde(default)]
