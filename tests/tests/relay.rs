@@ -1276,6 +1276,73 @@ spec:
     a.shutdown().await;
 }
 
+/// Through an egress gateway, the gateway's own `tls` route decides where the connection goes:
+/// here another registered host, as the gateway's Envoy would send it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_gateways_own_tls_route_sends_connections_to_another_host() {
+    let f = fixture("gateway-routed");
+    f.w.host(27);
+    f.w.host(28);
+    let (dialled, to) = (f.w.v4(27), f.w.v4(28));
+    let at_dialled =
+        f.w.tls_server(SocketAddr::new(dialled, 443), f.pki.server(&["gw.test"]));
+    let at_to =
+        f.w.tls_server(SocketAddr::new(to, 443), f.pki.server(&["gw.test"]));
+    let cg = TestCgroup::new("relay-gateway-routed");
+    let log = log_path("relay-gateway-routed");
+    let policy = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: gw, namespace: shop}}
+spec:
+  hosts: [gw.test]
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  resolution: STATIC
+  endpoints: [{{address: {dialled}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: mirror-site, namespace: shop}}
+spec:
+  hosts: [mirror-site.test]
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  resolution: STATIC
+  endpoints: [{{address: {to}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: gw, namespace: shop}}
+spec:
+  hosts: [gw.test]
+  gateways: [mesh, istio-egressgateway]
+  tls:
+  - match: [{{gateways: [mesh], port: 443, sniHosts: [gw.test]}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local, port: {{number: 443}}}}}}]
+  - match: [{{gateways: [istio-egressgateway], port: 443, sniHosts: [gw.test]}}]
+    route: [{{destination: {{host: mirror-site.test, port: {{number: 443}}}}}}]
+"#
+    );
+    let a = agent_with_policy(&f, &cg, &log, &policy).await;
+    let out = curl(&cg, &f.pki.ca_pem, "gw.test", dialled);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(at_to.names(), [Some("gw.test".to_owned())]);
+    assert!(at_dialled.names().is_empty(), "{:?}", at_dialled.names());
+    let r = relay_record(&log, "the gateway's connection", |r| {
+        r.sni.as_deref() == Some("gw.test")
+    });
+    assert_eq!(
+        r.upstream_host.as_deref(),
+        Some("mirror-site.test"),
+        "{r:?}"
+    );
+    assert_eq!(shown(r.upstream), at(to, 443), "{r:?}");
+    a.shutdown().await;
+}
+
 /// A route to a subset goes to the endpoints whose labels hold the subset's, as Istio selects
 /// them, whichever endpoint was dialled; a split between two subsets takes each by weight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -902,12 +902,12 @@ pub fn compile_after(policy: &Policy, mode_flag: Option<Mode>, prev: &RuleIds) -
 }
 
 /// Checks a VirtualService's route destinations. Weights below 0, or several destinations whose
-/// weights add up to 0, are errors, as in Istio. `http` routes (per request) and the mesh's
-/// `tls` and `tcp` routes (per connection, `pass_routes`) send to their destinations; a
-/// destination no ServiceEntry has is warned about. Of the gateway's `tls` and `tcp` routes,
-/// egress sends each connection to the address its workload dialled, so it warns that a route
-/// to another host is not applied, nor a split by `weight`. Of subsets, it applies their
-/// `labels` and a port's traffic policy (`port_subset`), not each subset's own.
+/// weights add up to 0, are errors, as in Istio. `http` routes (per request) and `tls` and `tcp`
+/// routes (per connection, `pass_routes`) send to their destinations; a destination no
+/// ServiceEntry has, or without an address, is warned about, and so is another host beside an
+/// egress gateway among a route's destinations (the connection goes to the gateway). Of
+/// subsets, egress applies their `labels` and a port's traffic policy (`port_subset`), not each
+/// subset's own.
 fn check_destinations(policy: &Policy, diags: &mut Diags) {
     for vs in &policy.virtual_services {
         let own: Vec<String> = vs.spec.hosts.iter().map(|h| normalize_host(h)).collect();
@@ -916,29 +916,10 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                 .find(|se| se.spec.hosts.iter().any(|h| normalize_host(h) == host))
         };
         let registered = |host: &str| entry(host).is_some();
-        let sections: [(&str, Vec<Destinations<'_>>); 3] = [
-            (
-                "http",
-                vs.spec.http.iter().map(|r| (&r.route[..], true)).collect(),
-            ),
-            (
-                "tls",
-                (vs.spec.tls.iter())
-                    .map(|r| {
-                        let gateways = r.matches.iter().map(|m| &m.gateways[..]);
-                        (&r.route[..], of_the_mesh(&vs.spec.gateways, gateways))
-                    })
-                    .collect(),
-            ),
-            (
-                "tcp",
-                (vs.spec.tcp.iter())
-                    .map(|r| {
-                        let gateways = r.matches.iter().map(|m| &m.gateways[..]);
-                        (&r.route[..], of_the_mesh(&vs.spec.gateways, gateways))
-                    })
-                    .collect(),
-            ),
+        let sections: [(&str, Vec<&[RouteDestination]>); 3] = [
+            ("http", vs.spec.http.iter().map(|r| &r.route[..]).collect()),
+            ("tls", vs.spec.tls.iter().map(|r| &r.route[..]).collect()),
+            ("tcp", vs.spec.tcp.iter().map(|r| &r.route[..]).collect()),
         ];
         for (section, routes) in sections {
             let mut say = |severity, message: String| {
@@ -950,7 +931,7 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                 );
             };
             let mut subsets: Vec<(&str, usize)> = Vec::new();
-            for (i, (dests, applied)) in routes.iter().enumerate() {
+            for (i, dests) in routes.iter().enumerate() {
                 let gateway = dests
                     .iter()
                     .any(|d| is_gateway(policy, &d.destination.host));
@@ -972,7 +953,8 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
                         ),
                     );
                 }
-                let applied = *applied && !gateway;
+                // A route through an egress gateway goes there; the gateway's own routes decide.
+                let applied = !gateway;
                 if dests.len() > 1 && !applied {
                     say(
                         Severity::Warning,
@@ -1083,18 +1065,6 @@ fn check_destinations(policy: &Policy, diags: &mut Diags) {
             }
         }
     }
-}
-
-/// A route's destinations, and whether egress applies them whole (`pass_routes`).
-type Destinations<'a> = (&'a [RouteDestination], bool);
-
-/// Whether a route is the mesh's: its VirtualService's `gateways` take in the mesh, and so do
-/// one of its matches' own (which replace them), or it has no match.
-fn of_the_mesh<'a>(
-    gateways: &[String],
-    mut matches: impl ExactSizeIterator<Item = &'a [String]>,
-) -> bool {
-    at_mesh(gateways) && (matches.len() == 0 || matches.any(at_mesh))
 }
 
 fn resolve_mode(policy: &Policy, flag: Option<Mode>, diags: &mut Diags) -> (Mode, String) {
@@ -1610,61 +1580,151 @@ fn steered_ports(
     out
 }
 
-/// The mesh's `tls` and `tcp` routes that cover `port` of these hosts, in order (each
-/// VirtualService's `tls` routes, then its `tcp` routes), where one of them sends connections
-/// elsewhere than where they were dialled (`elsewhere`); else none.
+/// The `tls` and `tcp` routes that cover `port` of these hosts, in order (each VirtualService's
+/// `tls` routes, then its `tcp` routes), where one of them sends connections elsewhere than where
+/// they were dialled (`elsewhere`); else none. The mesh's first; where one goes to an egress
+/// gateway, the gateway's own routes for the port it goes to take its connections next, and
+/// those none of them takes go where they were dialled.
 fn pass_routes(policy: &Policy, hosts: &[String], port: u16) -> Vec<PassRoute> {
+    let to = |dests: &[RouteDestination]| -> Vec<RouteTo> {
+        (route_to(policy, dests, port).into_iter())
+            .map(|(d, _)| d)
+            .collect()
+    };
     let mut out = Vec::new();
-    for vs in mesh_services(policy, hosts) {
-        let to = |dests: &[RouteDestination]| -> Vec<RouteTo> {
-            (route_to(policy, dests, port).into_iter())
-                .map(|(d, _)| d)
-                .collect()
+    for (sni, tls, dests, by) in l4_routes(policy, hosts, port, false) {
+        let Some((_, at)) = gateway_destination(policy, dests, port) else {
+            out.push(PassRoute {
+                sni,
+                tls,
+                to: to(dests),
+                by,
+            });
+            continue;
+        };
+        for (at_sni, at_tls, at_dests, at_by) in l4_routes(policy, hosts, at, true) {
+            let Some(both) = narrowed(&sni, &at_sni) else {
+                continue;
+            };
+            out.push(PassRoute {
+                sni: both,
+                tls: tls || at_tls,
+                to: to(at_dests),
+                by: at_by,
+            });
+        }
+        out.push(PassRoute {
+            sni,
+            tls,
+            to: Vec::new(),
+            by,
+        });
+    }
+    if !out.iter().any(|r| elsewhere(&r.sni, &r.to, hosts)) {
+        out.clear();
+    }
+    out
+}
+
+/// A `tls` or `tcp` route as `pass_routes` takes it: the server names it takes (none: any),
+/// whether it takes TLS alone, its destinations, and its name.
+type L4Route<'a> = (Vec<String>, bool, &'a [RouteDestination], String);
+
+/// The `tls` and `tcp` routes of these hosts' VirtualServices that cover `port`, in order: the
+/// mesh's, or (`gateway_stage`) an egress gateway's own, but for one that would send them to
+/// the gateway again.
+fn l4_routes<'a>(
+    policy: &'a Policy,
+    hosts: &[String],
+    port: u16,
+    gateway_stage: bool,
+) -> Vec<L4Route<'a>> {
+    let mut out = Vec::new();
+    for vs in policy
+        .virtual_services
+        .iter()
+        .filter(|vs| names_host(vs, hosts))
+    {
+        // A match's own gateways, else its VirtualService's.
+        let bound = |gateways: &[String]| {
+            let gateways = if gateways.is_empty() {
+                &vs.spec.gateways[..]
+            } else {
+                gateways
+            };
+            if gateway_stage {
+                at_gateway(gateways)
+            } else {
+                at_mesh(gateways)
+            }
+        };
+        let sends_back = |dests: &[RouteDestination]| {
+            gateway_stage && gateway_destination(policy, dests, port).is_some()
         };
         for (i, r) in vs.spec.tls.iter().enumerate() {
             let matches: Vec<_> = (r.matches.iter())
-                .filter(|m| at_mesh(&m.gateways) && on_port(m.port.as_ref(), port))
+                .filter(|m| bound(&m.gateways) && on_port(m.port.as_ref(), port))
                 .collect();
-            if r.route.is_empty() || (!r.matches.is_empty() && matches.is_empty()) {
+            let unmatched = r.matches.is_empty() && bound(&[]);
+            if r.route.is_empty() || sends_back(&r.route) || (!unmatched && matches.is_empty()) {
                 continue;
             }
-            let sni = if matches.iter().any(|m| m.sni_hosts.is_empty()) {
+            let sni: Vec<String> = if unmatched || matches.iter().any(|m| m.sni_hosts.is_empty()) {
                 Vec::new()
             } else {
-                matches
-                    .iter()
+                (matches.iter())
                     .flat_map(|m| m.sni_hosts.iter().map(|h| normalize_host(h)))
                     .collect()
             };
             if !sni.is_empty() && !names_sni(&sni, hosts) {
                 continue;
             }
-            out.push(PassRoute {
+            out.push((
                 sni,
-                tls: true,
-                to: to(&r.route),
-                by: format!("{} spec.tls[{i}]", vs.label()),
-            });
+                true,
+                &r.route[..],
+                format!("{} spec.tls[{i}]", vs.label()),
+            ));
         }
         for (i, r) in vs.spec.tcp.iter().enumerate() {
-            let covers = r.matches.is_empty()
-                || (r.matches.iter())
-                    .any(|m| at_mesh(&m.gateways) && on_port(m.port.as_ref(), port));
-            if r.route.is_empty() || !covers {
+            let covers = (r.matches.is_empty() && bound(&[]))
+                || (r.matches.iter()).any(|m| bound(&m.gateways) && on_port(m.port.as_ref(), port));
+            if r.route.is_empty() || sends_back(&r.route) || !covers {
                 continue;
             }
-            out.push(PassRoute {
-                sni: Vec::new(),
-                tls: false,
-                to: to(&r.route),
-                by: format!("{} spec.tcp[{i}]", vs.label()),
-            });
+            out.push((
+                Vec::new(),
+                false,
+                &r.route[..],
+                format!("{} spec.tcp[{i}]", vs.label()),
+            ));
         }
     }
-    if !out.iter().any(|r| elsewhere(&r.sni, &r.to, hosts)) {
-        out.clear();
-    }
     out
+}
+
+/// The server names both of two routes take (none: any), or none at all where they take no name
+/// in common.
+fn narrowed(a: &[String], b: &[String]) -> Option<Vec<String>> {
+    match (a, b) {
+        ([], b) => Some(b.to_vec()),
+        (a, []) => Some(a.to_vec()),
+        (a, b) => {
+            let both: Vec<String> = (a.iter())
+                .flat_map(|x| b.iter().map(move |y| (x, y)))
+                .filter_map(|(x, y)| {
+                    if host_matches(x, y) {
+                        Some(y.clone())
+                    } else if host_matches(y, x) {
+                        Some(x.clone())
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            (!both.is_empty()).then_some(both)
+        }
+    }
 }
 
 /// A route's destinations for connections or requests to `port`, those that take any (a single
