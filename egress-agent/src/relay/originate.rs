@@ -336,32 +336,6 @@ impl Drop for Stream {
     }
 }
 
-/// An answer's body that holds its request's `Stream`.
-struct Streamed {
-    body: Incoming,
-    _stream: Stream,
-}
-
-impl hyper::body::Body for Streamed {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
 impl Drop for Upstream2 {
     fn drop(&mut self) {
         self.task.abort();
@@ -1317,9 +1291,9 @@ impl State {
             .await
             .map_err(|e| Failure::Reset(format!("{target}: {e}")))?;
         Ok(response.map(|body| {
-            Streamed {
+            Holding {
                 body,
-                _stream: stream,
+                _held: stream,
             }
             .boxed()
         }))
@@ -1596,15 +1570,20 @@ impl State {
     }
 }
 
-/// An answer's body that holds its request's place among the host's requests in progress
-/// (`http2MaxRequests`) and its count among the address's (the least request) until the relay
-/// is done with it: read whole and sent, or dropped.
-struct Holding {
-    body: Body,
-    _held: (Option<Slot>, Option<InFlight>),
+/// An answer's body that holds what its request holds until the relay is done with it (read
+/// whole and sent, or dropped): its place among the host's requests in progress
+/// (`http2MaxRequests`) and its count among the address's (the least request), or its `Stream`
+/// on an HTTP/2 connection.
+struct Holding<B, H> {
+    body: B,
+    _held: H,
 }
 
-impl hyper::body::Body for Holding {
+impl<B, H> hyper::body::Body for Holding<B, H>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    H: Unpin,
+{
     type Data = Bytes;
     type Error = hyper::Error;
 
