@@ -148,11 +148,8 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                 ),
             },
         }
-        let requests = rule
-            .steered
-            .iter()
-            .find(|s| s.port == port)
-            .map_or(&[][..], |s| &s.requests[..]);
+        let steered = rule.steered.iter().find(|s| s.port == port);
+        let requests = steered.map_or(&[][..], |s| &s.requests[..]);
         if requests.iter().any(|r| !r.matches.is_empty()) {
             println!(
                 "  requests: each takes the first route it matches of {}; one that matches none is \
@@ -180,14 +177,13 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
                     .join(", ")
             );
         }
+        // The mesh's routes, then each gateway's once.
+        let routes: Vec<_> = (requests.iter())
+            .chain(seen.iter().flat_map(|then| then.iter()))
+            .collect();
         // Where the connections go, where a route sends them elsewhere than where dialled.
-        let pass = rule
-            .steered
-            .iter()
-            .find(|s| s.port == port)
-            .map_or(&[][..], |s| &s.pass[..]);
-        let gateways = requests.iter().filter_map(|r| r.then.as_deref()).flatten();
-        for r in requests.iter().chain(gateways) {
+        let pass = steered.map_or(&[][..], |s| &s.pass[..]);
+        for r in &routes {
             if !r.to.is_empty() {
                 let to: Vec<_> = r.to.iter().map(|(d, _)| d.clone()).collect();
                 println!(
@@ -229,9 +225,8 @@ pub fn check(global: &Global, dest: &str, transport: Transport) -> ExitCode {
             );
         }
         // Faults, which a request may meet without its client knowing why.
-        let gateways = requests.iter().filter_map(|r| r.then.as_deref()).flatten();
         let mut told: Vec<&str> = Vec::new();
-        for r in requests.iter().chain(gateways) {
+        for r in &routes {
             if let Some(fault) = r.fault
                 && !told.contains(&r.by.as_str())
             {
