@@ -89,6 +89,8 @@ pub struct Status {
     pub flows_untracked: Counter,
     pub flows_open: Gauge,
     pub log_errors: Counter,
+    pub log_writer_lifted: Counter,
+    pub log_writer_yielding: Gauge,
     pub relay_namespaces: Gauge,
     pub relay_namespaces_wanted: Counter,
     pub relay_namespace_hints: Counter,
@@ -268,6 +270,18 @@ impl Status {
             "flows_untracked",
             "Flows the kernel's flow table had no room for: a connect record each, no close",
             self.flows_untracked.clone(),
+        );
+        r.register(
+            "log_writer_lifted",
+            "Times the flow-log writer, yielding the CPU while traffic was light, found no CPU \
+             time with records waiting and was lifted back to its normal priority",
+            self.log_writer_lifted.clone(),
+        );
+        r.register(
+            "log_writer_yielding",
+            "1 while the flow-log writer yields the CPU to every other thread (SCHED_IDLE), as it \
+             does while traffic is light",
+            self.log_writer_yielding.clone(),
         );
         r.register(
             "log_write_errors",

@@ -487,6 +487,63 @@ async fn an_interface_that_appears_later_gets_the_backstop() {
     a.shutdown().await;
 }
 
+/// While traffic is light the flow-log writer yields the CPU (SCHED_IDLE). On CPUs that other
+/// threads keep busy it would starve: it is lifted back to its share and every record comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_writer_yields_while_light_and_is_lifted_when_starved() {
+    const CONNECTS: usize = 200;
+    let w = world();
+    let cg = TestCgroup::new("writer-lifted");
+    let log = log_path("events-writer-lifted");
+    let a = Agent::start(config(&w, &cg, Mode::RegistryOnly, Some(&log)))
+        .await
+        .expect("agent starts");
+    let api = at(w.v4(10), 443);
+    let (out, pid) = probe_with_pid(Some(&cg.path), &["tcp", &api]);
+    assert_eq!(out, "ok", "tcp");
+    wait_record(&log, "the first connect", |r| {
+        r.kind == "connect" && r.pid == Some(pid)
+    });
+    wait_for("the writer yielding", WAIT, || {
+        a.status.log_writer_yielding.get() == 1
+    });
+    assert_eq!(a.status.log_writer_lifted.get(), 0);
+
+    // Twice as many threads as CPUs spinning at normal priority: a thread at SCHED_IDLE gets a
+    // few milliseconds a second.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let spinners: Vec<_> = (0..2 * cpus)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let (out, pid) = probe_with_pid(Some(&cg.path), &["tcp-repeat", &api, &CONNECTS.to_string()]);
+    let connects = || {
+        records_of(&log, pid)
+            .iter()
+            .filter(|r| r.kind == "connect")
+            .count()
+    };
+    wait_for("every connect's record", WAIT, || connects() == CONNECTS);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        s.join().expect("spinner");
+    }
+    assert_eq!(out, "done\nok", "tcp-repeat");
+    assert!(
+        a.status.log_writer_lifted.get() >= 1,
+        "the starved writer was lifted"
+    );
+    assert_eq!(a.status.events_lost.get(), 0);
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_ends_with_its_byte_totals() {
     let w = world();

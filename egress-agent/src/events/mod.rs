@@ -3,6 +3,7 @@
 mod catalog;
 pub mod log;
 mod pipeline;
+mod priority;
 mod record;
 
 pub use catalog::{Catalog, CgroupNames, Upstream, draw, host_matches};

@@ -1,11 +1,12 @@
 //! From the ring buffer to the log: a reader task that drains the ring buffer every
 //! [`READ_INTERVAL`] while events come (less often while none do, see [`read_interval`]), and at
 //! once when the kernel wakes it (epoll on the ring) because the ring is filling up, and a writer
-//! thread. The reader only copies the events out: it runs on a runtime
-//! worker, which relayed connections wait behind. The writer makes them records, counts them in
-//! the metrics and writes them. Between the two a bounded channel: when the writer falls behind,
-//! the reader stops draining, the ring fills, and the kernel counts what it cannot write; those
-//! counts are reported as `lost` records. Nothing grows without bound, nothing is silent.
+//! thread. The reader only copies the events out: it runs on a runtime worker, which relayed
+//! connections wait behind. The writer makes them records, counts them in the metrics and writes
+//! them, at a priority that yields to everything else while traffic is light (see [`Priority`]).
+//! Between the two a bounded channel: when the writer falls behind, the reader stops draining, the
+//! ring fills, and the kernel counts what it cannot write; those counts are reported as `lost`
+//! records. Nothing grows without bound, nothing is silent.
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex},
@@ -22,7 +23,10 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{Catalog, CgroupNames, LogWriter, Record};
+use super::{
+    Catalog, CgroupNames, LogWriter, Record,
+    priority::{Priority, STALL},
+};
 use crate::{agent::Status, maps::Counters};
 
 /// Events and records in flight between reader and writer.
@@ -171,7 +175,7 @@ pub struct Pipeline {
     records: Records,
     cgroups: Arc<Mutex<CgroupNames>>,
     reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
+    writer: std::thread::JoinHandle<()>,
     poller: JoinHandle<()>,
 }
 
@@ -234,6 +238,9 @@ struct Reader {
     lost_logged: u64,
     /// Events handed on so far.
     taken: u64,
+    priority: Arc<Priority>,
+    /// The writer's batch count as last seen, and since when.
+    writer_seen: (u64, Instant),
 }
 
 impl Pipeline {
@@ -257,7 +264,18 @@ impl Pipeline {
             catalog,
             cgroups: Arc::clone(&cgroups),
         };
-        let writer = tokio::task::spawn_blocking(move || write(rx, log, &enricher, &st, &handle));
+        let priority = Arc::new(Priority::new(
+            status.log_writer_lifted.clone(),
+            status.log_writer_yielding.clone(),
+        ));
+        let p = Arc::clone(&priority);
+        // A thread of its own: its scheduling policy changes (see [`Priority`]).
+        let writer = std::thread::Builder::new()
+            .name("egress-log".into())
+            .spawn(move || {
+                let _in = handle.enter();
+                write(rx, log, &enricher, &st, &handle, &p)
+            })?;
         let start = counters.events_lost().unwrap_or(0);
         let lost = Arc::new(Lost {
             counters,
@@ -280,6 +298,8 @@ impl Pipeline {
             tx: tx.clone(),
             lost_logged: start,
             taken: 0,
+            priority,
+            writer_seen: (0, Instant::now()),
         };
         let reader = tokio::spawn(reader.run(fd, stop_rx));
         Ok(Pipeline {
@@ -312,8 +332,11 @@ impl Pipeline {
         if let Err(e) = (&mut self.reader).await {
             log::error!("event reader ended abnormally: {e}");
         }
-        if let Err(e) = (&mut self.writer).await {
-            log::error!("event writer ended abnormally: {e}");
+        let writer = self.writer;
+        match tokio::task::spawn_blocking(move || writer.join()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => log::error!("the event writer panicked"),
+            Err(e) => log::error!("the event writer ended abnormally: {e}"),
         }
         self.poller.abort();
     }
@@ -347,6 +370,7 @@ impl Reader {
                         // that arrives meanwhile.
                         while self.drain(guard.get_inner_mut()).await {}
                         guard.clear_ready();
+                        self.watch_writer();
                         every = READ_INTERVAL;
                         next = tokio::time::Instant::now() + every;
                     }
@@ -358,6 +382,7 @@ impl Reader {
                 () = tokio::time::sleep_until(next) => {
                     let before = self.taken;
                     while self.drain(fd.get_mut()).await {}
+                    self.watch_writer();
                     every = read_interval(every, self.taken > before);
                     next = tokio::time::Instant::now() + every;
                     if reported.elapsed() >= DRAIN_INTERVAL {
@@ -387,12 +412,50 @@ impl Reader {
             // SAFETY: the programs write whole FlowEvents; read unaligned from the ring's bytes.
             let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
-            if self.tx.send(Entry::Kernel(ev)).await.is_err() {
+            if !self.hand_on(Entry::Kernel(ev)).await {
                 return false;
             }
             self.taken += 1;
         }
         true
+    }
+
+    /// Sends `entry` to the writer, waiting while the writer is behind; a writer that takes
+    /// nothing for [`STALL`] meanwhile is lifted. False once the writer is gone.
+    async fn hand_on(&mut self, entry: Entry) -> bool {
+        let entry = match self.tx.try_send(entry) {
+            Ok(()) => {
+                // As a send that waits would: a long drain gives the worker back to the relayed
+                // connections now and then.
+                tokio::task::coop::consume_budget().await;
+                return true;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(entry)) => entry,
+        };
+        let tx = self.tx.clone();
+        loop {
+            match tokio::time::timeout(STALL, tx.reserve()).await {
+                Ok(Ok(permit)) => {
+                    permit.send(entry);
+                    return true;
+                }
+                Ok(Err(_)) => return false,
+                Err(_) => self.watch_writer(),
+            }
+        }
+    }
+
+    /// Lifts the writer's priority when records wait and it has taken none for [`STALL`].
+    fn watch_writer(&mut self) {
+        let batches = self.priority.batches();
+        let waiting = self.tx.capacity() < self.tx.max_capacity();
+        if batches != self.writer_seen.0 || !waiting {
+            self.writer_seen = (batches, Instant::now());
+        } else if self.writer_seen.1.elapsed() >= STALL {
+            self.priority.lift();
+            self.writer_seen = (batches, Instant::now());
+        }
     }
 
     async fn report_lost(&mut self) {
@@ -403,7 +466,7 @@ impl Reader {
             log::warn!("{lost} flow event(s) lost in the kernel: the ring buffer was full");
             let record = Record::lost(Timestamp::now(), lost, total);
             self.status.observe(&record);
-            let _ = self.tx.send(Entry::Record(Box::new(record))).await;
+            let _ = self.hand_on(Entry::Record(Box::new(record))).await;
         }
     }
 }
@@ -450,7 +513,9 @@ fn write(
     enricher: &Enricher,
     status: &Status,
     runtime: &tokio::runtime::Handle,
+    priority: &Priority,
 ) {
+    priority.writer_started();
     // When the oldest record not yet flushed was written.
     let mut unflushed: Option<Instant> = None;
     let put = |log: &mut Option<LogWriter>, unflushed: &mut Option<Instant>, record: &Record| {
@@ -513,6 +578,7 @@ fn write(
                 }
             }
         }
+        priority.after_batch(got < FEW);
         if got < FEW {
             std::thread::sleep(NAP);
         }

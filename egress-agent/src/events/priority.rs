@@ -1,0 +1,192 @@
+//! The flow-log writer's CPU priority. While traffic is light the writer runs at `SCHED_IDLE`:
+//! it works through each batch in time no other thread wants, and never holds up a relayed
+//! connection. At its normal priority, each batch (gathered over a nap) took a CPU for long enough
+//! to delay the connections that came meanwhile: in `cargo xtask bench relay` a third of the
+//! relay's slowest 2 % of first bytes fell in step with the writer's naps (and moved with them
+//! when the nap was changed), and none did at `SCHED_IDLE`.
+//!
+//! A thread at `SCHED_IDLE` can starve on busy CPUs, so the writer yields only after two light
+//! batches in a row (the second gathered over a nap, or all there was), takes back its fair share
+//! at a large batch, and the reader, at normal priority, lifts it when records wait and the
+//! writer has taken none for [`STALL`]. Lifting a thread from `SCHED_IDLE`
+//! needs CAP_SYS_NICE (or an RLIMIT_NICE that allows nice 0); without it the writer stays at its
+//! normal priority throughout.
+use std::{
+    sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+
+/// How long records may wait with the writer taking none before the reader lifts it: far longer
+/// than a writer at its normal priority ever takes (its nap and a batch).
+pub const STALL: Duration = Duration::from_millis(50);
+
+/// How long a lifted writer keeps its share before it may yield again, so that a starved writer
+/// does not go back to starving at its first light batch.
+const HOLD: Duration = Duration::from_secs(1);
+
+pub struct Priority {
+    /// Whether the writer may go to `SCHED_IDLE`: whether it can be lifted back.
+    allowed: bool,
+    /// The writer thread's id, once it runs (0 before).
+    tid: AtomicI32,
+    /// Whether the writer is at `SCHED_IDLE`.
+    idle: AtomicBool,
+    /// Whether its last batch was light.
+    light: AtomicBool,
+    /// Batches the writer has taken, for the reader to see it move.
+    batches: AtomicU64,
+    /// Until when (ms since `epoch`) a lifted writer keeps its share.
+    held_until: AtomicU64,
+    epoch: Instant,
+    /// Lifts that found the writer at `SCHED_IDLE`.
+    lifted: Counter,
+    /// 1 while the writer is at `SCHED_IDLE`.
+    yielding: Gauge,
+}
+
+impl Priority {
+    pub fn new(lifted: Counter, yielding: Gauge) -> Priority {
+        Priority {
+            allowed: may_lift(),
+            tid: AtomicI32::new(0),
+            idle: AtomicBool::new(false),
+            light: AtomicBool::new(true),
+            batches: AtomicU64::new(0),
+            held_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            lifted,
+            yielding,
+        }
+    }
+
+    /// On the writer's thread, before its first batch.
+    pub fn writer_started(&self) {
+        self.tid
+            .store(nix::unistd::gettid().as_raw(), Ordering::Relaxed);
+    }
+
+    /// On the writer's thread, after a batch: a heavy one takes its share back; a light one
+    /// after a light one lets it yield, unless it was lifted lately. (A light batch right after
+    /// a heavy one says nothing: the writer took it without a nap.)
+    pub fn after_batch(&self, light: bool) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        let was_light = self.light.swap(light, Ordering::Relaxed);
+        let idle = match (light, was_light) {
+            (false, _) => false,
+            (true, false) => return,
+            (true, true) => {
+                self.allowed && self.held_until.load(Ordering::Relaxed) <= self.now_ms()
+            }
+        };
+        if idle != self.idle.load(Ordering::Relaxed) && set_policy(0, idle) {
+            self.idle.store(idle, Ordering::Relaxed);
+            self.yielding.set(i64::from(idle));
+        }
+    }
+
+    /// Batches the writer has taken so far.
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+
+    /// From the reader: records wait and the writer takes none. Gives it back its share.
+    pub fn lift(&self) {
+        self.held_until
+            .store(self.now_ms() + HOLD.as_millis() as u64, Ordering::Relaxed);
+        let tid = self.tid.load(Ordering::Relaxed);
+        if tid != 0 && self.idle.load(Ordering::Relaxed) && set_policy(tid, false) {
+            self.idle.store(false, Ordering::Relaxed);
+            self.yielding.set(0);
+            self.lifted.inc();
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// Sets thread `tid`'s policy (0: the calling thread) to `SCHED_IDLE`, or back to `SCHED_OTHER`.
+fn set_policy(tid: i32, idle: bool) -> bool {
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a valid sched_param; an unknown or exited tid is an error, not undefined behaviour.
+    let done = unsafe { libc::sched_setscheduler(tid, policy, &param) } == 0;
+    if !done {
+        log::warn!(
+            "the flow-log writer's scheduling policy: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    done
+}
+
+/// Whether this process may lift a thread from `SCHED_IDLE` to `SCHED_OTHER` at nice 0:
+/// CAP_SYS_NICE in its effective set, or an RLIMIT_NICE of 20 or more.
+fn may_lift() -> bool {
+    const CAP_SYS_NICE: u32 = 23;
+    let cap = std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|eff| eff & (1 << CAP_SYS_NICE) != 0);
+    let rlimit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE)
+        .is_ok_and(|(soft, _)| soft >= 20);
+    cap || rlimit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy_of(tid: i32) -> i32 {
+        // SAFETY: no pointer arguments.
+        unsafe { libc::sched_getscheduler(tid) }
+    }
+
+    /// The writer yields on light batches, takes its share back on a heavy one, and the reader
+    /// (another thread) lifts it and holds it there. Runs as root (CAP_SYS_NICE), as the agent
+    /// does.
+    #[test]
+    fn writer_yields_while_light_and_is_lifted() {
+        let p = Priority::new(Counter::default(), Gauge::default());
+        assert!(p.allowed, "the unit tests run as root");
+        let (yielded, lifted) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        std::thread::scope(|s| {
+            let writer = s.spawn(|| {
+                p.writer_started();
+                let tid = p.tid.load(Ordering::Relaxed);
+                p.after_batch(true);
+                assert_eq!(policy_of(tid), libc::SCHED_IDLE);
+                p.after_batch(false);
+                assert_eq!(policy_of(tid), libc::SCHED_OTHER);
+                p.after_batch(true);
+                assert_eq!(policy_of(tid), libc::SCHED_OTHER, "light after heavy");
+                p.after_batch(true);
+                assert_eq!(policy_of(tid), libc::SCHED_IDLE);
+                assert_eq!(p.yielding.get(), 1);
+                yielded.wait();
+                lifted.wait();
+                assert_eq!(policy_of(tid), libc::SCHED_OTHER);
+                p.after_batch(true);
+                assert_eq!(policy_of(tid), libc::SCHED_OTHER, "held after the lift");
+            });
+            yielded.wait();
+            p.lift();
+            lifted.wait();
+            writer.join().expect("writer");
+        });
+        assert_eq!(p.batches(), 5);
+        assert_eq!(p.lifted.get(), 1);
+        assert_eq!(p.yielding.get(), 0);
+    }
+}
