@@ -420,8 +420,8 @@ impl Reader {
         true
     }
 
-    /// Sends `entry` to the writer, waiting while the writer is behind; a writer that takes
-    /// nothing for [`STALL`] meanwhile is lifted. False once the writer is gone.
+    /// Sends `entry` to the writer, waiting while the writer is behind. A writer that is behind
+    /// must not yield: it is lifted at once. False once the writer is gone.
     async fn hand_on(&mut self, entry: Entry) -> bool {
         let entry = match self.tx.try_send(entry) {
             Ok(()) => {
@@ -433,16 +433,13 @@ impl Reader {
             Err(mpsc::error::TrySendError::Closed(_)) => return false,
             Err(mpsc::error::TrySendError::Full(entry)) => entry,
         };
-        let tx = self.tx.clone();
-        loop {
-            match tokio::time::timeout(STALL, tx.reserve()).await {
-                Ok(Ok(permit)) => {
-                    permit.send(entry);
-                    return true;
-                }
-                Ok(Err(_)) => return false,
-                Err(_) => self.watch_writer(),
+        self.priority.lift();
+        match self.tx.reserve().await {
+            Ok(permit) => {
+                permit.send(entry);
+                true
             }
+            Err(_) => false,
         }
     }
 

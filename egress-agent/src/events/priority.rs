@@ -6,11 +6,12 @@
 //! when the nap was changed), and none did at `SCHED_IDLE`.
 //!
 //! A thread at `SCHED_IDLE` can starve on busy CPUs, so the writer yields only after two light
-//! batches in a row (the second gathered over a nap, or all there was), takes back its fair share
-//! at a large batch, and the reader, at normal priority, lifts it when records wait and the
-//! writer has taken none for [`STALL`]. Lifting a thread from `SCHED_IDLE`
-//! needs CAP_SYS_NICE (or an RLIMIT_NICE that allows nice 0); without it the writer stays at its
-//! normal priority throughout.
+//! batches in a row (the second gathered over a nap, or all there was) and takes back its fair
+//! share at a large batch; and the reader, at normal priority, lifts it as soon as the queue
+//! between them is full (a first version waited for that too and lost events in `cargo xtask
+//! bench events`), or when records wait and the writer has taken none for [`STALL`]. Lifting a
+//! thread from `SCHED_IDLE` needs CAP_SYS_NICE (or an RLIMIT_NICE that allows nice 0); without it
+//! the writer stays at its normal priority throughout.
 use std::{
     sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
     time::{Duration, Instant},
