@@ -78,21 +78,31 @@ pub struct Relayed {
 /// Sends records made elsewhere (the relay's) to the flow log; they are already counted in the
 /// metrics.
 #[derive(Clone)]
-pub struct Records(mpsc::Sender<Entry>);
+pub struct Records {
+    tx: mpsc::Sender<Entry>,
+    priority: Arc<Priority>,
+}
 
 impl Records {
     /// Waits while the writer is behind. False once the log is closed.
     pub async fn send(&self, record: Record) -> bool {
-        self.0.send(Entry::Record(Box::new(record))).await.is_ok()
+        self.hand_on(Entry::Record(Box::new(record))).await
     }
 
     /// A relayed connection's record, written after the `connect` record of `relayed`: the relay
     /// sends it as the connection ends, often before the reader has drained that connect.
     pub async fn send_relay(&self, record: Record, relayed: Relayed) -> bool {
-        self.0
-            .send(Entry::Relay(Box::new(record), relayed))
-            .await
-            .is_ok()
+        self.hand_on(Entry::Relay(Box::new(record), relayed)).await
+    }
+
+    /// Sends `entry` to the writer, waiting while it is behind. A writer yielding the CPU with
+    /// the queue half full is falling behind: it is lifted before the queue fills and senders
+    /// wait (the relay's connections among them). False once the writer is gone.
+    async fn hand_on(&self, entry: Entry) -> bool {
+        if self.tx.capacity() < CHANNEL / 2 {
+            self.priority.lift();
+        }
+        self.tx.send(entry).await.is_ok()
     }
 }
 
@@ -233,12 +243,11 @@ impl Lost {
 struct Reader {
     lost: Arc<Lost>,
     status: Arc<Status>,
-    tx: mpsc::Sender<Entry>,
+    out: Records,
     /// The kernel's total as of the last `lost` record.
     lost_logged: u64,
     /// Events handed on so far.
     taken: u64,
-    priority: Arc<Priority>,
     /// The writer's batch count as last seen, and since when.
     writer_seen: (u64, Instant),
 }
@@ -292,19 +301,19 @@ impl Pipeline {
                 l.poll_flows(&mut untracked);
             }
         });
+        let records = Records { tx, priority };
         let reader = Reader {
             lost,
             status,
-            tx: tx.clone(),
+            out: records.clone(),
             lost_logged: start,
             taken: 0,
-            priority,
             writer_seen: (0, Instant::now()),
         };
         let reader = tokio::spawn(reader.run(fd, stop_rx));
         Ok(Pipeline {
             stop: Some(stop),
-            records: Records(tx),
+            records,
             cgroups,
             reader,
             writer,
@@ -328,7 +337,16 @@ impl Pipeline {
             let _ = stop.send(());
         }
         let (closed, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.records, Records(closed)));
+        let priority = Arc::clone(&self.records.priority);
+        // What is left is written at once, not in CPU time others leave.
+        priority.lift();
+        drop(std::mem::replace(
+            &mut self.records,
+            Records {
+                tx: closed,
+                priority,
+            },
+        ));
         if let Err(e) = (&mut self.reader).await {
             log::error!("event reader ended abnormally: {e}");
         }
@@ -420,10 +438,13 @@ impl Reader {
         true
     }
 
-    /// Sends `entry` to the writer, waiting while the writer is behind. A writer that is behind
-    /// must not yield: it is lifted at once. False once the writer is gone.
+    /// As [`Records::hand_on`]; and while the queue stays full, the writer is lifted whatever its
+    /// flag says (see [`Priority`]) every [`STALL`].
     async fn hand_on(&mut self, entry: Entry) -> bool {
-        let entry = match self.tx.try_send(entry) {
+        if self.out.tx.capacity() < CHANNEL / 2 {
+            self.out.priority.lift();
+        }
+        let entry = match self.out.tx.try_send(entry) {
             Ok(()) => {
                 // As a send that waits would: a long drain gives the worker back to the relayed
                 // connections now and then.
@@ -433,24 +454,27 @@ impl Reader {
             Err(mpsc::error::TrySendError::Closed(_)) => return false,
             Err(mpsc::error::TrySendError::Full(entry)) => entry,
         };
-        self.priority.lift();
-        match self.tx.reserve().await {
-            Ok(permit) => {
-                permit.send(entry);
-                true
+        let tx = self.out.tx.clone();
+        loop {
+            match tokio::time::timeout(STALL, tx.reserve()).await {
+                Ok(Ok(permit)) => {
+                    permit.send(entry);
+                    return true;
+                }
+                Ok(Err(_)) => return false,
+                Err(_) => self.out.priority.lift_anyway(),
             }
-            Err(_) => false,
         }
     }
 
     /// Lifts the writer's priority when records wait and it has taken none for [`STALL`].
     fn watch_writer(&mut self) {
-        let batches = self.priority.batches();
-        let waiting = self.tx.capacity() < self.tx.max_capacity();
+        let batches = self.out.priority.batches();
+        let waiting = self.out.tx.capacity() < self.out.tx.max_capacity();
         if batches != self.writer_seen.0 || !waiting {
             self.writer_seen = (batches, Instant::now());
         } else if self.writer_seen.1.elapsed() >= STALL {
-            self.priority.lift();
+            self.out.priority.lift_anyway();
             self.writer_seen = (batches, Instant::now());
         }
     }

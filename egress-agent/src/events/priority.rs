@@ -5,13 +5,20 @@
 //! relay's slowest 2 % of first bytes fell in step with the writer's naps (and moved with them
 //! when the nap was changed), and none did at `SCHED_IDLE`.
 //!
-//! A thread at `SCHED_IDLE` can starve on busy CPUs, so the writer yields only after two light
-//! batches in a row (the second gathered over a nap, or all there was) and takes back its fair
-//! share at a large batch; and the reader, at normal priority, lifts it as soon as the queue
-//! between them is full (a first version waited for that too and lost events in `cargo xtask
-//! bench events`), or when records wait and the writer has taken none for [`STALL`]. Lifting a
-//! thread from `SCHED_IDLE` needs CAP_SYS_NICE (or an RLIMIT_NICE that allows nice 0); without it
-//! the writer stays at its normal priority throughout.
+//! A thread at `SCHED_IDLE` can starve on busy CPUs, so:
+//! - the writer yields only at a light batch that does not follow a heavy one (one gathered over
+//!   a nap, or all there was), and takes back its fair share at a heavy batch;
+//! - whoever sends it a record lifts it once the queue to it is half full (waiting 50 ms for that
+//!   lost events in `cargo xtask bench events`; waiting for a full queue cost the relay's
+//!   connection rate in four alternating pairs of four);
+//! - the reader, at normal priority, lifts it whatever its flag says when records wait and it has
+//!   taken none for [`STALL`], or the queue stays full that long: a writer preempted between its
+//!   switch to `SCHED_IDLE` and its flag can be at `SCHED_IDLE` with the flag saying otherwise
+//!   (seen: a round of the events benchmark lost 65,000 events to it);
+//! - a lifted writer keeps its share for [`HOLD`].
+//!
+//! Lifting a thread from `SCHED_IDLE` needs CAP_SYS_NICE (or an RLIMIT_NICE that allows nice 0);
+//! without it the writer stays at its normal priority throughout.
 use std::{
     sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -23,8 +30,9 @@ use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 /// than a writer at its normal priority ever takes (its nap and a batch).
 pub const STALL: Duration = Duration::from_millis(50);
 
-/// How long a lifted writer keeps its share before it may yield again, so that a starved writer
-/// does not go back to starving at its first light batch.
+/// How long a lifted writer keeps its share before it may yield again, so that it does not go
+/// back to starving at its next light batches. (Lifts for a half-full queue without it lost
+/// events in `cargo xtask bench events`, in one run of two.)
 const HOLD: Duration = Duration::from_secs(1);
 
 pub struct Priority {
@@ -32,7 +40,7 @@ pub struct Priority {
     allowed: bool,
     /// The writer thread's id, once it runs (0 before).
     tid: AtomicI32,
-    /// Whether the writer is at `SCHED_IDLE`.
+    /// Whether the writer may be at `SCHED_IDLE`: set before it asks for it.
     idle: AtomicBool,
     /// Whether its last batch was light.
     light: AtomicBool,
@@ -68,9 +76,9 @@ impl Priority {
             .store(nix::unistd::gettid().as_raw(), Ordering::Relaxed);
     }
 
-    /// On the writer's thread, after a batch: a heavy one takes its share back; a light one
-    /// after a light one lets it yield, unless it was lifted lately. (A light batch right after
-    /// a heavy one says nothing: the writer took it without a nap.)
+    /// On the writer's thread, after a batch: a heavy one takes its share back; a light one not
+    /// right after a heavy one lets it yield, unless it was lifted lately. (A light batch right
+    /// after a heavy one says nothing: the writer took it without a nap.)
     pub fn after_batch(&self, light: bool) {
         self.batches.fetch_add(1, Ordering::Relaxed);
         let was_light = self.light.swap(light, Ordering::Relaxed);
@@ -81,9 +89,20 @@ impl Priority {
                 self.allowed && self.held_until.load(Ordering::Relaxed) <= self.now_ms()
             }
         };
-        if idle != self.idle.load(Ordering::Relaxed) && set_policy(0, idle) {
-            self.idle.store(idle, Ordering::Relaxed);
-            self.yielding.set(i64::from(idle));
+        if idle == self.idle.load(Ordering::Relaxed) {
+            return;
+        }
+        if idle {
+            // Before the switch: from the switch on the writer may not run for a while.
+            self.idle.store(true, Ordering::SeqCst);
+            self.yielding.set(1);
+            if !set_policy(0, true) {
+                self.idle.store(false, Ordering::SeqCst);
+                self.yielding.set(0);
+            }
+        } else if set_policy(0, false) {
+            self.idle.store(false, Ordering::SeqCst);
+            self.yielding.set(0);
         }
     }
 
@@ -92,16 +111,29 @@ impl Priority {
         self.batches.load(Ordering::Relaxed)
     }
 
-    /// From the reader: records wait and the writer takes none. Gives it back its share.
+    /// The writer is falling behind: if it yields, it gets its share back. From any thread; a
+    /// load and a return where it does not yield.
     pub fn lift(&self) {
+        if self.idle.load(Ordering::SeqCst) {
+            self.lift_anyway();
+        }
+    }
+
+    /// As [`Priority::lift`], whatever the flag says: the kernel's word on the writer's policy.
+    pub fn lift_anyway(&self) {
+        let tid = self.tid.load(Ordering::Relaxed);
+        if tid == 0 || !self.allowed {
+            return;
+        }
         self.held_until
             .store(self.now_ms() + HOLD.as_millis() as u64, Ordering::Relaxed);
-        let tid = self.tid.load(Ordering::Relaxed);
-        if tid != 0 && self.idle.load(Ordering::Relaxed) && set_policy(tid, false) {
-            self.idle.store(false, Ordering::Relaxed);
-            self.yielding.set(0);
+        // SAFETY: no pointer arguments.
+        if unsafe { libc::sched_getscheduler(tid) } == libc::SCHED_IDLE && set_policy(tid, false) {
             self.lifted.inc();
         }
+        // After the switch back: a writer that yields again meanwhile set it again first.
+        self.idle.store(false, Ordering::SeqCst);
+        self.yielding.set(0);
     }
 
     fn now_ms(&self) -> u64 {
@@ -179,6 +211,7 @@ mod tests {
                 lifted.wait();
                 assert_eq!(policy_of(tid), libc::SCHED_OTHER);
                 p.after_batch(true);
+                p.after_batch(true);
                 assert_eq!(policy_of(tid), libc::SCHED_OTHER, "held after the lift");
             });
             yielded.wait();
@@ -186,7 +219,7 @@ mod tests {
             lifted.wait();
             writer.join().expect("writer");
         });
-        assert_eq!(p.batches(), 5);
+        assert_eq!(p.batches(), 6);
         assert_eq!(p.lifted.get(), 1);
         assert_eq!(p.yielding.get(), 0);
     }
