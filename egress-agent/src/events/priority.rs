@@ -15,7 +15,7 @@
 //!   taken none for [`STALL`], or the queue stays full that long: a writer preempted between its
 //!   switch to `SCHED_IDLE` and its flag can be at `SCHED_IDLE` with the flag saying otherwise
 //!   (seen: a round of the events benchmark lost 65,000 events to it);
-//! - a lifted writer keeps its share for [`HOLD`].
+//! - a writer lifted for starving keeps its share for [`HOLD`].
 //!
 //! Lifting a thread from `SCHED_IDLE` needs CAP_SYS_NICE (or an RLIMIT_NICE that allows nice 0);
 //! without it the writer stays at its normal priority throughout.
@@ -30,9 +30,9 @@ use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 /// than a writer at its normal priority ever takes (its nap and a batch).
 pub const STALL: Duration = Duration::from_millis(50);
 
-/// How long a lifted writer keeps its share before it may yield again, so that it does not go
-/// back to starving at its next light batches. (Lifts for a half-full queue without it lost
-/// events in `cargo xtask bench events`, in one run of two.)
+/// How long a writer lifted for starving keeps its share before it may yield again, so that it
+/// does not go back to starving at its next light batches. One lifted for a half-full queue is
+/// not held: the traffic was heavy, and it yields again only at a light batch after a light one.
 const HOLD: Duration = Duration::from_secs(1);
 
 pub struct Priority {
@@ -89,18 +89,21 @@ impl Priority {
                 self.allowed && self.held_until.load(Ordering::Relaxed) <= self.now_ms()
             }
         };
-        if idle == self.idle.load(Ordering::Relaxed) {
-            return;
-        }
         if idle {
-            // Before the switch: from the switch on the writer may not run for a while.
-            self.idle.store(true, Ordering::SeqCst);
-            self.yielding.set(1);
-            if !set_policy(0, true) {
-                self.idle.store(false, Ordering::SeqCst);
-                self.yielding.set(0);
+            if !self.idle.load(Ordering::SeqCst) {
+                // Before the switch: from the switch on the writer may not run for a while.
+                self.idle.store(true, Ordering::SeqCst);
+                self.yielding.set(1);
+                if !set_policy(0, true) {
+                    self.idle.store(false, Ordering::SeqCst);
+                    self.yielding.set(0);
+                }
             }
-        } else if set_policy(0, false) {
+        } else {
+            // The kernel's word, not the flag's (see `lift_anyway`): one call a heavy batch.
+            if is_idle(0) {
+                set_policy(0, false);
+            }
             self.idle.store(false, Ordering::SeqCst);
             self.yielding.set(0);
         }
@@ -115,20 +118,24 @@ impl Priority {
     /// load and a return where it does not yield.
     pub fn lift(&self) {
         if self.idle.load(Ordering::SeqCst) {
-            self.lift_anyway();
+            self.lift_now();
         }
     }
 
-    /// As [`Priority::lift`], whatever the flag says: the kernel's word on the writer's policy.
+    /// As [`Priority::lift`], whatever the flag says (the kernel's word on the writer's policy),
+    /// and held for [`HOLD`]: the writer starves.
     pub fn lift_anyway(&self) {
+        self.held_until
+            .store(self.now_ms() + HOLD.as_millis() as u64, Ordering::Relaxed);
+        self.lift_now();
+    }
+
+    fn lift_now(&self) {
         let tid = self.tid.load(Ordering::Relaxed);
         if tid == 0 || !self.allowed {
             return;
         }
-        self.held_until
-            .store(self.now_ms() + HOLD.as_millis() as u64, Ordering::Relaxed);
-        // SAFETY: no pointer arguments.
-        if unsafe { libc::sched_getscheduler(tid) } == libc::SCHED_IDLE && set_policy(tid, false) {
+        if is_idle(tid) && set_policy(tid, false) {
             self.lifted.inc();
         }
         // After the switch back: a writer that yields again meanwhile set it again first.
@@ -139,6 +146,12 @@ impl Priority {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
+}
+
+/// Whether thread `tid` (0: the calling thread) is at `SCHED_IDLE`.
+fn is_idle(tid: i32) -> bool {
+    // SAFETY: no pointer arguments.
+    unsafe { libc::sched_getscheduler(tid) == libc::SCHED_IDLE }
 }
 
 /// Sets thread `tid`'s policy (0: the calling thread) to `SCHED_IDLE`, or back to `SCHED_OTHER`.
@@ -209,6 +222,13 @@ mod tests {
                 assert_eq!(p.yielding.get(), 1);
                 yielded.wait();
                 lifted.wait();
+                // Lifted for a half-full queue: yields again at its next light batch.
+                assert_eq!(policy_of(tid), libc::SCHED_OTHER);
+                p.after_batch(true);
+                assert_eq!(policy_of(tid), libc::SCHED_IDLE);
+                yielded.wait();
+                lifted.wait();
+                // Lifted for starving: held.
                 assert_eq!(policy_of(tid), libc::SCHED_OTHER);
                 p.after_batch(true);
                 p.after_batch(true);
@@ -217,10 +237,13 @@ mod tests {
             yielded.wait();
             p.lift();
             lifted.wait();
+            yielded.wait();
+            p.lift_anyway();
+            lifted.wait();
             writer.join().expect("writer");
         });
-        assert_eq!(p.batches(), 6);
-        assert_eq!(p.lifted.get(), 1);
+        assert_eq!(p.batches(), 7);
+        assert_eq!(p.lifted.get(), 2);
         assert_eq!(p.yielding.get(), 0);
     }
 }
