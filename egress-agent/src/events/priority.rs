@@ -117,7 +117,12 @@ impl Priority {
     /// The writer is falling behind: if it yields, it gets its share back. From any thread; a
     /// load and a return where it does not yield.
     pub fn lift(&self) {
-        if self.idle.load(Ordering::SeqCst) {
+        // One sender lifts; the others, seeing the flag down, go on.
+        if self
+            .idle
+            .compare_exchange(true, false, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok()
+        {
             self.lift_now();
         }
     }
@@ -138,7 +143,8 @@ impl Priority {
         if is_idle(tid) && set_policy(tid, false) {
             self.lifted.inc();
         }
-        // After the switch back: a writer that yields again meanwhile set it again first.
+        // A writer that yields again between the switch and this store is left with the flag
+        // down: `lift` no longer sees it, the reader's `lift_anyway` still does.
         self.idle.store(false, Ordering::SeqCst);
         self.yielding.set(0);
     }
