@@ -1189,15 +1189,11 @@ impl State {
             }
             let slot = match slots {
                 None => None,
-                Some(slots) => match slots.take() {
-                    Some(slot) => Some(slot),
-                    None if self.pool.evict(slots) => continue,
-                    None => {
-                        self.wait_place(dest, slots, &mut waiting, freed.as_pin_mut())
-                            .await?;
-                        continue;
-                    }
-                },
+                Some(slots) => {
+                    let taken = self.take_place(dest, slots, &mut waiting, freed.as_pin_mut());
+                    let Some(slot) = taken.await? else { continue };
+                    Some(slot)
+                }
             };
             drop(waiting.take());
             let u = self.open(dest, target, tls.clone(), slot).await?;
@@ -1253,15 +1249,11 @@ impl State {
             }
             let slot = match slots {
                 None => None,
-                Some(slots) => match slots.take() {
-                    Some(slot) => Some(slot),
-                    None if self.pool.evict(slots) => continue,
-                    None => {
-                        self.wait_place(dest, slots, &mut waiting, freed.as_pin_mut())
-                            .await?;
-                        continue;
-                    }
-                },
+                Some(slots) => {
+                    let taken = self.take_place(dest, slots, &mut waiting, freed.as_pin_mut());
+                    let Some(slot) = taken.await? else { continue };
+                    Some(slot)
+                }
             };
             drop(waiting.take());
             let (sender, task) = http2(target, self.dial(dest, target, &key.tls).await?).await?;
@@ -1297,6 +1289,25 @@ impl State {
             }
             .boxed()
         }))
+    }
+
+    /// A place for one more connection where the host's connections are limited: a free one;
+    /// else one made by closing a connection that carries nothing; else one waited for (see
+    /// `wait_place`). `None`: the pool may have changed meanwhile, so look at it again first.
+    async fn take_place<'s>(
+        &self,
+        dest: &Dest,
+        slots: &'s Arc<Slots>,
+        waiting: &mut Option<Waiting<'s>>,
+        freed: Option<Pin<&mut tokio::sync::futures::Notified<'_>>>,
+    ) -> Result<Option<Slot>, Failure> {
+        if let Some(slot) = slots.take() {
+            return Ok(Some(slot));
+        }
+        if !self.pool.evict(slots) {
+            self.wait_place(dest, slots, waiting, freed).await?;
+        }
+        Ok(None)
     }
 
     /// Where the host's connections are all taken: counts the request as waiting for one (once;
