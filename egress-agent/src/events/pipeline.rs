@@ -95,14 +95,18 @@ impl Records {
         self.hand_on(Entry::Relay(Box::new(record), relayed)).await
     }
 
-    /// Sends `entry` to the writer, waiting while it is behind. A writer yielding the CPU with
-    /// the queue half full is falling behind: it is lifted before the queue fills and senders
-    /// wait (the relay's connections among them). False once the writer is gone.
+    /// Sends `entry` to the writer, waiting while it is behind. False once the writer is gone.
     async fn hand_on(&self, entry: Entry) -> bool {
+        self.lift_if_behind();
+        self.tx.send(entry).await.is_ok()
+    }
+
+    /// A writer yielding the CPU with the queue half full is falling behind: it is lifted before
+    /// the queue fills and senders wait (the relay's connections among them).
+    fn lift_if_behind(&self) {
         if self.tx.capacity() < CHANNEL / 2 {
             self.priority.lift();
         }
-        self.tx.send(entry).await.is_ok()
     }
 }
 
@@ -441,9 +445,7 @@ impl Reader {
     /// As [`Records::hand_on`]; and while the queue stays full, the writer is lifted whatever its
     /// flag says (see [`Priority`]) every [`STALL`].
     async fn hand_on(&mut self, entry: Entry) -> bool {
-        if self.out.tx.capacity() < CHANNEL / 2 {
-            self.out.priority.lift();
-        }
+        self.out.lift_if_behind();
         let entry = match self.out.tx.try_send(entry) {
             Ok(()) => {
                 // As a send that waits would: a long drain gives the worker back to the relayed
