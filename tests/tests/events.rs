@@ -504,7 +504,10 @@ async fn the_log_writer_yields_while_light_and_is_lifted_when_starved() {
     wait_record(&log, "the first connect", |r| {
         r.kind == "connect" && r.pid == Some(pid)
     });
+    // Light traffic meanwhile: the writer yields at a light batch (a loaded machine may have
+    // lifted it and held it a second first).
     wait_for("the writer yielding", WAIT, || {
+        assert_eq!(probe_in(Some(&cg.path), &["tcp", &api]), "ok", "tcp");
         a.status.log_writer_yielding.get() == 1
     });
     assert_eq!(a.status.log_writer_lifted.get(), 0);

@@ -123,25 +123,31 @@ impl Priority {
             .compare_exchange(true, false, Ordering::SeqCst, Ordering::Relaxed)
             .is_ok()
         {
-            self.lift_now();
+            self.lift_now(false);
         }
     }
 
     /// As [`Priority::lift`], whatever the flag says (the kernel's word on the writer's policy),
-    /// and held for [`HOLD`]: the writer starves.
+    /// and a writer found yielding is held for [`HOLD`]: it starves. (One at its normal priority,
+    /// only slow on a loaded machine, is not held: it may yield at its next light batch.)
     pub fn lift_anyway(&self) {
-        self.held_until
-            .store(self.now_ms() + HOLD.as_millis() as u64, Ordering::Relaxed);
-        self.lift_now();
+        self.lift_now(true);
     }
 
-    fn lift_now(&self) {
+    fn lift_now(&self, hold: bool) {
         let tid = self.tid.load(Ordering::Relaxed);
         if tid == 0 || !self.allowed {
             return;
         }
-        if is_idle(tid) && set_policy(tid, false) {
-            self.lifted.inc();
+        if is_idle(tid) {
+            if hold {
+                // Before the switch, so that the writer cannot yield again in between.
+                self.held_until
+                    .store(self.now_ms() + HOLD.as_millis() as u64, Ordering::Relaxed);
+            }
+            if set_policy(tid, false) {
+                self.lifted.inc();
+            }
         }
         // A writer that yields again between the switch and this store is left with the flag
         // down: `lift` no longer sees it, the reader's `lift_anyway` still does.
@@ -217,6 +223,8 @@ mod tests {
             let writer = s.spawn(|| {
                 p.writer_started();
                 let tid = p.tid.load(Ordering::Relaxed);
+                // A writer at its normal priority is not held by a lift.
+                p.lift_anyway();
                 p.after_batch(true);
                 assert_eq!(policy_of(tid), libc::SCHED_IDLE);
                 p.after_batch(false);
