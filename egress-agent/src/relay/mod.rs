@@ -1608,12 +1608,11 @@ fn client_gone(stream: &TcpStream) -> bool {
 
 /// An int socket option nix has no type for.
 fn set_int(
-    socket: &TcpSocket,
+    socket: &impl std::os::fd::AsRawFd,
     level: libc::c_int,
     name: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
     // SAFETY: a valid socket and an int option value that outlives the call.
     let set = unsafe {
         libc::setsockopt(
