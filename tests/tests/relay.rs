@@ -744,7 +744,9 @@ async fn bytes_cross_the_relay_exactly_both_ways_with_each_half_close() {
     let log = log_path("relay-echo");
     let a = agent(&f, &cg, &log).await;
     let dst = at(f.w.v4(25), 443);
-    // Small (copied) and large (copied, then spliced past the first 64 KiB each way).
+    // Small (copied) and large (copied, then spliced past the first 64 KiB each way, and woken
+    // in batches once the relay falls behind). Then a pause: a few bytes alone must come back
+    // while the connection stays open, not wait for more.
     for n in [1000usize, 3 << 20] {
         let (out, pid) = probe_with_pid(
             Some(&cg.path),

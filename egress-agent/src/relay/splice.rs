@@ -115,8 +115,15 @@ pub(super) async fn pump(
                     .map_err(io::Error::from)
             });
             match read {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => batching.wait(from).await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 read => break read?,
+            }
+            if batching.wait(from).await? == Woken::Held {
+                // Bytes wait below the mark, which the runtime has not been told of.
+                match splice(from.as_fd(), None, pipe_wr.as_fd(), None, chunk, flags) {
+                    Err(nix::errno::Errno::EAGAIN) => {}
+                    read => break read?,
+                }
             }
         };
         if n == 0 {
@@ -144,9 +151,10 @@ pub(super) async fn pump(
 /// finds [`BEHIND`] bytes waiting, the socket's receive low-water mark is raised to [`BATCH`], so
 /// that the kernel wakes the relay when a batch has come (or the stream ends, fails or fills its
 /// window). Bytes below the mark are held back at most `hold`: twice the time the last batch
-/// took to fill, within [`HOLD_MIN`] and [`HOLD_MAX`]; then the mark drops to one byte until the
-/// relay is behind again. A stream that pauses therefore delivers its last bytes at most that much
-/// later, once per pause; a direction that never falls behind is never held.
+/// took to fill, within [`HOLD_MIN`] and [`HOLD_MAX`]. Then the relay takes what has come; the
+/// mark stays while that was [`BEHIND`] or more (the batch was only slow), else it drops to one
+/// byte until the relay is behind again. A stream that pauses therefore delivers its last bytes
+/// at most that much later, once per pause; a direction that never falls behind is never held.
 pub(super) struct Batching {
     /// The mark is raised; the timer exists then.
     raised: bool,
@@ -198,10 +206,10 @@ impl Batching {
 
     /// Waits until `from` has bytes to take: a batch, or with the mark raised, whatever has come
     /// within the hold.
-    pub(super) async fn wait(&mut self, from: &TcpStream) -> io::Result<()> {
+    pub(super) async fn wait(&mut self, from: &TcpStream) -> io::Result<Woken> {
         let timer = match (&self.timer, self.raised) {
             (Some(timer), true) => timer,
-            _ => return from.readable().await,
+            _ => return from.readable().await.map(|()| Woken::Ready),
         };
         let began = Instant::now();
         timer.get_ref().0.set(
@@ -218,14 +226,39 @@ impl Batching {
             }
             expired = expired(timer) => {
                 expired?;
-                // The kernel wakes the socket's waiters at once if bytes wait.
-                set_int(from, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)?;
-                self.raised = false;
                 self.hold = HOLD_MAX;
+                let waiting = queued(from)?;
+                if waiting < BEHIND {
+                    set_int(from, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)?;
+                    self.raised = false;
+                }
+                if waiting == 0 {
+                    return from.readable().await.map(|()| Woken::Ready);
+                }
+                return Ok(Woken::Held);
             }
         }
-        Ok(())
+        Ok(Woken::Ready)
     }
+}
+
+/// Why [`Batching::wait`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Woken {
+    /// The socket is ready as the runtime knows it.
+    Ready,
+    /// The hold ended with bytes waiting that the runtime was not told of.
+    Held,
+}
+
+/// Bytes in `socket`'s receive queue.
+fn queued(socket: &TcpStream) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes an int.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &raw mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// Returns once `timer` has expired since it was last set (setting it resets its count).
@@ -264,7 +297,7 @@ mod tests {
         net::{TcpListener, TcpSocket, TcpStream},
     };
 
-    use super::{super::netns, Activity, BATCH, BEHIND, Batching, HOLD_MAX, pump};
+    use super::{super::netns, Activity, BATCH, BEHIND, Batching, HOLD_MAX, Woken, pump};
 
     /// A connected pair on loopback: (the end dialled from, the accepted end).
     async fn pair(buffer: Option<u32>) -> (TcpStream, TcpStream) {
@@ -356,16 +389,21 @@ mod tests {
 
         peer.write_all(&[7; 100]).await.expect("send");
         let began = std::time::Instant::now();
-        tokio::time::timeout(Duration::from_secs(5), batching.wait(&from))
+        let woken = tokio::time::timeout(Duration::from_secs(5), batching.wait(&from))
             .await
             .expect("the hold ends the wait")
             .expect("wait");
+        assert_eq!(woken, Woken::Held);
         assert!(
             began.elapsed() >= HOLD_MAX,
             "woken after {:?}, before the hold: the mark did not hold the bytes back",
             began.elapsed()
         );
-        assert_eq!(mark(&from), 1, "the mark drops after the hold");
+        assert_eq!(
+            mark(&from),
+            1,
+            "the mark drops after a hold that found little"
+        );
         from.readable().await.expect("readable");
         assert_eq!(from.try_read(&mut buf).expect("read"), 100);
 

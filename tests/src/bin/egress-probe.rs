@@ -50,8 +50,9 @@
 //!                                         server has answered, one for SECOND; prints the first
 //!                                         hello's length and how the connection ended
 //!   egress-probe hello-echo ADDR:PORT NAME N   send a ClientHello for NAME and N patterned
-//!                                         bytes, half-close, expect the hello and the N bytes
-//!                                         back then EOF
+//!                                         bytes, expect them back; then a short message, its
+//!                                         echo while the connection stays open, a half-close
+//!                                         and EOF
 //!   egress-probe hello-hold ADDR:PORT NAME N   N connections, each sent a ClientHello for NAME;
 //!                                         says `held`, keeps them open until a line comes on
 //!                                         stdin, then closes them; `ok`
@@ -1036,18 +1037,44 @@ fn hello_echo(addr: SocketAddr, name: &str, n: usize) -> String {
         let hello = client_hello(name)?;
         let pattern: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
         let expected = [&hello[..], &pattern].concat();
+        // After a stream, a pause: these bytes come alone, and nothing follows until their echo.
+        let tail = b"and after a pause, a few bytes more";
         let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut writer = s.try_clone()?;
         let sent = pattern.clone();
+        let (echoed, all_back) = std::sync::mpsc::channel::<()>();
         // Written while the echo is read: neither side's buffers have to hold it all.
         let send = std::thread::spawn(move || -> io::Result<()> {
             writer.write_all(&hello)?;
             writer.write_all(&sent)?;
-            writer.shutdown(Shutdown::Write)
+            if all_back.recv().is_ok() {
+                writer.write_all(tail)?;
+            }
+            if all_back.recv().is_ok() {
+                writer.shutdown(Shutdown::Write)?;
+            }
+            Ok(())
         });
-        let mut back = Vec::with_capacity(expected.len());
-        (&s).read_to_end(&mut back)?;
+        let mut back = vec![0; expected.len()];
+        let got = read_full(&s, &mut back)?;
+        back.truncate(got);
+        if back == expected {
+            let _ = echoed.send(());
+            let mut echo = [0u8; 64];
+            let echo = &mut echo[..tail.len()];
+            let got = read_full(&s, echo)?;
+            if echo[..got] != tail[..] {
+                drop(echoed);
+                let _ = send.join();
+                return Ok(format!("error:the pause's {got} bytes back differ"));
+            }
+            let _ = echoed.send(());
+            let mut rest = Vec::new();
+            (&s).read_to_end(&mut rest)?;
+            back.extend_from_slice(&rest);
+        }
+        drop(echoed);
         send.join()
             .map_err(|_| io::Error::other("sender panicked"))??;
         Ok(if back == expected {
@@ -1066,6 +1093,18 @@ fn hello_echo(addr: SocketAddr, name: &str, n: usize) -> String {
         })
     };
     run().unwrap_or_else(|e| word(&e))
+}
+
+/// Reads until `buf` is full or the stream ends; returns how much came.
+fn read_full(mut s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
 }
 
 fn hello_rate(addr: SocketAddr, name: &str, n: usize, clients: usize) -> String {
