@@ -31,6 +31,76 @@ pub fn require_root() {
     );
 }
 
+/// Removes, once per process before its first world or cgroup, what test processes that died
+/// without cleaning up (killed, say) left behind. A world left behind keeps its addresses on the
+/// host, where they collide with the next process's world of the same number.
+fn sweep_leftovers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| sweep_leftovers_of(|pid| pid == std::process::id() || !alive(pid)));
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// The process id in a name `PREFIX<pid>-…`.
+fn owner(name: &str, prefix: &str) -> Option<u32> {
+    name.strip_prefix(prefix)?.split('-').next()?.parse().ok()
+}
+
+/// Removes the worlds (their processes, veths and namespaces), cgroups and pinned links that
+/// processes for which `gone(pid)` holds made.
+fn sweep_leftovers_of(gone: impl Fn(u32) -> bool) {
+    let names = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for name in names(Path::new("/run/netns")) {
+        let Some(pid) = owner(&name, "egress-w").filter(|&p| gone(p)) else {
+            continue;
+        };
+        let out = Command::new("ip")
+            .args(["netns", "pids", &name])
+            .output()
+            .expect("ip netns pids");
+        for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(p) = p.parse() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if let Some(index) = name.rsplit('-').next() {
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("egh{}x{index}", pid % 100_000)])
+                .output();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = fs::remove_dir_all(std::env::temp_dir().join(&name));
+    }
+    if let Ok(mount) = cgroup::cgroup2_mount() {
+        for name in names(&mount) {
+            if owner(&name, "egress-test-").is_some_and(&gone)
+                && let Err(e) = cgroup::kill_and_remove(&mount.join(&name))
+            {
+                eprintln!("removing a test cgroup left behind: {e}");
+            }
+        }
+    }
+    let pins = Path::new("/sys/fs/bpf/egress");
+    for name in names(pins) {
+        if owner(&name, "egress-test-").is_some_and(&gone) {
+            let _ = fs::remove_dir_all(pins.join(&name));
+        }
+    }
+}
+
 /// Polls `cond` until it holds, panicking with `what` after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -77,6 +147,7 @@ impl World {
     /// World number `index` (0 is the demo's, whose addresses the shipped policies use).
     pub fn with_index(index: u32) -> World {
         require_root();
+        sweep_leftovers();
         let name = format!("egress-w{}-{index}", std::process::id());
         let veth_host = format!("egh{}x{index}", std::process::id() % 100_000);
         let veth_world = format!("egw{}x{index}", std::process::id() % 100_000);
@@ -736,6 +807,7 @@ pub struct TestCgroup {
 impl TestCgroup {
     pub fn new(tag: &str) -> TestCgroup {
         require_root();
+        sweep_leftovers();
         let mount = cgroup::cgroup2_mount().expect("cgroup2 mount");
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = mount.join(format!("egress-test-{}-{n}-{tag}", std::process::id()));
@@ -1057,4 +1129,94 @@ pub fn target_bin(name: &str) -> PathBuf {
         bin.display()
     );
     bin
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        fs,
+        path::Path,
+        process::{Command, Stdio},
+    };
+
+    use egress_agent::datapath::cgroup;
+
+    use super::{join_cgroup, sh, sweep_leftovers_of};
+
+    /// A world, a cgroup and pins of a test process that died, each with a process in it, are
+    /// removed; a world of a live process is not.
+    #[test]
+    fn what_a_dead_test_process_left_behind_is_swept_and_a_live_ones_world_stays() {
+        super::require_root();
+        let dead = {
+            let mut c = Command::new("true").spawn().expect("spawn");
+            let pid = c.id();
+            c.wait().expect("wait");
+            pid
+        };
+        // Quiet, so that none holds the harness's output open if the test fails.
+        let quiet = |mut cmd: Command| {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            cmd
+        };
+        let sleeper = || {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("600");
+            quiet(cmd)
+        };
+        let mut live = sleeper().spawn().expect("sleep");
+        let world = |pid: u32| {
+            let name = format!("egress-w{pid}-249");
+            let veth = format!("egh{}x249", pid % 100_000);
+            sh(&["ip", "netns", "add", &name]);
+            sh(&[
+                "ip",
+                "link",
+                "add",
+                &veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "egress-sweep-p",
+            ]);
+            sh(&["ip", "link", "set", "egress-sweep-p", "netns", &name]);
+            (name, veth)
+        };
+        let (dead_world, dead_veth) = world(dead);
+        let (live_world, live_veth) = world(live.id());
+        let mut in_world = Command::new("ip");
+        in_world.args(["netns", "exec", &dead_world, "sleep", "600"]);
+        let mut inside = quiet(in_world).spawn().expect("a process in the world");
+        let mount = cgroup::cgroup2_mount().expect("cgroup2 mount");
+        let cg = mount.join(format!("egress-test-{dead}-0-sweep"));
+        fs::create_dir(&cg).expect("cgroup");
+        let mut cmd = sleeper();
+        join_cgroup(&mut cmd, &cg);
+        let mut in_cg = cmd.spawn().expect("a process in the cgroup");
+        let pins = Path::new("/sys/fs/bpf/egress").join(format!("egress-test-{dead}-0-sweep@1"));
+        fs::create_dir_all(&pins).expect("pin dir");
+
+        sweep_leftovers_of(|pid| !super::alive(pid));
+
+        let exists = |p: &str| Path::new(p).exists();
+        assert!(!exists(&format!("/run/netns/{dead_world}")), "dead world");
+        assert!(!exists(&format!("/sys/class/net/{dead_veth}")), "its veth");
+        assert!(
+            !inside.wait().expect("wait").success(),
+            "its process killed"
+        );
+        assert!(!cg.exists(), "the dead process's cgroup");
+        assert!(!in_cg.wait().expect("wait").success(), "its process killed");
+        assert!(!pins.exists(), "its pins");
+        let stayed = exists(&format!("/run/netns/{live_world}"))
+            && exists(&format!("/sys/class/net/{live_veth}"));
+        sh(&["ip", "link", "del", &live_veth]);
+        sh(&["ip", "netns", "del", &live_world]);
+        let _ = live.kill();
+        let _ = live.wait();
+        assert!(stayed, "a live process's world stays");
+    }
 }
