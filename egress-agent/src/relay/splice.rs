@@ -39,12 +39,15 @@ const SPLICE_AFTER: u64 = 64 << 10;
 const COPY_BUF: usize = 16 << 10;
 /// A splice that finds this much waiting finds the relay behind its sender.
 const BEHIND: usize = 128 << 10;
-/// The receive low-water mark of a direction that streams: the kernel wakes the relay once this
-/// much waits (or the stream ends, fails or fills its window). The pipe's capacity, so that one
-/// splice takes a batch (in the benchmark's bulk transfer 1 MiB gave about 5.0 GB/s, 512 KiB 4.0,
-/// 256 KiB 3.7, 2 MiB 5.1). A direction given a smaller pipe never finds [`BEHIND`] in one
-/// splice, so it is never batched.
+/// The receive low-water mark of a direction that streams, at most: the kernel wakes the relay
+/// once this much waits (or the stream ends, fails or fills its window). The pipe's capacity, so
+/// that one splice takes a batch (in the benchmark's bulk transfer 1 MiB gave about 5.0 GB/s,
+/// 512 KiB 4.0, 256 KiB 3.7, 2 MiB 5.1). A direction given a smaller pipe never finds [`BEHIND`]
+/// in one splice, so it is never batched.
 const BATCH: libc::c_int = PIPE_SIZE;
+/// The mark first raised: it doubles with each batch that comes within the hold, up to [`BATCH`].
+/// A short stream's last bytes wait for a small batch's hold, not a full one's.
+const FIRST_BATCH: libc::c_int = 2 * BEHIND as libc::c_int;
 /// Bounds of how long a raised mark may hold bytes back.
 const HOLD_MIN: Duration = Duration::from_micros(50);
 const HOLD_MAX: Duration = Duration::from_millis(1);
@@ -109,7 +112,7 @@ pub(super) async fn pump(
     // moves more per call (the benchmark: 1.4x the bulk throughput). The default still works.
     let chunk = fcntl(&pipe_wr, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)).map_or(CHUNK, |n| n as usize);
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    let mut batching = Batching::default();
+    let mut batching = Batching::new();
     loop {
         // The pipe is empty here, so "would block" can only mean the socket has nothing.
         let n = loop {
@@ -151,28 +154,23 @@ pub(super) async fn pump(
 /// CPU that the sender and the receiver need too: woken for every segment that arrives, the relay
 /// falls behind a fast sender, whose window then closes (the benchmark's bulk transfer: the
 /// sender limited by the window 40 % of the time, the relay woken every 100 KB). Once a splice
-/// finds [`BEHIND`] bytes waiting, the socket's receive low-water mark is raised to [`BATCH`], so
-/// that the kernel wakes the relay when a batch has come (or the stream ends, fails or fills its
-/// window). Bytes below the mark are held back at most `hold`: twice the time the last batch
-/// took to fill, within [`HOLD_MIN`] and [`HOLD_MAX`]. Then the relay takes what has come; the
-/// mark stays while that was [`BEHIND`] or more (the batch was only slow), else it drops to one
-/// byte until the relay is behind again. A stream that pauses therefore delivers its last bytes
-/// at most that much later, once per pause; a direction that never falls behind is never held.
+/// finds [`BEHIND`] bytes waiting, the socket's receive low-water mark is raised to
+/// [`FIRST_BATCH`], and doubled up to [`BATCH`] with each batch that comes in time, so that the
+/// kernel wakes the relay when a batch has come (or the stream ends, fails or fills its window).
+/// Bytes below the mark are held back at most `hold`: twice the time a batch takes to come at the
+/// rate the last bytes came, within [`HOLD_MIN`] and [`HOLD_MAX`]. Then the relay takes what has
+/// come; the mark stays while that was [`BEHIND`] or more (the batch was only slow), else it
+/// drops to one byte until the relay is behind again. A stream that pauses therefore delivers its
+/// last bytes at most that much later, once per pause; a direction that never falls behind is
+/// never held.
 pub(super) struct Batching {
-    /// The mark is raised; the timer exists then.
-    raised: bool,
+    /// The mark while raised, else 0; the timer exists while it is raised.
+    mark: libc::c_int,
     hold: Duration,
+    /// When the last splice took bytes (or the phase began): with how many the next one takes,
+    /// the rate they came at.
+    last_take: Instant,
     timer: Option<AsyncFd<Timer>>,
-}
-
-impl Default for Batching {
-    fn default() -> Batching {
-        Batching {
-            raised: false,
-            hold: HOLD_MAX,
-            timer: None,
-        }
-    }
 }
 
 /// A timerfd, for a hold finer than the runtime's millisecond timers.
@@ -184,10 +182,28 @@ impl AsRawFd for Timer {
     }
 }
 
+/// Twice the time `mark` bytes take to come at the rate `bytes` came in `took`, within the bounds.
+fn hold_for(took: Duration, bytes: usize, mark: libc::c_int) -> Duration {
+    let ratio = 2.0 * f64::from(mark) / bytes.max(1) as f64;
+    took.mul_f64(ratio).clamp(HOLD_MIN, HOLD_MAX)
+}
+
 impl Batching {
+    /// For a direction whose spliced phase begins now.
+    pub(super) fn new() -> Batching {
+        Batching {
+            mark: 0,
+            hold: HOLD_MAX,
+            last_take: Instant::now(),
+            timer: None,
+        }
+    }
+
     /// A splice took `n` bytes from `from`.
     pub(super) fn took(&mut self, from: &TcpStream, n: usize) {
-        if self.raised || n < BEHIND {
+        let now = Instant::now();
+        let since = now - std::mem::replace(&mut self.last_take, now);
+        if self.mark != 0 || n < BEHIND {
             return;
         }
         // Without a timer nothing would bound the hold, so no mark is raised then.
@@ -204,14 +220,17 @@ impl Batching {
                 return;
             }
         }
-        self.raised = set_int(from, libc::SOL_SOCKET, libc::SO_RCVLOWAT, BATCH).is_ok();
+        if set_int(from, libc::SOL_SOCKET, libc::SO_RCVLOWAT, FIRST_BATCH).is_ok() {
+            self.mark = FIRST_BATCH;
+            self.hold = hold_for(since, n, FIRST_BATCH);
+        }
     }
 
     /// Waits until `from` has bytes to take: a batch, or with the mark raised, whatever has come
     /// within the hold.
     pub(super) async fn wait(&mut self, from: &TcpStream) -> io::Result<Woken> {
-        let timer = match (&self.timer, self.raised) {
-            (Some(timer), true) => timer,
+        let timer = match &self.timer {
+            Some(timer) if self.mark != 0 => timer,
             _ => return from.readable().await.map(|()| Woken::Ready),
         };
         let began = Instant::now();
@@ -225,15 +244,22 @@ impl Batching {
                 ready?;
                 // Disarmed, so that it cannot wake the relay's worker for nothing later.
                 timer.get_ref().0.unset()?;
-                self.hold = (began.elapsed() * 2).clamp(HOLD_MIN, HOLD_MAX);
+                let came = self.mark;
+                if self.mark < BATCH
+                    && set_int(from, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 2 * self.mark).is_ok()
+                {
+                    self.mark *= 2;
+                }
+                self.hold = hold_for(began.elapsed(), came as usize, self.mark);
             }
             expired = expired(timer) => {
                 expired?;
-                self.hold = HOLD_MAX;
                 let waiting = queued(from)?;
                 if waiting < BEHIND {
                     set_int(from, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)?;
-                    self.raised = false;
+                    self.mark = 0;
+                } else {
+                    self.hold = hold_for(self.hold, waiting, self.mark);
                 }
                 if waiting == 0 {
                     return from.readable().await.map(|()| Woken::Ready);
@@ -300,7 +326,7 @@ mod tests {
         net::{TcpListener, TcpSocket, TcpStream},
     };
 
-    use super::{super::netns, Activity, BATCH, BEHIND, Batching, HOLD_MAX, Woken, pump};
+    use super::{super::netns, Activity, BEHIND, Batching, FIRST_BATCH, Woken, pump};
 
     /// A connected pair on loopback: (the end dialled from, the accepted end).
     async fn pair(buffer: Option<u32>) -> (TcpStream, TcpStream) {
@@ -376,32 +402,28 @@ mod tests {
     }
 
     /// With the mark raised, a few bytes do not wake the relay; the hold bounds how long they wait,
-    /// and then the mark drops to one byte.
+    /// and then the mark drops to one byte. A batch that comes doubles the mark.
     #[tokio::test]
     async fn a_raised_mark_holds_a_few_bytes_back_at_most_the_hold() {
         let (mut peer, from) = pair(None).await;
-        let mut batching = Batching::default();
+        let mut batching = Batching::new();
         batching.took(&from, BEHIND - 1);
         assert_eq!(mark(&from), 1, "a direction that keeps up is not batched");
         batching.took(&from, BEHIND);
-        assert_eq!(mark(&from), BATCH, "a direction behind its sender is");
+        assert_eq!(mark(&from), FIRST_BATCH, "a direction behind its sender is");
         // The pump waits only after a read found nothing, which clears the readiness.
         let mut buf = [0u8; 256];
         let nothing = from.try_read(&mut buf).expect_err("nothing sent yet");
         assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
 
         peer.write_all(&[7; 100]).await.expect("send");
-        let began = std::time::Instant::now();
+        let (began, hold) = (std::time::Instant::now(), batching.hold);
         let woken = tokio::time::timeout(Duration::from_secs(5), batching.wait(&from))
             .await
             .expect("the hold ends the wait")
             .expect("wait");
-        assert_eq!(woken, Woken::Held);
-        assert!(
-            began.elapsed() >= HOLD_MAX,
-            "woken after {:?}, before the hold: the mark did not hold the bytes back",
-            began.elapsed()
-        );
+        assert_eq!(woken, Woken::Held, "the mark held the bytes back");
+        assert!(began.elapsed() >= hold, "woken after {:?}", began.elapsed());
         assert_eq!(
             mark(&from),
             1,
@@ -410,18 +432,26 @@ mod tests {
         from.readable().await.expect("readable");
         assert_eq!(from.try_read(&mut buf).expect("read"), 100);
 
-        // The next batch raises it again; a batch that comes in time is not held.
+        // The next time the relay is behind it is raised again; a batch that comes doubles it.
         batching.took(&from, BEHIND);
-        assert_eq!(mark(&from), BATCH);
+        assert_eq!(mark(&from), FIRST_BATCH);
         let nothing = from.try_read(&mut buf).expect_err("all taken");
         assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
-        let batch = vec![1u8; BATCH as usize];
-        let send = async {
-            peer.write_all(&batch).await.expect("send a batch");
-        };
-        let (waited, ()) = tokio::join!(batching.wait(&from), send);
-        waited.expect("wait");
-        assert_eq!(mark(&from), BATCH, "woken by the batch, the mark stays");
+        let batch = vec![1u8; FIRST_BATCH as usize];
+        tokio::time::timeout(Duration::from_secs(5), peer.write_all(&batch))
+            .await
+            .expect("a batch fits the buffers")
+            .expect("send a batch");
+        let woken = tokio::time::timeout(Duration::from_secs(5), batching.wait(&from))
+            .await
+            .expect("the batch ends the wait")
+            .expect("wait");
+        assert_eq!(woken, Woken::Ready);
+        assert_eq!(
+            mark(&from),
+            2 * FIRST_BATCH,
+            "a batch in time doubles the mark"
+        );
     }
 
     /// A stream that pauses after a burst: its last bytes, below the mark, still arrive (after the
@@ -463,7 +493,7 @@ mod tests {
         // Looks at the mark between the pump's steps.
         let watch = async {
             while !done.get() {
-                raised.set(raised.get() || mark(&from) == BATCH);
+                raised.set(raised.get() || mark(&from) >= FIRST_BATCH);
                 tokio::task::yield_now().await;
             }
         };
