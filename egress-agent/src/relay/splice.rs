@@ -245,10 +245,11 @@ impl Batching {
                 // Disarmed, so that it cannot wake the relay's worker for nothing later.
                 timer.get_ref().0.unset()?;
                 let came = self.mark;
-                if self.mark < BATCH
-                    && set_int(from, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 2 * self.mark).is_ok()
+                let next = (2 * self.mark).min(BATCH);
+                if next > self.mark
+                    && set_int(from, libc::SOL_SOCKET, libc::SO_RCVLOWAT, next).is_ok()
                 {
-                    self.mark *= 2;
+                    self.mark = next;
                 }
                 self.hold = hold_for(began.elapsed(), came as usize, self.mark);
             }
