@@ -76,10 +76,19 @@ fn sweep_leftovers_of(gone: impl Fn(u32) -> bool) {
                 );
             }
         }
+        // The host end, named as `World` names it, if its peer is in this namespace: the name
+        // keeps only part of the pid, so a live world may have it.
         if let Some(index) = name.rsplit('-').next() {
-            let _ = Command::new("ip")
-                .args(["link", "del", &format!("egh{}x{index}", pid % 100_000)])
-                .output();
+            let veth = format!("egh{}x{index}", pid % 100_000);
+            let link = Command::new("ip")
+                .args(["-o", "link", "show", "dev", &veth])
+                .output()
+                .expect("ip link show");
+            let text = String::from_utf8_lossy(&link.stdout);
+            let words: Vec<&str> = text.split_whitespace().collect();
+            if words.windows(2).any(|w| w == ["link-netns", name.as_str()]) {
+                let _ = Command::new("ip").args(["link", "del", &veth]).output();
+            }
         }
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let _ = fs::remove_dir_all(std::env::temp_dir().join(&name));
@@ -1187,6 +1196,22 @@ mod tests {
         };
         let (dead_world, dead_veth) = world(dead);
         let (live_world, live_veth) = world(live.id());
+        // A dead world whose veth's name a live world's veth has (names keep part of the pid).
+        let bare = format!("egress-w{dead}-248");
+        let taken = format!("egh{}x248", dead % 100_000);
+        sh(&["ip", "netns", "add", &bare]);
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &taken,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "egress-sweep-q",
+        ]);
+        sh(&["ip", "link", "set", "egress-sweep-q", "netns", &live_world]);
         let mut in_world = Command::new("ip");
         in_world.args(["netns", "exec", &dead_world, "sleep", "600"]);
         let mut inside = quiet(in_world).spawn().expect("a process in the world");
@@ -1211,10 +1236,20 @@ mod tests {
         assert!(!cg.exists(), "the dead process's cgroup");
         assert!(!in_cg.wait().expect("wait").success(), "its process killed");
         assert!(!pins.exists(), "its pins");
+        assert!(
+            !exists(&format!("/run/netns/{bare}")),
+            "the bare dead world"
+        );
         let stayed = exists(&format!("/run/netns/{live_world}"))
-            && exists(&format!("/sys/class/net/{live_veth}"));
-        sh(&["ip", "link", "del", &live_veth]);
-        sh(&["ip", "netns", "del", &live_world]);
+            && exists(&format!("/sys/class/net/{live_veth}"))
+            && exists(&format!("/sys/class/net/{taken}"));
+        for del in [
+            ["link", "del", &live_veth],
+            ["link", "del", &taken],
+            ["netns", "del", &live_world],
+        ] {
+            let _ = Command::new("ip").args(del).output();
+        }
         let _ = live.kill();
         let _ = live.wait();
         assert!(stayed, "a live process's world stays");
