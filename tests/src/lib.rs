@@ -43,6 +43,15 @@ fn alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
+/// World `index` of process `pid`: its network namespace and the host end of its veth (which
+/// keeps only part of the pid: interface names are short).
+fn world_names(pid: u32, index: u32) -> (String, String) {
+    (
+        format!("egress-w{pid}-{index}"),
+        format!("egh{}x{index}", pid % 100_000),
+    )
+}
+
 /// The process id in a name `PREFIX<pid>-…`.
 fn owner(name: &str, prefix: &str) -> Option<u32> {
     name.strip_prefix(prefix)?.split('-').next()?.parse().ok()
@@ -78,8 +87,8 @@ fn sweep_leftovers_of(gone: impl Fn(u32) -> bool) {
         }
         // The host end, named as `World` names it, if its peer is in this namespace: the name
         // keeps only part of the pid, so a live world may have it.
-        if let Some(index) = name.rsplit('-').next() {
-            let veth = format!("egh{}x{index}", pid % 100_000);
+        if let Some(index) = name.rsplit('-').next().and_then(|i| i.parse().ok()) {
+            let (_, veth) = world_names(pid, index);
             let link = Command::new("ip")
                 .args(["-o", "link", "show", "dev", &veth])
                 .output()
@@ -157,8 +166,7 @@ impl World {
     pub fn with_index(index: u32) -> World {
         require_root();
         sweep_leftovers();
-        let name = format!("egress-w{}-{index}", std::process::id());
-        let veth_host = format!("egh{}x{index}", std::process::id() % 100_000);
+        let (name, veth_host) = world_names(std::process::id(), index);
         let veth_world = format!("egw{}x{index}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(&name);
         let _ = fs::remove_dir_all(&dir);
@@ -1150,7 +1158,7 @@ mod tests {
 
     use egress_agent::datapath::cgroup;
 
-    use super::{join_cgroup, sh, sweep_leftovers_of};
+    use super::{join_cgroup, sh, sweep_leftovers_of, world_names};
 
     /// A world, a cgroup and pins of a test process that died, each with a process in it, are
     /// removed; a world of a live process is not.
@@ -1176,42 +1184,26 @@ mod tests {
             quiet(cmd)
         };
         let mut live = sleeper().spawn().expect("sleep");
-        let world = |pid: u32| {
-            let name = format!("egress-w{pid}-249");
-            let veth = format!("egh{}x249", pid % 100_000);
-            sh(&["ip", "netns", "add", &name]);
+        // A veth pair whose other end is in namespace `netns`.
+        let pair = |host: &str, netns: &str| {
+            let peer = format!("{host}p");
             sh(&[
-                "ip",
-                "link",
-                "add",
-                &veth,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "egress-sweep-p",
+                "ip", "link", "add", host, "type", "veth", "peer", "name", &peer,
             ]);
-            sh(&["ip", "link", "set", "egress-sweep-p", "netns", &name]);
+            sh(&["ip", "link", "set", &peer, "netns", netns]);
+        };
+        let world = |pid: u32| {
+            let (name, veth) = world_names(pid, 249);
+            sh(&["ip", "netns", "add", &name]);
+            pair(&veth, &name);
             (name, veth)
         };
         let (dead_world, dead_veth) = world(dead);
         let (live_world, live_veth) = world(live.id());
         // A dead world whose veth's name a live world's veth has (names keep part of the pid).
-        let bare = format!("egress-w{dead}-248");
-        let taken = format!("egh{}x248", dead % 100_000);
+        let (bare, taken) = world_names(dead, 248);
         sh(&["ip", "netns", "add", &bare]);
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &taken,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "egress-sweep-q",
-        ]);
-        sh(&["ip", "link", "set", "egress-sweep-q", "netns", &live_world]);
+        pair(&taken, &live_world);
         let mut in_world = Command::new("ip");
         in_world.args(["netns", "exec", &dead_world, "sleep", "600"]);
         let mut inside = quiet(in_world).spawn().expect("a process in the world");

@@ -115,19 +115,18 @@ pub(super) async fn pump(
     let mut batching = Batching::new();
     loop {
         // The pipe is empty here, so "would block" can only mean the socket has nothing.
+        let take = || {
+            splice(from.as_fd(), None, pipe_wr.as_fd(), None, chunk, flags).map_err(io::Error::from)
+        };
         let n = loop {
-            let read = from.try_io(Interest::READABLE, || {
-                splice(from.as_fd(), None, pipe_wr.as_fd(), None, chunk, flags)
-                    .map_err(io::Error::from)
-            });
-            match read {
+            match from.try_io(Interest::READABLE, take) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 read => break read?,
             }
             if batching.wait(from).await? == Woken::Held {
                 // Bytes wait below the mark, which the runtime has not been told of.
-                match splice(from.as_fd(), None, pipe_wr.as_fd(), None, chunk, flags) {
-                    Err(nix::errno::Errno::EAGAIN) => {}
+                match take() {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     read => break read?,
                 }
             }
@@ -220,7 +219,7 @@ impl Batching {
                 return;
             }
         }
-        if set_int(from, libc::SOL_SOCKET, libc::SO_RCVLOWAT, FIRST_BATCH).is_ok() {
+        if set_mark(from, FIRST_BATCH).is_ok() {
             self.mark = FIRST_BATCH;
             self.hold = hold_for(since, n, FIRST_BATCH);
         }
@@ -247,7 +246,7 @@ impl Batching {
                 let came = self.mark;
                 let next = (2 * self.mark).min(BATCH);
                 if next > self.mark
-                    && set_int(from, libc::SOL_SOCKET, libc::SO_RCVLOWAT, next).is_ok()
+                    && set_mark(from, next).is_ok()
                 {
                     self.mark = next;
                 }
@@ -257,7 +256,7 @@ impl Batching {
                 expired?;
                 let waiting = queued(from)?;
                 if waiting < BEHIND {
-                    set_int(from, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)?;
+                    set_mark(from, 1)?;
                     self.mark = 0;
                 } else {
                     self.hold = hold_for(self.hold, waiting, self.mark);
@@ -270,6 +269,11 @@ impl Batching {
         }
         Ok(Woken::Ready)
     }
+}
+
+/// Sets `socket`'s receive low-water mark.
+fn set_mark(socket: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
+    set_int(socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
 }
 
 /// Why [`Batching::wait`] returned.
