@@ -510,7 +510,8 @@ async fn the_log_writer_yields_while_light_and_is_lifted_when_starved() {
         assert_eq!(probe_in(Some(&cg.path), &["tcp", &api]), "ok", "tcp");
         a.status.log_writer_yielding.get() == 1
     });
-    assert_eq!(a.status.log_writer_lifted.get(), 0);
+    // Lifts so far (a loaded machine's): the starving below must add one.
+    let lifted_before = a.status.log_writer_lifted.get();
 
     // Twice as many threads as CPUs spinning at normal priority: a thread at SCHED_IDLE gets a
     // few milliseconds a second.
@@ -540,7 +541,7 @@ async fn the_log_writer_yields_while_light_and_is_lifted_when_starved() {
     }
     assert_eq!(out, "done\nok", "tcp-repeat");
     assert!(
-        a.status.log_writer_lifted.get() >= 1,
+        a.status.log_writer_lifted.get() > lifted_before,
         "the starved writer was lifted"
     );
     assert_eq!(a.status.events_lost.get(), 0);
