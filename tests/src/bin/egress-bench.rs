@@ -446,6 +446,10 @@ const BULK_BYTES: u64 = 1 << 30;
 const RATE_CONNECTIONS: usize = 8000;
 const RATE_CLIENTS: usize = 16;
 const TTFB_CONNECTIONS: usize = 5000;
+/// Answers on one kept-open connection, one request after another, as (bytes, requests): an
+/// answer ends without the connection ending, so a relay that waits for more bytes before it
+/// passes a batch on makes its last bytes late.
+const ANSWERS: [(usize, usize); 2] = [(512 << 10, 2000), (4 << 20, 250)];
 const RELAY_ROUNDS: usize = 5;
 
 /// `bench relay`'s options, for working on one figure: the defaults are the benchmark whose
@@ -514,7 +518,8 @@ impl RelayOptions {
     }
 }
 
-/// small.test (host 10) answers 64 bytes, bulk.test (host 11) `BULK_BYTES`; both steered.
+/// small.test (host 10) answers 64 bytes, bulk.test (host 11) `BULK_BYTES`, replies.test (host
+/// 12) what each request asks for; all steered.
 const RELAY_POLICY: &str = "
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -535,18 +540,35 @@ spec:
   endpoints: [{address: HOST11}]
 ---
 apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: replies}
+spec:
+  hosts: [replies.test]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: STATIC
+  endpoints: [{address: HOST12}]
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: via-gateway}
 spec:
-  hosts: [small.test, bulk.test]
+  hosts: [small.test, bulk.test, replies.test]
   tls:
-  - match: [{port: 443, sniHosts: [small.test, bulk.test]}]
+  - match: [{port: 443, sniHosts: [small.test, bulk.test, replies.test]}]
     route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local}}]
 ";
 
 /// An upstream in the world: reads one whole TLS record (the ClientHello, however the proxy in
-/// front passes it on), answers `reply` bytes, half-closes and drains.
-fn hello_server(rt: &tokio::runtime::Runtime, listener: std::net::TcpListener, reply: u64) {
+/// front passes it on), answers `reply` bytes, half-closes and drains. With `requests`, it then
+/// answers requests until the client half-closes: each four bytes (big-endian), the number of
+/// bytes to answer with. (The answer to the hello comes first, as a TLS server's does: a relay
+/// may wait for it before it passes the client's next bytes on.)
+fn hello_server(
+    rt: &tokio::runtime::Runtime,
+    listener: std::net::TcpListener,
+    reply: u64,
+    requests: bool,
+) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     listener.set_nonblocking(true).expect("nonblocking");
     let _guard = rt.enter();
@@ -568,12 +590,19 @@ fn hello_server(rt: &tokio::runtime::Runtime, listener: std::net::TcpListener, r
                     return;
                 }
                 let mut left = reply;
-                while left > 0 {
-                    let n = left.min(ZEROS.len() as u64) as usize;
-                    if s.write_all(&ZEROS[..n]).await.is_err() {
-                        return;
+                loop {
+                    while left > 0 {
+                        let n = left.min(ZEROS.len() as u64) as usize;
+                        if s.write_all(&ZEROS[..n]).await.is_err() {
+                            return;
+                        }
+                        left -= n as u64;
                     }
-                    left -= n as u64;
+                    let mut request = [0u8; 4];
+                    if !requests || s.read_exact(&mut request).await.is_err() {
+                        break;
+                    }
+                    left = u64::from(u32::from_be_bytes(request));
                 }
                 let _ = s.shutdown().await;
                 let mut sink = [0u8; 1024];
@@ -620,7 +649,7 @@ fn wait_listening(port: u16, what: &str, child: &mut std::process::Child) {
 }
 
 /// HAProxy in TCP mode, routing by the ClientHello's SNI, one thread per CPU.
-fn haproxy(dir: &std::path::Path, port: u16, small: SocketAddr, bulk: SocketAddr) -> Peer {
+fn haproxy(dir: &std::path::Path, port: u16, up: &Upstreams) -> Peer {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let conf = dir.join("haproxy.cfg");
     std::fs::write(
@@ -643,11 +672,17 @@ frontend sni
   tcp-request content accept if {{ req.ssl_hello_type 1 }}
   use_backend small if {{ req.ssl_sni -i small.test }}
   use_backend bulk if {{ req.ssl_sni -i bulk.test }}
+  use_backend replies if {{ req.ssl_sni -i replies.test }}
 backend small
   server s {small}
 backend bulk
   server b {bulk}
-"
+backend replies
+  server r {replies}
+",
+            small = up.small,
+            bulk = up.bulk,
+            replies = up.replies,
         ),
     )
     .expect("haproxy config");
@@ -664,7 +699,7 @@ backend bulk
 }
 
 /// nginx stream with ssl_preread, routing by SNI, one worker per CPU.
-fn nginx(dir: &std::path::Path, port: u16, small: SocketAddr, bulk: SocketAddr) -> Peer {
+fn nginx(dir: &std::path::Path, port: u16, up: &Upstreams) -> Peer {
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
@@ -682,6 +717,7 @@ stream {{
   map $ssl_preread_server_name $upstream {{
     small.test {small};
     bulk.test {bulk};
+    replies.test {replies};
   }}
   server {{
     listen 127.0.0.1:{port};
@@ -690,7 +726,10 @@ stream {{
   }}
 }}
 ",
-            dir = dir.display()
+            dir = dir.display(),
+            small = up.small,
+            bulk = up.bulk,
+            replies = up.replies,
         ),
     )
     .expect("nginx config");
@@ -706,12 +745,30 @@ stream {{
     Peer { child }
 }
 
+/// Where a client connects for each upstream host.
+#[derive(Clone, Copy, PartialEq)]
+struct Upstreams {
+    small: SocketAddr,
+    bulk: SocketAddr,
+    replies: SocketAddr,
+}
+
+impl Upstreams {
+    /// All three through one proxy's port.
+    fn via(port: SocketAddr) -> Upstreams {
+        Upstreams {
+            small: port,
+            bulk: port,
+            replies: port,
+        }
+    }
+}
+
 /// One way to the upstreams: where the client connects for each host, and from which cgroup.
 struct Path<'a> {
     name: &'static str,
     cgroup: &'a TestCgroup,
-    small: SocketAddr,
-    bulk: SocketAddr,
+    up: Upstreams,
     /// Whether an egress agent enforces on `cgroup` meanwhile, and if so whether its relay
     /// splices.
     agent: Option<bool>,
@@ -732,6 +789,10 @@ struct Figures {
     proxy_user_us: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
+    /// The time from a request on a kept-open connection to its answer's last byte, per size of
+    /// [`ANSWERS`].
+    answer_p50_us: [Vec<f64>; ANSWERS.len()],
+    answer_p99_us: [Vec<f64>; ANSWERS.len()],
     /// The rest of the machine's time per connection in the connection-rate phase: the client's
     /// CPU (its cgroup's), the upstream servers', and the CPUs' idle time. With the proxy's they
     /// add up to the machine's time per connection, nearly all of it.
@@ -775,7 +836,7 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
         nums
     };
     if options.bulk {
-        let bulk = probe(&["hello-bulk", &path.bulk.to_string(), "bulk.test"]);
+        let bulk = probe(&["hello-bulk", &path.up.bulk.to_string(), "bulk.test"]);
         assert_eq!(bulk[0] as u64, BULK_BYTES, "{}: short transfer", path.name);
         figures.mb_per_sec.push(bulk[0] / bulk[1] / 1e6);
     }
@@ -795,7 +856,7 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
     );
     let rate = probe(&[
         "hello-rate",
-        &path.small.to_string(),
+        &path.up.small.to_string(),
         "small.test",
         &options.rate_connections.to_string(),
         &RATE_CLIENTS.to_string(),
@@ -819,13 +880,24 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
     }
     let ttfb = probe(&[
         "hello-rate",
-        &path.small.to_string(),
+        &path.up.small.to_string(),
         "small.test",
         &TTFB_CONNECTIONS.to_string(),
         "1",
     ]);
     figures.p50_us.push(ttfb[1]);
     figures.p99_us.push(ttfb[2]);
+    for (i, (bytes, requests)) in ANSWERS.into_iter().enumerate() {
+        let answers = probe(&[
+            "hello-replies",
+            &path.up.replies.to_string(),
+            "replies.test",
+            &requests.to_string(),
+            &bytes.to_string(),
+        ]);
+        figures.answer_p50_us[i].push(answers[0]);
+        figures.answer_p99_us[i].push(answers[1]);
+    }
 }
 
 fn relay(options: &RelayOptions) {
@@ -834,24 +906,29 @@ fn relay(options: &RelayOptions) {
     let mut w = World::new();
     w.host(10);
     w.host(11);
-    let small = SocketAddr::new(w.v4(10), 443);
-    let bulk = SocketAddr::new(w.v4(11), 443);
+    w.host(12);
+    let up = Upstreams {
+        small: SocketAddr::new(w.v4(10), 443),
+        bulk: SocketAddr::new(w.v4(11), 443),
+        replies: SocketAddr::new(w.v4(12), 443),
+    };
     // Named, so the agent's CPU (the rest of this process) can be told from theirs.
     let servers = tokio::runtime::Builder::new_multi_thread()
         .thread_name("upstream")
         .enable_all()
         .build()
         .expect("server runtime");
-    hello_server(&servers, w.listen(small), 64);
-    hello_server(&servers, w.listen(bulk), BULK_BYTES);
+    hello_server(&servers, w.listen(up.small), 64, false);
+    hello_server(&servers, w.listen(up.bulk), BULK_BYTES, false);
+    hello_server(&servers, w.listen(up.replies), 64, true);
     // The policy names no DNS host; the resolver is never asked.
     w.start_dns(&[], 300);
 
     let dir = std::env::temp_dir().join(format!("egress-bench-relay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
     let (hp, np) = (free_port(), free_port());
-    let haproxy = haproxy(&dir, hp, small, bulk);
-    let nginx = nginx(&dir, np, small, bulk);
+    let haproxy = haproxy(&dir, hp, &up);
+    let nginx = nginx(&dir, np, &up);
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let enforced = TestCgroup::new("bench-relay");
@@ -859,7 +936,8 @@ fn relay(options: &RelayOptions) {
     let policy = policy_dir(
         &RELAY_POLICY
             .replace("HOST10", &w.v4(10).to_string())
-            .replace("HOST11", &w.v4(11).to_string()),
+            .replace("HOST11", &w.v4(11).to_string())
+            .replace("HOST12", &w.v4(12).to_string()),
     );
     // An agent as `egress run` runs, flow log included, with the relay copying or splicing.
     let start_agent = |splice: bool| {
@@ -879,7 +957,7 @@ fn relay(options: &RelayOptions) {
         .expect("agent")
     };
     let relayed_ok = |agent: &Agent| -> u64 {
-        ["small.test", "bulk.test"]
+        ["small.test", "bulk.test", "replies.test"]
             .iter()
             .map(|host| {
                 agent
@@ -897,8 +975,7 @@ fn relay(options: &RelayOptions) {
     let egress = |name, splice| Path {
         name,
         cgroup: &enforced,
-        small,
-        bulk,
+        up,
         agent: Some(splice),
         peer: None,
     };
@@ -908,8 +985,7 @@ fn relay(options: &RelayOptions) {
     let peer = |name, (port, pid), enforce: bool| Path {
         name,
         cgroup: if enforce { &enforced } else { &plain },
-        small: local(port),
-        bulk: local(port),
+        up: Upstreams::via(local(port)),
         agent: enforce.then_some(true),
         peer: Some(pid),
     };
@@ -917,8 +993,7 @@ fn relay(options: &RelayOptions) {
         Path {
             name: "direct",
             cgroup: &plain,
-            small,
-            bulk,
+            up,
             agent: None,
             peer: None,
         },
@@ -934,10 +1009,14 @@ fn relay(options: &RelayOptions) {
     println!(
         "TLS passthrough by SNI, side by side, median of {rounds} interleaved rounds: bulk \
          (one connection, {} MiB down), connections/s ({rate_n}, {RATE_CLIENTS} at a \
-         time), time from connect() to the first byte ({TTFB_CONNECTIONS} one after another). \
-         The upstream answers after the whole ClientHello, without TLS, so only the proxies' \
-         costs differ.\n",
-        BULK_BYTES >> 20
+         time), time from connect() to the first byte ({TTFB_CONNECTIONS} one after another), \
+         time from a request to its answer's last byte on a kept-open connection ({}). The \
+         upstream answers after the whole ClientHello, without TLS, so only the proxies' costs \
+         differ.\n",
+        BULK_BYTES >> 20,
+        ANSWERS
+            .map(|(bytes, n)| format!("{n} requests of {} KiB", bytes >> 10))
+            .join(", ")
     );
     if !options.is_default() {
         println!("Options differ from the benchmark the README records.\n");
@@ -959,8 +1038,9 @@ fn relay(options: &RelayOptions) {
                 rt.block_on(agent.shutdown());
             }
             // Egress's own paths go through the relay; the peers' enforced clients dial loopback.
-            if paths[k].agent.is_some() && paths[k].small == small {
-                expected += u64::from(options.bulk) + (rate_n + TTFB_CONNECTIONS) as u64;
+            if paths[k].agent.is_some() && paths[k].up == up {
+                expected +=
+                    u64::from(options.bulk) + (rate_n + TTFB_CONNECTIONS + ANSWERS.len()) as u64;
             }
         }
     }
@@ -973,7 +1053,8 @@ fn relay(options: &RelayOptions) {
             median(v.to_vec())
         }
     };
-    let m: Vec<[f64; 6]> = figures
+    // The answers' p50 and p99 at 6 + 2i and 7 + 2i.
+    let m: Vec<[f64; 6 + 2 * ANSWERS.len()]> = figures
         .iter()
         .map(|f| {
             [
@@ -983,6 +1064,10 @@ fn relay(options: &RelayOptions) {
                 med(&f.p99_us),
                 med(&f.proxy_us),
                 med(&f.proxy_user_us),
+                med(&f.answer_p50_us[0]),
+                med(&f.answer_p99_us[0]),
+                med(&f.answer_p50_us[1]),
+                med(&f.answer_p99_us[1]),
             ]
         })
         .collect();
@@ -1024,6 +1109,33 @@ fn relay(options: &RelayOptions) {
         "(proxy us: the proxy's CPU time per connection in the connection-rate phase, the \
          agent's included where it runs; user us: the part of it in user space)"
     );
+    println!(
+        "\nanswers on a kept-open connection, from the request to the last byte, us (medians): \
+         p50, added p50, added p99 for each size"
+    );
+    print!("{:<24}", "path");
+    for (bytes, _) in ANSWERS {
+        print!(
+            " | {:>7} KiB {:>9} {:>9}",
+            bytes >> 10,
+            "added p50",
+            "added p99"
+        );
+    }
+    println!();
+    for (k, f) in m.iter().enumerate().filter(|(k, _)| runs[*k]) {
+        print!("{:<24}", paths[k].name);
+        for i in 0..ANSWERS.len() {
+            let (p50, p99) = (6 + 2 * i, 7 + 2 * i);
+            print!(
+                " | {} {} {}",
+                num(f[p50], 11, 0),
+                num(f[p50] - direct[p50], 9, 0),
+                num(f[p99] - direct[p99], 9, 0)
+            );
+        }
+        println!();
+    }
     // Where the machine's time per connection went: a path's rate is the CPUs' time over it.
     println!(
         "\nthe machine's time per connection in the connection-rate phase, us (medians): the \
@@ -1056,7 +1168,7 @@ fn relay(options: &RelayOptions) {
     // differences between the paths.
     println!(
         "\nby round (as run): bulk MB/s | connections/s | proxy CPU us per connection (user) | \
-         idle us per connection | added TTFB p99 us"
+         idle us per connection | added TTFB p99 us | answers' p50 us by size"
     );
     for (k, f) in figures.iter().enumerate().filter(|(k, _)| runs[*k]) {
         let list = |v: &[f64], sub: f64| -> String {
@@ -1066,14 +1178,15 @@ fn relay(options: &RelayOptions) {
                 .join(" ")
         };
         println!(
-            "{:<24} {}  |  {}  |  {} ({})  |  {}  |  {}",
+            "{:<24} {}  |  {}  |  {} ({})  |  {}  |  {}  |  {}",
             paths[k].name,
             list(&f.mb_per_sec, 0.0),
             list(&f.conns_per_sec, 0.0),
             list(&f.proxy_us, 0.0),
             list(&f.proxy_user_us, 0.0),
             list(&f.idle_us, 0.0),
-            list(&f.p99_us, direct[3])
+            list(&f.p99_us, direct[3]),
+            f.answer_p50_us.each_ref().map(|v| list(v, 0.0)).join(" / ")
         );
     }
     println!("\nrelayed connections with outcome ok: {relayed} of {expected}");
@@ -1148,7 +1261,7 @@ fn relay(options: &RelayOptions) {
             String::new()
         };
         println!(
-            "egress vs {name}: {bulk}conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, {:.0} vs {:.0} in user space), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us{outcome}",
+            "egress vs {name}: {bulk}conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, {:.0} vs {:.0} in user space), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us, added to an answer's last byte p50 {:.0} vs {:.0} us and {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us and {:.0} vs {:.0} us{outcome}",
             egress[1] / p[1],
             egress[4],
             p[4],
@@ -1158,6 +1271,14 @@ fn relay(options: &RelayOptions) {
             p[2] - direct[2],
             egress[3] - direct[3],
             p[3] - direct[3],
+            egress[6] - direct[6],
+            p[6] - direct[6],
+            egress[8] - direct[8],
+            p[8] - direct[8],
+            egress[7] - direct[7],
+            p[7] - direct[7],
+            egress[9] - direct[9],
+            p[9] - direct[9],
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -59,6 +59,11 @@
 //!   egress-probe hello-rate ADDR:PORT NAME N C   N connections (C at a time), each a ClientHello
 //!                                         and a read to EOF; prints `SECONDS P50_US P99_US` of
 //!                                         the time from connect() to the first byte back
+//!   egress-probe hello-replies ADDR:PORT NAME N BYTES   one connection: a ClientHello and
+//!                                         its 64-byte answer, then N + 1 requests for BYTES one after another (each
+//!                                         BYTES as four big-endian bytes); prints `P50_US
+//!                                         P99_US` of the time from a request to its answer's
+//!                                         last byte, the first request left out
 //!   egress-probe --netns PATH MODE ...   enters network namespace PATH (setns), then runs MODE
 //!   egress-probe --thread-netns PATH MODE ...   runs MODE on a thread that alone entered PATH;
 //!                                         the process's main thread stays where it was
@@ -1142,6 +1147,41 @@ fn hello_rate(addr: SocketAddr, name: &str, n: usize, clients: usize) -> String 
     run().unwrap_or_else(|e| word(&e))
 }
 
+/// Answers that end while the connection stays open, as a kept-alive HTTP connection's do: the
+/// last bytes of each must come without waiting for more behind them.
+fn hello_replies(addr: SocketAddr, name: &str, n: usize, bytes: usize) -> String {
+    let run = || -> io::Result<String> {
+        let hello = client_hello(name)?;
+        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let request = u32::try_from(bytes)
+            .map_err(|_| io::Error::other("too large"))?
+            .to_be_bytes();
+        s.write_all(&hello)?;
+        // The server's answer to the hello.
+        s.read_exact(&mut [0u8; 64])?;
+        let mut answer = vec![0u8; bytes];
+        let mut took = Vec::with_capacity(n + 1);
+        for _ in 0..=n {
+            let start = Instant::now();
+            s.write_all(&request)?;
+            s.read_exact(&mut answer)?;
+            took.push(start.elapsed().as_micros() as u64);
+        }
+        // The first went with the connection's setup.
+        took.remove(0);
+        s.shutdown(Shutdown::Write)?;
+        if s.read(&mut answer)? != 0 {
+            return Err(io::Error::other("more than was asked for"));
+        }
+        took.sort_unstable();
+        let pct = |p: f64| took[((took.len() - 1) as f64 * p).round() as usize];
+        Ok(format!("{} {}", pct(0.50), pct(0.99)))
+    };
+    run().unwrap_or_else(|e| word(&e))
+}
+
 fn peer(addr: SocketAddr) -> String {
     match TcpStream::connect_timeout(&addr, TIMEOUT).and_then(|s| s.peer_addr()) {
         Ok(p) => format!("ok:{p}"),
@@ -1265,6 +1305,12 @@ fn run(args: &[String]) -> ExitCode {
                 _ => return usage(),
             }
         }
+        (Some("hello-replies"), Some(a)) if args.len() == 5 => {
+            match (args[3].parse(), args[4].parse()) {
+                (Ok(n), Ok(bytes)) if n > 0 && bytes > 0 => hello_replies(a, &args[2], n, bytes),
+                _ => return usage(),
+            }
+        }
         (Some("http-half-close"), Some(a)) if args.len() == 3 => http_half_close(a, &args[2]),
         (Some("transfer"), Some(a)) if args.len() == 3 => match args[2].parse() {
             Ok(n) => transfer(a, n),
@@ -1310,7 +1356,7 @@ fn usage() -> ExitCode {
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
          hello-bulk ADDR:PORT NAME | hello-again ADDR:PORT NAME SECOND | \
          hello-echo|hello-hold ADDR:PORT NAME N | \
-         hello-rate ADDR:PORT NAME N C"
+         hello-rate ADDR:PORT NAME N C | hello-replies ADDR:PORT NAME N BYTES"
     );
     ExitCode::from(2)
 }
