@@ -1692,6 +1692,7 @@ async fn carry(
                 &client,
                 &server,
                 &moved.up,
+                &moved.down,
                 &activity,
                 &ended,
                 config.splice
@@ -1700,6 +1701,7 @@ async fn carry(
                 &server,
                 &client,
                 &moved.down,
+                &moved.up,
                 &activity,
                 &ended,
                 config.splice
