@@ -257,7 +257,9 @@ impl Batching {
             _ => return from.readable().await.map(|()| Woken::Ready),
         };
         let began = Instant::now();
-        let stall = (self.began.elapsed() / STALL_SHARE).clamp(STALL_MIN, self.hold);
+        let stall = (self.began.elapsed() / STALL_SHARE)
+            .min(self.hold)
+            .max(STALL_MIN);
         let mut seen = 0;
         loop {
             let left = self.hold.saturating_sub(began.elapsed());
