@@ -52,8 +52,8 @@ const FIRST_BATCH: libc::c_int = 2 * BEHIND as libc::c_int;
 const HOLD_MIN: Duration = Duration::from_micros(50);
 const HOLD_MAX: Duration = Duration::from_millis(1);
 /// How long a held stream may stall before the relay takes what came: this share of the
-/// stream's time so far (see [`Batching`]), so that its last bytes wait about that share of its
-/// time at most...
+/// stream's time so far (see [`Batching`]), so that its last bytes wait about twice that share of
+/// its time at most...
 const STALL_SHARE: u32 = 4;
 /// ...and at least this long: a fast stream's segments come a few µs apart.
 const STALL_MIN: Duration = Duration::from_micros(20);
@@ -172,9 +172,10 @@ pub(super) async fn pump(
 /// only slow), else it drops to one byte until the relay is behind again. A stream is what a
 /// direction carries between the other direction's bytes (a request, whose answer is a stream of
 /// its own) and between pauses (nothing at all came within the stall). So an answer's last bytes
-/// wait about a quarter of its time at most, once per pause: in the benchmark a 512 KiB answer on
-/// a kept-open connection took about 1,070 µs when only the hold bounded that wait, against 250
-/// unbatched and 160–180 now. A direction the relay keeps up with is never held.
+/// wait two stalls at most (the first check still sees them come), about half its time, once per
+/// pause: in the benchmark a 512 KiB answer on a kept-open connection took about 1,070 µs when
+/// only the hold bounded that wait, against 250 unbatched and 160–180 now. A direction the relay
+/// keeps up with is never held.
 pub(super) struct Batching {
     /// The mark while raised, else 0; the timer exists while it is raised.
     mark: libc::c_int,
