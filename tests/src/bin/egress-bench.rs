@@ -446,10 +446,37 @@ const BULK_BYTES: u64 = 1 << 30;
 const RATE_CONNECTIONS: usize = 8000;
 const RATE_CLIENTS: usize = 16;
 const TTFB_CONNECTIONS: usize = 5000;
-/// Answers on one kept-open connection, one request after another, as (bytes, requests): an
-/// answer ends without the connection ending, so a relay that waits for more bytes before it
+/// Exchanges on one kept-open connection, one request after another: an answer (or a request's
+/// body) ends without the connection ending, so a relay that waits for more bytes before it
 /// passes a batch on makes its last bytes late.
-const ANSWERS: [(usize, usize); 2] = [(512 << 10, 2000), (4 << 20, 250)];
+struct Exchange {
+    name: &'static str,
+    /// The request's body, and the answer.
+    up: usize,
+    down: usize,
+    requests: usize,
+}
+
+const ANSWERS: [Exchange; 3] = [
+    Exchange {
+        name: "512 KiB down",
+        up: 0,
+        down: 512 << 10,
+        requests: 2000,
+    },
+    Exchange {
+        name: "4 MiB down",
+        up: 0,
+        down: 4 << 20,
+        requests: 250,
+    },
+    Exchange {
+        name: "4 MiB up",
+        up: 4 << 20,
+        down: 64,
+        requests: 250,
+    },
+];
 const RELAY_ROUNDS: usize = 5;
 
 /// `bench relay`'s options, for working on one figure: the defaults are the benchmark whose
@@ -560,9 +587,10 @@ spec:
 
 /// An upstream in the world: reads one whole TLS record (the ClientHello, however the proxy in
 /// front passes it on), answers `reply` bytes, half-closes and drains. With `requests`, it then
-/// answers requests until the client half-closes: each four bytes (big-endian), the number of
-/// bytes to answer with. (The answer to the hello comes first, as a TLS server's does: a relay
-/// may wait for it before it passes the client's next bytes on.)
+/// answers requests until the client half-closes: each the number of bytes to answer with and
+/// the number of the body's that follow (four bytes each, big-endian), then the body. (The
+/// answer to the hello comes first, as a TLS server's does: a relay may wait for it before it
+/// passes the client's next bytes on.)
 fn hello_server(
     rt: &tokio::runtime::Runtime,
     listener: std::net::TcpListener,
@@ -598,11 +626,18 @@ fn hello_server(
                         }
                         left -= n as u64;
                     }
-                    let mut request = [0u8; 4];
+                    let mut request = [0u8; 8];
                     if !requests || s.read_exact(&mut request).await.is_err() {
                         break;
                     }
-                    left = u64::from(u32::from_be_bytes(request));
+                    let [a, b, c, d, e, f, g, h] = request;
+                    left = u64::from(u32::from_be_bytes([a, b, c, d]));
+                    let body = u64::from(u32::from_be_bytes([e, f, g, h]));
+                    let mut body_in = (&mut s).take(body);
+                    match tokio::io::copy(&mut body_in, &mut tokio::io::sink()).await {
+                        Ok(n) if n == body => {}
+                        _ => return,
+                    }
                 }
                 let _ = s.shutdown().await;
                 let mut sink = [0u8; 1024];
@@ -887,13 +922,14 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
     ]);
     figures.p50_us.push(ttfb[1]);
     figures.p99_us.push(ttfb[2]);
-    for (i, (bytes, requests)) in ANSWERS.into_iter().enumerate() {
+    for (i, exchange) in ANSWERS.iter().enumerate() {
         let answers = probe(&[
             "hello-replies",
             &path.up.replies.to_string(),
             "replies.test",
-            &requests.to_string(),
-            &bytes.to_string(),
+            &exchange.requests.to_string(),
+            &exchange.up.to_string(),
+            &exchange.down.to_string(),
         ]);
         figures.answer_p50_us[i].push(answers[0]);
         figures.answer_p99_us[i].push(answers[1]);
@@ -1015,7 +1051,7 @@ fn relay(options: &RelayOptions) {
          differ.\n",
         BULK_BYTES >> 20,
         ANSWERS
-            .map(|(bytes, n)| format!("{n} requests of {} KiB", bytes >> 10))
+            .map(|e| format!("{} requests of {}", e.requests, e.name))
             .join(", ")
     );
     if !options.is_default() {
@@ -1053,22 +1089,24 @@ fn relay(options: &RelayOptions) {
             median(v.to_vec())
         }
     };
-    // The answers' p50 and p99 at 6 + 2i and 7 + 2i.
+    // The exchanges' p50 and p99 at 6 + 2i and 7 + 2i.
     let m: Vec<[f64; 6 + 2 * ANSWERS.len()]> = figures
         .iter()
         .map(|f| {
-            [
+            let mut m = [f64::NAN; 6 + 2 * ANSWERS.len()];
+            m[..6].copy_from_slice(&[
                 med(&f.mb_per_sec),
                 med(&f.conns_per_sec),
                 med(&f.p50_us),
                 med(&f.p99_us),
                 med(&f.proxy_us),
                 med(&f.proxy_user_us),
-                med(&f.answer_p50_us[0]),
-                med(&f.answer_p99_us[0]),
-                med(&f.answer_p50_us[1]),
-                med(&f.answer_p99_us[1]),
-            ]
+            ]);
+            for i in 0..ANSWERS.len() {
+                m[6 + 2 * i] = med(&f.answer_p50_us[i]);
+                m[7 + 2 * i] = med(&f.answer_p99_us[i]);
+            }
+            m
         })
         .collect();
     let direct = m[0];
@@ -1110,17 +1148,12 @@ fn relay(options: &RelayOptions) {
          agent's included where it runs; user us: the part of it in user space)"
     );
     println!(
-        "\nanswers on a kept-open connection, from the request to the last byte, us (medians): \
-         p50, added p50, added p99 for each size"
+        "\nexchanges on a kept-open connection, from the request's first byte to the answer's \
+         last, us (medians): p50, added p50, added p99 for each"
     );
     print!("{:<24}", "path");
-    for (bytes, _) in ANSWERS {
-        print!(
-            " | {:>7} KiB {:>9} {:>9}",
-            bytes >> 10,
-            "added p50",
-            "added p99"
-        );
+    for e in &ANSWERS {
+        print!(" | {:>12} {:>9} {:>9}", e.name, "added p50", "added p99");
     }
     println!();
     for (k, f) in m.iter().enumerate().filter(|(k, _)| runs[*k]) {
@@ -1129,7 +1162,7 @@ fn relay(options: &RelayOptions) {
             let (p50, p99) = (6 + 2 * i, 7 + 2 * i);
             print!(
                 " | {} {} {}",
-                num(f[p50], 11, 0),
+                num(f[p50], 12, 0),
                 num(f[p50] - direct[p50], 9, 0),
                 num(f[p99] - direct[p99], 9, 0)
             );
@@ -1168,7 +1201,7 @@ fn relay(options: &RelayOptions) {
     // differences between the paths.
     println!(
         "\nby round (as run): bulk MB/s | connections/s | proxy CPU us per connection (user) | \
-         idle us per connection | added TTFB p99 us | answers' p50 us by size"
+         idle us per connection | added TTFB p99 us | exchanges' p50 us"
     );
     for (k, f) in figures.iter().enumerate().filter(|(k, _)| runs[*k]) {
         let list = |v: &[f64], sub: f64| -> String {
@@ -1264,11 +1297,11 @@ fn relay(options: &RelayOptions) {
         let answers = ANSWERS
             .iter()
             .enumerate()
-            .map(|(i, (bytes, _))| {
+            .map(|(i, e)| {
                 let (p50, p99) = (6 + 2 * i, 7 + 2 * i);
                 format!(
-                    "{} KiB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
-                    bytes >> 10,
+                    "{} p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
+                    e.name,
                     egress[p50] - direct[p50],
                     p[p50] - direct[p50],
                     egress[p99] - direct[p99],
@@ -1278,7 +1311,7 @@ fn relay(options: &RelayOptions) {
             .collect::<Vec<_>>()
             .join("; ");
         println!(
-            "egress vs {name}: {bulk}conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, {:.0} vs {:.0} in user space), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us{outcome}; added to an answer's last byte: {answers}",
+            "egress vs {name}: {bulk}conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, {:.0} vs {:.0} in user space), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us{outcome}; added to an exchange: {answers}",
             egress[1] / p[1],
             egress[4],
             p[4],

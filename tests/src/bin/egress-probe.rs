@@ -59,11 +59,12 @@
 //!   egress-probe hello-rate ADDR:PORT NAME N C   N connections (C at a time), each a ClientHello
 //!                                         and a read to EOF; prints `SECONDS P50_US P99_US` of
 //!                                         the time from connect() to the first byte back
-//!   egress-probe hello-replies ADDR:PORT NAME N BYTES   one connection: a ClientHello and
-//!                                         its 64-byte answer, then N + 1 requests for BYTES one after another (each
-//!                                         BYTES as four big-endian bytes); prints `P50_US
-//!                                         P99_US` of the time from a request to its answer's
-//!                                         last byte, the first request left out
+//!   egress-probe hello-replies ADDR:PORT NAME N UP DOWN   one connection: a ClientHello and
+//!                                         its 64-byte answer, then N + 1 requests one after
+//!                                         another, each DOWN and UP as four big-endian bytes
+//!                                         and a body of UP bytes, answered with DOWN bytes;
+//!                                         prints `P50_US P99_US` of the time from a request's
+//!                                         first byte to its answer's last, the first left out
 //!   egress-probe --netns PATH MODE ...   enters network namespace PATH (setns), then runs MODE
 //!   egress-probe --thread-netns PATH MODE ...   runs MODE on a thread that alone entered PATH;
 //!                                         the process's main thread stays where it was
@@ -1147,21 +1148,25 @@ fn hello_rate(addr: SocketAddr, name: &str, n: usize, clients: usize) -> String 
     run().unwrap_or_else(|e| word(&e))
 }
 
-/// Answers that end while the connection stays open, as a kept-alive HTTP connection's do: the
-/// last bytes of each must come without waiting for more behind them.
-fn hello_replies(addr: SocketAddr, name: &str, n: usize, bytes: usize) -> String {
+/// Requests and answers that end while the connection stays open, as a kept-alive HTTP
+/// connection's do: the last bytes of each must come without waiting for more behind them.
+fn hello_replies(addr: SocketAddr, name: &str, n: usize, up: usize, down: usize) -> String {
     let run = || -> io::Result<String> {
         let hello = client_hello(name)?;
         let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(TIMEOUT))?;
-        let request = u32::try_from(bytes)
-            .map_err(|_| io::Error::other("too large"))?
-            .to_be_bytes();
+        let size = |bytes: usize| {
+            u32::try_from(bytes)
+                .map(u32::to_be_bytes)
+                .map_err(|_| io::Error::other("too large"))
+        };
+        let mut request = [size(down)?, size(up)?].concat();
+        request.resize(8 + up, 0);
         s.write_all(&hello)?;
         // The server's answer to the hello.
         s.read_exact(&mut [0u8; 64])?;
-        let mut answer = vec![0u8; bytes];
+        let mut answer = vec![0u8; down];
         let mut took = Vec::with_capacity(n + 1);
         for _ in 0..=n {
             let start = Instant::now();
@@ -1305,9 +1310,11 @@ fn run(args: &[String]) -> ExitCode {
                 _ => return usage(),
             }
         }
-        (Some("hello-replies"), Some(a)) if args.len() == 5 => {
-            match (args[3].parse(), args[4].parse()) {
-                (Ok(n), Ok(bytes)) if n > 0 && bytes > 0 => hello_replies(a, &args[2], n, bytes),
+        (Some("hello-replies"), Some(a)) if args.len() == 6 => {
+            match (args[3].parse(), args[4].parse(), args[5].parse()) {
+                (Ok(n), Ok(up), Ok(down)) if n > 0 && down > 0 => {
+                    hello_replies(a, &args[2], n, up, down)
+                }
                 _ => return usage(),
             }
         }
@@ -1356,7 +1363,7 @@ fn usage() -> ExitCode {
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
          hello-bulk ADDR:PORT NAME | hello-again ADDR:PORT NAME SECOND | \
          hello-echo|hello-hold ADDR:PORT NAME N | \
-         hello-rate ADDR:PORT NAME N C | hello-replies ADDR:PORT NAME N BYTES"
+         hello-rate ADDR:PORT NAME N C | hello-replies ADDR:PORT NAME N UP DOWN"
     );
     ExitCode::from(2)
 }
