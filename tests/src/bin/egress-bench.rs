@@ -457,7 +457,7 @@ struct Exchange {
     requests: usize,
 }
 
-const ANSWERS: [Exchange; 3] = [
+const EXCHANGES: [Exchange; 3] = [
     Exchange {
         name: "512 KiB down",
         up: 0,
@@ -588,7 +588,7 @@ spec:
 /// An upstream in the world: reads one whole TLS record (the ClientHello, however the proxy in
 /// front passes it on), answers `reply` bytes, half-closes and drains. With `requests`, it then
 /// answers requests until the client half-closes: each the number of bytes to answer with and
-/// the number of the body's that follow (four bytes each, big-endian), then the body. (The
+/// the length of the body that follows (four bytes each, big-endian), then the body. (The
 /// answer to the hello comes first, as a TLS server's does: a relay may wait for it before it
 /// passes the client's next bytes on.)
 fn hello_server(
@@ -824,10 +824,10 @@ struct Figures {
     proxy_user_us: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
-    /// The time from a request on a kept-open connection to its answer's last byte, per size of
-    /// [`ANSWERS`].
-    answer_p50_us: [Vec<f64>; ANSWERS.len()],
-    answer_p99_us: [Vec<f64>; ANSWERS.len()],
+    /// The time from a request's first byte on a kept-open connection to its answer's last, per
+    /// exchange of [`EXCHANGES`].
+    exchange_p50_us: [Vec<f64>; EXCHANGES.len()],
+    exchange_p99_us: [Vec<f64>; EXCHANGES.len()],
     /// The rest of the machine's time per connection in the connection-rate phase: the client's
     /// CPU (its cgroup's), the upstream servers', and the CPUs' idle time. With the proxy's they
     /// add up to the machine's time per connection, nearly all of it.
@@ -922,8 +922,8 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
     ]);
     figures.p50_us.push(ttfb[1]);
     figures.p99_us.push(ttfb[2]);
-    for (i, exchange) in ANSWERS.iter().enumerate() {
-        let answers = probe(&[
+    for (i, exchange) in EXCHANGES.iter().enumerate() {
+        let took = probe(&[
             "hello-replies",
             &path.up.replies.to_string(),
             "replies.test",
@@ -931,8 +931,8 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
             &exchange.up.to_string(),
             &exchange.down.to_string(),
         ]);
-        figures.answer_p50_us[i].push(answers[0]);
-        figures.answer_p99_us[i].push(answers[1]);
+        figures.exchange_p50_us[i].push(took[0]);
+        figures.exchange_p99_us[i].push(took[1]);
     }
 }
 
@@ -1046,11 +1046,11 @@ fn relay(options: &RelayOptions) {
         "TLS passthrough by SNI, side by side, median of {rounds} interleaved rounds: bulk \
          (one connection, {} MiB down), connections/s ({rate_n}, {RATE_CLIENTS} at a \
          time), time from connect() to the first byte ({TTFB_CONNECTIONS} one after another), \
-         time from a request to its answer's last byte on a kept-open connection ({}). The \
+         time from a request's first byte to its answer's last on a kept-open connection ({}). The \
          upstream answers after the whole ClientHello, without TLS, so only the proxies' costs \
          differ.\n",
         BULK_BYTES >> 20,
-        ANSWERS
+        EXCHANGES
             .map(|e| format!("{} requests of {}", e.requests, e.name))
             .join(", ")
     );
@@ -1076,7 +1076,7 @@ fn relay(options: &RelayOptions) {
             // Egress's own paths go through the relay; the peers' enforced clients dial loopback.
             if paths[k].agent.is_some() && paths[k].up == up {
                 expected +=
-                    u64::from(options.bulk) + (rate_n + TTFB_CONNECTIONS + ANSWERS.len()) as u64;
+                    u64::from(options.bulk) + (rate_n + TTFB_CONNECTIONS + EXCHANGES.len()) as u64;
             }
         }
     }
@@ -1090,10 +1090,10 @@ fn relay(options: &RelayOptions) {
         }
     };
     // The exchanges' p50 and p99 at 6 + 2i and 7 + 2i.
-    let m: Vec<[f64; 6 + 2 * ANSWERS.len()]> = figures
+    let m: Vec<[f64; 6 + 2 * EXCHANGES.len()]> = figures
         .iter()
         .map(|f| {
-            let mut m = [f64::NAN; 6 + 2 * ANSWERS.len()];
+            let mut m = [f64::NAN; 6 + 2 * EXCHANGES.len()];
             m[..6].copy_from_slice(&[
                 med(&f.mb_per_sec),
                 med(&f.conns_per_sec),
@@ -1102,9 +1102,9 @@ fn relay(options: &RelayOptions) {
                 med(&f.proxy_us),
                 med(&f.proxy_user_us),
             ]);
-            for i in 0..ANSWERS.len() {
-                m[6 + 2 * i] = med(&f.answer_p50_us[i]);
-                m[7 + 2 * i] = med(&f.answer_p99_us[i]);
+            for i in 0..EXCHANGES.len() {
+                m[6 + 2 * i] = med(&f.exchange_p50_us[i]);
+                m[7 + 2 * i] = med(&f.exchange_p99_us[i]);
             }
             m
         })
@@ -1152,13 +1152,13 @@ fn relay(options: &RelayOptions) {
          last, us (medians): p50, added p50, added p99 for each"
     );
     print!("{:<24}", "path");
-    for e in &ANSWERS {
+    for e in &EXCHANGES {
         print!(" | {:>12} {:>9} {:>9}", e.name, "added p50", "added p99");
     }
     println!();
     for (k, f) in m.iter().enumerate().filter(|(k, _)| runs[*k]) {
         print!("{:<24}", paths[k].name);
-        for i in 0..ANSWERS.len() {
+        for i in 0..EXCHANGES.len() {
             let (p50, p99) = (6 + 2 * i, 7 + 2 * i);
             print!(
                 " | {} {} {}",
@@ -1219,7 +1219,10 @@ fn relay(options: &RelayOptions) {
             list(&f.proxy_user_us, 0.0),
             list(&f.idle_us, 0.0),
             list(&f.p99_us, direct[3]),
-            f.answer_p50_us.each_ref().map(|v| list(v, 0.0)).join(" / ")
+            f.exchange_p50_us
+                .each_ref()
+                .map(|v| list(v, 0.0))
+                .join(" / ")
         );
     }
     println!("\nrelayed connections with outcome ok: {relayed} of {expected}");
@@ -1294,7 +1297,7 @@ fn relay(options: &RelayOptions) {
             String::new()
         };
         // Not among the targets: a check that batching a stream holds no answer back.
-        let answers = ANSWERS
+        let exchanges = EXCHANGES
             .iter()
             .enumerate()
             .map(|(i, e)| {
@@ -1311,7 +1314,7 @@ fn relay(options: &RelayOptions) {
             .collect::<Vec<_>>()
             .join("; ");
         println!(
-            "egress vs {name}: {bulk}conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, {:.0} vs {:.0} in user space), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us{outcome}; added to an exchange: {answers}",
+            "egress vs {name}: {bulk}conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, {:.0} vs {:.0} in user space), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us{outcome}; added to an exchange: {exchanges}",
             egress[1] / p[1],
             egress[4],
             p[4],
