@@ -457,35 +457,18 @@ mod tests {
         assert_eq!(mark(&from), 1, "a direction that keeps up is not batched");
         batching.took(&from, BEHIND, 0);
         assert_eq!(mark(&from), FIRST_BATCH, "a direction behind its sender is");
-        // The pump waits only after a read found nothing, which clears the readiness.
-        let mut buf = [0u8; 256];
-        let nothing = from.try_read(&mut buf).expect_err("nothing sent yet");
-        assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
-
-        peer.write_all(&[7; 100]).await.expect("send");
-        let began = std::time::Instant::now();
-        let woken = tokio::time::timeout(Duration::from_secs(5), batching.wait(&from))
-            .await
-            .expect("the stall ends the wait")
-            .expect("wait");
-        assert_eq!(woken, Woken::Held, "the mark held the bytes back");
-        assert!(
-            began.elapsed() >= STALL_MIN,
-            "woken after {:?}",
-            began.elapsed()
-        );
+        let waited = held(&mut batching, &mut peer, &from).await;
+        assert!(waited >= STALL_MIN, "woken after {waited:?}");
         assert_eq!(
             mark(&from),
             1,
             "the mark drops after a hold that found little"
         );
-        from.readable().await.expect("readable");
-        assert_eq!(from.try_read(&mut buf).expect("read"), 100);
 
         // The next time the relay is behind it is raised again; a batch that comes doubles it.
         batching.took(&from, BEHIND, 0);
         assert_eq!(mark(&from), FIRST_BATCH);
-        let nothing = from.try_read(&mut buf).expect_err("all taken");
+        let nothing = from.try_read(&mut [0u8; 256]).expect_err("all taken");
         assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
         let batch = vec![1u8; FIRST_BATCH as usize];
         tokio::time::timeout(Duration::from_secs(5), peer.write_all(&batch))
@@ -509,6 +492,25 @@ mod tests {
         assert_eq!(mark(&from), 2 * FIRST_BATCH, "the mark stays at a request");
     }
 
+    /// With nothing waiting in `from`, `peer` sends 100 bytes: the mark holds them back until the
+    /// wait ends, then they are read. How long the wait took.
+    async fn held(batching: &mut Batching, peer: &mut TcpStream, from: &TcpStream) -> Duration {
+        // The pump waits only after a read found nothing, which clears the readiness.
+        let mut buf = [0u8; 256];
+        let nothing = from.try_read(&mut buf).expect_err("all taken");
+        assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
+        peer.write_all(&[7; 100]).await.expect("send");
+        let began = std::time::Instant::now();
+        let woken = tokio::time::timeout(Duration::from_secs(5), batching.wait(from))
+            .await
+            .expect("the wait ends")
+            .expect("wait");
+        assert_eq!(woken, Woken::Held, "the mark held the bytes back");
+        from.readable().await.expect("readable");
+        assert_eq!(from.try_read(&mut buf).expect("read"), 100);
+        began.elapsed()
+    }
+
     /// How long a stall may last before the relay takes what came is a share of the stream's
     /// time: an answer to a request, a new stream, is held far less than a stream of long
     /// standing, whose stall the hold ends.
@@ -517,32 +519,19 @@ mod tests {
         let (mut peer, from) = pair(None).await;
         let mut batching = Batching::new(0);
         let hold = Duration::from_secs(1);
-        let mut held = async |batching: &mut Batching| {
-            let mut buf = [0u8; 256];
-            let nothing = from.try_read(&mut buf).expect_err("all taken");
-            assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
-            assert_eq!(mark(&from), FIRST_BATCH);
-            batching.hold = hold;
-            peer.write_all(&[7; 100]).await.expect("send");
-            let began = std::time::Instant::now();
-            let woken = tokio::time::timeout(Duration::from_secs(5), batching.wait(&from))
-                .await
-                .expect("the wait ends")
-                .expect("wait");
-            assert_eq!(woken, Woken::Held);
-            from.readable().await.expect("readable");
-            assert_eq!(from.try_read(&mut buf).expect("read"), 100);
-            began.elapsed()
-        };
         // A quarter of a 40 s stream is longer than the hold.
         batching.began -= Duration::from_secs(40);
         batching.took(&from, BEHIND, 0);
-        let waited = held(&mut batching).await;
+        assert_eq!(mark(&from), FIRST_BATCH);
+        batching.hold = hold;
+        let waited = held(&mut batching, &mut peer, &from).await;
         assert!(waited >= hold, "held {waited:?}");
         // An answer: a stall of a few µs ends it.
         batching.took(&from, BEHIND, 0);
         batching.took(&from, BEHIND, 4);
-        let waited = held(&mut batching).await;
+        assert_eq!(mark(&from), FIRST_BATCH);
+        batching.hold = hold;
+        let waited = held(&mut batching, &mut peer, &from).await;
         assert!(waited < hold / 2, "held {waited:?}");
     }
 
