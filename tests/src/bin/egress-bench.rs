@@ -545,45 +545,45 @@ impl RelayOptions {
     }
 }
 
-/// small.test (host 10) answers 64 bytes, bulk.test (host 11) `BULK_BYTES`, replies.test (host
-/// 12) what each request asks for; all steered.
-const RELAY_POLICY: &str = "
-apiVersion: networking.istio.io/v1
+/// A ServiceEntry for each `NAME.test` at its upstream's address, port 443 TLS, and a
+/// VirtualService steering them all through the egress gateway.
+fn relay_policy(hosts: &[(&str, SocketAddr)]) -> String {
+    let mut y = String::new();
+    for (name, at) in hosts {
+        let _ = write!(
+            y,
+            "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {name: small}
+metadata: {{name: {name}}}
 spec:
-  hosts: [small.test]
-  ports: [{number: 443, name: tls, protocol: TLS}]
+  hosts: [{name}.test]
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
   resolution: STATIC
-  endpoints: [{address: HOST10}]
+  endpoints: [{{address: {ip}}}]
 ---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: bulk}
-spec:
-  hosts: [bulk.test]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  resolution: STATIC
-  endpoints: [{address: HOST11}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: replies}
-spec:
-  hosts: [replies.test]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  resolution: STATIC
-  endpoints: [{address: HOST12}]
----
-apiVersion: networking.istio.io/v1
+",
+            ip = at.ip()
+        );
+    }
+    let names = hosts
+        .iter()
+        .map(|(name, _)| format!("{name}.test"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = write!(
+        y,
+        "apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {name: via-gateway}
+metadata: {{name: via-gateway}}
 spec:
-  hosts: [small.test, bulk.test, replies.test]
+  hosts: [{names}]
   tls:
-  - match: [{port: 443, sniHosts: [small.test, bulk.test, replies.test]}]
-    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local}}]
-";
+  - match: [{{port: 443, sniHosts: [{names}]}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
+"
+    );
+    y
+}
 
 /// An upstream in the world: reads one whole TLS record (the ClientHello, however the proxy in
 /// front passes it on), answers `reply` bytes, half-closes and drains. With `requests`, it then
@@ -969,12 +969,13 @@ fn relay(options: &RelayOptions) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let enforced = TestCgroup::new("bench-relay");
     let plain = TestCgroup::new("bench-relay-base");
-    let policy = policy_dir(
-        &RELAY_POLICY
-            .replace("HOST10", &w.v4(10).to_string())
-            .replace("HOST11", &w.v4(11).to_string())
-            .replace("HOST12", &w.v4(12).to_string()),
-    );
+    // small.test answers 64 bytes, bulk.test `BULK_BYTES`, replies.test what each request asks
+    // for; all steered.
+    let policy = policy_dir(&relay_policy(&[
+        ("small", up.small),
+        ("bulk", up.bulk),
+        ("replies", up.replies),
+    ]));
     // An agent as `egress run` runs, flow log included, with the relay copying or splicing.
     let start_agent = |splice: bool| {
         rt.block_on(Agent::start(AgentConfig {
