@@ -810,6 +810,21 @@ async fn a_busy_relay_sends_its_first_bytes_with_the_handshakes_last_ack() {
         Duration::from_secs(10),
         || a.status.relay_open.get() == 0,
     );
+    // A connection is counted before it leaves the gauge: none open means all counted (the held
+    // ones end ok or, closed with the echo unread, in error).
+    let counted: u64 = ["ok", "error"]
+        .map(|outcome| {
+            a.status
+                .relayed
+                .get_or_create(&egress_agent::metrics::RelayLabels {
+                    outcome: Some(outcome.into()),
+                    host: Some("echo.test".into()),
+                })
+                .get()
+        })
+        .iter()
+        .sum();
+    assert_eq!(counted, held as u64 + 1);
     a.shutdown().await;
 }
 

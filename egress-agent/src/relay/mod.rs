@@ -739,8 +739,9 @@ fn serve_next(
         let open = Open::new(&shared.status.relay_open);
         let mut cookie = None;
         let record = handle(stream, peer, netns, &shared, &mut cookie).await;
-        drop(open);
+        // Counted before the gauge falls: with no connection open, every one has been counted.
         shared.status.observe(&record);
+        drop(open);
         let _ = match cookie {
             Some(cookie) => {
                 let relayed = Relayed { cookie, taken };

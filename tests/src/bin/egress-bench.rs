@@ -836,6 +836,51 @@ struct Figures {
     idle_us: Vec<f64>,
 }
 
+/// The relay records of the flow log in `dir` whose outcome is not `ok`; removes the log and its
+/// rotations, so that each agent's are read whole.
+fn relay_records_not_ok(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("flows.jsonl")
+        {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        found.extend(
+            text.lines()
+                .filter(|line| line.contains("\"relay\""))
+                .filter(|line| {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .is_ok_and(|record| record["kind"] == "relay" && record["outcome"] != "ok")
+                })
+                .map(str::to_owned),
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+    found
+}
+
+/// Waits until the relay holds no connection: it ends a connection, and counts it, a little after
+/// the client has gone.
+fn relay_done(agent: &Agent) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.status.relay_open.get() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the relay still holds {} connection(s)",
+            agent.status.relay_open.get()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Waits until the agent has caught up with a phase: no new flow record for longer than its
 /// reader's drain interval, which also covers the writer's flush. So its work after the phase
 /// counts towards that phase's CPU, and the next phase starts on a machine as quiet as a peer's.
@@ -1061,6 +1106,7 @@ fn relay(options: &RelayOptions) {
     let runs: Vec<bool> = paths.iter().map(|p| options.runs(p.name)).collect();
     let mut figures: Vec<Figures> = paths.iter().map(|_| Figures::default()).collect();
     let (mut relayed, mut expected) = (0, 0);
+    let mut not_ok = Vec::new();
     for round in 0..rounds {
         // Rotate the order, so no path always runs first.
         for i in 0..paths.len() {
@@ -1071,8 +1117,14 @@ fn relay(options: &RelayOptions) {
             let agent = paths[k].agent.map(start_agent);
             measure(&paths[k], agent.as_ref(), options, &mut figures[k]);
             if let Some(agent) = agent {
+                relay_done(&agent);
                 relayed += relayed_ok(&agent);
                 rt.block_on(agent.shutdown());
+                not_ok.extend(
+                    relay_records_not_ok(&dir)
+                        .into_iter()
+                        .map(|line| format!("{}: {line}", paths[k].name)),
+                );
             }
             // Egress's own paths go through the relay; the peers' enforced clients dial loopback.
             if paths[k].agent.is_some() && paths[k].up == up {
@@ -1227,6 +1279,9 @@ fn relay(options: &RelayOptions) {
         );
     }
     println!("\nrelayed connections with outcome ok: {relayed} of {expected}");
+    for line in &not_ok {
+        println!("not ok: {line}");
+    }
     assert_eq!(
         relayed, expected,
         "the relay did not carry every connection"
