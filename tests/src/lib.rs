@@ -39,8 +39,17 @@ fn sweep_leftovers() {
     ONCE.call_once(|| sweep_leftovers_of(|pid| pid == std::process::id() || !alive(pid)));
 }
 
+/// Whether process `pid` runs: a zombie (killed, its parent not yet told) has left its worlds
+/// and cgroups behind as a dead one has.
 fn alive(pid: u32) -> bool {
-    Path::new("/proc").join(pid.to_string()).exists()
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) state …": comm may hold spaces and parentheses, the state follows the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X"))
 }
 
 /// World `index` of process `pid`: its network namespace and the host end of its veth (which
@@ -1159,6 +1168,30 @@ mod tests {
     use egress_agent::datapath::cgroup;
 
     use super::{join_cgroup, sh, sweep_leftovers_of, world_names};
+
+    /// A process that has exited but not been waited for (a zombie) counts as gone, a running one
+    /// as alive, one that does not exist as gone.
+    #[test]
+    fn a_zombie_test_process_counts_as_gone() {
+        let mut running = Command::new("sleep").arg("600").spawn().expect("sleep");
+        assert!(super::alive(running.id()));
+        let mut zombie = Command::new("true").spawn().expect("spawn");
+        let pid = zombie.id();
+        // Not waited for: it stays a zombie until it is.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while super::alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pid} still counts as alive"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(Path::new(&format!("/proc/{pid}")).exists(), "a zombie");
+        zombie.wait().expect("wait");
+        assert!(!super::alive(pid));
+        running.kill().expect("kill");
+        running.wait().expect("wait");
+    }
 
     /// A world, a cgroup and pins of a test process that died, each with a process in it, are
     /// removed; a world of a live process is not.
