@@ -234,8 +234,7 @@ fn events_round(
     let clients = std::thread::available_parallelism().map_or(2, |n| n.get());
     let cg = TestCgroup::new("bench-events");
     // A directory of its own: the log rotates at this rate, and its rotations go with it.
-    let dir = std::env::temp_dir().join(format!("egress-bench-events-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = Scratch::new("events");
     let log = dir.join("flows.jsonl");
     let agent = rt
         .block_on(Agent::start(AgentConfig {
@@ -304,7 +303,6 @@ fn events_round(
         decisions.get()
     );
     rt.block_on(agent.shutdown());
-    let _ = std::fs::remove_dir_all(&dir);
     run
 }
 
@@ -652,6 +650,33 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
+}
+
+/// A directory of the benchmark's own, removed on drop: also when a run fails, which would
+/// otherwise leave its logs behind.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("egress-bench-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("bench dir");
+        Scratch(dir)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A peer proxy run for the benchmark, killed on drop.
@@ -1005,8 +1030,7 @@ fn relay(options: &RelayOptions) {
     // The policy names no DNS host; the resolver is never asked.
     w.start_dns(&[], 300);
 
-    let dir = std::env::temp_dir().join(format!("egress-bench-relay-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("bench dir");
+    let dir = Scratch::new("relay");
     let (hp, np) = (free_port(), free_port());
     let haproxy = haproxy(&dir, hp, &up);
     let nginx = nginx(&dir, np, &up);
@@ -1382,5 +1406,4 @@ fn relay(options: &RelayOptions) {
             p[3] - direct[3],
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
