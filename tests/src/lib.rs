@@ -931,6 +931,21 @@ impl HeldProbe {
     }
 }
 
+/// The relay's count of connections to `host` that ended with `outcome`, from its metrics.
+pub fn relayed_count(
+    status: &egress_agent::metrics::Status,
+    outcome: &'static str,
+    host: &str,
+) -> u64 {
+    status
+        .relayed
+        .get_or_create(&egress_agent::metrics::RelayLabels {
+            outcome: Some(outcome.into()),
+            host: Some(host.into()),
+        })
+        .get()
+}
+
 /// `egress-probe ARGS`, inside `cgroup` if given, with its output piped.
 pub fn probe_command(cgroup: Option<&Path>, args: &[&str]) -> Command {
     let mut cmd = Command::new(target_bin("egress-probe"));

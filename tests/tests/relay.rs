@@ -17,8 +17,8 @@ use egress_agent::{
 };
 use egress_tests::{
     HeldProbe, TestCgroup, World, assert_no_relay_record_left, at, egress_run, egress_run_command,
-    log_path, loopback_server, pin_dir, port_checks, probe_in, probe_with_pid, records, shown,
-    signal, target_bin,
+    log_path, loopback_server, pin_dir, port_checks, probe_in, probe_with_pid, records,
+    relayed_count, shown, signal, target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -813,16 +813,8 @@ async fn a_busy_relay_sends_its_first_bytes_with_the_handshakes_last_ack() {
     // A connection is counted before it leaves the gauge: none open means all counted (the held
     // ones end ok or, closed with the echo unread, in error).
     let counted: u64 = ["ok", "error"]
-        .map(|outcome| {
-            a.status
-                .relayed
-                .get_or_create(&egress_agent::metrics::RelayLabels {
-                    outcome: Some(outcome.into()),
-                    host: Some("echo.test".into()),
-                })
-                .get()
-        })
         .iter()
+        .map(|outcome| relayed_count(&a.status, outcome, "echo.test"))
         .sum();
     assert_eq!(counted, held as u64 + 1);
     a.shutdown().await;
@@ -980,14 +972,11 @@ async fn connections_in_progress_when_the_agent_stops_have_their_records() {
         .next()
         .expect("the record of the one without a hello");
     assert_eq!((r.sni.as_deref(), r.upstream), (None, None), "{r:?}");
-    let stopped = status
-        .relayed
-        .get_or_create(&egress_agent::metrics::RelayLabels {
-            outcome: Some("stopped".into()),
-            host: Some("echo.test".into()),
-        })
-        .get();
-    assert_eq!(stopped, 3, "counted in the metrics");
+    assert_eq!(
+        relayed_count(&status, "stopped", "echo.test"),
+        3,
+        "counted in the metrics"
+    );
     carrying.release();
     waiting.release();
 }

@@ -20,11 +20,11 @@ use std::{
 use egress_agent::{
     agent::{Agent, AgentConfig},
     events::DRAIN_INTERVAL,
-    metrics::{DecisionLabels, RelayLabels},
+    metrics::DecisionLabels,
     policy::Mode,
     relay::RelayConfig,
 };
-use egress_tests::{TestCgroup, World, policy_dir, spawn_probe};
+use egress_tests::{TestCgroup, World, policy_dir, relayed_count, spawn_probe};
 
 const ITERATIONS: &str = "200000";
 const ROUNDS: usize = 7;
@@ -1065,16 +1065,7 @@ fn relay(options: &RelayOptions) {
     let relayed_ok = |agent: &Agent| -> u64 {
         ["small.test", "bulk.test", "replies.test"]
             .iter()
-            .map(|host| {
-                agent
-                    .status
-                    .relayed
-                    .get_or_create(&RelayLabels {
-                        outcome: Some("ok".into()),
-                        host: Some((*host).into()),
-                    })
-                    .get()
-            })
+            .map(|host| relayed_count(&agent.status, "ok", host))
             .sum()
     };
     let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
