@@ -291,10 +291,6 @@ impl Batching {
                         seen = waiting;
                         continue;
                     }
-                    if waiting == 0 {
-                        // A pause: the stream has ended.
-                        self.began = Instant::now();
-                    }
                     if waiting < BEHIND {
                         set_mark(from, 1)?;
                         self.mark = 0;
@@ -302,6 +298,8 @@ impl Batching {
                         self.hold = hold_for(began.elapsed(), waiting, self.mark);
                     }
                     if waiting == 0 {
+                        // A pause: the stream has ended.
+                        self.began = Instant::now();
                         return from.readable().await.map(|()| Woken::Ready);
                     }
                     return Ok(Woken::Held);
