@@ -17,7 +17,25 @@ use crate::events::{Name, Record, Word};
 // Label values are the records' own words and shared names: counting a record allocates nothing
 // but a label set seen for the first time.
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Hashes a label set as one word: its fields through foldhash, then that word through the
+/// family's SipHash (prometheus-client's map takes no other hasher). SipHash over each name
+/// cost more than the rest of counting a record. Equal sets give equal words, as `Hash` needs.
+macro_rules! hash_as_one_word {
+    ($labels:ty: $($field:ident),+) => {
+        impl std::hash::Hash for $labels {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                use std::hash::BuildHasher as _;
+                state.write_u64(foldhash::fast::FixedState::default().hash_one(($(&self.$field),+)));
+            }
+        }
+    };
+}
+
+hash_as_one_word!(DecisionLabels: verdict, host, rule);
+hash_as_one_word!(BytesLabels: host, direction);
+hash_as_one_word!(RelayLabels: outcome, host);
+
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub verdict: Option<Word>,
     /// Empty when the destination belongs to no registered host.
@@ -36,14 +54,14 @@ impl DecisionLabels {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     pub host: Option<Name>,
     /// `out` (sent) or `in` (received).
     pub direction: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayLabels {
     /// The relay record's outcome: `ok`, `refused`, `upstream-failed`, ….
     pub outcome: Option<Word>,

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use foldhash::HashMap as FastMap;
 use ipnet::IpNet;
 
 use egress_common::{RULE_AF_XDP, RULE_LOOPBACK, RULE_MODE, RULE_QDISC_BYPASS, RULE_RESOLVER};
@@ -30,19 +31,19 @@ use crate::policy::{
 #[derive(Debug, Default)]
 pub struct Catalog {
     /// By rule id.
-    rules: HashMap<u32, Rule>,
+    rules: FastMap<u32, Rule>,
     /// Rules that reloads removed within [`RETIRED_FOR`], by id: the kernel may have decided by
     /// them just before, and those decisions' records are written after the swap. They name
     /// such records; they judge nothing. Ids are never reused, so none names another rule.
-    retired: HashMap<u32, Retired>,
+    retired: FastMap<u32, Retired>,
     /// Why the mode decided, for the records it did.
     mode: &'static str,
     /// Resolved names of each address.
-    names: HashMap<IpAddr, Vec<Name>>,
+    names: FastMap<IpAddr, Vec<Name>>,
     /// Resolved addresses of each name.
     addrs: HashMap<String, Vec<IpAddr>>,
     /// The rule of each host, for route destinations: the policy's first that names it.
-    by_host: HashMap<Name, u32>,
+    by_host: FastMap<Name, u32>,
 }
 
 #[derive(Debug)]
@@ -137,7 +138,7 @@ impl Upstream {
 
 impl Catalog {
     pub fn new(plan: &Plan, resolved: &HashMap<String, Vec<IpAddr>>) -> Catalog {
-        let mut names: HashMap<IpAddr, Vec<Name>> = HashMap::new();
+        let mut names: FastMap<IpAddr, Vec<Name>> = FastMap::default();
         for (name, addrs) in resolved {
             let name = Name::from(name.as_str());
             for ip in addrs {
@@ -147,7 +148,7 @@ impl Catalog {
         for v in names.values_mut() {
             v.sort();
         }
-        let mut by_host = HashMap::new();
+        let mut by_host = FastMap::default();
         for r in &plan.rules {
             for h in &r.hosts {
                 by_host.entry(Name::from(h.as_str())).or_insert(r.id);
@@ -187,7 +188,7 @@ impl Catalog {
                     (r.id, rule)
                 })
                 .collect(),
-            retired: HashMap::new(),
+            retired: FastMap::default(),
             mode: plan.mode.reason(),
             names,
             addrs: resolved.clone(),
@@ -532,7 +533,7 @@ pub struct CgroupNames {
     /// The mount, open: where ids are opened.
     mount_dir: Option<std::fs::File>,
     root: PathBuf,
-    known: HashMap<u64, Name>,
+    known: FastMap<u64, Name>,
     last_scan: Option<Instant>,
 }
 
@@ -546,7 +547,7 @@ impl CgroupNames {
             mount_dir: std::fs::File::open(&mount).ok(),
             mount,
             root,
-            known: HashMap::new(),
+            known: FastMap::default(),
             last_scan: None,
         };
         names.scan();

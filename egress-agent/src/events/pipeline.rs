@@ -8,7 +8,7 @@
 //! ring fills, and the kernel counts what it cannot write; those counts are reported as `lost`
 //! records. Nothing grows without bound, nothing is silent.
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::VecDeque,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -121,11 +121,11 @@ const CONNECT_WAIT: Duration = Duration::from_secs(1);
 struct Order {
     /// Steered connects written within [`CONNECT_WAIT`] whose relay record has not come, by
     /// cookie (a socket's, so each connects once).
-    connects: HashSet<u64>,
+    connects: foldhash::HashSet<u64>,
     /// When each of them was written, oldest first, to forget them.
     written: VecDeque<(Instant, u64)>,
     /// Relay records waiting for their connect, by cookie, with when they stop waiting.
-    held: HashMap<u64, (Box<Record>, Instant)>,
+    held: foldhash::HashMap<u64, (Box<Record>, Instant)>,
 }
 
 impl Order {

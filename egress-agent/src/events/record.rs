@@ -7,6 +7,7 @@
 //! addresses are kept as addresses and written as text only into the log line.
 use std::{
     borrow::Cow,
+    cell::RefCell,
     io::Write as _,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::Arc,
@@ -278,8 +279,7 @@ impl Record {
             status,
         } = self;
         out.extend_from_slice(b"{\"time\":\"");
-        // Into a Vec, which cannot fail.
-        let _ = write!(out, "{time}");
+        json_time(out, *time);
         out.extend_from_slice(b"\",\"kind\":");
         json_str(out, kind);
         macro_rules! fields {
@@ -330,8 +330,54 @@ impl Record {
     }
 }
 
+/// A timestamp as jiff prints it (`2026-11-23T02:28:49.623692409Z`: the fraction with as many
+/// digits as it needs, none when whole), with the part up to the second printed once per second
+/// on each thread: records come many to a second, and jiff's printer cost more than the rest of
+/// a line's words together.
+fn json_time(out: &mut Vec<u8>, time: Timestamp) {
+    thread_local! {
+        /// The second last printed, and its text without the `Z`.
+        static SECOND: RefCell<(i64, Vec<u8>)> = const { RefCell::new((i64::MIN, Vec::new())) };
+    }
+    let (second, nanos) = (time.as_second(), time.subsec_nanosecond());
+    let whole = Timestamp::from_second(second);
+    let (Ok(whole), false) = (whole, second < 0 || nanos < 0) else {
+        // Before 1970 (tests): jiff's own printer. Into a Vec, which cannot fail.
+        let _ = write!(out, "{time}");
+        return;
+    };
+    SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != second {
+            text.clear();
+            let _ = write!(text, "{whole}");
+            text.pop();
+            *cached = second;
+        }
+        out.extend_from_slice(text);
+    });
+    if nanos > 0 {
+        let mut digits = [b'0'; 10];
+        digits[0] = b'.';
+        let mut n = nanos as u32;
+        for d in digits[1..].iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        let len = digits.iter().rposition(|&d| d != b'0').map_or(1, |i| i + 1);
+        out.extend_from_slice(&digits[..len]);
+    }
+    out.push(b'Z');
+}
+
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    // Without an early exit, so that the compiler checks many bytes at a time: each line's
+    // names pass here.
+    let escaped = s
+        .as_bytes()
+        .iter()
+        .map(|&b| u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\'))
+        .fold(0, |found, b| found | b);
+    if escaped != 0 {
         // Rare (a process name, a server name or a reason with quotes or control characters):
         // serde_json's escapes, exactly.
         let _ = serde_json::to_writer(&mut *out, s);
@@ -360,17 +406,25 @@ fn json_number(out: &mut Vec<u8>, n: &impl itoa::Integer) {
 fn json_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
     match addr {
         SocketAddr::V4(v4) => {
+            // `"255.255.255.255:65535"` at most: made on the stack, added to the line at once.
+            let mut text = [0u8; 23];
+            let mut at = 0;
             let mut digits = itoa::Buffer::new();
-            out.push(b'"');
+            let mut put = |bytes: &[u8]| {
+                text[at..at + bytes.len()].copy_from_slice(bytes);
+                at += bytes.len();
+            };
+            put(b"\"");
             for (i, octet) in v4.ip().octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push(b'.');
+                    put(b".");
                 }
-                out.extend_from_slice(digits.format(octet).as_bytes());
+                put(digits.format(octet).as_bytes());
             }
-            out.push(b':');
-            out.extend_from_slice(digits.format(v4.port()).as_bytes());
-            out.push(b'"');
+            put(b":");
+            put(digits.format(v4.port()).as_bytes());
+            put(b"\"");
+            out.extend_from_slice(&text[..at]);
         }
         // IPv6's shortest form has rules of its own: the standard library's.
         SocketAddr::V6(v6) => {
@@ -509,6 +563,25 @@ mod tests {
         ] {
             records.push(full(text, false));
             records.push(full(text, true));
+        }
+        // The time's text is kept per second: the same second twice, the next, fractions with
+        // and without trailing zeros, and times before 1970.
+        for (r, time) in records.iter_mut().zip(
+            [
+                "2026-11-23T02:28:49.623692409Z",
+                "2026-11-23T02:28:49.5Z",
+                "2026-11-23T02:28:50Z",
+                "2026-11-23T02:28:50.000000001Z",
+                "2026-11-23T02:28:50.12Z",
+                "1969-12-31T23:59:59.75Z",
+                "1969-12-31T23:59:59Z",
+                "2026-11-23T02:28:49.100000Z",
+                "1970-01-01T00:00:00Z",
+            ]
+            .into_iter()
+            .cycle(),
+        ) {
+            r.time = time.parse().expect("time");
         }
         let mut line = Vec::new();
         for r in &records {

@@ -3,10 +3,11 @@
 //! workload opening connections (or holding them before their ClientHello) could take them all,
 //! and every other workload's steered connections would then fail.
 use std::{
-    collections::HashMap,
     sync::Mutex,
     time::{Duration, Instant},
 };
+
+use foldhash::HashMap as FastMap;
 
 /// The relay's limits, as in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,9 +112,9 @@ type HostKey = (u32, crate::events::Name, u16);
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
-    workloads: Mutex<HashMap<u64, Workload>>,
+    workloads: Mutex<FastMap<u64, Workload>>,
     relay_warned: Mutex<Warned>,
-    hosts: Mutex<HashMap<HostKey, usize>>,
+    hosts: Mutex<FastMap<HostKey, usize>>,
 }
 
 /// A connection counted against its destination's limit until dropped.
@@ -164,11 +165,11 @@ impl Admission {
         }
     }
 
-    fn workloads(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Workload>> {
+    fn workloads(&self) -> std::sync::MutexGuard<'_, FastMap<u64, Workload>> {
         self.workloads.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn hosts(&self) -> std::sync::MutexGuard<'_, HashMap<HostKey, usize>> {
+    fn hosts(&self) -> std::sync::MutexGuard<'_, FastMap<HostKey, usize>> {
         self.hosts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
