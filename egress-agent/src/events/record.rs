@@ -406,24 +406,34 @@ fn json_number(out: &mut Vec<u8>, n: &impl itoa::Integer) {
 fn json_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
     match addr {
         SocketAddr::V4(v4) => {
-            // `"255.255.255.255:65535"` at most: made on the stack, added to the line at once.
-            let mut text = [0u8; 23];
-            let mut at = 0;
-            let mut digits = itoa::Buffer::new();
-            let mut put = |bytes: &[u8]| {
-                text[at..at + bytes.len()].copy_from_slice(bytes);
-                at += bytes.len();
-            };
-            put(b"\"");
-            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-                if i > 0 {
-                    put(b".");
+            // `"255.255.255.255:65535"` at most: made on the stack byte by byte (no copy call
+            // per piece), added to the line at once.
+            let mut text = [b'"'; 23];
+            let mut at = 1;
+            let mut number = |n: u16, then: u8| {
+                let mut digits = [0u8; 5];
+                let (mut n, mut first) = (n, digits.len());
+                loop {
+                    first -= 1;
+                    digits[first] = b'0' + (n % 10) as u8;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
                 }
-                put(digits.format(octet).as_bytes());
-            }
-            put(b":");
-            put(digits.format(v4.port()).as_bytes());
-            put(b"\"");
+                for &d in &digits[first..] {
+                    text[at] = d;
+                    at += 1;
+                }
+                text[at] = then;
+                at += 1;
+            };
+            let [a, b, c, d] = v4.ip().octets();
+            number(a.into(), b'.');
+            number(b.into(), b'.');
+            number(c.into(), b'.');
+            number(d.into(), b':');
+            number(v4.port(), b'"');
             out.extend_from_slice(&text[..at]);
         }
         // IPv6's shortest form has rules of its own: the standard library's.
@@ -549,6 +559,13 @@ mod tests {
             Record::lost(Timestamp::now(), 1, 2),
             Record {
                 alpn: Some(Vec::new()),
+                ..Record::relay_unknown(Timestamp::UNIX_EPOCH)
+            },
+            // Octets and ports of every length of digits.
+            Record {
+                src: Some("1.22.103.9:80".parse().expect("address")),
+                dst: Some("100.7.20.250:1024".parse().expect("address")),
+                upstream: Some("9.99.199.10:9".parse().expect("address")),
                 ..Record::relay_unknown(Timestamp::UNIX_EPOCH)
             },
         ];
