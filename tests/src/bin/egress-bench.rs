@@ -834,6 +834,8 @@ struct Path<'a> {
     agent: Option<bool>,
     /// The peer proxy's process.
     peer: Option<u32>,
+    /// Where the agent's steering sends connections in place of its relay: a peer's port.
+    steer_to: Option<u16>,
 }
 
 #[derive(Default)]
@@ -890,6 +892,32 @@ fn relay_records_not_ok(dir: &std::path::Path) -> Vec<String> {
         let _ = std::fs::remove_file(&path);
     }
     found
+}
+
+/// Points the running agent's steering from the agent's own network namespace at `port` on
+/// loopback, in place of its relay's (which then takes no connection).
+fn steer_to(port: u16) {
+    // The kernel keeps a map's name to 15 bytes.
+    let name = &egress_common::RELAY_NETNS_MAP[..15];
+    let netns = egress_agent::relay::netns::own_cookie().expect("the namespace's cookie");
+    let mut pointed = 0;
+    for info in aya::maps::loaded_maps().flatten() {
+        if info.name_as_str() != Some(name) {
+            continue;
+        }
+        let Ok(data) = aya::maps::MapData::from_id(info.id()) else {
+            continue;
+        };
+        let mut map: aya::maps::HashMap<_, u64, u32> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))
+                .expect("the relay's namespaces");
+        if map.get(&netns, 0).is_ok() {
+            map.insert(netns, u32::from(port), 0)
+                .expect("steer to the port");
+            pointed += 1;
+        }
+    }
+    assert_eq!(pointed, 1, "one agent's steering to point at port {port}");
 }
 
 /// Waits until the relay holds no connection: it ends a connection, and counts it, a little after
@@ -1075,6 +1103,7 @@ fn relay(options: &RelayOptions) {
         up,
         agent: Some(splice),
         peer: None,
+        steer_to: None,
     };
     // A peer's client as the peers ship (nothing enforced), and enforced by egress as well (the
     // connect hook, the flow events and their log, the TC backstop on the upstream's interface):
@@ -1085,6 +1114,7 @@ fn relay(options: &RelayOptions) {
         up: Upstreams::via(local(port)),
         agent: enforce.then_some(true),
         peer: Some(pid),
+        steer_to: None,
     };
     let paths = [
         Path {
@@ -1093,6 +1123,7 @@ fn relay(options: &RelayOptions) {
             up,
             agent: None,
             peer: None,
+            steer_to: None,
         },
         egress("egress copy", false),
         egress("egress splice", true),
@@ -1100,6 +1131,17 @@ fn relay(options: &RelayOptions) {
         peer("nginx stream", (np, nginx.child.id()), false),
         peer("HAProxy, client enforced", (hp, haproxy.child.id()), true),
         peer("nginx, client enforced", (np, nginx.child.id()), true),
+        // egress's steering and enforcement with nginx in its relay's place: the client dials the
+        // upstreams, the connect hook sends it to nginx. What a relay as lean as nginx's would
+        // reach behind them, and what they cost against nginx as it ships.
+        Path {
+            name: "nginx as egress's relay",
+            cgroup: &enforced,
+            up,
+            agent: Some(true),
+            peer: Some(nginx.child.id()),
+            steer_to: Some(np),
+        },
     ];
     let rounds = options.rounds;
     let rate_n = options.rate_connections;
@@ -1130,6 +1172,9 @@ fn relay(options: &RelayOptions) {
                 continue;
             }
             let agent = paths[k].agent.map(start_agent);
+            if let Some(port) = paths[k].steer_to {
+                steer_to(port);
+            }
             measure(&paths[k], agent.as_ref(), options, &mut figures[k]);
             if let Some(agent) = agent {
                 relay_done(&agent);
@@ -1142,7 +1187,7 @@ fn relay(options: &RelayOptions) {
                 );
             }
             // Egress's own paths go through the relay; the peers' enforced clients dial loopback.
-            if paths[k].agent.is_some() && paths[k].up == up {
+            if paths[k].agent.is_some() && paths[k].up == up && paths[k].steer_to.is_none() {
                 expected +=
                     u64::from(options.bulk) + (rate_n + TTFB_CONNECTIONS + EXCHANGES.len()) as u64;
             }
@@ -1342,6 +1387,11 @@ fn relay(options: &RelayOptions) {
             false,
         ),
         (6, "nginx with the client enforced by egress as well", false),
+        (
+            7,
+            "nginx in its relay's place, behind egress's steering",
+            false,
+        ),
     ] {
         if !runs[k] {
             continue;
@@ -1395,6 +1445,23 @@ fn relay(options: &RelayOptions) {
             p[2] - direct[2],
             egress[3] - direct[3],
             p[3] - direct[3],
+        );
+    }
+    // What egress's steering and enforcement cost whatever relays behind them: nginx behind them
+    // against nginx as it ships.
+    if runs[4] && runs[7] {
+        let (steered, plain) = (m[7], m[4]);
+        println!(
+            "{} vs {}: conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, the agent's included), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
+            paths[7].name,
+            paths[4].name,
+            steered[1] / plain[1],
+            steered[4],
+            plain[4],
+            steered[2] - direct[2],
+            plain[2] - direct[2],
+            steered[3] - direct[3],
+            plain[3] - direct[3],
         );
     }
 }
