@@ -1683,6 +1683,76 @@ spec:
     a.shutdown().await;
 }
 
+/// The idle limit holds from the ClientHello on: an upstream that takes the hello and never
+/// answers is cut at it as a quiet connection is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_never_answers_the_hello_is_cut_at_the_idle_timeout() {
+    let f = fixture("mute");
+    let cg = TestCgroup::new("relay-mute");
+    let log = log_path("relay-mute");
+    // Reads what it is sent to the end before it answers: never, while the client holds on.
+    f.w.host(27);
+    f.w.tcp_sink_reply(SocketAddr::new(f.w.v4(27), 443));
+    let a = agent_with_policy(
+        &f,
+        &cg,
+        &log,
+        &format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: mute, namespace: shop}}
+spec:
+  hosts: [mute.test]
+  ports: [{{number: 443, name: https, protocol: HTTPS}}]
+  resolution: STATIC
+  endpoints: [{{address: "{ip}"}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: mute-through-relay, namespace: shop}}
+spec:
+  hosts: [mute.test]
+  http:
+  - route: [{{destination: {{host: mute.test}}}}]
+    timeout: 5s
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: mute-idle, namespace: shop}}
+spec:
+  host: mute.test
+  trafficPolicy:
+    connectionPool: {{tcp: {{idleTimeout: 300ms}}}}
+"#,
+            ip = f.w.v4(27)
+        ),
+    )
+    .await;
+    let held = HeldProbe::start(
+        Some(&cg.path),
+        &["hello-hold", &at(f.w.v4(27), 443), "mute.test", "1"],
+        "held",
+    );
+    let r = relay_record(&log, "the unanswered connection's end", |r| {
+        r.pid == Some(held.pid())
+    });
+    assert_eq!(r.outcome.as_deref(), Some("idle-timeout"), "{r:?}");
+    assert_eq!(shown(r.upstream), at(f.w.v4(27), 443), "{r:?}");
+    assert_eq!(r.bytes_down, Some(0), "{r:?}");
+    assert!(
+        r.bytes_up.is_some_and(|n| n > 0),
+        "the hello went up: {r:?}"
+    );
+    // The relay's own idle timeout is an hour.
+    assert!(
+        r.duration_ms.is_some_and(|d| (300..10_000).contains(&d)),
+        "{r:?}"
+    );
+    held.release();
+    a.shutdown().await;
+}
+
 /// A container's or pod's process: loopback is its own namespace's, so the relay must listen
 /// there, and the upstream connection must leave from there as the workload's own would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1242,24 +1242,35 @@ async fn relay_admitted(
             moved.up.fetch_add(hello_len, Ordering::Relaxed);
             let name = record.sni.as_deref().unwrap_or_default();
             let config = &shared.config;
-            match answer(
-                &mut client,
-                &mut server,
-                held,
-                name,
-                moved,
-                config,
-                timeouts.idle,
-            )
-            .await
-            {
-                Ok(Answered::Go) => carry(client, server, moved, config, timeouts.idle)
-                    .await
-                    .map_err(Stop::Io),
-                Ok(Answered::Idle) => Ok(Ended::Idle),
-                Ok(Answered::Refused(reason)) => Err(Stop::Refused(reason)),
-                Err(e) => Err(Stop::Io(e)),
-            }
+            // One idle limit from the hello on, the upstream's answer included: one timer.
+            let activity = Activity::new();
+            let relayed = async {
+                match answer(
+                    &mut client,
+                    &mut server,
+                    held,
+                    name,
+                    moved,
+                    config,
+                    &activity,
+                )
+                .await
+                {
+                    Ok(None) => pumps(&client, &server, moved, config, &activity)
+                        .await
+                        .map(|()| Ended::Closed)
+                        .map_err(Stop::Io),
+                    Ok(Some(reason)) => Err(Stop::Refused(reason)),
+                    Err(e) => Err(Stop::Io(e)),
+                }
+            };
+            let ended = tokio::select! {
+                ended = relayed => ended,
+                () = activity.quiet(timeouts.idle) => Ok(Ended::Idle),
+            };
+            // Closed now, as `carry` closes them: the second direction's FIN goes with the close.
+            drop((client, server));
+            ended
         }
         Err(e) => Err(Stop::Io(e)),
     };
@@ -1280,19 +1291,13 @@ enum Stop {
     Io(io::Error),
 }
 
-enum Answered {
-    /// Carry on: the bytes may flow.
-    Go,
-    /// The upstream did not answer within the idle limit.
-    Idle,
-    Refused(String),
-}
-
 /// Passes the upstream's first answer to the client, then `held` (what the client sent after
-/// its hello) to the upstream. After a HelloRetryRequest the client sends a second ClientHello,
-/// which must name the server its first named (RFC 8446 §4.1.2): it is read and judged as the
-/// first was, or a client could name an allowed host first and another host of the same
-/// destination's server (a CDN's) second, and reach that one.
+/// its hello) to the upstream; `None` when the bytes may flow on, else why the connection is
+/// refused. Bytes that move count in `activity`, whose idle limit the caller keeps. After a
+/// HelloRetryRequest the client sends a second ClientHello, which must name the server its first
+/// named (RFC 8446 §4.1.2): it is read and judged as the first was, or a client could name an
+/// allowed host first and another host of the same destination's server (a CDN's) second, and
+/// reach that one.
 async fn answer(
     client: &mut TcpStream,
     server: &mut TcpStream,
@@ -1300,33 +1305,30 @@ async fn answer(
     name: &str,
     moved: &Moved,
     config: &RelayConfig,
-    idle: Duration,
-) -> io::Result<Answered> {
+    activity: &Activity,
+) -> io::Result<Option<String>> {
     let mut first = Vec::with_capacity(16 << 10);
-    let read = async {
-        loop {
-            server.readable().await?;
-            if first.len() == first.capacity() {
-                first.reserve(4096);
-            }
-            match server.try_read_buf(&mut first) {
-                // An upstream that closed at once answered nothing to judge; carrying passes
-                // its end on.
-                Ok(0) => return Ok(false),
-                Ok(_) => {
-                    if let Some(retry) = hello::retry_request(&first) {
-                        return Ok(retry);
-                    }
+    let retry = loop {
+        // The socket's one reader waker, not a waiter added to and taken off its list: fewer
+        // steps a wait (only this task reads the socket).
+        std::future::poll_fn(|cx| server.poll_read_ready(cx)).await?;
+        if first.len() == first.capacity() {
+            first.reserve(4096);
+        }
+        match server.try_read_buf(&mut first) {
+            // An upstream that closed at once answered nothing to judge; carrying passes its end
+            // on.
+            Ok(0) => break false,
+            Ok(_) => {
+                activity.touch();
+                if let Some(retry) = hello::retry_request(&first) {
+                    break retry;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     };
-    let Ok(retry) = tokio::time::timeout(idle, read).await else {
-        return Ok(Answered::Idle);
-    };
-    let retry = retry?;
     client.write_all(&first).await?;
     moved.down.fetch_add(first.len() as u64, Ordering::Relaxed);
     drop(first);
@@ -1334,12 +1336,10 @@ async fn answer(
         let again =
             match hello::read_again(client, held, config.hello_limit, config.hello_timeout).await {
                 Ok(again) => again,
-                Err(e) => {
-                    return Ok(Answered::Refused(format!("after a HelloRetryRequest: {e}")));
-                }
+                Err(e) => return Ok(Some(format!("after a HelloRetryRequest: {e}"))),
             };
         if again.sni.as_deref() != Some(name) {
-            return Ok(Answered::Refused(format!(
+            return Ok(Some(format!(
                 "the ClientHello after a HelloRetryRequest names {}, the first named {name}",
                 again.sni.as_deref().unwrap_or("no server")
             )));
@@ -1351,8 +1351,9 @@ async fn answer(
     if !onward.is_empty() {
         server.write_all(&onward).await?;
         moved.up.fetch_add(onward.len() as u64, Ordering::Relaxed);
+        activity.touch();
     }
-    Ok(Answered::Go)
+    Ok(None)
 }
 
 /// The attempts a route allows, shared by passthrough connects and originated requests: each
@@ -1686,34 +1687,42 @@ async fn carry(
     idle: Duration,
 ) -> io::Result<Ended> {
     let activity = Activity::new();
-    let ended = AtomicBool::new(false);
-    let copy = async {
-        tokio::try_join!(
-            splice::pump(
-                &client,
-                &server,
-                &moved.up,
-                &moved.down,
-                &activity,
-                &ended,
-                config.splice
-            ),
-            splice::pump(
-                &server,
-                &client,
-                &moved.down,
-                &moved.up,
-                &activity,
-                &ended,
-                config.splice
-            ),
-        )
-        .map(|_| ())
-    };
     tokio::select! {
-        done = copy => done.map(|()| Ended::Closed),
+        done = pumps(&client, &server, moved, config, &activity) => done.map(|()| Ended::Closed),
         () = activity.quiet(idle) => Ok(Ended::Idle),
     }
+}
+
+/// Both directions of [`carry`], without its idle limit: bytes that move count in `activity`.
+async fn pumps(
+    client: &TcpStream,
+    server: &TcpStream,
+    moved: &Moved,
+    config: &RelayConfig,
+    activity: &Activity,
+) -> io::Result<()> {
+    let ended = AtomicBool::new(false);
+    tokio::try_join!(
+        splice::pump(
+            client,
+            server,
+            &moved.up,
+            &moved.down,
+            activity,
+            &ended,
+            config.splice
+        ),
+        splice::pump(
+            server,
+            client,
+            &moved.down,
+            &moved.up,
+            activity,
+            &ended,
+            config.splice
+        ),
+    )
+    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -83,7 +83,9 @@ pub(super) async fn pump(
     // What a write took only in part; allocated only then.
     let mut rest = Vec::new();
     while copied < copy_until {
-        from.readable().await?;
+        // The direction's own waker (this pump alone reads `from` and writes `to`), not a waiter
+        // added to and taken off the socket's list: fewer steps a wait.
+        std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
         let read = COPY.with_borrow_mut(|buf| -> io::Result<Option<usize>> {
             let n = match from.try_read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -104,7 +106,7 @@ pub(super) async fn pump(
             return end(to, ended);
         }
         while !rest.is_empty() {
-            to.writable().await?;
+            std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
             match to.try_write(&rest) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 written => drop(rest.drain(..written?)),
