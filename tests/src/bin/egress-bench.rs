@@ -1186,7 +1186,9 @@ fn relay(options: &RelayOptions) {
                         .map(|line| format!("{}: {line}", paths[k].name)),
                 );
             }
-            // Egress's own paths go through the relay; the peers' enforced clients dial loopback.
+            // Egress's own paths go through the relay; the peers' enforced clients dial loopback,
+            // and the steering pointed at nginx leaves the relay nothing (a connection it took
+            // would make the count too high).
             if paths[k].agent.is_some() && paths[k].up == up && paths[k].steer_to.is_none() {
                 expected +=
                     u64::from(options.bulk) + (rate_n + TTFB_CONNECTIONS + EXCHANGES.len()) as u64;
