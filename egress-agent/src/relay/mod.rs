@@ -1235,9 +1235,6 @@ async fn relay_admitted(
     // Not held for the connection's life.
     drop(bytes);
     let outcome = match sent {
-        Ok(()) if opaque => carry(client, server, moved, &shared.config, timeouts.idle)
-            .await
-            .map_err(Stop::Io),
         Ok(()) => {
             moved.up.fetch_add(hello_len, Ordering::Relaxed);
             let name = record.sni.as_deref().unwrap_or_default();
@@ -1245,30 +1242,34 @@ async fn relay_admitted(
             // One idle limit from the hello on, the upstream's answer included: one timer.
             let activity = Activity::new();
             let relayed = async {
-                match answer(
-                    &mut client,
-                    &mut server,
-                    held,
-                    name,
-                    moved,
-                    config,
-                    &activity,
-                )
-                .await
-                {
-                    Ok(None) => pumps(&client, &server, moved, config, &activity)
-                        .await
-                        .map(|()| Ended::Closed)
-                        .map_err(Stop::Io),
-                    Ok(Some(reason)) => Err(Stop::Refused(reason)),
-                    Err(e) => Err(Stop::Io(e)),
+                // A TCP port's server may speak first: its bytes are carried as they come.
+                if !opaque {
+                    match answer(
+                        &mut client,
+                        &mut server,
+                        held,
+                        name,
+                        moved,
+                        config,
+                        &activity,
+                    )
+                    .await
+                    {
+                        Ok(None) => {}
+                        Ok(Some(reason)) => return Err(Stop::Refused(reason)),
+                        Err(e) => return Err(Stop::Io(e)),
+                    }
                 }
+                carry(&client, &server, moved, config, &activity)
+                    .await
+                    .map(|()| Ended::Closed)
+                    .map_err(Stop::Io)
             };
             let ended = tokio::select! {
                 ended = relayed => ended,
                 () = activity.quiet(timeouts.idle) => Ok(Ended::Idle),
             };
-            // Closed now, as `carry` closes them: the second direction's FIN goes with the close.
+            // Closed at once: the second direction to end leaves its FIN to the close.
             drop((client, server));
             ended
         }
@@ -1677,24 +1678,10 @@ struct Moved {
     down: AtomicU64,
 }
 
-/// Carries bytes both ways until both sides have finished (each EOF passed on as a half-close),
-/// a side fails (both end), or nothing moves for the idle limit.
+/// Carries bytes both ways until both sides have finished (each EOF passed on as a half-close)
+/// or a side fails (both end). Bytes that move count in `activity`, whose idle limit the caller
+/// keeps.
 async fn carry(
-    client: TcpStream,
-    server: TcpStream,
-    moved: &Moved,
-    config: &RelayConfig,
-    idle: Duration,
-) -> io::Result<Ended> {
-    let activity = Activity::new();
-    tokio::select! {
-        done = pumps(&client, &server, moved, config, &activity) => done.map(|()| Ended::Closed),
-        () = activity.quiet(idle) => Ok(Ended::Idle),
-    }
-}
-
-/// Both directions of [`carry`], without its idle limit: bytes that move count in `activity`.
-async fn pumps(
     client: &TcpStream,
     server: &TcpStream,
     moved: &Moved,
