@@ -1692,7 +1692,8 @@ async fn an_upstream_that_never_answers_the_hello_is_cut_at_the_idle_timeout() {
     let log = log_path("relay-mute");
     // Reads what it is sent to the end before it answers: never, while the client holds on.
     f.w.host(27);
-    f.w.tcp_sink_reply(SocketAddr::new(f.w.v4(27), 443));
+    let ip = f.w.v4(27);
+    f.w.tcp_sink_reply(SocketAddr::new(ip, 443));
     let a = agent_with_policy(
         &f,
         &cg,
@@ -1724,21 +1725,20 @@ spec:
   host: mute.test
   trafficPolicy:
     connectionPool: {{tcp: {{idleTimeout: 300ms}}}}
-"#,
-            ip = f.w.v4(27)
+"#
         ),
     )
     .await;
     let held = HeldProbe::start(
         Some(&cg.path),
-        &["hello-hold", &at(f.w.v4(27), 443), "mute.test", "1"],
+        &["hello-hold", &at(ip, 443), "mute.test", "1"],
         "held",
     );
     let r = relay_record(&log, "the unanswered connection's end", |r| {
         r.pid == Some(held.pid())
     });
     assert_eq!(r.outcome.as_deref(), Some("idle-timeout"), "{r:?}");
-    assert_eq!(shown(r.upstream), at(f.w.v4(27), 443), "{r:?}");
+    assert_eq!(shown(r.upstream), at(ip, 443), "{r:?}");
     assert_eq!(r.bytes_down, Some(0), "{r:?}");
     assert!(
         r.bytes_up.is_some_and(|n| n > 0),

@@ -1378,6 +1378,21 @@ fn relay(options: &RelayOptions) {
             verdict(egress[0] >= 0.8 * direct[0])
         );
     }
+    // One path's rate, proxy CPU and added time to first byte against another's.
+    let against = |a: &[f64], b: &[f64]| {
+        format!(
+            "conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, {:.0} vs {:.0} in user space), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
+            a[1] / b[1],
+            a[4],
+            b[4],
+            a[5],
+            b[5],
+            a[2] - direct[2],
+            b[2] - direct[2],
+            a[3] - direct[3],
+            b[3] - direct[3],
+        )
+    };
     // Against the peers as they ship (the targets), then with their client enforced by egress as
     // well (not a target: how much of the difference is the enforcement their clients skip).
     for (k, name, target) in [
@@ -1437,33 +1452,18 @@ fn relay(options: &RelayOptions) {
             .collect::<Vec<_>>()
             .join("; ");
         println!(
-            "egress vs {name}: {bulk}conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, {:.0} vs {:.0} in user space), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us{outcome}; added to an exchange: {exchanges}",
-            egress[1] / p[1],
-            egress[4],
-            p[4],
-            egress[5],
-            p[5],
-            egress[2] - direct[2],
-            p[2] - direct[2],
-            egress[3] - direct[3],
-            p[3] - direct[3],
+            "egress vs {name}: {bulk}{}{outcome}; added to an exchange: {exchanges}",
+            against(&egress, &p)
         );
     }
     // What egress's steering and enforcement cost whatever relays behind them: nginx behind them
     // against nginx as it ships.
     if runs[4] && runs[7] {
-        let (steered, plain) = (m[7], m[4]);
         println!(
-            "{} vs {}: conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, the agent's included), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
+            "{} vs {}: {}",
             paths[7].name,
             paths[4].name,
-            steered[1] / plain[1],
-            steered[4],
-            plain[4],
-            steered[2] - direct[2],
-            plain[2] - direct[2],
-            steered[3] - direct[3],
-            plain[3] - direct[3],
+            against(&m[7], &m[4])
         );
     }
 }
