@@ -887,10 +887,24 @@ pub fn spawn_probe(cgroup: Option<&Path>, args: &[&str]) -> Child {
         .expect("run egress-probe")
 }
 
-/// `n` port checks of `dst` (connect, close) from a process of `cgroup`; returns the process id
-/// once it has made them all.
-pub fn port_checks(cgroup: &Path, dst: &str, n: usize) -> u32 {
-    let checks = HeldProbe::start(Some(cgroup), &["tcp-repeat", dst, &n.to_string()], "done");
+/// How a port check closes its connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// close(): a FIN; the socket may linger in FIN_WAIT2.
+    Fin,
+    /// A reset: the socket is closed when close() returns.
+    Reset,
+}
+
+/// `n` port checks of `dst` (connect, close as `close` says) from a process of `cgroup`; returns
+/// the process id once it has made them all.
+pub fn port_checks(cgroup: &Path, dst: &str, n: usize, close: Close) -> u32 {
+    let n = n.to_string();
+    let mut args = vec!["tcp-repeat", dst, &n];
+    if close == Close::Reset {
+        args.push("reset");
+    }
+    let checks = HeldProbe::start(Some(cgroup), &args, "done");
     let pid = checks.pid();
     checks.release();
     pid

@@ -17,7 +17,7 @@ use egress_agent::{
     relay::RelayConfig,
 };
 use egress_tests::{
-    HeldProbe, TestCgroup, World, assert_no_relay_record_left, at, log_path, port_checks,
+    Close, HeldProbe, TestCgroup, World, assert_no_relay_record_left, at, log_path, port_checks,
     probe_with_pid, records, shown,
     tls::{Pki, Seen},
     wait_for, wait_record,
@@ -1934,7 +1934,7 @@ async fn port_checks_of_an_originated_port_leave_no_record_behind() {
     let log = log_path("originate-port-check");
     let a = agent(&f, &cg, &log).await;
     let dst = at(f.w.v4(20), 80);
-    let pid = port_checks(&cg.path, &dst, CHECKS);
+    let pid = port_checks(&cg.path, &dst, CHECKS, Close::Fin);
     wait_for("a relay record per check", Duration::from_secs(10), || {
         records(&log).iter().filter(|r| r.kind == "relay").count() >= CHECKS
     });

@@ -39,7 +39,8 @@
 //!   egress-probe tls-hold ADDR:PORT NAME CA N    N handshakes held open together, then a GET on
 //!                                         each; `ok` when every answer came
 //!   egress-probe peer ADDR:PORT           connect; print what getpeername() says
-//!   egress-probe tcp-repeat ADDR:PORT N   N connects, whatever their outcome, then says `done`
+//!   egress-probe tcp-repeat ADDR:PORT N [reset]   N connects, whatever their outcome, each
+//!                                         closed (`reset`: with a reset), then says `done`
 //!                                         and waits for a line on stdin
 //!   egress-probe collide ADDR:PORT THEN:PORT   a connect to ADDR from a taken address and port
 //!                                         fails; the socket connects to THEN; prints the
@@ -216,12 +217,7 @@ fn redial(addr: SocketAddr, then: SocketAddr) -> String {
     let run = || -> io::Result<String> {
         let first = TcpStream::connect_timeout(&addr, TIMEOUT)?;
         let local = first.local_addr()?;
-        let abort = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        socket::setsockopt(&first, sockopt::Linger, &abort)?;
-        drop(first);
+        abort(first)?;
         let fd = stream_socket(local)?;
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         socket::bind(fd.as_raw_fd(), &socket::SockaddrStorage::from(local))?;
@@ -303,9 +299,24 @@ fn connect_hold(addr: SocketAddr) -> String {
 
 /// `n` TCP connects to `addr`, each from a new socket and whatever their outcome; then says
 /// `done` and stays (as `hold`), so the thread that made them is still there to be looked at.
-fn tcp_repeat(addr: SocketAddr, n: u64) -> String {
+/// Closes `stream` with a reset: no FIN, no TIME_WAIT, the socket closed at once.
+fn abort(stream: TcpStream) -> io::Result<()> {
+    let abort = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &abort)?;
+    Ok(())
+}
+
+fn tcp_repeat(addr: SocketAddr, n: u64, reset: bool) -> String {
     for _ in 0..n {
-        let _ = TcpStream::connect_timeout(&addr, TIMEOUT);
+        if let Ok(stream) = TcpStream::connect_timeout(&addr, TIMEOUT)
+            && reset
+            && let Err(e) = abort(stream)
+        {
+            return word(&e);
+        }
     }
     match hold("done") {
         Ok(()) => "ok".into(),
@@ -1282,10 +1293,13 @@ fn run(args: &[String]) -> ExitCode {
             Err(_) => return usage(),
         },
         (Some("peer"), Some(a)) => peer(a),
-        (Some("tcp-repeat"), Some(a)) if args.len() == 3 => match args[2].parse() {
-            Ok(n) => tcp_repeat(a, n),
-            Err(_) => return usage(),
-        },
+        (Some("tcp-repeat"), Some(a)) if matches!(args.len(), 3 | 4) => {
+            match (args[2].parse(), args.get(3).map(String::as_str)) {
+                (Ok(n), None) => tcp_repeat(a, n, false),
+                (Ok(n), Some("reset")) => tcp_repeat(a, n, true),
+                _ => return usage(),
+            }
+        }
         (Some("collide"), Some(a)) if args.len() == 3 => match args[2].parse() {
             Ok(then) => collide(a, then),
             Err(_) => return usage(),
@@ -1356,7 +1370,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: egress-probe [--netns|--thread-netns PATH] MODE, MODE one of: \
          tcp|tcp-hold|connect-hold|udp|udp-sendto ADDR:PORT | tcp-mark ADDR:PORT MARK | \
-         redial|collide ADDR:PORT THEN:PORT | tcp-repeat ADDR:PORT N | \
+         redial|collide ADDR:PORT THEN:PORT | tcp-repeat ADDR:PORT N [reset] | \
          sendto-repeat ADDR:PORT N [PAUSE_MS] | udp-many ADDR:PORT SOCKETS N | \
          dns SERVER:PORT NAME | \
          bench-connect ADDR:PORT N | ping ADDR | frame-ping IFACE SRC4 DST4 ip|arp [VLAN] | sockopts | transfer ADDR:PORT N | \
