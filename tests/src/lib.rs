@@ -1143,9 +1143,46 @@ pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(pid, signal).expect("signal the child");
 }
 
+/// An `egress run` a test started. Should the test fail first, it is told to end (resumed, if
+/// the test had stopped it), and killed if it does not: no agent outlives its test.
+pub struct EgressRun(Child);
+
+impl std::ops::Deref for EgressRun {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for EgressRun {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for EgressRun {
+    fn drop(&mut self) {
+        use nix::sys::signal::Signal;
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        signal(&self.0, Signal::SIGCONT);
+        signal(&self.0, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.0.try_wait(), Ok(None)) {
+            if Instant::now() > deadline {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// Starts `egress run` as `cmd` (the binary, its arguments, maybe a cgroup to run in) and returns
 /// once it says it is ready. Its log is discarded after that.
-pub fn egress_run(mut cmd: Command) -> Child {
+pub fn egress_run(mut cmd: Command) -> EgressRun {
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -1162,7 +1199,7 @@ pub fn egress_run(mut cmd: Command) -> Child {
     let mut log = Vec::new();
     loop {
         match heard.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) if line.contains("ready:") => return child,
+            Ok(line) if line.contains("ready:") => return EgressRun(child),
             Ok(line) => log.push(line),
             Err(e) => panic!("egress run did not become ready ({e}):\n{}", log.join("\n")),
         }
