@@ -1357,6 +1357,17 @@ fn relay(options: &RelayOptions) {
     let other = 3 - shipped;
     let egress = m[shipped];
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    // In how many rounds path `ka`'s rate was above path `kb`'s. Each round ran both, minutes
+    // apart at most, where the machine's load moves the medians of runs on different days by
+    // more than a change under test.
+    let paired = |ka: usize, kb: usize| {
+        let rates = figures[ka]
+            .conns_per_sec
+            .iter()
+            .zip(&figures[kb].conns_per_sec);
+        let higher = rates.clone().filter(|(x, y)| x > y).count();
+        format!("higher in {higher} of {} rounds", rates.count())
+    };
     if runs[other] {
         let bulk = if options.bulk {
             format!("bulk {:.2}x, ", egress[0] / m[other][0])
@@ -1364,11 +1375,12 @@ fn relay(options: &RelayOptions) {
             String::new()
         };
         println!(
-            "shipped relay: {}; {} vs {}: {bulk}conn/s {:.2}x",
+            "shipped relay: {}; {} vs {}: {bulk}conn/s {:.2}x ({})",
             paths[shipped].name,
             paths[shipped].name,
             paths[other].name,
-            egress[1] / m[other][1]
+            egress[1] / m[other][1],
+            paired(shipped, other)
         );
     }
     if options.bulk {
@@ -1378,11 +1390,13 @@ fn relay(options: &RelayOptions) {
             verdict(egress[0] >= 0.8 * direct[0])
         );
     }
-    // One path's rate, proxy CPU and added time to first byte against another's.
-    let against = |a: &[f64], b: &[f64]| {
+    // Path `ka`'s rate, proxy CPU and added time to first byte against path `kb`'s.
+    let against = |ka: usize, kb: usize| {
+        let (a, b) = (&m[ka], &m[kb]);
         format!(
-            "conn/s {:.2}x (proxy CPU {:.0} vs {:.0} us per connection, {:.0} vs {:.0} in user space), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
+            "conn/s {:.2}x ({}; proxy CPU {:.0} vs {:.0} us per connection, {:.0} vs {:.0} in user space), added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
             a[1] / b[1],
+            paired(ka, kb),
             a[4],
             b[4],
             a[5],
@@ -1453,17 +1467,12 @@ fn relay(options: &RelayOptions) {
             .join("; ");
         println!(
             "egress vs {name}: {bulk}{}{outcome}; added to an exchange: {exchanges}",
-            against(&egress, &p)
+            against(shipped, k)
         );
     }
     // What egress's steering and enforcement cost whatever relays behind them: nginx behind them
     // against nginx as it ships.
     if runs[4] && runs[7] {
-        println!(
-            "{} vs {}: {}",
-            paths[7].name,
-            paths[4].name,
-            against(&m[7], &m[4])
-        );
+        println!("{} vs {}: {}", paths[7].name, paths[4].name, against(7, 4));
     }
 }
