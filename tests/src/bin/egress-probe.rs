@@ -297,8 +297,6 @@ fn connect_hold(addr: SocketAddr) -> String {
     }
 }
 
-/// `n` TCP connects to `addr`, each from a new socket and whatever their outcome; then says
-/// `done` and stays (as `hold`), so the thread that made them is still there to be looked at.
 /// Closes `stream` with a reset: no FIN, no TIME_WAIT, the socket closed at once.
 fn abort(stream: TcpStream) -> io::Result<()> {
     let abort = libc::linger {
@@ -309,6 +307,9 @@ fn abort(stream: TcpStream) -> io::Result<()> {
     Ok(())
 }
 
+/// `n` TCP connects to `addr`, each from a new socket and whatever their outcome (each reset, if
+/// `reset`); then says `done` and stays (as `hold`), so the thread that made them is still there
+/// to be looked at.
 fn tcp_repeat(addr: SocketAddr, n: u64, reset: bool) -> String {
     for _ in 0..n {
         if let Ok(stream) = TcpStream::connect_timeout(&addr, TIMEOUT)
