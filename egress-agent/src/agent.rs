@@ -175,7 +175,7 @@ async fn start_relay(
     pipeline: &Pipeline,
     status: &Arc<Status>,
 ) -> anyhow::Result<Relay> {
-    let listeners = relay::bind(cfg.relay.port)
+    let listeners = relay::bind(cfg.relay.port, cfg.relay.workers())
         .with_context(|| format!("listening for the relay on port {}", cfg.relay.port))?;
     Relay::spawn(
         listeners,

@@ -28,10 +28,61 @@ pub const STEERED_MAP: &str = "EGRESS_STEERED_V4";
 /// the relay's accept queue: its record stays, marked closed ([`Steered::closed_ns`]), until the
 /// relay takes the connection.
 pub const RELAY_PEERS_MAP: &str = "EGRESS_RELAY_PEERS_V4";
-/// Name of the hash of the network namespaces the relay listens in: netns cookie → the relay's
-/// port on 127.0.0.1 and ::1 there (host order). A steered connect from a namespace without an
-/// entry is pointed at [`Config::relay_port`] there and held (see [`Steered::held_port`]).
-pub const RELAY_NETNS_MAP: &str = "EGRESS_RELAY_NETNS_V1";
+/// Name of the hash of the network namespaces the relay listens in: netns cookie → its workers'
+/// ports on 127.0.0.1 and ::1 there ([`RelayPorts`]). A steered connect from a namespace without
+/// an entry is pointed at [`Config::relay_port`] there and held (see [`Steered::held_port`]).
+pub const RELAY_NETNS_MAP: &str = "EGRESS_RELAY_NETNS_V2";
+/// The most relay workers, each with a listener of its own in every namespace the relay serves.
+pub const RELAY_WORKERS_MAX: usize = 64;
+
+/// Where the relay listens in one network namespace: a port per worker (host order), the first
+/// `count` of `ports`. A steered connect goes to the worker of its CPU's turn, so that each
+/// worker is woken for its own connections only; every port is the relay's alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayPorts {
+    pub ports: [u16; RELAY_WORKERS_MAX],
+    pub count: u16,
+}
+
+impl RelayPorts {
+    /// `ports`, the first [`RELAY_WORKERS_MAX`] of them.
+    pub fn new(ports: &[u16]) -> RelayPorts {
+        let mut all = [0; RELAY_WORKERS_MAX];
+        let count = ports.len().min(RELAY_WORKERS_MAX);
+        all[..count].copy_from_slice(&ports[..count]);
+        RelayPorts {
+            ports: all,
+            count: count as u16,
+        }
+    }
+
+    /// The port for a connect made on CPU `cpu`; 0 when there is none.
+    #[inline(always)]
+    pub fn for_cpu(&self, cpu: u32) -> u16 {
+        let count = u32::from(self.count);
+        if count == 0 {
+            return 0;
+        }
+        self.ports.get((cpu % count) as usize).copied().unwrap_or(0)
+    }
+
+    /// Whether the relay listens on `port`.
+    #[inline(always)]
+    pub fn has(&self, port: u16) -> bool {
+        let mut i = 0;
+        while i < RELAY_WORKERS_MAX {
+            if i >= usize::from(self.count) {
+                return false;
+            }
+            if self.ports[i] == port {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
 /// Name of the ring buffer of [`RelayWanted`]: namespaces a steered connect waits in, for the
 /// relay to serve at once rather than at its next scan. A hint: one lost to a full ring is
 /// found by that scan.
@@ -430,6 +481,7 @@ const _: () = {
     assert!(core::mem::offset_of!(Steered, held_port) == 68);
     assert!(core::mem::size_of::<RelayWanted>() == 16);
     assert!(core::mem::size_of::<RelayPeer>() == 32);
+    assert!(core::mem::size_of::<RelayPorts>() == 2 * RELAY_WORKERS_MAX + 2);
     assert!(core::mem::offset_of!(RelayPeer, netns) == 24);
     assert!(KEY_FIXED_BITS as usize == core::mem::offset_of!(PolicyKey, addr) * 8);
 };
@@ -446,4 +498,5 @@ mod user {
     unsafe impl aya::Pod for super::Steered {}
     unsafe impl aya::Pod for super::RelayPeer {}
     unsafe impl aya::Pod for super::RelayWanted {}
+    unsafe impl aya::Pod for super::RelayPorts {}
 }

@@ -26,7 +26,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_pid_tgid,
-        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+        generated::{bpf_get_netns_cookie, bpf_get_smp_processor_id, bpf_get_socket_cookie},
     },
     macros::{
         cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, map, raw_tracepoint,
@@ -40,8 +40,8 @@ use aya_ebpf::{
 };
 use egress_common::{
     ALIVE_WITHIN_NS, CONFIG_EVENTS_OFF, COUNTER_SLOTS, Config, EventKind, Flow, FlowEvent,
-    PolicyKey, PolicyValue, RULE_AF_XDP, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, Steered,
-    Verdict, map_v4,
+    PolicyKey, PolicyValue, RULE_AF_XDP, RULE_LOOPBACK, RULE_QDISC_BYPASS, RelayPeer, RelayPorts,
+    Steered, Verdict, map_v4,
 };
 
 use crate::{
@@ -103,8 +103,9 @@ static AGENT: Array<u32> = Array::with_max_entries(1, 0);
 
 const RELAY_NETNS_MAX_ENTRIES: u32 = 1 << 14;
 
-#[map(name = "EGRESS_RELAY_NETNS_V1")]
-static RELAY_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(RELAY_NETNS_MAX_ENTRIES, 0);
+#[map(name = "EGRESS_RELAY_NETNS_V2")]
+static RELAY_NETNS: HashMap<u64, RelayPorts> =
+    HashMap::with_max_entries(RELAY_NETNS_MAX_ENTRIES, 0);
 
 /// 64 KiB: a multiple of every page size, room for thousands of hints.
 #[map(name = "EGRESS_RELAY_WANTED_V1")]
@@ -180,8 +181,9 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
         let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
         // SAFETY: a valid map value, copied out.
         let relay = match unsafe { RELAY_NETNS.get(&netns) } {
-            Some(&port) => steer::Relay {
-                port: port as u16,
+            Some(ports) => steer::Relay {
+                // SAFETY: no arguments.
+                port: ports.for_cpu(unsafe { bpf_get_smp_processor_id() }),
                 netns,
                 held: false,
             },

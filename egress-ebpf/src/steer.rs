@@ -159,10 +159,7 @@ pub fn syn_passes(skb: *mut __sk_buff) -> bool {
         return true;
     }
     // SAFETY: a valid map value, copied out.
-    match unsafe { RELAY_NETNS.get(&netns) } {
-        Some(&port) if port == u32::from(held) => true,
-        _ => false,
-    }
+    unsafe { RELAY_NETNS.get(&netns) }.is_some_and(|ports| ports.has(held))
 }
 
 /// Once TCP has chosen the source port (TCP_CONNECT_CB), files the record under the client's

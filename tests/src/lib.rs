@@ -920,10 +920,26 @@ pub struct HeldProbe {
 impl HeldProbe {
     /// Starts `egress-probe ARGS` (inside `cgroup` if given) and waits until it says `word`.
     pub fn start(cgroup: Option<&Path>, args: &[&str], word: &str) -> HeldProbe {
-        let mut child = probe_command(cgroup, args)
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("run egress-probe");
+        Self::start_with(probe_command(cgroup, args), args, word)
+    }
+
+    /// As [`HeldProbe::start`], the probe running on CPU `cpu` alone.
+    pub fn start_on_cpu(cpu: usize, cgroup: Option<&Path>, args: &[&str], word: &str) -> HeldProbe {
+        let mut cmd = probe_command(cgroup, args);
+        // SAFETY: sched_setaffinity is async-signal-safe; nothing else runs in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set = nix::sched::CpuSet::new();
+                set.set(cpu)?;
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+                Ok(())
+            });
+        }
+        Self::start_with(cmd, args, word)
+    }
+
+    fn start_with(mut cmd: Command, args: &[&str], word: &str) -> HeldProbe {
+        let mut child = cmd.stdin(Stdio::piped()).spawn().expect("run egress-probe");
         let mut out = BufReader::new(child.stdout.take().expect("probe stdout"));
         let mut line = String::new();
         out.read_line(&mut line).expect("read the probe");
@@ -1004,6 +1020,54 @@ pub fn relay_records() -> Vec<(u16, u32)> {
                 .flatten()
                 .filter(|(k, _)| k.addr == loopback)
                 .map(|(k, v)| (u16::from_be(k.port_be), v.pid)),
+        );
+    }
+    found
+}
+
+/// The relay's ports, a worker's each, in this process's network namespace, as the kernel has
+/// them from the agent whose first worker listens on `relay_port` (tests run side by side).
+pub fn relay_ports(relay_port: u16) -> Vec<u16> {
+    // The kernel keeps a map's name to 15 bytes.
+    let name = &egress_common::RELAY_NETNS_MAP[..15];
+    let netns = egress_agent::relay::netns::own_cookie().expect("the namespace's cookie");
+    for info in aya::maps::loaded_maps().flatten() {
+        if info.name_as_str() != Some(name) {
+            continue;
+        }
+        let Ok(data) = aya::maps::MapData::from_id(info.id()) else {
+            continue;
+        };
+        let map: aya::maps::HashMap<_, u64, egress_common::RelayPorts> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))
+                .expect("the relay's namespaces");
+        if let Ok(ports) = map.get(&netns, 0)
+            && ports.ports[0] == relay_port
+        {
+            return ports.ports[..usize::from(ports.count)].to_vec();
+        }
+    }
+    panic!("no agent's relay listens on port {relay_port} here")
+}
+
+/// The relay ports the kernel pointed the open steered connections of process `pid` at.
+pub fn relay_ports_of(pid: u32) -> Vec<u16> {
+    let name = &egress_common::RELAY_PEERS_MAP[..15];
+    let mut found = Vec::new();
+    for info in aya::maps::loaded_maps().flatten() {
+        if info.name_as_str() != Some(name) {
+            continue;
+        }
+        let Ok(data) = aya::maps::MapData::from_id(info.id()) else {
+            continue;
+        };
+        let map = egress_agent::relay::Peers::try_from(aya::maps::Map::LruHashMap(data))
+            .expect("the relay's records");
+        found.extend(
+            map.iter()
+                .flatten()
+                .filter(|(_, v)| v.pid == pid)
+                .map(|(_, v)| v.relay_port),
         );
     }
     found

@@ -18,7 +18,7 @@ use egress_agent::{
 use egress_tests::{
     Close, HeldProbe, TestCgroup, World, assert_no_relay_record_left, at, egress_run,
     egress_run_command, log_path, loopback_server, pin_dir, port_checks, probe_in, probe_with_pid,
-    records, relayed_count, shown, signal, target_bin,
+    records, relay_ports, relay_ports_of, relayed_count, shown, signal, target_bin,
     tls::{Pki, Seen},
     wait_for, wait_record,
 };
@@ -603,6 +603,49 @@ fn a_steered_client_that_closes_at_once_is_refused_by_name() {
     assert_eq!(f.tls4.accepted(), 0);
     signal(&agent, Signal::SIGTERM);
     assert!(agent.wait().expect("egress run ends").success());
+}
+
+/// Each of the relay's workers listens on a port of its own, in every namespace it serves, and a
+/// steered connect goes to the port of its CPU's turn: each worker is woken for its own
+/// connections, and takes them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steered_connect_goes_to_the_worker_of_its_cpu() {
+    const WORKERS: usize = 3;
+    let f = fixture("workers");
+    let cg = TestCgroup::new("relay-workers");
+    let log = log_path("relay-workers");
+    let relay = RelayConfig {
+        workers: Some(WORKERS),
+        ..RelayConfig::default()
+    };
+    let a = agent_with(&f, &cg, &log, relay).await;
+    let ports = relay_ports(a.relay_port);
+    assert_eq!(ports.len(), WORKERS, "{ports:?}");
+    let mut distinct = ports.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), WORKERS, "{ports:?}");
+    // A port of the relay's, dialled directly: a worker answers, and refuses it.
+    for port in &ports {
+        let (got, _) = probe_with_pid(Some(&cg.path), &["tcp", &format!("127.0.0.1:{port}")]);
+        assert_eq!(got, "error:closed before the greeting", "port {port}");
+    }
+    let dst = at(f.w.v4(20), 443);
+    let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("our CPUs");
+    let mut tried = 0;
+    for cpu in (0..nix::sched::CpuSet::count()).filter(|&c| cpus.is_set(c).unwrap_or(false)) {
+        let held = HeldProbe::start_on_cpu(cpu, Some(&cg.path), &["connect-hold", &dst], "held");
+        assert_eq!(
+            relay_ports_of(held.pid()),
+            [ports[cpu % WORKERS]],
+            "a connect on CPU {cpu}"
+        );
+        held.release();
+        tried += 1;
+    }
+    assert!(tried > 0);
+    assert_eq!(f.tls4.accepted(), 0);
+    a.shutdown().await;
 }
 
 /// A steered connect that fails before TCP takes a port leaves its record (no state change

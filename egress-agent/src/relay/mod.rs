@@ -28,7 +28,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use egress_common::{RelayPeer, Steered};
+use egress_common::{RELAY_WORKERS_MAX, RelayPeer, RelayPorts, Steered};
 use jiff::Timestamp;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
@@ -74,6 +74,18 @@ pub struct RelayConfig {
     pub max_connections: Option<usize>,
     /// Connections one workload (cgroup) holds at once; `None`: half of `max_connections`.
     pub max_per_workload: Option<usize>,
+    /// Threads serving relayed connections, each with a listener of its own in every namespace
+    /// served; `None`: one per CPU the agent may run on. At most [`RELAY_WORKERS_MAX`].
+    pub workers: Option<usize>,
+}
+
+impl RelayConfig {
+    /// How many workers the relay runs.
+    pub fn workers(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .clamp(1, RELAY_WORKERS_MAX)
+    }
 }
 
 impl Default for RelayConfig {
@@ -90,6 +102,7 @@ impl Default for RelayConfig {
             scan_interval: Duration::from_millis(500),
             max_connections: None,
             max_per_workload: None,
+            workers: None,
         }
     }
 }
@@ -112,10 +125,62 @@ pub struct Relay {
     pub port: u16,
     tasks: Arc<Tasks>,
     shared: Arc<Shared>,
+    workers: Workers,
+}
+
+/// The relay's worker threads, each running a runtime of its own until told to stop. A
+/// connection stays on the worker whose listener took it: the kernel's steering spreads them (a
+/// connect goes to the port of its CPU's worker), and a worker is woken for its own only, with
+/// none of a shared runtime's hand-offs between threads (`cargo xtask bench relay`; see
+/// docs/benchmarks.md).
+struct Workers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Dropped, they end the workers' runtimes (the tasks left on them are dropped).
+    stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Workers {
+    /// Starts `n` workers; returns them and their runtimes' handles.
+    fn start(n: usize) -> io::Result<(Workers, Vec<tokio::runtime::Handle>)> {
+        let mut workers = Workers {
+            threads: Vec::with_capacity(n),
+            stop: Vec::with_capacity(n),
+        };
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            handles.push(runtime.handle().clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("egress-relay-{i}"))
+                .spawn(move || {
+                    let _ = runtime.block_on(stopped);
+                })?;
+            workers.threads.push(thread);
+            workers.stop.push(stop);
+        }
+        Ok((workers, handles))
+    }
+
+    /// Ends the workers, and waits for them.
+    async fn stop(self) {
+        drop(self.stop);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
 }
 
 struct Shared {
     config: RelayConfig,
+    /// The workers' runtimes, each serving its own listeners' connections.
+    workers: Vec<tokio::runtime::Handle>,
     /// CPUs the agent may run on.
     cpus: i64,
     /// Read by every connection; written only to take out a record the relay is done with.
@@ -208,19 +273,32 @@ pub fn raise_nofile() -> nix::Result<(u64, u64)> {
     Ok((soft, hard))
 }
 
-/// Listens on 127.0.0.1 and ::1 (the latter where the host has IPv6). Within a tokio runtime.
-pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
-    let v4 = listen(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port))?;
-    let port = v4.local_addr()?.port();
-    let mut listeners = vec![v4];
-    match listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)) {
-        Ok(v6) => listeners.push(v6),
-        Err(e) => log::warn!("relay: no IPv6 loopback listener ({e}); IPv6 steering will fail"),
-    }
-    Ok(listeners)
+/// Listens for each of `workers` on 127.0.0.1 and ::1 (the latter where the host has IPv6), on a
+/// port of its own: the first on `port` (0: one the kernel picks), the others on ones the
+/// kernel picks.
+pub fn bind(port: u16, workers: usize) -> io::Result<Vec<Vec<std::net::TcpListener>>> {
+    (0..workers.max(1))
+        .map(|i| {
+            let v4 = listen(SocketAddr::new(
+                IpAddr::from([127, 0, 0, 1]),
+                if i == 0 { port } else { 0 },
+            ))?;
+            let port = v4.local_addr()?.port();
+            let mut listeners = vec![v4];
+            match listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)) {
+                Ok(v6) => listeners.push(v6),
+                Err(e) if i == 0 => {
+                    log::warn!("relay: no IPv6 loopback listener ({e}); IPv6 steering will fail")
+                }
+                Err(_) => {}
+            }
+            Ok(listeners)
+        })
+        .collect()
 }
 
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+/// A listening socket, not yet registered with a runtime: a worker's registers it.
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => {
@@ -245,7 +323,14 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
         log::warn!("relay: {addr}: keeps the default congestion control ({e})");
     }
     socket.bind(addr)?;
-    socket.listen(1024)
+    // SAFETY: the socket's own descriptor, given up by it.
+    let fd = unsafe {
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(
+            std::os::fd::IntoRawFd::into_raw_fd(socket),
+        )
+    };
+    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(1024)?)?;
+    Ok(std::net::TcpListener::from(fd))
 }
 
 impl Relay {
@@ -255,7 +340,7 @@ impl Relay {
     /// listens there, and puts the `datapath`'s TC programs on their interfaces.
     #[expect(clippy::too_many_arguments, reason = "the relay's parts, each once")]
     pub fn spawn(
-        listeners: Vec<TcpListener>,
+        listeners: Vec<Vec<std::net::TcpListener>>,
         config: RelayConfig,
         datapath: datapath::Shared,
         maps: RelayMaps,
@@ -268,13 +353,11 @@ impl Relay {
         let RelayMaps { peers, mut netns } = maps;
         let first = listeners
             .first()
+            .and_then(|set| set.first())
             .ok_or_else(|| io::Error::other("the relay has no listener"))?;
         let port = first.local_addr()?.port();
         let home = Arc::new(Netns::home(first.as_fd())?);
-        netns
-            .served
-            .insert(home.cookie, u32::from(port), 0)
-            .map_err(io::Error::other)?;
+        let ports = ports_of(&listeners)?;
         let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(1024, |(soft, _)| soft);
         let limits = limits::Limits::new(config.max_connections, config.max_per_workload, nofile);
@@ -293,8 +376,10 @@ impl Relay {
             limits.connections,
             limits.per_workload
         );
+        let (workers, handles) = Workers::start(listeners.len())?;
         let shared = Arc::new(Shared {
             config,
+            workers: handles,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as i64),
             peers: Mutex::new(peers),
             pool: Arc::default(),
@@ -309,7 +394,12 @@ impl Relay {
             status,
         });
         let tasks = Arc::new(Tasks(Mutex::new(Some(JoinSet::new()))));
-        accept_on(listeners, &home, &shared, &tasks);
+        accept_on(listeners, &home, &shared, &tasks)?;
+        // Told once the workers listen: a steered connect finds them.
+        netns
+            .served
+            .insert(home.cookie, ports, 0)
+            .map_err(io::Error::other)?;
         let watcher = watch_namespaces(
             cgroup,
             port,
@@ -323,6 +413,7 @@ impl Relay {
             port,
             tasks,
             shared,
+            workers,
         })
     }
 
@@ -339,6 +430,7 @@ impl Relay {
         if let Some(mut set) = set {
             set.shutdown().await;
         }
+        self.workers.stop().await;
         let cut = std::mem::take(&mut *self.shared.cut.lock().unwrap_or_else(|e| e.into_inner()));
         if !cut.is_empty() {
             log::info!(
@@ -353,29 +445,48 @@ impl Relay {
     }
 }
 
-/// Starts an acceptor on each of `listeners`, which are in namespace `netns`; returns them.
+/// The ports of each worker's listeners (one port for its IPv4 and IPv6 ones), as the kernel
+/// is told them.
+fn ports_of(listeners: &[Vec<std::net::TcpListener>]) -> io::Result<RelayPorts> {
+    let ports = listeners
+        .iter()
+        .map(|set| {
+            let first = set
+                .first()
+                .ok_or_else(|| io::Error::other("a worker has no listener"))?;
+            Ok(first.local_addr()?.port())
+        })
+        .collect::<io::Result<Vec<u16>>>()?;
+    Ok(RelayPorts::new(&ports))
+}
+
+/// Starts an acceptor on each of `listeners` (a set for each worker, in namespace `netns`), on
+/// its worker; returns them.
 fn accept_on(
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Vec<std::net::TcpListener>>,
     netns: &Arc<Netns>,
     shared: &Arc<Shared>,
     tasks: &Arc<Tasks>,
-) -> Vec<Arc<Listener>> {
-    listeners
-        .into_iter()
-        .map(|socket| {
+) -> io::Result<Vec<Arc<Listener>>> {
+    let mut started = Vec::new();
+    for (set, worker) in listeners.into_iter().zip(&shared.workers) {
+        // Registered with the worker's runtime, whose thread alone is woken for it.
+        let _runtime = worker.enter();
+        for socket in set {
+            socket.set_nonblocking(true)?;
             let listener = Arc::new(Listener {
-                socket,
+                socket: TcpListener::from_std(socket)?,
                 netns: Arc::clone(netns),
                 closed: AtomicBool::new(false),
             });
-            tasks.spawn(serve_next(
-                Arc::clone(&listener),
-                Arc::clone(shared),
-                Arc::clone(tasks),
-            ));
-            listener
-        })
-        .collect()
+            tasks.spawn_on(
+                serve_next(Arc::clone(&listener), Arc::clone(shared), Arc::clone(tasks)),
+                worker,
+            );
+            started.push(listener);
+        }
+    }
+    Ok(started)
 }
 
 /// Keeps the relay serving every namespace a process of the enforced cgroup is in: scans the
@@ -559,9 +670,10 @@ impl Watcher {
     /// Serves namespace `ino`, opened through `path`: listens there and puts the TC programs on
     /// its interfaces, then tells the kernel. Returns whether it does.
     fn serve(&mut self, ino: u64, path: &std::path::Path) -> bool {
-        let made = netns::serve(ino, path, self.port, bind).and_then(|s| {
-            let covered = s
-                .netns
+        let workers = self.shared.workers.len();
+        let made = netns::serve(ino, path, self.port, |port| bind(port, workers)).and_then(|s| {
+            let netns::Served { netns, listeners } = s;
+            let covered = netns
                 .within(|| {
                     // Watching before listing: an interface added in between is not missed.
                     let watch = LinkWatch::new()?;
@@ -572,27 +684,37 @@ impl Watcher {
                     Ok((watch, ifaces))
                 })
                 .and_then(|covered| {
-                    self.map
-                        .insert(s.netns.cookie, u32::from(s.port), 0)
-                        .map_err(io::Error::other)?;
-                    Ok(covered)
+                    let ports = ports_of(&listeners)?;
+                    let listeners = accept_on(listeners, &netns, &self.shared, &self.tasks)?;
+                    // Told once the workers listen: a steered connect finds them.
+                    if let Err(e) = self.map.insert(netns.cookie, ports, 0) {
+                        for listener in &listeners {
+                            listener.close();
+                        }
+                        return Err(io::Error::other(e));
+                    }
+                    Ok((covered, ports, listeners))
                 });
             if covered.is_err() {
                 // Whatever was attached comes off: the namespace is not served.
                 self.uncover(ino);
             }
-            covered.map(|(watch, ifaces)| (s, watch, ifaces))
+            covered.map(|(covered, ports, listeners)| (netns, covered, ports, listeners))
         });
         match made {
-            Ok((s, watch, ifaces)) => {
+            Ok((netns, (watch, ifaces), ports, listeners)) => {
                 log::info!(
-                    "relay: listening on port {} in network namespace {ino} (of {}), TC on [{}]",
-                    s.port,
+                    "relay: listening on port{} {} in network namespace {ino} (of {}), TC on [{}]",
+                    if ports.count > 1 { "s" } else { "" },
+                    ports.ports[..usize::from(ports.count)]
+                        .iter()
+                        .map(u16::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     path.display(),
                     ifaces.join(", ")
                 );
                 self.failed.remove(&ino);
-                let listeners = accept_on(s.listeners, &s.netns, &self.shared, &self.tasks);
                 let (stop, stopped) = tokio::sync::oneshot::channel();
                 self.tasks.spawn(Box::pin(watch_links(
                     ino,
@@ -603,7 +725,7 @@ impl Watcher {
                 self.served.insert(
                     ino,
                     ServedNetns {
-                        netns: s.netns,
+                        netns,
                         listeners,
                         _watch: stop,
                     },
@@ -700,11 +822,28 @@ async fn watch_links(
 struct Tasks(Mutex<Option<JoinSet<()>>>);
 
 impl Tasks {
+    /// Spawns `task` on the runtime the caller runs on.
     fn spawn(&self, task: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        self.with(|set| {
+            set.spawn(task);
+        });
+    }
+
+    fn spawn_on(
+        &self,
+        task: Pin<Box<dyn Future<Output = ()> + Send>>,
+        runtime: &tokio::runtime::Handle,
+    ) {
+        self.with(|set| {
+            set.spawn_on(task, runtime);
+        });
+    }
+
+    fn with(&self, spawn: impl FnOnce(&mut JoinSet<()>)) {
         if let Some(set) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             // Reap the finished ones so the set does not grow with the relay's history.
             while set.try_join_next().is_some() {}
-            set.spawn(task);
+            spawn(set);
         }
     }
 }
@@ -1815,7 +1954,8 @@ mod tests {
     #[tokio::test]
     async fn accepted_connections_inherit_the_listeners_loopback_settings() {
         use nix::sys::socket::{getsockopt, sockopt};
-        for listener in bind(0).expect("bind") {
+        for listener in bind(0, 2).expect("bind").into_iter().flatten() {
+            let listener = TcpListener::from_std(listener).expect("register");
             let (client, accepted) = tokio::join!(
                 TcpStream::connect(listener.local_addr().expect("address")),
                 listener.accept()

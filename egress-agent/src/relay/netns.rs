@@ -20,12 +20,12 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
-use egress_common::RelayWanted;
+use egress_common::{RelayPorts, RelayWanted};
 use nix::sched::{CloneFlags, setns};
-use tokio::net::TcpListener;
+use std::net::TcpListener;
 
 /// The kernel's map of the namespaces the relay listens in: netns cookie → port.
-pub type NetnsMap = BpfHashMap<MapData, u64, u32>;
+pub type NetnsMap = BpfHashMap<MapData, u64, RelayPorts>;
 
 /// The kernel's side of the namespaces the relay serves.
 pub struct NetnsMaps {
@@ -177,21 +177,20 @@ fn namespaces_in(dir: &Path) -> HashMap<u64, PathBuf> {
     found
 }
 
-/// Listeners the relay holds in one namespace.
+/// Listeners the relay holds in one namespace: a set for each worker.
 pub(super) struct Served {
     pub netns: Arc<Netns>,
-    pub port: u16,
-    pub listeners: Vec<TcpListener>,
+    pub listeners: Vec<Vec<TcpListener>>,
 }
 
 /// Opens namespace `ino` through a process's namespace file `path` (checking the process did not
-/// move meanwhile) and makes the relay's listeners in it, on `port` if free there, else on one the
-/// kernel picks.
+/// move meanwhile) and makes the relay's listeners in it (`listen`), the first on `port` if free
+/// there, else on one the kernel picks.
 pub(super) fn serve(
     ino: u64,
     path: &Path,
     port: u16,
-    listen: impl Fn(u16) -> io::Result<Vec<TcpListener>>,
+    listen: impl Fn(u16) -> io::Result<Vec<Vec<TcpListener>>>,
 ) -> io::Result<Served> {
     let file = fs::File::open(path)?;
     if file.metadata()?.ino() != ino {
@@ -204,15 +203,14 @@ pub(super) fn serve(
     })?;
     let first = listeners
         .first()
+        .and_then(|set| set.first())
         .ok_or_else(|| io::Error::other("no listener"))?;
-    let port = first.local_addr()?.port();
     let cookie = cookie(first.as_fd())?;
     Ok(Served {
         netns: Arc::new(Netns {
             cookie,
             fd: Some(fd),
         }),
-        port,
         listeners,
     })
 }

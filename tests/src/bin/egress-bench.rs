@@ -908,11 +908,11 @@ fn steer_to(port: u16) {
         let Ok(data) = aya::maps::MapData::from_id(info.id()) else {
             continue;
         };
-        let mut map: aya::maps::HashMap<_, u64, u32> =
+        let mut map: aya::maps::HashMap<_, u64, egress_common::RelayPorts> =
             aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))
                 .expect("the relay's namespaces");
         if map.get(&netns, 0).is_ok() {
-            map.insert(netns, u32::from(port), 0)
+            map.insert(netns, egress_common::RelayPorts::new(&[port]), 0)
                 .expect("steer to the port");
             pointed += 1;
         }
