@@ -27,7 +27,7 @@ pub const STEERED_MAP: &str = "EGRESS_STEERED_V4";
 /// connection. A connection that closes having carried nothing (a port check) may still wait in
 /// the relay's accept queue: its record stays, marked closed ([`Steered::closed_ns`]), until the
 /// relay takes the connection.
-pub const RELAY_PEERS_MAP: &str = "EGRESS_RELAY_PEERS_V4";
+pub const RELAY_PEERS_MAP: &str = "EGRESS_RELAY_PEERS_V5";
 /// Name of the hash of the network namespaces the relay listens in: netns cookie → its workers'
 /// ports on 127.0.0.1 and ::1 there ([`RelayPorts`]). A steered connect from a namespace without
 /// an entry is pointed at [`Config::relay_port`] there and held (see [`Steered::held_port`]).
@@ -408,14 +408,16 @@ pub struct RelayWanted {
 }
 
 /// The client's end of a steered connection: its local address and port, in its network
-/// namespace (two namespaces may hold the same address and port).
+/// namespace (two namespaces may hold the same address and port), and the relay's port it
+/// connected to (one address and port may connect to two of the relay's workers at once).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RelayPeer {
     /// Network order, IPv4 mapped into IPv6.
     pub addr: [u8; 16],
     pub port_be: u16,
-    pub pad: u16,
+    /// The relay's port, host order.
+    pub relay_port: u16,
     pub pad2: u32,
     /// Cookie of the namespace.
     pub netns: u64,

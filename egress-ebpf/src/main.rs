@@ -94,7 +94,7 @@ static LINKS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 14, 0);
 #[map(name = "EGRESS_STEERED_V4")]
 static STEERED: LruHashMap<u64, Steered> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
-#[map(name = "EGRESS_RELAY_PEERS_V4")]
+#[map(name = "EGRESS_RELAY_PEERS_V5")]
 static RELAY_PEERS: LruHashMap<RelayPeer, Steered> =
     LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 

@@ -178,7 +178,7 @@ pub fn connecting(ops: *mut bpf_sock_ops, cookie: u64) -> bool {
         let _ = STEERED.remove(&cookie);
         return false;
     }
-    let peer = local_end(ops, record.netns);
+    let peer = local_end(ops, record.netns, record.relay_port);
     // A failed insert leaves the relay without a record: it refuses.
     let _ = RELAY_PEERS.insert(&peer, record, 0);
     true
@@ -192,8 +192,8 @@ pub fn connecting(ops: *mut bpf_sock_ops, cookie: u64) -> bool {
 pub fn forget(ops: *mut bpf_sock_ops, cookie: u64, was: u32) {
     if let Some(record) = STEERED.get_ptr(&cookie) {
         // SAFETY: a valid map value.
-        let netns = unsafe { (*record).netns };
-        let peer = local_end(ops, netns);
+        let (netns, relay_port) = unsafe { ((*record).netns, (*record).relay_port) };
+        let peer = local_end(ops, netns, relay_port);
         // SAFETY: the program's own context; a field of full sockets, which a CLOSE callback's is.
         let sent = unsafe { core::ptr::read_volatile(&raw const (*ops).data_segs_out) };
         let kept = match RELAY_PEERS.get_ptr_mut(&peer) {
@@ -249,9 +249,10 @@ fn to_relay(ops: *mut bpf_sock_ops, port: u16) -> bool {
             || (ip6[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) && ip6[3] == LOOPBACK4))
 }
 
-/// The socket's local address and port in namespace `netns`, as the relay sees its peer.
+/// The socket's local address and port in namespace `netns`, as the relay sees its peer on its
+/// port `relay_port`.
 #[inline(always)]
-fn local_end(ops: *mut bpf_sock_ops, netns: u64) -> RelayPeer {
+fn local_end(ops: *mut bpf_sock_ops, netns: u64, relay_port: u16) -> RelayPeer {
     // SAFETY: the program's own context; these fields are readable as whole u32s. Volatile, one
     // by one: the verifier refuses a context pointer the compiler offset and kept for later.
     let (family, ip4, ip6, port) = unsafe {
@@ -286,7 +287,7 @@ fn local_end(ops: *mut bpf_sock_ops, netns: u64) -> RelayPeer {
         addr,
         // local_port is in host order (remote_port is not): a quirk of bpf_sock_ops.
         port_be: (port as u16).to_be(),
-        pad: 0,
+        relay_port,
         pad2: 0,
         netns,
     }

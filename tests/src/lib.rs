@@ -1050,8 +1050,9 @@ pub fn relay_ports(relay_port: u16) -> Vec<u16> {
     panic!("no agent's relay listens on port {relay_port} here")
 }
 
-/// The relay ports the kernel pointed the open steered connections of process `pid` at.
-pub fn relay_ports_of(pid: u32) -> Vec<u16> {
+/// The open steered connections of process `pid` as the kernel filed them for the relay: their
+/// client ports, and the relay ports they were pointed at.
+pub fn relay_ports_of(pid: u32) -> Vec<(u16, u16)> {
     let name = &egress_common::RELAY_PEERS_MAP[..15];
     let mut found = Vec::new();
     for info in aya::maps::loaded_maps().flatten() {
@@ -1067,7 +1068,7 @@ pub fn relay_ports_of(pid: u32) -> Vec<u16> {
             map.iter()
                 .flatten()
                 .filter(|(_, v)| v.pid == pid)
-                .map(|(_, v)| v.relay_port),
+                .map(|(k, v)| (u16::from_be(k.port_be), v.relay_port)),
         );
     }
     found

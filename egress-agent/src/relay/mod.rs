@@ -231,6 +231,8 @@ fn closed_lately(steered: &Steered) -> bool {
 /// A listening socket of the relay, in namespace `netns`.
 struct Listener {
     socket: TcpListener,
+    /// Its port: the kernel files a steered connection's record under it too.
+    port: u16,
     netns: Arc<Netns>,
     /// Set before the socket is shut down, when its namespace is no longer served: its
     /// acceptor then ends instead of waiting for the next connection.
@@ -474,8 +476,10 @@ fn accept_on(
         let _runtime = worker.enter();
         for socket in set {
             socket.set_nonblocking(true)?;
+            let port = socket.local_addr()?.port();
             let listener = Arc::new(Listener {
                 socket: TcpListener::from_std(socket)?,
+                port,
                 netns: Arc::clone(netns),
                 closed: AtomicBool::new(false),
             });
@@ -868,7 +872,7 @@ fn serve_next(
                 }
             }
         };
-        let netns = Arc::clone(&listener.netns);
+        let (netns, port) = (Arc::clone(&listener.netns), listener.port);
         tasks.spawn(serve_next(
             listener,
             Arc::clone(&shared),
@@ -877,7 +881,7 @@ fn serve_next(
         let taken = std::time::Instant::now();
         let open = Open::new(&shared.status.relay_open);
         let mut cookie = None;
-        let record = handle(stream, peer, netns, &shared, &mut cookie).await;
+        let record = handle(stream, peer, port, netns, &shared, &mut cookie).await;
         // Counted before the gauge falls: with no connection open, every one has been counted.
         shared.status.observe(&record);
         drop(open);
@@ -909,7 +913,7 @@ impl Drop for Open<'_> {
 }
 
 /// The kernel's key for a client end seen by accept() in the namespace with cookie `netns`.
-fn peer_key(peer: SocketAddr, netns: u64) -> RelayPeer {
+fn peer_key(peer: SocketAddr, relay_port: u16, netns: u64) -> RelayPeer {
     let addr = match peer.ip() {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
@@ -917,7 +921,7 @@ fn peer_key(peer: SocketAddr, netns: u64) -> RelayPeer {
     RelayPeer {
         addr,
         port_be: peer.port().to_be(),
-        pad: 0,
+        relay_port,
         pad2: 0,
         netns,
     }
@@ -1012,11 +1016,12 @@ impl Drop for Cut<'_> {
     }
 }
 
-/// One steered connection, start to end. Returns its record; sets `cookie` to the client
-/// socket's, where the kernel steered it.
+/// One steered connection, from `peer` to the relay's `port` in `netns`, start to end. Returns
+/// its record; sets `cookie` to the client socket's, where the kernel steered it.
 async fn handle(
     client: TcpStream,
     peer: SocketAddr,
+    port: u16,
     netns: Arc<Netns>,
     shared: &Shared,
     cookie: &mut Option<u64>,
@@ -1027,7 +1032,7 @@ async fn handle(
         r.duration_ms = Some(started.elapsed().as_millis() as u64);
         r
     };
-    let key = peer_key(peer, netns.cookie);
+    let key = peer_key(peer, port, netns.cookie);
     let found = shared.peers().get(&key, 0).ok();
     // A record marked closed is never served: its client closed having sent nothing (a port
     // check), and the kernel left the record for the relay to say whom it refuses.

@@ -39,6 +39,10 @@
 //!   egress-probe tls-hold ADDR:PORT NAME CA N    N handshakes held open together, then a GET on
 //!                                         each; `ok` when every answer came
 //!   egress-probe peer ADDR:PORT           connect; print what getpeername() says
+//!   egress-probe same-port ADDR:PORT CPU CPU   two connections from one local port, the first
+//!                                         connected on the first CPU, the second on the
+//!                                         second; says `held`, keeps them until a line
+//!                                         comes on stdin
 //!   egress-probe tcp-repeat ADDR:PORT N [reset]   N connects, whatever their outcome, each
 //!                                         closed (`reset`: with a reset), then says `done`
 //!                                         and waits for a line on stdin
@@ -289,6 +293,42 @@ fn tcp_hold(addr: SocketAddr) -> String {
 fn connect_hold(addr: SocketAddr) -> String {
     let run = || -> io::Result<()> {
         let _held = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        hold("held")
+    };
+    match run() {
+        Ok(()) => "ok".into(),
+        Err(e) => word(&e),
+    }
+}
+
+/// Two connections to `addr` from one local port (SO_REUSEADDR), the first connected on CPU
+/// `first`, the second on CPU `second`; says `held PORT` and keeps them, sending nothing, until
+/// released.
+fn same_port(addr: SocketAddr, first: usize, second: usize) -> String {
+    use nix::sys::socket::{self, SockaddrStorage, sockopt};
+    let on = |cpu: usize| -> io::Result<()> {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+        Ok(())
+    };
+    let run = || -> io::Result<()> {
+        let mut port = 0;
+        let mut held = Vec::new();
+        for cpu in [first, second] {
+            on(cpu)?;
+            let fd = stream_socket(addr)?;
+            socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            let local = match addr {
+                SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+                SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
+            };
+            socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(local))?;
+            socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+            let stream = TcpStream::from(fd);
+            port = stream.local_addr()?.port();
+            held.push(stream);
+        }
         hold("held")
     };
     match run() {
@@ -1245,6 +1285,12 @@ fn run(args: &[String]) -> ExitCode {
         (Some("tcp"), Some(a)) => tcp(a),
         (Some("tcp-hold"), Some(a)) => tcp_hold(a),
         (Some("connect-hold"), Some(a)) => connect_hold(a),
+        (Some("same-port"), Some(a)) if args.len() == 4 => {
+            match (args[2].parse(), args[3].parse()) {
+                (Ok(first), Ok(second)) => same_port(a, first, second),
+                _ => return usage(),
+            }
+        }
         (Some("tcp-mark"), Some(a)) if args.len() == 3 => match parse_u32(&args[2]) {
             Some(mark) => tcp_mark(a, mark),
             None => return usage(),
@@ -1371,7 +1417,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: egress-probe [--netns|--thread-netns PATH] MODE, MODE one of: \
          tcp|tcp-hold|connect-hold|udp|udp-sendto ADDR:PORT | tcp-mark ADDR:PORT MARK | \
-         redial|collide ADDR:PORT THEN:PORT | tcp-repeat ADDR:PORT N [reset] | \
+         redial|collide ADDR:PORT THEN:PORT | tcp-repeat ADDR:PORT N [reset] | same-port ADDR:PORT CPU CPU | \
          sendto-repeat ADDR:PORT N [PAUSE_MS] | udp-many ADDR:PORT SOCKETS N | \
          dns SERVER:PORT NAME | \
          bench-connect ADDR:PORT N | ping ADDR | frame-ping IFACE SRC4 DST4 ip|arp [VLAN] | sockopts | transfer ADDR:PORT N | \
