@@ -114,9 +114,14 @@ pub struct EnforceArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub flow_table: Option<u32>,
     /// Port of the gateway relay on 127.0.0.1 and ::1, where steered connections go (default: a
-    /// free port, which the kernel programs are told).
+    /// free port, which the kernel programs are told); its first worker's, the others listen on
+    /// free ports.
     #[arg(long, value_name = "PORT", default_value_t = 0)]
     pub relay_port: u16,
+    /// The relay's worker threads (default: one per CPU the agent may run on; at most 64). A
+    /// steered connection goes to the worker of the CPU it connected on.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=egress_common::RELAY_WORKERS_MAX as i64))]
+    pub relay_workers: Option<u16>,
     /// Longest wait for a steered connection's TLS ClientHello.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub relay_hello_timeout: std::time::Duration,
@@ -244,6 +249,7 @@ impl EnforceArgs {
                 idle_timeout: self.relay_idle_timeout,
                 max_connections: self.relay_max_connections.map(|n| n as usize),
                 max_per_workload: self.relay_max_per_workload.map(|n| n as usize),
+                workers: self.relay_workers.map(usize::from),
                 ..cfg.relay
             },
             ..cfg
@@ -349,5 +355,19 @@ mod tests {
         // No limit of none: that would refuse every steered connection.
         assert!(relay_of(&["--relay-max-per-workload", "0"]).is_err());
         assert!(relay_of(&["--relay-max-connections", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_relays_workers_are_one_per_cpu_or_as_many_as_asked_within_the_kernels_table() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(relay_of(&[]).expect("defaults").workers(), cpus.min(64));
+        let relay = relay_of(&["--relay-workers", "3"]).expect("three");
+        assert_eq!((relay.workers, relay.workers()), (Some(3), 3));
+        assert_eq!(
+            relay_of(&["--relay-workers", "64"]).expect("64").workers(),
+            64
+        );
+        assert!(relay_of(&["--relay-workers", "0"]).is_err());
+        assert!(relay_of(&["--relay-workers", "65"]).is_err());
     }
 }
