@@ -997,47 +997,42 @@ pub fn log_path(tag: &str) -> PathBuf {
     dir.join("flows.jsonl")
 }
 
+/// Every loaded agent's map named `name` (tests run side by side, each with an agent of its own).
+pub fn agents_maps(name: &str) -> impl Iterator<Item = aya::maps::MapData> + '_ {
+    // The kernel keeps a map's name to 15 bytes.
+    let name = &name[..15];
+    aya::maps::loaded_maps()
+        .flatten()
+        .filter(move |info| info.name_as_str() == Some(name))
+        // A map of an agent that stopped meanwhile is gone.
+        .filter_map(|info| aya::maps::MapData::from_id(info.id()).ok())
+}
+
+/// Every agent's kernel records for the relay.
+fn relay_peers() -> impl Iterator<Item = (egress_common::RelayPeer, egress_common::Steered)> {
+    agents_maps(egress_common::RELAY_PEERS_MAP).flat_map(|data| {
+        let map = egress_agent::relay::Peers::try_from(aya::maps::Map::LruHashMap(data))
+            .expect("the relay's records");
+        map.iter().flatten().collect::<Vec<_>>()
+    })
+}
+
 /// The client ports of the kernel's records for the relay from 127.0.0.1, with the pid of the
 /// process that connected, in every agent's map (tests run side by side: another test's
 /// connection may have taken a port again since).
 pub fn relay_records() -> Vec<(u16, u32)> {
-    // The kernel keeps a map's name to 15 bytes.
-    let name = &egress_common::RELAY_PEERS_MAP[..15];
     let loopback = std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
-    let mut found = Vec::new();
-    for info in aya::maps::loaded_maps().flatten() {
-        if info.name_as_str() != Some(name) {
-            continue;
-        }
-        // A map of an agent that stopped meanwhile is gone.
-        let Ok(data) = aya::maps::MapData::from_id(info.id()) else {
-            continue;
-        };
-        let map = egress_agent::relay::Peers::try_from(aya::maps::Map::LruHashMap(data))
-            .expect("the relay's records");
-        found.extend(
-            map.iter()
-                .flatten()
-                .filter(|(k, _)| k.addr == loopback)
-                .map(|(k, v)| (u16::from_be(k.port_be), v.pid)),
-        );
-    }
-    found
+    relay_peers()
+        .filter(|(k, _)| k.addr == loopback)
+        .map(|(k, v)| (u16::from_be(k.port_be), v.pid))
+        .collect()
 }
 
 /// The relay's ports, a worker's each, in this process's network namespace, as the kernel has
 /// them from the agent whose first worker listens on `relay_port` (tests run side by side).
 pub fn relay_ports(relay_port: u16) -> Vec<u16> {
-    // The kernel keeps a map's name to 15 bytes.
-    let name = &egress_common::RELAY_NETNS_MAP[..15];
     let netns = egress_agent::relay::netns::own_cookie().expect("the namespace's cookie");
-    for info in aya::maps::loaded_maps().flatten() {
-        if info.name_as_str() != Some(name) {
-            continue;
-        }
-        let Ok(data) = aya::maps::MapData::from_id(info.id()) else {
-            continue;
-        };
+    for data in agents_maps(egress_common::RELAY_NETNS_MAP) {
         let map: aya::maps::HashMap<_, u64, egress_common::RelayPorts> =
             aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))
                 .expect("the relay's namespaces");
@@ -1053,25 +1048,10 @@ pub fn relay_ports(relay_port: u16) -> Vec<u16> {
 /// The open steered connections of process `pid` as the kernel filed them for the relay: their
 /// client ports, and the relay ports they were pointed at.
 pub fn relay_ports_of(pid: u32) -> Vec<(u16, u16)> {
-    let name = &egress_common::RELAY_PEERS_MAP[..15];
-    let mut found = Vec::new();
-    for info in aya::maps::loaded_maps().flatten() {
-        if info.name_as_str() != Some(name) {
-            continue;
-        }
-        let Ok(data) = aya::maps::MapData::from_id(info.id()) else {
-            continue;
-        };
-        let map = egress_agent::relay::Peers::try_from(aya::maps::Map::LruHashMap(data))
-            .expect("the relay's records");
-        found.extend(
-            map.iter()
-                .flatten()
-                .filter(|(_, v)| v.pid == pid)
-                .map(|(k, v)| (u16::from_be(k.port_be), v.relay_port)),
-        );
-    }
-    found
+    relay_peers()
+        .filter(|(_, v)| v.pid == pid)
+        .map(|(k, v)| (u16::from_be(k.port_be), v.relay_port))
+        .collect()
 }
 
 /// Asserts that the kernel holds no relay record of these relay records' connections (by their

@@ -897,17 +897,9 @@ fn relay_records_not_ok(dir: &std::path::Path) -> Vec<String> {
 /// Points the running agent's steering from the agent's own network namespace at `port` on
 /// loopback, in place of its relay's (which then takes no connection).
 fn steer_to(port: u16) {
-    // The kernel keeps a map's name to 15 bytes.
-    let name = &egress_common::RELAY_NETNS_MAP[..15];
     let netns = egress_agent::relay::netns::own_cookie().expect("the namespace's cookie");
     let mut pointed = 0;
-    for info in aya::maps::loaded_maps().flatten() {
-        if info.name_as_str() != Some(name) {
-            continue;
-        }
-        let Ok(data) = aya::maps::MapData::from_id(info.id()) else {
-            continue;
-        };
+    for data in egress_tests::agents_maps(egress_common::RELAY_NETNS_MAP) {
         let mut map: aya::maps::HashMap<_, u64, egress_common::RelayPorts> =
             aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))
                 .expect("the relay's namespaces");
