@@ -614,11 +614,18 @@ async fn a_steered_connect_goes_to_the_worker_of_its_cpu() {
     let f = fixture("workers");
     let cg = TestCgroup::new("relay-workers");
     let log = log_path("relay-workers");
-    let relay = RelayConfig {
-        workers: Some(WORKERS),
-        ..RelayConfig::default()
-    };
-    let a = agent_with(&f, &cg, &log, relay).await;
+    // The default limit on the ClientHello: the held connections' records stay while the test
+    // reads them, however slow the machine.
+    let a = Agent::start(AgentConfig {
+        relay: RelayConfig {
+            workers: Some(WORKERS),
+            ..RelayConfig::default()
+        },
+        ..f.w
+            .agent_config(POLICY, Mode::RegistryOnly, &cg, Some(&log))
+    })
+    .await
+    .expect("agent starts");
     let ports = relay_ports(a.relay_port);
     assert_eq!(ports.len(), WORKERS, "{ports:?}");
     let mut distinct = ports.clone();
