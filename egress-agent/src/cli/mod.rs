@@ -119,7 +119,8 @@ pub struct EnforceArgs {
     #[arg(long, value_name = "PORT", default_value_t = 0)]
     pub relay_port: u16,
     /// The relay's worker threads (default: one per CPU the agent may run on; at most 64). A
-    /// steered connection goes to the worker of the CPU it connected on.
+    /// steered connection goes to worker (CPU it connected on) modulo N: more workers than the
+    /// node's CPUs leaves the extra ones idle.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=egress_common::RELAY_WORKERS_MAX as i64))]
     pub relay_workers: Option<u16>,
     /// Longest wait for a steered connection's TLS ClientHello.
