@@ -2,7 +2,7 @@
 //! loopback is the client's own namespace's: a workload in a namespace of its own (a container, a
 //! pod) reaches the relay only if the relay listens there too. So the relay keeps listeners in
 //! every namespace a process of the enforced cgroup is in (found by scanning the cgroup), tells
-//! the kernel each one's port (`RELAY_NETNS_MAP`, by namespace cookie), and makes each relayed
+//! the kernel each one's ports (`RELAY_NETNS_MAP`, by namespace cookie), and makes each relayed
 //! connection's upstream socket in the client's namespace, so it leaves as the client's own would
 //! have: by that namespace's routes and interfaces, from its addresses. Serving a namespace also
 //! puts the agent's TC program for packet sockets on its interfaces. A namespace the relay does
@@ -11,6 +11,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fs, io,
+    net::TcpListener,
     os::{
         fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
         unix::fs::MetadataExt as _,
@@ -22,9 +23,8 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use egress_common::{RelayPorts, RelayWanted};
 use nix::sched::{CloneFlags, setns};
-use std::net::TcpListener;
 
-/// The kernel's map of the namespaces the relay listens in: netns cookie → port.
+/// The kernel's map of the namespaces the relay listens in: netns cookie → the workers' ports.
 pub type NetnsMap = BpfHashMap<MapData, u64, RelayPorts>;
 
 /// The kernel's side of the namespaces the relay serves.
