@@ -279,24 +279,45 @@ pub fn raise_nofile() -> nix::Result<(u64, u64)> {
 /// port of its own: the first on `port` (0: one the kernel picks), the others on ones the
 /// kernel picks.
 pub fn bind(port: u16, workers: usize) -> io::Result<Vec<Vec<std::net::TcpListener>>> {
-    (0..workers.max(1))
-        .map(|i| {
-            let v4 = listen(SocketAddr::new(
-                IpAddr::from([127, 0, 0, 1]),
-                if i == 0 { port } else { 0 },
-            ))?;
-            let port = v4.local_addr()?.port();
-            let mut listeners = vec![v4];
-            match listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)) {
-                Ok(v6) => listeners.push(v6),
-                Err(e) if i == 0 => {
-                    log::warn!("relay: no IPv6 loopback listener ({e}); IPv6 steering will fail")
+    let (first, made) = listen_pair(port)?;
+    let v6 = match made {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("relay: no IPv6 loopback listener ({e}); IPv6 steering will fail");
+            false
+        }
+    };
+    let mut all = vec![first];
+    while all.len() < workers.max(1) {
+        // Each worker listens where the first does: a port free on 127.0.0.1 may be taken on
+        // ::1, and an IPv6 connect steered to it would fail. Another port, then.
+        let mut tries = 0;
+        let pair = loop {
+            let (pair, made) = listen_pair(0)?;
+            match made {
+                Err(e) if v6 => {
+                    tries += 1;
+                    if tries == 8 {
+                        return Err(e);
+                    }
                 }
-                Err(_) => {}
+                _ => break pair,
             }
-            Ok(listeners)
-        })
-        .collect()
+        };
+        all.push(pair);
+    }
+    Ok(all)
+}
+
+/// Listens on 127.0.0.1 at `port` (0: one the kernel picks) and on ::1 at the same port; with
+/// whether the latter could be made.
+fn listen_pair(port: u16) -> io::Result<(Vec<std::net::TcpListener>, io::Result<()>)> {
+    let v4 = listen(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port))?;
+    let port = v4.local_addr()?.port();
+    let mut listeners = vec![v4];
+    let v6 =
+        listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)).map(|v6| listeners.push(v6));
+    Ok((listeners, v6))
 }
 
 /// A listening socket, not yet registered with a runtime: a worker's registers it.
