@@ -1474,6 +1474,7 @@ async fn answer(
     activity: &Activity,
 ) -> io::Result<Option<String>> {
     let mut first = Vec::with_capacity(16 << 10);
+    let mut ended = false;
     let retry = loop {
         // The socket's one reader waker, not a waiter added to and taken off its list: fewer
         // steps a wait (only this task reads the socket).
@@ -1484,7 +1485,10 @@ async fn answer(
         match server.try_read_buf(&mut first) {
             // An upstream that closed at once answered nothing to judge; carrying passes its end
             // on.
-            Ok(0) => break false,
+            Ok(0) => {
+                ended = true;
+                break false;
+            }
             Ok(_) => {
                 activity.touch();
                 if let Some(retry) = hello::retry_request(&first) {
@@ -1495,7 +1499,26 @@ async fn answer(
             Err(e) => return Err(e),
         }
     };
-    client.write_all(&first).await?;
+    // Whether the upstream's end came right behind its answer (a server that answers and
+    // closes): then the FIN goes to the client with the answer (`splice::send_then`). After a
+    // HelloRetryRequest the server waits for the client.
+    while !retry && !ended && first.len() < first.capacity() {
+        match server.try_read_buf(&mut first) {
+            Ok(0) => ended = true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let mut left = &first[..];
+    while !left.is_empty() {
+        std::future::poll_fn(|cx| client.poll_write_ready(cx)).await?;
+        match splice::send_then(client, left, ended) {
+            Ok(n) => left = &left[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
     moved.down.fetch_add(first.len() as u64, Ordering::Relaxed);
     drop(first);
     let onward = if retry {
@@ -1766,12 +1789,16 @@ fn client_gone(stream: &TcpStream) -> bool {
     // include/net/tcp_states.h
     const TCP_CLOSE: u8 = 7;
     const TCP_CLOSE_WAIT: u8 = 8;
+    tcp_info(stream).is_ok_and(|info| matches!(info.tcpi_state, TCP_CLOSE | TCP_CLOSE_WAIT))
+}
+
+/// The kernel's TCP_INFO of a socket.
+fn tcp_info(stream: &TcpStream) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain integers; all zeroes is a value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     // SAFETY: TCP_INFO takes a tcp_info (a shorter one from an older kernel leaves the rest 0).
-    let got =
-        unsafe { netns::get_option(stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, &mut info) };
-    got.is_ok() && matches!(info.tcpi_state, TCP_CLOSE | TCP_CLOSE_WAIT)
+    unsafe { netns::get_option(stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, &mut info) }?;
+    Ok(info)
 }
 
 /// An int socket option nix has no type for.
@@ -1973,6 +2000,46 @@ mod tests {
             schedule(Attempts::new(&route(None), 2, None, vec![A, B])).await,
             (vec![(A, 0, None), (B, 25, None)], false)
         );
+    }
+
+    /// An upstream that answers the hello and closes at once: its answer and its end, come
+    /// together, reach the client together, in one segment.
+    #[tokio::test]
+    async fn an_answer_with_the_end_behind_it_reaches_the_client_in_one_segment() {
+        use tokio::io::AsyncReadExt as _;
+        let (mut server, upstream) = splice::tests::pair(None).await;
+        let (mut client, mut accepted) = splice::tests::pair(None).await;
+        // Not a TLS record: no HelloRetryRequest to wait behind.
+        let answered = [0u8; 64];
+        splice::tests::arrive_with_end(&upstream, &server, &answered).await;
+        let before = splice::tests::segments_in(&client);
+        let (moved, config, activity) = (Moved::default(), RelayConfig::default(), Activity::new());
+        let refused = answer(
+            &mut accepted,
+            &mut server,
+            Vec::new(),
+            "a.test",
+            &moved,
+            &config,
+            &activity,
+        )
+        .await
+        .expect("answer");
+        assert_eq!(refused, None);
+        let (carried, segments) = tokio::join!(
+            carry(&accepted, &server, &moved, &config, &activity),
+            async {
+                let mut got = Vec::new();
+                client.read_to_end(&mut got).await.expect("receive");
+                assert_eq!(got, answered);
+                let segments = splice::tests::segments_in(&client) - before;
+                client.shutdown().await.expect("half-close");
+                segments
+            }
+        );
+        carried.expect("carry");
+        assert_eq!(segments, 1, "the answer and the FIN in one segment");
+        assert_eq!(moved.down.into_inner(), answered.len() as u64);
     }
 
     /// What the listeners set, their accepted connections have, in the real kernel: no delay,

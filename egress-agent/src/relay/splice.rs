@@ -16,7 +16,7 @@ use std::{
 use nix::{
     fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice},
     sys::{
-        socket::{Shutdown, shutdown},
+        socket::{MsgFlags, Shutdown, send, shutdown},
         time::TimeSpec,
         timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags},
     },
@@ -86,25 +86,33 @@ pub(super) async fn pump(
         // The direction's own waker (this pump alone reads `from` and writes `to`), not a waiter
         // added to and taken off the socket's list: fewer steps a wait.
         std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
-        let read = COPY.with_borrow_mut(|buf| -> io::Result<Option<usize>> {
-            let n = match from.try_read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                read => read?,
-            };
-            if n == 0 {
-                return Ok(Some(0));
+        let read = COPY.with_borrow_mut(|buf| -> io::Result<Option<(usize, bool)>> {
+            // Read until the socket has nothing more (the same calls as reading once, writing,
+            // and finding nothing on the next read), so that an end that came with the bytes is
+            // known before they are written.
+            let (mut n, mut eof) = (0, false);
+            while n < buf.len() {
+                match from.try_read(&mut buf[n..]) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
             }
-            let sent = match to.try_write(&buf[..n]) {
+            if n == 0 {
+                return Ok(eof.then_some((0, true)));
+            }
+            let sent = match send_then(to, &buf[..n], eof) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 written => written?,
             };
             rest.extend_from_slice(&buf[sent..n]);
-            Ok(Some(n))
+            Ok(Some((n, eof)))
         })?;
-        let Some(n) = read else { continue };
-        if n == 0 {
-            return end(to, ended);
-        }
+        let Some((n, eof)) = read else { continue };
         while !rest.is_empty() {
             std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
             match to.try_write(&rest) {
@@ -114,7 +122,12 @@ pub(super) async fn pump(
         }
         copied += n as u64;
         bytes.fetch_add(n as u64, Ordering::Relaxed);
-        activity.touch();
+        if n > 0 {
+            activity.touch();
+        }
+        if eof {
+            return end(to, ended);
+        }
     }
     drop(rest);
     let (pipe_rd, pipe_wr): (OwnedFd, OwnedFd) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
@@ -345,6 +358,18 @@ async fn expired(timer: &AsyncFd<Timer>) -> io::Result<()> {
     }
 }
 
+/// Sends what it can of `bytes` now; where `from` has ended (`last`), holds them back
+/// (`MSG_MORE`) for the FIN that [`end`] or the close sends next, which then goes out with them in
+/// one segment: one packet fewer, and the peer woken once for the bytes and the end.
+pub(super) fn send_then(to: &TcpStream, bytes: &[u8], last: bool) -> io::Result<usize> {
+    // nix names no MSG_MORE.
+    let more = if last { libc::MSG_MORE } else { 0 };
+    let flags = MsgFlags::from_bits_retain(more | libc::MSG_NOSIGNAL);
+    to.try_io(Interest::WRITABLE, || {
+        send(to.as_raw_fd(), bytes, flags).map_err(io::Error::from)
+    })
+}
+
 /// `from` has ended. The first direction to end passes the half-close on (the other goes on);
 /// the second leaves the FIN to the close that follows.
 fn end(to: &TcpStream, ended: &AtomicBool) -> io::Result<()> {
@@ -358,10 +383,10 @@ fn end(to: &TcpStream, ended: &AtomicBool) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::{
         io,
-        os::fd::AsFd as _,
+        os::fd::{AsFd as _, AsRawFd as _},
         sync::atomic::{AtomicBool, AtomicU64, Ordering},
         time::Duration,
     };
@@ -371,10 +396,13 @@ mod tests {
         net::{TcpListener, TcpSocket, TcpStream},
     };
 
-    use super::{super::netns, Activity, BEHIND, Batching, FIRST_BATCH, STALL_MIN, Woken, pump};
+    use super::{
+        super::{netns, tcp_info},
+        Activity, BEHIND, Batching, FIRST_BATCH, STALL_MIN, Woken, pump, send_then,
+    };
 
     /// A connected pair on loopback: (the end dialled from, the accepted end).
-    async fn pair(buffer: Option<u32>) -> (TcpStream, TcpStream) {
+    pub(in super::super) async fn pair(buffer: Option<u32>) -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("listen");
         let socket = TcpSocket::new_v4().expect("socket");
         if let Some(size) = buffer {
@@ -385,6 +413,53 @@ mod tests {
             listener.accept()
         );
         (dialled.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// Sends `bytes` and the end from `peer` in one segment, and waits until `at`, its other end,
+    /// has them.
+    pub(in super::super) async fn arrive_with_end(peer: &TcpStream, at: &TcpStream, bytes: &[u8]) {
+        // include/net/tcp_states.h
+        const TCP_CLOSE_WAIT: u8 = 8;
+        assert_eq!(send_then(peer, bytes, true).expect("send"), bytes.len());
+        nix::sys::socket::shutdown(peer.as_raw_fd(), nix::sys::socket::Shutdown::Write)
+            .expect("half-close");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while tcp_info(at).expect("TCP_INFO").tcpi_state != TCP_CLOSE_WAIT {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the bytes and the end arrive");
+    }
+
+    /// Segments `socket` has received, by the kernel's count.
+    pub(in super::super) fn segments_in(socket: &TcpStream) -> u32 {
+        tcp_info(socket).expect("TCP_INFO").tcpi_segs_in
+    }
+
+    /// Bytes and an end that reach the relay together leave it together: the last bytes and the
+    /// FIN in one segment, a packet fewer and the receiver woken once for both.
+    #[tokio::test]
+    async fn the_last_bytes_and_the_end_leave_in_one_segment() {
+        let (upstream, from) = pair(None).await;
+        let (to, mut client) = pair(None).await;
+        let last = b"the last bytes";
+        arrive_with_end(&upstream, &from, last).await;
+        let before = segments_in(&client);
+        let (bytes, activity, ended) = (AtomicU64::new(0), Activity::new(), AtomicBool::new(false));
+        let other = AtomicU64::new(0);
+        pump(&from, &to, &bytes, &other, &activity, &ended, true)
+            .await
+            .expect("pump");
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("receive");
+        assert_eq!(got, last);
+        assert_eq!(bytes.into_inner(), last.len() as u64);
+        assert_eq!(
+            segments_in(&client) - before,
+            1,
+            "the last bytes and the FIN in one segment"
+        );
     }
 
     /// Through a tiny send buffer and a slow reader, writes take the bytes only in part: what they
