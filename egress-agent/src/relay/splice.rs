@@ -358,9 +358,10 @@ async fn expired(timer: &AsyncFd<Timer>) -> io::Result<()> {
     }
 }
 
-/// Sends what it can of `bytes` now; where `from` has ended (`last`), holds them back
-/// (`MSG_MORE`) for the FIN that [`end`] or the close sends next, which then goes out with them in
-/// one segment: one packet fewer, and the peer woken once for the bytes and the end.
+/// Sends what it can of `bytes` now; where their sender has ended (`last`), holds them back
+/// (`MSG_MORE`) for the FIN that the caller sends next ([`half_close`], or the close), which then
+/// goes out with them in one segment: one packet fewer, and the peer woken once for the bytes and
+/// the end.
 pub(super) fn send_then(to: &TcpStream, bytes: &[u8], last: bool) -> io::Result<usize> {
     // nix names no MSG_MORE.
     let more = if last { libc::MSG_MORE } else { 0 };
@@ -376,6 +377,12 @@ fn end(to: &TcpStream, ended: &AtomicBool) -> io::Result<()> {
     if ended.swap(true, Ordering::AcqRel) {
         return Ok(());
     }
+    half_close(to)
+}
+
+/// Sends `to` the FIN, with whatever [`send_then`] held back; a connection already gone is no
+/// error.
+pub(super) fn half_close(to: &TcpStream) -> io::Result<()> {
     match shutdown(to.as_raw_fd(), Shutdown::Write) {
         Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
         Err(e) => Err(e.into()),
