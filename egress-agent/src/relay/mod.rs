@@ -148,8 +148,11 @@ impl Workers {
         };
         let mut handles = Vec::with_capacity(n);
         for i in 0..n {
+            // Sockets and timers only: a runtime with the signal and process drivers is woken for
+            // every signal the agent gets, and looks for exited children at every wake-up.
             let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
+                .enable_time()
                 .build()?;
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             handles.push(runtime.handle().clone());
