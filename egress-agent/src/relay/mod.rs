@@ -1505,12 +1505,17 @@ async fn answer(
     // Whether the upstream's end came right behind its answer (a server that answers and
     // closes): then the FIN goes to the client with the answer, at once, whatever the client's
     // bytes to the upstream wait for. After a HelloRetryRequest the server waits for the client.
+    let mut failed = None;
     while !retry && !ended && first.len() < first.capacity() {
         match server.try_read_buf(&mut first) {
             Ok(0) => ended = true,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
+            // The answer that came before it still goes on.
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
         }
     }
     let mut left = &first[..];
@@ -1522,12 +1527,15 @@ async fn answer(
             Err(e) => return Err(e),
         }
     }
+    moved.down.fetch_add(first.len() as u64, Ordering::Relaxed);
+    drop(first);
+    if let Some(e) = failed {
+        return Err(e);
+    }
     if ended {
         // Carrying finds the end again and passes it on once more, which changes nothing.
         splice::half_close(client)?;
     }
-    moved.down.fetch_add(first.len() as u64, Ordering::Relaxed);
-    drop(first);
     let onward = if retry {
         let again =
             match hello::read_again(client, held, config.hello_limit, config.hello_timeout).await {
@@ -2050,6 +2058,35 @@ mod tests {
             carry(&accepted, &server, &moved, &config, &activity)
         );
         carried.expect("carry");
+        assert_eq!(moved.down.into_inner(), answered.len() as u64);
+    }
+
+    /// An upstream that answers the hello and resets the connection: the answer still reaches
+    /// the client, and the reset is the connection's error.
+    #[tokio::test]
+    async fn an_answer_before_a_reset_still_reaches_the_client() {
+        use tokio::io::AsyncReadExt as _;
+        let (mut server, upstream) = splice::tests::pair(None).await;
+        let (mut client, mut accepted) = splice::tests::pair(None).await;
+        let answered = [0u8; 64];
+        splice::tests::arrive_with_reset(upstream, &server, &answered).await;
+        let (moved, config, activity) = (Moved::default(), RelayConfig::default(), Activity::new());
+        let failed = answer(
+            &mut accepted,
+            &mut server,
+            Vec::new(),
+            "a.test",
+            &moved,
+            &config,
+            &activity,
+        )
+        .await
+        .expect_err("the reset");
+        assert_eq!(failed.kind(), io::ErrorKind::ConnectionReset);
+        drop(accepted);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("receive");
+        assert_eq!(got, answered);
         assert_eq!(moved.down.into_inner(), answered.len() as u64);
     }
 

@@ -86,33 +86,42 @@ pub(super) async fn pump(
         // The direction's own waker (this pump alone reads `from` and writes `to`), not a waiter
         // added to and taken off the socket's list: fewer steps a wait.
         std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
-        let read = COPY.with_borrow_mut(|buf| -> io::Result<Option<(usize, bool)>> {
-            // Read until the socket has nothing more (the same calls as reading once, writing,
-            // and finding nothing on the next read), so that an end that came with the bytes is
-            // known before they are written.
-            let (mut n, mut eof) = (0, false);
-            while n < buf.len() {
-                match from.try_read(&mut buf[n..]) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
+        let read = COPY.with_borrow_mut(
+            |buf| -> io::Result<Option<(usize, bool, Option<io::Error>)>> {
+                // Read until the socket has nothing more (the same calls as reading once, writing,
+                // and finding nothing on the next read), so that an end that came with the bytes is
+                // known before they are written.
+                let (mut n, mut eof, mut failed) = (0, false, None);
+                while n < buf.len() {
+                    match from.try_read(&mut buf[n..]) {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if n == 0 => return Err(e),
+                        // The bytes that came before it still go on.
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
                     }
-                    Ok(k) => n += k,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
                 }
-            }
-            if n == 0 {
-                return Ok(eof.then_some((0, true)));
-            }
-            let sent = match send_then(to, &buf[..n], eof) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                written => written?,
-            };
-            rest.extend_from_slice(&buf[sent..n]);
-            Ok(Some((n, eof)))
-        })?;
-        let Some((n, eof)) = read else { continue };
+                if n == 0 {
+                    return Ok(eof.then_some((0, true, None)));
+                }
+                let sent = match send_then(to, &buf[..n], eof) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    written => written?,
+                };
+                rest.extend_from_slice(&buf[sent..n]);
+                Ok(Some((n, eof, failed)))
+            },
+        )?;
+        let Some((n, eof, failed)) = read else {
+            continue;
+        };
         while !rest.is_empty() {
             std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
             match to.try_write(&rest) {
@@ -124,6 +133,9 @@ pub(super) async fn pump(
         bytes.fetch_add(n as u64, Ordering::Relaxed);
         if n > 0 {
             activity.touch();
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         if eof {
             return end(to, ended);
@@ -439,6 +451,23 @@ pub(super) mod tests {
         .expect("the bytes and the end arrive");
     }
 
+    /// Sends `bytes` from `peer`, then resets the connection, and waits until `at`, its other
+    /// end, has both.
+    pub(in super::super) async fn arrive_with_reset(peer: TcpStream, at: &TcpStream, bytes: &[u8]) {
+        // include/net/tcp_states.h
+        const TCP_CLOSE: u8 = 7;
+        assert_eq!(send_then(&peer, bytes, false).expect("send"), bytes.len());
+        peer.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+        drop(peer);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while tcp_info(at).expect("TCP_INFO").tcpi_state != TCP_CLOSE {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the bytes and the reset arrive");
+    }
+
     /// Segments `socket` has received, by the kernel's count.
     pub(in super::super) fn segments_in(socket: &TcpStream) -> u32 {
         tcp_info(socket).expect("TCP_INFO").tcpi_segs_in
@@ -467,6 +496,26 @@ pub(super) mod tests {
             1,
             "the last bytes and the FIN in one segment"
         );
+    }
+
+    /// Bytes that came before a reset still go on, and then the reset is the pump's error.
+    #[tokio::test]
+    async fn the_bytes_before_a_reset_still_go_on() {
+        let (upstream, from) = pair(None).await;
+        let (to, mut client) = pair(None).await;
+        let last = b"the bytes before the reset";
+        arrive_with_reset(upstream, &from, last).await;
+        let (bytes, activity, ended) = (AtomicU64::new(0), Activity::new(), AtomicBool::new(false));
+        let other = AtomicU64::new(0);
+        let failed = pump(&from, &to, &bytes, &other, &activity, &ended, true)
+            .await
+            .expect_err("the reset");
+        assert_eq!(failed.kind(), io::ErrorKind::ConnectionReset);
+        drop(to);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("receive");
+        assert_eq!(got, last);
+        assert_eq!(bytes.into_inner(), last.len() as u64);
     }
 
     /// Through a tiny send buffer and a slow reader, writes take the bytes only in part: what they
