@@ -457,7 +457,13 @@ pub(super) mod tests {
         // include/net/tcp_states.h
         const TCP_CLOSE: u8 = 7;
         assert_eq!(send_then(&peer, bytes, false).expect("send"), bytes.len());
-        peer.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+        // A zero linger: the close resets the connection, at once.
+        let reset = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&peer, nix::sys::socket::sockopt::Linger, &reset)
+            .expect("SO_LINGER");
         drop(peer);
         tokio::time::timeout(Duration::from_secs(5), async {
             while tcp_info(at).expect("TCP_INFO").tcpi_state != TCP_CLOSE {
