@@ -1410,6 +1410,7 @@ async fn relay_admitted(
             // One idle limit from the hello on, the upstream's answer included: one timer.
             let activity = Activity::new();
             let relayed = async {
+                let mut ended = false;
                 // A TCP port's server may speak first: its bytes are carried as they come.
                 if !opaque {
                     match answer(
@@ -1423,12 +1424,12 @@ async fn relay_admitted(
                     )
                     .await
                     {
-                        Ok(None) => {}
-                        Ok(Some(reason)) => return Err(Stop::Refused(reason)),
+                        Ok(Answered::Carry { upstream_ended }) => ended = upstream_ended,
+                        Ok(Answered::Refused(reason)) => return Err(Stop::Refused(reason)),
                         Err(e) => return Err(Stop::Io(e)),
                     }
                 }
-                carry(&client, &server, moved, config, &activity)
+                carry(&client, &server, moved, config, &activity, ended)
                     .await
                     .map(|()| Ended::Closed)
                     .map_err(Stop::Io)
@@ -1460,9 +1461,17 @@ enum Stop {
     Io(io::Error),
 }
 
+/// What the upstream's first answer leaves to the connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Answered {
+    /// Bytes may flow on; whether the upstream has ended, and its end been passed on.
+    Carry { upstream_ended: bool },
+    /// The connection is refused, for this reason.
+    Refused(String),
+}
+
 /// Passes the upstream's first answer to the client, then `held` (what the client sent after
-/// its hello) to the upstream; `None` when the bytes may flow on, else why the connection is
-/// refused. Bytes that move count in `activity`, whose idle limit the caller keeps. After a
+/// its hello) to the upstream. Bytes that move count in `activity`, whose idle limit the caller keeps. After a
 /// HelloRetryRequest the client sends a second ClientHello, which must name the server its first
 /// named (RFC 8446 §4.1.2): it is read and judged as the first was, or a client could name an
 /// allowed host first and another host of the same destination's server (a CDN's) second, and
@@ -1475,7 +1484,7 @@ async fn answer(
     moved: &Moved,
     config: &RelayConfig,
     activity: &Activity,
-) -> io::Result<Option<String>> {
+) -> io::Result<Answered> {
     let mut first = Vec::with_capacity(16 << 10);
     let mut ended = false;
     let retry = loop {
@@ -1533,17 +1542,18 @@ async fn answer(
         return Err(e);
     }
     if ended {
-        // Carrying finds the end again and passes it on once more, which changes nothing.
         splice::half_close(client)?;
     }
     let onward = if retry {
         let again =
             match hello::read_again(client, held, config.hello_limit, config.hello_timeout).await {
                 Ok(again) => again,
-                Err(e) => return Ok(Some(format!("after a HelloRetryRequest: {e}"))),
+                Err(e) => {
+                    return Ok(Answered::Refused(format!("after a HelloRetryRequest: {e}")));
+                }
             };
         if again.sni.as_deref() != Some(name) {
-            return Ok(Some(format!(
+            return Ok(Answered::Refused(format!(
                 "the ClientHello after a HelloRetryRequest names {}, the first named {name}",
                 again.sni.as_deref().unwrap_or("no server")
             )));
@@ -1557,7 +1567,9 @@ async fn answer(
         moved.up.fetch_add(onward.len() as u64, Ordering::Relaxed);
         activity.touch();
     }
-    Ok(None)
+    Ok(Answered::Carry {
+        upstream_ended: ended,
+    })
 }
 
 /// The attempts a route allows, shared by passthrough connects and originated requests: each
@@ -1887,15 +1899,17 @@ struct Moved {
 
 /// Carries bytes both ways until both sides have finished (each EOF passed on as a half-close)
 /// or a side fails (both end). Bytes that move count in `activity`, whose idle limit the caller
-/// keeps.
+/// keeps. Where the upstream has ended already (`upstream_ended`, its end passed on with its
+/// answer), only the client's direction is left.
 async fn carry(
     client: &TcpStream,
     server: &TcpStream,
     moved: &Moved,
     config: &RelayConfig,
     activity: &Activity,
+    upstream_ended: bool,
 ) -> io::Result<()> {
-    let ended = AtomicBool::new(false);
+    let ended = AtomicBool::new(upstream_ended);
     tokio::try_join!(
         splice::pump(
             client,
@@ -1906,15 +1920,21 @@ async fn carry(
             &ended,
             config.splice
         ),
-        splice::pump(
-            server,
-            client,
-            &moved.down,
-            &moved.up,
-            activity,
-            &ended,
-            config.splice
-        ),
+        async {
+            if upstream_ended {
+                return Ok(());
+            }
+            splice::pump(
+                server,
+                client,
+                &moved.down,
+                &moved.up,
+                activity,
+                &ended,
+                config.splice,
+            )
+            .await
+        },
     )
     .map(|_| ())
 }
@@ -2030,7 +2050,7 @@ mod tests {
         splice::tests::arrive_with_end(&upstream, &server, &answered).await;
         let before = splice::tests::segments_in(&client);
         let (moved, config, activity) = (Moved::default(), RelayConfig::default(), Activity::new());
-        let refused = answer(
+        let left = answer(
             &mut accepted,
             &mut server,
             Vec::new(),
@@ -2041,7 +2061,12 @@ mod tests {
         )
         .await
         .expect("answer");
-        assert_eq!(refused, None);
+        assert_eq!(
+            left,
+            Answered::Carry {
+                upstream_ended: true
+            }
+        );
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
             .await
@@ -2055,7 +2080,7 @@ mod tests {
         );
         let ((), carried) = tokio::join!(
             async { client.shutdown().await.expect("half-close") },
-            carry(&accepted, &server, &moved, &config, &activity)
+            carry(&accepted, &server, &moved, &config, &activity, true)
         );
         carried.expect("carry");
         assert_eq!(moved.down.into_inner(), answered.len() as u64);
