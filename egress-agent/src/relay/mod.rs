@@ -1410,7 +1410,7 @@ async fn relay_admitted(
             // One idle limit from the hello on, the upstream's answer included: one timer.
             let activity = Activity::new();
             let relayed = async {
-                let mut ended = false;
+                let mut upstream_ended = false;
                 // A TCP port's server may speak first: its bytes are carried as they come.
                 if !opaque {
                     match answer(
@@ -1424,12 +1424,12 @@ async fn relay_admitted(
                     )
                     .await
                     {
-                        Ok(Answered::Carry { upstream_ended }) => ended = upstream_ended,
+                        Ok(Answered::Carry { upstream_ended: e }) => upstream_ended = e,
                         Ok(Answered::Refused(reason)) => return Err(Stop::Refused(reason)),
                         Err(e) => return Err(Stop::Io(e)),
                     }
                 }
-                carry(&client, &server, moved, config, &activity, ended)
+                carry(&client, &server, moved, config, &activity, upstream_ended)
                     .await
                     .map(|()| Ended::Closed)
                     .map_err(Stop::Io)
@@ -1471,11 +1471,11 @@ enum Answered {
 }
 
 /// Passes the upstream's first answer to the client, then `held` (what the client sent after
-/// its hello) to the upstream. Bytes that move count in `activity`, whose idle limit the caller keeps. After a
-/// HelloRetryRequest the client sends a second ClientHello, which must name the server its first
-/// named (RFC 8446 §4.1.2): it is read and judged as the first was, or a client could name an
-/// allowed host first and another host of the same destination's server (a CDN's) second, and
-/// reach that one.
+/// its hello) to the upstream. Bytes that move count in `activity`, whose idle limit the caller
+/// keeps. After a HelloRetryRequest the client sends a second ClientHello, which must name the
+/// server its first named (RFC 8446 §4.1.2): it is read and judged as the first was, or a client
+/// could name an allowed host first and another host of the same destination's server (a CDN's)
+/// second, and reach that one.
 async fn answer(
     client: &mut TcpStream,
     server: &mut TcpStream,
