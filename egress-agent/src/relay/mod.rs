@@ -1810,12 +1810,13 @@ impl Timeouts {
     }
 }
 
+/// TCP states, as TCP_INFO gives them (include/net/tcp_states.h).
+const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
+
 /// Whether the client end has closed or reset its connection already (the kernel's TCP state
 /// of the accepted socket).
 fn client_gone(stream: &TcpStream) -> bool {
-    // include/net/tcp_states.h
-    const TCP_CLOSE: u8 = 7;
-    const TCP_CLOSE_WAIT: u8 = 8;
     tcp_info(stream).is_ok_and(|info| matches!(info.tcpi_state, TCP_CLOSE | TCP_CLOSE_WAIT))
 }
 
@@ -2037,6 +2038,26 @@ mod tests {
         );
     }
 
+    /// `answer` for a client that sent nothing after its hello, under the relay's defaults.
+    async fn answer_alone(
+        client: &mut TcpStream,
+        server: &mut TcpStream,
+        moved: &Moved,
+        activity: &Activity,
+    ) -> io::Result<Answered> {
+        let config = RelayConfig::default();
+        answer(
+            client,
+            server,
+            Vec::new(),
+            "a.test",
+            moved,
+            &config,
+            activity,
+        )
+        .await
+    }
+
     /// An upstream that answers the hello and closes at once: its answer and its end, come
     /// together, reach the client together, in one segment, and before the relay carries
     /// anything more (what the client sent after its hello may wait for the upstream).
@@ -2050,17 +2071,9 @@ mod tests {
         splice::tests::arrive_with_end(&upstream, &server, &answered).await;
         let before = splice::tests::segments_in(&client);
         let (moved, config, activity) = (Moved::default(), RelayConfig::default(), Activity::new());
-        let left = answer(
-            &mut accepted,
-            &mut server,
-            Vec::new(),
-            "a.test",
-            &moved,
-            &config,
-            &activity,
-        )
-        .await
-        .expect("answer");
+        let left = answer_alone(&mut accepted, &mut server, &moved, &activity)
+            .await
+            .expect("answer");
         assert_eq!(
             left,
             Answered::Carry {
@@ -2095,18 +2108,10 @@ mod tests {
         let (mut client, mut accepted) = splice::tests::pair(None).await;
         let answered = [0u8; 64];
         splice::tests::arrive_with_reset(upstream, &server, &answered).await;
-        let (moved, config, activity) = (Moved::default(), RelayConfig::default(), Activity::new());
-        let failed = answer(
-            &mut accepted,
-            &mut server,
-            Vec::new(),
-            "a.test",
-            &moved,
-            &config,
-            &activity,
-        )
-        .await
-        .expect_err("the reset");
+        let (moved, activity) = (Moved::default(), Activity::new());
+        let failed = answer_alone(&mut accepted, &mut server, &moved, &activity)
+            .await
+            .expect_err("the reset");
         assert_eq!(failed.kind(), io::ErrorKind::ConnectionReset);
         drop(accepted);
         let mut got = Vec::new();

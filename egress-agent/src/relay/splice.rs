@@ -416,7 +416,7 @@ pub(super) mod tests {
     };
 
     use super::{
-        super::{netns, tcp_info},
+        super::{TCP_CLOSE, TCP_CLOSE_WAIT, netns, tcp_info},
         Activity, BEHIND, Batching, FIRST_BATCH, STALL_MIN, Woken, pump, send_then,
     };
 
@@ -437,25 +437,26 @@ pub(super) mod tests {
     /// Sends `bytes` and the end from `peer` in one segment, and waits until `at`, its other end,
     /// has them.
     pub(in super::super) async fn arrive_with_end(peer: &TcpStream, at: &TcpStream, bytes: &[u8]) {
-        // include/net/tcp_states.h
-        const TCP_CLOSE_WAIT: u8 = 8;
         assert_eq!(send_then(peer, bytes, true).expect("send"), bytes.len());
         nix::sys::socket::shutdown(peer.as_raw_fd(), nix::sys::socket::Shutdown::Write)
             .expect("half-close");
+        reach_state(at, TCP_CLOSE_WAIT, "the bytes and the end arrive").await;
+    }
+
+    /// Waits until `socket` is in TCP state `state`.
+    async fn reach_state(socket: &TcpStream, state: u8, what: &str) {
         tokio::time::timeout(Duration::from_secs(5), async {
-            while tcp_info(at).expect("TCP_INFO").tcpi_state != TCP_CLOSE_WAIT {
+            while tcp_info(socket).expect("TCP_INFO").tcpi_state != state {
                 tokio::task::yield_now().await;
             }
         })
         .await
-        .expect("the bytes and the end arrive");
+        .expect(what);
     }
 
     /// Sends `bytes` from `peer`, then resets the connection, and waits until `at`, its other
     /// end, has both.
     pub(in super::super) async fn arrive_with_reset(peer: TcpStream, at: &TcpStream, bytes: &[u8]) {
-        // include/net/tcp_states.h
-        const TCP_CLOSE: u8 = 7;
         assert_eq!(send_then(&peer, bytes, false).expect("send"), bytes.len());
         // A zero linger: the close resets the connection, at once.
         let reset = libc::linger {
@@ -465,13 +466,7 @@ pub(super) mod tests {
         nix::sys::socket::setsockopt(&peer, nix::sys::socket::sockopt::Linger, &reset)
             .expect("SO_LINGER");
         drop(peer);
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while tcp_info(at).expect("TCP_INFO").tcpi_state != TCP_CLOSE {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the bytes and the reset arrive");
+        reach_state(at, TCP_CLOSE, "the bytes and the reset arrive").await;
     }
 
     /// Segments `socket` has received, by the kernel's count.
