@@ -36,7 +36,7 @@ enum Task {
         #[arg(value_parser = ["connect", "events", "relay"], default_value = "connect")]
         which: String,
         /// Passed to the benchmark (`relay`: --paths NAME,... --rounds N --no-bulk
-        /// --connections N, for working on one figure).
+        /// --no-exchanges --connections N, for working on one figure).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

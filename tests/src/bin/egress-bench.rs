@@ -484,6 +484,9 @@ struct RelayOptions {
     paths: Vec<String>,
     rounds: usize,
     bulk: bool,
+    /// The exchanges on a kept-open connection (not a target: left out when working on the
+    /// targets' figures, a minute less a round).
+    exchanges: bool,
     rate_connections: usize,
 }
 
@@ -493,9 +496,10 @@ impl RelayOptions {
             paths: Vec::new(),
             rounds: RELAY_ROUNDS,
             bulk: true,
+            exchanges: true,
             rate_connections: RATE_CONNECTIONS,
         };
-        let usage = "options: [--paths NAME,...] [--rounds N] [--no-bulk] [--connections N]";
+        let usage = "options: [--paths NAME,...] [--rounds N] [--no-bulk] [--no-exchanges] [--connections N]";
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut value = || {
@@ -517,6 +521,7 @@ impl RelayOptions {
                 }
                 "--rounds" => o.rounds = number(value()),
                 "--no-bulk" => o.bulk = false,
+                "--no-exchanges" => o.exchanges = false,
                 "--connections" => o.rate_connections = number(value()).max(RATE_CLIENTS),
                 _ => panic!("unknown option {a}; {usage}"),
             }
@@ -539,6 +544,7 @@ impl RelayOptions {
         self.paths.is_empty()
             && self.rounds == RELAY_ROUNDS
             && self.bulk
+            && self.exchanges
             && self.rate_connections == RATE_CONNECTIONS
     }
 }
@@ -1012,7 +1018,7 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
     ]);
     figures.p50_us.push(ttfb[1]);
     figures.p99_us.push(ttfb[2]);
-    for (i, exchange) in EXCHANGES.iter().enumerate() {
+    for (i, exchange) in EXCHANGES.iter().enumerate().filter(|_| options.exchanges) {
         let took = probe(&[
             "hello-replies",
             &path.up.replies.to_string(),
@@ -1182,8 +1188,10 @@ fn relay(options: &RelayOptions) {
             // and the steering pointed at nginx leaves the relay nothing (a connection it took
             // would make the count too high).
             if paths[k].agent.is_some() && paths[k].up == up && paths[k].steer_to.is_none() {
-                expected +=
-                    u64::from(options.bulk) + (rate_n + TTFB_CONNECTIONS + EXCHANGES.len()) as u64;
+                expected += u64::from(options.bulk) + (rate_n + TTFB_CONNECTIONS) as u64;
+                if options.exchanges {
+                    expected += EXCHANGES.len() as u64;
+                }
             }
         }
     }
@@ -1254,27 +1262,29 @@ fn relay(options: &RelayOptions) {
         "(proxy us: the proxy's CPU time per connection in the connection-rate phase, the \
          agent's included where it runs; user us: the part of it in user space)"
     );
-    println!(
-        "\nexchanges on a kept-open connection, from the request's first byte to the answer's \
-         last, us (medians): p50, added p50, added p99 for each"
-    );
-    print!("{:<24}", "path");
-    for e in &EXCHANGES {
-        print!(" | {:>12} {:>9} {:>9}", e.name, "added p50", "added p99");
-    }
-    println!();
-    for (k, f) in m.iter().enumerate().filter(|(k, _)| runs[*k]) {
-        print!("{:<24}", paths[k].name);
-        for i in 0..EXCHANGES.len() {
-            let (p50, p99) = (6 + 2 * i, 7 + 2 * i);
-            print!(
-                " | {} {} {}",
-                num(f[p50], 12, 0),
-                num(f[p50] - direct[p50], 9, 0),
-                num(f[p99] - direct[p99], 9, 0)
-            );
+    if options.exchanges {
+        println!(
+            "\nexchanges on a kept-open connection, from the request's first byte to the \
+             answer's last, us (medians): p50, added p50, added p99 for each"
+        );
+        print!("{:<24}", "path");
+        for e in &EXCHANGES {
+            print!(" | {:>12} {:>9} {:>9}", e.name, "added p50", "added p99");
         }
         println!();
+        for (k, f) in m.iter().enumerate().filter(|(k, _)| runs[*k]) {
+            print!("{:<24}", paths[k].name);
+            for i in 0..EXCHANGES.len() {
+                let (p50, p99) = (6 + 2 * i, 7 + 2 * i);
+                print!(
+                    " | {} {} {}",
+                    num(f[p50], 12, 0),
+                    num(f[p50] - direct[p50], 9, 0),
+                    num(f[p99] - direct[p99], 9, 0)
+                );
+            }
+            println!();
+        }
     }
     // Where the machine's time per connection went: a path's rate is the CPUs' time over it.
     println!(
@@ -1457,8 +1467,13 @@ fn relay(options: &RelayOptions) {
             })
             .collect::<Vec<_>>()
             .join("; ");
+        let exchanges = if options.exchanges {
+            format!("; added to an exchange: {exchanges}")
+        } else {
+            String::new()
+        };
         println!(
-            "egress vs {name}: {bulk}{}{outcome}; added to an exchange: {exchanges}",
+            "egress vs {name}: {bulk}{}{outcome}{exchanges}",
             against(shipped, k)
         );
     }
