@@ -485,7 +485,7 @@ struct RelayOptions {
     rounds: usize,
     bulk: bool,
     /// The exchanges on a kept-open connection (not a target: left out when working on the
-    /// targets' figures, a minute less a round).
+    /// targets' figures).
     exchanges: bool,
     rate_connections: usize,
 }
@@ -499,7 +499,8 @@ impl RelayOptions {
             exchanges: true,
             rate_connections: RATE_CONNECTIONS,
         };
-        let usage = "options: [--paths NAME,...] [--rounds N] [--no-bulk] [--no-exchanges] [--connections N]";
+        let usage = "options: [--paths NAME,...] [--rounds N] [--no-bulk] [--no-exchanges] \
+                     [--connections N]";
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut value = || {
