@@ -516,6 +516,14 @@ async fn the_log_writer_yields_while_light_and_is_lifted_when_starved() {
     // Twice as many threads as CPUs spinning at normal priority: a thread at SCHED_IDLE gets a
     // few milliseconds a second.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The spinners stop however the test ends: a failed assert must not leave them to the rest.
+    struct Stop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _stop = Stop(std::sync::Arc::clone(&stop));
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let spinners: Vec<_> = (0..2 * cpus)
         .map(|_| {
@@ -527,23 +535,37 @@ async fn the_log_writer_yields_while_light_and_is_lifted_when_starved() {
             })
         })
         .collect();
-    let (out, pid) = probe_with_pid(Some(&cg.path), &["tcp-repeat", &api, &CONNECTS.to_string()]);
+    // Rounds of connects until the starved writer is lifted: at SCHED_IDLE it still gets a slice
+    // now and then, and a round it keeps up with need not find it starving.
+    let deadline = std::time::Instant::now() + 3 * WAIT;
+    let mut pids = Vec::new();
+    while a.status.log_writer_lifted.get() == lifted_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the starved writer was not lifted"
+        );
+        let (out, pid) =
+            probe_with_pid(Some(&cg.path), &["tcp-repeat", &api, &CONNECTS.to_string()]);
+        assert_eq!(out, "done\nok", "tcp-repeat");
+        pids.push(pid);
+    }
     let connects = || {
-        records_of(&log, pid)
-            .iter()
-            .filter(|r| r.kind == "connect")
-            .count()
+        pids.iter()
+            .map(|&pid| {
+                records_of(&log, pid)
+                    .iter()
+                    .filter(|r| r.kind == "connect")
+                    .count()
+            })
+            .sum::<usize>()
     };
-    wait_for("every connect's record", WAIT, || connects() == CONNECTS);
+    wait_for("every connect's record", WAIT, || {
+        connects() == CONNECTS * pids.len()
+    });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for s in spinners {
         s.join().expect("spinner");
     }
-    assert_eq!(out, "done\nok", "tcp-repeat");
-    assert!(
-        a.status.log_writer_lifted.get() > lifted_before,
-        "the starved writer was lifted"
-    );
     assert_eq!(a.status.events_lost.get(), 0);
     a.shutdown().await;
 }

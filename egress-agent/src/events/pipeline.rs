@@ -1,15 +1,20 @@
-//! From the ring buffer to the log: a reader task that drains the ring buffer every
-//! [`READ_INTERVAL`] while events come (less often while none do, see [`read_interval`]), and at
-//! once when the kernel wakes it (epoll on the ring) because the ring is filling up, and a writer
-//! thread. The reader only copies the events out: it runs on a runtime worker, which relayed
-//! connections wait behind. The writer makes them records, counts them in the metrics and writes
-//! them, at a priority that yields to everything else while traffic is light (see [`Priority`]).
-//! Between the two a bounded channel: when the writer falls behind, the reader stops draining, the
-//! ring fills, and the kernel counts what it cannot write; those counts are reported as `lost`
-//! records. Nothing grows without bound, nothing is silent.
+//! From the ring buffer to the log, on one thread: the writer drains the ring buffer every
+//! [`READ_INTERVAL`] while events come (less often while none do, see [`read_interval`]), makes
+//! the events records, counts them in the metrics and writes them, beside the records others send
+//! it (the relay's) through a bounded channel. It runs at a priority that yields to everything
+//! else while traffic is light (see [`Priority`]), so the agent's work per event waits for CPU
+//! time no workload thread and no relayed connection wants. A task on the runtime lifts it and
+//! wakes it when the kernel wakes the ring's waiters (a quarter of the ring taken), and when
+//! events wait and it is [`STALL`] past the end of its nap. When the writer falls behind, the ring fills and the kernel
+//! counts what it cannot write; those counts are reported as `lost` records. Nothing grows
+//! without bound, nothing is silent.
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex},
+    os::fd::AsFd as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -19,7 +24,7 @@ use jiff::Timestamp;
 use nix::time::{ClockId, clock_gettime};
 use tokio::{
     io::unix::AsyncFd,
-    sync::{mpsc, oneshot, watch},
+    sync::{mpsc, watch},
     task::JoinHandle,
 };
 
@@ -29,25 +34,28 @@ use super::{
 };
 use crate::{agent::Status, maps::Counters};
 
-/// Events and records in flight between reader and writer.
+/// Records from elsewhere in flight to the writer, and the most it takes of them, and of the
+/// kernel's events, in one pass.
 const CHANNEL: usize = 1024;
-/// Events the reader hands on before it looks whether it should stop.
-const BATCH: usize = 256;
 /// How long a written record may wait in the writer's buffer, and how often kernel losses are
 /// reported. Waking for each event would cost a context switch per connection (see `wakeup` in
 /// the programs); a lone event is still in the file well within a second.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
-/// How often the reader drains the ring buffer (losses are reported at [`DRAIN_INTERVAL`]).
-/// Short, so that each drain is short: a drain holds a runtime worker, which relayed connections
-/// wait behind; and a small batch's events are still in the CPU's caches when the writer takes
-/// them (`cargo xtask bench relay`: lower proxy CPU per connection than at 100 ms in six
-/// alternating pairs of seven; round medians 80–91 µs against 82–95).
+/// How often the writer drains the ring buffer while events come (losses are reported at
+/// [`DRAIN_INTERVAL`]). Short, so that each pass is short and its events are still in the CPU's
+/// caches when they are made records (`cargo xtask bench relay`: lower proxy CPU per connection
+/// than at 100 ms in six alternating pairs of seven; round medians 80–91 µs against 82–95).
 const READ_INTERVAL: Duration = Duration::from_millis(10);
+/// How often the runtime looks whether the writer starves at `SCHED_IDLE`: events wait in the
+/// ring and it is [`STALL`] past the end of its nap. Then it is lifted (see [`Priority`]). Less
+/// often while the ring was found empty, so that an idle agent seldom wakes for it.
+const STARVING_CHECK: Duration = Duration::from_millis(100);
+const STARVING_CHECK_IDLE: Duration = Duration::from_millis(500);
 
-/// The reader's next pause after one of `last`: [`READ_INTERVAL`] once a drain found events, else
+/// The writer's next pause after one of `last`: [`READ_INTERVAL`] once a drain found events, else
 /// twice the last, up to [`DRAIN_INTERVAL`]. An idle agent then wakes ten times a second, not a
 /// hundred; the first events after a quiet spell wait at most that long, and a burst wakes the
-/// reader at once (the kernel's wakeup).
+/// writer at once (the kernel's wakeup).
 fn read_interval(last: Duration, found: bool) -> Duration {
     if found {
         READ_INTERVAL
@@ -56,10 +64,9 @@ fn read_interval(last: Duration, found: bool) -> Duration {
     }
 }
 
-/// What the writer takes: a kernel event, made a record there, or a record made elsewhere.
+/// What others send the writer: a record made elsewhere.
 enum Entry {
-    Kernel(FlowEvent),
-    /// Boxed: a record is four times an event's size, and most entries are events.
+    /// Boxed: a record is four times an event's size.
     Record(Box<Record>),
     /// A relay's record (see [`Records::send_relay`]).
     Relay(Box<Record>, Relayed),
@@ -90,19 +97,36 @@ impl Records {
     }
 
     /// A relayed connection's record, written after the `connect` record of `relayed`: the relay
-    /// sends it as the connection ends, often before the reader has drained that connect.
+    /// sends it as the connection ends, often before the writer has drained that connect.
     pub async fn send_relay(&self, record: Record, relayed: Relayed) -> bool {
         self.hand_on(Entry::Relay(Box::new(record), relayed)).await
     }
 
-    /// Sends `entry` to the writer, waiting while it is behind. False once the writer is gone.
+    /// Sends `entry` to the writer, waiting while it is behind; while the queue stays full, the
+    /// writer is lifted whatever its flag says (see [`Priority`]) every [`STALL`]. False once the
+    /// writer is gone.
     async fn hand_on(&self, entry: Entry) -> bool {
         self.lift_if_behind();
-        self.tx.send(entry).await.is_ok()
+        let entry = match self.tx.try_send(entry) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(entry)) => entry,
+        };
+        loop {
+            match tokio::time::timeout(STALL, self.tx.reserve()).await {
+                Ok(Ok(permit)) => {
+                    permit.send(entry);
+                    return true;
+                }
+                Ok(Err(_)) => return false,
+                Err(_) => self.priority.lift_anyway(),
+            }
+        }
     }
 
-    /// A writer yielding the CPU with the queue half full is falling behind: it is lifted before
-    /// the queue fills and senders wait (the relay's connections among them).
+    /// A writer yielding the CPU with the queue half full is falling behind: it is lifted (and
+    /// woken from its nap) before the queue fills and senders wait (the relay's connections among
+    /// them).
     fn lift_if_behind(&self) {
         if self.tx.capacity() < CHANNEL / 2 {
             self.priority.lift();
@@ -111,7 +135,7 @@ impl Records {
 }
 
 /// How long a relay record waits for its connection's `connect` record, from when the relay took
-/// the connection: far longer than an event waits in the ring buffer (the reader drains it every
+/// the connection: far longer than an event waits in the ring buffer (the writer drains it every
 /// [`READ_INTERVAL`]). A connection that lasted longer had its connect written long before; an
 /// event that never comes (lost to a full ring) holds its relay record no longer.
 const CONNECT_WAIT: Duration = Duration::from_secs(1);
@@ -184,13 +208,13 @@ impl Order {
 }
 
 pub struct Pipeline {
-    stop: Option<oneshot::Sender<()>>,
+    /// Tells the writer to drain the ring to the end and finish.
+    stop: Arc<AtomicBool>,
     /// For records from elsewhere (the relay); the writer ends once every sender is gone.
     records: Records,
     cgroups: Arc<Mutex<CgroupNames>>,
-    reader: JoinHandle<()>,
     writer: std::thread::JoinHandle<()>,
-    poller: JoinHandle<()>,
+    watcher: JoinHandle<()>,
 }
 
 /// What the kernel could not record, carried into the metrics: lost events (polled on their own
@@ -244,18 +268,6 @@ impl Lost {
     }
 }
 
-struct Reader {
-    lost: Arc<Lost>,
-    status: Arc<Status>,
-    out: Records,
-    /// The kernel's total as of the last `lost` record.
-    lost_logged: u64,
-    /// Events handed on so far.
-    taken: u64,
-    /// The writer's batch count as last seen, and since when.
-    writer_seen: (u64, Instant),
-}
-
 impl Pipeline {
     pub fn spawn(
         ring: RingBuf<MapData>,
@@ -265,63 +277,93 @@ impl Pipeline {
         log: Option<LogWriter>,
         status: Arc<Status>,
     ) -> std::io::Result<Pipeline> {
-        // SAFETY: the RingBuf owns its map fd and keeps it open, unreplaced, while AsyncFd owns it.
-        let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        // The writer drains the ring; the runtime only hears the kernel's wakeups, on a
+        // descriptor of its own for the same ring.
+        let copy = ring.as_fd().try_clone_to_owned()?;
+        // SAFETY: `copy` owns its descriptor and keeps it open, unreplaced, while AsyncFd owns it.
+        let woken = unsafe { AsyncFd::register_with_interest(copy, tokio::io::Interest::READABLE) }
             .map_err(std::io::Error::from)?;
         let (tx, rx) = mpsc::channel(CHANNEL);
         let cgroups = Arc::new(Mutex::new(cgroups));
-        let (stop, stop_rx) = oneshot::channel();
-        let st = Arc::clone(&status);
-        let handle = tokio::runtime::Handle::current();
-        let enricher = Enricher {
-            catalog,
-            cgroups: Arc::clone(&cgroups),
-        };
+        let stop = Arc::new(AtomicBool::new(false));
         let priority = Arc::new(Priority::new(
             status.log_writer_lifted.clone(),
             status.log_writer_yielding.clone(),
         ));
-        let p = Arc::clone(&priority);
-        // A thread of its own: its scheduling policy changes (see [`Priority`]).
-        let writer = std::thread::Builder::new()
-            .name("egress-log".into())
-            .spawn(move || {
-                let _in = handle.enter();
-                write(rx, log, &enricher, &st, &handle, &p)
-            })?;
         let start = counters.events_lost().unwrap_or(0);
         let lost = Arc::new(Lost {
             counters,
             seen: Mutex::new(start),
             status: Arc::clone(&status),
         });
-        let l = Arc::clone(&lost);
-        let poller = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut untracked = l.counters.flows_untracked().unwrap_or(0);
+        let writer = Writer {
+            ring,
+            rx,
+            out: Out {
+                log,
+                unflushed: None,
+            },
+            enricher: Enricher {
+                catalog,
+                cgroups: Arc::clone(&cgroups),
+            },
+            status,
+            lost: Arc::clone(&lost),
+            lost_logged: start,
+            priority: Arc::clone(&priority),
+            stop: Arc::clone(&stop),
+        };
+        // A thread of its own: its scheduling policy changes (see [`Priority`]).
+        let writer = std::thread::Builder::new()
+            .name("egress-log".into())
+            .spawn(move || writer.run())?;
+        let p = Arc::clone(&priority);
+        let watcher = tokio::spawn(async move {
+            let mut woken = Some(woken);
+            let mut counters = tokio::time::interval(Duration::from_secs(1));
+            let check = tokio::time::sleep(STARVING_CHECK_IDLE);
+            tokio::pin!(check);
+            let mut untracked = lost.counters.flows_untracked().unwrap_or(0);
             loop {
-                tick.tick().await;
-                l.poll();
-                l.poll_flows(&mut untracked);
+                tokio::select! {
+                    Some(ready) = async { Some(woken.as_ref()?.readable().await) } => {
+                        match ready {
+                            // A quarter of the ring is taken: the writer must not wait for CPU
+                            // time others leave, nor for the end of its nap.
+                            Ok(mut guard) => {
+                                guard.clear_ready();
+                                p.lift_anyway();
+                            }
+                            Err(e) => {
+                                log::error!(
+                                    "waiting on the event ring buffer: {e}; the flow-log writer \
+                                     drains it on its timer only"
+                                );
+                                woken = None;
+                            }
+                        }
+                    }
+                    () = &mut check => {
+                        let waiting = woken.as_ref().is_none_or(has_events);
+                        if waiting && p.overdue() >= STALL {
+                            p.lift_anyway();
+                        }
+                        let next = if waiting { STARVING_CHECK } else { STARVING_CHECK_IDLE };
+                        check.as_mut().reset(tokio::time::Instant::now() + next);
+                    }
+                    _ = counters.tick() => {
+                        lost.poll();
+                        lost.poll_flows(&mut untracked);
+                    }
+                }
             }
         });
-        let records = Records { tx, priority };
-        let reader = Reader {
-            lost,
-            status,
-            out: records.clone(),
-            lost_logged: start,
-            taken: 0,
-            writer_seen: (0, Instant::now()),
-        };
-        let reader = tokio::spawn(reader.run(fd, stop_rx));
         Ok(Pipeline {
-            stop: Some(stop),
-            records,
+            stop,
+            records: Records { tx, priority },
             cgroups,
-            reader,
             writer,
-            poller,
+            watcher,
         })
     }
 
@@ -330,20 +372,18 @@ impl Pipeline {
         self.records.clone()
     }
 
-    /// The cgroup names the reader uses, for records from elsewhere.
+    /// The cgroup names the writer uses, for records from elsewhere.
     pub fn cgroup_names(&self) -> Arc<Mutex<CgroupNames>> {
         Arc::clone(&self.cgroups)
     }
 
     /// Drains what the kernel wrote so far, writes it, and stops. Other senders must be gone.
     pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.stop.store(true, Ordering::SeqCst);
         let (closed, _) = mpsc::channel(1);
         let priority = Arc::clone(&self.records.priority);
         // What is left is written at once, not in CPU time others leave.
-        priority.lift();
+        priority.lift_anyway();
         drop(std::mem::replace(
             &mut self.records,
             Records {
@@ -351,17 +391,23 @@ impl Pipeline {
                 priority,
             },
         ));
-        if let Err(e) = (&mut self.reader).await {
-            log::error!("event reader ended abnormally: {e}");
-        }
         let writer = self.writer;
         match tokio::task::spawn_blocking(move || writer.join()).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => log::error!("the event writer panicked"),
             Err(e) => log::error!("the event writer ended abnormally: {e}"),
         }
-        self.poller.abort();
+        self.watcher.abort();
     }
+}
+
+/// Whether events wait in the ring (its poll is level-triggered on the data there).
+fn has_events(ring: &AsyncFd<std::os::fd::OwnedFd>) -> bool {
+    let mut fds = [nix::poll::PollFd::new(
+        ring.get_ref().as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
 /// CLOCK_REALTIME minus CLOCK_BOOTTIME, to date the kernel's boot-time stamps. Taken per batch:
@@ -379,127 +425,11 @@ fn wall(boot_ns: u64, offset: i128) -> Timestamp {
     Timestamp::from_nanosecond(boot_ns as i128 + offset).unwrap_or_else(|_| Timestamp::now())
 }
 
-impl Reader {
-    async fn run(mut self, mut fd: AsyncFd<RingBuf<MapData>>, mut stop: oneshot::Receiver<()>) {
-        let mut every = READ_INTERVAL;
-        let mut next = tokio::time::Instant::now() + every;
-        let mut reported = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                ready = fd.readable_mut() => match ready {
-                    Ok(mut guard) => {
-                        // Drained to empty before readiness is cleared; tokio keeps a readiness
-                        // that arrives meanwhile.
-                        while self.drain(guard.get_inner_mut()).await {}
-                        guard.clear_ready();
-                        self.watch_writer();
-                        every = READ_INTERVAL;
-                        next = tokio::time::Instant::now() + every;
-                    }
-                    Err(e) => {
-                        log::error!("waiting on the event ring buffer: {e}; events stop");
-                        break;
-                    }
-                },
-                () = tokio::time::sleep_until(next) => {
-                    let before = self.taken;
-                    while self.drain(fd.get_mut()).await {}
-                    self.watch_writer();
-                    every = read_interval(every, self.taken > before);
-                    next = tokio::time::Instant::now() + every;
-                    if reported.elapsed() >= DRAIN_INTERVAL {
-                        reported = tokio::time::Instant::now();
-                        self.report_lost().await;
-                    }
-                }
-                _ = &mut stop => {
-                    while self.drain(fd.get_mut()).await {}
-                    self.report_lost().await;
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Hands on up to one batch. Returns whether there may be more.
-    async fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
-        for _ in 0..BATCH {
-            let Some(item) = ring.next() else {
-                return false;
-            };
-            if item.len() < size_of::<FlowEvent>() {
-                log::warn!("short event of {} bytes ignored", item.len());
-                continue;
-            }
-            // SAFETY: the programs write whole FlowEvents; read unaligned from the ring's bytes.
-            let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            drop(item);
-            if !self.hand_on(Entry::Kernel(ev)).await {
-                return false;
-            }
-            self.taken += 1;
-        }
-        true
-    }
-
-    /// As [`Records::hand_on`]; and while the queue stays full, the writer is lifted whatever its
-    /// flag says (see [`Priority`]) every [`STALL`].
-    async fn hand_on(&mut self, entry: Entry) -> bool {
-        self.out.lift_if_behind();
-        let entry = match self.out.tx.try_send(entry) {
-            Ok(()) => {
-                // As a send that waits would: a long drain gives the worker back to the relayed
-                // connections now and then.
-                tokio::task::coop::consume_budget().await;
-                return true;
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            Err(mpsc::error::TrySendError::Full(entry)) => entry,
-        };
-        let tx = self.out.tx.clone();
-        loop {
-            match tokio::time::timeout(STALL, tx.reserve()).await {
-                Ok(Ok(permit)) => {
-                    permit.send(entry);
-                    return true;
-                }
-                Ok(Err(_)) => return false,
-                Err(_) => self.out.priority.lift_anyway(),
-            }
-        }
-    }
-
-    /// Lifts the writer's priority when records wait and it has taken none for [`STALL`].
-    fn watch_writer(&mut self) {
-        let batches = self.out.priority.batches();
-        let waiting = self.out.tx.capacity() < self.out.tx.max_capacity();
-        if batches != self.writer_seen.0 || !waiting {
-            self.writer_seen = (batches, Instant::now());
-        } else if self.writer_seen.1.elapsed() >= STALL {
-            self.out.priority.lift_anyway();
-            self.writer_seen = (batches, Instant::now());
-        }
-    }
-
-    async fn report_lost(&mut self) {
-        let total = self.lost.poll();
-        if total > self.lost_logged {
-            let lost = total - self.lost_logged;
-            self.lost_logged = total;
-            log::warn!("{lost} flow event(s) lost in the kernel: the ring buffer was full");
-            let record = Record::lost(Timestamp::now(), lost, total);
-            self.status.observe(&record);
-            let _ = self.hand_on(Entry::Record(Box::new(record))).await;
-        }
-    }
-}
-
-/// After a batch this small the writer naps for [`NAP`] before it looks again, so that records
-/// gather in the channel: waking for each one would cost the relay a context switch per
-/// connection. Under load batches are large and there is no nap; a nap fills at most a quarter
-/// of the channel at the rate that ended it.
+/// After a pass this small (events and records together) the writer naps before it looks again
+/// (see [`read_interval`]), so that events gather in the ring and records in the channel: waking
+/// for each one would cost the relay a context switch per connection. Under load passes are
+/// large and there is no nap.
 const FEW: usize = CHANNEL / 4;
-const NAP: Duration = Duration::from_millis(10);
 
 /// What only the agent knows of a kernel event: host, rule and cgroup path.
 struct Enricher {
@@ -527,94 +457,159 @@ impl Enricher {
     }
 }
 
-/// The writer thread: makes the kernel's events records and counts them, and writes every
-/// record; buffered, and flushed once the oldest unflushed record is [`DRAIN_INTERVAL`] old, so
-/// a burst costs one write per batch and every record is on disk within that interval.
-fn write(
-    mut rx: mpsc::Receiver<Entry>,
-    mut log: Option<LogWriter>,
-    enricher: &Enricher,
-    status: &Status,
-    runtime: &tokio::runtime::Handle,
-    priority: &Priority,
-) {
-    priority.writer_started();
-    // When the oldest record not yet flushed was written.
-    let mut unflushed: Option<Instant> = None;
-    let put = |log: &mut Option<LogWriter>, unflushed: &mut Option<Instant>, record: &Record| {
-        if let Some(out) = log.as_mut() {
+/// The flow log as the writer fills it: buffered, and flushed once the oldest unflushed record
+/// is [`DRAIN_INTERVAL`] old, so a burst costs one write per batch and every record is on disk
+/// within that interval.
+struct Out {
+    log: Option<LogWriter>,
+    /// When the oldest record not yet flushed was written.
+    unflushed: Option<Instant>,
+}
+
+impl Out {
+    fn put(&mut self, status: &Status, record: &Record) {
+        if let Some(out) = self.log.as_mut() {
             if let Err(e) = out.write(record) {
                 failed(out, status, &e);
             }
-            unflushed.get_or_insert_with(Instant::now);
-        }
-    };
-    let mut order = Order::default();
-    let mut batch = Vec::with_capacity(CHANNEL);
-    loop {
-        let now = Instant::now();
-        order.expire(Some(now), |r| put(&mut log, &mut unflushed, r));
-        if unflushed.is_some_and(|t| now.saturating_duration_since(t) >= DRAIN_INTERVAL) {
-            flush(&mut log, status);
-            unflushed = None;
-        }
-        let wake = unflushed
-            .map(|t| t + DRAIN_INTERVAL)
-            .into_iter()
-            .chain(order.deadline())
-            .min();
-        let got = match wake {
-            Some(t) => {
-                let left = t.saturating_duration_since(Instant::now());
-                match runtime.block_on(tokio::time::timeout(
-                    left,
-                    rx.recv_many(&mut batch, CHANNEL),
-                )) {
-                    Ok(got) => got,
-                    Err(_) => continue,
-                }
-            }
-            None => rx.blocking_recv_many(&mut batch, CHANNEL),
-        };
-        if got == 0 {
-            break;
-        }
-        // Per batch: the wall clock may be stepped, and the policy reloaded.
-        let offset = boot_to_wall();
-        let catalog = Arc::clone(&enricher.catalog.borrow());
-        let now = Instant::now();
-        for entry in batch.drain(..) {
-            match entry {
-                Entry::Kernel(ev) => {
-                    let record = enricher.record(&ev, offset, &catalog);
-                    status.observe(&record);
-                    put(&mut log, &mut unflushed, &record);
-                    if ev.kind == EventKind::Connect as u32 && ev.verdict == Verdict::Steer as u32 {
-                        order.connect_written(ev.cookie, now, |r| {
-                            put(&mut log, &mut unflushed, r);
-                        });
-                    }
-                }
-                Entry::Record(record) => put(&mut log, &mut unflushed, &record),
-                Entry::Relay(record, relayed) => {
-                    order.relay(record, relayed, now, |r| put(&mut log, &mut unflushed, r));
-                }
-            }
-        }
-        priority.after_batch(got < FEW);
-        if got < FEW {
-            std::thread::sleep(NAP);
+            self.unflushed.get_or_insert_with(Instant::now);
         }
     }
-    order.expire(None, |r| put(&mut log, &mut unflushed, r));
-    flush(&mut log, status);
+
+    fn flush(&mut self, status: &Status) {
+        if let Some(out) = self.log.as_mut()
+            && let Err(e) = out.flush()
+        {
+            failed(out, status, &e);
+        }
+        self.unflushed = None;
+    }
+
+    /// When the buffered records are due on disk.
+    fn due(&self) -> Option<Instant> {
+        self.unflushed.map(|t| t + DRAIN_INTERVAL)
+    }
 }
 
-fn flush(log: &mut Option<LogWriter>, status: &Status) {
-    if let Some(out) = log.as_mut()
-        && let Err(e) = out.flush()
-    {
-        failed(out, status, &e);
+/// The writer thread: drains the kernel's events, makes them records and counts them, and writes
+/// them with every record sent to it.
+struct Writer {
+    ring: RingBuf<MapData>,
+    rx: mpsc::Receiver<Entry>,
+    out: Out,
+    enricher: Enricher,
+    status: Arc<Status>,
+    lost: Arc<Lost>,
+    /// The kernel's total of lost events as of the last `lost` record.
+    lost_logged: u64,
+    priority: Arc<Priority>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        self.priority.writer_started();
+        let mut order = Order::default();
+        let mut events: Vec<FlowEvent> = Vec::with_capacity(CHANNEL);
+        let mut batch = Vec::with_capacity(CHANNEL);
+        let mut every = READ_INTERVAL;
+        let mut reported = Instant::now();
+        loop {
+            let stopping = self.stop.load(Ordering::SeqCst);
+            let now = Instant::now();
+            order.expire(Some(now), |r| self.out.put(&self.status, r));
+            if self.out.due().is_some_and(|due| due <= now) {
+                self.out.flush(&self.status);
+            }
+            let more = self.drain(&mut events);
+            while batch.len() < CHANNEL {
+                match self.rx.try_recv() {
+                    Ok(entry) => batch.push(entry),
+                    Err(_) => break,
+                }
+            }
+            let got = events.len() + batch.len();
+            self.take(&mut order, &mut events, &mut batch);
+            if stopping || reported.elapsed() >= DRAIN_INTERVAL {
+                reported = Instant::now();
+                self.report_lost();
+            }
+            if stopping && !more {
+                break;
+            }
+            let light = got < FEW;
+            self.priority.after_batch(light);
+            every = read_interval(every, got > 0);
+            if light && !stopping {
+                let wake = [self.out.due(), order.deadline()]
+                    .into_iter()
+                    .flatten()
+                    .fold(Instant::now() + every, Instant::min);
+                self.priority.next_batch_at(wake);
+                std::thread::park_timeout(wake.saturating_duration_since(Instant::now()));
+            } else {
+                self.priority.next_batch_at(Instant::now());
+            }
+        }
+        // The ring is drained; the other senders' records, until the last sender is gone.
+        while self.rx.blocking_recv_many(&mut batch, CHANNEL) > 0 {
+            self.take(&mut order, &mut events, &mut batch);
+        }
+        order.expire(None, |r| self.out.put(&self.status, r));
+        self.out.flush(&self.status);
+    }
+
+    /// Copies up to [`CHANNEL`] events out of the ring. Returns whether there may be more.
+    fn drain(&mut self, events: &mut Vec<FlowEvent>) -> bool {
+        while events.len() < CHANNEL {
+            let Some(item) = self.ring.next() else {
+                return false;
+            };
+            if item.len() < size_of::<FlowEvent>() {
+                log::warn!("short event of {} bytes ignored", item.len());
+                continue;
+            }
+            // SAFETY: the programs write whole FlowEvents; read unaligned from the ring's bytes.
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+        true
+    }
+
+    /// Makes the kernel's events records and writes them, then the records sent.
+    fn take(&mut self, order: &mut Order, events: &mut Vec<FlowEvent>, batch: &mut Vec<Entry>) {
+        // Per pass: the wall clock may be stepped, and the policy reloaded.
+        let offset = boot_to_wall();
+        let catalog = Arc::clone(&self.enricher.catalog.borrow());
+        let now = Instant::now();
+        let (out, status) = (&mut self.out, &*self.status);
+        for ev in events.drain(..) {
+            let record = self.enricher.record(&ev, offset, &catalog);
+            status.observe(&record);
+            out.put(status, &record);
+            if ev.kind == EventKind::Connect as u32 && ev.verdict == Verdict::Steer as u32 {
+                order.connect_written(ev.cookie, now, |r| out.put(status, r));
+            }
+        }
+        for entry in batch.drain(..) {
+            match entry {
+                Entry::Record(record) => out.put(status, &record),
+                Entry::Relay(record, relayed) => {
+                    order.relay(record, relayed, now, |r| out.put(status, r));
+                }
+            }
+        }
+    }
+
+    fn report_lost(&mut self) {
+        let total = self.lost.poll();
+        if total > self.lost_logged {
+            let lost = total - self.lost_logged;
+            self.lost_logged = total;
+            log::warn!("{lost} flow event(s) lost in the kernel: the ring buffer was full");
+            let record = Record::lost(Timestamp::now(), lost, total);
+            self.status.observe(&record);
+            self.out.put(&self.status, &record);
+        }
     }
 }
 
@@ -642,7 +637,7 @@ mod tests {
 
     /// Short pauses while events come; doubling to the drain interval while none do.
     #[test]
-    fn the_reader_waits_longer_while_no_event_comes() {
+    fn the_writer_waits_longer_while_no_event_comes() {
         let mut every = READ_INTERVAL;
         let mut pauses = Vec::new();
         for _ in 0..6 {

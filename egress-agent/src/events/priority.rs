@@ -11,23 +11,29 @@
 //! - whoever sends it a record lifts it once the queue to it is half full (waiting 50 ms for that
 //!   lost events in `cargo xtask bench events`; waiting for a full queue cost the relay's
 //!   connection rate in four alternating pairs of four);
-//! - the reader, at normal priority, lifts it whatever its flag says when records wait and it has
-//!   taken none for [`STALL`], or the queue stays full that long: a writer preempted between its
+//! - a task at normal priority lifts it whatever its flag says when the kernel wakes the ring's
+//!   waiters (a quarter of the ring taken) or events wait in the ring and it is [`STALL`] past
+//!   the end of its nap, and a sender does when the queue stays full that long: a writer preempted between its
 //!   switch to `SCHED_IDLE` and its flag can be at `SCHED_IDLE` with the flag saying otherwise
 //!   (seen: a round of the events benchmark lost 65,000 events to it);
-//! - a writer lifted for starving keeps its share for [`HOLD`].
+//! - a writer lifted for starving keeps its share for [`HOLD`];
+//! - every lift wakes it from its nap.
 //!
 //! Lifting a thread from `SCHED_IDLE` needs CAP_SYS_NICE (or an RLIMIT_NICE that allows nice 0);
 //! without it the writer stays at its normal priority throughout.
 use std::{
-    sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
+    sync::{
+        OnceLock,
+        atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
+    },
+    thread::Thread,
     time::{Duration, Instant},
 };
 
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
-/// How long records may wait with the writer taking none before the reader lifts it: far longer
-/// than a writer at its normal priority ever takes (its nap and a batch).
+/// How long a sender waits on a full queue before it lifts the writer whatever its flag says: far
+/// longer than a writer at its normal priority ever takes (its nap and a batch).
 pub const STALL: Duration = Duration::from_millis(50);
 
 /// How long a writer lifted for starving keeps its share before it may yield again, so that it
@@ -40,12 +46,15 @@ pub struct Priority {
     allowed: bool,
     /// The writer thread's id, once it runs (0 before).
     tid: AtomicI32,
+    /// The writer thread, to wake from its nap.
+    thread: OnceLock<Thread>,
     /// Whether the writer may be at `SCHED_IDLE`: set before it asks for it.
     idle: AtomicBool,
     /// Whether its last batch was light.
     light: AtomicBool,
-    /// Batches the writer has taken, for the reader to see it move.
-    batches: AtomicU64,
+    /// When the writer means to take its next batch (ms since `epoch`): the end of its nap, or
+    /// at once. Past it, with events waiting, it starves.
+    due: AtomicU64,
     /// Until when (ms since `epoch`) a lifted writer keeps its share.
     held_until: AtomicU64,
     epoch: Instant,
@@ -60,9 +69,10 @@ impl Priority {
         Priority {
             allowed: may_lift(),
             tid: AtomicI32::new(0),
+            thread: OnceLock::new(),
             idle: AtomicBool::new(false),
             light: AtomicBool::new(true),
-            batches: AtomicU64::new(0),
+            due: AtomicU64::new(0),
             held_until: AtomicU64::new(0),
             epoch: Instant::now(),
             lifted,
@@ -74,13 +84,13 @@ impl Priority {
     pub fn writer_started(&self) {
         self.tid
             .store(nix::unistd::gettid().as_raw(), Ordering::Relaxed);
+        let _ = self.thread.set(std::thread::current());
     }
 
     /// On the writer's thread, after a batch: a heavy one takes its share back; a light one not
     /// right after a heavy one lets it yield, unless it was lifted lately. (A light batch right
     /// after a heavy one says nothing: the writer took it without a nap.)
     pub fn after_batch(&self, light: bool) {
-        self.batches.fetch_add(1, Ordering::Relaxed);
         let was_light = self.light.swap(light, Ordering::Relaxed);
         let idle = match (light, was_light) {
             (false, _) => false,
@@ -109,13 +119,22 @@ impl Priority {
         }
     }
 
-    /// Batches the writer has taken so far.
-    pub fn batches(&self) -> u64 {
-        self.batches.load(Ordering::Relaxed)
+    /// On the writer's thread: when it means to take its next batch.
+    pub fn next_batch_at(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.due.store(ms, Ordering::Relaxed);
     }
 
-    /// The writer is falling behind: if it yields, it gets its share back. From any thread; a
-    /// load and a return where it does not yield.
+    /// How long the writer is past the time it meant to take its next batch.
+    pub fn overdue(&self) -> Duration {
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.due.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// The writer is falling behind: if it yields, it gets its share back; if it naps, it wakes.
+    /// From any thread; where it neither yields nor naps, a load, a swap and a return.
     pub fn lift(&self) {
         // One sender lifts; the others, seeing the flag down, go on.
         if self
@@ -125,6 +144,7 @@ impl Priority {
         {
             self.lift_now(false);
         }
+        self.wake();
     }
 
     /// As [`Priority::lift`], whatever the flag says (the kernel's word on the writer's policy),
@@ -132,6 +152,13 @@ impl Priority {
     /// only slow on a loaded machine, is not held: it may yield at its next light batch.)
     pub fn lift_anyway(&self) {
         self.lift_now(true);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Some(writer) = self.thread.get() {
+            writer.unpark();
+        }
     }
 
     fn lift_now(&self, hold: bool) {
@@ -150,7 +177,7 @@ impl Priority {
             }
         }
         // A writer that yields again between the switch and this store is left with the flag
-        // down: `lift` no longer sees it, the reader's `lift_anyway` still does.
+        // down: `lift` no longer sees it, `lift_anyway` still does.
         self.idle.store(false, Ordering::SeqCst);
         self.yielding.set(0);
     }
@@ -211,8 +238,8 @@ mod tests {
         unsafe { libc::sched_getscheduler(tid) }
     }
 
-    /// The writer yields on light batches, takes its share back on a heavy one, and the reader
-    /// (another thread) lifts it and holds it there. Runs as root (CAP_SYS_NICE), as the agent
+    /// The writer yields on light batches, takes its share back on a heavy one, and another
+    /// thread lifts it and holds it there. Runs as root (CAP_SYS_NICE), as the agent
     /// does.
     #[test]
     fn writer_yields_while_light_and_is_lifted() {
@@ -256,7 +283,6 @@ mod tests {
             lifted.wait();
             writer.join().expect("writer");
         });
-        assert_eq!(p.batches(), 7);
         assert_eq!(p.lifted.get(), 2);
         assert_eq!(p.yielding.get(), 0);
     }
