@@ -5,9 +5,9 @@
 //! else while traffic is light (see [`Priority`]), so the agent's work per event waits for CPU
 //! time no workload thread and no relayed connection wants. A task on the runtime lifts it and
 //! wakes it when the kernel wakes the ring's waiters (a quarter of the ring taken), and when
-//! events wait and it is [`STALL`] past the end of its nap. When the writer falls behind, the ring fills and the kernel
-//! counts what it cannot write; those counts are reported as `lost` records. Nothing grows
-//! without bound, nothing is silent.
+//! events wait and it is [`STALL`] past the end of its nap. When the writer falls behind, the
+//! ring fills and the kernel counts what it cannot write; those counts are reported as `lost`
+//! records. Nothing grows without bound, nothing is silent.
 use std::{
     collections::VecDeque,
     os::fd::AsFd as _,

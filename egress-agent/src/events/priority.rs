@@ -13,9 +13,9 @@
 //!   connection rate in four alternating pairs of four);
 //! - a task at normal priority lifts it whatever its flag says when the kernel wakes the ring's
 //!   waiters (a quarter of the ring taken) or events wait in the ring and it is [`STALL`] past
-//!   the end of its nap, and a sender does when the queue stays full that long: a writer preempted between its
-//!   switch to `SCHED_IDLE` and its flag can be at `SCHED_IDLE` with the flag saying otherwise
-//!   (seen: a round of the events benchmark lost 65,000 events to it);
+//!   the end of its nap, and a sender does when the queue stays full that long: a writer
+//!   preempted between its switch to `SCHED_IDLE` and its flag can be at `SCHED_IDLE` with the
+//!   flag saying otherwise (seen: a round of the events benchmark lost 65,000 events to it);
 //! - a writer lifted for starving keeps its share for [`HOLD`];
 //! - every lift wakes it from its nap.
 //!
