@@ -444,6 +444,8 @@ const BULK_BYTES: u64 = 1 << 30;
 const RATE_CONNECTIONS: usize = 8000;
 const RATE_CLIENTS: usize = 16;
 const TTFB_CONNECTIONS: usize = 5000;
+/// Connections a path a round in the latency phase taken in turn (see [`turns`]).
+const TURNS: usize = 2000;
 /// Exchanges on one kept-open connection, one request after another: an answer (or a request's
 /// body) ends without the connection ending, so a relay that waits for more bytes before it
 /// passes a batch on makes its last bytes late.
@@ -862,6 +864,9 @@ struct Figures {
     /// exchange of [`EXCHANGES`].
     exchange_p50_us: [Vec<f64>; EXCHANGES.len()],
     exchange_p99_us: [Vec<f64>; EXCHANGES.len()],
+    /// The time to the first byte with the paths taken in turn, connection by connection.
+    turns_p50_us: Vec<f64>,
+    turns_p99_us: Vec<f64>,
     /// The rest of the machine's time per connection in the connection-rate phase: the client's
     /// CPU (its cgroup's), the upstream servers', and the CPUs' idle time. With the proxy's they
     /// add up to the machine's time per connection, nearly all of it.
@@ -1033,6 +1038,39 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
     }
 }
 
+/// The latency phase again with the paths taken in turn, connection by connection, by one client
+/// (`hello-turns`), while egress's agent runs: each path's connection starts on the machine as
+/// the others' do, so the load of a small shared machine, which moves separate phases apart by
+/// more than the paths differ, falls on all of them alike. So does the agent's own work, which
+/// in the separate phases falls on egress's alone. `paths`: each path's index in `figures`, its
+/// cgroup and the address its client dials.
+fn turns(paths: &[(usize, &TestCgroup, SocketAddr)], figures: &mut [Figures]) {
+    let mut args = vec![
+        "hello-turns".to_owned(),
+        "small.test".to_owned(),
+        TURNS.to_string(),
+    ];
+    args.extend(
+        paths
+            .iter()
+            .map(|(_, cgroup, addr)| format!("{}={addr}", cgroup.path.display())),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = egress_tests::probe_in(None, &args);
+    let nums: Vec<f64> = out
+        .split_whitespace()
+        .map(|w| w.parse().unwrap_or(f64::NAN))
+        .collect();
+    assert!(
+        nums.len() == 2 * paths.len() && nums.iter().all(|n| n.is_finite()),
+        "in turn: {out}"
+    );
+    for ((k, _, _), pair) in paths.iter().zip(nums.chunks(2)) {
+        figures[*k].turns_p50_us.push(pair[0]);
+        figures[*k].turns_p99_us.push(pair[1]);
+    }
+}
+
 fn relay(options: &RelayOptions) {
     // The peers inherit it; each holds two descriptors per connection.
     egress_agent::relay::raise_nofile().expect("raise the descriptor limit");
@@ -1160,6 +1198,15 @@ fn relay(options: &RelayOptions) {
         println!("Options differ from the benchmark the README records.\n");
     }
     let runs: Vec<bool> = paths.iter().map(|p| options.runs(p.name)).collect();
+    // The relay as shipped (`RelayConfig::default()`), against the peers.
+    let shipped = if RelayConfig::default().splice { 2 } else { 1 };
+    // Taken in turn while the shipped relay's agent runs: the direct path, egress's, and the
+    // peers' as they ship and with their clients enforced.
+    let in_turn: Vec<(usize, &TestCgroup, SocketAddr)> = [0, shipped, 3, 4, 5, 6]
+        .into_iter()
+        .filter(|&k| runs[k])
+        .map(|k| (k, paths[k].cgroup, paths[k].up.small))
+        .collect();
     let mut figures: Vec<Figures> = paths.iter().map(|_| Figures::default()).collect();
     let (mut relayed, mut expected) = (0, 0);
     let mut not_ok = Vec::new();
@@ -1175,6 +1222,10 @@ fn relay(options: &RelayOptions) {
                 steer_to(port);
             }
             measure(&paths[k], agent.as_ref(), options, &mut figures[k]);
+            if k == shipped && in_turn.len() > 2 {
+                turns(&in_turn, &mut figures);
+                expected += TURNS as u64;
+            }
             if let Some(agent) = agent {
                 relay_done(&agent);
                 relayed += relayed_ok(&agent);
@@ -1263,6 +1314,41 @@ fn relay(options: &RelayOptions) {
         "(proxy us: the proxy's CPU time per connection in the connection-rate phase, the \
          agent's included where it runs; user us: the part of it in user space)"
     );
+    // The paths in turn (see `turns`): medians of the rounds, and egress's difference round by
+    // round.
+    let turned = |k: usize| (med(&figures[k].turns_p50_us), med(&figures[k].turns_p99_us));
+    if !figures[0].turns_p50_us.is_empty() {
+        println!(
+            "\nin turn, connection by connection ({TURNS} a path a round, in a new random order \
+             every turn, egress's agent running throughout), from connect() on a socket made \
+             beforehand to the first byte, us (medians):"
+        );
+        println!(
+            "{:<24} {:>8} {:>9} {:>9}  added p99 by round",
+            "path", "TTFB p50", "added p50", "added p99"
+        );
+        let (d50, d99) = turned(0);
+        for (k, f) in figures.iter().enumerate() {
+            if f.turns_p50_us.is_empty() {
+                continue;
+            }
+            let (p50, p99) = turned(k);
+            let by_round: Vec<String> = f
+                .turns_p99_us
+                .iter()
+                .zip(&figures[0].turns_p99_us)
+                .map(|(x, d)| format!("{:.0}", x - d))
+                .collect();
+            println!(
+                "{:<24} {}us {}us {}us  {}",
+                paths[k].name,
+                num(p50, 6, 0),
+                num(p50 - d50, 7, 0),
+                num(p99 - d99, 7, 0),
+                by_round.join(" ")
+            );
+        }
+    }
     if options.exchanges {
         println!(
             "\nexchanges on a kept-open connection, from the request's first byte to the \
@@ -1352,8 +1438,6 @@ fn relay(options: &RelayOptions) {
         "the relay did not carry every connection"
     );
 
-    // The relay as shipped (`RelayConfig::default()`), against the peers.
-    let shipped = if RelayConfig::default().splice { 2 } else { 1 };
     if !runs[shipped] {
         return;
     }
@@ -1473,8 +1557,21 @@ fn relay(options: &RelayOptions) {
         } else {
             String::new()
         };
+        // Not among the targets either: the same figure with the paths in turn.
+        let in_turn = if figures[k].turns_p50_us.is_empty() {
+            String::new()
+        } else {
+            let ((e50, e99), (p50, p99), (d50, d99)) = (turned(shipped), turned(k), turned(0));
+            format!(
+                "; in turn, added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
+                e50 - d50,
+                p50 - d50,
+                e99 - d99,
+                p99 - d99
+            )
+        };
         println!(
-            "egress vs {name}: {bulk}{}{outcome}{exchanges}",
+            "egress vs {name}: {bulk}{}{outcome}{exchanges}{in_turn}",
             against(shipped, k)
         );
     }

@@ -70,6 +70,11 @@
 //!                                         and a body of UP bytes, answered with DOWN bytes;
 //!                                         prints `P50_US P99_US` of the time from a request's
 //!                                         first byte to its answer's last, the first left out
+//!   egress-probe hello-turns NAME N CGROUP=ADDR:PORT...   N connections to each ADDR, made in
+//!                                         its CGROUP, taken in turn (in a new random order
+//!                                         every turn), each a ClientHello for NAME and a read to EOF;
+//!                                         prints `P50_US P99_US` of each path's time from
+//!                                         connect() to the first byte, in the order given
 //!   egress-probe --netns PATH MODE ...   enters network namespace PATH (setns), then runs MODE
 //!   egress-probe --thread-netns PATH MODE ...   runs MODE on a thread that alone entered PATH;
 //!                                         the process's main thread stays where it was
@@ -1005,7 +1010,11 @@ fn client_hello_with(name: &str, provider: rustls::crypto::CryptoProvider) -> io
 
 /// Connects, sends the hello, reads to EOF. Returns the bytes read and when the first came.
 fn hello_exchange(addr: SocketAddr, hello: &[u8], buf: &mut [u8]) -> io::Result<(u64, Instant)> {
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    exchange(TcpStream::connect_timeout(&addr, TIMEOUT)?, hello, buf)
+}
+
+/// [`hello_exchange`] on a connected stream.
+fn exchange(mut s: TcpStream, hello: &[u8], buf: &mut [u8]) -> io::Result<(u64, Instant)> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.write_all(hello)?;
@@ -1200,6 +1209,60 @@ fn hello_rate(addr: SocketAddr, name: &str, n: usize, clients: usize) -> String 
     run().unwrap_or_else(|e| word(&e))
 }
 
+/// Connections to several paths in turn, each from its own cgroup: `n` a path, in a new random
+/// order every turn, so that each path follows each other alike. Every path meets the machine as
+/// it is at the same moments, so noise that moves separate runs apart moves them alike. The sockets are made first, each path's in its cgroup
+/// (the probe moves itself between them), and each is timed from connect() to the first byte.
+fn hello_turns(name: &str, n: usize, paths: &[(String, SocketAddr)]) -> String {
+    use nix::sys::{
+        resource::{Resource, setrlimit},
+        socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket},
+    };
+    let run = || -> io::Result<String> {
+        let hello = client_hello(name)?;
+        let fds = (n * paths.len() + 64) as u64;
+        setrlimit(Resource::RLIMIT_NOFILE, fds, fds).map_err(io::Error::from)?;
+        let mut sockets = Vec::with_capacity(paths.len());
+        for (cgroup, addr) in paths {
+            std::fs::write(std::path::Path::new(cgroup).join("cgroup.procs"), "0")?;
+            let family = match addr {
+                SocketAddr::V4(_) => AddressFamily::Inet,
+                SocketAddr::V6(_) => AddressFamily::Inet6,
+            };
+            let made = (0..n)
+                .map(|_| socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None))
+                .collect::<Result<Vec<_>, _>>()?;
+            sockets.push(made.into_iter());
+        }
+        let to: Vec<SockaddrStorage> = paths.iter().map(|(_, a)| (*a).into()).collect();
+        let mut buf = vec![0u8; 4096];
+        let mut took = vec![Vec::with_capacity(n); paths.len()];
+        let mut order: Vec<usize> = (0..paths.len()).collect();
+        for _ in 0..n {
+            rand::seq::SliceRandom::shuffle(&mut order[..], &mut rand::rng());
+            for &k in &order {
+                let fd = sockets[k]
+                    .next()
+                    .ok_or_else(|| io::Error::other("no socket left"))?;
+                let start = Instant::now();
+                connect(fd.as_raw_fd(), &to[k])?;
+                let (_, first) = exchange(TcpStream::from(fd), &hello, &mut buf)?;
+                took[k].push((first - start).as_micros() as u64);
+            }
+        }
+        let figures: Vec<String> = took
+            .iter_mut()
+            .map(|t| {
+                t.sort_unstable();
+                let pct = |p: f64| t[((t.len() - 1) as f64 * p).round() as usize];
+                format!("{} {}", pct(0.50), pct(0.99))
+            })
+            .collect();
+        Ok(figures.join(" "))
+    };
+    run().unwrap_or_else(|e| word(&e))
+}
+
 /// Requests and answers that end while the connection stays open, as a kept-alive HTTP
 /// connection's do: the last bytes of each must come without waiting for more behind them.
 fn hello_replies(addr: SocketAddr, name: &str, n: usize, up: usize, down: usize) -> String {
@@ -1371,6 +1434,19 @@ fn run(args: &[String]) -> ExitCode {
                 _ => return usage(),
             }
         }
+        (Some("hello-turns"), _) if args.len() > 3 => {
+            let paths: Option<Vec<(String, SocketAddr)>> = args[3..]
+                .iter()
+                .map(|p| {
+                    let (cgroup, addr) = p.rsplit_once('=')?;
+                    Some((cgroup.to_owned(), addr.parse().ok()?))
+                })
+                .collect();
+            match (args[2].parse(), paths) {
+                (Ok(n), Some(paths)) if n > 0 => hello_turns(&args[1], n, &paths),
+                _ => return usage(),
+            }
+        }
         (Some("hello-replies"), Some(a)) if args.len() == 6 => {
             match (args[3].parse(), args[4].parse(), args[5].parse()) {
                 (Ok(n), Ok(up), Ok(down)) if n > 0 && down > 0 => {
@@ -1424,7 +1500,8 @@ fn usage() -> ExitCode {
          tls ADDR:PORT NAME CA [split] | tls-hold ADDR:PORT NAME CA N | peer ADDR:PORT | \
          hello-bulk ADDR:PORT NAME | hello-again ADDR:PORT NAME SECOND | \
          hello-echo|hello-hold ADDR:PORT NAME N | \
-         hello-rate ADDR:PORT NAME N C | hello-replies ADDR:PORT NAME N UP DOWN"
+         hello-rate ADDR:PORT NAME N C | hello-replies ADDR:PORT NAME N UP DOWN | \
+         hello-turns NAME N CGROUP=ADDR:PORT..."
     );
     ExitCode::from(2)
 }
