@@ -274,22 +274,36 @@ impl World {
                 every / 2
             )
         };
-        let add = |prefix: &[&str], filter: String| {
-            let mut cmd: Vec<&str> = prefix.to_vec();
-            cmd.extend(["nft", "add", "table", "inet", &table]);
-            sh(&cmd);
-            cmd.truncate(prefix.len());
-            cmd.extend(["nft", "add", "chain", "inet", &table, "input"]);
-            cmd.push("{ type filter hook input priority 0; }");
-            sh(&cmd);
-            cmd.truncate(prefix.len());
-            cmd.extend(["nft", "add", "rule", "inet", &table, "input"]);
-            cmd.extend(filter.split(' '));
-            sh(&cmd);
-        };
         // Into the world: segments the host sent. Into the host, from this world only: replies.
-        add(&["ip", "netns", "exec", &self.name], rule("dport"));
-        add(&[], format!("iifname {} {}", self.veth_host, rule("sport")));
+        nft_input(&["ip", "netns", "exec", &self.name], &table, &rule("dport"));
+        nft_input(
+            &[],
+            &table,
+            &format!("iifname {} {}", self.veth_host, rule("sport")),
+        );
+        Lossy {
+            netns: self.name.clone(),
+            table,
+        }
+    }
+
+    /// Drops the SYNs that reach `to` in the world at netfilter input: all of them, or with
+    /// `first_only` the first one (TCP sends it again a second later). Undone when the guard is
+    /// dropped.
+    pub fn syn_drops(&self, to: SocketAddr, first_only: bool) -> Lossy {
+        let table = format!("egress_syns_{}", self.veth_host);
+        let family = if to.is_ipv4() { "ip" } else { "ip6" };
+        let first = if first_only {
+            " numgen inc mod 2 0"
+        } else {
+            ""
+        };
+        let rule = format!(
+            "{family} daddr {} tcp dport {} tcp flags & (syn | ack) == syn{first} counter drop",
+            to.ip(),
+            to.port()
+        );
+        nft_input(&["ip", "netns", "exec", &self.name], &table, &rule);
         Lossy {
             netns: self.name.clone(),
             table,
@@ -778,7 +792,25 @@ impl Drop for World {
     }
 }
 
-/// Loss injected by [`World::lossy`].
+/// Adds `rule` to an input chain of nftables table `table`, made if need be, running the `nft`
+/// commands after `prefix` (in a network namespace: `ip netns exec NAME`).
+fn nft_input(prefix: &[&str], table: &str, rule: &str) {
+    let nft = |args: &[&str]| sh(&[prefix, &["nft"], args].concat());
+    nft(&["add", "table", "inet", table]);
+    nft(&[
+        "add",
+        "chain",
+        "inet",
+        table,
+        "input",
+        "{ type filter hook input priority 0; }",
+    ]);
+    let mut add = vec!["add", "rule", "inet", table, "input"];
+    add.extend(rule.split(' '));
+    nft(&add);
+}
+
+/// Loss injected by [`World::lossy`] or [`World::syn_drops`].
 pub struct Lossy {
     netns: String,
     table: String,

@@ -2156,6 +2156,63 @@ async fn a_refusing_upstream_is_retried_as_configured_then_fails_cleanly() {
     a.shutdown().await;
 }
 
+/// An upstream connect that is not made at once: its first SYN lost, the relay waits for TCP to
+/// send it again, then carries the connection; every SYN lost, each attempt ends at the route's
+/// per-try timeout and the connection at its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_connect_that_waits_is_carried_or_timed_out() {
+    let f = fixture("slow-connect");
+    let cg = TestCgroup::new("relay-slow-connect");
+    let log = log_path("relay-slow-connect");
+    // Longer than TCP's first wait before it sends a SYN again (1 s).
+    let policy = POLICY.replace("perTryTimeout: 1s", "perTryTimeout: 3s");
+    assert_ne!(policy, POLICY);
+    let a = Agent::start(f.w.agent_config(&policy, Mode::RegistryOnly, &cg, Some(&log)))
+        .await
+        .expect("agent starts");
+    let upstream = SocketAddr::new(f.w.v4(21), 443);
+
+    let lost = f.w.syn_drops(upstream, true);
+    let out = curl(&cg, &f.pki.ca_pem, "other.test", f.w.v4(21));
+    assert!(
+        out.status.success(),
+        "curl other.test: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sni=other.test\n");
+    assert_eq!(lost.dropped().0, 1, "the first SYN is lost");
+    drop(lost);
+    let r = relay_record(&log, "the relay after a lost SYN", |r| {
+        r.sni.as_deref() == Some("other.test")
+    });
+    assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    assert_eq!(r.attempts, Some(1), "{r:?}");
+    assert_eq!(f.other.names(), [Some("other.test".to_owned())]);
+
+    let lost = f.w.syn_drops(upstream, false);
+    let out = curl(&cg, &f.pki.ca_pem, "other.test", f.w.v4(21));
+    assert!(!out.status.success(), "curl other.test with every SYN lost");
+    let r = relay_record(&log, "the relay with every SYN lost", |r| {
+        r.sni.as_deref() == Some("other.test") && r.outcome.as_deref() != Some("ok")
+    });
+    assert_eq!(r.outcome.as_deref(), Some("upstream-failed"), "{r:?}");
+    // The first attempt ends at 3 s, the second at the route's 5 s.
+    assert_eq!(r.attempts, Some(2), "{r:?}");
+    assert!(
+        r.reason.as_deref().is_some_and(
+            |s| s.starts_with("route timeout reached") && s.ends_with("connect timed out")
+        ),
+        "{r:?}"
+    );
+    assert!(lost.dropped().0 >= 2, "SYNs lost: {:?}", lost.dropped());
+    assert_eq!(
+        f.other.names().len(),
+        1,
+        "nothing more reached the upstream"
+    );
+    a.shutdown().await;
+}
+
 /// A DestinationRule's `outlierDetection` on a passed-through port: an address whose connects
 /// failed as many times in a row as it allows is left out of the next connections' attempts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

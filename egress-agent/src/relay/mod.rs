@@ -17,7 +17,7 @@ use std::{
     ffi::OsString,
     io,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, IntoRawFd as _},
     path::PathBuf,
     pin::Pin,
     sync::{
@@ -30,6 +30,11 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use egress_common::{RELAY_WORKERS_MAX, RelayPeer, RelayPorts, Steered};
 use jiff::Timestamp;
+use nix::{
+    errno::Errno,
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    sys::socket::SockaddrStorage,
+};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
     io::AsyncWriteExt as _,
@@ -1395,7 +1400,7 @@ async fn relay_admitted(
     let sent = if opaque {
         Ok(())
     } else {
-        server.write_all(&bytes).await
+        write_now(&mut server, &bytes).await
     };
     let mut record = with_upstream(attempts, sni, alpn);
     record.upstream = Some(connected);
@@ -1778,9 +1783,41 @@ async fn connect_own(target: SocketAddr, leave: &Leave) -> io::Result<TcpStream>
             setsockopt(&socket, sockopt::TcpKeepCount, &n)?;
         }
     }
-    let stream = socket.connect(target).await?;
+    // Not `TcpSocket::connect`, which waits for the runtime to see the socket writable: the
+    // runtime first runs every other task that is ready, then polls for events. On loopback and
+    // veth the handshake is done inside connect(2), and the connection goes on at once.
+    match nix::sys::socket::connect(socket.as_raw_fd(), &SockaddrStorage::from(target)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // SAFETY: the descriptor is the socket's own, given up by it; tokio made it non-blocking.
+    let std = unsafe { std::net::TcpStream::from_raw_fd(socket.into_raw_fd()) };
+    let stream = TcpStream::from_std(std)?;
+    let mut made = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+    match poll(&mut made, PollTimeout::ZERO) {
+        // Made, or failed: take_error tells.
+        Ok(n) if n > 0 => {}
+        Ok(_) | Err(Errno::EINTR) => stream.writable().await?,
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Writes `bytes` to `stream`: at once what the socket takes, then the rest as it drains. The
+/// runtime has not seen a socket just connected writable yet, and would wait for its next poll
+/// for events (see [`connect_own`]).
+async fn write_now(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
+    let flags = nix::sys::socket::MsgFlags::from_bits_retain(libc::MSG_NOSIGNAL);
+    let sent = match nix::sys::socket::send(stream.as_raw_fd(), bytes, flags) {
+        Ok(n) => n,
+        Err(Errno::EAGAIN | Errno::EINTR) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    stream.write_all(&bytes[sent..]).await
 }
 
 /// A connection's timeouts: the DestinationRule's connection pool settings for its port, else
