@@ -72,9 +72,9 @@
 //!                                         first byte to its answer's last, the first left out
 //!   egress-probe hello-turns NAME N CGROUP=ADDR:PORT...   N connections to each ADDR, made in
 //!                                         its CGROUP, taken in turn (in a new random order
-//!                                         every turn), each a ClientHello for NAME and a read to EOF;
-//!                                         prints `P50_US P99_US` of each path's time from
-//!                                         connect() to the first byte, in the order given
+//!                                         every turn), each a ClientHello for NAME and a read
+//!                                         to EOF; prints `P50_US P99_US` of each path's time
+//!                                         from connect() to the first byte, in the order given
 //!   egress-probe --netns PATH MODE ...   enters network namespace PATH (setns), then runs MODE
 //!   egress-probe --thread-netns PATH MODE ...   runs MODE on a thread that alone entered PATH;
 //!                                         the process's main thread stays where it was
@@ -1211,8 +1211,9 @@ fn hello_rate(addr: SocketAddr, name: &str, n: usize, clients: usize) -> String 
 
 /// Connections to several paths in turn, each from its own cgroup: `n` a path, in a new random
 /// order every turn, so that each path follows each other alike. Every path meets the machine as
-/// it is at the same moments, so noise that moves separate runs apart moves them alike. The sockets are made first, each path's in its cgroup
-/// (the probe moves itself between them), and each is timed from connect() to the first byte.
+/// it is at the same moments, so noise that moves separate runs apart moves them alike. The
+/// sockets are made first, each path's in its cgroup (the probe moves itself between them), and
+/// each is timed from connect() to the first byte.
 fn hello_turns(name: &str, n: usize, paths: &[(String, SocketAddr)]) -> String {
     use nix::sys::{
         resource::{Resource, setrlimit},
