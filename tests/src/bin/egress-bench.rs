@@ -1403,9 +1403,15 @@ fn relay(options: &RelayOptions) {
     }
     // The spread behind each median: on a small shared machine it is often wider than the
     // differences between the paths.
+    // The exchanges' part only where they ran: `--no-exchanges` leaves no empty column.
     println!(
         "\nby round (as run): bulk MB/s | connections/s | proxy CPU us per connection (user) | \
-         idle us per connection | added TTFB p99 us | exchanges' p50 us"
+         idle us per connection | added TTFB p99 us{}",
+        if options.exchanges {
+            " | exchanges' p50 us"
+        } else {
+            ""
+        }
     );
     for (k, f) in figures.iter().enumerate().filter(|(k, _)| runs[*k]) {
         let list = |v: &[f64], sub: f64| -> String {
@@ -1414,8 +1420,14 @@ fn relay(options: &RelayOptions) {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        let exchanges = if options.exchanges {
+            let each = f.exchange_p50_us.each_ref().map(|v| list(v, 0.0));
+            format!("  |  {}", each.join(" / "))
+        } else {
+            String::new()
+        };
         println!(
-            "{:<24} {}  |  {}  |  {} ({})  |  {}  |  {}  |  {}",
+            "{:<24} {}  |  {}  |  {} ({})  |  {}  |  {}{exchanges}",
             paths[k].name,
             list(&f.mb_per_sec, 0.0),
             list(&f.conns_per_sec, 0.0),
@@ -1423,10 +1435,6 @@ fn relay(options: &RelayOptions) {
             list(&f.proxy_user_us, 0.0),
             list(&f.idle_us, 0.0),
             list(&f.p99_us, direct[3]),
-            f.exchange_p50_us
-                .each_ref()
-                .map(|v| list(v, 0.0))
-                .join(" / ")
         );
     }
     println!("\nrelayed connections with outcome ok: {relayed} of {expected}");
