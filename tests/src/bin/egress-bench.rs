@@ -11,6 +11,10 @@
 //! connections per second and the time to the first byte. The peers run twice: with their client
 //! as they ship (the targets' comparison), and with egress enforcing on their client too, which
 //! tells the relay's cost from the enforcement's.
+// The agent's relay runs in this process: with the allocator the `egress` binary ships with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     fmt::Write as _,
     net::SocketAddr,
