@@ -1046,9 +1046,14 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
 /// (`hello-turns`), while egress's agent runs: each path's connection starts on the machine as
 /// the others' do, so the load of a small shared machine, which moves separate phases apart by
 /// more than the paths differ, falls on all of them alike. So does the agent's own work, which
-/// in the separate phases falls on egress's alone. `paths`: each path's index in `figures`, its
-/// cgroup and the address its client dials.
-fn turns(paths: &[(usize, &TestCgroup, SocketAddr)], figures: &mut [Figures]) {
+/// in the separate phases falls on egress's alone. `paths`: each path's index in `figures` (or
+/// `None` for `again`: the shipped relay taken a second time, as a path of its own), its cgroup
+/// and the address its client dials.
+fn turns(
+    paths: &[(Option<usize>, &TestCgroup, SocketAddr)],
+    figures: &mut [Figures],
+    again: &mut Figures,
+) {
     let mut args = vec![
         "hello-turns".to_owned(),
         "small.test".to_owned(),
@@ -1070,8 +1075,12 @@ fn turns(paths: &[(usize, &TestCgroup, SocketAddr)], figures: &mut [Figures]) {
         "in turn: {out}"
     );
     for ((k, _, _), pair) in paths.iter().zip(nums.chunks(2)) {
-        figures[*k].turns_p50_us.push(pair[0]);
-        figures[*k].turns_p99_us.push(pair[1]);
+        let f = match k {
+            Some(k) => &mut figures[*k],
+            None => &mut *again,
+        };
+        f.turns_p50_us.push(pair[0]);
+        f.turns_p99_us.push(pair[1]);
     }
 }
 
@@ -1205,13 +1214,18 @@ fn relay(options: &RelayOptions) {
     // The relay as shipped (`RelayConfig::default()`), against the peers.
     let shipped = if RelayConfig::default().splice { 2 } else { 1 };
     // Taken in turn while the shipped relay's agent runs: the direct path, egress's, and the
-    // peers' as they ship and with their clients enforced.
-    let in_turn: Vec<(usize, &TestCgroup, SocketAddr)> = [0, shipped, 3, 4, 5, 6]
+    // peers' as they ship and with their clients enforced; and egress's again, one path measured
+    // twice, whose two figures differ by the phase's own spread.
+    let mut in_turn: Vec<(Option<usize>, &TestCgroup, SocketAddr)> = [0, shipped, 3, 4, 5, 6]
         .into_iter()
         .filter(|&k| runs[k])
-        .map(|k| (k, paths[k].cgroup, paths[k].up.small))
+        .map(|k| (Some(k), paths[k].cgroup, paths[k].up.small))
         .collect();
+    if runs[shipped] {
+        in_turn.push((None, paths[shipped].cgroup, paths[shipped].up.small));
+    }
     let mut figures: Vec<Figures> = paths.iter().map(|_| Figures::default()).collect();
+    let mut again = Figures::default();
     let (mut relayed, mut expected) = (0, 0);
     let mut not_ok = Vec::new();
     for round in 0..rounds {
@@ -1226,9 +1240,9 @@ fn relay(options: &RelayOptions) {
                 steer_to(port);
             }
             measure(&paths[k], agent.as_ref(), options, &mut figures[k]);
-            if k == shipped && in_turn.len() > 2 {
-                turns(&in_turn, &mut figures);
-                expected += TURNS as u64;
+            if k == shipped && in_turn.len() > 3 {
+                turns(&in_turn, &mut figures, &mut again);
+                expected += 2 * TURNS as u64;
             }
             if let Some(agent) = agent {
                 relay_done(&agent);
@@ -1332,11 +1346,8 @@ fn relay(options: &RelayOptions) {
             "path", "TTFB p50", "added p50", "added p99"
         );
         let (d50, d99) = turned(0);
-        for (k, f) in figures.iter().enumerate() {
-            if f.turns_p50_us.is_empty() {
-                continue;
-            }
-            let (p50, p99) = turned(k);
+        let row = |name: &str, f: &Figures| {
+            let (p50, p99) = (med(&f.turns_p50_us), med(&f.turns_p99_us));
             let by_round: Vec<String> = f
                 .turns_p99_us
                 .iter()
@@ -1345,12 +1356,21 @@ fn relay(options: &RelayOptions) {
                 .collect();
             println!(
                 "{:<24} {}us {}us {}us  {}",
-                paths[k].name,
+                name,
                 num(p50, 6, 0),
                 num(p50 - d50, 7, 0),
                 num(p99 - d99, 7, 0),
                 by_round.join(" ")
             );
+        };
+        for (k, f) in figures.iter().enumerate() {
+            if f.turns_p50_us.is_empty() {
+                continue;
+            }
+            row(paths[k].name, f);
+            if k == shipped && !again.turns_p50_us.is_empty() {
+                row(&format!("{}, again", paths[k].name), &again);
+            }
         }
     }
     if options.exchanges {
@@ -1488,6 +1508,20 @@ fn relay(options: &RelayOptions) {
             m[other][2] - direct[2],
             egress[3] - direct[3],
             m[other][3] - direct[3],
+        );
+    }
+    if !again.turns_p50_us.is_empty() {
+        let d = &figures[0];
+        let (d50, d99) = (med(&d.turns_p50_us), med(&d.turns_p99_us));
+        let (a, b) = (&figures[shipped], &again);
+        println!(
+            "{} in turn, measured twice: added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us \
+             (the phase's own spread)",
+            paths[shipped].name,
+            med(&a.turns_p50_us) - d50,
+            med(&b.turns_p50_us) - d50,
+            med(&a.turns_p99_us) - d99,
+            med(&b.turns_p99_us) - d99,
         );
     }
     if options.bulk {
