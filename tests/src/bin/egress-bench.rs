@@ -1511,17 +1511,15 @@ fn relay(options: &RelayOptions) {
         );
     }
     if !again.turns_p50_us.is_empty() {
-        let d = &figures[0];
-        let (d50, d99) = (med(&d.turns_p50_us), med(&d.turns_p99_us));
-        let (a, b) = (&figures[shipped], &again);
+        let ((d50, d99), (a50, a99)) = (turned(0), turned(shipped));
         println!(
             "{} in turn, measured twice: added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us \
              (the phase's own spread)",
             paths[shipped].name,
-            med(&a.turns_p50_us) - d50,
-            med(&b.turns_p50_us) - d50,
-            med(&a.turns_p99_us) - d99,
-            med(&b.turns_p99_us) - d99,
+            a50 - d50,
+            med(&again.turns_p50_us) - d50,
+            a99 - d99,
+            med(&again.turns_p99_us) - d99,
         );
     }
     if options.bulk {
