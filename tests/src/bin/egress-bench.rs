@@ -1334,7 +1334,7 @@ fn relay(options: &RelayOptions) {
     );
     // The paths in turn (see `turns`): medians of the rounds, and egress's difference round by
     // round.
-    let turned = |k: usize| (med(&figures[k].turns_p50_us), med(&figures[k].turns_p99_us));
+    let turned = |f: &Figures| (med(&f.turns_p50_us), med(&f.turns_p99_us));
     if !figures[0].turns_p50_us.is_empty() {
         println!(
             "\nin turn, connection by connection ({TURNS} a path a round, in a new random order \
@@ -1345,9 +1345,9 @@ fn relay(options: &RelayOptions) {
             "{:<24} {:>8} {:>9} {:>9}  added p99 by round",
             "path", "TTFB p50", "added p50", "added p99"
         );
-        let (d50, d99) = turned(0);
+        let (d50, d99) = turned(&figures[0]);
         let row = |name: &str, f: &Figures| {
-            let (p50, p99) = (med(&f.turns_p50_us), med(&f.turns_p99_us));
+            let (p50, p99) = turned(f);
             let by_round: Vec<String> = f
                 .turns_p99_us
                 .iter()
@@ -1511,15 +1511,16 @@ fn relay(options: &RelayOptions) {
         );
     }
     if !again.turns_p50_us.is_empty() {
-        let ((d50, d99), (a50, a99)) = (turned(0), turned(shipped));
+        let (d50, d99) = turned(&figures[0]);
+        let ((a50, a99), (b50, b99)) = (turned(&figures[shipped]), turned(&again));
         println!(
             "{} in turn, measured twice: added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us \
              (the phase's own spread)",
             paths[shipped].name,
             a50 - d50,
-            med(&again.turns_p50_us) - d50,
+            b50 - d50,
             a99 - d99,
-            med(&again.turns_p99_us) - d99,
+            b99 - d99,
         );
     }
     if options.bulk {
@@ -1613,7 +1614,11 @@ fn relay(options: &RelayOptions) {
         let in_turn = if figures[k].turns_p50_us.is_empty() {
             String::new()
         } else {
-            let ((e50, e99), (p50, p99), (d50, d99)) = (turned(shipped), turned(k), turned(0));
+            let ((e50, e99), (p50, p99), (d50, d99)) = (
+                turned(&figures[shipped]),
+                turned(&figures[k]),
+                turned(&figures[0]),
+            );
             format!(
                 "; in turn, added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
                 e50 - d50,
