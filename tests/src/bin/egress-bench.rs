@@ -448,8 +448,11 @@ const BULK_BYTES: u64 = 1 << 30;
 const RATE_CONNECTIONS: usize = 8000;
 const RATE_CLIENTS: usize = 16;
 const TTFB_CONNECTIONS: usize = 5000;
-/// Connections a path a round in the latency phase taken in turn (see [`turns`]).
-const TURNS: usize = 2000;
+/// Connections a path a round in the latency phase taken in turn (see [`turns`]): many, since a
+/// p99 rests on the slowest hundredth of them.
+const TURNS: usize = 10_000;
+/// Turns a probe takes at most: each holds a socket a path a turn, made beforehand.
+const TURNS_A_PROBE: usize = 2000;
 /// Exchanges on one kept-open connection, one request after another: an answer (or a request's
 /// body) ends without the connection ending, so a relay that waits for more bytes before it
 /// passes a batch on makes its last bytes late.
@@ -494,6 +497,8 @@ struct RelayOptions {
     /// targets' figures).
     exchanges: bool,
     rate_connections: usize,
+    /// Connections a path a round in turn.
+    turns: usize,
 }
 
 impl RelayOptions {
@@ -504,9 +509,10 @@ impl RelayOptions {
             bulk: true,
             exchanges: true,
             rate_connections: RATE_CONNECTIONS,
+            turns: TURNS,
         };
         let usage = "options: [--paths NAME,...] [--rounds N] [--no-bulk] [--no-exchanges] \
-                     [--connections N]";
+                     [--connections N] [--turns N]";
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut value = || {
@@ -530,6 +536,7 @@ impl RelayOptions {
                 "--no-bulk" => o.bulk = false,
                 "--no-exchanges" => o.exchanges = false,
                 "--connections" => o.rate_connections = number(value()).max(RATE_CLIENTS),
+                "--turns" => o.turns = number(value()).max(BLOCK_TURNS),
                 _ => panic!("unknown option {a}; {usage}"),
             }
         }
@@ -553,6 +560,7 @@ impl RelayOptions {
             && self.bulk
             && self.exchanges
             && self.rate_connections == RATE_CONNECTIONS
+            && self.turns == TURNS
     }
 }
 
@@ -868,9 +876,11 @@ struct Figures {
     /// exchange of [`EXCHANGES`].
     exchange_p50_us: [Vec<f64>; EXCHANGES.len()],
     exchange_p99_us: [Vec<f64>; EXCHANGES.len()],
-    /// The time to the first byte with the paths taken in turn, connection by connection.
+    /// The time to the first byte with the paths taken in turn, connection by connection: each
+    /// round's p50 and p99, and every time, in turn order over all rounds.
     turns_p50_us: Vec<f64>,
     turns_p99_us: Vec<f64>,
+    turns_us: Vec<u32>,
     /// The rest of the machine's time per connection in the connection-rate phase: the client's
     /// CPU (its cgroup's), the upstream servers', and the CPUs' idle time. With the proxy's they
     /// add up to the machine's time per connection, nearly all of it.
@@ -1048,39 +1058,140 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
 /// more than the paths differ, falls on all of them alike. So does the agent's own work, which
 /// in the separate phases falls on egress's alone. `paths`: each path's index in `figures` (or
 /// `None` for `again`: the shipped relay taken a second time, as a path of its own), its cgroup
-/// and the address its client dials.
+/// and the address its client dials. `n` turns, by probes of at most [`TURNS_A_PROBE`].
 fn turns(
     paths: &[(Option<usize>, &TestCgroup, SocketAddr)],
+    n: usize,
     figures: &mut [Figures],
     again: &mut Figures,
 ) {
-    let mut args = vec![
-        "hello-turns".to_owned(),
-        "small.test".to_owned(),
-        TURNS.to_string(),
-    ];
-    args.extend(
-        paths
-            .iter()
-            .map(|(_, cgroup, addr)| format!("{}={addr}", cgroup.path.display())),
-    );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = egress_tests::probe_in(None, &args);
-    let nums: Vec<f64> = out
-        .split_whitespace()
-        .map(|w| w.parse().unwrap_or(f64::NAN))
-        .collect();
-    assert!(
-        nums.len() == 2 * paths.len() && nums.iter().all(|n| n.is_finite()),
-        "in turn: {out}"
-    );
-    for ((k, _, _), pair) in paths.iter().zip(nums.chunks(2)) {
+    let mut took: Vec<Vec<u32>> = vec![Vec::with_capacity(n); paths.len()];
+    for start in (0..n).step_by(TURNS_A_PROBE) {
+        let count = TURNS_A_PROBE.min(n - start);
+        let mut args = vec![
+            "hello-turns".to_owned(),
+            "small.test".to_owned(),
+            count.to_string(),
+        ];
+        args.extend(
+            paths
+                .iter()
+                .map(|(_, cgroup, addr)| format!("{}={addr}", cgroup.path.display())),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = egress_tests::probe_in(None, &args);
+        let lines: Vec<Option<Vec<u32>>> = out
+            .lines()
+            .map(|line| line.split_whitespace().map(|w| w.parse().ok()).collect())
+            .collect();
+        assert!(
+            lines.len() == paths.len()
+                && lines
+                    .iter()
+                    .all(|l| l.as_ref().is_some_and(|l| l.len() == count)),
+            "in turn: {}",
+            out.chars().take(200).collect::<String>()
+        );
+        for (all, line) in took.iter_mut().zip(lines.into_iter().flatten()) {
+            all.extend(line);
+        }
+    }
+    for ((k, _, _), took) in paths.iter().zip(took) {
         let f = match k {
             Some(k) => &mut figures[*k],
             None => &mut *again,
         };
-        f.turns_p50_us.push(pair[0]);
-        f.turns_p99_us.push(pair[1]);
+        let [p50, p99] = quantiles(&mut took.clone());
+        f.turns_p50_us.push(p50);
+        f.turns_p99_us.push(p99);
+        f.turns_us.extend(took);
+    }
+}
+
+/// The p50 and p99 of `v` (reordered), each a sample's value: the one at `(len - 1) * p` in
+/// order, as the probe takes its own.
+fn quantiles(v: &mut [u32]) -> [f64; 2] {
+    [0.50, 0.99].map(|p| {
+        let at = ((v.len() - 1) as f64 * p).round() as usize;
+        f64::from(*v.select_nth_unstable(at).1)
+    })
+}
+
+/// Turns resampled together in [`Resampled`]: machine bursts span consecutive turns, so
+/// resampling turns one by one would take their times as independent and claim too narrow an
+/// interval. 200 turns of the in-turn phase's seven paths last about a quarter of a second.
+const BLOCK_TURNS: usize = 200;
+/// Resamples drawn for each interval.
+const RESAMPLES: usize = 2000;
+
+/// The paths' first-byte times taken in turn, pooled over the rounds, with the p50 and p99 of
+/// each over all of them and over each of [`RESAMPLES`] block bootstrap resamples: blocks of
+/// [`BLOCK_TURNS`] turns drawn with replacement, the same blocks for every path, so that the
+/// moments a turn shared stay shared. The spread of a difference over the resamples is how far
+/// the phase can tell two paths apart; the same path taken twice checks it.
+struct Resampled {
+    /// Per path: its quantiles over all its times, then over each resample.
+    all: Vec<[f64; 2]>,
+    drawn: Vec<Vec<[f64; 2]>>,
+}
+
+impl Resampled {
+    /// `times`: each path's times in turn order, all of one length, a whole number of blocks.
+    fn new(times: &[&[u32]]) -> Self {
+        use rand::RngExt as _;
+        let blocks = times.first().map_or(0, |t| t.len() / BLOCK_TURNS);
+        let all = times.iter().map(|t| quantiles(&mut t.to_vec())).collect();
+        let mut drawn = vec![Vec::with_capacity(RESAMPLES); times.len()];
+        let mut rng = rand::rng();
+        let mut picked = vec![0; blocks];
+        let mut buf = Vec::with_capacity(blocks * BLOCK_TURNS);
+        for _ in 0..RESAMPLES {
+            picked.fill_with(|| rng.random_range(0..blocks));
+            for (t, d) in times.iter().zip(&mut drawn) {
+                buf.clear();
+                for &b in &picked {
+                    buf.extend_from_slice(&t[b * BLOCK_TURNS..(b + 1) * BLOCK_TURNS]);
+                }
+                d.push(quantiles(&mut buf));
+            }
+        }
+        Resampled { all, drawn }
+    }
+
+    /// Path `a`'s p50 and p99 less path `b`'s: over all times, and the 2.5th and 97.5th
+    /// percentiles of the difference over the resamples (a 95 % interval).
+    fn gap(&self, a: usize, b: usize) -> [Gap; 2] {
+        [0, 1].map(|q| {
+            let mut d: Vec<f64> = self.drawn[a]
+                .iter()
+                .zip(&self.drawn[b])
+                .map(|(x, y)| x[q] - y[q])
+                .collect();
+            d.sort_by(f64::total_cmp);
+            let at = |p: f64| d[((d.len() - 1) as f64 * p).round() as usize];
+            Gap {
+                by: self.all[a][q] - self.all[b][q],
+                low: at(0.025),
+                high: at(0.975),
+            }
+        })
+    }
+}
+
+/// One figure of a path less another's, with a 95 % interval.
+struct Gap {
+    by: f64,
+    low: f64,
+    high: f64,
+}
+
+impl std::fmt::Display for Gap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:+.0} us ({:+.0} to {:+.0})",
+            self.by, self.low, self.high
+        )
     }
 }
 
@@ -1213,12 +1324,13 @@ fn relay(options: &RelayOptions) {
     let runs: Vec<bool> = paths.iter().map(|p| options.runs(p.name)).collect();
     // The relay as shipped (`RelayConfig::default()`), against the peers.
     let shipped = if RelayConfig::default().splice { 2 } else { 1 };
-    // Taken in turn while the shipped relay's agent runs: the direct path, egress's, and the
-    // peers' as they ship and with their clients enforced; and egress's again, one path measured
-    // twice, whose two figures differ by the phase's own spread.
-    let mut in_turn: Vec<(Option<usize>, &TestCgroup, SocketAddr)> = [0, shipped, 3, 4, 5, 6]
-        .into_iter()
-        .filter(|&k| runs[k])
+    // The other relay, which runs the same code on these connections.
+    let other = 3 - shipped;
+    // Taken in turn while the shipped relay's agent runs: every path but the other relay and
+    // the steering pointed elsewhere (the agent steers to its own relay then); and egress's
+    // again, one path measured twice, whose two figures differ by the phase's own spread.
+    let mut in_turn: Vec<(Option<usize>, &TestCgroup, SocketAddr)> = (0..paths.len())
+        .filter(|&k| runs[k] && k != other && paths[k].steer_to.is_none())
         .map(|k| (Some(k), paths[k].cgroup, paths[k].up.small))
         .collect();
     if runs[shipped] {
@@ -1241,8 +1353,8 @@ fn relay(options: &RelayOptions) {
             }
             measure(&paths[k], agent.as_ref(), options, &mut figures[k]);
             if k == shipped && in_turn.len() > 3 {
-                turns(&in_turn, &mut figures, &mut again);
-                expected += 2 * TURNS as u64;
+                turns(&in_turn, options.turns, &mut figures, &mut again);
+                expected += 2 * options.turns as u64;
             }
             if let Some(agent) = agent {
                 relay_done(&agent);
@@ -1332,22 +1444,46 @@ fn relay(options: &RelayOptions) {
         "(proxy us: the proxy's CPU time per connection in the connection-rate phase, the \
          agent's included where it runs; user us: the part of it in user space)"
     );
-    // The paths in turn (see `turns`): medians of the rounds, and egress's difference round by
-    // round.
-    let turned = |f: &Figures| (med(&f.turns_p50_us), med(&f.turns_p99_us));
-    if !figures[0].turns_p50_us.is_empty() {
+    // The paths in turn (see `turns`): p50 and p99 over every round's connections, and each
+    // path's difference to egress's with its interval. `None` is egress's path taken again.
+    let taken: Vec<Option<usize>> = (0..paths.len())
+        .filter(|&k| !figures[k].turns_us.is_empty())
+        .flat_map(|k| {
+            let again = (k == shipped && !again.turns_us.is_empty()).then_some(None);
+            std::iter::once(Some(k)).chain(again)
+        })
+        .collect();
+    let times = |k: &Option<usize>| match k {
+        Some(k) => &figures[*k],
+        None => &again,
+    };
+    let resampled = Resampled::new(
+        &taken
+            .iter()
+            .map(|k| &times(k).turns_us[..])
+            .collect::<Vec<_>>(),
+    );
+    let in_turn_at = |k: Option<usize>| taken.iter().position(|&t| t == k);
+    let named = |k: Option<usize>| match k {
+        Some(k) => paths[k].name.to_owned(),
+        None => format!("{}, again", paths[shipped].name),
+    };
+    if let (Some(d), Some(e)) = (in_turn_at(Some(0)), in_turn_at(Some(shipped))) {
         println!(
-            "\nin turn, connection by connection ({TURNS} a path a round, in a new random order \
+            "\nin turn, connection by connection ({} a path a round, in a new random order \
              every turn, egress's agent running throughout), from connect() on a socket made \
-             beforehand to the first byte, us (medians):"
+             beforehand to the first byte, us (p50 and p99 of all {} rounds' connections):",
+            options.turns,
+            figures[0].turns_p50_us.len()
         );
         println!(
             "{:<24} {:>8} {:>9} {:>9}  added p99 by round",
             "path", "TTFB p50", "added p50", "added p99"
         );
-        let (d50, d99) = turned(&figures[0]);
-        let row = |name: &str, f: &Figures| {
-            let (p50, p99) = turned(f);
+        let [d50, d99] = resampled.all[d];
+        for (i, &k) in taken.iter().enumerate() {
+            let [p50, p99] = resampled.all[i];
+            let f = times(&k);
             let by_round: Vec<String> = f
                 .turns_p99_us
                 .iter()
@@ -1356,21 +1492,21 @@ fn relay(options: &RelayOptions) {
                 .collect();
             println!(
                 "{:<24} {}us {}us {}us  {}",
-                name,
+                named(k),
                 num(p50, 6, 0),
                 num(p50 - d50, 7, 0),
                 num(p99 - d99, 7, 0),
                 by_round.join(" ")
             );
-        };
-        for (k, f) in figures.iter().enumerate() {
-            if f.turns_p50_us.is_empty() {
-                continue;
-            }
-            row(paths[k].name, f);
-            if k == shipped && !again.turns_p50_us.is_empty() {
-                row(&format!("{}, again", paths[k].name), &again);
-            }
+        }
+        println!(
+            "{} less each path in turn, p50 and p99 with 95 % intervals (a bootstrap of blocks of \
+             {BLOCK_TURNS} turns; the path taken again shows the phase's own resolution):",
+            paths[shipped].name
+        );
+        for (i, &k) in taken.iter().enumerate().filter(|&(i, _)| i != e && i != d) {
+            let [p50, p99] = resampled.gap(e, i);
+            println!("  {:<48} p50 {p50}, p99 {p99}", named(k));
         }
     }
     if options.exchanges {
@@ -1473,7 +1609,6 @@ fn relay(options: &RelayOptions) {
     if !runs[shipped] {
         return;
     }
-    let other = 3 - shipped;
     let egress = m[shipped];
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     // In how many rounds path `ka`'s rate was above path `kb`'s. Each round ran both, minutes
@@ -1510,17 +1645,22 @@ fn relay(options: &RelayOptions) {
             m[other][3] - direct[3],
         );
     }
-    if !again.turns_p50_us.is_empty() {
-        let (d50, d99) = turned(&figures[0]);
-        let ((a50, a99), (b50, b99)) = (turned(&figures[shipped]), turned(&again));
+    // The same path twice: how far apart the phase puts two measurements of one path.
+    if let (Some(d), Some(a), Some(b)) = (
+        in_turn_at(Some(0)),
+        in_turn_at(Some(shipped)),
+        in_turn_at(None),
+    ) {
+        let added = |i: usize, q: usize| resampled.all[i][q] - resampled.all[d][q];
+        let [g50, g99] = resampled.gap(a, b);
         println!(
             "{} in turn, measured twice: added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us \
-             (the phase's own spread)",
+             (the phase's own spread; the first less the second: p50 {g50}, p99 {g99})",
             paths[shipped].name,
-            a50 - d50,
-            b50 - d50,
-            a99 - d99,
-            b99 - d99,
+            added(a, 0),
+            added(b, 0),
+            added(a, 1),
+            added(b, 1),
         );
     }
     if options.bulk {
@@ -1611,21 +1751,24 @@ fn relay(options: &RelayOptions) {
             String::new()
         };
         // Not among the targets either: the same figure with the paths in turn.
-        let in_turn = if figures[k].turns_p50_us.is_empty() {
-            String::new()
-        } else {
-            let ((e50, e99), (p50, p99), (d50, d99)) = (
-                turned(&figures[shipped]),
-                turned(&figures[k]),
-                turned(&figures[0]),
-            );
-            format!(
-                "; in turn, added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
-                e50 - d50,
-                p50 - d50,
-                e99 - d99,
-                p99 - d99
-            )
+        let in_turn = match (
+            in_turn_at(Some(0)),
+            in_turn_at(Some(shipped)),
+            in_turn_at(Some(k)),
+        ) {
+            (Some(d), Some(e), Some(p)) => {
+                let [[d50, d99], [e50, e99], [p50, p99]] = [d, e, p].map(|i| resampled.all[i]);
+                let [g50, g99] = resampled.gap(e, p);
+                format!(
+                    "; in turn, added TTFB p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us \
+                     (egress less it: p50 {g50}, p99 {g99})",
+                    e50 - d50,
+                    p50 - d50,
+                    e99 - d99,
+                    p99 - d99
+                )
+            }
+            _ => String::new(),
         };
         println!(
             "egress vs {name}: {bulk}{}{outcome}{exchanges}{in_turn}",
@@ -1636,5 +1779,37 @@ fn relay(options: &RelayOptions) {
     // against nginx as it ships.
     if runs[4] && runs[7] {
         println!("{} vs {}: {}", paths[7].name, paths[4].name, against(7, 4));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BLOCK_TURNS, Resampled, quantiles};
+
+    #[test]
+    fn quantiles_take_the_sample_at_their_rank() {
+        let mut v: Vec<u32> = (1..=100).rev().collect();
+        // Ranks (100 - 1) * p, rounded: 50 (49.5) and 98.
+        assert_eq!(quantiles(&mut v), [51.0, 99.0]);
+    }
+
+    /// Every resample takes the same turns of every path: a path that is another one shifted by a
+    /// constant differs from it by exactly that constant in each, so the interval is a point.
+    /// Resampled apart, the difference would spread.
+    #[test]
+    fn resamples_keep_a_turn_s_times_together() {
+        let n = 20 * BLOCK_TURNS;
+        // A spread-out series: an uneven pattern, with a slow turn now and then.
+        let a: Vec<u32> = (0..n as u32)
+            .map(|i| 100 + (i * 37) % 61 + if i % 97 == 0 { 400 } else { 0 })
+            .collect();
+        let b: Vec<u32> = a.iter().map(|t| t + 7).collect();
+        let r = Resampled::new(&[&a, &b]);
+        for gap in r.gap(1, 0) {
+            assert_eq!((gap.by, gap.low, gap.high), (7.0, 7.0, 7.0));
+        }
+        // A path against itself resampled: the quantiles themselves do move between resamples.
+        let p99s: Vec<f64> = r.drawn[0].iter().map(|q| q[1]).collect();
+        assert!(p99s.iter().any(|&q| q != p99s[0]), "{p99s:?}");
     }
 }

@@ -73,8 +73,9 @@
 //!   egress-probe hello-turns NAME N CGROUP=ADDR:PORT...   N connections to each ADDR, made in
 //!                                         its CGROUP, taken in turn (in a new random order
 //!                                         every turn), each a ClientHello for NAME and a read
-//!                                         to EOF; prints `P50_US P99_US` of each path's time
-//!                                         from connect() to the first byte, in the order given
+//!                                         to EOF; prints a line per path, in the order given:
+//!                                         its N times from connect() to the first byte, in
+//!                                         µs, turn by turn
 //!   egress-probe --netns PATH MODE ...   enters network namespace PATH (setns), then runs MODE
 //!   egress-probe --thread-netns PATH MODE ...   runs MODE on a thread that alone entered PATH;
 //!                                         the process's main thread stays where it was
@@ -1251,15 +1252,13 @@ fn hello_turns(name: &str, n: usize, paths: &[(String, SocketAddr)]) -> String {
                 took[k].push((first - start).as_micros() as u64);
             }
         }
-        let figures: Vec<String> = took
-            .iter_mut()
-            .map(|t| {
-                t.sort_unstable();
-                let pct = |p: f64| t[((t.len() - 1) as f64 * p).round() as usize];
-                format!("{} {}", pct(0.50), pct(0.99))
-            })
+        // Each time, not a summary: the i-th of every line was taken in the same turn, so the
+        // bench can resample whole turns to tell how far apart two paths really are.
+        let lines: Vec<String> = took
+            .iter()
+            .map(|t| t.iter().map(u64::to_string).collect::<Vec<_>>().join(" "))
             .collect();
-        Ok(figures.join(" "))
+        Ok(lines.join("\n"))
     };
     run().unwrap_or_else(|e| word(&e))
 }
