@@ -1449,8 +1449,8 @@ fn relay(options: &RelayOptions) {
     let taken: Vec<Option<usize>> = (0..paths.len())
         .filter(|&k| !figures[k].turns_us.is_empty())
         .flat_map(|k| {
-            let again = (k == shipped && !again.turns_us.is_empty()).then_some(None);
-            std::iter::once(Some(k)).chain(again)
+            let second = (k == shipped && !again.turns_us.is_empty()).then_some(None);
+            std::iter::once(Some(k)).chain(second)
         })
         .collect();
     let times = |k: &Option<usize>| match k {
