@@ -877,8 +877,7 @@ struct Figures {
     exchange_p50_us: [Vec<f64>; EXCHANGES.len()],
     exchange_p99_us: [Vec<f64>; EXCHANGES.len()],
     /// The time to the first byte with the paths taken in turn, connection by connection: each
-    /// round's p50 and p99, and every time, in turn order over all rounds.
-    turns_p50_us: Vec<f64>,
+    /// round's p99, and every time, in turn order over all rounds.
     turns_p99_us: Vec<f64>,
     turns_us: Vec<u32>,
     /// The rest of the machine's time per connection in the connection-rate phase: the client's
@@ -1101,9 +1100,7 @@ fn turns(
             Some(k) => &mut figures[*k],
             None => &mut *again,
         };
-        let [p50, p99] = quantiles(&mut took.clone());
-        f.turns_p50_us.push(p50);
-        f.turns_p99_us.push(p99);
+        f.turns_p99_us.push(quantiles(&mut took.clone())[1]);
         f.turns_us.extend(took);
     }
 }
@@ -1474,7 +1471,7 @@ fn relay(options: &RelayOptions) {
              every turn, egress's agent running throughout), from connect() on a socket made \
              beforehand to the first byte, us (p50 and p99 of all {} rounds' connections):",
             options.turns,
-            figures[0].turns_p50_us.len()
+            figures[0].turns_p99_us.len()
         );
         println!(
             "{:<24} {:>8} {:>9} {:>9}  added p99 by round",
