@@ -104,12 +104,15 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
-/// Starts tracking a permitted connect. A socket connected again reports its previous flow first.
-/// `cookie` is the event's, passed on the stack: the verifier refuses a key and a value that both
-/// point into one ring buffer entry ("more than one arg with ref_obj_id").
+/// Starts tracking a permitted connect. A socket connected again reports its previous flow first
+/// (`earlier`, from [`reconnect`]). `cookie` is the event's, passed on the stack: the verifier
+/// refuses a key and a value that both point into one ring buffer entry ("more than one arg with
+/// ref_obj_id").
 #[inline(always)]
-pub fn open_flow(cookie: u64, event: &FlowEvent) {
-    close_flow(cookie);
+pub fn open_flow(cookie: u64, event: &FlowEvent, earlier: Earlier) {
+    if matches!(earlier, Earlier::Other) {
+        close_flow(cookie);
+    }
     let flow = Flow {
         event: *event,
         next_seq_out: 0,
@@ -126,25 +129,36 @@ pub fn open_flow(cookie: u64, event: &FlowEvent) {
     }
 }
 
-/// Whether the socket's tracked flow already goes to this destination under this rule; if so,
-/// the connect is counted in it. A UDP client may connect its socket again before every datagram:
+/// A socket's tracked flow, as an allowed connect finds it.
+#[derive(Clone, Copy)]
+pub enum Earlier {
+    /// None: the socket's first connect, mostly.
+    None,
+    /// To this same destination under this same rule: the connect is counted in it.
+    Same,
+    /// Elsewhere: it ends when the new one opens.
+    Other,
+}
+
+/// The socket's tracked flow against this connect; one to the same destination under the same
+/// rule counts the connect. A UDP client may connect its socket again before every datagram:
 /// one flow with a count, not a connect and a close per call. Only an allowed connect gets here,
 /// and a flow is only ever opened by one, so the verdict matches too.
 #[inline(always)]
-pub fn reconnect(cookie: u64, proto: u8, port_be: u16, addr: &[u8; 16], rule_id: u32) -> bool {
+pub fn reconnect(cookie: u64, proto: u8, port_be: u16, addr: &[u8; 16], rule_id: u32) -> Earlier {
     let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
-        return false;
+        return Earlier::None;
     };
     // SAFETY: a valid map value; `connects` is added to atomically (two threads may share the
     // socket), the rest was written once when the flow was opened.
     unsafe {
         let event = &raw mut (*flow).event;
         if !same_call(event, proto, port_be, addr, rule_id) {
-            return false;
+            return Earlier::Other;
         }
         add(&raw mut (*event).connects, 1);
     }
-    true
+    Earlier::Same
 }
 
 /// Whether `event` was about this destination under this rule.

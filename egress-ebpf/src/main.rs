@@ -45,7 +45,7 @@ use egress_common::{
 };
 
 use crate::{
-    events::{IPPROTO_TCP, IPPROTO_UDP},
+    events::{Earlier, IPPROTO_TCP, IPPROTO_UDP},
     packet::Hook,
 };
 
@@ -231,7 +231,12 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
         && decision.rule_id != RULE_LOOPBACK
         && (proto == IPPROTO_TCP || proto == IPPROTO_UDP);
     // The same flow connected again: counted in it, reported with its close.
-    if tracked && events::reconnect(cookie, proto, port_be, &addr, decision.rule_id) {
+    let earlier = if tracked {
+        events::reconnect(cookie, proto, port_be, &addr, decision.rule_id)
+    } else {
+        Earlier::None
+    };
+    if matches!(earlier, Earlier::Same) {
         return decide::hook_return(decision.verdict);
     }
     let Some(mut entry) = events::reserve() else {
@@ -242,6 +247,7 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
             events::open_flow(
                 cookie,
                 &events::from_task(kind, decision, proto, family, port_be, addr, cookie),
+                earlier,
             );
         } else if denied {
             events::open_denial(
@@ -260,7 +266,7 @@ fn sock_call(ctx: &SockAddrContext, kind: EventKind, family: u8, addr: [u8; 16])
     };
     if tracked {
         // SAFETY: initialised just above.
-        events::open_flow(cookie, unsafe { &*event });
+        events::open_flow(cookie, unsafe { &*event }, earlier);
     } else if denied {
         // SAFETY: initialised just above.
         events::open_denial(cookie, unsafe { &*event });
@@ -329,10 +335,12 @@ fn tc_verdict(passes: bool) -> i32 {
 /// byte it carried has passed the cgroup's packet programs) and forgets the steering records.
 #[sock_ops]
 pub fn tcp_state(ctx: SockOpsContext) -> u32 {
+    // Fetched only by the callbacks that use it: most of a connection's callbacks use nothing.
     // SAFETY: the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let cookie = || unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            let cookie = cookie();
             if steer::connecting(ctx.ops, cookie) || FLOWS.get_ptr(&cookie).is_some() {
                 let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
                 // Without the CLOSE callback nothing would end the flow (sock_release ends only
@@ -344,12 +352,13 @@ pub fn tcp_state(ctx: SockOpsContext) -> u32 {
         }
         // Before the first SYN: a held connect's is dropped until the relay serves its
         // namespace, so TCP should send it again soon.
-        BPF_SOCK_OPS_TIMEOUT_INIT if steer::is_held(cookie) => {
+        BPF_SOCK_OPS_TIMEOUT_INIT if steer::is_held(cookie()) => {
             if let Some(rto) = CONFIG.get(0).map(|c| c.held_syn_rto).filter(|&r| r != 0) {
                 ctx.set_reply(u32::from(rto));
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            let cookie = cookie();
             steer::forget(ctx.ops, cookie, ctx.arg(0));
             events::close_flow(cookie);
         }
