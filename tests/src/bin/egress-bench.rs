@@ -448,6 +448,36 @@ const BULK_BYTES: u64 = 1 << 30;
 const RATE_CONNECTIONS: usize = 8000;
 const RATE_CLIENTS: usize = 16;
 const TTFB_CONNECTIONS: usize = 5000;
+/// Connections taken one after another, where an agent enforces, while the kernel counts its eBPF
+/// programs' run time (its statistics cost each run a little: not during the other phases).
+const EBPF_CONNECTIONS: usize = 2000;
+/// egress's programs, by what they hook: the socket calls, TCP's state changes, the packets
+/// (the cgroup's programs and TC), and the sockets' life and options.
+const EBPF_HOOKS: [(&str, &[&str]); 4] = [
+    (
+        "calls",
+        &[
+            "connect4",
+            "connect6",
+            "sendmsg4",
+            "sendmsg6",
+            "getpeername4",
+            "getpeername6",
+        ],
+    ),
+    ("tcp states", &["tcp_state"]),
+    (
+        "packets",
+        &[
+            "cgroup_egress",
+            "cgroup_ingress",
+            "tc_egress",
+            "tc_netns_ether",
+            "tc_netns_bare",
+        ],
+    ),
+    ("sockets", &["sock_create", "sock_release", "setsockopt"]),
+];
 /// Connections a path a round in the latency phase taken in turn (see [`turns`]): many, since a
 /// p99 rests on the slowest hundredth of them.
 const TURNS: usize = 10_000;
@@ -886,6 +916,26 @@ struct Figures {
     client_us: Vec<f64>,
     upstream_us: Vec<f64>,
     idle_us: Vec<f64>,
+    /// Where an agent enforces: its eBPF programs' run time per connection, ns, by
+    /// [`EBPF_HOOKS`], over [`EBPF_CONNECTIONS`] connections one after another.
+    ebpf_ns: Vec<[f64; EBPF_HOOKS.len()]>,
+}
+
+/// egress's eBPF programs' run time so far, ns, by [`EBPF_HOOKS`]: counted by the kernel while
+/// its statistics are on.
+fn ebpf_ns() -> [u64; EBPF_HOOKS.len()] {
+    let mut ns = [0; EBPF_HOOKS.len()];
+    for info in aya::programs::loaded_programs() {
+        let info = info.expect("a loaded eBPF program's information");
+        let name = info.name_as_str().unwrap_or_default();
+        if let Some(i) = EBPF_HOOKS
+            .iter()
+            .position(|(_, names)| names.contains(&name))
+        {
+            ns[i] += u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+        }
+    }
+    ns
 }
 
 /// The relay records of the flow log in `dir` whose outcome is not `ok`; removes the log and its
@@ -1037,6 +1087,22 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
     ]);
     figures.p50_us.push(ttfb[1]);
     figures.p99_us.push(ttfb[2]);
+    if path.agent.is_some() {
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("eBPF statistics");
+        let before = ebpf_ns();
+        probe(&[
+            "hello-rate",
+            &path.up.small.to_string(),
+            "small.test",
+            &EBPF_CONNECTIONS.to_string(),
+            "1",
+        ]);
+        let after = ebpf_ns();
+        drop(stats);
+        figures.ebpf_ns.push(std::array::from_fn(|i| {
+            (after[i] - before[i]) as f64 / EBPF_CONNECTIONS as f64
+        }));
+    }
     for (i, exchange) in EXCHANGES.iter().enumerate().filter(|_| options.exchanges) {
         let took = probe(&[
             "hello-replies",
@@ -1367,7 +1433,8 @@ fn relay(options: &RelayOptions) {
             // and the steering pointed at nginx leaves the relay nothing (a connection it took
             // would make the count too high).
             if paths[k].agent.is_some() && paths[k].up == up && paths[k].steer_to.is_none() {
-                expected += u64::from(options.bulk) + (rate_n + TTFB_CONNECTIONS) as u64;
+                expected +=
+                    u64::from(options.bulk) + (rate_n + TTFB_CONNECTIONS + EBPF_CONNECTIONS) as u64;
                 if options.exchanges {
                     expected += EXCHANGES.len() as u64;
                 }
@@ -1556,6 +1623,34 @@ fn relay(options: &RelayOptions) {
             num(parts[2], 8, 0),
             num(parts[3], 6, 0),
             num(parts.iter().sum(), 6, 0)
+        );
+    }
+    // What the enforcement itself costs a connection in the kernel, program by program: part of
+    // the client's time above, and of the first byte's wait.
+    println!(
+        "\negress's eBPF programs' run time per connection where it enforces, ns (the kernel's \
+         statistics over {EBPF_CONNECTIONS} connections one after another, after the other \
+         phases; medians): the socket calls' hooks, TCP's state changes, the packets' programs, \
+         the sockets' life and options"
+    );
+    println!(
+        "{:<24} {}  {:>7}",
+        "path",
+        EBPF_HOOKS.map(|(hook, _)| format!("{hook:>10}")).join(" "),
+        "total"
+    );
+    for (k, f) in figures
+        .iter()
+        .enumerate()
+        .filter(|(k, f)| runs[*k] && !f.ebpf_ns.is_empty())
+    {
+        let hooks: [f64; EBPF_HOOKS.len()] =
+            std::array::from_fn(|i| med(&f.ebpf_ns.iter().map(|r| r[i]).collect::<Vec<_>>()));
+        println!(
+            "{:<24} {}  {}",
+            paths[k].name,
+            hooks.map(|ns| num(ns, 10, 0)).join(" "),
+            num(hooks.iter().sum(), 7, 0)
         );
     }
     // The spread behind each median: on a small shared machine it is often wider than the
