@@ -1100,7 +1100,8 @@ fn measure(path: &Path, agent: Option<&Agent>, options: &RelayOptions, figures: 
         let after = ebpf_ns();
         drop(stats);
         figures.ebpf_ns.push(std::array::from_fn(|i| {
-            (after[i] - before[i]) as f64 / EBPF_CONNECTIONS as f64
+            // Saturating: programs unloaded meanwhile (another agent's) take their counts along.
+            after[i].saturating_sub(before[i]) as f64 / EBPF_CONNECTIONS as f64
         }));
     }
     for (i, exchange) in EXCHANGES.iter().enumerate().filter(|_| options.exchanges) {
