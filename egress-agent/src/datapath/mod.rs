@@ -42,23 +42,23 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 6] = [
     "getpeername4",
     "getpeername6",
 ];
-const SOCK_OPS_PROGRAM: &str = "tcp_state";
+pub const SOCK_OPS_PROGRAM: &str = "tcp_state";
 /// The cgroup_sock programs (each attaches where its section says).
-const SOCK_PROGRAMS: [&str; 2] = ["sock_create", "sock_release"];
+pub const SOCK_PROGRAMS: [&str; 2] = ["sock_create", "sock_release"];
 /// The cgroup's packet programs (cgroup_skb) and where each attaches.
-const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+pub const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
     ("cgroup_egress", CgroupSkbAttachType::Egress),
     ("cgroup_ingress", CgroupSkbAttachType::Ingress),
 ];
 /// The cgroup_sockopt program (setsockopt).
-const SOCKOPT_PROGRAM: &str = "setsockopt";
+pub const SOCKOPT_PROGRAM: &str = "setsockopt";
 /// Its attach type (uapi `enum bpf_attach_type`).
 const BPF_CGROUP_SETSOCKOPT: u32 = 22;
 /// TC egress in the agent's namespace, the packet backstop (the cgroup's programs count bytes).
-const TC_PROGRAM: &str = "tc_egress";
+pub const TC_PROGRAM: &str = "tc_egress";
 /// TC egress in a workload's own namespace, on Ethernet interfaces and on the others.
-const NETNS_TC_ETHER: &str = "tc_netns_ether";
-const NETNS_TC_BARE: &str = "tc_netns_bare";
+pub const NETNS_TC_ETHER: &str = "tc_netns_ether";
+pub const NETNS_TC_BARE: &str = "tc_netns_bare";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {

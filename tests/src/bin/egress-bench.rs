@@ -451,33 +451,29 @@ const TTFB_CONNECTIONS: usize = 5000;
 /// Connections taken one after another, where an agent enforces, while the kernel counts its eBPF
 /// programs' run time (its statistics cost each run a little: not during the other phases).
 const EBPF_CONNECTIONS: usize = 2000;
-/// egress's programs, by what they hook: the socket calls, TCP's state changes, the packets
-/// (the cgroup's programs and TC), and the sockets' life and options.
-const EBPF_HOOKS: [(&str, &[&str]); 4] = [
-    (
-        "calls",
-        &[
-            "connect4",
-            "connect6",
-            "sendmsg4",
-            "sendmsg6",
-            "getpeername4",
-            "getpeername6",
-        ],
-    ),
-    ("tcp states", &["tcp_state"]),
-    (
-        "packets",
-        &[
-            "cgroup_egress",
-            "cgroup_ingress",
-            "tc_egress",
-            "tc_netns_ether",
-            "tc_netns_bare",
-        ],
-    ),
-    ("sockets", &["sock_create", "sock_release", "setsockopt"]),
-];
+/// What egress's programs hook, as the eBPF table groups them (see [`ebpf_hook`]).
+const EBPF_HOOKS: [&str; 4] = ["calls", "tcp states", "packets", "sockets"];
+
+/// Which of [`EBPF_HOOKS`] egress's program `name` hooks: the socket calls, TCP's state changes,
+/// the packets (the cgroup's programs and TC), or the sockets' life and options. `None` for a
+/// program not egress's.
+fn ebpf_hook(name: &str) -> Option<usize> {
+    use egress_agent::datapath as d;
+    if d::SOCK_ADDR_PROGRAMS.contains(&name) {
+        Some(0)
+    } else if name == d::SOCK_OPS_PROGRAM {
+        Some(1)
+    } else if d::SKB_PROGRAMS.iter().any(|&(skb, _)| skb == name)
+        || [d::TC_PROGRAM, d::NETNS_TC_ETHER, d::NETNS_TC_BARE].contains(&name)
+    {
+        Some(2)
+    } else if d::SOCK_PROGRAMS.contains(&name) || name == d::SOCKOPT_PROGRAM {
+        Some(3)
+    } else {
+        None
+    }
+}
+
 /// Connections a path a round in the latency phase taken in turn (see [`turns`]): many, since a
 /// p99 rests on the slowest hundredth of them.
 const TURNS: usize = 10_000;
@@ -927,11 +923,7 @@ fn ebpf_ns() -> [u64; EBPF_HOOKS.len()] {
     let mut ns = [0; EBPF_HOOKS.len()];
     for info in aya::programs::loaded_programs() {
         let info = info.expect("a loaded eBPF program's information");
-        let name = info.name_as_str().unwrap_or_default();
-        if let Some(i) = EBPF_HOOKS
-            .iter()
-            .position(|(_, names)| names.contains(&name))
-        {
+        if let Some(i) = ebpf_hook(info.name_as_str().unwrap_or_default()) {
             ns[i] += u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
         }
     }
@@ -1637,7 +1629,7 @@ fn relay(options: &RelayOptions) {
     println!(
         "{:<24} {}  {:>7}",
         "path",
-        EBPF_HOOKS.map(|(hook, _)| format!("{hook:>10}")).join(" "),
+        EBPF_HOOKS.map(|hook| format!("{hook:>10}")).join(" "),
         "total"
     );
     for (k, f) in figures
