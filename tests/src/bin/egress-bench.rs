@@ -1164,13 +1164,15 @@ fn turns(
     }
 }
 
-/// The p50 and p99 of `v` (reordered), each a sample's value: the one at `(len - 1) * p` in
-/// order, as the probe takes its own.
+/// Where quantile `p` of `len` samples is in their order: `(len - 1) * p`, rounded, as the probe
+/// takes its own.
+fn rank(len: usize, p: f64) -> usize {
+    ((len - 1) as f64 * p).round() as usize
+}
+
+/// The p50 and p99 of `v` (reordered), each a sample's value (see [`rank`]).
 fn quantiles(v: &mut [u32]) -> [f64; 2] {
-    [0.50, 0.99].map(|p| {
-        let at = ((v.len() - 1) as f64 * p).round() as usize;
-        f64::from(*v.select_nth_unstable(at).1)
-    })
+    [0.50, 0.99].map(|p| f64::from(*v.select_nth_unstable(rank(v.len(), p)).1))
 }
 
 /// Turns resampled together in [`Resampled`]: machine bursts span consecutive turns, so
@@ -1224,7 +1226,7 @@ impl Resampled {
                 .map(|(x, y)| x[q] - y[q])
                 .collect();
             d.sort_by(f64::total_cmp);
-            let at = |p: f64| d[((d.len() - 1) as f64 * p).round() as usize];
+            let at = |p: f64| d[rank(d.len(), p)];
             Gap {
                 by: self.all[a][q] - self.all[b][q],
                 low: at(0.025),
