@@ -66,6 +66,35 @@ pub async fn read<R: AsyncRead + Unpin>(
     .await
 }
 
+/// [`read`] for a connection just accepted: what the client has sent already is taken at once,
+/// without waiting. A TLS client speaks first, and by the time the relay has the connection its
+/// hello has mostly arrived; the runtime reads a new socket only after its first readiness
+/// event, a turn of its loop later, inside the first byte's wait.
+pub async fn read_accepted(
+    stream: &mut tokio::net::TcpStream,
+    limit: usize,
+    wait: Duration,
+) -> Result<Hello, HelloError> {
+    use std::os::fd::AsRawFd as _;
+
+    use nix::{
+        errno::Errno,
+        sys::socket::{MsgFlags, recv},
+    };
+
+    let mut bytes = vec![0; (limit + 1).min(READ)];
+    match recv(stream.as_raw_fd(), &mut bytes, MsgFlags::MSG_DONTWAIT) {
+        Ok(n) => bytes.truncate(n),
+        // Nothing yet, or the client's end closed (read again below, through the runtime).
+        Err(Errno::EAGAIN | Errno::EINTR) => bytes.clear(),
+        Err(e) => return Err(HelloError::Io(e.into())),
+    }
+    if bytes.len() > limit {
+        return Err(HelloError::TooLarge(limit));
+    }
+    read_from(stream, bytes, Records::default(), limit, wait).await
+}
+
 /// Reads the ClientHello a client sends in answer to a HelloRetryRequest, starting with `held`,
 /// the bytes it sent after its first hello, as [`read`] reads a first one. Before it may come
 /// ChangeCipherSpec records (TLS 1.3's middlebox compatibility, RFC 8446 §D.4) and early data
@@ -193,16 +222,20 @@ pub async fn sniff(stream: &tokio::net::TcpStream, wait: Duration) -> Result<Det
             None => Err(io::ErrorKind::WouldBlock.into()),
         }
     };
+    // Looked at before the first wait: the runtime knows a new socket readable only after its
+    // first readiness event, and the client's first bytes have mostly arrived (`read_accepted`).
+    let mut seen: io::Result<Option<Detected>> = peek();
     loop {
+        match seen {
+            Ok(Some(d)) => return Ok(d),
+            Ok(None) => return Err(HelloError::ClosedEarly),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
         timeout_at(deadline, stream.readable())
             .await
             .map_err(|_| HelloError::Silent(wait))??;
-        match stream.try_io(Interest::READABLE, &mut peek) {
-            Ok(Some(d)) => return Ok(d),
-            Ok(None) => return Err(HelloError::ClosedEarly),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.into()),
-        }
+        seen = stream.try_io(Interest::READABLE, &mut peek);
     }
 }
 
@@ -1066,6 +1099,100 @@ mod tests {
             .expect("hello");
         assert_eq!(hello.sni.as_deref(), Some("split.example.com"));
         drop(sender.await);
+    }
+
+    /// A connection accepted on loopback: the client's end and the relay's.
+    async fn accepted() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let (client, accepted) = tokio::join!(
+            tokio::net::TcpStream::connect(listener.local_addr().expect("address")),
+            listener.accept()
+        );
+        (client.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// Waits until `stream` has `n` bytes to read, without taking them.
+    async fn queued(stream: &tokio::net::TcpStream, n: usize) {
+        let mut peek = vec![0; n];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while stream.peek(&mut peek).await.expect("peek") < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} bytes never came"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_accepted_connection_is_read_from_what_has_come_and_then_as_it_comes() {
+        use tokio::io::AsyncWriteExt as _;
+        let bytes = client_hello("accepted.example.com");
+        // Come whole before the relay reads.
+        let (mut client, mut relay) = accepted().await;
+        client.write_all(&bytes).await.expect("write");
+        queued(&relay, bytes.len()).await;
+        let hello = read_accepted(&mut relay, 65536, Duration::from_secs(5))
+            .await
+            .expect("hello");
+        assert_eq!(hello.sni.as_deref(), Some("accepted.example.com"));
+        assert_eq!(hello.bytes, bytes);
+        // Half of it come, the rest later.
+        let (mut client, mut relay) = accepted().await;
+        let half = bytes.len() / 2;
+        client.write_all(&bytes[..half]).await.expect("write");
+        queued(&relay, half).await;
+        let rest = bytes[half..].to_vec();
+        let late = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            client.write_all(&rest).await.expect("write");
+            client
+        });
+        let hello = read_accepted(&mut relay, 65536, Duration::from_secs(5))
+            .await
+            .expect("hello");
+        assert_eq!(hello.bytes, bytes);
+        drop(late.await);
+        // Nothing come: read as it comes.
+        let (mut client, mut relay) = accepted().await;
+        let sent = bytes.clone();
+        let late = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            client.write_all(&sent).await.expect("write");
+            client
+        });
+        let hello = read_accepted(&mut relay, 65536, Duration::from_secs(5))
+            .await
+            .expect("hello");
+        assert_eq!(hello.bytes, bytes);
+        drop(late.await);
+    }
+
+    #[tokio::test]
+    async fn an_accepted_connection_over_the_limit_or_closed_early_is_refused() {
+        use tokio::io::AsyncWriteExt as _;
+        let bytes = client_hello("accepted.example.com");
+        // More than the limit has come at once: refused, whole hello or not.
+        let (mut client, mut relay) = accepted().await;
+        client.write_all(&bytes).await.expect("write");
+        queued(&relay, bytes.len()).await;
+        assert!(matches!(
+            read_accepted(&mut relay, bytes.len() - 1, Duration::from_secs(5)).await,
+            Err(HelloError::TooLarge(_))
+        ));
+        // Closed having sent part of a hello, or nothing.
+        for sent in [&bytes[..20], &[][..]] {
+            let (mut client, mut relay) = accepted().await;
+            client.write_all(sent).await.expect("write");
+            client.shutdown().await.expect("shutdown");
+            queued(&relay, sent.len()).await;
+            assert!(matches!(
+                read_accepted(&mut relay, 65536, Duration::from_secs(5)).await,
+                Err(HelloError::Closed)
+            ));
+        }
     }
 
     #[tokio::test]

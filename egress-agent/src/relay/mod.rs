@@ -152,6 +152,11 @@ impl Workers {
             stop: Vec::with_capacity(n),
         };
         let mut handles = Vec::with_capacity(n);
+        let bound = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+            .is_ok_and(|allowed| binds(&allowed, n));
+        if bound {
+            log::info!("relay: {n} workers, each bound to its CPU");
+        }
         for i in 0..n {
             // Sockets and timers only: a runtime with the signal and process drivers is woken for
             // every signal the agent gets, and looks for exited children at every wake-up.
@@ -164,6 +169,9 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("egress-relay-{i}"))
                 .spawn(move || {
+                    if bound {
+                        bind_to(i);
+                    }
                     let _ = runtime.block_on(stopped);
                 })?;
             workers.threads.push(thread);
@@ -182,6 +190,32 @@ impl Workers {
             }
         })
         .await;
+    }
+}
+
+/// Whether the workers are bound each to its CPU, worker `i` to CPU `i`: when there is one for
+/// each CPU the agent may run on, and those are CPUs 0 to `n` - 1. The kernel's steering sends a
+/// connect made on CPU `i` to worker `i` ([`RelayPorts::for_cpu`]), which is then woken where
+/// its client runs: an idle CPU is never woken for it (an interrupt between CPUs and, in a
+/// virtual machine, the waking of a halted vCPU, inside the first byte's wait), and the
+/// connection's steps stay in one CPU's caches (`cargo xtask bench relay`; see
+/// docs/benchmarks.md). With fewer workers (`--relay-workers`, or a CPU quota) they float, as the
+/// scheduler places them.
+fn binds(allowed: &nix::sched::CpuSet, n: usize) -> bool {
+    let count = (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .count();
+    count == n && (0..n).all(|cpu| allowed.is_set(cpu).unwrap_or(false))
+}
+
+/// Binds the calling thread to CPU `cpu`; a failure leaves it floating, as it was.
+fn bind_to(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    let bound = set
+        .set(cpu)
+        .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+    if let Err(e) = bound {
+        log::warn!("relay: binding worker {cpu} to its CPU: {e}");
     }
 }
 
@@ -901,6 +935,7 @@ fn serve_next(
                 }
             }
         };
+        keep_wheel();
         let (netns, port) = (Arc::clone(&listener.netns), listener.port);
         tasks.spawn(serve_next(
             listener,
@@ -922,6 +957,41 @@ fn serve_next(
             None => shared.records.send(record).await,
         };
     })
+}
+
+/// How long a worker keeps a timer of its own after its last connection, and how often that
+/// timer wakes the worker while it serves.
+const WHEEL_KEPT: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// On a relay worker: whether its [`wheel_kept`] runs, and whether a connection came since it
+    /// last looked.
+    static WHEEL: std::cell::Cell<(bool, bool)> = const { std::cell::Cell::new((false, false)) };
+}
+
+/// Notes a connection on this worker; starts [`wheel_kept`] if it is not running.
+fn keep_wheel() {
+    let (running, _) = WHEEL.get();
+    WHEEL.set((true, true));
+    if !running {
+        tokio::spawn(wheel_kept());
+    }
+}
+
+/// Keeps a timer on the worker's wheel, earlier than a connection's idle limit, while the worker
+/// serves. To register a timer earlier than all it has, tokio wakes its own thread: an eventfd
+/// write and one more turn of its loop, inside the first byte's wait (after the hello goes
+/// upstream, where an upstream woken on this CPU waits for the worker to sleep). Ends after
+/// [`WHEEL_KEPT`] without a connection, so that an idle agent is not woken.
+async fn wheel_kept() {
+    loop {
+        sleep(WHEEL_KEPT).await;
+        let (_, served) = WHEEL.get();
+        WHEEL.set((served, false));
+        if !served {
+            return;
+        }
+    }
 }
 
 /// One connection counted in the open-connections gauge, until dropped (also when the relay
@@ -1258,7 +1328,7 @@ async fn relay_admitted(
             Err(reason) => return refuse(new_record(), "refused", reason),
         },
         Carry::Tls | Carry::Detect => {
-            let hello = match hello::read(
+            let hello = match hello::read_accepted(
                 &mut client,
                 shared.config.hello_limit,
                 shared.config.hello_timeout,
@@ -1443,6 +1513,11 @@ async fn relay_admitted(
                 ended = relayed => ended,
                 () = activity.quiet(timeouts.idle) => Ok(Ended::Idle),
             };
+            // The end's work (both sockets closed, the record) waits for the worker's other ready
+            // work, which the runtime polls for first: a client's next connection, come with
+            // this one's end, then takes its first steps before it (`cargo xtask bench relay`;
+            // see docs/benchmarks.md).
+            tokio::task::yield_now().await;
             // Closed at once: the second direction to end leaves its FIN to the close.
             drop((client, server));
             ended
@@ -1794,13 +1869,18 @@ async fn connect_own(target: SocketAddr, leave: &Leave) -> io::Result<TcpStream>
     let std = unsafe { std::net::TcpStream::from_raw_fd(socket.into_raw_fd()) };
     let stream = TcpStream::from_std(std)?;
     let mut made = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
-    match poll(&mut made, PollTimeout::ZERO) {
-        // Made, or failed: take_error tells.
-        Ok(n) if n > 0 => {}
-        Ok(_) | Err(Errno::EINTR) => stream.writable().await?,
+    let at_once = match poll(&mut made, PollTimeout::ZERO) {
+        Ok(n) if n > 0 => made[0].revents(),
+        Ok(_) | Err(Errno::EINTR) => {
+            stream.writable().await?;
+            None
+        }
         Err(e) => return Err(e.into()),
-    }
-    if let Some(e) = stream.take_error()? {
+    };
+    // Writable alone is made; with an error or hang-up, or after a wait, take_error tells.
+    if at_once != Some(PollFlags::POLLOUT)
+        && let Some(e) = stream.take_error()?
+    {
         return Err(e);
     }
     stream.set_nodelay(true)?;
@@ -2176,5 +2256,77 @@ mod tests {
             );
             drop(client);
         }
+    }
+
+    #[test]
+    fn workers_are_bound_only_one_to_each_cpu_from_the_first() {
+        let set = |cpus: &[usize]| {
+            let mut set = nix::sched::CpuSet::new();
+            for &cpu in cpus {
+                set.set(cpu).expect("cpu");
+            }
+            set
+        };
+        assert!(binds(&set(&[0, 1]), 2));
+        assert!(binds(&set(&[0]), 1));
+        // Fewer workers than CPUs (a quota, or `--relay-workers`): the kernel's choice of
+        // worker by CPU would not land on the CPU's own.
+        assert!(!binds(&set(&[0, 1]), 1));
+        assert!(!binds(&set(&[0, 1, 2, 3]), 2));
+        // CPUs the agent may not run on (a cpuset): worker `i` cannot be on CPU `i`.
+        assert!(!binds(&set(&[2, 3]), 2));
+        assert!(!binds(&set(&[0, 2]), 2));
+    }
+
+    #[tokio::test]
+    async fn each_worker_runs_on_its_own_cpu_when_there_is_one_for_each() {
+        use nix::{sched::sched_getaffinity, unistd::Pid};
+        let allowed = sched_getaffinity(Pid::from_raw(0)).expect("affinity");
+        let cpus = (0..nix::sched::CpuSet::count())
+            .filter(|&c| allowed.is_set(c).unwrap_or(false))
+            .count();
+        let on = |n: usize| async move {
+            let (workers, handles) = Workers::start(n).expect("workers");
+            let mut sets = Vec::new();
+            for handle in &handles {
+                let set = handle
+                    .spawn(async { sched_getaffinity(Pid::from_raw(0)).expect("affinity") })
+                    .await
+                    .expect("worker");
+                sets.push(set);
+            }
+            workers.stop().await;
+            sets
+        };
+        for (i, set) in on(cpus).await.iter().enumerate() {
+            if binds(&allowed, cpus) {
+                let only: Vec<usize> = (0..nix::sched::CpuSet::count())
+                    .filter(|&c| set.is_set(c).unwrap_or(false))
+                    .collect();
+                assert_eq!(only, [i], "worker {i}");
+            } else {
+                assert_eq!(*set, allowed, "worker {i} floats");
+            }
+        }
+        if cpus > 1 {
+            for set in on(cpus - 1).await {
+                assert_eq!(set, allowed, "fewer workers than CPUs float");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_keeps_a_timer_while_it_serves_and_none_once_idle() {
+        // The test's runtime runs on this thread, as a worker's does.
+        keep_wheel();
+        assert_eq!(WHEEL.get(), (true, true));
+        sleep(WHEEL_KEPT / 2).await;
+        keep_wheel();
+        sleep(WHEEL_KEPT).await;
+        assert_eq!(WHEEL.get(), (true, false), "served in the last period");
+        sleep(WHEEL_KEPT).await;
+        assert_eq!(WHEEL.get(), (false, false), "ended after a quiet period");
+        keep_wheel();
+        assert_eq!(WHEEL.get(), (true, true), "started again by a connection");
     }
 }
