@@ -84,8 +84,9 @@ pub async fn read_accepted(
 
     let mut bytes = vec![0; (limit + 1).min(READ)];
     match recv(stream.as_raw_fd(), &mut bytes, MsgFlags::MSG_DONTWAIT) {
+        // Also 0, the client's end closed: read again below, through the runtime, which says so.
         Ok(n) => bytes.truncate(n),
-        // Nothing yet, or the client's end closed (read again below, through the runtime).
+        // Nothing yet.
         Err(Errno::EAGAIN | Errno::EINTR) => bytes.clear(),
         Err(e) => return Err(HelloError::Io(e.into())),
     }

@@ -202,10 +202,14 @@ impl Workers {
 /// docs/benchmarks.md). With fewer workers (`--relay-workers`, or a CPU quota) they float, as the
 /// scheduler places them.
 fn binds(allowed: &nix::sched::CpuSet, n: usize) -> bool {
-    let count = (0..nix::sched::CpuSet::count())
-        .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
-        .count();
-    count == n && (0..n).all(|cpu| allowed.is_set(cpu).unwrap_or(false))
+    cpus_in(allowed).into_iter().eq(0..n)
+}
+
+/// The CPUs in `set`, in order.
+fn cpus_in(set: &nix::sched::CpuSet) -> Vec<usize> {
+    (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
 }
 
 /// Binds the calling thread to CPU `cpu`; a failure leaves it floating, as it was.
@@ -2282,9 +2286,7 @@ mod tests {
     async fn each_worker_runs_on_its_own_cpu_when_there_is_one_for_each() {
         use nix::{sched::sched_getaffinity, unistd::Pid};
         let allowed = sched_getaffinity(Pid::from_raw(0)).expect("affinity");
-        let cpus = (0..nix::sched::CpuSet::count())
-            .filter(|&c| allowed.is_set(c).unwrap_or(false))
-            .count();
+        let cpus = cpus_in(&allowed).len();
         let on = |n: usize| async move {
             let (workers, handles) = Workers::start(n).expect("workers");
             let mut sets = Vec::new();
@@ -2300,10 +2302,7 @@ mod tests {
         };
         for (i, set) in on(cpus).await.iter().enumerate() {
             if binds(&allowed, cpus) {
-                let only: Vec<usize> = (0..nix::sched::CpuSet::count())
-                    .filter(|&c| set.is_set(c).unwrap_or(false))
-                    .collect();
-                assert_eq!(only, [i], "worker {i}");
+                assert_eq!(cpus_in(set), [i], "worker {i}");
             } else {
                 assert_eq!(*set, allowed, "worker {i} floats");
             }
