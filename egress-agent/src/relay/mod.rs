@@ -199,8 +199,9 @@ impl Workers {
 /// its client runs: an idle CPU is never woken for it (an interrupt between CPUs and, in a
 /// virtual machine, the waking of a halted vCPU, inside the first byte's wait), and the
 /// connection's steps stay in one CPU's caches (`cargo xtask bench relay`; see
-/// docs/benchmarks.md). With fewer workers (`--relay-workers`, or a CPU quota) they float, as the
-/// scheduler places them.
+/// docs/benchmarks.md). With fewer workers (`--relay-workers`, a CPU quota) or other CPUs (a
+/// cpuset) they float, as the scheduler places them: the kernel's worker for a CPU would not be
+/// on it.
 fn binds(allowed: &nix::sched::CpuSet, n: usize) -> bool {
     cpus_in(allowed).into_iter().eq(0..n)
 }
