@@ -1131,44 +1131,30 @@ mod tests {
     async fn an_accepted_connection_is_read_from_what_has_come_and_then_as_it_comes() {
         use tokio::io::AsyncWriteExt as _;
         let bytes = client_hello("accepted.example.com");
-        // Come whole before the relay reads.
-        let (mut client, mut relay) = accepted().await;
-        client.write_all(&bytes).await.expect("write");
-        queued(&relay, bytes.len()).await;
-        let hello = read_accepted(&mut relay, 65536, Duration::from_secs(5))
-            .await
-            .expect("hello");
-        assert_eq!(hello.sni.as_deref(), Some("accepted.example.com"));
-        assert_eq!(hello.bytes, bytes);
-        // Half of it come, the rest later.
-        let (mut client, mut relay) = accepted().await;
-        let half = bytes.len() / 2;
-        client.write_all(&bytes[..half]).await.expect("write");
-        queued(&relay, half).await;
-        let rest = bytes[half..].to_vec();
-        let late = tokio::spawn(async move {
-            tokio::task::yield_now().await;
-            client.write_all(&rest).await.expect("write");
-            client
-        });
-        let hello = read_accepted(&mut relay, 65536, Duration::from_secs(5))
-            .await
-            .expect("hello");
-        assert_eq!(hello.bytes, bytes);
-        drop(late.await);
-        // Nothing come: read as it comes.
-        let (mut client, mut relay) = accepted().await;
-        let sent = bytes.clone();
-        let late = tokio::spawn(async move {
-            tokio::task::yield_now().await;
-            client.write_all(&sent).await.expect("write");
-            client
-        });
-        let hello = read_accepted(&mut relay, 65536, Duration::from_secs(5))
-            .await
-            .expect("hello");
-        assert_eq!(hello.bytes, bytes);
-        drop(late.await);
+        // Come whole before the relay reads, half of it, or nothing: the rest comes later.
+        for come in [bytes.len(), bytes.len() / 2, 0] {
+            let (mut client, mut relay) = accepted().await;
+            client.write_all(&bytes[..come]).await.expect("write");
+            if come > 0 {
+                queued(&relay, come).await;
+            }
+            let rest = bytes[come..].to_vec();
+            let late = tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                client.write_all(&rest).await.expect("write");
+                client
+            });
+            let hello = read_accepted(&mut relay, 65536, Duration::from_secs(5))
+                .await
+                .expect("hello");
+            assert_eq!(
+                hello.sni.as_deref(),
+                Some("accepted.example.com"),
+                "{come} come"
+            );
+            assert_eq!(hello.bytes, bytes, "{come} come");
+            drop(late.await);
+        }
     }
 
     #[tokio::test]
