@@ -38,7 +38,8 @@ use nix::{
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
     io::AsyncWriteExt as _,
-    net::{TcpListener, TcpSocket, TcpStream},
+    io::unix::AsyncFd,
+    net::{TcpSocket, TcpStream},
     sync::{mpsc, watch},
     task::JoinSet,
     time::{Instant, sleep, timeout_at},
@@ -277,7 +278,7 @@ fn closed_lately(steered: &Steered) -> bool {
 
 /// A listening socket of the relay, in namespace `netns`.
 struct Listener {
-    socket: TcpListener,
+    socket: AsyncFd<mio::net::TcpListener>,
     /// Its port: the kernel files a steered connection's record under it too.
     port: u16,
     netns: Arc<Netns>,
@@ -543,10 +544,9 @@ fn accept_on(
         // Registered with the worker's runtime, whose thread alone is woken for it.
         let _runtime = worker.enter();
         for socket in set {
-            socket.set_nonblocking(true)?;
             let port = socket.local_addr()?.port();
             let listener = Arc::new(Listener {
-                socket: TcpListener::from_std(socket)?,
+                socket: register(socket)?,
                 port,
                 netns: Arc::clone(netns),
                 closed: AtomicBool::new(false),
@@ -920,9 +920,50 @@ impl Tasks {
     }
 }
 
+/// A listener registered with the runtime the caller runs on, for [`accept`].
+fn register(listener: std::net::TcpListener) -> io::Result<AsyncFd<mio::net::TcpListener>> {
+    listener.set_nonblocking(true)?;
+    // SAFETY: the mio listener owns its descriptor, and AsyncFd owns the listener.
+    let registered = unsafe {
+        AsyncFd::register_with_interest(
+            mio::net::TcpListener::from_std(listener),
+            tokio::io::Interest::READABLE,
+        )
+    }?;
+    Ok(registered)
+}
+
+/// The next connection of `listener`, taken one per wake-up. accept(2) makes a socket (inode,
+/// file, descriptor) before it looks at the queue, and frees it through RCU when the queue is
+/// empty. Accepting until that happens, as tokio's TcpListener does, pays it for every connection
+/// that comes alone, and the frees come back in batches in the softirq of the CPU the relay and
+/// its client share. poll(2) asks whether another waits for nothing.
+async fn accept(listener: &AsyncFd<mio::net::TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        let Ok(accepted) = ready.try_io(|socket| socket.get_ref().accept()) else {
+            continue;
+        };
+        let (stream, peer) = accepted?;
+        if !waiting(listener) {
+            // Only if no wake-up came meanwhile: tokio compares the readiness's tick.
+            ready.clear_ready();
+        }
+        let stream = std::net::TcpStream::from(std::os::fd::OwnedFd::from(stream));
+        return Ok((TcpStream::from_std(stream)?, peer));
+    }
+}
+
+/// Whether a connection waits in `listener`'s accept queue. When poll(2) fails it says yes: an
+/// accept() more is cheaper than a connection left waiting.
+fn waiting(listener: &impl std::os::fd::AsFd) -> bool {
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).map_or(true, |n| n > 0)
+}
+
 /// Accepts one connection, hands the listener on to a new task, and serves the connection
 /// itself: its first steps (the kernel record, the ClientHello, the upstream connect) run at once,
-/// ahead of the next accept() — which mostly finds nothing — and of a spawned task's scheduling.
+/// ahead of the next accept() and of a spawned task's scheduling.
 fn serve_next(
     listener: Arc<Listener>,
     shared: Arc<Shared>,
@@ -930,7 +971,7 @@ fn serve_next(
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
         let (stream, peer) = loop {
-            match listener.socket.accept().await {
+            match accept(&listener.socket).await {
                 Ok(accepted) => break accepted,
                 Err(_) if listener.closed.load(Ordering::Acquire) => return,
                 Err(e) => {
@@ -2248,11 +2289,9 @@ mod tests {
     async fn accepted_connections_inherit_the_listeners_loopback_settings() {
         use nix::sys::socket::{getsockopt, sockopt};
         for listener in bind(0, 2).expect("bind").into_iter().flatten() {
-            let listener = TcpListener::from_std(listener).expect("register");
-            let (client, accepted) = tokio::join!(
-                TcpStream::connect(listener.local_addr().expect("address")),
-                listener.accept()
-            );
+            let addr = listener.local_addr().expect("address");
+            let listener = register(listener).expect("register");
+            let (client, accepted) = tokio::join!(TcpStream::connect(addr), accept(&listener));
             let (accepted, _) = accepted.expect("accept");
             assert!(accepted.nodelay().expect("TCP_NODELAY"));
             assert_eq!(
@@ -2261,6 +2300,44 @@ mod tests {
             );
             drop(client);
         }
+    }
+
+    /// The acceptor takes what waits without a wake-up more, and once nothing waits it waits for
+    /// the next wake-up instead of calling accept() again; the next connection wakes it.
+    #[tokio::test]
+    async fn the_acceptor_takes_what_waits_then_waits_for_the_next_arrival() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let listener = register(listener).expect("register");
+        let take = || async {
+            let (stream, peer) = tokio::time::timeout(Duration::from_secs(5), accept(&listener))
+                .await
+                .expect("a waiting connection taken")
+                .expect("accept");
+            assert_eq!(stream.peer_addr().expect("peer"), peer);
+            peer
+        };
+        // On loopback connect() returns with the handshake done: both wait in the queue, and
+        // the listener's readiness comes as one event.
+        let clients: Vec<_> = (0..2)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let mut peers = vec![take().await, take().await];
+        peers.sort();
+        let mut expected: Vec<_> = clients
+            .iter()
+            .map(|c| c.local_addr().expect("address"))
+            .collect();
+        expected.sort();
+        assert_eq!(peers, expected);
+        assert!(
+            tokio::time::timeout(Duration::ZERO, listener.readable())
+                .await
+                .is_err(),
+            "readiness kept with nothing to accept"
+        );
+        let late = std::net::TcpStream::connect(addr).expect("connect");
+        assert_eq!(take().await, late.local_addr().expect("address"));
     }
 
     #[test]
