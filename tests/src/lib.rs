@@ -1019,6 +1019,12 @@ pub fn probe_command(cgroup: Option<&Path>, args: &[&str]) -> Command {
     cmd
 }
 
+/// Where quantile `p` of `len` sorted samples lies: `(len - 1) * p`, rounded. The probe's figures
+/// and the benchmark's own take it alike.
+pub fn rank(len: usize, p: f64) -> usize {
+    ((len - 1) as f64 * p).round() as usize
+}
+
 /// How long the tests wait for a log record to appear.
 pub const LOG_WAIT: Duration = Duration::from_secs(10);
 

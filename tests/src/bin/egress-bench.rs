@@ -28,7 +28,7 @@ use egress_agent::{
     policy::Mode,
     relay::RelayConfig,
 };
-use egress_tests::{TestCgroup, World, policy_dir, relayed_count, spawn_probe};
+use egress_tests::{TestCgroup, World, policy_dir, rank, relayed_count, spawn_probe};
 
 const ITERATIONS: &str = "200000";
 const ROUNDS: usize = 7;
@@ -1162,12 +1162,6 @@ fn turns(
         f.turns_p99_us.push(quantiles(&mut took.clone())[1]);
         f.turns_us.extend(took);
     }
-}
-
-/// Where quantile `p` of `len` samples is in their order: `(len - 1) * p`, rounded, as the probe
-/// takes its own.
-fn rank(len: usize, p: f64) -> usize {
-    ((len - 1) as f64 * p).round() as usize
 }
 
 /// The p50 and p99 of `v` (reordered), each a sample's value (see [`rank`]).

@@ -1204,7 +1204,7 @@ fn hello_rate(addr: SocketAddr, name: &str, n: usize, clients: usize) -> String 
         }
         let secs = t0.elapsed().as_secs_f64();
         all.sort_unstable();
-        let pct = |p: f64| all[((all.len() - 1) as f64 * p).round() as usize];
+        let pct = |p: f64| all[egress_tests::rank(all.len(), p)];
         Ok(format!("{secs:.6} {} {}", pct(0.50), pct(0.99)))
     };
     run().unwrap_or_else(|e| word(&e))
@@ -1296,7 +1296,7 @@ fn hello_replies(addr: SocketAddr, name: &str, n: usize, up: usize, down: usize)
             return Err(io::Error::other("more than was asked for"));
         }
         took.sort_unstable();
-        let pct = |p: f64| took[((took.len() - 1) as f64 * p).round() as usize];
+        let pct = |p: f64| took[egress_tests::rank(took.len(), p)];
         Ok(format!("{} {}", pct(0.50), pct(0.99)))
     };
     run().unwrap_or_else(|e| word(&e))
