@@ -937,7 +937,7 @@ fn register(listener: std::net::TcpListener) -> io::Result<AsyncFd<mio::net::Tcp
 /// file, descriptor) before it looks at the queue, and frees it through RCU when the queue is
 /// empty. Accepting until that happens, as tokio's TcpListener does, pays it for every connection
 /// that comes alone, and the frees come back in batches in the softirq of the CPU the relay and
-/// its client share. poll(2) asks whether another waits for nothing.
+/// its client share. poll(2) asks whether another waits and allocates nothing.
 async fn accept(listener: &AsyncFd<mio::net::TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
     loop {
         let mut ready = listener.readable().await?;
@@ -2302,8 +2302,9 @@ mod tests {
         }
     }
 
-    /// The acceptor takes what waits without a wake-up more, and once nothing waits it waits for
-    /// the next wake-up instead of calling accept() again; the next connection wakes it.
+    /// The acceptor takes every connection that waits without another wake-up, and once none
+    /// waits it waits for the next wake-up instead of calling accept() again; the next
+    /// connection wakes it.
     #[tokio::test]
     async fn the_acceptor_takes_what_waits_then_waits_for_the_next_arrival() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
