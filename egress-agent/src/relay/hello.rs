@@ -1102,18 +1102,6 @@ mod tests {
         drop(sender.await);
     }
 
-    /// A connection accepted on loopback: the client's end and the relay's.
-    async fn accepted() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("listen");
-        let (client, accepted) = tokio::join!(
-            tokio::net::TcpStream::connect(listener.local_addr().expect("address")),
-            listener.accept()
-        );
-        (client.expect("connect"), accepted.expect("accept").0)
-    }
-
     /// Waits until `stream` has `n` bytes to read, without taking them.
     async fn queued(stream: &tokio::net::TcpStream, n: usize) {
         let mut peek = vec![0; n];
@@ -1133,7 +1121,7 @@ mod tests {
         let bytes = client_hello("accepted.example.com");
         // Come whole before the relay reads, half of it, or nothing: the rest comes later.
         for come in [bytes.len(), bytes.len() / 2, 0] {
-            let (mut client, mut relay) = accepted().await;
+            let (mut client, mut relay) = super::super::splice::tests::pair(None).await;
             client.write_all(&bytes[..come]).await.expect("write");
             if come > 0 {
                 queued(&relay, come).await;
@@ -1162,7 +1150,7 @@ mod tests {
         use tokio::io::AsyncWriteExt as _;
         let bytes = client_hello("accepted.example.com");
         // More than the limit has come at once: refused, whole hello or not.
-        let (mut client, mut relay) = accepted().await;
+        let (mut client, mut relay) = super::super::splice::tests::pair(None).await;
         client.write_all(&bytes).await.expect("write");
         queued(&relay, bytes.len()).await;
         assert!(matches!(
@@ -1171,7 +1159,7 @@ mod tests {
         ));
         // Closed having sent part of a hello, or nothing.
         for sent in [&bytes[..20], &[][..]] {
-            let (mut client, mut relay) = accepted().await;
+            let (mut client, mut relay) = super::super::splice::tests::pair(None).await;
             client.write_all(sent).await.expect("write");
             client.shutdown().await.expect("shutdown");
             queued(&relay, sent.len()).await;
