@@ -207,7 +207,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("egress-log-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let path = dir.join("flows.jsonl");
-        let line_len = serde_json::to_vec(&record(0)).expect("json").len() as u64 + 1;
+        let mut line = Vec::new();
+        record(0).write_json(&mut line);
+        let line_len = line.len() as u64 + 1;
         let rotation = Rotation {
             max_bytes: line_len * 10,
             keep: 2,
