@@ -2,9 +2,7 @@
 //! contract's keys are always present, null where they do not apply: `verdict`, `proto`, `dst`,
 //! `host`, `rule`, `pid`, `comm` and `cgroup` in every record, and a relay record's `sni`,
 //! `upstream`, `bytes_up`, `bytes_down` and `duration_ms`. Any other key is written only when it
-//! has a value. A connect record is then about 300 bytes,
-//! where with every key it was 650: three records a relayed connection, at up to hundreds of
-//! thousands a second, are written, stored and shipped.
+//! has a value: a connect record takes about 300 bytes where with every key it took 650.
 //!
 //! Built for every event at up to hundreds of thousands a second, so a record allocates little:
 //! words from a fixed set are static, names (hosts, rules, cgroups) are shared with the catalog,
@@ -240,9 +238,9 @@ impl Record {
     }
 
     /// Appends the record as one JSON object: what its `Serialize` writes, less the null keys
-    /// outside the contract (see the module's comment), in a quarter of the time. Every record in the flow log
-    /// is written here, at up to hundreds of thousands a second (serde_json, generic over the
-    /// field types, took about 630 ns for a typical record, this about 180).
+    /// outside the contract (see the module's comment), in a quarter of the time. Every record
+    /// in the flow log is written here, at up to hundreds of thousands a second (serde_json,
+    /// generic over the field types, took about 630 ns for a typical record, this about 180).
     pub fn write_json(&self, out: &mut Vec<u8>) {
         // Destructured whole: a field added to the record and not written here does not compile.
         let Record {
