@@ -490,13 +490,14 @@ fn endpoint(addr: [u8; 16], port_be: u16) -> SocketAddr {
 mod tests {
     use super::*;
 
-    /// Whether a record of `kind` writes `key` as null when it has no value: the keys design.md
-    /// §4 names for every record, and those it adds for a relay record.
+    /// The keys design.md §4 names for every record, and those it adds for a relay record.
+    const EVERY: [&str; 8] = [
+        "verdict", "proto", "dst", "host", "rule", "pid", "comm", "cgroup",
+    ];
+    const RELAY: [&str; 5] = ["sni", "upstream", "bytes_up", "bytes_down", "duration_ms"];
+
+    /// Whether a record of `kind` writes `key` as null when it has no value.
     fn kept_when_null(kind: &str, key: &str) -> bool {
-        const EVERY: [&str; 8] = [
-            "verdict", "proto", "dst", "host", "rule", "pid", "comm", "cgroup",
-        ];
-        const RELAY: [&str; 5] = ["sni", "upstream", "bytes_up", "bytes_down", "duration_ms"];
         EVERY.contains(&key) || (kind == "relay" && RELAY.contains(&key))
     }
 
@@ -561,7 +562,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&connect).expect("parse");
         let keys = v.as_object().expect("an object");
         assert!(keys.get("rule").is_some_and(|v| v.is_null()), "{connect}");
-        for key in ["sni", "upstream", "bytes_up", "bytes_down", "duration_ms"] {
+        for key in RELAY {
             assert!(!keys.contains_key(key), "{key} in {connect}");
         }
         assert_eq!(serde_json::from_str::<Record>(&connect).expect("record"), r);
